@@ -1,0 +1,1 @@
+"""launcher: run a command with a union as its root."""

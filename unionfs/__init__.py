@@ -1,0 +1,1 @@
+"""unionfs: a union filesystem in userspace."""
