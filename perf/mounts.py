@@ -1,0 +1,213 @@
+"""Mount and unmount the implementations under test, always fresh and never left behind.
+
+Each implementation gets its own run directory `BASE_DIR/run/<impl>/{upper,work,mnt}`; before every mount
+the upper and work directories are recreated from the template, so no workload sees another's writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from spec import BASE_DIR
+
+VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+IMPLEMENTATIONS = ("native", "kernel", "fuse-overlayfs", "unionfs")
+MOUNT_TIMEOUT = 60.0
+UNMOUNT_TIMEOUT = 60.0
+
+
+class MountError(Exception):
+    """The implementation could not be mounted; the message is one line for the report."""
+
+
+@dataclass
+class Mounted:
+    """A mounted (or native) merged view."""
+
+    impl: str
+    root: Path  # where the merged view appears
+    upper: Path | None  # the upper layer behind it (None for native)
+    daemon_pid: int | None = None  # the FUSE server, when known
+
+
+def mounted_points() -> dict[str, str]:
+    """Mount points under BASE_DIR, with their filesystem type, from /proc/self/mountinfo."""
+    found: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            point = _unescape(fields[4])
+            fstype = fields[fields.index("-") + 1]
+            if point.startswith(str(BASE_DIR) + "/"):
+                found[point] = fstype
+    return found
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape")
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mounted_points()
+
+
+def cleanup_stale_mounts() -> list[str]:
+    """Unmount whatever a previous, interrupted run of this benchmark left under BASE_DIR."""
+    left = mounted_points()
+    for point, fstype in sorted(left.items(), reverse=True):
+        force_unmount(Path(point), fstype)
+    return sorted(left)
+
+
+def force_unmount(point: Path, fstype: str | None = None) -> None:
+    fstype = fstype or mounted_points().get(str(point), "")
+    command = ["fusermount3", "-u", "-z"] if fstype.startswith("fuse") else ["umount", "-l"]
+    subprocess.run([*command, str(point)], capture_output=True, timeout=UNMOUNT_TIMEOUT)
+
+
+def abort_fuse_connection(point: Path) -> None:
+    """Abort the FUSE connection behind `point` (only ever one of our own mounts), unblocking any waiter."""
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            if _unescape(fields[4]) == str(point):
+                minor = fields[2].split(":")[1]
+                abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
+                if abort.exists():
+                    abort.write_text("1")
+                return
+
+
+def fresh_run_dir(impl: str, upper_template: Path | None) -> tuple[Path, Path, Path]:
+    run = BASE_DIR / "run" / impl
+    upper, work, mnt = run / "upper", run / "work", run / "mnt"
+    if is_mounted(mnt):
+        force_unmount(mnt)
+    for old in (upper, work):
+        if old.exists():
+            shutil.rmtree(old)
+    mnt.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True)
+    if upper_template is None:
+        upper.mkdir()
+    else:
+        # cp -a copies the whiteouts (character devices) as devices; shutil.copytree would read them.
+        subprocess.run(["cp", "-a", str(upper_template), str(upper)], check=True)
+    return upper, work, mnt
+
+
+def overlay_options(lowers: list[Path], upper: Path, work: Path) -> str:
+    lowerdir = ":".join(str(p) for p in lowers)
+    return f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+
+
+@contextmanager
+def mount(impl: str, lowers: list[Path], upper_template: Path | None, native: Path) -> Iterator[Mounted]:
+    """Mount `impl` over `lowers` (top first) with a fresh upper; yield the merged view; always unmount."""
+    if impl == "native":
+        yield Mounted(impl, native, None)
+        return
+    upper, work, mnt = fresh_run_dir(impl, upper_template)
+    options = overlay_options(lowers, upper, work)
+    starter = {"kernel": _mount_kernel, "fuse-overlayfs": _mount_fuse_overlayfs, "unionfs": _mount_unionfs}[impl]
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        process = starter(options, mnt)
+        _wait_mounted(mnt, process)
+        yield Mounted(impl, mnt, upper, _daemon_pid(impl, process, mnt))
+    finally:
+        _unmount(impl, mnt, process)
+
+
+def _mount_kernel(options: str, mnt: Path) -> None:
+    _run_mount_command(["mount", "-t", "overlay", "overlay", "-o", options, str(mnt)])
+
+
+def _mount_fuse_overlayfs(options: str, mnt: Path) -> subprocess.Popen[bytes]:
+    # Foreground (-f) as our own child: we know its pid, and we wait for it after unmounting.
+    return subprocess.Popen(
+        ["fuse-overlayfs", "-f", "-o", options, str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _mount_unionfs(options: str, mnt: Path) -> None:
+    _run_mount_command([str(VENV_BIN / "unionfs"), "mount", "-o", options, str(mnt)])
+
+
+def _run_mount_command(command: list[str]) -> None:
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=MOUNT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MountError(f"{Path(command[0]).name}: {exc}") from exc
+    if result.returncode != 0:
+        raise MountError(_error_line(command, result.returncode, result.stderr))
+
+
+def _error_line(command: list[str], code: int, stderr: bytes) -> str:
+    lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    detail = lines[-1].strip() if lines else "(no message)"
+    return f"{Path(command[0]).name} {command[1]} exited {code}: {detail}"
+
+
+def _wait_mounted(mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mnt):
+        if process is not None and process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else b""
+            raise MountError(_error_line([str(process.args[0]), "-f"], process.returncode, stderr))  # type: ignore[index]
+        if time.monotonic() > deadline:
+            raise MountError(f"{mnt} did not appear in /proc/self/mountinfo within {MOUNT_TIMEOUT:.0f} s")
+        time.sleep(0.005)
+
+
+def _daemon_pid(impl: str, process: subprocess.Popen[bytes] | None, mnt: Path) -> int | None:
+    if process is not None:
+        return process.pid
+    if impl == "unionfs":
+        return find_daemon_pid(mnt)
+    return None
+
+
+def find_daemon_pid(mnt: Path) -> int | None:
+    """The pid of the unionfs daemon serving `mnt` (ours: its command line names our mount point)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(mnt).encode() in argv and any(b"unionfs" in a for a in argv[:3]):
+            return int(entry.name)
+    return None
+
+
+def _unmount(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
+    if is_mounted(mnt):
+        command = {
+            "kernel": ["umount", str(mnt)],
+            "fuse-overlayfs": ["fusermount3", "-u", str(mnt)],
+            "unionfs": [str(VENV_BIN / "unionfs"), "umount", str(mnt)],
+        }[impl]
+        try:
+            result = subprocess.run(command, capture_output=True, timeout=UNMOUNT_TIMEOUT)
+            failed = result.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed = True
+        if failed or is_mounted(mnt):
+            force_unmount(mnt)
+    if process is not None:
+        try:
+            process.wait(timeout=UNMOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()  # our own child only
+            process.wait()
+        if process.stderr:
+            process.stderr.close()

@@ -1,0 +1,116 @@
+"""Check every workload's observations against the answers derived from the layout.
+
+Each check returns None when the output is right, or a one-line description of the first thing that is wrong.
+A run whose output is wrong is reported as invalid and never enters a median, so a fast wrong answer cannot win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from layerset import LayerSet
+from spec import MIB, big_chunk, content_block
+from worker import SAMPLE_LENGTH, sample_offsets
+
+Problem = str | None
+
+
+def compare_listing(seen: dict[str, list[Any]], expected: dict[str, tuple[str, int]]) -> Problem:
+    if len(seen) != len(expected):
+        files = sum(1 for kind, _ in seen.values() if kind == "f")
+        want = sum(1 for kind, _ in expected.values() if kind == "f")
+        return f"{len(seen)} entries ({files} files), expected {len(expected)} ({want} files)"
+    for path, (kind, size) in expected.items():
+        got = seen.get(path)
+        if got is None:
+            return f"missing {path}"
+        if tuple(got) != (kind, size):
+            return f"{path}: type/size {got[0]}/{got[1]}, expected {kind}/{size}"
+    return None
+
+
+def expected_sample(size: int) -> str:
+    chunk = big_chunk(content_block(), 1)
+    doubled = chunk + chunk
+    digest = hashlib.sha1()
+    for offset in sample_offsets(size):
+        start = offset % MIB
+        digest.update(doubled[start : start + min(SAMPLE_LENGTH, size - offset)])
+    return digest.hexdigest()
+
+
+def check(workload: str, variant: str, observed: Any, layers: LayerSet, params: dict[str, Any]) -> Problem:
+    layout = layers.layout
+    sizes = layout.sizes
+    if workload == "W1":
+        return compare_listing(observed, layout.expected_tree_listing())
+    if workload == "W2":
+        if observed["bytes"] != sizes.big_read:
+            return f"read {observed['bytes']} bytes, expected {sizes.big_read}"
+        return None if observed["sample"] == expected_sample(sizes.big_read) else "content differs from the lower file"
+    if workload == "W3":
+        want = layout.expected_tree_tar_bytes()
+        return None if observed == want else f"tar stream of {observed} bytes, expected {want}"
+    if workload == "W4":
+        return _check_copy_up(variant, observed, layers)
+    if workload == "W5":
+        return _check_create_delete(variant, observed, params)
+    if workload == "W6":
+        want = layout.wide_merged
+        if sorted(observed) == want:
+            return None
+        return f"{len(observed)} names, expected {len(want)} (whiteouts or a layer mishandled)"
+    if workload == "W7":
+        return compare_listing(observed, layout.expected_untar_listing())
+    if workload == "W8":
+        return compare_listing(observed, layout.expected_branch_listing(params["branches"]))
+    return f"unknown workload {workload}"
+
+
+def _check_copy_up(variant: str, observed: Any, layers: LayerSet) -> Problem:
+    layout = layers.layout
+    if variant == "small":
+        if not observed["tails_ok"]:
+            return "an appended byte is missing"
+        for f in layout.copyup_targets:
+            if observed["sizes"][f.rel] != f.merged_size + 1:
+                return f"tree/{f.rel}: size {observed['sizes'][f.rel]}, expected {f.merged_size + 1}"
+        return None
+    want = layout.sizes.big_copyup + 1
+    if not observed["tail_ok"]:
+        return "the appended byte is missing"
+    return None if observed["size"] == want else f"size {observed['size']}, expected {want}"
+
+
+def _check_create_delete(variant: str, observed: Any, params: dict[str, Any]) -> Problem:
+    count, size = params["count"], params["size"]
+    if variant == "create":
+        if observed != {"count": count, "bytes": count * size}:
+            return f"after create: {observed}, expected {count} files of {size} bytes"
+        return None
+    return None if observed == 0 else f"{observed} files left after delete"
+
+
+def check_layers_after(workload: str, upper: Path | None, layers: LayerSet) -> Problem:
+    """After a union's write workload: the writes reached the upper layer and no lower layer changed."""
+    if upper is None or workload not in ("W4", "W7"):
+        return None
+    layout = layers.layout
+    if workload == "W7":
+        if (layers.bottom / "w7").exists() or (layers.top / "w7").exists():
+            return "untar wrote into a lower layer"
+        return None if (upper / "w7/src").is_dir() else "untarred tree not found in the upper layer"
+    for f in layout.copyup_targets:
+        if (layers.bottom / "tree" / f.rel).stat().st_size != f.bottom_size:
+            return f"lower file tree/{f.rel} was modified"
+        copied = upper / "tree" / f.rel
+        if not copied.exists() or copied.stat().st_size != f.merged_size + 1:
+            return f"tree/{f.rel} was not copied up"
+    if (layers.bottom / "big/copyup.bin").stat().st_size != layout.sizes.big_copyup:
+        return "lower big/copyup.bin was modified"
+    big = upper / "big/copyup.bin"
+    if not big.exists() or big.stat().st_size != layout.sizes.big_copyup + 1:
+        return "big/copyup.bin was not copied up"
+    return None
