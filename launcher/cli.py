@@ -1,0 +1,95 @@
+"""``unionfs run``: the click command, a thin wrapper over ``launcher.supervisor.run``.
+
+Register it in the ``unionfs`` group with ``cli.add_command(run_command)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import click
+
+from launcher.union import BACKENDS, DEFAULT_BACKEND, LaunchError
+
+log = logging.getLogger(__name__)
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+
+
+def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _HOSTNAME.match(value):
+        raise click.BadParameter("letters, digits, '.' and '-', at most 64 characters")
+    return value
+
+
+@click.command(
+    "run",
+    context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
+)
+@click.option("--hostname", callback=_hostname, help="Host name inside the container (default: a random id).")
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
+              help="Set an environment variable; KEY alone passes the launcher's value. Repeatable.")
+@click.option("-w", "--workdir", default="/", show_default=True,
+              help="Working directory inside the container.")
+@click.option("--net", type=click.Choice(["none", "host"]), default="host", show_default=True,
+              help="none: a new network namespace with only loopback up; host: share the host's network.")
+@click.option("--tmp-upper", is_flag=True,
+              help="Add a throwaway writable top layer (in memory, removed afterwards); all BRANCHES stay "
+                   "read-only.")
+@click.option("--rootless/--no-rootless", default=None,
+              help="Run in a user namespace with the FUSE union mounted inside it (automatic when not root).")
+@click.option("--keep-mounted", is_flag=True,
+              help="Debugging: after the command exits, keep the union mounted until Ctrl-C or SIGTERM.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, hidden=True,
+              help="Which union serves the root: the unionfs FUSE server, or kernel overlayfs.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each setup step to stderr.")
+@click.argument("branches")
+@click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
+def run_command(
+    branches: str,
+    command: tuple[str, ...],
+    hostname: str | None,
+    env: tuple[str, ...],
+    workdir: str,
+    net: str,
+    tmp_upper: bool,
+    rootless: bool | None,
+    keep_mounted: bool,
+    backend: str,
+    verbose: bool,
+) -> None:
+    """Run COMMAND with the union of BRANCHES as its root filesystem.
+
+    BRANCHES are top first, as for `unionfs mount`: the first is the
+    container's writable layer, the rest are image layers that are never
+    changed.  COMMAND runs as PID 1 of new PID, mount, UTS and IPC namespaces
+    (and a user namespace when rootless), sees only the union plus /proc and a
+    minimal /dev, and its exit status is ours (128+N when killed by signal N).
+    Every mount is gone when it ends.
+
+    Example:
+
+        unionfs run --hostname box ./upper:./busybox -- /bin/sh
+    """
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
+    from launcher.supervisor import RunConfig, describe, run
+
+    if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
+        command = command[1:]
+    if not command:
+        raise click.UsageError("no COMMAND after BRANCHES --")
+
+    cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
+                    tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, backend=backend)
+    try:
+        code = run(cfg)
+    except LaunchError as exc:
+        click.echo(f"unionfs run: {exc}", err=True)
+        sys.exit(exc.exitcode)
+    except OSError as exc:
+        click.echo(f"unionfs run: {describe(exc)}", err=True)
+        sys.exit(125)
+    sys.exit(code)

@@ -1,0 +1,349 @@
+"""Run a command with a union as its root: the launcher's main sequence.
+
+``run(RunConfig(...))`` reads as the script of a container start:
+
+1. check the request (branches, /dev/fuse for rootless);
+2. move the launcher into a private mount namespace (and a user namespace when
+   rootless), and put a tmpfs over its per-user state directory there: the init
+   layer, the mount point and a throwaway upper live in it and vanish with it;
+3. write the init layer (/etc/hostname, /etc/hosts, /etc/resolv.conf, and the
+   empty mount points) and mount the union UPPER:INIT:LAYERS... with the FUSE
+   server as the launcher's child, outside the container;
+4. fork the command as PID 1 of a new PID namespace; it unshares mount, UTS,
+   IPC (and network) namespaces, applies the rootfs steps, pivots and execs;
+5. supervise: forward signals, wait, and turn the status into ours
+   (128+N when killed by signal N);
+6. always unmount and wait for the server.  If the launcher is SIGKILLed, the
+   command and the server get SIGKILL from PR_SET_PDEATHSIG and the kernel
+   frees the private mount namespace with the union in it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from launcher import namespaces, rootfs, syscalls
+from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORWARDED_SIGNALS = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+)
+INIT_MOUNTPOINTS = ("/proc", "/dev", "/sys", "/tmp")
+SI_KERNEL = 0x80
+EXIT_LAUNCH_FAILED = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+@dataclass
+class RunConfig:
+    """Everything ``unionfs run`` was asked to do."""
+
+    branches: str
+    command: Sequence[str]
+    hostname: str | None = None
+    env: Sequence[str] = ()
+    workdir: str = "/"
+    net: str = "host"
+    tmp_upper: bool = False
+    rootless: bool | None = None  # None: automatic, rootless when not root
+    keep_mounted: bool = False
+    backend: str = DEFAULT_BACKEND
+    container_id: str = field(default_factory=lambda: secrets.token_hex(6))
+
+
+def describe(exc: OSError) -> str:
+    """One line for an OSError: ``step path: reason`` for ours, ``path: reason`` for the stdlib's."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    step = exc.strerror if exc.strerror and exc.strerror != reason else ""
+    where = " ".join(str(x) for x in (step, exc.filename) if x)
+    return f"{where}: {reason}" if where else reason
+
+
+def container_env(cfg: RunConfig, hostname: str) -> dict[str, str]:
+    """A clean environment, as Docker gives: PATH, HOSTNAME, HOME, TERM for a terminal, then -e."""
+    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
+    if os.isatty(0) and "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    for item in cfg.env:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise LaunchError(f"bad environment variable {item!r} (want KEY=VALUE or KEY)", 2)
+        if sep:
+            env[key] = value
+        elif key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _check_fuse_access(rootless: bool, backend: str) -> None:
+    if backend != "fuse" or not rootless or os.getuid() == 0:
+        return
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        try:
+            mode = f"mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}"
+        except OSError as exc:
+            mode = os.strerror(exc.errno or 0)
+        raise LaunchError(
+            f"/dev/fuse is not usable by uid {os.getuid()} ({mode}); "
+            "fix with: chmod 666 /dev/fuse (as Debian's udev rules ship it)"
+        )
+
+
+def _state_base() -> str:
+    """A per-user directory, the same for every run; each launcher mounts its own tmpfs on it."""
+    uid = os.getuid()
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".unionfs-run-{uid}")
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        raise LaunchError(f"{base} is not a directory owned by uid {uid}; remove it")
+    return base
+
+
+def _resolv_conf(net: str) -> bytes:
+    if net == "none":
+        return b"# no network: this container has only a loopback interface\n"
+    try:
+        with open("/etc/resolv.conf", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _exec_failure_code(exc: OSError) -> int:
+    if exc.errno == errno.ENOENT:
+        return EXIT_NOT_FOUND
+    if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):
+        return EXIT_NOT_EXECUTABLE
+    return EXIT_LAUNCH_FAILED
+
+
+def _container_child(
+    cfg: RunConfig,
+    root: str,
+    steps: Sequence[rootfs.Step],
+    hostname: str,
+    env: dict[str, str],
+    errw: int,
+    alive_r: int,
+    old_mask: set[int | signal.Signals],
+) -> None:
+    """PID 1 of the new PID namespace, from fork to exec.  Never returns."""
+    code = EXIT_LAUNCH_FAILED
+    try:
+        # Die with the launcher.  If it died already, the pipe it holds open is at EOF.
+        syscalls.set_pdeathsig(signal.SIGKILL)
+        if select.select([alive_r], [], [], 0)[0]:
+            os._exit(EXIT_LAUNCH_FAILED)
+        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+        if cfg.net == "none":
+            flags |= syscalls.CLONE_NEWNET
+        syscalls.unshare(flags)
+        try:
+            socket.sethostname(hostname)
+        except OSError as exc:
+            raise OSError(exc.errno, "sethostname", hostname) from None
+        if cfg.net == "none":
+            namespaces.bring_loopback_up()
+        rootfs.apply(steps, root)
+        rootfs.enter_root(root, cfg.workdir)
+        for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        try:
+            os.execvpe(cfg.command[0], list(cfg.command), env)
+        except OSError as exc:
+            code = _exec_failure_code(exc)
+            raise OSError(exc.errno, "exec", cfg.command[0]) from None
+    except OSError as exc:
+        msg = describe(exc)
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        msg = f"container setup failed: {exc!r}"
+    try:
+        os.write(errw, msg.encode(errors="replace")[:4000])
+    finally:
+        os._exit(code)
+
+
+def _signal_masks(pid: int) -> tuple[int, int]:
+    """(caught, ignored) signal bit masks of *pid*, from /proc/PID/status."""
+    caught = ignored = 0
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    caught = int(line.split()[1], 16)
+                elif line.startswith("SigIgn:"):
+                    ignored = int(line.split()[1], 16)
+    except OSError:
+        pass
+    return caught, ignored
+
+
+def _forward(pid: int, info: signal.struct_siginfo) -> int | None:
+    """Pass a signal the launcher received on to PID 1 of the container.
+
+    The kernel drops a signal sent to a PID namespace's init when init has no
+    handler for it (only SIGKILL and SIGSTOP get through), so a plain command
+    as PID 1 would never die of SIGTERM.  Where the command would have died
+    had it not been PID 1, we kill it and return the signal, so the launcher
+    exits 128+N all the same.  A signal the terminal sent to our whole process
+    group has already reached a command that catches it, and is not sent twice.
+    """
+    sig = info.si_signo
+    bit = 1 << (sig - 1)
+    caught, ignored = _signal_masks(pid)
+    log.debug("signal %d (code %d) for PID 1 (%d): caught=%s", sig, info.si_code, pid, bool(caught & bit))
+    if caught & bit:
+        try:
+            same_group = os.getpgid(pid) == os.getpgrp()
+        except OSError:
+            same_group = False
+        if not (info.si_code == SI_KERNEL and same_group):
+            _kill(pid, sig)
+        return None
+    if ignored & bit:
+        return None
+    _kill(pid, signal.SIGKILL)
+    return sig
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _supervise(pid: int, handle: UnionHandle) -> int:
+    """Wait for PID 1, forwarding signals; its exit status, 128+N if killed by signal N."""
+    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
+    emulated: int | None = None
+    while True:
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo != signal.SIGCHLD:
+            emulated = _forward(pid, info) or emulated
+            continue
+        wpid, status = os.waitpid(pid, os.WNOHANG)
+        if wpid == pid:
+            break
+        server = handle.poll()
+        if server is not None:
+            _kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise LaunchError(f"the union's FUSE server exited with status {server} while the command ran")
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        sig = -code
+        if sig == signal.SIGKILL and emulated is not None:
+            sig = emulated
+        code = 128 + sig
+    return code
+
+
+def _wait_for_release(root: str, code: int) -> None:
+    pid = os.getpid()
+    sys.stderr.write(
+        f"unionfs run: command exited with status {code}; the union stays mounted at "
+        f"/proc/{pid}/root{root} (or: nsenter -t {pid} -m). "
+        f"Press Ctrl-C or kill -TERM {pid} to unmount.\n"
+    )
+    sys.stderr.flush()
+    signal.sigwaitinfo(set(FORWARDED_SIGNALS))
+
+
+def _restore_terminal(was_foreground: bool) -> None:
+    """Take the terminal back if an interactive command left its own process group in the foreground."""
+    if not was_foreground:
+        return
+    try:
+        if os.tcgetpgrp(0) != os.getpgrp():
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            try:
+                os.tcsetpgrp(0, os.getpgrp())
+            finally:
+                signal.signal(signal.SIGTTOU, old)
+    except OSError:
+        pass
+
+
+def run(cfg: RunConfig) -> int:
+    """Run ``cfg.command`` in a container whose root is the union of ``cfg.branches``; its exit status.
+
+    Raises LaunchError for anything the user can fix; OSError from a setup
+    step names the step and the path.
+    """
+    if not cfg.command:
+        raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", 2)
+    if not os.path.isabs(cfg.workdir):
+        raise LaunchError(f"--workdir must be an absolute path inside the container: {cfg.workdir}", 2)
+    branches = parse_branches(cfg.branches)
+    rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
+    hostname = cfg.hostname or cfg.container_id
+    env = container_env(cfg, hostname)
+    _check_fuse_access(rootless, cfg.backend)
+    base = _state_base()
+    try:
+        was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        was_foreground = False
+
+    # The launcher's own namespaces: everything mounted from here on is invisible to the host
+    # and is freed by the kernel when the launcher, its server and its command are gone.
+    namespaces.enter_launcher_namespaces(rootless)
+    syscalls.mount("tmpfs", base, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700",
+                   step="mount state tmpfs")
+    init_layer, root = os.path.join(base, "init"), os.path.join(base, "root")
+    os.mkdir(root, 0o755)
+    rootfs.write_init_layer(init_layer, hostname, _resolv_conf(cfg.net), INIT_MOUNTPOINTS)
+    if cfg.tmp_upper:
+        upper = os.path.join(base, "upper")
+        os.mkdir(upper, 0o755)
+        layers = [Branch(upper, "rw"), Branch(init_layer, "ro"), *branches]
+    else:
+        layers = [branches[0], Branch(init_layer, "ro"), *branches[1:]]
+    handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
+                         backend=cfg.backend)
+    try:
+        steps = rootfs.container_steps(rootless=rootless)
+        # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
+        errr, errw = os.pipe()
+        alive_r, alive_w = os.pipe()
+        syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+        pid = os.fork()
+        if pid == 0:
+            _container_child(cfg, root, steps, hostname, env, errw, alive_r, old_mask)
+        os.close(errw)
+        os.close(alive_r)
+        failure = b""
+        while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
+            failure += chunk
+        os.close(errr)
+        code = _supervise(pid, handle)
+        _restore_terminal(was_foreground)
+        if failure:
+            raise LaunchError(failure.decode(errors="replace"), code)
+        if cfg.keep_mounted:
+            _wait_for_release(root, code)
+        os.close(alive_w)
+        return code
+    finally:
+        handle.close()

@@ -1,0 +1,241 @@
+"""Mounting the union that becomes the container's root: one function, two backends.
+
+``mount_union(branches, mountpoint, ...)`` returns a handle whose ``close()``
+unmounts and waits for the server.  The ``fuse`` backend runs ``unionfs mount
+-f`` as a child of the launcher, in the launcher's own mount (and user)
+namespace, with PR_SET_PDEATHSIG so that it dies with the launcher.  The
+``overlay`` backend mounts kernel overlayfs instead; it was the stand-in while
+the filesystem core was written and stays as a reference for benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from launcher import syscalls
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("fuse", "overlay")
+DEFAULT_BACKEND = os.environ.get("UNIONFS_RUN_BACKEND", "overlay")
+MOUNT_TIMEOUT = 20.0
+
+
+class LaunchError(Exception):
+    """A user-facing failure: one line, and the exit status the launcher should return."""
+
+    def __init__(self, message: str, exitcode: int = 125) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+@dataclass(frozen=True)
+class Branch:
+    path: str
+    mode: str | None = None  # "rw", "ro", ... as written by the user; None when not given
+
+    def spec(self, default_mode: str) -> str:
+        return f"{self.path}={self.mode or default_mode}"
+
+
+def parse_branches(spec: str) -> list[Branch]:
+    """Parse an AUFS-style branch list, top first: ``UPPER:L2:L1`` or ``A=rw:B=ro``.
+
+    Paths become absolute; each must be an existing directory.
+    """
+    branches: list[Branch] = []
+    for item in spec.split(":"):
+        if not item:
+            raise LaunchError(f"empty branch in {spec!r}", 2)
+        path, sep, mode = item.rpartition("=")
+        if not sep:
+            path, mode = item, ""
+        if sep and mode not in ("rw", "ro", "rr", "wh"):
+            path, mode = item, ""
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise LaunchError(f"branch is not a directory: {path}", 2)
+        branches.append(Branch(path, mode or None))
+    return branches
+
+
+def branch_spec(branches: Sequence[Branch]) -> str:
+    """The ``unionfs mount`` spec for *branches*: the first writable, the rest read-only unless told."""
+    return ":".join(b.spec("rw" if i == 0 else "ro") for i, b in enumerate(branches))
+
+
+class UnionHandle(Protocol):
+    mountpoint: str
+
+    def poll(self) -> int | None:
+        """None while the union is being served; the server's exit status once it has gone."""
+
+    def close(self) -> None:
+        """Unmount and wait for the server to exit; idempotent, never raises."""
+
+
+def _wait_mounted(mountpoint: str, alive: Poll, timeout: float = MOUNT_TIMEOUT) -> None:
+    """Wait until *mountpoint* is a mount point of its own (its st_dev differs from its parent's)."""
+    parent_dev = os.stat(os.path.dirname(mountpoint)).st_dev
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            if os.stat(mountpoint).st_dev != parent_dev:
+                return
+        except OSError:
+            pass
+        status = alive()
+        if status is not None:
+            raise LaunchError(f"the union's FUSE server exited with status {status} before mounting")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the union did not appear at {mountpoint} within {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+class Poll(Protocol):
+    def __call__(self) -> int | None: ...
+
+
+def _server_preexec(parent: int) -> None:
+    """In the server child before exec: die with the launcher, and leave the terminal's signals alone."""
+    syscalls.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def unionfs_command() -> list[str]:
+    """The filesystem core's command: ``UNIONFS_RUN_SERVER`` (split on spaces), or ``python -m unionfs``."""
+    override = os.environ.get("UNIONFS_RUN_SERVER")
+    if override:
+        return override.split()
+    return [sys.executable, "-m", "unionfs"]
+
+
+class FuseUnion:
+    """``unionfs mount -f`` as a child process serving the union at *mountpoint*."""
+
+    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool, logfile: str) -> None:
+        self.mountpoint = mountpoint
+        self.logfile = logfile
+        options = ["allow_other"]
+        if rootless:
+            options.append("whiteout=aufs")
+        argv = [*unionfs_command(), "mount", "-f", "-o", ",".join(options), branch_spec(branches), mountpoint]
+        log.debug("starting FUSE server: %s", argv)
+        parent = os.getpid()
+        with open(logfile, "ab") as err:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=lambda: _server_preexec(parent),
+            )
+        self._closed = False
+        try:
+            _wait_mounted(mountpoint, self.proc.poll)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, LaunchError):
+                raise LaunchError(f"{exc}{self._log_tail()}") from None
+            raise
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.logfile, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return (": " + lines[-1]) if lines else ""
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.poll() is None:
+            for flags in (0, syscalls.MNT_DETACH):
+                try:
+                    syscalls.umount2(self.mountpoint, flags)
+                    break
+                except OSError as exc:
+                    log.debug("umount %s: %s", self.mountpoint, exc)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("FUSE server %d did not exit after unmount; killing it", self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            try:  # a dead server leaves a dead mount behind
+                syscalls.umount2(self.mountpoint, syscalls.MNT_DETACH)
+            except OSError:
+                pass
+
+
+class OverlayUnion:
+    """Kernel overlayfs with the same branch order; the upper's work dir is a sibling temp dir."""
+
+    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool) -> None:
+        self.mountpoint = mountpoint
+        upper, lowers = branches[0], branches[1:]
+        if not lowers:
+            raise LaunchError("the overlay backend needs at least one lower branch", 2)
+        self.workdir = tempfile.mkdtemp(prefix=".unionfs-work-", dir=os.path.dirname(upper.path))
+        data = f"lowerdir={':'.join(b.path for b in lowers)},upperdir={upper.path},workdir={self.workdir}"
+        if rootless:
+            data += ",userxattr"
+        try:
+            syscalls.mount("overlay", mountpoint, "overlay", 0, data, step="mount overlay")
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        self._closed = False
+
+    def poll(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            syscalls.umount2(self.mountpoint, syscalls.MNT_DETACH)
+        except OSError as exc:
+            log.warning("umount %s: %s", self.mountpoint, exc)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def mount_union(
+    branches: Sequence[Branch],
+    mountpoint: str,
+    *,
+    rootless: bool,
+    logfile: str,
+    backend: str = DEFAULT_BACKEND,
+) -> UnionHandle:
+    """Mount the union of *branches* (top first; the first is writable) at *mountpoint*.
+
+    Returns once the mount is ready.  The server (if any) is a child of the
+    calling process, in its namespaces, and dies with it.
+    """
+    if backend == "overlay":
+        return OverlayUnion(branches, mountpoint, rootless=rootless)
+    if backend == "fuse":
+        return FuseUnion(branches, mountpoint, rootless=rootless, logfile=logfile)
+    raise LaunchError(f"unknown union backend {backend!r} (choose from {', '.join(BACKENDS)})", 2)
