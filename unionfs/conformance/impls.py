@@ -1,0 +1,175 @@
+"""The implementations the oracle can compare: kernel overlayfs, fuse-overlayfs and unionfs.
+
+Each knows how to mount lower layers (top first), an upper and a work dir on a mount point, how to
+unmount it again (waiting until everything is written), and which whiteout dialect its lower layers
+should be written in. Mounts are found in /proc/self/mountinfo; nothing here touches a mount point
+it did not create.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+MOUNT_TIMEOUT = 20.0
+
+
+class MountError(RuntimeError):
+    pass
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == path for line in f)
+
+
+def _run(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else dict(env),
+                         timeout=timeout)
+    if res.returncode != 0:
+        raise MountError(f"{' '.join(cmd)}: exit {res.returncode}: {(res.stderr or res.stdout).strip()}")
+
+
+def _wait_mounted(mnt: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise MountError(f"daemon exited with {proc.returncode} before {mnt} was mounted")
+        if time.monotonic() > deadline:
+            raise MountError(f"{mnt}: not mounted after {MOUNT_TIMEOUT}s")
+        time.sleep(0.01)
+
+
+class Impl:
+    """An implementation under test. ``dialect`` is how whiteouts in its lower layers are written."""
+
+    name = "?"
+    dialect = "overlay"
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        raise NotImplementedError
+
+    def umount(self, mnt: str) -> None:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class KernelOverlay(Impl):
+    """Kernel overlayfs, with the features unionfs does not emulate switched off explicitly."""
+
+    name = "kernel"
+    OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},{self.OPTIONS}"
+        _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
+
+    def umount(self, mnt: str) -> None:
+        _run(["umount", mnt])
+
+
+class FuseOverlayfs(Impl):
+    """containers/fuse-overlayfs, run in the foreground so we own (and wait for) its process."""
+
+    name = "fuse-overlayfs"
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+        proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o", opts, mnt],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs[mnt] = proc
+        try:
+            _wait_mounted(mnt, proc)
+        except BaseException:
+            self.umount(mnt)
+            raise
+
+    def umount(self, mnt: str) -> None:
+        proc = self.procs.pop(mnt, None)
+        if is_mounted(mnt):
+            _run(["fusermount3", "-u", mnt])
+        if proc is not None:
+            try:
+                proc.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise MountError(f"fuse-overlayfs for {mnt} did not exit after unmount") from None
+
+
+class Unionfs(Impl):
+    """Our unionfs, through its CLI: ``unionfs mount -o ...`` returns once mounted."""
+
+    name = "unionfs"
+
+    def __init__(self, whiteout: str = "overlay", extra_options: str = "",
+                 env: Mapping[str, str] | None = None, lower_dialect: str | None = None) -> None:
+        self.whiteout = whiteout
+        self.dialect = lower_dialect or whiteout
+        self.extra_options = extra_options
+        self.env = {**os.environ, **(env or {})}
+        self.exe = self._find_exe()
+
+    @staticmethod
+    def _find_exe() -> str:
+        here = os.path.join(os.path.dirname(sys.executable), "unionfs")
+        return here if os.path.exists(here) else (shutil.which("unionfs") or "unionfs")
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},whiteout={self.whiteout}"
+        if self.extra_options:
+            opts += "," + self.extra_options
+        try:
+            _run([self.exe, "mount", "-o", opts, mnt], env=self.env)
+            _wait_mounted(mnt)
+        except BaseException:
+            if is_mounted(mnt):
+                self.umount(mnt)
+            raise
+
+    def umount(self, mnt: str) -> None:
+        try:
+            _run([self.exe, "umount", mnt], env=self.env)
+        except MountError:
+            if not is_mounted(mnt):
+                raise
+            log.warning("unionfs umount %s failed; detaching with fusermount3 -u -z", mnt)
+            _run(["fusermount3", "-u", "-z", mnt])
+            raise
+
+
+def make_impl(name: str, whiteout: str = "overlay", env: Mapping[str, str] | None = None,
+              lower_dialect: str | None = None, options: str = "") -> Impl:
+    """An implementation by name: kernel, fuse-overlayfs or unionfs."""
+    if name == "kernel":
+        return KernelOverlay()
+    if name == "fuse-overlayfs":
+        return FuseOverlayfs()
+    if name == "unionfs":
+        return Unionfs(whiteout, options, env, lower_dialect)
+    raise ValueError(f"unknown implementation {name!r} (kernel, fuse-overlayfs, unionfs)")
