@@ -1,0 +1,227 @@
+"""Helpers for the launcher tests: a busybox root filesystem, running ``unionfs run``, leak checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def _busybox_binary(workdir: Path) -> Path:
+    """busybox from Debian's busybox-static: the installed package's file, else ``apt-get download``."""
+    try:
+        listing = subprocess.run(["dpkg", "-L", "busybox-static"], capture_output=True, text=True)
+        files = listing.stdout.split()
+    except FileNotFoundError:
+        files = []
+    for f in files:
+        if f.endswith("/bin/busybox") and os.path.isfile(f):
+            return Path(f)
+    deb_dir = workdir / "deb"
+    deb_dir.mkdir()
+    subprocess.run(["apt-get", "download", "busybox-static"], cwd=deb_dir, check=True, capture_output=True)
+    (deb,) = deb_dir.glob("busybox-static_*.deb")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(deb_dir / "x")], check=True)
+    return deb_dir / "x" / "bin" / "busybox"
+
+
+def build_busybox_layer(dest: Path, workdir: Path) -> None:
+    """A minimal image layer: /bin/busybox, a symlink per applet, /etc/passwd and /etc/group."""
+    (dest / "bin").mkdir(parents=True)
+    shutil.copy2(_busybox_binary(workdir), dest / "bin" / "busybox")
+    os.chmod(dest / "bin" / "busybox", 0o755)
+    applets = subprocess.run([str(dest / "bin" / "busybox"), "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            os.symlink("busybox", dest / "bin" / applet)
+    (dest / "etc").mkdir()
+    passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+    (dest / "etc" / "passwd").write_text(passwd)
+    (dest / "etc" / "group").write_text("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n")
+    (dest / "root").mkdir(mode=0o700)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
+    """Path -> (mode, size, content or link target) for everything under *root*."""
+    out: dict[str, tuple[int, int, bytes | str | None]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            content: bytes | str | None = None
+            if os.path.islink(p):
+                content = os.readlink(p)
+            elif os.path.isfile(p):
+                content = Path(p).read_bytes()
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, content)
+    return out
+
+
+def mounts_mentioning(*needles: str) -> list[str]:
+    """Lines of our own /proc/self/mountinfo that mention any of *needles* (other engineers mount too)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return [line for line in f if any(n in line for n in needles)]
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def descendants_of(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
+    """The pids still alive (and not zombies) after waiting up to *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        if alive:
+            time.sleep(0.02)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@dataclass
+class TestUser:
+    name: str
+    uid: int
+    gid: int
+
+
+@contextlib.contextmanager
+def unprivileged_user() -> Iterator[TestUser]:
+    """A system user made for the test (no home, no subuid range), deleted afterwards."""
+    name = f"ufsrun{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield TestUser(name, pw.pw_uid, pw.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def dev_fuse_mode(mode: int) -> Iterator[None]:
+    """Set /dev/fuse to *mode* for the block (as Debian's udev ships it: 0666), then restore it."""
+    old = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", mode)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", old)
+
+
+@contextlib.contextmanager
+def world_readable_tempdir(prefix: str) -> Iterator[Path]:
+    """A temp dir under /tmp that an unprivileged user can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def launcher_argv(branches: str, command: Sequence[str], options: Sequence[str] = ()) -> list[str]:
+    return [PYTHON, "-m", "launcher", *options, branches, "--", *command]
+
+
+def run_launcher(
+    branches: str,
+    command: Sequence[str],
+    options: Sequence[str] = (),
+    *,
+    user: TestUser | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``unionfs run`` (as ``python -m launcher``) to completion; output captured as text."""
+    return subprocess.run(
+        launcher_argv(branches, command, options),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        stdin=stdin,
+        env=_env(user, env),
+        user=user.uid if user else None,
+        group=user.gid if user else None,
+        extra_groups=[] if user else None,
+    )
+
+
+def start_launcher(
+    branches: str,
+    command: Sequence[str],
+    options: Sequence[str] = (),
+    *,
+    user: TestUser | None = None,
+) -> subprocess.Popen[str]:
+    """Start ``unionfs run`` in the background, stdout piped (to wait for a line the command prints)."""
+    return subprocess.Popen(
+        launcher_argv(branches, command, options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd="/",
+        env=_env(user, None),
+        user=user.uid if user else None,
+        group=user.gid if user else None,
+        extra_groups=[] if user else None,
+    )
+
+
+def _env(user: TestUser | None, extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.pop("TMPDIR", None)
+    if user:
+        env["HOME"] = "/"
+        env["USER"] = env["LOGNAME"] = user.name
+    env.update(extra or {})
+    return env
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """Test clean-up: SIGKILL the launcher and whatever it started, if still running."""
+    pids = descendants_of(proc.pid)
+    for pid in [proc.pid, *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    wait_gone(pids)

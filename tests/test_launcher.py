@@ -1,0 +1,294 @@
+"""``unionfs run`` end to end, as root: a busybox image, the union as root, namespaces, signals, clean-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from launcher_util import (
+    build_busybox_layer,
+    descendants_of,
+    kill_tree,
+    mounts_mentioning,
+    run_launcher,
+    start_launcher,
+    tree_snapshot,
+    wait_gone,
+    world_readable_tempdir,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the launcher tests run as root (CI does)")
+
+
+class Image:
+    """Two image layers (busybox; an app layer on top) and a snapshot to prove they never change."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.l1 = base / "l1"
+        self.l2 = base / "l2"
+        build_busybox_layer(self.l1, base)
+        (self.l2 / "app").mkdir(parents=True)
+        (self.l2 / "app" / "greeting").write_text("hello from l2\n")
+        (self.l2 / "etc").mkdir()
+        (self.l2 / "etc" / "motd").write_text("l2 motd\n")
+        (self.l1 / "etc" / "motd").write_text("l1 motd\n")
+        self.snapshot = self.take_snapshot()
+
+    def take_snapshot(self) -> dict[str, object]:
+        return {"l1": tree_snapshot(self.l1), "l2": tree_snapshot(self.l2)}
+
+    def branches(self, upper: Path) -> str:
+        return f"{upper}:{self.l2}:{self.l1}"
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Image]:
+    with world_readable_tempdir("unionfs-run-image-") as base:
+        img = Image(base)
+        yield img
+        assert img.take_snapshot() == img.snapshot, "an image layer changed"
+
+
+@pytest.fixture
+def upper() -> Iterator[Path]:
+    with world_readable_tempdir("unionfs-run-upper-") as base:
+        up = base / "upper"
+        up.mkdir()
+        before = mounts_mentioning(str(base), ".unionfs-run-")
+        yield up
+        assert mounts_mentioning(str(base), ".unionfs-run-") == before, "a mount was left behind"
+
+
+def sh(image: Image, upper: Path, script: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return run_launcher(image.branches(upper), ["/bin/sh", "-c", script], options)
+
+
+def test_command_is_pid_1_with_its_own_hostname(image: Image, upper: Path) -> None:
+    r = sh(image, upper, 'echo "pid=$$"; hostname; cat /etc/hostname', "--hostname", "box1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["pid=1", "box1", "box1"]
+
+
+def test_host_files_are_invisible(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "ls /; test -e /work || test -e /usr/bin/python3; echo $?")
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()[:-1]) == ["app", "bin", "dev", "etc", "proc", "root", "sys", "tmp"]
+    assert r.stdout.split()[-1] == "1"
+
+
+def test_proc_shows_only_the_container(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "sleep 0.01; for p in /proc/[0-9]*; do cat $p/comm; done")
+    assert r.returncode == 0, r.stderr
+    # sh (PID 1) and the cat of the moment; nothing of the host
+    assert set(r.stdout.split()) <= {"sh", "cat"}, r.stdout
+
+
+def test_layers_are_merged_top_first(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "cat /etc/motd /app/greeting")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "l2 motd\nhello from l2\n"
+
+
+def test_writes_land_in_upper_only(image: Image, upper: Path) -> None:
+    script = "echo new > /newfile && echo changed > /etc/motd && rm /app/greeting && mkdir -p /var/x;echo ok"
+    r = sh(image, upper, script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok\n"
+    assert (upper / "newfile").read_text() == "new\n"
+    assert (upper / "etc" / "motd").read_text() == "changed\n"
+    assert (upper / "var" / "x").is_dir()
+    assert not (upper / "app" / "greeting").is_file()  # whited out, not a copy
+    # image layers unchanged: checked again by the fixture at module end
+    assert (image.l2 / "app" / "greeting").read_text() == "hello from l2\n"
+    r = sh(image, upper, "cat /newfile; test -e /app/greeting; echo $?")
+    assert r.stdout == "new\n1\n"
+
+
+def test_init_layer_is_visible_but_not_in_upper(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "cat /etc/hostname; grep -c box2 /etc/hosts; test -f /etc/resolv.conf && echo rc",
+           "--hostname", "box2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["box2", "1", "rc"]
+    for name in ("hostname", "hosts", "resolv.conf"):
+        assert not (upper / "etc" / name).exists()
+    assert not (upper / "proc").exists() and not (upper / "dev").exists()
+
+
+def test_dev_is_minimal(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "ls /dev; echo x > /dev/null; head -c 4 /dev/zero | wc -c; ls -d /dev/pts /dev/shm")
+    assert r.returncode == 0, r.stderr
+    names = set(r.stdout.split())
+    assert {"null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "fd", "ptmx", "stdin"} <= names
+    assert "vda" not in names and "4" in names
+
+
+def test_exit_status_passes_through(image: Image, upper: Path) -> None:
+    assert sh(image, upper, "exit 7").returncode == 7
+    assert sh(image, upper, "true").returncode == 0
+
+
+def test_command_not_found_is_127_and_one_line(image: Image, upper: Path) -> None:
+    r = run_launcher(image.branches(upper), ["/no/such/cmd"])
+    assert r.returncode == 127
+    assert r.stderr.strip().count("\n") == 0 and "/no/such/cmd" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_user_errors_are_one_line(image: Image, upper: Path, tmp_path: Path) -> None:
+    r = run_launcher(f"{upper}:{tmp_path}/missing", ["/bin/true"])
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+    r = run_launcher(image.branches(upper), ["/bin/true"], ["--workdir", "relative"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_launcher(image.branches(upper), ["/bin/true"], ["--workdir", "/nonexistent"])
+    assert r.returncode == 125 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_env_and_workdir(image: Image, upper: Path) -> None:
+    r = run_launcher(
+        image.branches(upper),
+        ["/bin/sh", "-c", 'pwd; echo "$FOO $BAR $PATH"; test -z "$SECRET_HOST_VAR" && echo clean'],
+        ["-e", "FOO=1", "--env", "BAR", "-w", "/app"],
+        env={"BAR": "from-host", "SECRET_HOST_VAR": "x"},
+    )
+    assert r.returncode == 0, r.stderr
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert r.stdout.splitlines() == ["/app", f"1 from-host {path}", "clean"]
+
+
+def test_net_none_has_only_loopback_up(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "tail -n +3 /proc/net/dev | cut -d: -f1; ip -o link show lo", "--net", "none")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [x.strip() for x in lines[:-1]] == ["lo"]
+    assert "UP" in lines[-1]
+
+
+def test_tmp_upper_leaves_no_trace(image: Image, upper: Path) -> None:
+    r = run_launcher(f"{image.l2}:{image.l1}", ["/bin/sh", "-c", "echo x > /tmpfile && cat /tmpfile"],
+                     ["--tmp-upper"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "x\n"
+    assert image.take_snapshot() == image.snapshot
+
+
+def test_sigterm_kills_a_plain_pid_1_with_128_plus_n(image: Image, upper: Path) -> None:
+    """sleep as PID 1 has no handler, so the kernel would drop SIGTERM; the launcher still ends it."""
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"])
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        wait_for_comm(proc.pid, "sleep")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_reach_a_command_that_handles_them(image: Image, upper: Path, sig: signal.Signals) -> None:
+    script = f'trap "echo got; exit 42" {sig.name[3:]}; echo ready; while :; do sleep 0.02; done'
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", script])
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 42
+        assert proc.stdout.read() == "got\n"
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def test_killed_command_gives_128_plus_n(image: Image, upper: Path) -> None:
+    # the command kills itself from inside: PID 1 cannot, so a child does it for a process it runs
+    r = sh(image, upper, "sh -c 'kill -KILL $$'; echo $?")
+    assert r.stdout.strip() == "137"
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        pid1 = wait_for_comm(proc.pid, "sleep")
+        os.kill(pid1, signal.SIGKILL)
+        assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def wait_for_comm(launcher: int, comm: str, timeout: float = 10) -> int:
+    """The pid of the launcher's descendant named *comm*, once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in descendants_of(launcher):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.01)
+    raise AssertionError(f"no {comm} under {launcher}")
+
+
+def test_orphans_are_reaped(image: Image, upper: Path) -> None:
+    r = sh(image, upper, "(sleep 0.05 &); sleep 0.3; ps -o stat= | grep -c Z; true")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"
+
+
+def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> None:
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        started = descendants_of(proc.pid)
+        assert started, "the launcher has no children"
+        mnt_ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_gone(started) == [], "a process outlived the launcher"
+        holders = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    if os.readlink(p / "ns" / "mnt") == mnt_ns:
+                        holders.append(p.name)
+                except OSError:
+                    pass
+        assert holders == [], "the launcher's mount namespace is still held"
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def test_the_host_never_sees_the_union(image: Image, upper: Path) -> None:
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert mounts_mentioning(".unionfs-run-", str(upper)) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def test_keep_mounted_keeps_the_union_until_sigterm(image: Image, upper: Path) -> None:
+    script = "echo kept > /kept; exit 3"
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", script], ["--keep-mounted"])
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "stays mounted at /proc/" in line, line
+        path = line.split("stays mounted at ")[1].split()[0]
+        assert Path(path, "kept").read_text() == "kept\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 3
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
