@@ -20,6 +20,7 @@ import random
 import stat
 import zlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,24 @@ class LayerSpec:
 
     n_layers: int
     entries: list[LayerEntry] = field(default_factory=list)
+
+    def fill(self, L: Layers) -> None:
+        """Create the entries in ``L``: the same builder calls the repro script makes."""
+        scope = globals()
+        for entry in ordered_entries(self):
+            eval(entry.code(), scope, {"L": L})
+
+    def code(self) -> str:
+        """The body of the repro script's ``layers(L)`` function."""
+        return "\n".join(e.code() for e in ordered_entries(self)) or "pass"
+
+
+class Fill(Protocol):
+    """Anything that can fill a set of lower layers: a LayerSpec, or a repro script's layers."""
+
+    n_layers: int
+
+    def fill(self, L: Layers) -> None: ...
 
 
 def random_path(rng: random.Random) -> str:
@@ -320,15 +339,13 @@ def ordered_entries(spec: LayerSpec) -> list[LayerEntry]:
     return sorted(spec.entries, key=lambda e: (e.kind == "whiteout", e.path.count("/"), e.layer))
 
 
-def build_layers(spec: LayerSpec, base: str, dialect: str) -> Layers:
-    """Create ``base/l0 .. l{n-1}`` from ``spec`` in ``dialect``; return them top first."""
+def build_layers(spec: Fill, base: str, dialect: str) -> Layers:
+    """Create ``base/l0 .. l{n-1}`` and fill them in ``dialect``; return them top first."""
     roots = []
     for i in range(spec.n_layers):
         root = os.path.join(base, f"l{i}")
         os.mkdir(root, 0o755)
         roots.append(root)
     L = Layers(roots, dialect)
-    scope = globals()
-    for entry in ordered_entries(spec):
-        eval(entry.code(), scope, {"L": L})  # the same call the repro script makes
+    spec.fill(L)
     return L

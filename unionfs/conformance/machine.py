@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .impls import Impl, MountError, is_mounted
-from .layers import Layers, LayerSpec, Oct, Rep, build_layers, finish_layers, random_layers
+from .layers import Fill, LayerEntry, Layers, LayerSpec, Oct, Rep, build_layers, finish_layers, random_layers
 from .ops import Chooser, Op, Outcome, Session, execute
 from .snapshot import Snapshot, diff, tree_digest, upper_tree, visible_tree
 
@@ -64,6 +64,18 @@ class Case:
     ops: list[Op]
 
 
+@dataclass
+class ScriptCase:
+    """A case as a repro script spells it: a layers(L) function and the steps."""
+
+    n_layers: int
+    layers: Callable[[Layers], None]
+    ops: list[Op]
+
+    def fill(self, L: Layers) -> None:
+        self.layers(L)
+
+
 class _Side:
     def __init__(self, impl: Impl, base: str) -> None:
         self.impl = impl
@@ -76,7 +88,7 @@ class _Side:
         self.session = Session(self.mnt)
         self.mounted = False
 
-    def build(self, spec: LayerSpec) -> None:
+    def build(self, spec: Fill) -> None:
         os.mkdir(self.base)
         self.lowers = build_layers(spec, self.base, self.impl.dialect)
         for d in (self.upper, self.work, self.mnt):
@@ -104,11 +116,12 @@ class Runner:
         self.base_dir = base_dir
         self.runs = 0
 
-    def replay(self, case: Case) -> tuple[Trace, Failure | None]:
+    def replay(self, case: Case | ScriptCase) -> tuple[Trace, Failure | None]:
         ops = case.ops
-        return self.run(case.spec, lambda i, _snap: ops[i] if i < len(ops) else None)
+        spec = case if isinstance(case, ScriptCase) else case.spec
+        return self.run(spec, lambda i, _snap: ops[i] if i < len(ops) else None)
 
-    def run(self, spec: LayerSpec,
+    def run(self, spec: Fill,
             next_op: Callable[[int, Snapshot], Op | None]) -> tuple[Trace, Failure | None]:
         """Run one sequence; ``next_op(i, visible_tree_of_A)`` gives step i, or None to stop."""
         self.runs += 1
@@ -131,7 +144,7 @@ class Runner:
                 raise RuntimeError(f"left a mount behind in {ws}: {errors}")
             shutil.rmtree(ws)
 
-    def _run(self, spec: LayerSpec, next_op: Callable[[int, Snapshot], Op | None], a: _Side, b: _Side,
+    def _run(self, spec: Fill, next_op: Callable[[int, Snapshot], Op | None], a: _Side, b: _Side,
              trace: Trace) -> Failure | None:
         a.build(spec)
         b.build(spec)
@@ -219,6 +232,19 @@ def _simplified_ops(op: Op) -> Iterator[Op]:
             yield replace(op, args=op.args[:k] + (simpler,) + op.args[k + 1:])
 
 
+def _simplified_entries(entry: LayerEntry) -> Iterator[LayerEntry]:
+    """Plainer versions of a layer entry: no xattrs, owned by root, an ordinary mode, less data."""
+    if entry.xattrs:
+        yield replace(entry, xattrs=())
+    if entry.owner != (0, 0):
+        yield replace(entry, owner=(0, 0))
+    plain = 0o755 if entry.kind in ("dir", "opaque") else 0o644
+    if entry.kind not in ("symlink", "hardlink", "whiteout") and entry.mode != plain:
+        yield replace(entry, mode=plain)
+    if len(entry.data) > 1:
+        yield replace(entry, data=b"x")
+
+
 @dataclass
 class ShrinkResult:
     case: Case
@@ -276,12 +302,22 @@ def shrink(runner: Runner, case: Case, failure: Failure, trace: Trace, budget_ru
                 progress = True
             else:
                 i += 1
-        while best[0].spec.n_layers > 1:
+        for k in range(len(best[0].spec.entries)):
+            for simpler_entry in _simplified_entries(best[0].spec.entries[k]):
+                c = best[0]
+                entries = c.spec.entries[:k] + [simpler_entry] + c.spec.entries[k + 1:]
+                if attempt(Case(LayerSpec(c.spec.n_layers, entries), c.ops)):
+                    progress = True
+        k = 0
+        while k < best[0].spec.n_layers and best[0].spec.n_layers > 1:
+            # drop layer k: its entries go, the layers below move up
             c = best[0]
-            n = c.spec.n_layers - 1
-            if not attempt(Case(LayerSpec(n, [e for e in c.spec.entries if e.layer < n]), c.ops)):
-                break
-            progress = True
+            entries = [e if e.layer < k else replace(e, layer=e.layer - 1)
+                       for e in c.spec.entries if e.layer != k]
+            if attempt(Case(LayerSpec(c.spec.n_layers - 1, entries), c.ops)):
+                progress = True
+            else:
+                k += 1
         # 3. simplify arguments
         for k in range(len(best[0].ops)):
             for simpler in _simplified_ops(best[0].ops[k]) if k < len(best[0].ops) else ():

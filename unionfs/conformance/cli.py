@@ -1,0 +1,126 @@
+"""``unionfs conformance``: the differential oracle's command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import click
+
+from .impls import make_impl
+from .machine import Case, Runner, parse_layers, run_sequence
+from .machine import shrink as shrink_case
+from .ops import WEIGHTS
+from .report import format_trace, script, write_script
+
+log = logging.getLogger(__name__)
+
+IMPLS = click.Choice(["kernel", "unionfs", "fuse-overlayfs"])
+
+
+def _layers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    try:
+        return parse_layers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[str] | None:
+    if not value:
+        return None
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    unknown = names - set(WEIGHTS)
+    if unknown:
+        raise click.BadParameter(f"unknown operation(s) {sorted(unknown)}; known: {', '.join(WEIGHTS)}")
+    return names
+
+
+@click.command("conformance", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--seed", default=0, show_default=True, help="Campaign seed; sequence i is fixed by (seed, i).")
+@click.option("--sequences", default=100, show_default=True, help="How many random sequences to run.")
+@click.option("--steps", default=50, show_default=True, help="Operations per sequence.")
+@click.option("--layers", "layers", default="1-3", show_default=True, callback=_layers,
+              help="Lower layers per sequence: N or LO-HI.")
+@click.option("--whiteout", type=click.Choice(["overlay", "aufs"]), default="overlay", show_default=True,
+              help="Whiteout dialect unionfs writes (-o whiteout=...).")
+@click.option("--lower-whiteout", type=click.Choice(["overlay", "aufs"]), default=None,
+              help="Dialect of whiteouts inside unionfs's lower layers [default: as --whiteout]. "
+                   "The kernel's copy always uses overlay.")
+@click.option("--impl-a", type=IMPLS, default="kernel", show_default=True, help="Reference.")
+@click.option("--impl-b", type=IMPLS, default="unionfs", show_default=True, help="Under test.")
+@click.option("--fault", default=None, help="Set UNIONFS_FAULT for the unionfs daemon (planted bugs).")
+@click.option("--ops", "allow", default=None, callback=_ops,
+              help="Comma-separated operations to draw from (default: all).")
+@click.option("--keep-going", is_flag=True, help="Run every sequence even after a failure.")
+@click.option("--shrink/--no-shrink", default=True, show_default=True, help="Minimise a failing sequence.")
+@click.option("--shrink-runs", default=400, show_default=True, help="Most replays spent shrinking one.")
+@click.option("--shrink-seconds", default=300.0, show_default=True, help="Most time spent shrinking one.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where repro scripts are written.")
+@click.option("--base", default="/var/tmp", show_default=True, help="Where scratch dirs and mounts go.")
+@click.option("-v", "--verbose", count=True, help="-v: a line per sequence; -vv: debug log.")
+def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int, int], whiteout: str,
+                        lower_whiteout: str | None, impl_a: str, impl_b: str, fault: str | None,
+                        allow: set[str] | None, keep_going: bool, shrink: bool, shrink_runs: int,
+                        shrink_seconds: float, out_dir: str, base: str, verbose: int) -> None:
+    """Throw random system-call sequences at two unions side by side; report where they differ.
+
+    Builds random lower layers, mounts kernel overlayfs (--impl-a) and unionfs (--impl-b) on two
+    identical copies, runs the same operations on both and compares after every step the errno,
+    the visible tree and, at the end and at every remount, the upper layers. The first difference
+    is shrunk to a minimal sequence and written as a runnable script. Needs root.
+
+    Example: unionfs conformance --seed 1 --sequences 500 --steps 50 --whiteout aufs
+    """
+    if verbose >= 2:
+        logging.basicConfig(level=logging.DEBUG)
+    if os.geteuid() != 0:
+        raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
+    env = {"UNIONFS_FAULT": fault} if fault else {}
+    a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout)
+    b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout)
+    runner = Runner(a, b, base)
+    passed = failed = 0
+    start = time.monotonic()
+    click.echo(f"conformance: {a.name} vs {b.name}, seed {seed}, {sequences} sequences x {steps} steps, "
+               f"layers {layers[0]}-{layers[1]}, whiteout={whiteout}", err=True)
+    for index in range(sequences):
+        result = run_sequence(runner, seed, index, steps, layers, allow)
+        if result.failure is None:
+            passed += 1
+            if verbose:
+                click.echo(f"sequence {index}: ok ({len(result.trace.steps)} steps)", err=True)
+            continue
+        failed += 1
+        click.echo(f"\nsequence {index} (seed {seed}): {result.failure}", err=True)
+        case, trace, failure = result.case, result.trace, result.failure
+        note = ""
+        if shrink:
+            click.echo(f"shrinking {len(case.ops)} steps, {len(case.spec.entries)} layer entries ...",
+                       err=True)
+            shrunk = shrink_case(runner, case, failure, trace, shrink_runs, shrink_seconds)
+            case, trace, failure = shrunk.case, shrunk.trace, shrunk.failure
+            note = f", shrunk in {shrunk.runs} replays ({shrunk.seconds:.0f}s)"
+        click.echo(f"minimal sequence ({len(case.ops)} steps, {len(case.spec.entries)} layer entries{note}):")
+        click.echo(format_trace(trace, a.name, b.name, failure))
+        provenance = (f"Found by: unionfs conformance --seed {seed} --steps {steps} --layers "
+                      f"{layers[0]}-{layers[1]} --whiteout {whiteout} --impl-a {impl_a} --impl-b {impl_b}"
+                      + (f" --fault {fault}" if fault else "") + f"\n(sequence {index}{note}).")
+        filename = f"conformance-seed{seed}-seq{index}.py"
+        text = script(Case(case.spec, case.ops), failure, impl_a=impl_a, impl_b=impl_b, whiteout=whiteout,
+                      lower_whiteout=lower_whiteout, fault=fault, provenance=provenance, filename=filename)
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, filename)
+        write_script(path, text)
+        click.echo(f"\n# ---- repro script, also written to {path} ----\n{text}")
+        if not keep_going:
+            break
+    elapsed = time.monotonic() - start
+    click.echo(f"({elapsed:.1f}s, {runner.runs} runs)", err=True)
+    click.echo(f"{passed} passed, {failed} failed")
+    sys.stdout.flush()
+    if failed:
+        sys.exit(1)
+
