@@ -128,6 +128,6 @@ def pair(tmp_path: Path, need_fuse: None, need_overlay: None) -> Iterator[util.P
         yield p
     finally:
         try:
-            p.unmount()
+            p.unmount(final=True)
         finally:
             p.check_lowers()

@@ -634,6 +634,7 @@ class Pair:
         self.u = Side(base, "u")
         self.lower_digests: dict[Path, str] = {}
         self.style = "overlay"
+        self.cleanup: list[Path] = []  # extra mounts (e.g. a small tmpfs) to unmount at the end
 
     @property
     def sides(self) -> tuple[Side, Side]:
@@ -673,7 +674,8 @@ class Pair:
         if u.mounted is None:
             u.mounted = mount_impl(self.style, u.lowers, u.upper, u.work, u.mnt, opts, logdir=self.u.base)
 
-    def unmount(self) -> None:
+    def unmount(self, final: bool = False) -> None:
+        """Unmount both sides; with ``final`` also the extra mounts in ``cleanup``."""
         errors = []
         for side in self.sides:
             if side.mounted is not None:
@@ -682,6 +684,8 @@ class Pair:
                     unmount(m)
                 except (AssertionError, RuntimeError) as e:
                     errors.append(str(e))
+        while final and self.cleanup:
+            umount(self.cleanup.pop())
         if errors:
             raise AssertionError("\n".join(errors))
 

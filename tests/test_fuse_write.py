@@ -1,0 +1,576 @@
+"""Issue 3, the write path, op for op against kernel overlayfs (mounted with redirect_dir=off,
+index=off, metacopy=off): the result or errno of the call, the visible tree, and the upper layer after
+unmount (whiteouts normalised to one dialect). Every test's lower branches are digested before and
+checked after (the ``pair`` fixture)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import util
+from util import (
+    IMPL, RENAME_EXCHANGE, RENAME_NOREPLACE, D, F, H, L, N, Pair, Side, W, call, err, normalise_upper,
+    renameat2, run_tool,
+)
+
+pytestmark = pytest.mark.fuse
+
+T0 = 1_500_000_000
+
+LOWER = [
+    F("lf", b"lower file\n", mode=0o640, uid=1000, gid=1001, xattrs={"user.x": b"1", "user.y": b"2"}, mtime=T0),
+    F("lf2", b"second lower file\n", mode=0o600, mtime=T0 + 1),
+    D("ld", mode=0o750, uid=11, gid=12, xattrs={"user.d": b"dir"}),
+    F("ld/inner", b"inner", mtime=T0 + 2),
+    D("ld/sub/deep", mode=0o700, uid=13, gid=14),
+    F("ld/sub/deep/file", b"deep", mode=0o604, uid=15, gid=16, xattrs={"user.deep": b"x"}, mtime=T0 + 3),
+    D("empty", mode=0o711, uid=17, gid=18),
+    L("llink", "lf", uid=19, gid=20),
+    N("lfifo", "fifo", mode=0o620, uid=21, gid=22),
+    N("ldev", "chr", 1, 3, mode=0o666),
+    D("merged"), F("merged/low", b"low"),
+    D("wo"), F("wo/a", b"a"),
+    F("hl1", b"hard", uid=5), H("hl2", "hl1"),
+    F("hidden-below", b"under a whiteout"),
+]
+LOWER_BOTTOM = [F("merged/bottom", b"b"), F("bottom-only", b"bo"), F("hidden-below", b"x")]
+UPPER = [F("uf", b"upper file\n", mode=0o644), F("uf2", b"upper 2\n"), D("ud"), F("ud/x", b"x"),
+         D("ud2"), D("merged"), F("merged/up", b"up"), W("hidden-below"), D("uempty")]
+
+O = os.O_WRONLY
+
+
+def w(path: str, flags: int = os.O_WRONLY, data: bytes | None = None, mode: int = 0o644,
+      off: int | None = None) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        fd = os.open(s.p(path), flags, mode)
+        try:
+            if data is not None:
+                return os.pwrite(fd, data, off) if off is not None else os.write(fd, data)
+            return None
+        finally:
+            os.close(fd)
+    return op
+
+
+def seq(*ops: Callable[[Side], Any]) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        return [call(o, s) for o in ops]
+    return op
+
+
+def p(fn: Callable[..., Any], *rels: str, **kw: Any) -> Callable[[Side], Any]:
+    """``fn`` applied to the given paths on the side's mount."""
+    def op(s: Side) -> Any:
+        return fn(*[s.p(r) for r in rels], **kw)
+    return op
+
+
+def mknod(rel: str, kind: int, dev: tuple[int, int] = (0, 0), mode: int = 0o640) -> Callable[[Side], Any]:
+    return lambda s: os.mknod(s.p(rel), mode | kind, os.makedev(*dev))
+
+
+def rmtree_mkdir(rel: str) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        shutil.rmtree(s.p(rel))
+        os.mkdir(s.p(rel), 0o755)
+    return op
+
+
+def sh(cmd: list[str]) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        rc, out, errout = run_tool(cmd, cwd=s.p())
+        return rc, out.replace(os.fsencode(s.mnt), b"MNT"), errout.replace(os.fsencode(s.mnt), b"MNT")
+    return op
+
+
+def fsync_path(rel: str, flags: int, data_only: bool = False) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        fd = os.open(s.p(rel), flags)
+        try:
+            (os.fdatasync if data_only else os.fsync)(fd)
+        finally:
+            os.close(fd)
+    return op
+
+
+def fallocate(rel: str, off: int, ln: int) -> Callable[[Side], Any]:
+    def op(s: Side) -> Any:
+        fd = os.open(s.p(rel), os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, off, ln)
+        finally:
+            os.close(fd)
+    return op
+
+
+#: name -> (operation, compare non-directory mtimes too)
+OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
+    # create / open
+    "create": (w("new", O | os.O_CREAT, b"new data", 0o600), False),
+    "create-in-lower-dir-copies-parents": (w("ld/sub/deep/new", O | os.O_CREAT, b"n"), False),
+    "create-excl-existing-lower": (w("lf", O | os.O_CREAT | os.O_EXCL), True),
+    "create-excl-over-whiteout": (w("hidden-below", O | os.O_CREAT | os.O_EXCL, b"back"), False),
+    "create-in-missing-dir": (w("nodir/new", O | os.O_CREAT), True),
+    "create-under-file": (w("lf/new", O | os.O_CREAT), True),
+    "open-trunc-lower": (w("lf", O | os.O_TRUNC), False),
+    "open-trunc-write-lower": (w("lf", O | os.O_TRUNC, b"replaced"), False),
+    "open-append-lower": (w("lf", O | os.O_APPEND, b"appended\n"), False),
+    "pwrite-middle-lower": (w("lf", O, b"XY", off=3), False),
+    "pwrite-past-end-lower": (w("lf", O, b"far", off=100_000), False),
+    "open-rdwr-lower-no-write": (w("lf", os.O_RDWR), True),
+    "open-rdonly-lower": (w("lf", os.O_RDONLY), True),
+    "open-wronly-lower-dir": (w("ld", O), True),
+    "open-lower-symlink-nofollow": (w("llink", O | os.O_NOFOLLOW), True),
+    "write-through-lower-symlink": (w("llink", O | os.O_APPEND, b"via link"), False),
+    "write-lower-fifo-nonblock": (w("lfifo", O | os.O_NONBLOCK), True),
+    "truncate-lower": (p(os.truncate, "lf", length=4), False),
+    "truncate-extend-lower": (p(os.truncate, "lf", length=1 << 20), False),
+    "truncate-same-size-lower": (p(os.truncate, "lf", length=11), False),
+    "truncate-deep-lower": (p(os.truncate, "ld/sub/deep/file", length=0), False),
+    "truncate-dir": (p(os.truncate, "ld", length=0), True),
+    "fallocate-lower": (fallocate("lf", 0, 1 << 16), False),
+    "fsync-rdonly-lower": (fsync_path("lf", os.O_RDONLY), True),
+    "fdatasync-wronly-lower": (fsync_path("lf", O, data_only=True), True),
+    "fsync-upper": (fsync_path("uf", O), True),
+    # directories
+    "mkdir": (p(os.mkdir, "newdir", mode=0o705), False),
+    "mkdir-in-lower-dir": (p(os.mkdir, "ld/sub/newdir"), False),
+    "mkdir-existing-lower": (p(os.mkdir, "ld"), True),
+    "mkdir-over-whiteout-is-opaque": (p(os.mkdir, "hidden-below"), False),
+    "rmdir-lower-empty": (p(os.rmdir, "empty"), False),
+    "rmdir-lower-nonempty": (p(os.rmdir, "ld"), True),
+    "rmdir-merged-nonempty": (p(os.rmdir, "merged"), True),
+    "rmdir-upper-empty": (p(os.rmdir, "uempty"), False),
+    "rmdir-file": (p(os.rmdir, "lf"), True),
+    "rmdir-whiteout-only": (seq(p(os.unlink, "merged/low"), p(os.unlink, "merged/up"),
+                                p(os.unlink, "merged/bottom"), p(os.rmdir, "merged")), False),
+    "rmdir-then-mkdir-is-opaque": (seq(p(os.unlink, "wo/a"), p(os.rmdir, "wo"), p(os.mkdir, "wo")), False),
+    "rm-rf-then-mkdir-is-opaque": (rmtree_mkdir("ld"), False),
+    "rm-rf-merged-then-mkdir": (rmtree_mkdir("merged"), False),
+    # special files
+    "mknod-fifo": (mknod("fifo", stat.S_IFIFO), False),
+    "mknod-sock": (mknod("sock", stat.S_IFSOCK), False),
+    "mknod-chr": (mknod("chr", stat.S_IFCHR, (1, 5)), False),
+    "mknod-blk": (mknod("ld/blk", stat.S_IFBLK, (7, 0)), False),
+    "mknod-reg": (mknod("reg", stat.S_IFREG), False),
+    "mknod-existing-lower": (mknod("lf", stat.S_IFIFO), True),
+    "mknod-0-0-chardev": (mknod("wh-lookalike", stat.S_IFCHR, (0, 0)), False),
+    # links
+    "symlink": (lambda s: os.symlink(b"some/target", s.p("newlink")), False),
+    "symlink-in-lower-dir": (lambda s: os.symlink(b"../lf", s.p("ld/sub/link")), False),
+    "symlink-existing": (lambda s: os.symlink(b"x", s.p("lf")), True),
+    "link-lower-file": (p(os.link, "lf", "lf-hardlink"), True),
+    "link-upper-file": (p(os.link, "uf", "ld/uf-link"), True),
+    "link-lower-dir": (p(os.link, "ld", "ld-link"), True),
+    "link-onto-existing": (p(os.link, "uf", "lf"), True),
+    "link-lower-hardlinked": (p(os.link, "hl1", "hl3"), True),
+    # unlink
+    "unlink-lower": (p(os.unlink, "lf"), True),
+    "unlink-upper-only": (p(os.unlink, "uf"), True),
+    "unlink-in-merged": (seq(p(os.unlink, "merged/low"), p(os.unlink, "merged/up")), True),
+    "unlink-lower-deep": (p(os.unlink, "ld/sub/deep/file"), True),
+    "unlink-lower-symlink": (p(os.unlink, "llink"), True),
+    "unlink-lower-fifo": (p(os.unlink, "lfifo"), True),
+    "unlink-dir": (p(os.unlink, "ld"), True),
+    "unlink-missing": (p(os.unlink, "nothing"), True),
+    "unlink-whited-out": (p(os.unlink, "hidden-below"), True),
+    "unlink-one-hardlink": (p(os.unlink, "hl2"), True),
+    "unlink-then-recreate": (seq(p(os.unlink, "lf"), w("lf", O | os.O_CREAT, b"again")), False),
+    # rename
+    "rename-upper-file": (p(os.rename, "uf", "uf-renamed"), True),
+    "rename-lower-file": (p(os.rename, "lf", "lf-renamed"), True),
+    "rename-lower-over-lower": (p(os.rename, "lf", "lf2"), True),
+    "rename-upper-over-lower": (p(os.rename, "uf", "lf"), True),
+    "rename-lower-into-lower-dir": (p(os.rename, "lf", "ld/sub/moved"), True),
+    "rename-lower-over-whiteout": (p(os.rename, "lf", "hidden-below"), True),
+    "rename-lower-symlink": (p(os.rename, "llink", "llink2"), True),
+    "rename-lower-dir-exdev": (p(os.rename, "ld", "ld2"), True),
+    "rename-lower-empty-dir-exdev": (p(os.rename, "empty", "empty2"), True),
+    "rename-merged-dir-exdev": (p(os.rename, "merged", "merged2"), True),
+    "rename-upper-dir": (p(os.rename, "ud", "ud-renamed"), True),
+    "rename-upper-dir-into-lower-dir": (p(os.rename, "ud", "ld/ud"), True),
+    "rename-upper-dir-over-empty-lower-dir": (p(os.rename, "ud", "empty"), True),
+    "rename-upper-dir-over-nonempty-dir": (p(os.rename, "ud", "ld"), True),
+    "rename-file-over-dir": (p(os.rename, "uf", "ud2"), True),
+    "rename-dir-over-file": (p(os.rename, "ud2", "uf"), True),
+    "rename-missing": (p(os.rename, "nothing", "x"), True),
+    "rename-to-self-lower": (p(os.rename, "lf", "lf"), True),
+    "rename-hardlink-to-sibling": (p(os.rename, "hl1", "hl2"), True),
+    "mv-lower-dir-falls-back": (sh(["mv", "ld", "ld-moved"]), True),
+    "mv-merged-dir-falls-back": (sh(["mv", "merged", "merged-moved"]), True),
+    "noreplace-existing": (lambda s: renameat2(s.p("uf"), s.p("lf"), RENAME_NOREPLACE), True),
+    "noreplace-over-whiteout": (lambda s: renameat2(s.p("uf"), s.p("hidden-below"), RENAME_NOREPLACE), True),
+    "noreplace-new-name": (lambda s: renameat2(s.p("lf"), s.p("fresh"), RENAME_NOREPLACE), True),
+    "exchange-upper-files": (lambda s: renameat2(s.p("uf"), s.p("uf2"), RENAME_EXCHANGE), True),
+    "exchange-lower-files": (lambda s: renameat2(s.p("lf"), s.p("lf2"), RENAME_EXCHANGE), True),
+    "exchange-upper-lower": (lambda s: renameat2(s.p("uf"), s.p("lf"), RENAME_EXCHANGE), True),
+    "exchange-with-missing": (lambda s: renameat2(s.p("uf"), s.p("nothing"), RENAME_EXCHANGE), True),
+    "exchange-upper-dirs": (lambda s: renameat2(s.p("ud"), s.p("ud2"), RENAME_EXCHANGE), True),
+    "exchange-lower-dir": (lambda s: renameat2(s.p("ud"), s.p("ld"), RENAME_EXCHANGE), True),
+    # metadata: copy-up of data, mode, owner, times, xattrs, symlinks, special files, parents
+    "chmod-lower": (p(os.chmod, "lf", mode=0o4751), True),
+    "chmod-lower-dir": (p(os.chmod, "ld", mode=0o700), True),
+    "chmod-lower-deep": (p(os.chmod, "ld/sub/deep/file", mode=0o400), True),
+    "chmod-lower-fifo": (p(os.chmod, "lfifo", mode=0o600), True),
+    "chmod-lower-chardev": (p(os.chmod, "ldev", mode=0o600), True),
+    "chown-lower": (p(os.chown, "lf", uid=4242, gid=4343), True),
+    "chown-lower-keep": (p(os.chown, "lf", uid=-1, gid=-1), True),
+    "lchown-lower-symlink": (lambda s: os.chown(s.p("llink"), 77, 88, follow_symlinks=False), True),
+    "chown-through-symlink": (p(os.chown, "llink", uid=99, gid=98), True),
+    "utime-lower": (lambda s: os.utime(s.p("lf"), ns=(T0 * 10**9 + 5, T0 * 10**9 + 7)), True),
+    "utime-lower-deep": (lambda s: os.utime(s.p("ld/sub/deep/file"), ns=(1, 2)), True),
+    "utime-lower-symlink": (lambda s: os.utime(s.p("llink"), ns=(3, 4), follow_symlinks=False), True),
+    "utime-lower-dir": (lambda s: os.utime(s.p("ld/sub"), ns=(5, 6)), True),
+    "setxattr-lower": (p(os.setxattr, "lf", attribute="user.new", value=b"v"), True),
+    "setxattr-replace-missing": (p(os.setxattr, "lf", attribute="user.none", value=b"v",
+                                   flags=os.XATTR_REPLACE), True),
+    "setxattr-create-existing": (p(os.setxattr, "lf", attribute="user.x", value=b"v",
+                                   flags=os.XATTR_CREATE), True),
+    "setxattr-lower-dir": (p(os.setxattr, "ld/sub/deep", attribute="user.n", value=b"d"), True),
+    "removexattr-lower": (p(os.removexattr, "lf", attribute="user.x"), True),
+    "removexattr-missing": (p(os.removexattr, "lf", attribute="user.none"), True),
+    "setxattr-private-name": (p(os.setxattr, "ld", attribute="trusted.overlay.opaque", value=b"y"), True),
+    "copy-up-hardlinked-lower": (p(os.chmod, "hl1", mode=0o600), True),
+    "cp-a-within-union": (sh(["cp", "-a", "ld", "ld-copy"]), False),
+    "tar-x-over-lower": (lambda s: (run_tool(["tar", "-C", s.p(), "-cf", s.p("../t.tar"), "ld"]),
+                                    run_tool(["tar", "-C", s.p("merged"), "-xf", s.p("../t.tar")]))[1][0], False),
+}
+
+
+@pytest.mark.parametrize("style", ["overlay", "aufs"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_op(pair: Pair, name: str, style: str) -> None:
+    op, times = OPS[name]
+    pair.build([LOWER, LOWER_BOTTOM], upper=UPPER, style=style, dialect="aufs" if style == "aufs" else "overlay")
+    pair.same(op, name)
+    pair.assert_same_tree(times=times)
+    pair.assert_same_upper(times=times)
+
+
+def test_copy_up_parents_keep_their_metadata(pair: Pair) -> None:
+    pair.build([LOWER], upper=[])
+    pair.same(p(os.chmod, "ld/sub/deep/file", mode=0o444))
+    for s in pair.sides:
+        assert s.upper is not None
+    pair.assert_same_tree(times=True)
+    pair.unmount()
+    for rel in ["ld", "ld/sub", "ld/sub/deep", "ld/sub/deep/file"]:
+        k, u = (os.lstat(os.path.join(s.upper, rel)) for s in pair.sides)  # type: ignore[arg-type]
+        assert (u.st_mode, u.st_uid, u.st_gid, u.st_mtime_ns) == (k.st_mode, k.st_uid, k.st_gid, k.st_mtime_ns), rel
+        assert util.xattrs(os.path.join(os.fsencode(pair.u.upper), os.fsencode(rel)), strip_private=True) == \
+            util.xattrs(os.path.join(os.fsencode(pair.k.upper), os.fsencode(rel)), strip_private=True), rel
+
+
+def test_open_handle_sees_copy_up(pair: Pair) -> None:
+    """A reader that opened a lower file before copy-up sees the new data after it (as kernel
+    overlayfs does since 4.19); fstat on it agrees too."""
+    pair.build([[F("f", b"old contents\n"), F("g", b"g" * 10000)]], upper=[])
+    fds = {s.base: (os.open(s.p("f"), os.O_RDONLY), os.open(s.p("g"), os.O_RDONLY)) for s in pair.sides}
+    try:
+        pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "read before")
+        pair.same(w("f", O | os.O_TRUNC, b"new contents, longer\n"), "write")
+        pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "old reader after copy-up")
+        pair.same(lambda s: os.fstat(fds[s.base][0]).st_size, "fstat old reader")
+        pair.same(p(os.chmod, "g", mode=0o600), "chmod g")
+        pair.same(w("g", O, b"CHANGED", off=5000), "write g")
+        pair.same(lambda s: os.pread(fds[s.base][1], 20, 4995), "reader of g after copy-up")
+    finally:
+        for a, b in fds.values():
+            os.close(a)
+            os.close(b)
+    pair.assert_same_upper()
+
+
+def test_writer_then_reader_same_file(pair: Pair) -> None:
+    pair.build([[F("f", b"0123456789")]], upper=[])
+    fds = {s.base: os.open(s.p("f"), os.O_RDWR) for s in pair.sides}
+    try:
+        pair.same(lambda s: os.pwrite(fds[s.base], b"ab", 2), "pwrite")
+        pair.same(lambda s: open(s.p("f"), "rb").read(), "read through another open")
+        pair.same(lambda s: os.ftruncate(fds[s.base], 3), "ftruncate")
+        pair.same(lambda s: os.fstat(fds[s.base]).st_size, "fstat")
+        pair.same(lambda s: os.fchmod(fds[s.base], 0o600), "fchmod")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_unlinked_open_file_stays_readable(pair: Pair) -> None:
+    pair.build([[F("f", b"still here")]], upper=[])
+    fds = {s.base: os.open(s.p("f"), os.O_RDONLY) for s in pair.sides}
+    try:
+        pair.same(p(os.unlink, "f"), "unlink")
+        pair.same(lambda s: os.pread(fds[s.base], 100, 0), "read after unlink")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    pair.assert_same_upper()
+
+
+# ---- whiteout dialect written
+
+
+def _raw_upper(side: Side) -> dict[bytes, tuple[str, dict[bytes, bytes]]]:
+    assert side.upper is not None
+    res = {}
+    for rel, absp, st in util.walk(os.fsencode(side.upper)):
+        kind = "whiteout-chardev" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else \
+            util.describe(absp, st, times=False, dir_meta=False, strip_private=False)["type"]
+        res[rel] = (kind, util.xattrs(absp))
+    return res
+
+
+@pytest.mark.skipif(IMPL != "unionfs", reason="unionfs options")
+@pytest.mark.parametrize("style,option,expect", [
+    ("overlay", None, "overlay"), ("overlay", "whiteout=aufs", "aufs"), ("overlay", "whiteout=overlay", "overlay"),
+    ("aufs", None, "aufs"), ("aufs", "whiteout=overlay", "overlay"), ("aufs", "whiteout=aufs", "aufs"),
+])
+def test_whiteout_dialect_written(pair: Pair, style: str, option: str | None, expect: str) -> None:
+    pair.build([[F("f", b"f"), F("d/x", b"x"), F("e/y", b"y")]], upper=[], style=style,
+               options=[option] if option else [])
+    pair.same(p(os.unlink, "f"))
+    pair.same(rmtree_mkdir("d"))
+    pair.same(seq(p(os.unlink, "e/y"), p(os.rmdir, "e"), p(os.mkdir, "e")))
+    pair.assert_same_upper()
+    raw = _raw_upper(pair.u)
+    if expect == "overlay":
+        assert raw.get(b"f", ("missing",))[0] == "whiteout-chardev", raw
+        for d in (b"d", b"e"):
+            assert raw[d][1].get(b"trusted.overlay.opaque") == b"y", raw
+        assert not any(os.path.basename(r).startswith(b".wh.") for r in raw), raw
+    else:
+        assert raw.get(b".wh.f", ("missing",))[0] == "file", raw
+        assert b"f" not in raw
+        for d in (b"d", b"e"):
+            assert raw.get(d + b"/.wh..wh..opq", ("missing",))[0] == "file", raw
+            assert not any(k.startswith(b"trusted.overlay") for k in raw[d][1]), raw
+        assert not any(v[0] == "whiteout-chardev" for v in raw.values()), raw
+
+
+@pytest.mark.skipif(IMPL != "unionfs", reason="aufs dialect is unionfs-only")
+@pytest.mark.parametrize("style,option", [("aufs", None), ("overlay", "whiteout=aufs")])
+def test_aufs_dialect_refuses_whiteout_names(tmp_path: Path, need_fuse: None, style: str,
+                                             option: str | None) -> None:
+    """AUFS refuses every name that begins with `.wh.` with EPERM (au_test_shwh at lookup)."""
+    upper, lower, work, mnt = (tmp_path / n for n in ("upper", "lower", "work", "mnt"))
+    for d in (upper, lower, work, mnt):
+        d.mkdir()
+    (lower / "x").write_bytes(b"x")
+    digest = util.layer_digest(lower)
+    m = util.mount_impl(style, [lower], upper, work if style == "overlay" else None, mnt,
+                        [option] if option else [])
+    try:
+        ops = {
+            "create": lambda: os.close(os.open(mnt / ".wh.new", os.O_CREAT | os.O_WRONLY)),
+            "create-opq": lambda: os.close(os.open(mnt / ".wh..wh..opq", os.O_CREAT | os.O_WRONLY)),
+            "mkdir": lambda: os.mkdir(mnt / ".wh.dir"),
+            "symlink": lambda: os.symlink("x", mnt / ".wh.link"),
+            "mknod": lambda: os.mknod(mnt / ".wh.fifo", 0o600 | stat.S_IFIFO),
+            "link": lambda: os.link(mnt / "x", mnt / ".wh.hard"),
+            "rename": lambda: os.rename(mnt / "x", mnt / ".wh.x"),
+        }
+        results = {k: call(v) for k, v in ops.items()}
+        assert results == dict.fromkeys(ops, err("EPERM")), results
+        assert sorted(os.listdir(mnt)) == ["x"]
+    finally:
+        util.unmount(m)
+    assert util.normalise_upper(upper) == {b"": {"type": "dir", "mode": "0o755", "uid": 0, "gid": 0}}, \
+        sorted(os.listdir(upper))
+    assert util.layer_digest(lower) == digest
+
+
+# ---- read-only unions: EROFS for every change
+
+RO_OPS = {
+    "create": w("new", O | os.O_CREAT), "open-wronly": w("f", O), "open-rdwr": w("f", os.O_RDWR),
+    "open-trunc": w("f", O | os.O_TRUNC), "truncate": p(os.truncate, "f", length=0),
+    "mkdir": p(os.mkdir, "nd"), "rmdir": p(os.rmdir, "d"), "unlink": p(os.unlink, "f"),
+    "rename": p(os.rename, "f", "g"), "link": p(os.link, "f", "h"),
+    "symlink": lambda s: os.symlink("x", s.p("sl")), "mknod": mknod("fifo", stat.S_IFIFO),
+    "chmod": p(os.chmod, "f", mode=0o600), "chown": p(os.chown, "f", uid=1, gid=1),
+    "utime": lambda s: os.utime(s.p("f"), ns=(1, 1)), "setxattr": p(os.setxattr, "f", attribute="user.a", value=b"1"),
+    "removexattr": p(os.removexattr, "f", attribute="user.x"),
+    "access-w": p(os.access, "f", mode=os.W_OK), "open-rdonly": w("f", os.O_RDONLY),
+    "create-missing-parent": w("nope/new", O | os.O_CREAT),
+}
+
+
+@pytest.mark.parametrize("how", ["no-upper", "aufs-all-ro", "o-ro"])
+def test_read_only_union_gives_erofs(pair: Pair, how: str) -> None:
+    layers = [[F("f", b"f", xattrs={"user.x": b"1"}), D("d")], [F("g2", b"")]]
+    if how == "no-upper":
+        pair.build(layers, upper=None)
+    elif how == "aufs-all-ro":
+        if IMPL != "unionfs":
+            pytest.skip("AUFS branch modes are unionfs-only")
+        pair.build(layers, upper=None, style="aufs-modes", dialect="aufs")
+    else:
+        pair.build(layers, upper=[F("u", b"u")], options=["ro"], kernel_options=["ro"])
+    results = {name: pair.both(op) for name, op in RO_OPS.items()}
+    bad = {n: r for n, r in results.items() if r[0] != r[1]}
+    assert not bad, f"(kernel, {IMPL}) differ: {bad}"
+    assert results["create"][0] == err("EROFS")
+    pair.assert_same_tree()
+    if how == "o-ro":
+        pair.assert_same_upper()
+
+
+# ---- crash safety
+
+
+def _make_big_lower(path: Path, size: int) -> None:
+    """A file with real data spread through it (1 MiB of random data every 4 MiB, holes between)."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for off in range(0, size, 4 << 20):
+            f.seek(off)
+            f.write(chunk[: min(len(chunk), size - off)])
+        f.truncate(size)
+
+
+def _files_under(root: Path) -> dict[str, int]:
+    res = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for n in files:
+            fp = os.path.join(dirpath, n)
+            try:
+                st = os.lstat(fp)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                res[os.path.relpath(fp, root)] = st.st_size
+    return res
+
+
+def _sigkill_mid_copy_up(tmp_path: Path, size: int, style: str) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    big = lower / "big"
+    _make_big_lower(big, size)
+    lower_hash = util.file_sha256(big)
+    digest = util.layer_digest(lower)
+    workdir = work if style == "overlay" else None
+    m = util.mount_impl(style, [lower], upper, workdir, mnt)
+    assert m.proc is not None
+    caught = False
+    writer = None
+    try:
+        # chmod forces a full copy-up of the data; it runs in a child so it can hang or fail freely
+        writer = subprocess.Popen([sys.executable, "-c", f"import os; os.chmod({str(mnt / 'big')!r}, 0o600)"],
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and writer.poll() is None:
+            partial = {k: v for k, v in {**_files_under(upper), **_files_under(work)}.items() if v > 0}
+            if partial:
+                os.kill(m.proc.pid, signal.SIGKILL)
+                caught = True
+                break
+            time.sleep(0.001)
+        m.proc.wait(timeout=30)
+    finally:
+        if m.proc.poll() is None:
+            m.proc.kill()
+            m.proc.wait()
+        util.umount(mnt)
+        if writer is not None:
+            try:
+                writer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait()
+    if not caught:
+        pytest.fail(f"the copy-up of {size} bytes finished before it could be interrupted; use a bigger file")
+    assert util.layer_digest(lower) == digest, "lower branch changed"
+    assert util.file_sha256(big) == lower_hash
+    # the final name in the upper layer is either absent or complete
+    up = upper / "big"
+    if up.exists():
+        assert up.stat().st_size == size and util.file_sha256(up) == lower_hash, "partial file at the final name"
+    # remount: the union shows the whole file, then a normal copy-up works and is complete
+    m = util.mount_impl(style, [lower], upper, workdir, mnt)
+    try:
+        st = os.stat(mnt / "big")
+        assert st.st_size == size
+        assert util.file_sha256(mnt / "big") == lower_hash, "union shows a partial file after the crash"
+        assert sorted(os.listdir(mnt)) == ["big"], "temporary files are visible"
+        os.chmod(mnt / "big", 0o600)
+        assert util.file_sha256(mnt / "big") == lower_hash
+    finally:
+        util.unmount(m)
+    assert util.file_sha256(upper / "big") == lower_hash
+    assert util.layer_digest(lower) == digest
+
+
+@pytest.mark.parametrize("style", ["overlay", "aufs"])
+def test_sigkill_during_copy_up(tmp_path: Path, need_fuse: None, style: str) -> None:
+    _sigkill_mid_copy_up(tmp_path, 256 << 20, style)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["overlay", "aufs"])
+def test_sigkill_during_copy_up_1gib(tmp_path: Path, need_fuse: None, style: str) -> None:
+    _sigkill_mid_copy_up(tmp_path, 1 << 30, style)
+
+
+def test_big_copy_up_is_complete(pair: Pair) -> None:
+    data = os.urandom(1 << 20) * 20
+    pair.build([[F("big", data)]], upper=[])
+    pair.same(w("big", O, b"END", off=len(data)), "append to big lower file")
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_errno_of_failed_copy_up_on_full_upper(pair: Pair) -> None:
+    """Copy-up into an upper that is too small fails with ENOSPC on both, leaving no partial file."""
+    pair.build([[F("big", b"x" * (6 << 20)), F("small", b"s")]], upper=[], mount=False)
+    for s in pair.sides:
+        fs = s.base / "small-fs"
+        fs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)], check=True)
+        pair.cleanup.append(fs)
+        s.upper, s.work = fs / "upper", fs / "work"
+        s.upper.mkdir()
+        s.work.mkdir()
+    pair.mount()
+    res = pair.same(w("big", O, b"!", off=0), "write triggering copy-up")
+    assert res == err("ENOSPC")
+    pair.same(w("small", O, b"!", off=0), "a small copy-up still works")
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_many_ops_sequence(pair: Pair) -> None:
+    """A shell session of mixed changes, like a container build step."""
+    pair.build([LOWER, LOWER_BOTTOM], upper=[])
+    script = ("set -e; rm -f lf; rm -rf ld && mkdir ld && echo new > ld/file; mv lf2 lf2.moved; "
+              "chmod 700 lf2.moved; mkdir -p a/b/c; echo x > a/b/c/x; ln -s a/b/c link; ln lf2.moved hard; "
+              "rm -rf merged; mkdir merged; touch -d @1234567890 merged; echo appended >> bottom-only; "
+              "mv wo wo2; rm -rf wo2")
+    res = pair.same(sh(["sh", "-c", script]), "script")
+    assert res[0] == 0, res
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_errno_spot_checks(pair: Pair) -> None:
+    """A few errnos people rely on, asserted against the kernel's own answers."""
+    pair.build([LOWER], upper=[])
+    assert pair.same(p(os.rename, "ld", "ld2")) == err("EXDEV")
+    assert pair.same(p(os.rmdir, "ld")) == err("ENOTEMPTY")
+    assert pair.same(lambda s: renameat2(s.p("lf"), s.p("lf2"), RENAME_NOREPLACE)) == err("EEXIST")
+    assert errno.EXDEV
