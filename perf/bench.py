@@ -1,11 +1,13 @@
 """unionfs side by side with a native directory, kernel overlayfs and fuse-overlayfs (issue 6).
 
-Usage (as root):  .venv/bin/python perf/bench.py [--quick] [--only W1,W3] [--impls ...] [--reps 3] [--out perf/results]
+Usage (as root):
+    .venv/bin/python perf/bench.py [--quick] [--only W1,W3] [--impls ...] [--reps 3] [--out perf/results]
 
 Builds the layers once (cached under /var/tmp/unionfs-perf), then for each repetition, workload and
-implementation (in a rotating order) mounts the layers fresh, runs the workload in a child process, validates
-its output, and unmounts. Prints the table of medians and per-repetition ratios and the targets; writes the raw
-numbers (CSV, JSON), the table and a PNG chart of the ratios under --out. See perf/README.md.
+implementation (in a rotating order) mounts the layers fresh, runs the workload in a child process,
+validates its output, and unmounts. Prints the table of medians and per-repetition ratios and the
+targets; writes the raw numbers (CSV, JSON), the table and a PNG chart of the ratios under --out.
+See perf/README.md.
 """
 
 from __future__ import annotations
@@ -74,16 +76,23 @@ def cases_for(workload: str, layers: LayerSet) -> list[Case]:
     label = LABELS[workload]
     if workload == "W8":
         return [
-            Case("W8", layers.branches(n), None, layers.branches_root / "0" if n == 1 else None,
-                 {"branches": n}, f"N={n}")
+            Case(
+                "W8",
+                layers.branches(n),
+                None,
+                layers.branches_root / "0" if n == 1 else None,
+                {"branches": n},
+                f"N={n}",
+            )
             for n in layout.sizes.branch_counts
         ]
-    params: dict[str, Any] = {
+    every_params: dict[str, dict[str, Any]] = {
         "W2": {"lower_file": str(layers.bottom / "big/read.bin")},
         "W4": {"targets": [f.rel for f in layout.copyup_targets]},
         "W5": {"count": layout.sizes.create_files, "size": layout.sizes.create_size},
         "W7": {"tarball": str(layers.tarball)},
-    }.get(workload, {})
+    }
+    params = every_params.get(workload, {})
     return [Case(workload, layers.lowers, layers.upper_template, layers.native, params, label)]
 
 
@@ -124,7 +133,9 @@ class Bench:
         for variant in variants:
             seconds, problem = times.get(variant), problems.get(variant)
             error = f"invalid output: {problem}" if problem else ""
-            self.records.append(Record(rep, case.workload, case.metric(variant), impl, None if error else seconds, error))
+            self.records.append(
+                Record(rep, case.workload, case.metric(variant), impl, None if error else seconds, error)
+            )
         progress(rep, case, impl, {v: (times.get(v), problems.get(v)) for v in variants})
 
     def measure(self, case: Case, impl: str) -> tuple[dict[str, float], dict[str, str | None]]:
@@ -158,7 +169,9 @@ class WorkerError(Exception):
 def run_worker(request: dict[str, Any], timeout: float, fuse_mount: Path | None) -> dict[str, Any]:
     process = subprocess.Popen(
         [sys.executable, str(PERF_DIR / "worker.py")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         stdout, stderr = process.communicate(json.dumps(request).encode(), timeout=timeout)
@@ -206,7 +219,9 @@ def run_w9(reps: int, quick: bool, timeout: float) -> tuple[dict[str, list[float
         f"print(json.dumps(l.measure(workdir=Path({str(workdir)!r}), reps={reps}, quick={quick})))"
     )
     try:
-        result = subprocess.run([sys.executable, "-c", code], cwd=PERF_DIR, capture_output=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=PERF_DIR, capture_output=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return None, f"launch_latency timed out after {timeout:.0f} s"
     if result.returncode != 0:
@@ -223,9 +238,13 @@ def run_w9(reps: int, quick: bool, timeout: float) -> tuple[dict[str, list[float
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 repetition (a smoke test)")
-    parser.add_argument("--only", default=",".join(WORKLOADS), help="workloads to run, e.g. W1,W3 (default all)")
+    parser.add_argument(
+        "--only", default=",".join(WORKLOADS), help="workloads to run, e.g. W1,W3 (default all)"
+    )
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="implementations, comma-separated")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, or 1 with --quick)")
     parser.add_argument("--out", type=Path, default=PERF_DIR / "results", help="where results are written")
@@ -254,8 +273,14 @@ def machine_context(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -266,6 +291,7 @@ def machine_context(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         "os": output(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "fuse-overlayfs": output(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -m1 '^fuse-overlayfs'"]),
         "unionfs commit": output(["git", "-C", str(PERF_DIR.parent), "rev-parse", "--short", "HEAD"]),
+        "load average at start": Path("/proc/loadavg").read_text().split()[0],
         "sizes": layout.sizes.as_dict(),
     }
 
@@ -297,13 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(bench.records, w9)
     context = machine_context(args, layout)
     context["elapsed seconds"] = round(time.monotonic() - started, 1)
-    heading = (f"unionfs perf, {context['mode']} mode, {args.reps} rep(s), {context['date']}\n"
-               f"{context['machine']}, Linux {context['kernel']}, {context['os']}, {context['fuse-overlayfs']}\n"
-               f"times are medians over repetitions; ratios are unionfs / reference within each repetition\n")
-    text = heading + "\n" + table(summary, w9) + f"\n\nelapsed {context['elapsed seconds']:.0f} s"
+    context["load average at end"] = Path("/proc/loadavg").read_text().split()[0]
+    heading = (
+        f"unionfs perf, {context['mode']} mode, {args.reps} rep(s), {context['date']}\n"
+        f"{context['machine']}, Linux {context['kernel']}, {context['os']}, {context['fuse-overlayfs']}\n"
+        f"times are medians over repetitions; ratios are unionfs / reference within each repetition\n"
+    )
+    text = (
+        heading + "\n" + table(summary, w9) + f"\n\nelapsed {context['elapsed seconds']:.0f} s; 1-min load "
+        f"average {context['load average at start']} at start, {context['load average at end']} at end"
+    )
     print(text)
-    written = write_outputs(args.out, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), bench.records, summary,
-                            context, w9, text)
+    written = write_outputs(
+        args.out, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), bench.records, summary, context, w9, text
+    )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -6,7 +6,6 @@ the upper and work directories are recreated from the template, so no workload s
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -116,7 +115,9 @@ def mount(impl: str, lowers: list[Path], upper_template: Path | None, native: Pa
         return
     upper, work, mnt = fresh_run_dir(impl, upper_template)
     options = overlay_options(lowers, upper, work)
-    starter = {"kernel": _mount_kernel, "fuse-overlayfs": _mount_fuse_overlayfs, "unionfs": _mount_unionfs}[impl]
+    starter = {"kernel": _mount_kernel, "fuse-overlayfs": _mount_fuse_overlayfs, "unionfs": _mount_unionfs}[
+        impl
+    ]
     process: subprocess.Popen[bytes] | None = None
     try:
         process = starter(options, mnt)

@@ -93,14 +93,20 @@ def evaluate_targets(summary: Summary, w9: dict[str, list[float]] | None) -> lis
         detail = "n/a (no unionfs/fuse-overlayfs pair measured)"
     else:
         detail = "; ".join(over + [f"{m} n/a" for m in missing]) or "all within"
-    targets.append(("every workload <= 2.0x fuse-overlayfs", bool(compared) and not over and not missing, detail))
+    targets.append(
+        ("every workload <= 2.0x fuse-overlayfs", bool(compared) and not over and not missing, detail)
+    )
 
     core = [median_ratio(summary, m) for m in compared if m[:2] in {f"W{i}" for i in range(1, 8)}]
     if core and all(r is not None for r in core):
         g = geomean([r for r in core if r is not None])
-        targets.append(("geomean W1-W7 <= 1.0x fuse-overlayfs", g <= 1.0, f"{g:.2f}x over {len(core)} metrics"))
+        targets.append(
+            ("geomean W1-W7 <= 1.0x fuse-overlayfs", g <= 1.0, f"{g:.2f}x over {len(core)} metrics")
+        )
     else:
-        targets.append(("geomean W1-W7 <= 1.0x fuse-overlayfs", False, "n/a (unionfs or fuse-overlayfs missing)"))
+        targets.append(
+            ("geomean W1-W7 <= 1.0x fuse-overlayfs", False, "n/a (unionfs or fuse-overlayfs missing)")
+        )
 
     targets.append(w8_target(summary))
     targets.append(w9_target(w9))
@@ -159,8 +165,13 @@ def table(summary: Summary, w9: dict[str, list[float]] | None) -> str:
             ]
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if c == 0 else cell.rjust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += w9_lines(w9) + error_lines(summary) + target_lines(summary)
     return "\n".join(lines)
@@ -169,8 +180,11 @@ def table(summary: Summary, w9: dict[str, list[float]] | None) -> str:
 def w9_lines(w9: dict[str, list[float]] | None) -> list[str]:
     if not w9:
         return []
-    return ["", "W9 launch latency (median of runs): "
-            + ", ".join(f"{name} {statistics.median(v) * 1000:.0f} ms" for name, v in w9.items() if v)]
+    return [
+        "",
+        "W9 launch latency (median of runs): "
+        + ", ".join(f"{name} {statistics.median(v) * 1000:.0f} ms" for name, v in w9.items() if v),
+    ]
 
 
 def error_lines(summary: Summary) -> list[str]:
@@ -192,8 +206,15 @@ def target_lines(summary: Summary) -> list[str]:
 # Files ---------------------------------------------------------------------------------------------
 
 
-def write_outputs(out: Path, stamp: str, records: list[Record], summary: Summary, context: dict[str, Any],
-                  w9: dict[str, list[float]] | None, text: str) -> list[Path]:
+def write_outputs(
+    out: Path,
+    stamp: str,
+    records: list[Record],
+    summary: Summary,
+    context: dict[str, Any],
+    w9: dict[str, list[float]] | None,
+    text: str,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench-{stamp}"
     written = [base.with_suffix(".csv"), base.with_suffix(".json"), base.with_suffix(".txt")]
@@ -243,7 +264,9 @@ def draw_chart(summary: Summary, path: Path, context: dict[str, Any]) -> bool:
     ax.set_yscale("log")
     ax.set_xticks(list(xs), metrics, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("time ratio (lower is better)")
-    ax.set_title(f"unionfs time ratios, median of repetitions ({context.get('date', '')}, {context.get('mode', '')})")
+    ax.set_title(
+        f"unionfs time ratios, median of repetitions ({context.get('date', '')}, {context.get('mode', '')})"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

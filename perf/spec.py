@@ -186,7 +186,9 @@ class Layout:
     @cached_property
     def branch_files(self) -> list[tuple[str, int]]:
         dirs = self.branch_dirs
-        return [(f"{dirs[i % len(dirs)]}/g{i:05d}", 1 + (i * 37) % 2048) for i in range(self.sizes.branch_files)]
+        return [
+            (f"{dirs[i % len(dirs)]}/g{i:05d}", 1 + (i * 37) % 2048) for i in range(self.sizes.branch_files)
+        ]
 
     # Expected answers ------------------------------------------------------------------------------
     def expected_tree_listing(self) -> dict[str, tuple[str, int]]:

@@ -1,7 +1,8 @@
 """Check every workload's observations against the answers derived from the layout.
 
 Each check returns None when the output is right, or a one-line description of the first thing that is wrong.
-A run whose output is wrong is reported as invalid and never enters a median, so a fast wrong answer cannot win.
+A run whose output is wrong is reported as invalid and never enters a median, so a fast wrong answer
+cannot win.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def check(workload: str, variant: str, observed: Any, layers: LayerSet, params: 
     if workload == "W2":
         if observed["bytes"] != sizes.big_read:
             return f"read {observed['bytes']} bytes, expected {sizes.big_read}"
-        return None if observed["sample"] == expected_sample(sizes.big_read) else "content differs from the lower file"
+        return (
+            None
+            if observed["sample"] == expected_sample(sizes.big_read)
+            else "content differs from the lower file"
+        )
     if workload == "W3":
         want = layout.expected_tree_tar_bytes()
         return None if observed == want else f"tar stream of {observed} bytes, expected {want}"
@@ -58,10 +63,10 @@ def check(workload: str, variant: str, observed: Any, layers: LayerSet, params: 
     if workload == "W5":
         return _check_create_delete(variant, observed, params)
     if workload == "W6":
-        want = layout.wide_merged
-        if sorted(observed) == want:
+        names = layout.wide_merged
+        if sorted(observed) == names:
             return None
-        return f"{len(observed)} names, expected {len(want)} (whiteouts or a layer mishandled)"
+        return f"{len(observed)} names, expected {len(names)} (whiteouts or a layer mishandled)"
     if workload == "W7":
         return compare_listing(observed, layout.expected_untar_listing())
     if workload == "W8":

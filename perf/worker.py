@@ -9,6 +9,7 @@ after it. Output on stdout: {"times": {metric: seconds}, "obs": {metric: observa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -88,11 +89,14 @@ def read_all(path: Path) -> int:
 
 def tar_create_bytes(root: Path, member: str) -> int:
     """Length of `tar cf - member` read from a pipe (tar skips reading data when writing to /dev/null)."""
-    process = subprocess.Popen(["tar", "cf", "-", "-C", str(root), member], stdout=subprocess.PIPE, env=C_LOCALE)
-    assert process.stdout is not None
+    process = subprocess.Popen(
+        ["tar", "cf", "-", "-C", str(root), member], stdout=subprocess.PIPE, env=C_LOCALE
+    )
+    stream = process.stdout
+    assert isinstance(stream, io.BufferedReader)
     buffer = bytearray(READ_BUFFER)
     total = 0
-    while n := process.stdout.readinto(buffer):
+    while n := stream.readinto(buffer):
         total += n
     if process.wait() != 0:
         raise RuntimeError(f"tar cf exited {process.returncode}")
@@ -143,7 +147,8 @@ def w2_big_read(root: Path, params: dict[str, Any]) -> Result:
     warm, warm_bytes = timed(lambda: read_all(path))
     sample = sample_digest(path, warm_bytes)
     times = {"cold": cold, "lower-warm": lower_warm, "warm": warm}
-    obs = {key: {"bytes": n, "sample": sample} for key, n in zip(times, (cold_bytes, lower_bytes, warm_bytes))}
+    counts = {"cold": cold_bytes, "lower-warm": lower_bytes, "warm": warm_bytes}
+    obs = {key: {"bytes": n, "sample": sample} for key, n in counts.items()}
     return {"times": times, "obs": obs}
 
 
