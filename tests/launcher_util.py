@@ -114,21 +114,21 @@ def _alive(pid: int) -> bool:
 
 
 @dataclass
-class TestUser:
+class UnprivUser:
     name: str
     uid: int
     gid: int
 
 
 @contextlib.contextmanager
-def unprivileged_user() -> Iterator[TestUser]:
+def unprivileged_user() -> Iterator[UnprivUser]:
     """A system user made for the test (no home, no subuid range), deleted afterwards."""
     name = f"ufsrun{os.getpid() % 100000}"
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
     try:
         pw = pwd.getpwnam(name)
-        yield TestUser(name, pw.pw_uid, pw.pw_gid)
+        yield UnprivUser(name, pw.pw_uid, pw.pw_gid)
     finally:
         subprocess.run(["userdel", name], capture_output=True)
 
@@ -155,8 +155,36 @@ def world_readable_tempdir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def launcher_argv(branches: str, command: Sequence[str], options: Sequence[str] = ()) -> list[str]:
-    return [PYTHON, "-m", "launcher", *options, branches, "--", *command]
+_user_python: dict[int, tuple[str, str]] = {}
+
+
+def python_for(user: UnprivUser | None) -> tuple[str, str]:
+    """(interpreter, extra PYTHONPATH) with which *user* can run the launcher and the FUSE server.
+
+    The venv's interpreter may live where an unprivileged user cannot reach it (pyenv under /root);
+    then the system's python3 of the same version runs the venv's packages through PYTHONPATH.
+    """
+    if user is None:
+        return PYTHON, ""
+    if user.uid not in _user_python:
+        try:
+            subprocess.run([PYTHON, "-c", "pass"], user=user.uid, group=user.gid, extra_groups=[], check=True,
+                           capture_output=True, cwd="/")
+            _user_python[user.uid] = (PYTHON, "")
+        except (PermissionError, subprocess.CalledProcessError):
+            site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+            ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+            system = shutil.which(ver, path="/usr/local/bin:/usr/bin:/bin")
+            if system is None:
+                raise RuntimeError(f"no {ver} that uid {user.uid} can run") from None
+            _user_python[user.uid] = (system, ":".join(site))
+    return _user_python[user.uid]
+
+
+def launcher_argv(
+    branches: str, command: Sequence[str], options: Sequence[str] = (), user: UnprivUser | None = None
+) -> list[str]:
+    return [python_for(user)[0], "-m", "launcher", *options, branches, "--", *command]
 
 
 def run_launcher(
@@ -164,14 +192,14 @@ def run_launcher(
     command: Sequence[str],
     options: Sequence[str] = (),
     *,
-    user: TestUser | None = None,
+    user: UnprivUser | None = None,
     timeout: float = 60,
     env: dict[str, str] | None = None,
     stdin: int | None = subprocess.DEVNULL,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``unionfs run`` (as ``python -m launcher``) to completion; output captured as text."""
     return subprocess.run(
-        launcher_argv(branches, command, options),
+        launcher_argv(branches, command, options, user),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -189,11 +217,11 @@ def start_launcher(
     command: Sequence[str],
     options: Sequence[str] = (),
     *,
-    user: TestUser | None = None,
+    user: UnprivUser | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``unionfs run`` in the background, stdout piped (to wait for a line the command prints)."""
     return subprocess.Popen(
-        launcher_argv(branches, command, options),
+        launcher_argv(branches, command, options, user),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -206,9 +234,9 @@ def start_launcher(
     )
 
 
-def _env(user: TestUser | None, extra: dict[str, str] | None) -> dict[str, str]:
+def _env(user: UnprivUser | None, extra: dict[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = ":".join(p for p in (str(REPO), python_for(user)[1]) if p)
     env.pop("TMPDIR", None)
     if user:
         env["HOME"] = "/"
@@ -225,3 +253,25 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=10)
     wait_gone(pids)
+
+
+class Image:
+    """Two image layers (busybox; an app layer on top) and a snapshot to prove they never change."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.l1 = base / "l1"
+        self.l2 = base / "l2"
+        build_busybox_layer(self.l1, base)
+        (self.l2 / "app").mkdir(parents=True)
+        (self.l2 / "app" / "greeting").write_text("hello from l2\n")
+        (self.l2 / "etc").mkdir()
+        (self.l2 / "etc" / "motd").write_text("l2 motd\n")
+        (self.l1 / "etc" / "motd").write_text("l1 motd\n")
+        self.snapshot = self.take_snapshot()
+
+    def take_snapshot(self) -> dict[str, object]:
+        return {"l1": tree_snapshot(self.l1), "l2": tree_snapshot(self.l2)}
+
+    def branches(self, upper: Path) -> str:
+        return f"{upper}:{self.l2}:{self.l1}"

@@ -11,40 +11,17 @@ from pathlib import Path
 
 import pytest
 from launcher_util import (
-    build_busybox_layer,
+    Image,
     descendants_of,
     kill_tree,
     mounts_mentioning,
     run_launcher,
     start_launcher,
-    tree_snapshot,
     wait_gone,
     world_readable_tempdir,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the launcher tests run as root (CI does)")
-
-
-class Image:
-    """Two image layers (busybox; an app layer on top) and a snapshot to prove they never change."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.l1 = base / "l1"
-        self.l2 = base / "l2"
-        build_busybox_layer(self.l1, base)
-        (self.l2 / "app").mkdir(parents=True)
-        (self.l2 / "app" / "greeting").write_text("hello from l2\n")
-        (self.l2 / "etc").mkdir()
-        (self.l2 / "etc" / "motd").write_text("l2 motd\n")
-        (self.l1 / "etc" / "motd").write_text("l1 motd\n")
-        self.snapshot = self.take_snapshot()
-
-    def take_snapshot(self) -> dict[str, object]:
-        return {"l1": tree_snapshot(self.l1), "l2": tree_snapshot(self.l2)}
-
-    def branches(self, upper: Path) -> str:
-        return f"{upper}:{self.l2}:{self.l1}"
 
 
 @pytest.fixture(scope="module")
