@@ -29,6 +29,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -337,6 +338,8 @@ def run(cfg: RunConfig) -> int:
         while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
             failure += chunk
         os.close(errr)
+        if os.environ.get("UNIONFS_RUN_TIMING"):  # perf/launch_latency.py: when the command was exec'd
+            sys.stderr.write(f"unionfs-run-timing exec={time.monotonic():.6f}\n")
         code = _supervise(pid, handle)
         _restore_terminal(was_foreground)
         if failure:

@@ -1,0 +1,116 @@
+"""Launch latency of ``unionfs run`` beside ``unshare --root`` and bubblewrap (issue 5, item 7).
+
+Measures, on one busybox root filesystem, the time from starting the launcher to the exec of
+``/bin/true`` inside the container ("to exec"), and to the launcher's exit once everything is
+unmounted ("total").  The unionfs launcher reports the moment of exec on stderr when
+UNIONFS_RUN_TIMING is set (the parent sees its close-on-exec pipe reach EOF); for unshare and
+bubblewrap only the total is measured, which bounds their time to exec from above.
+
+    sudo .venv/bin/python perf/launch_latency.py            # 20 runs each
+    sudo .venv/bin/python perf/launch_latency.py --runs 50 --no-fuse
+
+Rows:
+  python -c pass          the floor: starting this interpreter and nothing else
+  unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default)
+  unionfs run (overlay)   the same launcher over kernel overlayfs: the launcher's own cost
+  unionfs run --rootless  FUSE union mounted inside a user namespace
+  unshare --root          util-linux unshare with new mount/PID/UTS/IPC namespaces, rootfs = the image dir
+  bwrap                   bubblewrap with the image dir bound as / plus /proc and /dev, --unshare-all
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from launcher_util import build_busybox_layer  # noqa: E402
+
+
+def measure(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float], str]:
+    """(times to exec, total times, first error) over *runs*; times in milliseconds."""
+    to_exec: list[float] = []
+    total: list[float] = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        r = subprocess.run(list(argv), env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           cwd="/")
+        t1 = time.monotonic()
+        if r.returncode != 0:
+            return [], [], (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        total.append((t1 - t0) * 1000)
+        for line in r.stderr.splitlines():
+            if line.startswith("unionfs-run-timing exec="):
+                to_exec.append((float(line.split("=", 1)[1]) - t0) * 1000)
+    return to_exec, total, ""
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f}" if values else "       -"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--no-fuse", action="store_true", help="skip the rows that need the unionfs FUSE server")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("launch_latency: run as root (the rootless row makes its own user namespace)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="unionfs-launch-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        image = work / "image"
+        build_busybox_layer(image, work)
+        upper = work / "upper"
+        upper.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+        env["PYTHONPATH"] = str(REPO)
+        env["UNIONFS_RUN_TIMING"] = "1"
+        py = sys.executable
+        launcher = [py, "-m", "launcher"]
+        branches = f"{upper}:{image}"
+        rows: list[tuple[str, list[str]]] = [("python -c pass", [py, "-c", "pass"])]
+        if not args.no_fuse:
+            rows.append(("unionfs run (fuse)", [*launcher, "--backend", "fuse", branches, "--", "/bin/true"]))
+        rows.append(("unionfs run (overlay)",
+                     [*launcher, "--backend", "overlay", branches, "--", "/bin/true"]))
+        if not args.no_fuse:
+            rows.append(("unionfs run --rootless (fuse)",
+                         [*launcher, "--rootless", "--backend", "fuse", branches, "--", "/bin/true"]))
+        if shutil.which("unshare"):
+            rows.append(("unshare --root", ["unshare", "--mount", "--pid", "--fork", "--uts", "--ipc",
+                                            f"--root={image}", "/bin/true"]))
+        if shutil.which("bwrap"):
+            rows.append(("bwrap", ["bwrap", "--bind", str(image), "/", "--proc", "/proc", "--dev", "/dev",
+                                   "--unshare-all", "--die-with-parent", "/bin/true"]))
+        else:
+            print("launch_latency: bwrap not found (apt-get install bubblewrap); its row is skipped",
+                  file=sys.stderr)
+        print(f"launch latency, median of {args.runs} runs, milliseconds ({os.uname().release}, "
+              f"{os.cpu_count()} cores)")
+        print(f"{'':32s} {'to exec':>8s} {'total':>8s}")
+        for name, cmd in rows:
+            measure(cmd, env, 2)  # warm the page cache
+            to_exec, total, error = measure(cmd, env, args.runs)
+            if error:
+                print(f"{name:32s}  failed: {error}")
+            else:
+                print(f"{name:32s} {fmt(to_exec)} {fmt(total)}")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
