@@ -18,22 +18,20 @@ import fcntl
 import logging
 import os
 import pwd
-import shutil
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from launcher import syscalls
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class IdRange:
+class IdRange(NamedTuple):
     """A subordinate id range from /etc/subuid or /etc/subgid."""
 
     start: int
-    count: int
+    length: int
 
 
 def subordinate_range(path: str, uid: int) -> IdRange | None:
@@ -56,7 +54,7 @@ def subordinate_range(path: str, uid: int) -> IdRange | None:
                 rng = IdRange(int(parts[1]), int(parts[2]))
             except ValueError:
                 continue
-            if rng.count > 0:
+            if rng.length > 0:
                 return rng
     return None
 
@@ -86,6 +84,8 @@ class _IdMapHelper:
     """
 
     def __init__(self, uid: int, gid: int, subuid: IdRange, subgid: IdRange) -> None:
+        import shutil
+
         self.target = os.getpid()
         rfd, wfd = os.pipe()
         pid = os.fork()
@@ -97,14 +97,14 @@ class _IdMapHelper:
                     os.P_WAIT,
                     shutil.which("newuidmap") or "newuidmap",
                     ["newuidmap", str(self.target), "0", str(uid), "1", "1", str(subuid.start),
-                     str(subuid.count)],
+                     str(subuid.length)],
                 )
                 if rc == 0:
                     rc = os.spawnv(
                         os.P_WAIT,
                         shutil.which("newgidmap") or "newgidmap",
                         ["newgidmap", str(self.target), "0", str(gid), "1", "1", str(subgid.start),
-                         str(subgid.count)],
+                         str(subgid.length)],
                     )
             except BaseException:
                 os._exit(99)
@@ -136,6 +136,8 @@ def enter_launcher_namespaces(rootless: bool) -> None:
         syscalls.unshare(syscalls.CLONE_NEWNS)
         make_mounts_private()
         return
+    import shutil
+
     uid, gid = os.getuid(), os.getgid()
     helper: _IdMapHelper | None = None
     subuid = subordinate_range("/etc/subuid", uid)

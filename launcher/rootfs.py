@@ -1,7 +1,7 @@
 """The container's root filesystem: setup steps as data, applied in order, then pivot_root.
 
-``container_steps()`` turns the run options into a list of small frozen
-dataclasses (make private, bind, proc, tmpfs, devpts, symlink, ...) and
+``container_steps()`` turns the run options into a list of small immutable
+named tuples (make private, bind, proc, tmpfs, devpts, symlink, ...) and
 ``apply()`` runs them one after another inside the container's new mount
 namespace.  Every path in a step is a path *inside* the container; ``apply()``
 joins it to the new root.  ``enter_root()`` then swaps the root: pivot_root and
@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from launcher import syscalls
 
@@ -36,24 +36,21 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if path != "/" else root
 
 
-@dataclass(frozen=True)
-class MakePrivate:
+class MakePrivate(NamedTuple):
     """MS_REC | MS_PRIVATE on / of the current mount namespace; must come first."""
 
     def apply(self, root: str) -> None:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE, step="make / private")
 
 
-@dataclass(frozen=True)
-class BindRoot:
+class BindRoot(NamedTuple):
     """Bind the new root onto itself, so that it is a mount point of its own for pivot_root."""
 
     def apply(self, root: str) -> None:
         syscalls.mount(root, root, None, syscalls.MS_BIND | syscalls.MS_REC, step="bind new root")
 
 
-@dataclass(frozen=True)
-class Mkdir:
+class Mkdir(NamedTuple):
     dest: str
     mode: int = 0o755
 
@@ -67,8 +64,7 @@ class Mkdir:
             raise OSError(exc.errno, "mkdir", path) from None
 
 
-@dataclass(frozen=True)
-class Proc:
+class Proc(NamedTuple):
     """A fresh procfs for the new PID namespace."""
 
     dest: str = "/proc"
@@ -78,8 +74,7 @@ class Proc:
         syscalls.mount("proc", _inside(root, self.dest), "proc", flags, step="mount proc")
 
 
-@dataclass(frozen=True)
-class Tmpfs:
+class Tmpfs(NamedTuple):
     dest: str
     mode: int = 0o755
     flags: int = syscalls.MS_NOSUID | syscalls.MS_NODEV
@@ -90,8 +85,7 @@ class Tmpfs:
         syscalls.mount("tmpfs", _inside(root, self.dest), "tmpfs", self.flags, data, step="mount tmpfs")
 
 
-@dataclass(frozen=True)
-class BindDevice:
+class BindDevice(NamedTuple):
     """Bind one host device node (e.g. /dev/null) onto an empty file of the same name."""
 
     name: str
@@ -105,8 +99,7 @@ class BindDevice:
         syscalls.mount("/dev/" + self.name, dest, None, syscalls.MS_BIND, step="bind device")
 
 
-@dataclass(frozen=True)
-class DevPts:
+class DevPts(NamedTuple):
     """A new devpts instance, so the container's ptys are its own."""
 
     dest: str = "/dev/pts"
@@ -118,8 +111,7 @@ class DevPts:
         syscalls.mount("devpts", _inside(root, self.dest), "devpts", flags, data, step="mount devpts")
 
 
-@dataclass(frozen=True)
-class Symlink:
+class Symlink(NamedTuple):
     target: str
     dest: str
 

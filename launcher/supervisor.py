@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import select
 import signal
 import socket
@@ -31,7 +30,7 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from launcher import namespaces, rootfs, syscalls
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
@@ -49,8 +48,7 @@ EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
 
-@dataclass
-class RunConfig:
+class RunConfig(NamedTuple):
     """Everything ``unionfs run`` was asked to do."""
 
     branches: str
@@ -63,7 +61,7 @@ class RunConfig:
     rootless: bool | None = None  # None: automatic, rootless when not root
     keep_mounted: bool = False
     backend: str = DEFAULT_BACKEND
-    container_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    container_id: str | None = None  # default: 12 random hex digits, as Docker's short ids
 
 
 def describe(exc: OSError) -> str:
@@ -297,7 +295,8 @@ def run(cfg: RunConfig) -> int:
         raise LaunchError(f"--workdir must be an absolute path inside the container: {cfg.workdir}", 2)
     branches = parse_branches(cfg.branches)
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
-    hostname = cfg.hostname or cfg.container_id
+    container_id = cfg.container_id or os.urandom(6).hex()
+    hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
     _check_fuse_access(rootless, cfg.backend)
     base = _state_base()

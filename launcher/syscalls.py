@@ -10,7 +10,6 @@ the launcher touches ctypes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -49,7 +48,8 @@ PR_SET_CHILD_SUBREAPER = 36
 
 SYS_pivot_root = 155  # x86_64; resolved per machine below
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Not ctypes.util.find_library: on Linux it runs ldconfig, milliseconds on the launch path.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from launcher import syscalls
 
@@ -39,8 +36,7 @@ class LaunchError(Exception):
         self.exitcode = exitcode
 
 
-@dataclass(frozen=True)
-class Branch:
+class Branch(NamedTuple):
     path: str
     mode: str | None = None  # "rw", "ro", ... as written by the user; None when not given
 
@@ -192,6 +188,8 @@ class OverlayUnion:
     """Kernel overlayfs with the same branch order; the upper's work dir is a sibling temp dir."""
 
     def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool) -> None:
+        import tempfile
+
         self.mountpoint = mountpoint
         upper, lowers = branches[0], branches[1:]
         if not lowers:
@@ -203,7 +201,7 @@ class OverlayUnion:
         try:
             syscalls.mount("overlay", mountpoint, "overlay", 0, data, step="mount overlay")
         except BaseException:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            os.rmdir(self.workdir)
             raise
         self._closed = False
 
@@ -218,6 +216,8 @@ class OverlayUnion:
             syscalls.umount2(self.mountpoint, syscalls.MNT_DETACH)
         except OSError as exc:
             log.warning("umount %s: %s", self.mountpoint, exc)
+        import shutil
+
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
