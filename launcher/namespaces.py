@@ -73,7 +73,7 @@ def _write(path: str, text: str) -> None:
         with open(path, "w", encoding="ascii") as f:
             f.write(text)
     except OSError as exc:
-        raise OSError(exc.errno, f"write {text.strip()!r}: {os.strerror(exc.errno or 0)}", path) from None
+        raise OSError(exc.errno, f"write {text.strip()!r} to", path) from None
 
 
 class _IdMapHelper:
@@ -177,4 +177,4 @@ def bring_loopback_up() -> None:
             flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
         except OSError as exc:
-            raise OSError(exc.errno, f"loopback up: {os.strerror(exc.errno or 0)}", "lo") from None
+            raise OSError(exc.errno, "bring up loopback", "lo") from None

@@ -3,7 +3,8 @@
 Python 3.11 has no ``os.unshare``, ``mount``, ``umount2``, ``pivot_root`` or
 ``prctl``.  Each wrapper here checks the return value and raises
 ``OSError(errno, step, path)`` so that a failure names what was being done and
-on which path ("mount: /tmp/x/proc: Operation not permitted").  Nothing else in
+on which path; ``launcher.supervisor.describe()`` renders it as one line:
+"mount proc /tmp/x/proc: Operation not permitted".  Nothing else in
 the launcher touches ctypes.
 """
 
@@ -73,7 +74,7 @@ _PIVOT_ROOT_NR = {
 def _check(ret: int, step: str, path: str | os.PathLike[str] | None) -> None:
     if ret < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{step}: {os.strerror(err)}", None if path is None else os.fspath(path))
+        raise OSError(err, step, None if path is None else os.fspath(path))
 
 
 def _b(value: str | os.PathLike[str] | None) -> bytes | None:

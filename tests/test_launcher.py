@@ -269,3 +269,53 @@ def test_keep_mounted_keeps_the_union_until_sigterm(image: Image, upper: Path) -
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+
+
+def test_interactive_shell_on_a_terminal(image: Image, upper: Path) -> None:
+    """An interactive sh as PID 1 on a pty: Ctrl-C stops its foreground job, not the container."""
+    import pty
+    import select
+
+    from launcher_util import _env, launcher_argv
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the launcher, on the pty
+        try:
+            os.chdir("/")
+            argv = launcher_argv(image.branches(upper), ["/bin/sh", "-i"], ["--hostname", "ttybox"])
+            os.execve(argv[0], argv, _env(None, {"TERM": "dumb", "PS1": "$ "}))
+        finally:
+            os._exit(127)
+    out = b""
+    reaped = False
+
+    def expect(token: bytes, timeout: float = 10) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while token not in out:
+            left = deadline - time.monotonic()
+            assert left > 0, f"waiting for {token!r}, got {out!r}"
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+
+    try:
+        expect(b"# ")
+        os.write(fd, b"test -t 0 && echo TTY-$$-$(hostname)\n")
+        expect(b"TTY-1-ttybox")
+        os.write(fd, b"sleep 20\n")
+        time.sleep(0.3)
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal signals the foreground job only
+        os.write(fd, b"echo ALIVE-$((6*7))\n")
+        expect(b"ALIVE-42")
+        os.write(fd, b"exit 4\n")
+        _, status = os.waitpid(pid, 0)
+        reaped = True
+        assert os.waitstatus_to_exitcode(status) == 4, out
+    finally:
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
