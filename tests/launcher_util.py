@@ -121,10 +121,12 @@ class UnprivUser:
 
 
 @contextlib.contextmanager
-def unprivileged_user() -> Iterator[UnprivUser]:
-    """A system user made for the test (no home, no subuid range), deleted afterwards."""
-    name = f"ufsrun{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+def unprivileged_user(subids: bool = False) -> Iterator[UnprivUser]:
+    """A user made for the test, deleted afterwards: a system user without a subuid range, or,
+    with *subids*, a regular one that useradd gives /etc/subuid and /etc/subgid ranges."""
+    name = f"ufs{'sub' if subids else 'run'}{os.getpid() % 100000}"
+    kind = [] if subids else ["--system"]
+    subprocess.run(["useradd", *kind, "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
     try:
         pw = pwd.getpwnam(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from launcher_util import (
     wait_gone,
     world_readable_tempdir,
 )
+
+from launcher import namespaces
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making the test user needs root (CI runs as root)")
 
@@ -129,3 +132,19 @@ def test_rootless_without_dev_fuse_says_how_to_fix(image: Image, upper: Path, us
     assert r.returncode == 125
     assert r.stderr.count("\n") == 1 and "chmod 666 /dev/fuse" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("newuidmap") is None, reason="needs newuidmap (apt-get install uidmap)")
+def test_rootless_maps_the_subuid_range_through_newuidmap(image: Image, upper: Path) -> None:
+    with unprivileged_user(subids=True) as sub:
+        ranges = [namespaces.subordinate_range(f, sub.uid) for f in ("/etc/subuid", "/etc/subgid")]
+        if None in ranges:
+            pytest.skip("useradd gave the test user no subordinate ids")
+        os.chown(upper.parent, sub.uid, sub.gid)
+        os.chown(upper, sub.uid, sub.gid)
+        script = "cat /proc/self/uid_map; touch /f && chown 1000:1000 /f && echo ok"
+        r = run_launcher(f"{upper}:{image.l1}", ["/bin/sh", "-c", script], user=sub)
+        assert r.returncode == 0, r.stderr
+        rows = [line.split() for line in r.stdout.splitlines()[:-1]]
+        assert rows == [["0", str(sub.uid), "1"], ["1", str(ranges[0].start), str(ranges[0].length)]]
+        assert (upper / "f").stat().st_uid == ranges[0].start + 999
