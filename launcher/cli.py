@@ -40,6 +40,8 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "read-only.")
 @click.option("--rootless/--no-rootless", default=None,
               help="Run in a user namespace with the FUSE union mounted inside it (automatic when not root).")
+@click.option("--init", "init", is_flag=True,
+              help="A small init as PID 1 reaps orphans and forwards signals; COMMAND runs as PID 2.")
 @click.option("--keep-mounted", is_flag=True,
               help="Debugging: after the command exits, keep the union mounted until Ctrl-C or SIGTERM.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, hidden=True,
@@ -56,6 +58,7 @@ def run_command(
     net: str,
     tmp_upper: bool,
     rootless: bool | None,
+    init: bool,
     keep_mounted: bool,
     backend: str,
     verbose: bool,
@@ -83,7 +86,8 @@ def run_command(
         raise click.UsageError("no COMMAND after BRANCHES --")
 
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
-                    tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, backend=backend)
+                    tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
+                    backend=backend)
     try:
         code = run(cfg)
     except LaunchError as exc:

@@ -60,6 +60,7 @@ class RunConfig(NamedTuple):
     tmp_upper: bool = False
     rootless: bool | None = None  # None: automatic, rootless when not root
     keep_mounted: bool = False
+    init: bool = False  # a reaping init as PID 1, the command as PID 2 (as docker run --init)
     backend: str = DEFAULT_BACKEND
     container_id: str | None = None  # default: 12 random hex digits, as Docker's short ids
 
@@ -163,6 +164,9 @@ def _container_child(
             namespaces.bring_loopback_up()
         rootfs.apply(steps, root)
         rootfs.enter_root(root, cfg.workdir)
+        if cfg.init and os.fork() != 0:
+            os.close(errw)  # the command's copy closes on exec, and that EOF is what the launcher waits for
+            _mini_init()
         for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -177,6 +181,37 @@ def _container_child(
         msg = f"container setup failed: {exc!r}"
     try:
         os.write(errw, msg.encode(errors="replace")[:4000])
+    finally:
+        os._exit(code)
+
+
+def _mini_init() -> None:
+    """PID 1 with --init: run the command as PID 2, forward signals to it, reap every orphan.
+
+    Exits with the command's status (128+N when it was killed by signal N).  The
+    forwarded signals stay blocked and arrive through sigwaitinfo, but each has a
+    handler installed so that the launcher (reading SigCgt) sees that PID 1 takes them.
+    """
+    code = EXIT_LAUNCH_FAILED
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        command = 2  # the first child of PID 1 in a fresh namespace
+        while True:
+            info = signal.sigwaitinfo({signal.SIGCHLD, *FORWARDED_SIGNALS})
+            if info.si_signo != signal.SIGCHLD:
+                _kill(command, info.si_signo)
+                continue
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid == 0:
+                    break
+                if pid == command:
+                    code = os.waitstatus_to_exitcode(status)
+                    os._exit(128 - code if code < 0 else code)
     finally:
         os._exit(code)
 

@@ -319,3 +319,20 @@ def test_interactive_shell_on_a_terminal(image: Image, upper: Path) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_init_reaps_orphans_and_passes_status_and_signals(image: Image, upper: Path) -> None:
+    # sleep as the command's parent never waits; its orphan goes to PID 1, which --init reaps
+    script = "(sleep 0.05 &); sleep 0.3; echo pid=$$; ps -o stat= | grep -c Z; exit 6"
+    r = sh(image, upper, script, "--init")
+    assert r.returncode == 6, r.stderr
+    assert r.stdout.split() == ["pid=2", "0"]
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"], ["--init"])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        wait_for_comm(proc.pid, "sleep")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
