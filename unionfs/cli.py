@@ -1,6 +1,185 @@
+"""The `unionfs` command (a click group) and `unionfs-overlay` (fuse-overlayfs' command line).
+
+Thin: parse, call the library, turn `QuietError` into one line on stderr and a non-zero exit.
+Subcommands that live in other packages (run, conformance) load only when called.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+import click
+
+from .errors import QuietError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+LAZY_COMMANDS = {
+    "run": ("launcher.cli", "run_command"),
+    "conformance": ("unionfs.conformance.cli", "conformance_command"),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose heavier subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        for name, (module, _) in LAZY_COMMANDS.items():
+            if importlib.util.find_spec(module.split(".")[0]) is not None and _module_exists(module):
+                names.add(name)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name not in LAZY_COMMANDS:
+            return cmd
+        module, attr = LAZY_COMMANDS[cmd_name]
+        if not _module_exists(module):
+            return None
+        found: click.Command = getattr(importlib.import_module(module), attr)
+        return found
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
+@click.version_option(package_name="unionfs")
+def cli() -> None:
+    """unionfs: a union filesystem in userspace with overlayfs and AUFS semantics.
+
+    \b
+    Mount two branches AUFS-style (A writable on top of read-only B):
+        unionfs mount A:B /mnt/union
+    or overlay-style, exactly as fuse-overlayfs takes it:
+        unionfs mount -o lowerdir=L1:L2,upperdir=U,workdir=W /mnt/union
+    Unmount:
+        unionfs umount /mnt/union
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-o", "options", multiple=True, metavar="OPTS",
+              help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
+                   "ro, allow_other, timeout=SECONDS, fsname=NAME.")
+@click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
+@click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Where the daemon logs.")
+@click.argument("args", nargs=-1, required=True, metavar="[BRANCHES] MOUNTPOINT")
+def mount(options: tuple[str, ...], foreground: bool, debug: bool, log_file: str | None,
+          args: tuple[str, ...]) -> None:
+    """Mount a union of BRANCHES (top first) on MOUNTPOINT.
+
+    \b
+    BRANCHES is A:B:C, top first; each may carry a mode, A=rw:B=ro. Without modes the
+    first branch is writable and the rest read-only, as AUFS does. Whiteouts default to
+    the AUFS dialect (.wh.NAME) here and to the overlay dialect with -o lowerdir=...
+
+    \b
+    Example:
+        unionfs mount ./A:./B /mnt/union && ls /mnt/union && unionfs umount /mnt/union
+    """
+    from .config import build_config
+    from .mount import mount as do_mount
+
+    if len(args) == 1:
+        spec, mp = None, args[0]
+    elif len(args) == 2:
+        spec, mp = args
+    else:
+        raise click.UsageError("expected [BRANCHES] MOUNTPOINT")
+    try:
+        cfg = build_config(spec, mp, options)
+        code = do_mount(cfg, foreground=foreground or debug, debug=debug, log_file=log_file)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
+    sys.exit(code)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint: str) -> None:
+    """Unmount MOUNTPOINT and wait for its daemon to exit.
+
+    \b
+    Example:
+        unionfs umount /mnt/union
+    """
+    from .mount import umount as do_umount
+
+    try:
+        do_umount(mountpoint)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
+
+
 def main() -> None:
-    raise SystemExit("not yet")
+    cli(prog_name="unionfs")
 
 
-def overlay_main() -> None:
-    raise SystemExit("not yet")
+OVERLAY_USAGE = """\
+usage: unionfs-overlay [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,OPTIONS] [SOURCE] MERGED
+
+fuse-overlayfs' command line, served by unionfs. SOURCE (given by mount.fuse3) is ignored.
+Options unionfs does not implement are accepted and ignored with one line on stderr.
+"""
+
+
+def overlay_main(argv: list[str] | None = None) -> None:
+    """`unionfs-overlay`: fuse-overlayfs' command line, for podman's mount_program and mount(8)."""
+    from .config import build_config
+    from .mount import mount as do_mount
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    options: list[str] = []
+    positional: list[str] = []
+    foreground = debug = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            print(OVERLAY_USAGE, end="")
+            sys.exit(0)
+        if a in ("-V", "--version"):
+            print("unionfs-overlay: fuse-overlayfs compatible, unionfs 0.1.0")
+            sys.exit(0)
+        if a == "-o":
+            if i + 1 >= len(args):
+                _fail("-o needs an argument")
+            options.append(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("-o"):
+            options.append(a[2:])
+        elif a == "-f":
+            foreground = True
+        elif a == "-d" or a == "--debug":
+            debug = foreground = True
+        elif a.startswith("-") and a != "-":
+            print(f"unionfs-overlay: ignoring unsupported flag {a}", file=sys.stderr)
+        else:
+            positional.append(a)
+        i += 1
+    if not positional:
+        _fail("no mountpoint given\n" + OVERLAY_USAGE)
+    mp = positional[-1]   # mount.fuse3 passes the source first; fuse-overlayfs ignores it too
+    try:
+        cfg = build_config(None, mp, options, strict=False)
+        for opt in cfg.ignored:
+            print(f"unionfs-overlay: ignoring unsupported option {opt}", file=sys.stderr)
+        code = do_mount(cfg, foreground=foreground, debug=debug)
+    except QuietError as e:
+        _fail(e.message)
+    sys.exit(code)
+
+
+def _fail(msg: str) -> Any:
+    print(f"unionfs-overlay: {msg}", file=sys.stderr)
+    sys.exit(1)

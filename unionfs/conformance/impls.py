@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -44,10 +45,18 @@ def is_mounted(path: str) -> bool:
 
 
 def _run(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else dict(env),
-                         timeout=timeout)
-    if res.returncode != 0:
-        raise MountError(f"{' '.join(cmd)}: exit {res.returncode}: {(res.stderr or res.stdout).strip()}")
+    """Run a mount helper. Its output goes to a file, not a pipe: a daemon that inherits a pipe
+    would keep it open and make us wait for EOF forever."""
+    with tempfile.TemporaryFile() as out:
+        try:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 env=None if env is None else dict(env), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MountError(f"{' '.join(cmd)}: no answer after {timeout}s") from None
+        if res.returncode != 0:
+            out.seek(0)
+            text = out.read().decode(errors="replace").strip()
+            raise MountError(f"{' '.join(cmd)}: exit {res.returncode}: {text[-2000:]}")
 
 
 def _wait_mounted(mnt: str, proc: subprocess.Popen[bytes] | None = None) -> None:

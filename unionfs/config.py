@@ -1,0 +1,252 @@
+"""What to mount: branch specs and -o options parsed and checked before anything is mounted.
+
+Two styles reach one `MountConfig`:
+- AUFS: ``A:B:C`` top first, each optionally ``=rw``/``=ro``/``=rr``; without modes the first branch
+  is writable and the rest read-only.  Default whiteout dialect: aufs.
+- overlay: ``-o lowerdir=L1:L2,upperdir=U,workdir=W`` (lowerdir top first; no upperdir: read-only).
+  Default whiteout dialect: overlay.
+
+Every problem is a `QuietError` naming the culprit in one line.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .errors import QuietError
+from .whiteout import Dialect
+
+# mount(8) and FUSE options that make no difference to the union; accepted and ignored.
+GENERIC_OPTIONS = frozenset({
+    "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "strictatime", "diratime", "nodiratime", "sync", "async", "auto", "noauto", "user", "nouser",
+    "users", "defaults", "_netdev", "nofail", "default_permissions", "lazytime", "nolazytime",
+    "silent", "loud",
+})
+KNOWN_OPTIONS = frozenset({
+    "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
+    "fsname", "subtype", "debug",
+})
+# fuse-overlayfs options that unionfs-overlay accepts without acting on them.
+OVERLAY_IGNORED = frozenset({
+    "squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs", "xattr_permissions",
+    "fast_ino", "redirect_dir", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
+    "metacopy", "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
+    "threaded", "writeback", "auto_unmount",
+})
+BRANCH_MODES = {"rw": True, "ro": False, "rr": False, "ro+wh": False, "rr+wh": False}
+
+
+@dataclass
+class MountConfig:
+    """Everything `serve` needs.  *branches* are (absolute path, writable), top first."""
+
+    branches: list[tuple[str, bool]]
+    mountpoint: str
+    workdir: str | None = None
+    style: str = "aufs"
+    dialect: Dialect = Dialect.AUFS
+    readonly: bool = False
+    allow_other: bool = False
+    timeout: float = 1.0
+    fsname: str = "unionfs"
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.branches) and self.branches[0][1] and not self.readonly
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on *sep*, where a backslash escapes the next character (as overlayfs' options do)."""
+    out: list[str] = []
+    cur: list[str] = []
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            cur.append(next(it, ""))
+        elif ch == sep:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def parse_options(opts: list[str] | tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """``-o a=b,c`` (possibly several -o) -> [(a, b), (c, None)], keeping escaped commas."""
+    out: list[tuple[str, str | None]] = []
+    for group in opts:
+        for item in _split_options(group):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            out.append((key, value if eq else None))
+    return out
+
+
+def _split_options(group: str) -> list[str]:
+    # Escapes stay in place for path values, which split_escaped() decodes later.
+    out: list[str] = []
+    cur: list[str] = []
+    escaped = False
+    for ch in group:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            cur.append(ch)
+            escaped = True
+        elif ch == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def parse_branch_spec(spec: str) -> list[tuple[str, str | None]]:
+    """``A=rw:B:C=ro`` -> [(A, 'rw'), (B, None), (C, 'ro')]."""
+    out: list[tuple[str, str | None]] = []
+    for part in split_escaped(spec, ":"):
+        if not part:
+            raise QuietError(f"empty branch in {spec!r}")
+        path, eq, mode = part.rpartition("=")
+        if eq and mode in BRANCH_MODES:
+            out.append((path, mode))
+        elif eq and "/" not in mode and mode:
+            raise QuietError(f"unknown branch mode {mode!r} in {part!r} (use rw, ro or rr)")
+        else:
+            out.append((part, None))
+    return out
+
+
+def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | tuple[str, ...],
+                 strict: bool = True) -> MountConfig:
+    """Parse and check.  With *strict* false (unionfs-overlay), unknown options are only listed."""
+    parsed = parse_options(options)
+    values: dict[str, str | None] = {}
+    ignored: list[str] = []
+    for key, value in parsed:
+        if key in KNOWN_OPTIONS:
+            values[key] = value
+        elif key in GENERIC_OPTIONS or key.startswith("x-"):
+            continue
+        elif not strict:
+            ignored.append(key if value is None else f"{key}={value}")
+        else:
+            raise QuietError(f"unknown option {key!r}")
+
+    overlay = "lowerdir" in values
+    if overlay and branch_spec is not None:
+        raise QuietError("give either BRANCHES or -o lowerdir=..., not both")
+    if not overlay and branch_spec is None:
+        raise QuietError("no branches: give BRANCHES (A:B) or -o lowerdir=...")
+    for key in ("upperdir", "workdir"):
+        if key in values and not overlay:
+            raise QuietError(f"option {key} needs lowerdir (overlay style)")
+
+    workdir: str | None = None
+    if overlay:
+        lowers = [p for p in split_escaped(values.get("lowerdir") or "", ":")]
+        if not lowers or any(not p for p in lowers):
+            raise QuietError("lowerdir is empty or has an empty entry")
+        upper = values.get("upperdir")
+        work = values.get("workdir")
+        if upper is not None and not work:
+            raise QuietError("upperdir needs workdir")
+        if work is not None and upper is None:
+            raise QuietError("workdir needs upperdir")
+        branches = ([(_abs(upper), True)] if upper else []) + [(_abs(p), False) for p in lowers]
+        workdir = _abs(work) if work else None
+        style, dialect = "overlay", Dialect.OVERLAY
+    else:
+        assert branch_spec is not None
+        specs = parse_branch_spec(branch_spec)
+        branches = []
+        for i, (path, mode) in enumerate(specs):
+            writable = (i == 0) if mode is None else BRANCH_MODES[mode]
+            if writable and i != 0:
+                raise QuietError(f"branch {path!r}: only the top branch can be writable")
+            branches.append((_abs(path), writable))
+        style, dialect = "aufs", Dialect.AUFS
+
+    if "whiteout" in values:
+        try:
+            dialect = Dialect(values["whiteout"])
+        except ValueError:
+            raise QuietError(f"whiteout={values['whiteout']}: use whiteout=aufs or whiteout=overlay") from None
+    timeout = 1.0
+    if values.get("timeout") is not None:
+        try:
+            timeout = float(values["timeout"])  # type: ignore[arg-type]
+            if timeout < 0:
+                raise ValueError
+        except ValueError:
+            raise QuietError(f"timeout={values['timeout']}: give a number of seconds") from None
+    cfg = MountConfig(
+        branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
+        readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
+        timeout=timeout, fsname=values.get("fsname") or "unionfs", ignored=ignored,
+    )
+    check(cfg)
+    return cfg
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _dir_stat(what: str, path: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise QuietError(f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        raise QuietError(f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise QuietError(f"{what} {path!r} is not a directory")
+    return st
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check(cfg: MountConfig) -> None:
+    """Check the branches, work dir and mount point exist, are distinct and do not nest."""
+    seen: dict[tuple[int, int], str] = {}
+    real: list[tuple[str, str]] = []
+    for path, writable in cfg.branches:
+        what = "upperdir" if (cfg.style == "overlay" and writable) else \
+            ("lowerdir" if cfg.style == "overlay" else "branch")
+        st = _dir_stat(what, path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise QuietError(f"branch {path!r} is given twice (same directory as {seen[key]!r})")
+        seen[key] = path
+        real.append((path, os.path.realpath(path)))
+    for a, ra in real:
+        for b, rb in real:
+            if a != b and _inside(ra, rb):
+                raise QuietError(f"branch {a!r} is inside branch {b!r}")
+    if cfg.workdir is not None:
+        wst = _dir_stat("workdir", cfg.workdir)
+        upper = cfg.branches[0][0]
+        ust = os.stat(upper)
+        if wst.st_dev != ust.st_dev:
+            raise QuietError(f"workdir {cfg.workdir!r} and upperdir {upper!r} are on different filesystems")
+        rw, ru = os.path.realpath(cfg.workdir), os.path.realpath(upper)
+        if _inside(rw, ru) or _inside(ru, rw):
+            raise QuietError(f"workdir {cfg.workdir!r} and upperdir {upper!r} must not contain each other")
+        if cfg.workdir in [p for p, _ in cfg.branches] or (wst.st_dev, wst.st_ino) in seen:
+            raise QuietError(f"workdir {cfg.workdir!r} is also a branch")
+    mst = _dir_stat("mountpoint", cfg.mountpoint)
+    del mst
+    rm = os.path.realpath(cfg.mountpoint)
+    for path, rp in real:
+        if _inside(rm, rp):
+            raise QuietError(f"mountpoint {cfg.mountpoint!r} is inside branch {path!r}")

@@ -1,0 +1,186 @@
+"""Copy-up: bring a lower object into the writable branch before its first change.
+
+One entry point per kind: `CopyUp.dir` for a directory (sync: small), `CopyUp.file` for anything else
+(async: data may be large and is copied on a worker thread).  Parents first; each object is
+assembled under a temporary name in the work directory — data, owner, mode, xattrs, times — and
+renamed into place, so no reader and no crash ever sees a partial copy.  The temporary is removed on
+any failure.  The parent directory's times are restored after the rename, as overlayfs does.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from .layers import DIR_FLAGS, copy_data, fd_path, lstat_at, open_file_at
+from .whiteout import is_private_xattr
+
+if TYPE_CHECKING:
+    from .inodes import Node
+    from .union import Union
+
+log = logging.getLogger(__name__)
+
+# Copies up to this size stay on the trio thread; larger ones go to a worker thread.
+INLINE_COPY_MAX = 1 << 20
+
+
+def copy_xattrs(src: str, dst: str) -> None:
+    """Copy every xattr but the union's private ones from path *src* to path *dst*."""
+    try:
+        names = os.listxattr(src)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if is_private_xattr(os.fsencode(name)):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as e:
+            # security.* and trusted.* may be refused to an unprivileged daemon; ACLs may be unsupported.
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                raise
+            log.debug("copy-up: xattr %s not copied: %s", name, e)
+
+
+def _with_path_fd(dirfd: int, name: bytes, fn: Callable[[str], None]) -> None:
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        fn(fd_path(fd))
+    finally:
+        os.close(fd)
+
+
+class CopyUp:
+    """Copies nodes into the writable branch of *union*."""
+
+    def __init__(self, union: Union) -> None:
+        self.union = union
+
+    def _temp(self) -> bytes:
+        return self.union.writer.temp_name()
+
+    def _place(self, tmp: bytes, upper_parent_fd: int, name: bytes) -> None:
+        """Rename the finished temporary into place, keeping the parent's times."""
+        work = self.union.work_fd
+        pst = os.fstat(upper_parent_fd)
+        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=upper_parent_fd)
+        os.utime(upper_parent_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+
+    def _discard(self, tmp: bytes) -> None:
+        work = self.union.work_fd
+        try:
+            st = lstat_at(work, tmp)
+        except OSError:
+            return
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(tmp, dir_fd=work)
+            else:
+                os.unlink(tmp, dir_fd=work)
+        except OSError as e:
+            log.warning("copy-up: could not remove temporary %r: %s", tmp, e)
+
+    def dir(self, node: Node, parent_upper_fd: int, name: bytes) -> int:
+        """Create the upper directory for *node* (a lower directory); return it open."""
+        src_fd = node.dirfds[0][1]
+        st = os.fstat(src_fd)
+        work = self.union.work_fd
+        tmp = self._temp()
+        os.mkdir(tmp, 0o700, dir_fd=work)
+        try:
+            fd = os.open(tmp, DIR_FLAGS, dir_fd=work)
+            try:
+                self._own(fd, st)
+                copy_xattrs(fd_path(src_fd), fd_path(fd))
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                self._place(tmp, parent_upper_fd, name)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._discard(tmp)
+            raise
+        return fd
+
+    @staticmethod
+    def _own(fd: int, st: os.stat_result) -> None:
+        try:
+            os.chown(fd, st.st_uid, st.st_gid)
+        except PermissionError:
+            if os.geteuid() == 0:
+                raise
+        os.chmod(fd, stat.S_IMODE(st.st_mode))
+
+    async def file(self, node: Node, keep: int | None = None) -> None:
+        """Copy the non-directory *node* up; *keep* limits the data copied (O_TRUNC copies none)."""
+        union = self.union
+        parent, name = node.name_in()
+        upper_pfd = union.upper_dir(parent)
+        src_pfd = parent.fdmap[node.layer]
+        st = lstat_at(src_pfd, name)
+        work = union.work_fd
+        assert work is not None
+        tmp = self._temp()
+        try:
+            if stat.S_ISREG(st.st_mode):
+                await self._copy_regular(src_pfd, name, tmp, st, keep)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src_pfd), tmp, dir_fd=work)
+                self._finish_special(src_pfd, name, tmp, st)
+            else:
+                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+                self._finish_special(src_pfd, name, tmp, st)
+            # The copy may have awaited: make sure the name still stands for this node.
+            if node.layer == 0 or (parent, name) not in node.links:
+                raise OSError(errno.ENOENT, "copy-up: object went away", os.fsdecode(name))
+            upper_pfd = union.upper_dir(parent)
+            self._place(tmp, upper_pfd, name)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        new = lstat_at(upper_pfd, name)
+        union.moved_up(node, parent, name, (new.st_dev, new.st_ino))
+
+    async def _copy_regular(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result,
+                            keep: int | None) -> None:
+        work = self.union.work_fd
+        src = open_file_at(src_pfd, name, os.O_RDONLY)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+            try:
+                length = st.st_size if keep is None else min(keep, st.st_size)
+                if length > INLINE_COPY_MAX:
+                    await trio.to_thread.run_sync(copy_data, src, dst, length)
+                elif length:
+                    copy_data(src, dst, length)
+                self._own(dst, st)
+                copy_xattrs(fd_path(src), fd_path(dst))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _finish_special(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
+        work = self.union.work_fd
+        try:
+            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
+        except PermissionError:
+            if os.geteuid() == 0:
+                raise
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work)
+
+        def xattrs(src: str) -> None:
+            _with_path_fd(work, tmp, lambda dst: copy_xattrs(src, dst))
+
+        _with_path_fd(src_pfd, name, xattrs)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)

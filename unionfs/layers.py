@@ -1,0 +1,222 @@
+"""Branches held open as directory fds; every access is relative to an fd, one name at a time.
+
+Nothing outside this module opens a branch by path.  Names are bytes.  No call here follows a
+symlink inside a branch: directories are opened with O_NOFOLLOW|O_DIRECTORY relative to their
+parent's fd, and every stat, open and xattr call works on a single name under an fd or on the fd
+itself.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+WORK_NAME = "unionfs-work"            # inside an overlay-style workdir
+AUFS_WORK_NAME = b".wh..wh.unionfs.work"  # inside an AUFS-style writable branch (hidden)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One branch: its root held open, whether it may be written, and the device it lives on."""
+
+    index: int
+    path: str
+    fd: int
+    writable: bool
+    dev: int
+
+
+@dataclass(eq=False)
+class LayerStack:
+    """The ordered branches (top first) and, for a writable union, the work directory."""
+
+    layers: list[Layer]
+    work_fd: int | None = None
+    fsindex: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def upper(self) -> Layer | None:
+        top = self.layers[0]
+        return top if top.writable else None
+
+    def close(self) -> None:
+        for layer in self.layers:
+            _close_quietly(layer.fd)
+        if self.work_fd is not None:
+            _close_quietly(self.work_fd)
+            self.work_fd = None
+
+    def fs_index(self, dev: int) -> int:
+        """A small number per filesystem, in order of first appearance (for inode numbers)."""
+        idx = self.fsindex.get(dev)
+        if idx is None:
+            idx = self.fsindex[dev] = len(self.fsindex)
+        return idx
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def open_root(path: str) -> int:
+    """Open a branch root.  The path itself is the user's to resolve; below it we never follow."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work: bool) -> LayerStack:
+    """Open every branch (top first) and prepare a clean work directory for a writable top.
+
+    *workdir* is the overlay-style work dir; with *aufs_work* the temporaries live in a hidden
+    directory inside the writable branch instead.  Leftovers of an earlier crash are removed.
+    """
+    layers: list[Layer] = []
+    stack = LayerStack(layers)
+    try:
+        for i, (path, writable) in enumerate(branches):
+            fd = open_root(path)
+            layers.append(Layer(i, path, fd, writable, os.fstat(fd).st_dev))
+            stack.fs_index(layers[-1].dev)
+        upper = stack.upper
+        if upper is not None:
+            if aufs_work or workdir is None:
+                stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
+            else:
+                wfd = open_root(workdir)
+                try:
+                    stack.work_fd = _fresh_dir(wfd, WORK_NAME.encode())
+                finally:
+                    os.close(wfd)
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def _fresh_dir(parent_fd: int, name: bytes) -> int:
+    """Create (or empty) *name* under *parent_fd* and return it open; it holds only our temporaries."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+            try:
+                clear_dir(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        os.unlink(name, dir_fd=parent_fd)
+    os.mkdir(name, 0o700, dir_fd=parent_fd)
+    return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+
+
+def clear_dir(fd: int) -> None:
+    """Remove everything inside the directory open as *fd* (never following symlinks)."""
+    for name in listdir(fd):
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+            try:
+                clear_dir(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+
+
+def listdir(fd: int) -> list[bytes]:
+    """The names in the directory open as *fd*, as bytes."""
+    with os.scandir(fd) as it:
+        return [os.fsencode(e.name) for e in it]
+
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+
+def exists_at(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_dir_at(dirfd: int, name: bytes) -> int:
+    return os.open(name, DIR_FLAGS, dir_fd=dirfd)
+
+
+def open_file_at(dirfd: int, name: bytes, flags: int, mode: int = 0o777) -> int:
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def fd_path(fd: int) -> str:
+    """A path naming exactly the object open as *fd* (procfs jumps to it, resolving nothing)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def raise_nofile_limit() -> None:
+    """Directories are held open; let the daemon hold as many as the system allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = max(hard, min(int(f.read()), 1 << 20))
+        except OSError:
+            pass
+    for want in (target, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+            return
+        except (ValueError, OSError):
+            continue
+    log.debug("could not raise RLIMIT_NOFILE from %d", soft)
+
+
+def copy_data(src: int, dst: int, length: int) -> None:
+    """Copy *length* bytes from fd *src* to fd *dst* (both at offset 0) without reading it whole.
+
+    Uses copy_file_range (a reflink where the filesystem can), then sendfile, then a bounded
+    read/write loop.  Holes are not preserved by the fallbacks.
+    """
+    off = 0
+    chunk = 1 << 30
+    try:
+        while off < length:
+            n = os.copy_file_range(src, dst, min(chunk, length - off), off, off)
+            if n == 0:
+                break
+            off += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+            raise
+    while off < length:
+        buf = os.pread(src, min(1 << 20, length - off), off)
+        if not buf:
+            break
+        view = memoryview(buf)
+        while view:
+            w = os.pwrite(dst, view, off)
+            off += w
+            view = view[w:]
+
+
+__all__ = [
+    "Layer", "LayerStack", "open_stack", "listdir", "lstat_at", "exists_at", "open_dir_at",
+    "open_file_at", "fd_path", "clear_dir", "copy_data", "raise_nofile_limit",
+]

@@ -1,0 +1,132 @@
+"""Resolve names through the branch stack: merged directory listings and the layers of a directory.
+
+A merged listing maps each visible name of a directory to an `Entry`: the topmost branch that has
+it, whether it is a directory, the branches whose directory of that name merge into it, and whether
+any branch below the writable top still has the name (so that removing it needs a whiteout).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+from .layers import lstat_at, open_dir_at
+from .whiteout import WH_META_PREFIX, WH_OPQ, WH_PREFIX, dir_is_opaque, is_whiteout_stat
+
+log = logging.getLogger(__name__)
+
+
+class Entry:
+    """One visible name in a merged directory."""
+
+    __slots__ = ("layer", "is_dir", "dir_layers", "has_lower")
+
+    def __init__(self, layer: int, is_dir: bool, has_lower: bool) -> None:
+        self.layer = layer              # topmost branch holding the name
+        self.is_dir = is_dir
+        self.dir_layers: list[int] = [layer] if is_dir else []  # branches merged into this directory
+        self.has_lower = has_lower      # a branch below the top (index > 0) has the name, not whited out
+
+    def __repr__(self) -> str:
+        return f"Entry(layer={self.layer}, dir={self.is_dir}, dirs={self.dir_layers}, lower={self.has_lower})"
+
+
+def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
+    """Read one branch directory: (visible names with is-dir, names it whites out, opaque marker seen)."""
+    names: list[tuple[bytes, bool]] = []
+    whiteouts: set[bytes] = set()
+    opaque = False
+    with os.scandir(fd) as it:
+        for de in it:
+            name = os.fsencode(de.name)
+            if name.startswith(WH_PREFIX):
+                if name.startswith(WH_META_PREFIX):
+                    opaque = opaque or name == WH_OPQ
+                else:
+                    whiteouts.add(name[len(WH_PREFIX):])
+                continue
+            try:
+                is_dir = de.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if not is_dir and _maybe_chr(de) and is_whiteout_stat(de.stat(follow_symlinks=False)):
+                whiteouts.add(name)
+                continue
+            names.append((name, is_dir))
+    return names, whiteouts, opaque
+
+
+def _maybe_chr(de: os.DirEntry[str]) -> bool:
+    """Whether a directory entry may be a character device (the only kind that can be a whiteout)."""
+    try:
+        if de.is_file(follow_symlinks=False) or de.is_symlink():
+            return False
+        return stat.S_ISCHR(de.stat(follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def build_listing(dirfds: list[tuple[int, int]]) -> dict[bytes, Entry]:
+    """Merge the branch directories *dirfds* ((layer, fd), top first) into one listing.
+
+    A higher branch wins; a non-directory stops the stack for its name; a whiteout in a branch hides
+    the name in every branch below it.  *dirfds* already stops at an opaque directory.
+    """
+    entries: dict[bytes, Entry] = {}
+    hidden: set[bytes] = set()      # whited out by some branch above the one being read
+    closed: set[bytes] = set()      # names whose stack already stopped (non-directory seen)
+    for layer, fd in dirfds:
+        names, whiteouts, _opaque = scan_layer(fd)
+        for name, is_dir in names:
+            if name in hidden:
+                continue
+            e = entries.get(name)
+            if e is None:
+                entries[name] = Entry(layer, is_dir, layer > 0)
+                if not is_dir:
+                    closed.add(name)
+                continue
+            if layer > 0:
+                e.has_lower = True
+            if name in closed:
+                continue
+            if is_dir:
+                e.dir_layers.append(layer)
+            else:
+                closed.add(name)
+        hidden |= whiteouts
+    return entries
+
+
+def open_dir_layers(parent_fds: dict[int, int], name: bytes, layers: list[int]) -> list[tuple[int, int]]:
+    """Open the branch directories *name* in *layers* (top first) under the parent's fds.
+
+    Stops after an opaque one.  A branch whose entry is no longer a directory ends the stack.
+    Returns (layer, fd) pairs; the caller owns the fds.
+    """
+    out: list[tuple[int, int]] = []
+    try:
+        for i, layer in enumerate(layers):
+            pfd = parent_fds.get(layer)
+            if pfd is None:
+                break
+            try:
+                fd = open_dir_at(pfd, name)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            except OSError as e:
+                if e.errno == 40:  # ELOOP: a symlink was swapped in; never follow it
+                    break
+                raise
+            out.append((layer, fd))
+            if i + 1 < len(layers) and dir_is_opaque(fd):
+                break
+    except BaseException:
+        for _, fd in out:
+            os.close(fd)
+        raise
+    return out
+
+
+def entry_stat(parent_fds: dict[int, int], name: bytes, entry: Entry) -> os.stat_result:
+    return lstat_at(parent_fds[entry.layer], name)

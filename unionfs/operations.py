@@ -1,0 +1,308 @@
+"""The FUSE request handlers: thin wrappers over `Union`.
+
+Attributes:
+    union: the union's logic (node table, listings, changes).
+    timeout: entry and attribute cache time handed to the kernel, in seconds.
+    dirs: open directory handles -> the listing snapshot taken at opendir.
+
+Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
+in `_handler`.  Any other exception is a bug: it is logged with its traceback and answered with EIO,
+and the mount keeps serving.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .inodes import Node
+from .merge import Entry
+from .union import Creds, Union
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _handler(fn: F) -> F:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        if self.debug:
+            log.debug("%s%r", name, args)
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            if self.debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(e.errno or 0, e.errno))
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", name, args)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DirHandle:
+    __slots__ = ("node", "entries")
+
+    def __init__(self, node: Node, entries: list[tuple[bytes, Entry | None]]) -> None:
+        self.node = node
+        self.entries = entries
+
+
+class Operations(pyfuse3.Operations):
+    """unionfs as pyfuse3 sees it."""
+
+    union: Union
+    timeout: float
+    debug: bool
+    dirs: dict[int, DirHandle]
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, union: Union, timeout: float = 1.0, debug: bool = False) -> None:
+        super().__init__()
+        self.union = union
+        self.timeout = timeout
+        self.debug = debug
+        self.dirs = {}
+        self._next_dh = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.id
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = self.union.nlink(node, st)
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _looked_up(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node.nlookup += 1
+        return self._attr(node, st)
+
+    def _node(self, inode: int) -> Node:
+        return self.union.table.get(inode)
+
+    @staticmethod
+    def _creds(ctx: pyfuse3.RequestContext) -> Creds:
+        return Creds(ctx.uid, ctx.gid)
+
+    # ------------------------------------------------------------------ read path
+
+    @_handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        found = self.union.lookup(self._node(parent_inode), name)
+        if found is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.timeout
+            return neg
+        return self._looked_up(*found)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for inode, n in inode_list:
+                self.union.table.forget(inode, n)
+        except Exception:
+            log.exception("forget failed")
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        return self._attr(node, self.union.stat(node))
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.readlink(self._node(inode))
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        entries: list[tuple[bytes, Entry | None]] = [(b".", None), (b"..", None)]
+        entries.extend(self.union.listing(node).items())
+        self._next_dh += 1
+        self.dirs[self._next_dh] = DirHandle(node, entries)
+        node.handles += 1
+        return self._next_dh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        dh = self.dirs[fh]
+        union = self.union
+        node = dh.node
+        listing = node.listing if node.listing is not None else union.listing(node)
+        for i in range(start_id, len(dh.entries)):
+            name, e = dh.entries[i]
+            if e is None:
+                found = union.lookup(node, name)
+                assert found is not None
+                if not pyfuse3.readdir_reply(token, name, self._attr(*found), i + 1):
+                    return
+                continue
+            cur = listing.get(name)
+            if cur is None:
+                continue        # removed since opendir
+            try:
+                child, st = union.node_for(node, name, cur)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(child, st), i + 1):
+                union.table.maybe_free(child)
+                return
+            child.nlookup += 1
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        dh = self.dirs.pop(fh)
+        dh.node.handles -= 1
+        self.union.table.maybe_free(dh.node)
+
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fd = self.dirs[fh].node.fdmap.get(0)
+        if fd is not None:
+            os.fsync(fd)
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        h = await self.union.open(self._node(inode), flags)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.union.handles[fh]
+        if h.layer != h.node.layer:
+            self.union.refresh(h)
+        return os.pread(h.fd, size, off)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        self.union.release(self.union.handles[fh])
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.union.statvfs()
+        d = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail", "f_namemax"):
+            setattr(d, attr, getattr(sv, attr))
+        return d
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.getxattr(self._node(inode), name)
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.union.listxattr(self._node(inode))
+
+    @_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Mounted with default_permissions: the kernel checks modes itself and never asks.
+        return True
+
+    # ------------------------------------------------------------------ write path
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.union.handles[fh]
+        if h.layer != h.node.layer:
+            self.union.refresh(h)
+        return os.pwrite(h.fd, buf, off)
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.union.handles[fh]
+        (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    @_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        h, node, st = self.union.create(self._node(parent_inode), name, mode, flags, self._creds(ctx))
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), self._looked_up(node, st)
+
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        return self._looked_up(*self.union.mkdir(self._node(parent_inode), name, mode, self._creds(ctx)))
+
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._looked_up(*self.union.mknod(self._node(parent_inode), name, mode, rdev,
+                                                 self._creds(ctx)))
+
+    @_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._looked_up(*self.union.symlink(self._node(parent_inode), name, target,
+                                                   self._creds(ctx)))
+
+    @_handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._looked_up(*await self.union.link(self._node(inode), self._node(new_parent_inode),
+                                                      new_name))
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.union.unlink(self._node(parent_inode), name)
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.union.rmdir(self._node(parent_inode), name)
+
+    @_handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
+                                name_new, flags)
+
+    @_handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        st = await self.union.setattr(
+            node,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            handle=self.union.handles.get(fh) if fh is not None else None,
+        )
+        return self._attr(node, st)
+
+    @_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.setxattr(self._node(inode), name, value)
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.removexattr(self._node(inode), name)

@@ -1,0 +1,21 @@
+"""The few system calls the stdlib lacks, through ctypes; each raises OSError naming its step."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(src_dirfd: int, src: bytes, dst_dirfd: int, dst: bytes, flags: int) -> None:
+    if _renameat2(src_dirfd, src, dst_dirfd, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2: {os.strerror(err)}", os.fsdecode(src))

@@ -1,0 +1,615 @@
+"""The union's logic, callable without a mount: resolve, read, and change the merged tree.
+
+Every method raises OSError with the errno a program should see; `operations.py` turns that into
+`FUSEError`.  No invariant is held across an await: the only awaits are copy-ups, which hold the
+node's lock and re-check what they depend on afterwards.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .copyup import CopyUp
+from .inodes import Node, NodeTable
+from .layers import LayerStack, clear_dir, exists_at, fd_path, lstat_at, open_dir_at, open_file_at
+from .merge import Entry, build_listing, open_dir_layers
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from .whiteout import (
+    WH_PREFIX,
+    Dialect,
+    WhiteoutWriter,
+    is_private_xattr,
+    is_reserved_name,
+    is_whiteout_stat,
+)
+
+log = logging.getLogger(__name__)
+
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+
+
+def _err(code: int, what: str = "", name: bytes = b"") -> OSError:
+    return OSError(code, what or os.strerror(code), os.fsdecode(name))
+
+
+@dataclass
+class Creds:
+    """Who asked: new objects are owned by the caller, as on overlayfs."""
+
+    uid: int
+    gid: int
+
+
+class Handle:
+    """An open file: the real fd and the branch it was opened in (it follows the node up)."""
+
+    __slots__ = ("fh", "node", "fd", "layer", "flags")
+
+    def __init__(self, fh: int, node: Node, fd: int, layer: int, flags: int) -> None:
+        self.fh = fh
+        self.node = node
+        self.fd = fd
+        self.layer = layer
+        self.flags = flags
+
+
+class Union:
+    """A union of branches: the node table, the merged listings and every change."""
+
+    def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
+                 faults: frozenset[str] = frozenset()) -> None:
+        self.stack = stack
+        self.table = NodeTable(stack)
+        self.readonly = readonly or stack.upper is None
+        self.work_fd = stack.work_fd
+        self.writer = WhiteoutWriter(dialect, stack.work_fd, os.geteuid() == 0)
+        self.copyup = CopyUp(self)
+        self.faults = faults
+        self.privileged = os.geteuid() == 0
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 0
+
+    def close(self) -> None:
+        self.table.close()
+
+    # ------------------------------------------------------------------ resolution
+
+    def listing(self, d: Node) -> dict[bytes, Entry]:
+        if not d.is_dir:
+            raise _err(errno.ENOTDIR)
+        if d.listing is None:
+            d.listing = build_listing(d.dirfds)
+        return d.listing
+
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+        """The node for *name* in *parent* and its real stat, or None when the name is not visible."""
+        if name == b".":
+            return parent, self.stat(parent)
+        if name == b"..":
+            up = parent.links[-1][0] if parent.links else self.table.root
+            return up, self.stat(up)
+        e = self.listing(parent).get(name)
+        if e is None:
+            return None
+        return self.node_for(parent, name, e)
+
+    def node_for(self, parent: Node, name: bytes, e: Entry) -> tuple[Node, os.stat_result]:
+        st = lstat_at(parent.fdmap[e.layer], name)
+        key = (st.st_dev, st.st_ino)
+        node = self.table.find(key)
+        if node is None or node.is_dir != e.is_dir:
+            node = self.table.new(e.is_dir, e.layer, key)
+            if e.is_dir:
+                node.set_dirfds(open_dir_layers(parent.fdmap, name, e.dir_layers))
+        self.table.add_link(node, parent, name)
+        return node, st
+
+    def stat(self, node: Node) -> os.stat_result:
+        if node.is_dir:
+            if not node.dirfds:
+                raise _err(errno.ENOENT)
+            return os.fstat(node.dirfds[0][1])
+        if node.links:
+            pfd, name = node.real_parent_fd()
+            return lstat_at(pfd, name)
+        for h in self.open_handles(node):
+            return os.fstat(h.fd)
+        raise _err(errno.ENOENT)
+
+    def open_handles(self, node: Node) -> list[Handle]:
+        return [h for h in self.handles.values() if h.node is node] if node.handles else []
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
+        if node.is_dir and len(node.dirfds) > 1:
+            return 1
+        return st.st_nlink
+
+    def readlink(self, node: Node) -> bytes:
+        pfd, name = node.real_parent_fd()
+        return os.readlink(name, dir_fd=pfd)
+
+    # ------------------------------------------------------------------ xattrs and statfs
+
+    def _xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
+        if node.is_dir:
+            return fn(node.dirfds[0][1])
+        pfd, name = node.real_parent_fd()
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            return fn(fd_path(fd))
+        finally:
+            os.close(fd)
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA)
+        return self._xattr_target(node, lambda p: os.getxattr(p, name))  # type: ignore[return-value]
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        names = self._xattr_target(node, os.listxattr)
+        out = [os.fsencode(n) for n in names]  # type: ignore[attr-defined]
+        return [n for n in out if not is_private_xattr(n)]
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        self.check_writable()
+        if is_private_xattr(name):
+            raise _err(errno.EPERM)
+        await self.ensure_upper(node)
+        self._xattr_target(node, lambda p: os.setxattr(p, name, value))
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        self.check_writable()
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA)
+        self.getxattr(node, name)  # ENODATA before a needless copy-up
+        await self.ensure_upper(node)
+        self._xattr_target(node, lambda p: os.removexattr(p, name))
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.stack.layers[0].fd)
+
+    # ------------------------------------------------------------------ copy-up
+
+    def check_writable(self) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    def upper_dir(self, d: Node) -> int:
+        """The writable branch's directory for *d*, copying it (and its parents) up first."""
+        self.check_writable()
+        fd = d.fdmap.get(0)
+        if fd is not None:
+            return fd
+        parent, name = d.name_in()
+        pfd = self.upper_dir(parent)
+        fd = self.copyup.dir(d, pfd, name)
+        d.add_upper_dirfd(fd)
+        st = os.fstat(fd)
+        self.table.rekey(d, (st.st_dev, st.st_ino))
+        e = parent.listing.get(name) if parent.listing is not None else None
+        if e is not None:
+            e.layer = 0
+            e.dir_layers.insert(0, 0)
+        return fd
+
+    async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
+        """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied."""
+        self.check_writable()
+        if node.is_dir:
+            self.upper_dir(node)
+            return
+        if node.layer == 0:
+            return
+        if node.lock is None:
+            node.lock = trio.Lock()
+        async with node.lock:
+            if node.layer != 0:
+                await self.copyup.file(node, keep)
+
+    def moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int]) -> None:
+        """Record that *node* now lives in the writable branch under *parent*/*name*."""
+        node.layer = 0
+        self.table.rekey(node, key)
+        # Other names of a lower hard link keep showing the lower object (overlayfs, index=off).
+        for link in list(node.links):
+            if link != (parent, name):
+                self.table.drop_link(node, *link)
+        e = parent.listing.get(name) if parent.listing is not None else None
+        if e is not None:
+            e.layer = 0
+            e.has_lower = True
+
+    # ------------------------------------------------------------------ creating names
+
+    def _check_new_name(self, parent: Node, name: bytes) -> None:
+        self.check_writable()
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG, name=name)
+        if is_reserved_name(name):
+            raise _err(errno.EPERM, "names beginning with .wh. are reserved for whiteouts", name)
+        if name in self.listing(parent):
+            raise _err(errno.EEXIST, name=name)
+
+    def _owner(self, parent_fd: int, creds: Creds) -> tuple[int, int]:
+        pst = os.fstat(parent_fd)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else creds.gid
+        return creds.uid, gid
+
+    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int]) -> None:
+        if owner == (os.geteuid(), os.getegid()):
+            return
+        try:
+            os.chown(name, owner[0], owner[1], dir_fd=dirfd, follow_symlinks=False)
+        except PermissionError:
+            if self.privileged:
+                raise
+
+    def _place_new(self, parent: Node, name: bytes, is_dir: bool,
+                   make: Callable[[int, bytes, bool], None]) -> tuple[int, bool]:
+        """Create a new object *name* in the upper directory of *parent* with *make*(dirfd, name, opaque).
+
+        A whiteout left there for the name is replaced atomically (overlay dialect: the object is
+        built in the work dir and renamed over it) or removed after (AUFS dialect).  Returns the
+        upper directory fd and whether the name still exists in a lower branch (there was a whiteout).
+        """
+        pfd = self.upper_dir(parent)
+        try:
+            chr_wh = is_whiteout_stat(lstat_at(pfd, name))
+        except FileNotFoundError:
+            chr_wh = False
+        aufs_wh = exists_at(pfd, WH_PREFIX + name)
+        had = chr_wh or aufs_wh
+        if chr_wh:
+            work = self.work_fd
+            assert work is not None
+            tmp = self.writer.temp_name()
+            make(work, tmp, had)
+            try:
+                if is_dir:
+                    renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
+                    os.unlink(tmp, dir_fd=work)
+                else:
+                    os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=pfd)
+            except BaseException:
+                _remove_any(work, tmp)
+                raise
+        else:
+            make(pfd, name, had)
+        if aufs_wh:
+            os.unlink(WH_PREFIX + name, dir_fd=pfd)
+        return pfd, had
+
+    def _new_node(self, parent: Node, name: bytes, pfd: int, is_dir: bool, had_lower: bool
+                  ) -> tuple[Node, os.stat_result]:
+        self.listing(parent)[name] = Entry(0, is_dir, had_lower)
+        st = lstat_at(pfd, name)
+        node = self.table.find((st.st_dev, st.st_ino))
+        if node is None:
+            node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino))
+            if is_dir:
+                node.set_dirfds([(0, open_dir_at(pfd, name))])
+                node.listing = {}
+        self.table.add_link(node, parent, name)
+        return node, st
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, creds: Creds
+               ) -> tuple[Handle, Node, os.stat_result]:
+        self._check_new_name(parent, name)
+        fds: list[int] = []
+        owner = self._owner(self.upper_dir(parent), creds)
+
+        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
+            fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+            fds.append(fd)
+            self._chown_new(dirfd, n, owner)
+
+        pfd, had = self._place_new(parent, name, False, make)
+        node, st = self._new_node(parent, name, pfd, False, had)
+        return self._handle(node, fds[0], flags), node, st
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, os.stat_result]:
+        self._check_new_name(parent, name)
+        owner = self._owner(self.upper_dir(parent), creds)
+
+        def make(dirfd: int, n: bytes, opaque: bool) -> None:
+            os.mkdir(n, mode & 0o7777, dir_fd=dirfd)
+            self._chown_new(dirfd, n, owner)
+            if opaque:
+                fd = open_dir_at(dirfd, n)
+                try:
+                    self.writer.make_opaque(fd)
+                finally:
+                    os.close(fd)
+
+        pfd, had = self._place_new(parent, name, True, make)
+        return self._new_node(parent, name, pfd, True, had)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, creds: Creds
+              ) -> tuple[Node, os.stat_result]:
+        self._check_new_name(parent, name)
+        owner = self._owner(self.upper_dir(parent), creds)
+
+        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
+            os.mknod(n, mode, rdev, dir_fd=dirfd)
+            self._chown_new(dirfd, n, owner)
+
+        pfd, had = self._place_new(parent, name, False, make)
+        return self._new_node(parent, name, pfd, False, had)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, os.stat_result]:
+        self._check_new_name(parent, name)
+        owner = self._owner(self.upper_dir(parent), creds)
+
+        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
+            os.symlink(target, n, dir_fd=dirfd)
+            self._chown_new(dirfd, n, owner)
+
+        pfd, had = self._place_new(parent, name, False, make)
+        return self._new_node(parent, name, pfd, False, had)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        self._check_new_name(parent, name)
+        await self.ensure_upper(node)
+        self._check_new_name(parent, name)   # the copy-up may have awaited
+        spfd, sname = node.real_parent_fd()
+
+        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
+            os.link(sname, n, src_dir_fd=spfd, dst_dir_fd=dirfd, follow_symlinks=False)
+
+        pfd, had = self._place_new(parent, name, False, make)
+        return self._new_node(parent, name, pfd, False, had)
+
+    # ------------------------------------------------------------------ removing names
+
+    def _whiteout(self, dirfd: int, name: bytes, replace: bool) -> None:
+        if "skip-whiteout-on-unlink" in self.faults:
+            if replace:
+                os.unlink(name, dir_fd=dirfd)
+            return
+        self.writer.write(dirfd, name, replace)
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        self.check_writable()
+        listing = self.listing(parent)
+        e = listing.get(name)
+        if e is None:
+            raise _err(errno.ENOENT, name=name)
+        if e.is_dir:
+            raise _err(errno.EISDIR, name=name)
+        node, _ = self.node_for(parent, name, e)
+        if e.layer == 0:
+            pfd = parent.fdmap[0]
+            if e.has_lower:
+                self._whiteout(pfd, name, replace=True)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        else:
+            self._whiteout(self.upper_dir(parent), name, replace=False)
+        del listing[name]
+        self.table.drop_link(node, parent, name)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        self.check_writable()
+        listing = self.listing(parent)
+        e = listing.get(name)
+        if e is None:
+            raise _err(errno.ENOENT, name=name)
+        if not e.is_dir:
+            raise _err(errno.ENOTDIR, name=name)
+        node, _ = self.node_for(parent, name, e)
+        if self.listing(node):
+            raise _err(errno.ENOTEMPTY, name=name)
+        if e.layer == 0:
+            clear_dir(node.fdmap[0])   # only whiteouts and markers are left in it
+            pfd = parent.fdmap[0]
+            if e.has_lower:
+                self.writer.write(pfd, name, replace=True)
+            else:
+                os.rmdir(name, dir_fd=pfd)
+        else:
+            self.writer.write(self.upper_dir(parent), name, replace=False)
+        del listing[name]
+        node.listing = {}
+        self.table.drop_link(node, parent, name)
+
+    # ------------------------------------------------------------------ rename
+
+    def _is_merged_or_lower(self, node: Node) -> bool:
+        return node.layer != 0 or len(node.dirfds) > 1
+
+    async def rename(self, op: Node, on: bytes, np: Node, nn: bytes, flags: int) -> None:
+        self.check_writable()
+        if is_reserved_name(nn):
+            raise _err(errno.EPERM, name=nn)
+        es = self.listing(op).get(on)
+        if es is None:
+            raise _err(errno.ENOENT, name=on)
+        ed = self.listing(np).get(nn)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & RENAME_NOREPLACE and ed is not None:
+            raise _err(errno.EEXIST, name=nn)
+        if exchange and ed is None:
+            raise _err(errno.ENOENT, name=nn)
+        src, _ = self.node_for(op, on, es)
+        if es.is_dir and self._is_merged_or_lower(src):
+            raise _err(errno.EXDEV, "directory has content in a lower branch", on)
+        dst: Node | None = None
+        if ed is not None:
+            dst, _ = self.node_for(np, nn, ed)
+            if dst is src and not exchange:
+                return
+            if exchange:
+                if ed.is_dir and self._is_merged_or_lower(dst):
+                    raise _err(errno.EXDEV, "directory has content in a lower branch", nn)
+            elif ed.is_dir and not es.is_dir:
+                raise _err(errno.EISDIR, name=nn)
+            elif es.is_dir and not ed.is_dir:
+                raise _err(errno.ENOTDIR, name=nn)
+            elif ed.is_dir and self.listing(dst):
+                raise _err(errno.ENOTEMPTY, name=nn)
+        if not es.is_dir:
+            await self.ensure_upper(src)
+        if exchange and dst is not None and not dst.is_dir:
+            await self.ensure_upper(dst)
+        # Re-read after the awaits: another request may have changed either name meanwhile.
+        if self.listing(op).get(on) is not es or self.listing(np).get(nn) is not ed:
+            raise _err(errno.EAGAIN, "rename raced with another change", on)
+        if src.is_dir and src.fdmap.get(0) is None:
+            raise _err(errno.EXDEV, name=on)
+        spfd = self.upper_dir(op)
+        dpfd = self.upper_dir(np)
+        if exchange:
+            assert ed is not None and dst is not None
+            renameat2(spfd, on, dpfd, nn, RENAME_EXCHANGE)
+            self._after_exchange(op, on, es, src, np, nn, ed, dst)
+            return
+        dst_lower = False
+        if ed is not None:
+            dst_lower = ed.has_lower or ed.layer != 0
+            if ed.is_dir and ed.layer == 0:
+                clear_dir(dst.fdmap[0])  # type: ignore[union-attr]
+        else:
+            dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
+        os.rename(on, nn, src_dir_fd=spfd, dst_dir_fd=dpfd)
+        if es.is_dir and dst_lower:
+            self.writer.make_opaque(src.fdmap[0])
+            src.set_dirfds(src.dirfds[:1])
+            src.listing = None
+        if es.has_lower or es.layer != 0:
+            self._whiteout(spfd, on, replace=False)
+        del self.listing(op)[on]
+        new = Entry(0, es.is_dir, dst_lower)
+        self.listing(np)[nn] = new
+        if dst is not None:
+            self.table.drop_link(dst, np, nn)
+            if dst.is_dir:
+                dst.listing = {}
+        self.table.drop_link(src, op, on)
+        self.table.add_link(src, np, nn)
+
+    def _clear_whiteout_for(self, dirfd: int, name: bytes, is_dir: bool) -> bool:
+        """Before renaming onto *name*, remove a whiteout a rename cannot replace; True if one was there."""
+        try:
+            chr_wh = is_whiteout_stat(lstat_at(dirfd, name))
+        except FileNotFoundError:
+            chr_wh = False
+        if chr_wh and is_dir:
+            os.unlink(name, dir_fd=dirfd)
+        aufs = exists_at(dirfd, WH_PREFIX + name)
+        if aufs:
+            os.unlink(WH_PREFIX + name, dir_fd=dirfd)
+        return chr_wh or aufs
+
+    def _after_exchange(self, op: Node, on: bytes, es: Entry, src: Node,
+                        np: Node, nn: bytes, ed: Entry, dst: Node) -> None:
+        lo, ln = self.listing(op), self.listing(np)
+        src_lower = es.has_lower or es.layer != 0
+        dst_lower = ed.has_lower or ed.layer != 0
+        lo[on] = Entry(0, ed.is_dir, src_lower)
+        ln[nn] = Entry(0, es.is_dir, dst_lower)
+        for node, lower in ((src, dst_lower), (dst, src_lower)):
+            if node.is_dir and lower:
+                self.writer.make_opaque(node.fdmap[0])
+        self.table.drop_link(src, op, on)
+        self.table.drop_link(dst, np, nn)
+        self.table.add_link(src, np, nn)
+        self.table.add_link(dst, op, on)
+
+    # ------------------------------------------------------------------ attributes
+
+    async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
+                      uid: int | None = None, gid: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      handle: Handle | None = None) -> os.stat_result:
+        self.check_writable()
+        await self.ensure_upper(node, keep=size)
+        if node.is_dir:
+            target: int | str = node.fdmap[0]
+            fd_for_path = None
+        else:
+            pfd, name = node.real_parent_fd() if node.links else (-1, b"")
+            fd_for_path = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd) \
+                if node.links else None
+            target = fd_path(fd_for_path) if fd_for_path is not None else (handle.fd if handle else -1)
+        try:
+            if size is not None:
+                if node.is_dir:
+                    raise _err(errno.EISDIR)
+                if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
+                    self.refresh(handle)
+                    os.ftruncate(handle.fd, size)
+                else:
+                    wfd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.ftruncate(wfd, size)
+                    finally:
+                        os.close(wfd)
+            if uid is not None or gid is not None:
+                # A /proc/self/fd path lands on the object itself, even a symlink.
+                os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+            if mode is not None:
+                st = os.stat(target)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chmod(target, stat.S_IMODE(mode))
+            if atime_ns is not None or mtime_ns is not None:
+                if atime_ns is None or mtime_ns is None:
+                    st = os.stat(target)
+                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+                os.utime(target, ns=(atime_ns, mtime_ns))
+            return os.stat(target) if not node.is_dir else os.fstat(node.fdmap[0])
+        finally:
+            if fd_for_path is not None:
+                os.close(fd_for_path)
+
+    # ------------------------------------------------------------------ files
+
+    def _handle(self, node: Node, fd: int, flags: int) -> Handle:
+        node.handles += 1
+        self._next_fh += 1
+        h = self.handles[self._next_fh] = Handle(self._next_fh, node, fd, node.layer, flags)
+        return h
+
+    async def open(self, node: Node, flags: int) -> Handle:
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            await self.ensure_upper(node)
+        pfd, name = node.real_parent_fd()
+        fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
+        return self._handle(node, fd, flags)
+
+    def refresh(self, h: Handle) -> None:
+        """A handle opened before its node was copied up reads the upper copy from then on."""
+        if h.layer != h.node.layer and h.node.links:
+            pfd, name = h.node.real_parent_fd()
+            fd = open_file_at(pfd, name, h.flags & ~OPEN_STRIP)
+            os.close(h.fd)
+            h.fd = fd
+            h.layer = h.node.layer
+
+    def release(self, h: Handle) -> None:
+        del self.handles[h.fh]
+        os.close(h.fd)
+        h.node.handles -= 1
+        self.table.maybe_free(h.node)
+
+
+def _remove_any(dirfd: int, name: bytes) -> None:
+    try:
+        st = lstat_at(dirfd, name)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass

@@ -1,0 +1,162 @@
+"""Whiteouts and opaque directories: recognise every dialect found in the wild, write the chosen one.
+
+Dialects read, in any branch:
+- AUFS: an entry ``.wh.NAME`` hides NAME below; ``.wh..wh..opq`` makes its directory opaque; any other
+  ``.wh..wh.*`` name is AUFS (or unionfs) bookkeeping and is never shown.
+- overlayfs: a character device 0/0 named NAME hides NAME below; the xattr ``trusted.overlay.opaque``
+  (or ``user.overlay.opaque`` from unprivileged overlayfs, or ``user.fuseoverlayfs.opaque``) set to
+  ``y`` makes its directory opaque.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import stat
+
+from .layers import exists_at, lstat_at
+
+log = logging.getLogger(__name__)
+
+WH_PREFIX = b".wh."
+WH_META_PREFIX = b".wh..wh."
+WH_OPQ = b".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.", b"user.unionfs.")
+WHITEOUT_DEV = os.makedev(0, 0)
+
+
+class Dialect(enum.Enum):
+    AUFS = "aufs"
+    OVERLAY = "overlay"
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """Overlay and unionfs bookkeeping xattrs: never shown, never settable through the union."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def is_reserved_name(name: bytes) -> bool:
+    """Names the union cannot hold because they spell a whiteout in the AUFS dialect."""
+    return name.startswith(WH_PREFIX)
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
+
+
+def dir_is_opaque(fd: int) -> bool:
+    """Whether the branch directory open as *fd* is opaque in any dialect."""
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        names = []
+    for attr in OPAQUE_XATTRS:
+        if attr in names:
+            try:
+                if os.getxattr(fd, attr) == b"y":
+                    return True
+            except OSError:
+                pass
+    return exists_at(fd, WH_OPQ)
+
+
+def whiteout_in(dirfd: int, name: bytes) -> bool:
+    """Whether the branch directory *dirfd* holds a whiteout for *name* in any dialect."""
+    try:
+        if is_whiteout_stat(lstat_at(dirfd, name)):
+            return True
+    except FileNotFoundError:
+        pass
+    return exists_at(dirfd, WH_PREFIX + name)
+
+
+class WhiteoutWriter:
+    """Writes whiteouts and opaque markers in one dialect into the writable branch.
+
+    *work_fd* is a directory on the same filesystem for assembling a whiteout that must replace an
+    existing entry atomically (overlay dialect).
+    """
+
+    def __init__(self, dialect: Dialect, work_fd: int | None, privileged: bool) -> None:
+        self.dialect = dialect
+        self.work_fd = work_fd
+        self.opaque_xattr = "trusted.overlay.opaque" if privileged else "user.overlay.opaque"
+        self._seq = 0
+
+    def temp_name(self) -> bytes:
+        self._seq += 1
+        return b"wh.%d.%d" % (os.getpid(), self._seq)
+
+    def write(self, dirfd: int, name: bytes, replace: bool) -> None:
+        """Leave a whiteout for *name* in *dirfd*; with *replace*, atomically over an existing entry."""
+        if self.dialect is Dialect.AUFS:
+            fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444,
+                         dir_fd=dirfd)
+            os.close(fd)
+            if replace:
+                st = lstat_at(dirfd, name)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=dirfd)
+                else:
+                    os.unlink(name, dir_fd=dirfd)
+            return
+        if not replace:
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o600, WHITEOUT_DEV, dir_fd=dirfd)
+                return
+            except PermissionError:
+                self._fall_back()
+                return self.write(dirfd, name, replace)
+        assert self.work_fd is not None
+        tmp = self.temp_name()
+        try:
+            os.mknod(tmp, stat.S_IFCHR | 0o600, WHITEOUT_DEV, dir_fd=self.work_fd)
+        except PermissionError:
+            self._fall_back()
+            return self.write(dirfd, name, replace)
+        try:
+            st = lstat_at(dirfd, name)
+            if stat.S_ISDIR(st.st_mode):
+                # rename() cannot put a non-directory over a directory: the emptied directory goes first.
+                os.rmdir(name, dir_fd=dirfd)
+            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=dirfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=self.work_fd)
+            except OSError:
+                pass
+            raise
+
+    def _fall_back(self) -> None:
+        log.warning("cannot create 0/0 character devices here; writing AUFS-style whiteouts instead")
+        self.dialect = Dialect.AUFS
+
+    def clear(self, dirfd: int, name: bytes) -> bool:
+        """Remove any whiteout for *name* in *dirfd* (either dialect).  Returns whether there was one."""
+        found = False
+        try:
+            if is_whiteout_stat(lstat_at(dirfd, name)):
+                os.unlink(name, dir_fd=dirfd)
+                found = True
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(WH_PREFIX + name, dir_fd=dirfd)
+            found = True
+        except FileNotFoundError:
+            pass
+        return found
+
+    def make_opaque(self, fd: int) -> None:
+        """Mark the branch directory open as *fd* opaque."""
+        if self.dialect is Dialect.AUFS:
+            os.close(os.open(WH_OPQ, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=fd))
+            return
+        try:
+            os.setxattr(fd, self.opaque_xattr, b"y")
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            os.close(os.open(WH_OPQ, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=fd))
