@@ -24,7 +24,7 @@ def test_quick_benchmark_runs_and_validates(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the benchmark needs root (mounts, drop_caches)")
     if shutil.which("fuse-overlayfs") is None:
-        pytest.skip("fuse-overlayfs is not installed")
+        pytest.skip("needs FUSE: fuse-overlayfs is not installed")
     done = subprocess.run(
         [
             sys.executable,

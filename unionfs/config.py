@@ -178,7 +178,8 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         try:
             dialect = Dialect(values["whiteout"])
         except ValueError:
-            raise QuietError(f"whiteout={values['whiteout']}: use whiteout=aufs or whiteout=overlay") from None
+            msg = f"whiteout={values['whiteout']}: use whiteout=aufs or whiteout=overlay"
+            raise QuietError(msg) from None
     timeout = 1.0
     if values.get("timeout") is not None:
         try:

@@ -92,9 +92,7 @@ class WhiteoutWriter:
     def write(self, dirfd: int, name: bytes, replace: bool) -> None:
         """Leave a whiteout for *name* in *dirfd*; with *replace*, atomically over an existing entry."""
         if self.dialect is Dialect.AUFS:
-            fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444,
-                         dir_fd=dirfd)
-            os.close(fd)
+            _touch(dirfd, WH_PREFIX + name)
             if replace:
                 st = lstat_at(dirfd, name)
                 if stat.S_ISDIR(st.st_mode):
@@ -152,11 +150,16 @@ class WhiteoutWriter:
     def make_opaque(self, fd: int) -> None:
         """Mark the branch directory open as *fd* opaque."""
         if self.dialect is Dialect.AUFS:
-            os.close(os.open(WH_OPQ, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=fd))
+            _touch(fd, WH_OPQ)
             return
         try:
             os.setxattr(fd, self.opaque_xattr, b"y")
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
                 raise
-            os.close(os.open(WH_OPQ, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=fd))
+            _touch(fd, WH_OPQ)
+
+
+def _touch(dirfd: int, name: bytes) -> None:
+    """Create an empty, read-only marker file (an AUFS whiteout or opaque marker)."""
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=dirfd))
