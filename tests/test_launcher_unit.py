@@ -131,3 +131,38 @@ def test_cli_help_and_usage_errors() -> None:
     assert r.exit_code == 2 and "hostname" in r.output.lower()
     r = runner.invoke(run_command, ["--net", "bridge", "/tmp", "--", "true"])
     assert r.exit_code == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root here (CI runs as root)")
+def test_chroot_fallback_when_pivot_root_is_refused(tmp_path: Path) -> None:
+    """Where pivot_root says EINVAL (a root on initramfs), enter_root warns and chroots instead."""
+    (tmp_path / "newroot").mkdir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # in a throwaway mount namespace, so nothing can leak
+        code = 1
+        try:
+            os.close(r)
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            namespaces.make_mounts_private()
+            root = str(tmp_path / "newroot")
+            syscalls.mount("tmpfs", root, "tmpfs", 0, "mode=0755")
+            os.mkdir(os.path.join(root, "marker"))
+
+            def refuse(new_root: str, put_old: str) -> None:
+                raise OSError(errno.EINVAL, "pivot_root", new_root)
+
+            rootfs.syscalls.pivot_root = refuse  # type: ignore[assignment]
+            rootfs.enter_root(root, "/marker")
+            os.write(w, f"{sorted(os.listdir('/'))} {os.getcwd()}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out.decode() == "['marker'] /marker"
