@@ -16,19 +16,22 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from layerset import LayerSet, ensure_layers, restore_native
-from mounts import IMPLEMENTATIONS, MountError, abort_fuse_connection, cleanup_stale_mounts, is_mounted, mount
+from mounts import IMPLEMENTATIONS, MountError, cleanup_stale_mounts, mount, stop_stuck_server
 from report import Record, summarise, table, write_outputs
-from spec import BASE_DIR, FULL, QUICK, Layout
+from spec import FULL, QUICK, Layout
 from validate import check, check_layers_after
 
 PERF_DIR = Path(__file__).resolve().parent
@@ -145,7 +148,7 @@ class Bench:
         try:
             with mount(impl, case.lowers, case.upper_template, native) as view:
                 request = {"workload": case.workload, "root": str(view.root), "params": case.params}
-                result = run_worker(request, self.timeout, view.root if impl != "native" else None)
+                result = run_worker(request, self.timeout, lambda: stop_stuck_server(view))
             layer_problem = check_layers_after(case.workload, view.upper, self.layers)
         finally:
             if impl == "native" and case.workload in WRITES_NATIVE:
@@ -166,7 +169,7 @@ class WorkerError(Exception):
     """The workload failed or timed out; the message is one line for the report."""
 
 
-def run_worker(request: dict[str, Any], timeout: float, fuse_mount: Path | None) -> dict[str, Any]:
+def run_worker(request: dict[str, Any], timeout: float, on_timeout: Callable[[], None]) -> dict[str, Any]:
     process = subprocess.Popen(
         [sys.executable, str(PERF_DIR / "worker.py")],
         stdin=subprocess.PIPE,
@@ -176,8 +179,7 @@ def run_worker(request: dict[str, Any], timeout: float, fuse_mount: Path | None)
     try:
         stdout, stderr = process.communicate(json.dumps(request).encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
-        if fuse_mount is not None and is_mounted(fuse_mount):
-            abort_fuse_connection(fuse_mount)  # a request stuck in our FUSE mount would block the kill
+        on_timeout()  # a request stuck in our FUSE mount would block the kill
         process.kill()
         process.communicate()
         raise WorkerError(f"timed out after {timeout:.0f} s") from None
@@ -208,30 +210,49 @@ def progress(rep: int, case: Case, impl: str, outcome: dict[str, tuple[float | N
 # W9 ------------------------------------------------------------------------------------------------
 
 
-def run_w9(reps: int, quick: bool, timeout: float) -> tuple[dict[str, list[float]] | None, str]:
-    """Launch latency from perf/launch_latency.py (owned by the launcher): `measure(workdir, reps, quick)`
-    returns {"unionfs run": [seconds, ...], "unshare --root": [seconds, ...]}."""
-    if not (PERF_DIR / "launch_latency.py").exists():
+def run_w9(quick: bool, timeout: float) -> tuple[dict[str, list[float]] | None, str]:
+    """W9 from perf/launch_latency.py (the launcher's script): run it and read its table of medians.
+
+    Returns {"<row> to exec": [seconds], "<row> total": [seconds]} for each row it measured, e.g.
+    "unionfs run (fuse) to exec" and "unshare --root total"; or None and why not.
+    """
+    script = PERF_DIR / "launch_latency.py"
+    if not script.exists():
         return None, "perf/launch_latency.py not present yet"
-    workdir = BASE_DIR / "w9"
-    code = (
-        "import json, sys; from pathlib import Path; import launch_latency as l; "
-        f"print(json.dumps(l.measure(workdir=Path({str(workdir)!r}), reps={reps}, quick={quick})))"
-    )
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", code], cwd=PERF_DIR, capture_output=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"launch_latency timed out after {timeout:.0f} s"
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.decode(errors="replace").splitlines() if line.strip()]
-        return None, f"launch_latency failed: {lines[-1] if lines else result.returncode}"
-    try:
-        data = json.loads(result.stdout.decode().strip().splitlines()[-1])
-        return {str(k): [float(x) for x in v] for k, v in data.items()}, ""
-    except (ValueError, IndexError, AttributeError, TypeError) as exc:
-        return None, f"launch_latency returned unexpected output: {exc}"
+    command = [sys.executable, str(script), "--runs", "5" if quick else "20"]
+    # Files, not pipes: daemons started by the launcher must not hold our read end open.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            code = subprocess.run(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return None, f"launch_latency timed out after {timeout:.0f} s"
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if code != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        return None, f"launch_latency failed: {lines[-1] if lines else code}"
+    rows = parse_latency_table(stdout)
+    return (rows, "") if rows else (None, "launch_latency printed no measurements")
+
+
+LATENCY_ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<exec>[\d.]+|-)\s+(?P<total>[\d.]+|-)\s*$")
+
+
+def parse_latency_table(text: str) -> dict[str, list[float]]:
+    """Rows of launch_latency's table ("name  to-exec-ms  total-ms", "-" when not measured) in seconds."""
+    rows: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        match = LATENCY_ROW.match(line)
+        if not match:
+            continue
+        for column in ("exec", "total"):
+            if match[column] != "-":
+                label = "to exec" if column == "exec" else "total"
+                rows[f"{match['name']} {label}"] = [float(match[column]) / 1000]
+    return rows
 
 
 # Main ----------------------------------------------------------------------------------------------
@@ -317,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         left = cleanup_stale_mounts()
         if left:
             print(f"WARNING: had to force-unmount {', '.join(left)}", file=sys.stderr)
-    w9, w9_error = run_w9(args.reps, args.quick, args.timeout) if "W9" in args.only else (None, "")
+    w9, w9_error = run_w9(args.quick, args.timeout) if "W9" in args.only else (None, "")
     if w9_error:
         print(f"W9: n/a ({w9_error})", file=sys.stderr)
     summary = summarise(bench.records, w9)

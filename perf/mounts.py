@@ -6,8 +6,11 @@ the upper and work directories are recreated from the template, so no workload s
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +21,8 @@ from spec import BASE_DIR
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 IMPLEMENTATIONS = ("native", "kernel", "fuse-overlayfs", "unionfs")
-MOUNT_TIMEOUT = 60.0
-UNMOUNT_TIMEOUT = 60.0
+MOUNT_TIMEOUT = 30.0
+UNMOUNT_TIMEOUT = 30.0
 
 
 class MountError(Exception):
@@ -71,6 +74,18 @@ def force_unmount(point: Path, fstype: str | None = None) -> None:
     subprocess.run([*command, str(point)], capture_output=True, timeout=UNMOUNT_TIMEOUT)
 
 
+def stop_stuck_server(view: Mounted) -> None:
+    """Unblock everything waiting on our own FUSE mount: abort its connection (when fusectl is mounted)
+    and SIGKILL its server, which we started."""
+    if view.impl in ("fuse-overlayfs", "unionfs") and is_mounted(view.root):
+        abort_fuse_connection(view.root)
+    if view.daemon_pid is not None:
+        try:
+            os.kill(view.daemon_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def abort_fuse_connection(point: Path) -> None:
     """Abort the FUSE connection behind `point` (only ever one of our own mounts), unblocking any waiter."""
     with open("/proc/self/mountinfo") as info:
@@ -119,12 +134,14 @@ def mount(impl: str, lowers: list[Path], upper_template: Path | None, native: Pa
         impl
     ]
     process: subprocess.Popen[bytes] | None = None
+    ready = False
     try:
         process = starter(options, mnt)
         _wait_mounted(mnt, process)
+        ready = True
         yield Mounted(impl, mnt, upper, _daemon_pid(impl, process, mnt))
     finally:
-        _unmount(impl, mnt, process)
+        _unmount(impl, mnt, process, stuck=not ready)
 
 
 def _mount_kernel(options: str, mnt: Path) -> None:
@@ -143,12 +160,26 @@ def _mount_unionfs(options: str, mnt: Path) -> None:
 
 
 def _run_mount_command(command: list[str]) -> None:
-    try:
-        result = subprocess.run(command, capture_output=True, timeout=MOUNT_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MountError(f"{Path(command[0]).name}: {exc}") from exc
-    if result.returncode != 0:
-        raise MountError(_error_line(command, result.returncode, result.stderr))
+    # stderr goes to a file, not a pipe: a daemon forked by the command inherits it, and reading a pipe to
+    # EOF would wait for the daemon to exit rather than for the command.
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            code = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                timeout=MOUNT_TIMEOUT,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            raise MountError(
+                f"{Path(command[0]).name} {command[1]} did not return within {MOUNT_TIMEOUT:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise MountError(f"{Path(command[0]).name}: {exc}") from exc
+        stderr.seek(0)
+        if code != 0:
+            raise MountError(_error_line(command, code, stderr.read()))
 
 
 def _error_line(command: list[str], code: int, stderr: bytes) -> str:
@@ -190,7 +221,20 @@ def find_daemon_pid(mnt: Path) -> int | None:
     return None
 
 
-def _unmount(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
+def kill_stuck_daemon(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL the FUSE server of our own mount `mnt` (a server blocked on its own mount never answers)."""
+    if process is not None:
+        process.kill()
+        return
+    if impl == "unionfs":
+        pid = find_daemon_pid(mnt)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _unmount(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None, stuck: bool = False) -> None:
+    if stuck:
+        kill_stuck_daemon(impl, mnt, process)
     if is_mounted(mnt):
         command = {
             "kernel": ["umount", str(mnt)],
@@ -203,6 +247,7 @@ def _unmount(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None) -> N
         except subprocess.TimeoutExpired:
             failed = True
         if failed or is_mounted(mnt):
+            kill_stuck_daemon(impl, mnt, process)
             force_unmount(mnt)
     if process is not None:
         try:

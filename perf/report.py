@@ -125,10 +125,11 @@ def w8_target(summary: Summary) -> tuple[str, bool, str]:
 
 
 def w9_target(w9: dict[str, list[float]] | None) -> tuple[str, bool, str]:
-    name = "W9 unionfs run median < 150 ms"
-    if not w9 or not w9.get("unionfs run"):
+    name = "W9 unionfs run to exec of /bin/true, median < 150 ms"
+    runs = (w9 or {}).get("unionfs run (fuse) to exec") or (w9 or {}).get("unionfs run (fuse) total")
+    if not runs:
         return name, False, "n/a (launch latency not measured)"
-    med = statistics.median(w9["unionfs run"])
+    med = statistics.median(runs)
     return name, med < W9_TARGET_SECONDS, f"{med * 1000:.0f} ms"
 
 
@@ -180,10 +181,8 @@ def table(summary: Summary, w9: dict[str, list[float]] | None) -> str:
 def w9_lines(w9: dict[str, list[float]] | None) -> list[str]:
     if not w9:
         return []
-    return [
-        "",
-        "W9 launch latency (median of runs): "
-        + ", ".join(f"{name} {statistics.median(v) * 1000:.0f} ms" for name, v in w9.items() if v),
+    return ["", "W9 launch latency (medians, from perf/launch_latency.py):"] + [
+        f"  {name:40s} {statistics.median(v) * 1000:7.1f} ms" for name, v in w9.items() if v
     ]
 
 
