@@ -50,6 +50,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
                    "The kernel's copy always uses overlay.")
 @click.option("--impl-a", type=IMPLS, default="kernel", show_default=True, help="Reference.")
 @click.option("--impl-b", type=IMPLS, default="unionfs", show_default=True, help="Under test.")
+@click.option("--options-a", default="", help="Extra mount options for implementation A.")
+@click.option("--options-b", default="", help="Extra mount options for implementation B.")
 @click.option("--fault", default=None, help="Set UNIONFS_FAULT for the unionfs daemon (planted bugs).")
 @click.option("--ops", "allow", default=None, callback=_ops,
               help="Comma-separated operations to draw from (default: all).")
@@ -62,7 +64,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
 @click.option("--base", default="/var/tmp", show_default=True, help="Where scratch dirs and mounts go.")
 @click.option("-v", "--verbose", count=True, help="-v: a line per sequence; -vv: debug log.")
 def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int, int], whiteout: str,
-                        lower_whiteout: str | None, impl_a: str, impl_b: str, fault: str | None,
+                        lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
+                        options_b: str, fault: str | None,
                         allow: set[str] | None, keep_going: bool, shrink: bool, shrink_runs: int,
                         shrink_seconds: float, out_dir: str, base: str, verbose: int) -> None:
     """Throw random system-call sequences at two unions side by side; report where they differ.
@@ -79,8 +82,8 @@ def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int
     if os.geteuid() != 0:
         raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
     env = {"UNIONFS_FAULT": fault} if fault else {}
-    a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout)
-    b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout)
+    a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
+    b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout, options=options_b)
     runner = Runner(a, b, base)
     passed = failed = 0
     start = time.monotonic()
@@ -103,14 +106,18 @@ def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int
             shrunk = shrink_case(runner, case, failure, trace, shrink_runs, shrink_seconds)
             case, trace, failure = shrunk.case, shrunk.trace, shrunk.failure
             note = f", shrunk in {shrunk.runs} replays ({shrunk.seconds:.0f}s)"
-        click.echo(f"minimal sequence ({len(case.ops)} steps, {len(case.spec.entries)} layer entries{note}):")
+        label = "minimal" if shrink else "failing"
+        click.echo(f"{label} sequence ({len(case.ops)} steps, {len(case.spec.entries)} layer entries{note}):")
         click.echo(format_trace(trace, a.name, b.name, failure))
         provenance = (f"Found by: unionfs conformance --seed {seed} --steps {steps} --layers "
                       f"{layers[0]}-{layers[1]} --whiteout {whiteout} --impl-a {impl_a} --impl-b {impl_b}"
+                      + (f" --options-a {options_a}" if options_a else "")
+                      + (f" --options-b {options_b}" if options_b else "")
                       + (f" --fault {fault}" if fault else "") + f"\n(sequence {index}{note}).")
         filename = f"conformance-seed{seed}-seq{index}.py"
         text = script(Case(case.spec, case.ops), failure, impl_a=impl_a, impl_b=impl_b, whiteout=whiteout,
-                      lower_whiteout=lower_whiteout, fault=fault, provenance=provenance, filename=filename)
+                      lower_whiteout=lower_whiteout, fault=fault, provenance=provenance, filename=filename,
+                      options_a=options_a, options_b=options_b)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, filename)
         write_script(path, text)

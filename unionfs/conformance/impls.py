@@ -44,6 +44,34 @@ def is_mounted(path: str) -> bool:
         return any(_unescape(line.split()[4]) == path for line in f)
 
 
+def _mount_dev(path: str) -> tuple[int, int] | None:
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == path:
+                major, minor = fields[2].split(":")
+                return int(major), int(minor)
+    return None
+
+
+def abort_fuse(mnt: str) -> bool:
+    """Abort the FUSE connection mounted at ``mnt`` (ours, hung), so blocked syscalls return.
+
+    Uses the fusectl filesystem when it is mounted; never stats the hung mount itself.
+    """
+    dev = _mount_dev(mnt)
+    if dev is None or dev[0] != 0:
+        return False
+    ctl = f"/sys/fs/fuse/connections/{dev[1]}/abort"
+    if not os.path.exists(ctl):
+        log.warning("cannot abort hung FUSE mount %s: fusectl is not mounted", mnt)
+        return False
+    with open(ctl, "w") as f:
+        f.write("1")
+    return True
+
+
 def _run(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> None:
     """Run a mount helper. Its output goes to a file, not a pipe: a daemon that inherits a pipe
     would keep it open and make us wait for EOF forever."""
@@ -74,6 +102,7 @@ class Impl:
 
     name = "?"
     dialect = "overlay"
+    extra_options = ""
 
     def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
         raise NotImplementedError
@@ -82,7 +111,7 @@ class Impl:
         raise NotImplementedError
 
     def __str__(self) -> str:
-        return self.name
+        return f"{self.name}[{self.extra_options}]" if self.extra_options else self.name
 
 
 class KernelOverlay(Impl):
@@ -91,8 +120,13 @@ class KernelOverlay(Impl):
     name = "kernel"
     OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
 
+    def __init__(self, extra_options: str = "") -> None:
+        self.extra_options = extra_options
+
     def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
         opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},{self.OPTIONS}"
+        if self.extra_options:  # later options win: "redirect_dir=on" turns the feature back on
+            opts += "," + self.extra_options
         _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
 
     def umount(self, mnt: str) -> None:
@@ -176,7 +210,7 @@ def make_impl(name: str, whiteout: str = "overlay", env: Mapping[str, str] | Non
               lower_dialect: str | None = None, options: str = "") -> Impl:
     """An implementation by name: kernel, fuse-overlayfs or unionfs."""
     if name == "kernel":
-        return KernelOverlay()
+        return KernelOverlay(options)
     if name == "fuse-overlayfs":
         return FuseOverlayfs()
     if name == "unionfs":

@@ -20,10 +20,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from .impls import Impl, MountError, is_mounted
+from .impls import Impl, MountError, abort_fuse, is_mounted
 from .layers import Fill, LayerEntry, Layers, LayerSpec, Oct, Rep, build_layers, finish_layers, random_layers
 from .ops import Chooser, Op, Outcome, Session, execute
 from .snapshot import Snapshot, diff, tree_digest, upper_tree, visible_tree
@@ -31,6 +33,7 @@ from .snapshot import Snapshot, diff, tree_digest, upper_tree, visible_tree
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "/var/tmp"
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,6 +90,7 @@ class _Side:
         self.digests: list[str] = []
         self.session = Session(self.mnt)
         self.mounted = False
+        self.hung = False
 
     def build(self, spec: Fill) -> None:
         os.mkdir(self.base)
@@ -107,14 +111,42 @@ class _Side:
             self.impl.umount(self.mnt)
 
 
-class Runner:
-    """Runs cases on implementation A (the reference) and B (under test) in scratch dirs."""
+class Hang(Exception):
+    pass
 
-    def __init__(self, impl_a: Impl, impl_b: Impl, base_dir: str = DEFAULT_BASE) -> None:
+
+class Runner:
+    """Runs cases on implementation A (the reference) and B (under test) in scratch dirs.
+
+    Every call into a mount runs on a worker thread with a deadline (``step_timeout``): a mount
+    that stops answering is reported as a "hang" difference and its FUSE connection is aborted, so
+    the oracle itself never hangs.
+    """
+
+    def __init__(self, impl_a: Impl, impl_b: Impl, base_dir: str = DEFAULT_BASE,
+                 step_timeout: float = 30.0) -> None:
         self.impl_a = impl_a
         self.impl_b = impl_b
         self.base_dir = base_dir
+        self.step_timeout = step_timeout
         self.runs = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _guard(self, side: _Side, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conformance-step")
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout=self.step_timeout)
+        except FutureTimeout:
+            side.hung = True
+            abort_fuse(side.mnt)
+            self._pool.shutdown(wait=False)
+            self._pool = None  # the stuck thread is abandoned; it returns once the mount is aborted
+            raise Hang(f"{side.impl}: no answer within {self.step_timeout:.0f}s") from None
+
+    def _snap(self, a: _Side, b: _Side) -> tuple[Snapshot, Snapshot]:
+        return self._guard(a, visible_tree, a.mnt), self._guard(b, visible_tree, b.mnt)
 
     def replay(self, case: Case | ScriptCase) -> tuple[Trace, Failure | None]:
         ops = case.ops
@@ -131,12 +163,18 @@ class Runner:
         trace = Trace()
         old_umask = os.umask(0o022)
         try:
-            return trace, self._run(spec, next_op, a, b, trace)
+            try:
+                return trace, self._run(spec, next_op, a, b, trace)
+            except Hang as e:
+                step = len(trace.steps) - 1 if trace.steps else -1
+                return trace, Failure(step, "hang", [str(e)])
         finally:
             os.umask(old_umask)
             errors = []
             for side in (a, b):
                 try:
+                    if side.hung:
+                        abort_fuse(side.mnt)
                     side.umount()
                 except Exception as e:  # cleanup must go on; the mount check below decides
                     errors.append(e)
@@ -153,7 +191,7 @@ class Runner:
             b.mount()
         except MountError as e:
             return Failure(-1, "mount", [str(e)])
-        snap_a, snap_b = visible_tree(a.mnt), visible_tree(b.mnt)
+        snap_a, snap_b = self._snap(a, b)
         if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl)):
             return Failure(-1, "tree", lines)
         i = 0
@@ -163,12 +201,13 @@ class Runner:
                 if failure := self._remount(i, a, b):
                     return failure
             else:
-                out_a = execute(a.session, op)
-                out_b = execute(b.session, op)
-                trace.steps.append((op, out_a, out_b))
+                trace.steps.append((op, None, None))
+                out_a = self._guard(a, execute, a.session, op)
+                out_b = self._guard(b, execute, b.session, op)
+                trace.steps[-1] = (op, out_a, out_b)
                 if out_a != out_b:
                     return Failure(i, "outcome", [f"{op}: {a.impl} {out_a}, {b.impl} {out_b}"])
-            snap_a, snap_b = visible_tree(a.mnt), visible_tree(b.mnt)
+            snap_a, snap_b = self._snap(a, b)
             if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl)):
                 return Failure(i, "tree", [f"after {op}:"] + lines)
             i += 1

@@ -55,7 +55,8 @@ STEPS = [
 
 if __name__ == "__main__":
     repro_main(N_LAYERS, layers, STEPS, impl_a={impl_a!r}, impl_b={impl_b!r}, whiteout={whiteout!r},
-               lower_whiteout={lower_whiteout!r}, fault={fault!r})
+               lower_whiteout={lower_whiteout!r}, fault={fault!r}, options_a={options_a!r},
+               options_b={options_b!r})
 '''
 
 
@@ -65,14 +66,15 @@ def _indent(text: str, prefix: str = "    ") -> str:
 
 def script(case: Case, failure: Failure, *, impl_a: str, impl_b: str, whiteout: str,
            lower_whiteout: str | None, fault: str | None, provenance: str,
-           filename: str = "repro.py") -> str:
+           filename: str = "repro.py", options_a: str = "", options_b: str = "") -> str:
     """A runnable Python script that replays ``case`` and shows ``failure``."""
     failure_text = "\n".join(line.replace('"""', "'''") for line in str(failure).splitlines())
     return SCRIPT.format(
         provenance=provenance, failure=failure_text, filename=filename, impl_a=impl_a, impl_b=impl_b,
         n_layers=case.spec.n_layers, layers=_indent(case.spec.code()),
         steps="\n".join(f"    {op.code()!r}," for op in case.ops) or "",
-        whiteout=whiteout, lower_whiteout=lower_whiteout, fault=fault,
+        whiteout=whiteout, lower_whiteout=lower_whiteout, fault=fault, options_a=options_a,
+        options_b=options_b,
     )
 
 
@@ -109,19 +111,22 @@ def _short(outcome: Outcome) -> str:
 
 def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[str], *,
                impl_a: str = "kernel", impl_b: str = "unionfs", whiteout: str = "overlay",
-               lower_whiteout: str | None = None, fault: str | None = None,
-               argv: Sequence[str] | None = None) -> None:
+               lower_whiteout: str | None = None, fault: str | None = None, options_a: str = "",
+               options_b: str = "", argv: Sequence[str] | None = None) -> None:
     """Entry point of a repro script: replay, print side by side, exit 1 on a difference."""
     parser = argparse.ArgumentParser(description="Replay a conformance finding.")
     parser.add_argument("--impl-a", default=impl_a)
     parser.add_argument("--impl-b", default=impl_b)
     parser.add_argument("--whiteout", default=whiteout, choices=("overlay", "aufs"))
     parser.add_argument("--fault", default=fault, help="UNIONFS_FAULT for the unionfs daemon")
+    parser.add_argument("--options-a", default=options_a, help="extra mount options for A")
+    parser.add_argument("--options-b", default=options_b, help="extra mount options for B")
     parser.add_argument("--base", default="/var/tmp", help="where scratch dirs go")
     args = parser.parse_args(argv)
     env = {"UNIONFS_FAULT": args.fault} if args.fault else {}
-    a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout)
-    b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout)
+    a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout, options=args.options_a)
+    b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout,
+                  options=args.options_b)
     runner = Runner(a, b, args.base)
     case = ScriptCase(n_layers, layers, [parse_step(src) for src in steps])
     trace, failure = runner.replay(case)

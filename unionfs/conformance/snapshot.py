@@ -273,7 +273,8 @@ def _ignored(known: frozenset[str], fa: Fields, key: str) -> bool:
 
 def diff(a: Snapshot, b: Snapshot, name_a: str = "A", name_b: str = "B", limit: int = 20) -> list[str]:
     """Human-readable differences between two snapshots; empty when they agree."""
-    known = KNOWN_DIFFERENCES.get(name_a, frozenset()) | KNOWN_DIFFERENCES.get(name_b, frozenset())
+    known = frozenset[str]().union(*(KNOWN_DIFFERENCES.get(n.partition("[")[0], frozenset())
+                                     for n in (name_a, name_b)))
     lines: list[str] = []
     for path in sorted(set(a.entries) | set(b.entries)):
         shown = "/" + path
