@@ -24,9 +24,10 @@ from .whiteout import (
     WH_PREFIX,
     Dialect,
     WhiteoutWriter,
-    is_private_xattr,
+    escape_xattr,
     is_reserved_name,
     is_whiteout_stat,
+    unescape_xattr,
 )
 
 log = logging.getLogger(__name__)
@@ -148,29 +149,32 @@ class Union:
             os.close(fd)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if is_private_xattr(name):
+        real = escape_xattr(name)
+        if real is None:
             raise _err(errno.ENODATA)
-        return self._xattr_target(node, lambda p: os.getxattr(p, name))  # type: ignore[return-value]
+        return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = self._xattr_target(node, os.listxattr)
-        out = [os.fsencode(n) for n in names]  # type: ignore[attr-defined]
-        return [n for n in out if not is_private_xattr(n)]
+        shown = (unescape_xattr(os.fsencode(n)) for n in names)  # type: ignore[attr-defined]
+        return [n for n in shown if n is not None]
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         self.check_writable()
-        if is_private_xattr(name):
+        real = escape_xattr(name)
+        if real is None:
             raise _err(errno.EPERM)
         await self.ensure_upper(node)
-        self._xattr_target(node, lambda p: os.setxattr(p, name, value))
+        self._xattr_target(node, lambda p: os.setxattr(p, real, value))
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         self.check_writable()
-        if is_private_xattr(name):
+        real = escape_xattr(name)
+        if real is None:
             raise _err(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
-        self._xattr_target(node, lambda p: os.removexattr(p, name))
+        self._xattr_target(node, lambda p: os.removexattr(p, real))
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].fd)
@@ -582,10 +586,11 @@ class Union:
     async def open(self, node: Node, flags: int) -> Handle:
         if node.is_dir:
             raise _err(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            await self.ensure_upper(node)
+        trunc = flags & os.O_TRUNC   # libfuse asks for atomic O_TRUNC: it arrives here
+        if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
+            await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = node.real_parent_fd()
-        fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
+        fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
         return self._handle(node, fd, flags)
 
     def refresh(self, h: Handle) -> None:

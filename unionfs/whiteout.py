@@ -32,9 +32,42 @@ class Dialect(enum.Enum):
     OVERLAY = "overlay"
 
 
+ESCAPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+
 def is_private_xattr(name: bytes) -> bool:
-    """Overlay and unionfs bookkeeping xattrs: never shown, never settable through the union."""
-    return name.startswith(PRIVATE_XATTR_PREFIXES)
+    """Overlay and unionfs bookkeeping xattrs of a branch object: never shown, never copied up.
+
+    Escaped overlay xattrs (``trusted.overlay.overlay.*``) are user data, not bookkeeping.
+    """
+    if not name.startswith(PRIVATE_XATTR_PREFIXES):
+        return False
+    return not any(name.startswith(p + b"overlay.") for p in ESCAPED_XATTR_PREFIXES)
+
+
+def escape_xattr(name: bytes) -> bytes | None:
+    """The branch xattr that stores the union's xattr *name*, or None when the union may not set it.
+
+    As overlayfs does since Linux 6.7, ``trusted.overlay.X`` set through the union is stored as
+    ``trusted.overlay.overlay.X`` in the branch, so overlays can nest.
+    """
+    for prefix in ESCAPED_XATTR_PREFIXES:
+        if name.startswith(prefix):
+            return prefix + b"overlay." + name[len(prefix):]
+    if name.startswith(PRIVATE_XATTR_PREFIXES):
+        return None
+    return name
+
+
+def unescape_xattr(real: bytes) -> bytes | None:
+    """The name under which the branch xattr *real* shows in the union, or None when hidden."""
+    for prefix in ESCAPED_XATTR_PREFIXES:
+        if real.startswith(prefix):
+            rest = real[len(prefix):]
+            return prefix + rest[len(b"overlay."):] if rest.startswith(b"overlay.") else None
+    if real.startswith(PRIVATE_XATTR_PREFIXES):
+        return None
+    return real
 
 
 def is_reserved_name(name: bytes) -> bool:
@@ -102,7 +135,7 @@ class WhiteoutWriter:
             return
         if not replace:
             try:
-                os.mknod(name, stat.S_IFCHR | 0o600, WHITEOUT_DEV, dir_fd=dirfd)
+                os.mknod(name, stat.S_IFCHR, WHITEOUT_DEV, dir_fd=dirfd)
                 return
             except PermissionError:
                 self._fall_back()
@@ -110,7 +143,7 @@ class WhiteoutWriter:
         assert self.work_fd is not None
         tmp = self.temp_name()
         try:
-            os.mknod(tmp, stat.S_IFCHR | 0o600, WHITEOUT_DEV, dir_fd=self.work_fd)
+            os.mknod(tmp, stat.S_IFCHR, WHITEOUT_DEV, dir_fd=self.work_fd)
         except PermissionError:
             self._fall_back()
             return self.write(dirfd, name, replace)
