@@ -67,15 +67,22 @@ class CopyUp:
     def _temp(self) -> bytes:
         return self.union.writer.temp_name()
 
+    @property
+    def work(self) -> int:
+        work = self.union.work_fd
+        if work is None:
+            raise OSError(errno.EROFS, "no work directory", "")
+        return work
+
     def _place(self, tmp: bytes, upper_parent_fd: int, name: bytes) -> None:
         """Rename the finished temporary into place, keeping the parent's times."""
-        work = self.union.work_fd
+        work = self.work
         pst = os.fstat(upper_parent_fd)
         os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=upper_parent_fd)
         os.utime(upper_parent_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def _discard(self, tmp: bytes) -> None:
-        work = self.union.work_fd
+        work = self.work
         try:
             st = lstat_at(work, tmp)
         except OSError:
@@ -92,7 +99,7 @@ class CopyUp:
         """Create the upper directory for *node* (a lower directory); return it open."""
         src_fd = node.dirfds[0][1]
         st = os.fstat(src_fd)
-        work = self.union.work_fd
+        work = self.work
         tmp = self._temp()
         os.mkdir(tmp, 0o700, dir_fd=work)
         try:
@@ -126,8 +133,7 @@ class CopyUp:
         upper_pfd = union.upper_dir(parent)
         src_pfd = parent.fdmap[node.layer]
         st = lstat_at(src_pfd, name)
-        work = union.work_fd
-        assert work is not None
+        work = self.work
         tmp = self._temp()
         try:
             if stat.S_ISREG(st.st_mode):
@@ -151,7 +157,7 @@ class CopyUp:
 
     async def _copy_regular(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result,
                             keep: int | None) -> None:
-        work = self.union.work_fd
+        work = self.work
         src = open_file_at(src_pfd, name, os.O_RDONLY)
         try:
             dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
@@ -170,7 +176,7 @@ class CopyUp:
             os.close(src)
 
     def _finish_special(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
-        work = self.union.work_fd
+        work = self.work
         try:
             os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
         except PermissionError:

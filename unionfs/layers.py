@@ -38,6 +38,7 @@ class LayerStack:
     layers: list[Layer]
     work_fd: int | None = None
     fsindex: dict[int, int] = field(default_factory=dict)
+    remove_work: bytes | None = None   # AUFS style: the hidden work dir is removed at unmount
 
     @property
     def upper(self) -> Layer | None:
@@ -45,6 +46,12 @@ class LayerStack:
         return top if top.writable else None
 
     def close(self) -> None:
+        if self.remove_work is not None and self.layers:
+            try:
+                os.rmdir(self.remove_work, dir_fd=self.layers[0].fd)
+            except OSError as e:
+                log.debug("leaving the work dir in place: %s", e)
+            self.remove_work = None
         for layer in self.layers:
             _close_quietly(layer.fd)
         if self.work_fd is not None:
@@ -88,6 +95,7 @@ def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work:
         if upper is not None:
             if aufs_work or workdir is None:
                 stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
+                stack.remove_work = AUFS_WORK_NAME
             else:
                 wfd = open_root(workdir)
                 try:

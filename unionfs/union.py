@@ -552,7 +552,8 @@ class Union:
                     self.refresh(handle)
                     os.ftruncate(handle.fd, size)
                 else:
-                    wfd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+                    wfd = os.open(fd_path(target) if isinstance(target, int) else target,
+                                  os.O_WRONLY | os.O_CLOEXEC)
                     try:
                         os.ftruncate(wfd, size)
                     finally:

@@ -221,6 +221,8 @@ def upper_tree(upper: str) -> Snapshot:
         for name in names:
             child = os.path.join(rel, name) if rel else name
             if not rel and aufs_private(name):
+                if os.path.isdir(os.path.join(upper, name)) and not os.path.islink(os.path.join(upper, name)):
+                    f["nlink"] -= 1  # normalisation 5: as if the private directory were not there
                 continue
             if name.startswith(AUFS_WH):
                 hidden = os.path.join(rel, name[len(AUFS_WH):]) if rel else name[len(AUFS_WH):]
