@@ -24,7 +24,7 @@ from launcher import syscalls
 log = logging.getLogger(__name__)
 
 BACKENDS = ("fuse", "overlay")
-DEFAULT_BACKEND = os.environ.get("UNIONFS_RUN_BACKEND", "overlay")
+DEFAULT_BACKEND = os.environ.get("UNIONFS_RUN_BACKEND", "fuse")
 MOUNT_TIMEOUT = 20.0
 
 
@@ -119,6 +119,30 @@ def unionfs_command() -> list[str]:
     return [sys.executable, "-m", "unionfs"]
 
 
+def _writable_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs") -> None:
+    """Workaround, rootless only: give the server a writable /run/unionfs in our private namespace.
+
+    ``unionfs mount`` writes a pidfile under /run/unionfs whenever its euid is 0, which
+    inside a user namespace it is, though the host's /run is not ours to write: the
+    server would fail before mounting.  A tmpfs over /run/unionfs (or over /run when
+    that does not exist yet), visible only in the launcher's mount namespace, fixes it
+    without touching the host.  Drop this once the core skips or tolerates the pidfile.
+    """
+    if os.access(pid_dir, os.W_OK | os.X_OK):
+        return
+    parent = os.path.dirname(pid_dir)
+    if os.path.isdir(pid_dir):
+        target = pid_dir
+    elif os.access(parent, os.W_OK | os.X_OK):
+        return
+    elif any(b.path == parent or b.path.startswith(parent + "/") for b in branches):
+        return  # a branch lives there: hiding it would be worse than the server's own error
+    else:
+        target = parent
+    syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755",
+                   step="mount tmpfs for the server's pidfile")
+
+
 class FuseUnion:
     """``unionfs mount -f`` as a child process serving the union at *mountpoint*."""
 
@@ -128,6 +152,8 @@ class FuseUnion:
         options = ["allow_other"]
         if rootless:
             options.append("whiteout=aufs")
+        if rootless:
+            _writable_pid_dir(branches)
         argv = [*unionfs_command(), "mount", "-f", "-o", ",".join(options), branch_spec(branches), mountpoint]
         log.debug("starting FUSE server: %s", argv)
         parent = os.getpid()

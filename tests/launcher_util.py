@@ -132,7 +132,10 @@ def unprivileged_user(subids: bool = False) -> Iterator[UnprivUser]:
         pw = pwd.getpwnam(name)
         yield UnprivUser(name, pw.pw_uid, pw.pw_gid)
     finally:
+        state = f"/tmp/.unionfs-run-{pwd.getpwnam(name).pw_uid}"
         subprocess.run(["userdel", name], capture_output=True)
+        with contextlib.suppress(OSError):  # the launcher's per-user state dir, empty on the host
+            os.rmdir(state)
 
 
 @contextlib.contextmanager
