@@ -148,6 +148,14 @@ def find_daemons(marker: str) -> list[int]:
     return res
 
 
+def wait_daemons_gone(marker: str, timeout: float = MOUNT_TIMEOUT) -> list[int]:
+    """Wait (bounded) until no process mentions ``marker``; return those still there."""
+    deadline = time.monotonic() + timeout
+    while (pids := find_daemons(marker)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pids
+
+
 def kill_daemons(marker: str) -> list[int]:
     """Kill daemons that our test started (identified by the unique ``marker`` path)."""
     pids = find_daemons(marker)
