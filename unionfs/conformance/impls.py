@@ -133,49 +133,88 @@ class KernelOverlay(Impl):
         _run(["umount", mnt])
 
 
-class FuseOverlayfs(Impl):
-    """containers/fuse-overlayfs, run in the foreground so we own (and wait for) its process."""
+class ForegroundFuse(Impl):
+    """A FUSE server run in the foreground as our child: we hold its PID, wait for it to exit
+    after unmounting, keep its output in a log file, and can kill it if the mount stops answering.
+    A daemon that exits non-zero or prints a traceback is reported as a mount problem."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def command(self, lowers: list[str], upper: str, work: str, mnt: str) -> list[str]:
+        raise NotImplementedError
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        cmd = self.command(lowers, upper, work, mnt)
+        logpath = os.path.join(os.path.dirname(mnt), f"{self.name}.{len(self.procs)}.log")
+        with open(logpath, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self.env)
+        self.procs[mnt] = (proc, logpath)
+        try:
+            _wait_mounted(mnt, proc)
+        except BaseException as e:
+            try:
+                self.umount(mnt)
+            except MountError:
+                pass
+            raise MountError(f"{' '.join(cmd)}: {e}\n{self._log(logpath)}") from None
+
+    @staticmethod
+    def _log(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def kill(self, mnt: str) -> None:
+        """The mount hangs: kill our server, which aborts its connection."""
+        entry = self.procs.get(mnt)
+        if entry is not None and entry[0].poll() is None:
+            entry[0].kill()
+
+    def umount(self, mnt: str) -> None:
+        proc, logpath = self.procs.pop(mnt, (None, ""))
+        if is_mounted(mnt):
+            try:
+                _run(["fusermount3", "-u", mnt])
+            except MountError:
+                _run(["fusermount3", "-u", "-z", mnt])
+        if proc is None:
+            return
+        try:
+            rc = proc.wait(timeout=MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise MountError(f"{self.name} for {mnt} did not exit after unmount") from None
+        log_text = self._log(logpath)
+        if rc != 0 or "Traceback" in log_text:
+            raise MountError(f"{self.name} daemon exited with {rc} after unmount:\n{log_text}")
+
+
+class FuseOverlayfs(ForegroundFuse):
+    """containers/fuse-overlayfs."""
 
     name = "fuse-overlayfs"
 
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+    def command(self, lowers: list[str], upper: str, work: str, mnt: str) -> list[str]:
         opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
-        proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o", opts, mnt],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs[mnt] = proc
-        try:
-            _wait_mounted(mnt, proc)
-        except BaseException:
-            self.umount(mnt)
-            raise
-
-    def umount(self, mnt: str) -> None:
-        proc = self.procs.pop(mnt, None)
-        if is_mounted(mnt):
-            _run(["fusermount3", "-u", mnt])
-        if proc is not None:
-            try:
-                proc.wait(timeout=MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise MountError(f"fuse-overlayfs for {mnt} did not exit after unmount") from None
+        return ["fuse-overlayfs", "-f", "-o", opts, mnt]
 
 
-class Unionfs(Impl):
-    """Our unionfs, through its CLI: ``unionfs mount -o ...`` returns once mounted."""
+class Unionfs(ForegroundFuse):
+    """Our unionfs: ``unionfs mount -f -o lowerdir=...,upperdir=...,workdir=...,whiteout=W MNT``."""
 
     name = "unionfs"
 
     def __init__(self, whiteout: str = "overlay", extra_options: str = "",
                  env: Mapping[str, str] | None = None, lower_dialect: str | None = None) -> None:
+        super().__init__(env)
         self.whiteout = whiteout
         self.dialect = lower_dialect or whiteout
         self.extra_options = extra_options
-        self.env = {**os.environ, **(env or {})}
         self.exe = self._find_exe()
 
     @staticmethod
@@ -183,27 +222,11 @@ class Unionfs(Impl):
         here = os.path.join(os.path.dirname(sys.executable), "unionfs")
         return here if os.path.exists(here) else (shutil.which("unionfs") or "unionfs")
 
-    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+    def command(self, lowers: list[str], upper: str, work: str, mnt: str) -> list[str]:
         opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},whiteout={self.whiteout}"
         if self.extra_options:
             opts += "," + self.extra_options
-        try:
-            _run([self.exe, "mount", "-o", opts, mnt], env=self.env)
-            _wait_mounted(mnt)
-        except BaseException:
-            if is_mounted(mnt):
-                self.umount(mnt)
-            raise
-
-    def umount(self, mnt: str) -> None:
-        try:
-            _run([self.exe, "umount", mnt], env=self.env)
-        except MountError:
-            if not is_mounted(mnt):
-                raise
-            log.warning("unionfs umount %s failed; detaching with fusermount3 -u -z", mnt)
-            _run(["fusermount3", "-u", "-z", mnt])
-            raise
+        return [self.exe, "mount", "-f", "-o", opts, mnt]
 
 
 def make_impl(name: str, whiteout: str = "overlay", env: Mapping[str, str] | None = None,
@@ -212,7 +235,7 @@ def make_impl(name: str, whiteout: str = "overlay", env: Mapping[str, str] | Non
     if name == "kernel":
         return KernelOverlay(options)
     if name == "fuse-overlayfs":
-        return FuseOverlayfs()
+        return FuseOverlayfs(env)
     if name == "unionfs":
         return Unionfs(whiteout, options, env, lower_dialect)
     raise ValueError(f"unknown implementation {name!r} (kernel, fuse-overlayfs, unionfs)")

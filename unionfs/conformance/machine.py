@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from .impls import Impl, MountError, abort_fuse, is_mounted
+from .impls import ForegroundFuse, Impl, MountError, abort_fuse, is_mounted
 from .layers import Fill, LayerEntry, Layers, LayerSpec, Oct, Rep, build_layers, finish_layers, random_layers
 from .ops import Chooser, Op, Outcome, Session, execute
 from .snapshot import Snapshot, diff, tree_digest, upper_tree, visible_tree
@@ -140,7 +140,8 @@ class Runner:
             return future.result(timeout=self.step_timeout)
         except FutureTimeout:
             side.hung = True
-            abort_fuse(side.mnt)
+            if not abort_fuse(side.mnt) and isinstance(side.impl, ForegroundFuse):
+                side.impl.kill(side.mnt)
             self._pool.shutdown(wait=False)
             self._pool = None  # the stuck thread is abandoned; it returns once the mount is aborted
             raise Hang(f"{side.impl}: no answer within {self.step_timeout:.0f}s") from None
@@ -173,8 +174,8 @@ class Runner:
             errors = []
             for side in (a, b):
                 try:
-                    if side.hung:
-                        abort_fuse(side.mnt)
+                    if side.hung and not abort_fuse(side.mnt) and isinstance(side.impl, ForegroundFuse):
+                        side.impl.kill(side.mnt)
                     side.umount()
                 except Exception as e:  # cleanup must go on; the mount check below decides
                     errors.append(e)
