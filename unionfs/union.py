@@ -19,7 +19,7 @@ from .copyup import CopyUp
 from .inodes import Node, NodeTable
 from .layers import LayerStack, clear_dir, exists_at, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
-from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .whiteout import (
     WH_PREFIX,
     Dialect,
@@ -483,13 +483,11 @@ class Union:
                 clear_dir(dst.fdmap[0])  # type: ignore[union-attr]
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
-        os.rename(on, nn, src_dir_fd=spfd, dst_dir_fd=dpfd)
+        self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
         if es.is_dir and dst_lower:
             self.writer.make_opaque(src.fdmap[0])
             src.set_dirfds(src.dirfds[:1])
             src.listing = None
-        if es.has_lower or es.layer != 0:
-            self._whiteout(spfd, on, replace=False)
         del self.listing(op)[on]
         new = Entry(0, es.is_dir, dst_lower)
         self.listing(np)[nn] = new
@@ -499,6 +497,24 @@ class Union:
                 dst.listing = {}
         self.table.drop_link(src, op, on)
         self.table.add_link(src, np, nn)
+
+    def _rename_leaving_whiteout(self, spfd: int, on: bytes, dpfd: int, nn: bytes, whiteout: bool) -> None:
+        """Rename in the writable branch; with *whiteout*, leave one at the old name.
+
+        In the overlay dialect the kernel does both at once (RENAME_WHITEOUT), so no crash can let
+        the lower object show again; elsewhere the whiteout follows the rename.
+        """
+        atomic = self.writer.dialect is Dialect.OVERLAY and "skip-whiteout-on-unlink" not in self.faults
+        if whiteout and atomic:
+            try:
+                renameat2(spfd, on, dpfd, nn, RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+        os.rename(on, nn, src_dir_fd=spfd, dst_dir_fd=dpfd)
+        if whiteout:
+            self._whiteout(spfd, on, replace=False)
 
     def _clear_whiteout_for(self, dirfd: int, name: bytes, is_dir: bool) -> bool:
         """Before renaming onto *name*, remove a whiteout a rename cannot replace; True if one was there."""
