@@ -143,21 +143,129 @@ def _writable_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs")
                    step="mount tmpfs for the server's pidfile")
 
 
+class _ForkedServer:
+    """The FUSE server forked from the launcher without exec: the subset of Popen we use."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.002)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _in_process_api() -> tuple[object, object] | None:
+    """``(unionfs.config.build_config, unionfs.mount.serve)`` when the core offers them, else None."""
+    if os.environ.get("UNIONFS_RUN_SERVER"):
+        return None
+    try:
+        from unionfs.config import build_config
+        from unionfs.mount import serve
+    except ImportError:
+        return None
+    return build_config, serve
+
+
+def _serve_forked(spec: str, mountpoint: str, options: str, logfile: str, ready_w: int) -> None:
+    """The server child: no exec, so no second interpreter start.  Never returns."""
+    code = 1
+    try:
+        os.setsid()  # the terminal's Ctrl-C is for the command, not for the server
+        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        handler = logging.FileHandler(logfile)  # a file handler survives serve() detaching stdio
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().handlers[:] = [handler]
+        from unionfs.config import build_config
+        from unionfs.mount import serve
+
+        code = serve(build_config(spec, mountpoint, [options]), ready_w)
+    except BaseException as exc:  # noqa: B036 - a forked child reports and exits, whatever happened
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        try:
+            os.write(ready_w, f"error: {message}".encode(errors="replace"))
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
 class FuseUnion:
-    """``unionfs mount -f`` as a child process serving the union at *mountpoint*."""
+    """The unionfs FUSE server as a child of the launcher, serving the union at *mountpoint*.
+
+    Started by fork, calling the core's ``serve()`` in the child, when the core is
+    importable (no second interpreter start, and a ready pipe instead of polling);
+    otherwise as ``unionfs mount -f``.  Either way it dies with the launcher
+    (PR_SET_PDEATHSIG), and ``close()`` unmounts and waits for it to exit.
+    """
+
+    proc: subprocess.Popen[bytes] | _ForkedServer
 
     def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool, logfile: str) -> None:
         self.mountpoint = mountpoint
         self.logfile = logfile
-        options = ["allow_other"]
-        if rootless:
-            options.append("whiteout=aufs")
+        self._closed = False
+        options = "allow_other,whiteout=aufs" if rootless else "allow_other"
         if rootless:
             _writable_pid_dir(branches)
-        argv = [*unionfs_command(), "mount", "-f", "-o", ",".join(options), branch_spec(branches), mountpoint]
+        spec = branch_spec(branches)
+        try:
+            if _in_process_api() is not None:
+                self._fork(spec, options)
+            else:
+                self._exec(spec, options)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, LaunchError):
+                raise LaunchError(f"{exc}{self._log_tail()}") from None
+            raise
+
+    def _fork(self, spec: str, options: str) -> None:
+        log.debug("forking FUSE server for %s on %s", spec, self.mountpoint)
+        parent = os.getpid()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                _server_preexec(parent)
+            finally:
+                _serve_forked(spec, self.mountpoint, options, self.logfile, ready_w)
+        os.close(ready_w)
+        self.proc = _ForkedServer(pid)
+        answer = b""
+        while chunk := os.read(ready_r, 4096):  # "ready", "error: ...", or EOF if it died
+            answer += chunk
+        os.close(ready_r)
+        if answer != b"ready":
+            message = answer.decode(errors="replace").removeprefix("error: ")
+            raise LaunchError(f"the union's FUSE server failed: {message or 'it exited before mounting'}")
+
+    def _exec(self, spec: str, options: str) -> None:
+        argv = [*unionfs_command(), "mount", "-f", "-o", options, spec, self.mountpoint]
         log.debug("starting FUSE server: %s", argv)
         parent = os.getpid()
-        with open(logfile, "ab") as err:
+        with open(self.logfile, "ab") as err:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -166,14 +274,7 @@ class FuseUnion:
                 start_new_session=True,
                 preexec_fn=lambda: _server_preexec(parent),
             )
-        self._closed = False
-        try:
-            _wait_mounted(mountpoint, self.proc.poll)
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, LaunchError):
-                raise LaunchError(f"{exc}{self._log_tail()}") from None
-            raise
+        _wait_mounted(self.mountpoint, self.proc.poll)
 
     def _log_tail(self) -> str:
         try:
@@ -190,6 +291,8 @@ class FuseUnion:
         if self._closed:
             return
         self._closed = True
+        if not hasattr(self, "proc"):
+            return
         if self.proc.poll() is None:
             for flags in (0, syscalls.MNT_DETACH):
                 try:

@@ -11,7 +11,9 @@ bubblewrap only the total is measured, which bounds their time to exec from abov
 
 Rows:
   python -c pass          the floor: starting this interpreter and nothing else
-  unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default)
+  unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default),
+                          the server forked from the launcher and calling the core's serve()
+  ... exec'd server       the same, the server started as `python -m unionfs mount -f` instead
   unionfs run (overlay)   the same launcher over kernel overlayfs: the launcher's own cost
   unionfs run --rootless  FUSE union mounted inside a user namespace
   unshare --root          util-linux unshare with new mount/PID/UTS/IPC namespaces, rootfs = the image dir
@@ -43,8 +45,9 @@ def measure(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[f
     total: list[float] = []
     for _ in range(runs):
         t0 = time.monotonic()
-        r = subprocess.run(list(argv), env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                           cwd="/")
+        r = subprocess.run(
+            list(argv), env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd="/"
+        )
         t1 = time.monotonic()
         if r.returncode != 0:
             return [], [], (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
@@ -83,30 +86,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[tuple[str, list[str]]] = [("python -c pass", [py, "-c", "pass"])]
         if not args.no_fuse:
             rows.append(("unionfs run (fuse)", [*launcher, "--backend", "fuse", branches, "--", "/bin/true"]))
-        rows.append(("unionfs run (overlay)",
-                     [*launcher, "--backend", "overlay", branches, "--", "/bin/true"]))
+            rows.append(("unionfs run (fuse, exec'd server)",
+                         ["env", f"UNIONFS_RUN_SERVER={py} -m unionfs", *launcher, "--backend", "fuse",
+                          branches, "--", "/bin/true"]))
+        rows.append(
+            ("unionfs run (overlay)", [*launcher, "--backend", "overlay", branches, "--", "/bin/true"])
+        )
         if not args.no_fuse:
-            rows.append(("unionfs run --rootless (fuse)",
-                         [*launcher, "--rootless", "--backend", "fuse", branches, "--", "/bin/true"]))
+            rows.append(
+                (
+                    "unionfs run --rootless (fuse)",
+                    [*launcher, "--rootless", "--backend", "fuse", branches, "--", "/bin/true"],
+                )
+            )
         if shutil.which("unshare"):
-            rows.append(("unshare --root", ["unshare", "--mount", "--pid", "--fork", "--uts", "--ipc",
-                                            f"--root={image}", "/bin/true"]))
+            rows.append(
+                (
+                    "unshare --root",
+                    [
+                        "unshare",
+                        "--mount",
+                        "--pid",
+                        "--fork",
+                        "--uts",
+                        "--ipc",
+                        f"--root={image}",
+                        "/bin/true",
+                    ],
+                )
+            )
         if shutil.which("bwrap"):
-            rows.append(("bwrap", ["bwrap", "--bind", str(image), "/", "--proc", "/proc", "--dev", "/dev",
-                                   "--unshare-all", "--die-with-parent", "/bin/true"]))
+            rows.append(
+                (
+                    "bwrap",
+                    [
+                        "bwrap",
+                        "--bind",
+                        str(image),
+                        "/",
+                        "--proc",
+                        "/proc",
+                        "--dev",
+                        "/dev",
+                        "--unshare-all",
+                        "--die-with-parent",
+                        "/bin/true",
+                    ],
+                )
+            )
         else:
-            print("launch_latency: bwrap not found (apt-get install bubblewrap); its row is skipped",
-                  file=sys.stderr)
-        print(f"launch latency, median of {args.runs} runs, milliseconds ({os.uname().release}, "
-              f"{os.cpu_count()} cores)")
-        print(f"{'':32s} {'to exec':>8s} {'total':>8s}")
+            print(
+                "launch_latency: bwrap not found (apt-get install bubblewrap); its row is skipped",
+                file=sys.stderr,
+            )
+        print(
+            f"launch latency, median of {args.runs} runs, milliseconds ({os.uname().release}, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})"
+        )
+        print(f"{'':34s} {'to exec':>8s} {'total':>8s}")
         for name, cmd in rows:
             measure(cmd, env, 2)  # warm the page cache
             to_exec, total, error = measure(cmd, env, args.runs)
             if error:
-                print(f"{name:32s}  failed: {error}")
+                print(f"{name:34s}  failed: {error}")
             else:
-                print(f"{name:32s} {fmt(to_exec)} {fmt(total)}")
+                print(f"{name:34s} {fmt(to_exec)} {fmt(total)}")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
