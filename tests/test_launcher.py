@@ -336,3 +336,19 @@ def test_init_reaps_orphans_and_passes_status_and_signals(image: Image, upper: P
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+
+
+def test_the_exec_server_path_works_too(image: Image, upper: Path) -> None:
+    """UNIONFS_RUN_SERVER starts the server as a command (``unionfs mount -f``) instead of by fork."""
+    import sys
+
+    r = run_launcher(image.branches(upper), ["/bin/sh", "-c", "echo $$ > /pid; cat /pid"],
+                     env={"UNIONFS_RUN_SERVER": f"{sys.executable} -m unionfs"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1\n" and (upper / "pid").read_text() == "1\n"
+
+
+def test_a_server_that_cannot_start_is_one_line(image: Image, upper: Path) -> None:
+    r = run_launcher(image.branches(upper), ["/bin/true"], env={"UNIONFS_RUN_SERVER": "/bin/false"})
+    assert r.returncode == 125
+    assert r.stderr.count("\n") == 1 and "FUSE server" in r.stderr and "Traceback" not in r.stderr
