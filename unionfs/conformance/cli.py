@@ -40,6 +40,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
 @click.command("conformance", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--seed", default=0, show_default=True, help="Campaign seed; sequence i is fixed by (seed, i).")
 @click.option("--sequences", default=100, show_default=True, help="How many random sequences to run.")
+@click.option("--first", default=0, show_default=True,
+              help="Index of the first sequence (re-run sequence N alone: --first N --sequences 1).")
 @click.option("--steps", default=50, show_default=True, help="Operations per sequence.")
 @click.option("--layers", "layers", default="1-3", show_default=True, callback=_layers,
               help="Lower layers per sequence: N or LO-HI.")
@@ -63,7 +65,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
               help="Where repro scripts are written.")
 @click.option("--base", default="/var/tmp", show_default=True, help="Where scratch dirs and mounts go.")
 @click.option("-v", "--verbose", count=True, help="-v: a line per sequence; -vv: debug log.")
-def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int, int], whiteout: str,
+def conformance_command(seed: int, sequences: int, first: int, steps: int, layers: tuple[int, int],
+                        whiteout: str,
                         lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
                         options_b: str, fault: str | None,
                         allow: set[str] | None, keep_going: bool, shrink: bool, shrink_runs: int,
@@ -89,7 +92,7 @@ def conformance_command(seed: int, sequences: int, steps: int, layers: tuple[int
     start = time.monotonic()
     click.echo(f"conformance: {a.name} vs {b.name}, seed {seed}, {sequences} sequences x {steps} steps, "
                f"layers {layers[0]}-{layers[1]}, whiteout={whiteout}", err=True)
-    for index in range(sequences):
+    for index in range(first, first + sequences):
         result = run_sequence(runner, seed, index, steps, layers, allow)
         if result.failure is None:
             passed += 1
