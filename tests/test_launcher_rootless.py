@@ -25,7 +25,10 @@ from launcher_util import (
 
 from launcher import namespaces
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making the test user needs root (CI runs as root)")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="making the test user needs root (CI runs as root)"),
+    pytest.mark.usefixtures("need_fuse"),
+]
 
 
 @pytest.fixture(scope="module")
