@@ -1,1 +1,16 @@
-"""launcher: run a command with a union as its root."""
+"""launcher: run a command with a union as its root (``unionfs run``).
+
+The public surface, imported from its module so the launch path stays lean:
+
+- ``launcher.cli.run_command``: the click command ``run``; register it with
+  ``cli.add_command(run_command)`` (or lazily, by module name).
+- ``launcher.supervisor.run(RunConfig(...)) -> int``: the same as a library call;
+  returns the command's exit status, raises ``LaunchError`` (one line + exit code)
+  or ``OSError`` naming a step and a path (render with ``supervisor.describe``).
+- ``launcher.union.mount_union(branches, mountpoint, rootless=, logfile=, backend=)``:
+  the one place that starts the union's server; ``handle.close()`` unmounts and waits.
+- ``launcher.rootfs.container_steps()`` / ``apply()`` / ``enter_root()``: the
+  container's mounts as data, applied in order, then pivot_root.
+- ``launcher.namespaces`` and ``launcher.syscalls``: the namespace plumbing and
+  the ctypes calls (unshare, mount, umount2, pivot_root, prctl).
+"""
