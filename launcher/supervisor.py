@@ -282,7 +282,8 @@ def _supervise(pid: int, handle: UnionHandle) -> int:
         if server is not None:
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            raise LaunchError(f"the union's FUSE server exited with status {server} while the command ran")
+            how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
+            raise LaunchError(f"the union's FUSE server {how} while the command ran; the command was stopped")
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         sig = -code

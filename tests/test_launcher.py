@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from launcher_util import (
     Image,
+    children_of,
     descendants_of,
     kill_tree,
     mounts_mentioning,
@@ -365,3 +366,20 @@ def test_kernel_overlay_backend_for_comparison(image: Image, upper: Path) -> Non
     assert r.stdout == "1\nl2 motd\n"
     assert (upper / "o").read_text() == "1\n"
     assert not [p for p in upper.parent.iterdir() if p.name.startswith(".unionfs-work-")]
+
+
+def test_a_server_that_dies_stops_the_command_with_one_line(image: Image, upper: Path) -> None:
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == "ready\n"
+        children = children_of(proc.pid)
+        (server,) = [p for p in children if Path(f"/proc/{p}/comm").read_text().strip() != "sh"]
+        os.kill(server, signal.SIGKILL)
+        assert proc.wait(timeout=10) == 125
+        err = proc.stderr.read()
+        assert err.count("\n") == 1 and "FUSE server was killed by signal 9" in err, err
+        assert wait_gone(children) == []
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
