@@ -14,6 +14,7 @@ from .machine import Case, Runner, parse_layers, run_sequence
 from .machine import shrink as shrink_case
 from .ops import WEIGHTS
 from .report import format_trace, script, write_script
+from .snapshot import IGNORABLE
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
 @click.option("--fault", default=None, help="Set UNIONFS_FAULT for the unionfs daemon (planted bugs).")
 @click.option("--ops", "allow", default=None, callback=_ops,
               help="Comma-separated operations to draw from (default: all).")
+@click.option("--ignore", multiple=True, type=click.Choice(sorted(IGNORABLE)),
+              help="Exploration only: do not compare this class of field (repeatable). Not a verdict.")
 @click.option("--keep-going", is_flag=True, help="Run every sequence even after a failure.")
 @click.option("--shrink/--no-shrink", default=True, show_default=True, help="Minimise a failing sequence.")
 @click.option("--shrink-runs", default=400, show_default=True, help="Most replays spent shrinking one.")
@@ -69,7 +72,8 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
                         whiteout: str,
                         lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
                         options_b: str, fault: str | None,
-                        allow: set[str] | None, keep_going: bool, shrink: bool, shrink_runs: int,
+                        allow: set[str] | None, ignore: tuple[str, ...], keep_going: bool, shrink: bool,
+                        shrink_runs: int,
                         shrink_seconds: float, out_dir: str, base: str, verbose: int) -> None:
     """Throw random system-call sequences at two unions side by side; report where they differ.
 
@@ -87,11 +91,13 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     env = {"UNIONFS_FAULT": fault} if fault else {}
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
     b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout, options=options_b)
-    runner = Runner(a, b, base)
+    runner = Runner(a, b, base, ignore=frozenset(ignore))
     passed = failed = 0
     start = time.monotonic()
     click.echo(f"conformance: {a.name} vs {b.name}, seed {seed}, {sequences} sequences x {steps} steps, "
                f"layers {layers[0]}-{layers[1]}, whiteout={whiteout}", err=True)
+    if ignore:
+        click.echo(f"EXPLORATORY RUN, not comparing: {', '.join(IGNORABLE[i] for i in ignore)}", err=True)
     for index in range(first, first + sequences):
         result = run_sequence(runner, seed, index, steps, layers, allow)
         if result.failure is None:
@@ -116,11 +122,12 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
                       f"{layers[0]}-{layers[1]} --whiteout {whiteout} --impl-a {impl_a} --impl-b {impl_b}"
                       + (f" --options-a {options_a}" if options_a else "")
                       + (f" --options-b {options_b}" if options_b else "")
+                      + "".join(f" --ignore {i}" for i in ignore)
                       + (f" --fault {fault}" if fault else "") + f"\n(sequence {index}{note}).")
         filename = f"conformance-seed{seed}-seq{index}.py"
         text = script(Case(case.spec, case.ops), failure, impl_a=impl_a, impl_b=impl_b, whiteout=whiteout,
                       lower_whiteout=lower_whiteout, fault=fault, provenance=provenance, filename=filename,
-                      options_a=options_a, options_b=options_b)
+                      options_a=options_a, options_b=options_b, ignore=ignore)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, filename)
         write_script(path, text)

@@ -124,8 +124,9 @@ class Runner:
     """
 
     def __init__(self, impl_a: Impl, impl_b: Impl, base_dir: str = DEFAULT_BASE,
-                 step_timeout: float = 30.0) -> None:
+                 step_timeout: float = 30.0, ignore: frozenset[str] = frozenset()) -> None:
         self.impl_a = impl_a
+        self.ignore = ignore
         self.impl_b = impl_b
         self.base_dir = base_dir
         self.step_timeout = step_timeout
@@ -193,7 +194,7 @@ class Runner:
         except MountError as e:
             return Failure(-1, "mount", [str(e)])
         snap_a, snap_b = self._snap(a, b)
-        if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl)):
+        if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl), ignore=self.ignore):
             return Failure(-1, "tree", lines)
         i = 0
         while (op := next_op(i, snap_a)) is not None:
@@ -209,7 +210,7 @@ class Runner:
                 if out_a != out_b:
                     return Failure(i, "outcome", [f"{op}: {a.impl} {out_a}, {b.impl} {out_b}"])
             snap_a, snap_b = self._snap(a, b)
-            if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl)):
+            if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl), ignore=self.ignore):
                 return Failure(i, "tree", [f"after {op}:"] + lines)
             i += 1
         return self._finish(None, a, b, remount=False)
@@ -224,7 +225,8 @@ class Runner:
             b.umount()
         except MountError as e:
             return Failure(step, "mount", [str(e)])
-        if lines := diff(upper_tree(a.upper), upper_tree(b.upper), str(a.impl), str(b.impl)):
+        if lines := diff(upper_tree(a.upper), upper_tree(b.upper), str(a.impl), str(b.impl),
+                         ignore=self.ignore):
             return Failure(step, "upper", lines)
         for side in (a, b):
             pairs = zip(side.lowers, side.digests, strict=True)

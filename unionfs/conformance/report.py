@@ -56,7 +56,7 @@ STEPS = [
 if __name__ == "__main__":
     repro_main(N_LAYERS, layers, STEPS, impl_a={impl_a!r}, impl_b={impl_b!r}, whiteout={whiteout!r},
                lower_whiteout={lower_whiteout!r}, fault={fault!r}, options_a={options_a!r},
-               options_b={options_b!r})
+               options_b={options_b!r}, ignore={ignore!r})
 '''
 
 
@@ -66,7 +66,8 @@ def _indent(text: str, prefix: str = "    ") -> str:
 
 def script(case: Case, failure: Failure, *, impl_a: str, impl_b: str, whiteout: str,
            lower_whiteout: str | None, fault: str | None, provenance: str,
-           filename: str = "repro.py", options_a: str = "", options_b: str = "") -> str:
+           filename: str = "repro.py", options_a: str = "", options_b: str = "",
+           ignore: Sequence[str] = ()) -> str:
     """A runnable Python script that replays ``case`` and shows ``failure``."""
     failure_text = "\n".join(line.replace('"""', "'''") for line in str(failure).splitlines())
     return SCRIPT.format(
@@ -74,7 +75,7 @@ def script(case: Case, failure: Failure, *, impl_a: str, impl_b: str, whiteout: 
         n_layers=case.spec.n_layers, layers=_indent(case.spec.code()),
         steps="\n".join(f"    {op.code()!r}," for op in case.ops) or "",
         whiteout=whiteout, lower_whiteout=lower_whiteout, fault=fault, options_a=options_a,
-        options_b=options_b,
+        options_b=options_b, ignore=tuple(ignore),
     )
 
 
@@ -112,7 +113,7 @@ def _short(outcome: Outcome) -> str:
 def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[str], *,
                impl_a: str = "kernel", impl_b: str = "unionfs", whiteout: str = "overlay",
                lower_whiteout: str | None = None, fault: str | None = None, options_a: str = "",
-               options_b: str = "", argv: Sequence[str] | None = None) -> None:
+               options_b: str = "", ignore: Sequence[str] = (), argv: Sequence[str] | None = None) -> None:
     """Entry point of a repro script: replay, print side by side, exit 1 on a difference."""
     parser = argparse.ArgumentParser(description="Replay a conformance finding.")
     parser.add_argument("--impl-a", default=impl_a)
@@ -127,7 +128,7 @@ def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[
     a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout, options=args.options_a)
     b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout,
                   options=args.options_b)
-    runner = Runner(a, b, args.base)
+    runner = Runner(a, b, args.base, ignore=frozenset(ignore))
     case = ScriptCase(n_layers, layers, [parse_step(src) for src in steps])
     trace, failure = runner.replay(case)
     print(format_trace(trace, a.name, b.name, failure))
