@@ -323,7 +323,10 @@ def run(cfg: RunConfig) -> int:
     """Run ``cfg.command`` in a container whose root is the union of ``cfg.branches``; its exit status.
 
     Raises LaunchError for anything the user can fix; OSError from a setup
-    step names the step and the path.
+    step names the step and the path.  The calling process moves into private
+    namespaces of its own (mount, and user when rootless) and its later children
+    would land in the container's PID namespace: call this once per process,
+    as the CLI does, and only while the process is single-threaded.
     """
     if not cfg.command:
         raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", 2)
@@ -357,10 +360,10 @@ def run(cfg: RunConfig) -> int:
         layers = [branches[0], Branch(init_layer, "ro"), *branches[1:]]
     handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
                          backend=cfg.backend)
+    # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
         steps = rootfs.container_steps(rootless=rootless)
-        # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
         errr, errw = os.pipe()
         alive_r, alive_w = os.pipe()
         syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
@@ -384,4 +387,6 @@ def run(cfg: RunConfig) -> int:
         os.close(alive_w)
         return code
     finally:
+        # The signal mask stays as it is: a SIGINT or SIGTERM that arrives during clean-up must
+        # not turn the command's exit status into ours.
         handle.close()
