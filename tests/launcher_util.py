@@ -161,28 +161,74 @@ def world_readable_tempdir(prefix: str) -> Iterator[Path]:
 
 
 _user_python: dict[int, tuple[str, str]] = {}
+_IMPORTS = "import launcher.cli, launcher.supervisor, unionfs.config, unionfs.mount, unionfs.operations, pyfuse3, trio"
+
+
+def _can_import(user: UnprivUser, python: str, pythonpath: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", _IMPORTS], user=user.uid, group=user.gid, extra_groups=[],
+                           capture_output=True, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": pythonpath})
+    except PermissionError:
+        return False
+    return r.returncode == 0
+
+
+def _staged_packages() -> str:
+    """A world-readable copy of this repo's packages and the site-packages they import, for
+    checkouts an unprivileged user cannot read (removed at exit)."""
+    import atexit
+    import importlib
+
+    for name in _IMPORTS.removeprefix("import ").split(", "):
+        importlib.import_module(name)
+    stage = Path(tempfile.mkdtemp(prefix="unionfs-run-py-", dir="/tmp"))
+    atexit.register(shutil.rmtree, stage, True)
+    # longest first: the venv's site-packages may lie inside the checkout
+    roots = sorted([str(REPO), *(p for p in sys.path if p.endswith("site-packages"))], key=len, reverse=True)
+    tops: set[Path] = set()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        root = next((r for r in roots if f and f.startswith(r + "/")), None)
+        if f and root:
+            top = Path(f).relative_to(root).parts[0]
+            if not top.startswith((".", "tests", "__editable__")):
+                tops.add(Path(root) / top)
+    for top in tops:
+        if top.is_dir():
+            shutil.copytree(top, stage / top.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(top, stage / top.name)
+    for dirpath, _dirnames, filenames in os.walk(stage):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o755 if name.endswith(".so") else 0o644)
+    return str(stage)
 
 
 def python_for(user: UnprivUser | None) -> tuple[str, str]:
-    """(interpreter, extra PYTHONPATH) with which *user* can run the launcher and the FUSE server.
+    """(interpreter, PYTHONPATH) with which *user* can run the launcher and the FUSE server.
 
-    The venv's interpreter may live where an unprivileged user cannot reach it (pyenv under /root);
-    then the system's python3 of the same version runs the venv's packages through PYTHONPATH.
+    The venv's interpreter may live where an unprivileged user cannot reach it (pyenv under /root):
+    then the system's python3 of the same version runs the venv's packages through PYTHONPATH; and
+    where the checkout itself is unreadable to the user, from a world-readable copy of them.
     """
     if user is None:
-        return PYTHON, ""
+        return PYTHON, str(REPO)
     if user.uid not in _user_python:
-        try:
-            subprocess.run([PYTHON, "-c", "pass"], user=user.uid, group=user.gid, extra_groups=[], check=True,
-                           capture_output=True, cwd="/")
-            _user_python[user.uid] = (PYTHON, "")
-        except (PermissionError, subprocess.CalledProcessError):
-            site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
-            ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
-            system = shutil.which(ver, path="/usr/local/bin:/usr/bin:/bin")
+        site = ":".join(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
+        ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        system = shutil.which(ver, path="/usr/local/bin:/usr/bin:/bin")
+        candidates = [(PYTHON, str(REPO))]
+        if system:
+            candidates.append((system, f"{REPO}:{site}"))
+        for python, path in candidates:
+            if _can_import(user, python, path):
+                _user_python[user.uid] = (python, path)
+                break
+        else:
             if system is None:
-                raise RuntimeError(f"no {ver} that uid {user.uid} can run") from None
-            _user_python[user.uid] = (system, ":".join(site))
+                raise RuntimeError(f"no {ver} that uid {user.uid} can run")
+            _user_python[user.uid] = (system, _staged_packages())
     return _user_python[user.uid]
 
 
@@ -241,7 +287,7 @@ def start_launcher(
 
 def _env(user: UnprivUser | None, extra: dict[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
-    env["PYTHONPATH"] = ":".join(p for p in (str(REPO), python_for(user)[1]) if p)
+    env["PYTHONPATH"] = python_for(user)[1]
     env.pop("TMPDIR", None)
     if user:
         env["HOME"] = "/"
