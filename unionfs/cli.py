@@ -120,8 +120,18 @@ def umount(mountpoint: str) -> None:
         raise click.ClickException(e.message) from None
 
 
-def main() -> None:
-    cli(prog_name="unionfs")
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error."""
+    try:
+        cli.main(args=argv, prog_name="unionfs", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("unionfs: aborted", file=sys.stderr)
+        sys.exit(1)
+    except click.ClickException as e:
+        print(f"unionfs: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
 
 
 OVERLAY_USAGE = """\

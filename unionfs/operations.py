@@ -78,6 +78,14 @@ class Operations(pyfuse3.Operations):
         self.debug = debug
         self.dirs = {}
         self._next_dh = 0
+        union.invalidate_entry = self._invalidate_entry
+
+    @staticmethod
+    def _invalidate_entry(parent: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
+            log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
 
     # ------------------------------------------------------------------ helpers
 

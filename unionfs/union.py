@@ -24,6 +24,7 @@ from .whiteout import (
     WH_PREFIX,
     Dialect,
     WhiteoutWriter,
+    dir_is_opaque,
     escape_xattr,
     is_reserved_name,
     is_whiteout_stat,
@@ -74,6 +75,8 @@ class Union:
         self.faults = faults
         self.privileged = os.geteuid() == 0
         self.handles: dict[int, Handle] = {}
+        # Tells the kernel to drop a cached name (parent id, name); set by the FUSE layer.
+        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self._next_fh = 0
 
     def close(self) -> None:
@@ -95,6 +98,8 @@ class Union:
         if name == b"..":
             up = parent.links[-1][0] if parent.links else self.table.root
             return up, self.stat(up)
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG, name=name)
         e = self.listing(parent).get(name)
         if e is None:
             return None
@@ -221,10 +226,12 @@ class Union:
         """Record that *node* now lives in the writable branch under *parent*/*name*."""
         node.layer = 0
         self.table.rekey(node, key)
-        # Other names of a lower hard link keep showing the lower object (overlayfs, index=off).
+        # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
+        # forget them here and make the kernel look them up again.
         for link in list(node.links):
             if link != (parent, name):
                 self.table.drop_link(node, *link)
+                self.invalidate_entry(link[0].id, link[1])
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
             e.layer = 0
@@ -337,6 +344,8 @@ class Union:
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, creds: Creds
               ) -> tuple[Node, os.stat_result]:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM, "a 0/0 character device is a whiteout", name)
         self._check_new_name(parent, name)
         owner = self._owner(self.upper_dir(parent), creds)
 
@@ -484,10 +493,8 @@ class Union:
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
         self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
-        if es.is_dir and dst_lower:
-            self.writer.make_opaque(src.fdmap[0])
-            src.set_dirfds(src.dirfds[:1])
-            src.listing = None
+        if es.is_dir:
+            self._opaque_after_move(src, np, dst_lower)
         del self.listing(op)[on]
         new = Entry(0, es.is_dir, dst_lower)
         self.listing(np)[nn] = new
@@ -497,6 +504,18 @@ class Union:
                 dst.listing = {}
         self.table.drop_link(src, op, on)
         self.table.add_link(src, np, nn)
+
+    def _opaque_after_move(self, moved: Node, new_parent: Node, name_below: bool) -> None:
+        """A directory moved into a merged directory (or onto a name that exists below) becomes
+        opaque, as overlayfs does, so nothing below can merge into it later."""
+        if not (name_below or len(new_parent.dirfds) > 1):
+            return
+        fd = moved.fdmap[0]
+        if not dir_is_opaque(fd):
+            self.writer.make_opaque(fd)
+        if len(moved.dirfds) > 1:
+            moved.set_dirfds(moved.dirfds[:1])
+            moved.listing = None
 
     def _rename_leaving_whiteout(self, spfd: int, on: bytes, dpfd: int, nn: bytes, whiteout: bool) -> None:
         """Rename in the writable branch; with *whiteout*, leave one at the old name.
@@ -536,9 +555,9 @@ class Union:
         dst_lower = ed.has_lower or ed.layer != 0
         lo[on] = Entry(0, ed.is_dir, src_lower)
         ln[nn] = Entry(0, es.is_dir, dst_lower)
-        for node, lower in ((src, dst_lower), (dst, src_lower)):
-            if node.is_dir and lower:
-                self.writer.make_opaque(node.fdmap[0])
+        for node, parent, lower in ((src, np, dst_lower), (dst, op, src_lower)):
+            if node.is_dir:
+                self._opaque_after_move(node, parent, lower)
         self.table.drop_link(src, op, on)
         self.table.drop_link(dst, np, nn)
         self.table.add_link(src, np, nn)
