@@ -334,6 +334,8 @@ def run(cfg: RunConfig) -> int:
         raise LaunchError(f"--workdir must be an absolute path inside the container: {cfg.workdir}", 2)
     branches = parse_branches(cfg.branches)
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
+    if not rootless and os.geteuid() != 0:
+        raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace", 2)
     container_id = cfg.container_id or os.urandom(6).hex()
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)

@@ -151,3 +151,8 @@ def test_rootless_maps_the_subuid_range_through_newuidmap(image: Image, upper: P
         rows = [line.split() for line in r.stdout.splitlines()[:-1]]
         assert rows == [["0", str(sub.uid), "1"], ["1", str(ranges[0].start), str(ranges[0].length)]]
         assert (upper / "f").stat().st_uid == ranges[0].start + 999
+
+
+def test_no_rootless_as_a_user_is_a_usage_error(image: Image, upper: Path, user: UnprivUser) -> None:
+    r = run_launcher(image.branches(upper), ["/bin/true"], ["--no-rootless"], user=user)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs root" in r.stderr, r.stderr
