@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             if tr is not None:
                 tr.write_line(f"ERROR: {p}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+TEST_TIMEOUT = float(os.environ.get("UNIONFS_TEST_TIMEOUT", "300"))  # seconds; slow tests: 3x
+
+
+@pytest.fixture(autouse=True)
+def _fuse_watchdog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """A daemon that stops answering would hang the whole run (a FUSE request waits forever). After
+    TEST_TIMEOUT, abort the FUSE connections below this test's tmp_path: blocked calls then fail
+    with ENOTCONN, and the test is failed with a message saying so."""
+    limit = TEST_TIMEOUT * (3 if "slow" in request.keywords else 1)
+    fired: list[bytes] = []
+    timer = threading.Timer(limit, lambda: fired.extend(util.abort_fuse_under(tmp_path) or [b"-"]))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if fired:
+        pytest.fail(f"test ran longer than {limit:.0f}s; aborted the FUSE connections of {fired}")
 
 
 @functools.cache

@@ -20,8 +20,21 @@ from typing import Any
 import pytest
 import util
 from util import (
-    IMPL, RENAME_EXCHANGE, RENAME_NOREPLACE, D, F, H, L, N, Pair, Side, W, call, err, normalise_upper,
-    renameat2, run_tool,
+    IMPL,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    D,
+    F,
+    H,
+    L,
+    N,
+    Pair,
+    Side,
+    W,
+    call,
+    err,
+    renameat2,
+    run_tool,
 )
 
 pytestmark = pytest.mark.fuse
@@ -48,7 +61,7 @@ LOWER_BOTTOM = [F("merged/bottom", b"b"), F("bottom-only", b"bo"), F("hidden-bel
 UPPER = [F("uf", b"upper file\n", mode=0o644), F("uf2", b"upper 2\n"), D("ud"), F("ud/x", b"x"),
          D("ud2"), D("merged"), F("merged/up", b"up"), W("hidden-below"), D("uempty")]
 
-O = os.O_WRONLY
+WR = os.O_WRONLY
 
 
 def w(path: str, flags: int = os.O_WRONLY, data: bytes | None = None, mode: int = 0o644,
@@ -118,23 +131,23 @@ def fallocate(rel: str, off: int, ln: int) -> Callable[[Side], Any]:
 #: name -> (operation, compare non-directory mtimes too)
 OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     # create / open
-    "create": (w("new", O | os.O_CREAT, b"new data", 0o600), False),
-    "create-in-lower-dir-copies-parents": (w("ld/sub/deep/new", O | os.O_CREAT, b"n"), False),
-    "create-excl-existing-lower": (w("lf", O | os.O_CREAT | os.O_EXCL), True),
-    "create-excl-over-whiteout": (w("hidden-below", O | os.O_CREAT | os.O_EXCL, b"back"), False),
-    "create-in-missing-dir": (w("nodir/new", O | os.O_CREAT), True),
-    "create-under-file": (w("lf/new", O | os.O_CREAT), True),
-    "open-trunc-lower": (w("lf", O | os.O_TRUNC), False),
-    "open-trunc-write-lower": (w("lf", O | os.O_TRUNC, b"replaced"), False),
-    "open-append-lower": (w("lf", O | os.O_APPEND, b"appended\n"), False),
-    "pwrite-middle-lower": (w("lf", O, b"XY", off=3), False),
-    "pwrite-past-end-lower": (w("lf", O, b"far", off=100_000), False),
+    "create": (w("new", WR | os.O_CREAT, b"new data", 0o600), False),
+    "create-in-lower-dir-copies-parents": (w("ld/sub/deep/new", WR | os.O_CREAT, b"n"), False),
+    "create-excl-existing-lower": (w("lf", WR | os.O_CREAT | os.O_EXCL), True),
+    "create-excl-over-whiteout": (w("hidden-below", WR | os.O_CREAT | os.O_EXCL, b"back"), False),
+    "create-in-missing-dir": (w("nodir/new", WR | os.O_CREAT), True),
+    "create-under-file": (w("lf/new", WR | os.O_CREAT), True),
+    "open-trunc-lower": (w("lf", WR | os.O_TRUNC), False),
+    "open-trunc-write-lower": (w("lf", WR | os.O_TRUNC, b"replaced"), False),
+    "open-append-lower": (w("lf", WR | os.O_APPEND, b"appended\n"), False),
+    "pwrite-middle-lower": (w("lf", WR, b"XY", off=3), False),
+    "pwrite-past-end-lower": (w("lf", WR, b"far", off=100_000), False),
     "open-rdwr-lower-no-write": (w("lf", os.O_RDWR), True),
     "open-rdonly-lower": (w("lf", os.O_RDONLY), True),
-    "open-wronly-lower-dir": (w("ld", O), True),
-    "open-lower-symlink-nofollow": (w("llink", O | os.O_NOFOLLOW), True),
-    "write-through-lower-symlink": (w("llink", O | os.O_APPEND, b"via link"), False),
-    "write-lower-fifo-nonblock": (w("lfifo", O | os.O_NONBLOCK), True),
+    "open-wronly-lower-dir": (w("ld", WR), True),
+    "open-lower-symlink-nofollow": (w("llink", WR | os.O_NOFOLLOW), True),
+    "write-through-lower-symlink": (w("llink", WR | os.O_APPEND, b"via link"), False),
+    "write-lower-fifo-nonblock": (w("lfifo", WR | os.O_NONBLOCK), True),
     "truncate-lower": (p(os.truncate, "lf", length=4), False),
     "truncate-extend-lower": (p(os.truncate, "lf", length=1 << 20), False),
     "truncate-same-size-lower": (p(os.truncate, "lf", length=11), False),
@@ -142,8 +155,8 @@ OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     "truncate-dir": (p(os.truncate, "ld", length=0), True),
     "fallocate-lower": (fallocate("lf", 0, 1 << 16), False),
     "fsync-rdonly-lower": (fsync_path("lf", os.O_RDONLY), True),
-    "fdatasync-wronly-lower": (fsync_path("lf", O, data_only=True), True),
-    "fsync-upper": (fsync_path("uf", O), True),
+    "fdatasync-wronly-lower": (fsync_path("lf", WR, data_only=True), True),
+    "fsync-upper": (fsync_path("uf", WR), True),
     # directories
     "mkdir": (p(os.mkdir, "newdir", mode=0o705), False),
     "mkdir-in-lower-dir": (p(os.mkdir, "ld/sub/newdir"), False),
@@ -187,7 +200,7 @@ OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     "unlink-missing": (p(os.unlink, "nothing"), True),
     "unlink-whited-out": (p(os.unlink, "hidden-below"), True),
     "unlink-one-hardlink": (p(os.unlink, "hl2"), True),
-    "unlink-then-recreate": (seq(p(os.unlink, "lf"), w("lf", O | os.O_CREAT, b"again")), False),
+    "unlink-then-recreate": (seq(p(os.unlink, "lf"), w("lf", WR | os.O_CREAT, b"again")), False),
     # rename
     "rename-upper-file": (p(os.rename, "uf", "uf-renamed"), True),
     "rename-lower-file": (p(os.rename, "lf", "lf-renamed"), True),
@@ -249,8 +262,24 @@ OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
 }
 
 
-@pytest.mark.parametrize("style", ["overlay", "aufs"])
-@pytest.mark.parametrize("name", list(OPS))
+#: Ops where the AUFS style (A:B branches, .wh. dialect, temporaries in the branch) can differ; the
+#: default run repeats only these AUFS-style, --runslow repeats all of them.
+AUFS_DEFAULT = {
+    "create-in-lower-dir-copies-parents", "create-excl-over-whiteout", "open-trunc-lower", "pwrite-middle-lower",
+    "mkdir-over-whiteout-is-opaque", "rmdir-lower-empty", "rmdir-merged-nonempty", "rmdir-whiteout-only",
+    "rmdir-then-mkdir-is-opaque", "rm-rf-then-mkdir-is-opaque", "rm-rf-merged-then-mkdir", "unlink-lower",
+    "unlink-in-merged", "unlink-whited-out", "unlink-then-recreate", "rename-lower-file",
+    "rename-lower-over-whiteout", "rename-lower-dir-exdev", "rename-merged-dir-exdev", "rename-upper-dir",
+    "mv-lower-dir-falls-back", "noreplace-over-whiteout", "exchange-lower-files", "chmod-lower",
+    "chmod-lower-deep", "chmod-lower-fifo", "lchown-lower-symlink", "setxattr-lower", "link-lower-file",
+    "copy-up-hardlinked-lower",
+}
+assert AUFS_DEFAULT <= set(OPS)
+OP_PARAMS = [pytest.param(n, "overlay", id=f"{n}-overlay") for n in OPS] + [
+    pytest.param(n, "aufs", id=f"{n}-aufs", marks=() if n in AUFS_DEFAULT else pytest.mark.slow) for n in OPS]
+
+
+@pytest.mark.parametrize("name,style", OP_PARAMS)
 def test_op(pair: Pair, name: str, style: str) -> None:
     op, times = OPS[name]
     pair.build([LOWER, LOWER_BOTTOM], upper=UPPER, style=style, dialect="aufs" if style == "aufs" else "overlay")
@@ -280,11 +309,11 @@ def test_open_handle_sees_copy_up(pair: Pair) -> None:
     fds = {s.base: (os.open(s.p("f"), os.O_RDONLY), os.open(s.p("g"), os.O_RDONLY)) for s in pair.sides}
     try:
         pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "read before")
-        pair.same(w("f", O | os.O_TRUNC, b"new contents, longer\n"), "write")
+        pair.same(w("f", WR | os.O_TRUNC, b"new contents, longer\n"), "write")
         pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "old reader after copy-up")
         pair.same(lambda s: os.fstat(fds[s.base][0]).st_size, "fstat old reader")
         pair.same(p(os.chmod, "g", mode=0o600), "chmod g")
-        pair.same(w("g", O, b"CHANGED", off=5000), "write g")
+        pair.same(w("g", WR, b"CHANGED", off=5000), "write g")
         pair.same(lambda s: os.pread(fds[s.base][1], 20, 4995), "reader of g after copy-up")
     finally:
         for a, b in fds.values():
@@ -396,8 +425,8 @@ def test_aufs_dialect_refuses_whiteout_names(tmp_path: Path, need_fuse: None, st
 # ---- read-only unions: EROFS for every change
 
 RO_OPS = {
-    "create": w("new", O | os.O_CREAT), "open-wronly": w("f", O), "open-rdwr": w("f", os.O_RDWR),
-    "open-trunc": w("f", O | os.O_TRUNC), "truncate": p(os.truncate, "f", length=0),
+    "create": w("new", WR | os.O_CREAT), "open-wronly": w("f", WR), "open-rdwr": w("f", os.O_RDWR),
+    "open-trunc": w("f", WR | os.O_TRUNC), "truncate": p(os.truncate, "f", length=0),
     "mkdir": p(os.mkdir, "nd"), "rmdir": p(os.rmdir, "d"), "unlink": p(os.unlink, "f"),
     "rename": p(os.rename, "f", "g"), "link": p(os.link, "f", "h"),
     "symlink": lambda s: os.symlink("x", s.p("sl")), "mknod": mknod("fifo", stat.S_IFIFO),
@@ -405,7 +434,7 @@ RO_OPS = {
     "utime": lambda s: os.utime(s.p("f"), ns=(1, 1)), "setxattr": p(os.setxattr, "f", attribute="user.a", value=b"1"),
     "removexattr": p(os.removexattr, "f", attribute="user.x"),
     "access-w": p(os.access, "f", mode=os.W_OK), "open-rdonly": w("f", os.O_RDONLY),
-    "create-missing-parent": w("nope/new", O | os.O_CREAT),
+    "create-missing-parent": w("nope/new", WR | os.O_CREAT),
 }
 
 
@@ -432,11 +461,12 @@ def test_read_only_union_gives_erofs(pair: Pair, how: str) -> None:
 # ---- crash safety
 
 
-def _make_big_lower(path: Path, size: int) -> None:
-    """A file with real data spread through it (1 MiB of random data every 4 MiB, holes between)."""
+def _make_big_lower(path: Path, size: int, every: int = 4 << 20) -> None:
+    """A file with real data spread through it (1 MiB of random data every ``every`` bytes, holes
+    between)."""
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        for off in range(0, size, 4 << 20):
+        for off in range(0, size, every):
             f.seek(off)
             f.write(chunk[: min(len(chunk), size - off)])
         f.truncate(size)
@@ -527,10 +557,58 @@ def test_sigkill_during_copy_up_1gib(tmp_path: Path, need_fuse: None, style: str
     _sigkill_mid_copy_up(tmp_path, 1 << 30, style)
 
 
+@pytest.mark.parametrize("style", ["overlay", pytest.param("aufs", marks=pytest.mark.slow)])
+def test_o_trunc_copies_no_data(tmp_path: Path, need_fuse: None, style: str) -> None:
+    """Opening a big lower file with O_TRUNC copies it up without its data: no file with data ever
+    appears in the upper or work dir while the open runs."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    _make_big_lower(lower / "big", 1 << 30, every=256 << 20)
+    digest = util.layer_digest(lower)
+    m = util.mount_impl(style, [lower], upper, work if style == "overlay" else None, mnt)
+    seen: dict[str, int] = {}
+    try:
+        code = f"import os; fd = os.open({str(mnt / 'big')!r}, os.O_WRONLY | os.O_TRUNC); os.write(fd, b'x')"
+        writer = subprocess.Popen([sys.executable, "-c", code])
+        deadline = time.monotonic() + 120
+        while writer.poll() is None and time.monotonic() < deadline:
+            seen.update({k: v for k, v in {**_files_under(upper), **_files_under(work)}.items() if v > 1})
+            time.sleep(0.001)
+        assert writer.wait(timeout=60) == 0
+        assert (mnt / "big").read_bytes() == b"x"
+    finally:
+        util.unmount(m)
+    assert not seen, f"data was copied during an O_TRUNC copy-up: {seen}"
+    assert (upper / "big").read_bytes() == b"x"
+    assert util.layer_digest(lower) == digest
+
+
+@pytest.mark.skipif(IMPL != "unionfs", reason="kernel overlayfs and fuse-overlayfs update lower atimes")
+def test_reads_leave_lower_atime_alone(tmp_path: Path, need_fuse: None) -> None:
+    """Issue 3 item 5: lower branches are not written, "not atime where avoidable" (O_NOATIME)."""
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    util.render_layer(lower, [F("f", b"data"), F("d/x", b"x"), L("link", "f")], "overlay")
+    upper.mkdir()
+    mnt.mkdir()
+    before = {rel: os.lstat(os.path.join(os.fsencode(lower), rel)).st_atime_ns
+              for rel in (b"", b"f", b"d", b"d/x")}
+    m = util.mount_impl("aufs", [lower], upper, None, mnt)
+    try:
+        assert (mnt / "f").read_bytes() == b"data"
+        assert (mnt / "d" / "x").read_bytes() == b"x"
+        assert sorted(os.listdir(mnt)) == ["d", "f", "link"] and os.listdir(mnt / "d") == ["x"]
+        assert os.readlink(mnt / "link") == "f"
+    finally:
+        util.unmount(m)
+    after = {rel: os.lstat(os.path.join(os.fsencode(lower), rel)).st_atime_ns for rel in before}
+    assert after == before
+
+
 def test_big_copy_up_is_complete(pair: Pair) -> None:
     data = os.urandom(1 << 20) * 20
     pair.build([[F("big", data)]], upper=[])
-    pair.same(w("big", O, b"END", off=len(data)), "append to big lower file")
+    pair.same(w("big", WR, b"END", off=len(data)), "append to big lower file")
     pair.assert_same_tree()
     pair.assert_same_upper()
 
@@ -547,9 +625,9 @@ def test_errno_of_failed_copy_up_on_full_upper(pair: Pair) -> None:
         s.upper.mkdir()
         s.work.mkdir()
     pair.mount()
-    res = pair.same(w("big", O, b"!", off=0), "write triggering copy-up")
+    res = pair.same(w("big", WR, b"!", off=0), "write triggering copy-up")
     assert res == err("ENOSPC")
-    pair.same(w("small", O, b"!", off=0), "a small copy-up still works")
+    pair.same(w("small", WR, b"!", off=0), "a small copy-up still works")
     pair.assert_same_tree()
     pair.assert_same_upper()
 
