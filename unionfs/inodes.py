@@ -32,7 +32,7 @@ class Node:
     """One object of the union.  Directories hold their branch directories open."""
 
     __slots__ = ("id", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds")
+                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: tuple[int, int]) -> None:
         self.id = node_id
@@ -48,6 +48,9 @@ class Node:
         self.listing: dict[bytes, Entry] | None = None  # directories: merged listing, built on demand
         self.lock: trio.Lock | None = None       # serialises copy-up of this node
         self.owns_fds = True
+        # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
+        # file for security.selinux) are for names that are not there and need no syscall.
+        self.xattrs: frozenset[bytes] | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]

@@ -153,15 +153,20 @@ class Union:
         finally:
             os.close(fd)
 
+    def _xattr_names(self, node: Node) -> frozenset[bytes]:
+        if node.xattrs is None:
+            names = self._xattr_target(node, os.listxattr)
+            node.xattrs = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+        return node.xattrs
+
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real = escape_xattr(name)
-        if real is None:
+        if real is None or real not in self._xattr_names(node):
             raise _err(errno.ENODATA)
         return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = self._xattr_target(node, os.listxattr)
-        shown = (unescape_xattr(os.fsencode(n)) for n in names)  # type: ignore[attr-defined]
+        shown = (unescape_xattr(n) for n in self._xattr_names(node))
         return [n for n in shown if n is not None]
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
@@ -170,6 +175,7 @@ class Union:
         if real is None:
             raise _err(errno.EPERM)
         await self.ensure_upper(node)
+        node.xattrs = None
         self._xattr_target(node, lambda p: os.setxattr(p, real, value))
 
     async def removexattr(self, node: Node, name: bytes) -> None:
@@ -179,6 +185,7 @@ class Union:
             raise _err(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
+        node.xattrs = None
         self._xattr_target(node, lambda p: os.removexattr(p, real))
 
     def statvfs(self) -> os.statvfs_result:
@@ -200,6 +207,7 @@ class Union:
         pfd = self.upper_dir(parent)
         fd = self.copyup.dir(d, pfd, name)
         d.add_upper_dirfd(fd)
+        d.xattrs = None
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))
         e = parent.listing.get(name) if parent.listing is not None else None
@@ -225,6 +233,7 @@ class Union:
     def moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int]) -> None:
         """Record that *node* now lives in the writable branch under *parent*/*name*."""
         node.layer = 0
+        node.xattrs = None
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
         # forget them here and make the kernel look them up again.
