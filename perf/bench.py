@@ -24,10 +24,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import profiling
 from layerset import LayerSet, ensure_layers, restore_native
 from mounts import IMPLEMENTATIONS, MountError, cleanup_stale_mounts, mount, stop_stuck_server
 from report import Record, summarise, table, write_outputs
@@ -102,10 +104,13 @@ def cases_for(workload: str, layers: LayerSet) -> list[Case]:
 class Bench:
     """Runs the cases, collecting a Record per (repetition, metric, implementation)."""
 
-    def __init__(self, layers: LayerSet, impls: list[str], timeout: float) -> None:
+    def __init__(
+        self, layers: LayerSet, impls: list[str], timeout: float, profile: Path | None = None
+    ) -> None:
         self.layers = layers
         self.impls = impls
         self.timeout = timeout
+        self.profile = profile  # where py-spy stacks of the unionfs daemon go, per case
         self.records: list[Record] = []
         self.disabled: dict[str, str] = unavailable_impls(impls)
 
@@ -148,7 +153,8 @@ class Bench:
         try:
             with mount(impl, case.lowers, case.upper_template, native) as view:
                 request = {"workload": case.workload, "root": str(view.root), "params": case.params}
-                result = run_worker(request, self.timeout, lambda: stop_stuck_server(view))
+                with self.sampling(impl, case, view.daemon_pid):
+                    result = run_worker(request, self.timeout, lambda: stop_stuck_server(view))
             layer_problem = check_layers_after(case.workload, view.upper, self.layers)
         finally:
             if impl == "native" and case.workload in WRITES_NATIVE:
@@ -158,6 +164,11 @@ class Bench:
             for variant, observed in result["obs"].items()
         }
         return result["times"], problems
+
+    def sampling(self, impl: str, case: Case, pid: int | None) -> AbstractContextManager[None]:
+        if self.profile is None or impl != "unionfs":
+            return nullcontext()
+        return profiling.sampled(pid, self.profile / f"{case.metric('').replace(' ', '-')}.txt")
 
     def fail(self, rep: int, case: Case, impl: str, variants: list[str], error: str) -> None:
         for variant in variants:
@@ -255,6 +266,17 @@ def parse_latency_table(text: str) -> dict[str, list[float]]:
     return rows
 
 
+def print_profiles(directory: Path) -> None:
+    report = []
+    for path in sorted(directory.glob("*.txt")):
+        if path.name == "summary.txt":
+            continue
+        report.append(f"{path.stem}:\n{profiling.summarise(profiling.read_stacks(path))}")
+    text = "\n\n".join(report)
+    (directory / "summary.txt").write_text(text + "\n")
+    print(f"\nunionfs daemon profile (py-spy):\n{text}")
+
+
 # Main ----------------------------------------------------------------------------------------------
 
 
@@ -269,6 +291,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="implementations, comma-separated")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, or 1 with --quick)")
     parser.add_argument("--out", type=Path, default=PERF_DIR / "results", help="where results are written")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample the unionfs daemon with py-spy into this directory (implies --impls unionfs, 1 rep)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per workload run")
     args = parser.parse_args(argv)
     args.only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
@@ -279,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for impl in args.impls:
         if impl not in IMPLEMENTATIONS:
             parser.error(f"unknown implementation {impl}; choose from {', '.join(IMPLEMENTATIONS)}")
+    if args.profile is not None:
+        args.impls = ["unionfs"]
+        args.reps = args.reps or 1
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.timeout is None:
@@ -312,7 +343,6 @@ def machine_context(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         "os": output(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "fuse-overlayfs": output(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -m1 '^fuse-overlayfs'"]),
         "unionfs commit": output(["git", "-C", str(PERF_DIR.parent), "rev-parse", "--short", "HEAD"]),
-        "load average at start": Path("/proc/loadavg").read_text().split()[0],
         "sizes": layout.sizes.as_dict(),
     }
 
@@ -324,13 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every mount is unmounted in finally
     started = time.monotonic()
+    load_at_start = Path("/proc/loadavg").read_text().split()[0]
     stale = cleanup_stale_mounts()
     if stale:
         print(f"unmounted leftovers of an earlier run: {', '.join(stale)}", file=sys.stderr)
     layout = Layout(QUICK if args.quick else FULL)
     layers = ensure_layers(layout)
     restore_native(layers)
-    bench = Bench(layers, args.impls, args.timeout)
+    bench = Bench(layers, args.impls, args.timeout, args.profile)
     try:
         for rep in range(args.reps):
             bench.run_round(rep, [w for w in args.only if w != "W9"])
@@ -344,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(bench.records, w9)
     context = machine_context(args, layout)
     context["elapsed seconds"] = round(time.monotonic() - started, 1)
+    context["load average at start"] = load_at_start
     context["load average at end"] = Path("/proc/loadavg").read_text().split()[0]
     heading = (
         f"unionfs perf, {context['mode']} mode, {args.reps} rep(s), {context['date']}\n"
@@ -359,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out, time.strftime("%Y%m%d-%H%M%S", time.gmtime()), bench.records, summary, context, w9, text
     )
     print("wrote " + ", ".join(str(p) for p in written))
+    if args.profile is not None:
+        print_profiles(args.profile)
     return 0
 
 
