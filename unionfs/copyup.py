@@ -50,6 +50,17 @@ def copy_xattrs(src: str, dst: str) -> None:
             log.debug("copy-up: xattr %s not copied: %s", name, e)
 
 
+def _chown_tolerant(chown: Callable[[], None]) -> None:
+    """Give a copy its original owner where the daemon may; an unprivileged daemon, or one that is
+    root only in a user namespace where the owner is unmapped (EINVAL), keeps its own."""
+    try:
+        chown()
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        log.debug("copy-up keeps the daemon's owner: %s", e)
+
+
 def _with_path_fd(dirfd: int, name: bytes, fn: Callable[[str], None]) -> None:
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
@@ -119,11 +130,7 @@ class CopyUp:
 
     @staticmethod
     def _own(fd: int, st: os.stat_result) -> None:
-        try:
-            os.chown(fd, st.st_uid, st.st_gid)
-        except PermissionError:
-            if os.geteuid() == 0:
-                raise
+        _chown_tolerant(lambda: os.chown(fd, st.st_uid, st.st_gid))
         os.chmod(fd, stat.S_IMODE(st.st_mode))
 
     async def file(self, node: Node, keep: int | None = None) -> None:
@@ -177,11 +184,7 @@ class CopyUp:
 
     def _finish_special(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
         work = self.work
-        try:
-            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
-        except PermissionError:
-            if os.geteuid() == 0:
-                raise
+        _chown_tolerant(lambda: os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False))
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work)
 

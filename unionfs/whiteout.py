@@ -185,12 +185,16 @@ class WhiteoutWriter:
         if self.dialect is Dialect.AUFS:
             _touch(fd, WH_OPQ)
             return
-        try:
-            os.setxattr(fd, self.opaque_xattr, b"y")
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-                raise
-            _touch(fd, WH_OPQ)
+        # trusted.* needs CAP_SYS_ADMIN in the initial namespace; a daemon that is root only in a
+        # user namespace gets EPERM there and writes user.overlay.opaque, as unprivileged overlayfs.
+        for attr in dict.fromkeys((self.opaque_xattr, "user.overlay.opaque")):
+            try:
+                os.setxattr(fd, attr, b"y")
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+        _touch(fd, WH_OPQ)
 
 
 def _touch(dirfd: int, name: bytes) -> None:
