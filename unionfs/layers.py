@@ -75,7 +75,11 @@ def _close_quietly(fd: int) -> None:
 
 def open_root(path: str) -> int:
     """Open a branch root.  The path itself is the user's to resolve; below it we never follow."""
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
 
 
 def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work: bool) -> LayerStack:
@@ -161,12 +165,24 @@ def exists_at(dirfd: int, name: bytes) -> bool:
     return True
 
 
+def _open_noatime(name: bytes, flags: int, mode: int, dirfd: int) -> int:
+    """Open for reading without touching the atime (lower branches are never written, not even
+    their atimes), where the daemon may: O_NOATIME needs ownership or CAP_FOWNER."""
+    try:
+        return os.open(name, flags | os.O_NOATIME, mode, dir_fd=dirfd)
+    except PermissionError:
+        return os.open(name, flags, mode, dir_fd=dirfd)
+
+
 def open_dir_at(dirfd: int, name: bytes) -> int:
-    return os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    return _open_noatime(name, DIR_FLAGS, 0, dirfd)
 
 
 def open_file_at(dirfd: int, name: bytes, flags: int, mode: int = 0o777) -> int:
-    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if flags & (os.O_ACCMODE | os.O_CREAT | os.O_TRUNC) == os.O_RDONLY:
+        return _open_noatime(name, flags, mode, dirfd)
+    return os.open(name, flags, mode, dir_fd=dirfd)
 
 
 def fd_path(fd: int) -> str:
