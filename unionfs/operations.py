@@ -79,6 +79,14 @@ class Operations(pyfuse3.Operations):
         self.dirs = {}
         self._next_dh = 0
         union.invalidate_entry = self._invalidate_entry
+        union.invalidate_attr = self._invalidate_attr
+
+    @staticmethod
+    def _invalidate_attr(node_id: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(node_id, attr_only=True)
+        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
+            log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
 
     @staticmethod
     def _invalidate_entry(parent: int, name: bytes) -> None:

@@ -77,6 +77,7 @@ class Union:
         self.handles: dict[int, Handle] = {}
         # Tells the kernel to drop a cached name (parent id, name); set by the FUSE layer.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
+        self.invalidate_attr: Callable[[int], None] = lambda node_id: None
         self._next_fh = 0
 
     def close(self) -> None:
@@ -237,10 +238,11 @@ class Union:
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
         # forget them here and make the kernel look them up again.
-        for link in list(node.links):
-            if link != (parent, name):
-                self.table.drop_link(node, *link)
-                self.invalidate_entry(link[0].id, link[1])
+        others = [link for link in node.links if link != (parent, name)]
+        for link in others:
+            self.table.drop_link(node, *link)
+            self.invalidate_entry(link[0].id, link[1])
+        self.invalidate_attr(node.id)   # the copy has a link count (and blocks) of its own
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
             e.layer = 0
