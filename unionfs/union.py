@@ -33,7 +33,10 @@ from .whiteout import (
 
 log = logging.getLogger(__name__)
 
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+# Flags the kernel has already acted on, or that would change what a pread/pwrite at an offset means
+# (O_APPEND) or require aligned buffers pyfuse3 does not give (O_DIRECT: the kernel still bypasses
+# its page cache for such an open).
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
 
 
 def _err(code: int, what: str = "", name: bytes = b"") -> OSError:
