@@ -10,6 +10,7 @@ a flag) and re-running it is the intended way to study a finding.
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 from . import ops as ops_mod
 from .impls import make_impl
-from .layers import Layers
+from .layers import Layers, Oct
 from .machine import Case, Failure, Runner, ScriptCase, Trace
 from .ops import Op, Outcome
 
@@ -88,7 +89,15 @@ def parse_step(source: str) -> Op:
     op = eval(source, scope)
     if not isinstance(op, Op):
         raise ValueError(f"not a step: {source!r}")
-    return op
+    # keep octal literals octal (modes), so replays print as the script reads
+    call = ast.parse(source, mode="eval").body
+    assert isinstance(call, ast.Call)
+    args = list(op.args)
+    for k, node in enumerate(call.args[1:]):
+        text = ast.get_source_segment(source, node) or ""
+        if isinstance(node, ast.Constant) and type(node.value) is int and text.lower().startswith("0o"):
+            args[k] = Oct(node.value)
+    return Op(op.name, tuple(args))
 
 
 def format_trace(trace: Trace, name_a: str, name_b: str, failure: Failure | None) -> str:
