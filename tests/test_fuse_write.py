@@ -652,3 +652,53 @@ def test_errno_spot_checks(pair: Pair) -> None:
     assert pair.same(p(os.rmdir, "ld")) == err("ENOTEMPTY")
     assert pair.same(lambda s: renameat2(s.p("lf"), s.p("lf2"), RENAME_NOREPLACE)) == err("EEXIST")
     assert errno.EXDEV
+
+
+def _threads(fns: list[Callable[[], Any]]) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(fns)) as ex:
+        futs = [ex.submit(call, fn) for fn in fns]
+        return [f.result() for f in futs]
+
+
+def test_concurrent_copy_up_of_one_file(pair: Pair) -> None:
+    """Many writers hit the same lower file at once: one copy-up, every append kept, no leftovers."""
+    pair.build([[F("shared", b"base\n"), F("d/f", b"f")]], upper=[])
+
+    def run(s: Side) -> Any:
+        def writer(i: int) -> Callable[[], Any]:
+            def go() -> None:
+                fd = os.open(s.p("shared"), os.O_WRONLY | os.O_APPEND)
+                try:
+                    for j in range(20):
+                        os.write(fd, b"w%02d-%02d\n" % (i, j))
+                finally:
+                    os.close(fd)
+            return go
+        res = _threads([writer(i) for i in range(8)])
+        with open(s.p("shared"), "rb") as f:
+            lines = f.read().split(b"\n")
+        return res, lines[0], sorted(lines[1:])
+    pair.same(run, "8 concurrent appenders")  # same lines (the interleaving may differ)
+
+    def without_shared_hash(tree: dict[bytes, dict[str, Any]]) -> dict[bytes, dict[str, Any]]:
+        tree[b"shared"].pop("sha256")
+        return tree
+    util.assert_trees_equal(*(without_shared_hash(util.snapshot(s.p())) for s in pair.sides))
+    pair.unmount()
+    util.assert_trees_equal(*(without_shared_hash(util.normalise_upper(s.upper)) for s in pair.sides  # type: ignore
+                              ), what="upper layer")
+
+
+def test_concurrent_copy_up_of_siblings(pair: Pair) -> None:
+    """Copy-ups of many files below the same lower directories at once: parents copied up once, with
+    their metadata, every change kept."""
+    files = [F(f"a/b/c/f{i:02d}", b"%d" % i, mode=0o644) for i in range(24)]
+    pair.build([[D("a", mode=0o751, uid=3), D("a/b", mode=0o715, gid=4), D("a/b/c", mode=0o705), *files]],
+               upper=[])
+
+    def run(s: Side) -> Any:
+        return _threads([lambda i=i: os.chmod(s.p(f"a/b/c/f{i:02d}"), 0o600 + i % 8) for i in range(24)])
+    pair.same(run, "24 concurrent chmods")
+    pair.assert_same_tree(times=True)
+    pair.assert_same_upper(times=True)
