@@ -122,3 +122,24 @@ def test_soak_2000(tmp_path: Path) -> None:
     result, passed, failed = conformance(tmp_path, "--seed", "2000", "--sequences", "2000", "--steps", "50",
                                          "--layers", "1-4")
     assert failed == 0, result.output
+
+
+def test_run_a_users_program_on_both(tmp_path: Path) -> None:
+    """--run: the user's command on copies of the user's layers, compared like a sequence."""
+    top, base = tmp_path / "top", tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc" / "motd").write_text("hello\n")
+    top.mkdir()
+    (top / "keep").write_text("x")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cmd = "rm etc/motd && mkdir -p etc/new && echo hi > etc/new/f && chmod 600 keep && ls $UNION/etc"
+    args = ["--base", str(scratch), "--impl-b", "kernel", "--lower", str(top), "--lower", str(base), "--run"]
+    ok = CliRunner().invoke(conformance_command, [*args, cmd])
+    assert ok.exit_code == 0, ok.output
+    assert "1 passed, 0 failed" in ok.output and "new\n" in ok.output
+    differs = CliRunner().invoke(conformance_command, [*args, "mv etc etc2", "--options-b", "redirect_dir=on"])
+    assert differs.exit_code == 1, differs.output
+    assert "0 passed, 1 failed" in differs.output
+    assert (base / "etc" / "motd").read_text() == "hello\n"  # the user's layers are only copied
+    assert os.listdir(scratch) == []

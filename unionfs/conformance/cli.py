@@ -10,9 +10,10 @@ import time
 import click
 
 from .impls import make_impl
+from .layers import ENTRY_KINDS, CopiedLayers
 from .machine import Case, Runner, parse_layers, run_sequence
 from .machine import shrink as shrink_case
-from .ops import WEIGHTS
+from .ops import WEIGHTS, Op
 from .report import format_trace, script, write_script
 from .snapshot import IGNORABLE
 
@@ -38,6 +39,15 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
     return names
 
 
+def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set[str] | None:
+    if not value:
+        return None
+    kinds = {k.strip() for k in value.split(",") if k.strip()}
+    if kinds - set(ENTRY_KINDS):
+        raise click.BadParameter(f"unknown kind(s) {sorted(kinds - set(ENTRY_KINDS))}")
+    return kinds
+
+
 @click.command("conformance", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--seed", default=0, show_default=True, help="Campaign seed; sequence i is fixed by (seed, i).")
 @click.option("--sequences", default=100, show_default=True, help="How many random sequences to run.")
@@ -58,6 +68,8 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
 @click.option("--fault", default=None, help="Set UNIONFS_FAULT for the unionfs daemon (planted bugs).")
 @click.option("--ops", "allow", default=None, callback=_ops,
               help="Comma-separated operations to draw from (default: all).")
+@click.option("--layer-kinds", "entry_kinds", default=None, callback=_kinds,
+              help=f"Comma-separated kinds of lower-layer entries (default: all of {','.join(ENTRY_KINDS)}).")
 @click.option("--ignore", multiple=True, type=click.Choice(sorted(IGNORABLE)),
               help="Exploration only: do not compare this class of field (repeatable). Not a verdict.")
 @click.option("--keep-going", is_flag=True, help="Run every sequence even after a failure.")
@@ -67,14 +79,21 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Where repro scripts are written.")
 @click.option("--base", default="/var/tmp", show_default=True, help="Where scratch dirs and mounts go.")
+@click.option("--run", "run_cmd", default=None, metavar="COMMAND",
+              help="Instead of random sequences: run this shell command in each union (cwd = the mount, "
+                   "$UNION = its path) on copies of the --lower dirs, and compare.")
+@click.option("--lower", "lowers", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="With --run: a lower layer to copy, top first (repeat).")
+@click.option("--run-timeout", default=300.0, show_default=True, help="With --run: seconds per command.")
 @click.option("-v", "--verbose", count=True, help="-v: a line per sequence; -vv: debug log.")
 def conformance_command(seed: int, sequences: int, first: int, steps: int, layers: tuple[int, int],
                         whiteout: str,
                         lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
                         options_b: str, fault: str | None,
-                        allow: set[str] | None, ignore: tuple[str, ...], keep_going: bool, shrink: bool,
-                        shrink_runs: int,
-                        shrink_seconds: float, out_dir: str, base: str, verbose: int) -> None:
+                        allow: set[str] | None, entry_kinds: set[str] | None, ignore: tuple[str, ...],
+                        keep_going: bool, shrink: bool, shrink_runs: int,
+                        shrink_seconds: float, out_dir: str, base: str, run_cmd: str | None,
+                        lowers: tuple[str, ...], run_timeout: float, verbose: int) -> None:
     """Throw random system-call sequences at two unions side by side; report where they differ.
 
     Builds random lower layers, mounts kernel overlayfs (--impl-a) and unionfs (--impl-b) on two
@@ -83,6 +102,11 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     is shrunk to a minimal sequence and written as a runnable script. Needs root.
 
     Example: unionfs conformance --seed 1 --sequences 500 --steps 50 --whiteout aufs
+
+    Your own program on the same layers, both ways, compared (exit status, output, visible tree,
+    upper layer):
+
+    Example: unionfs conformance --lower img/top --lower img/base --run 'sh ./build.sh'
     """
     if verbose >= 2:
         logging.basicConfig(level=logging.DEBUG)
@@ -92,6 +116,9 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
     b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout, options=options_b)
     runner = Runner(a, b, base, ignore=frozenset(ignore))
+    if run_cmd is not None:
+        _run_program(runner, run_cmd, lowers, run_timeout)
+        return
     passed = failed = 0
     start = time.monotonic()
     click.echo(f"conformance: {a.name} vs {b.name}, seed {seed}, {sequences} sequences x {steps} steps, "
@@ -99,7 +126,7 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if ignore:
         click.echo(f"EXPLORATORY RUN, not comparing: {', '.join(IGNORABLE[i] for i in ignore)}", err=True)
     for index in range(first, first + sequences):
-        result = run_sequence(runner, seed, index, steps, layers, allow)
+        result = run_sequence(runner, seed, index, steps, layers, allow, entry_kinds)
         if result.failure is None:
             passed += 1
             if verbose:
@@ -122,6 +149,8 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
                       f"{layers[0]}-{layers[1]} --whiteout {whiteout} --impl-a {impl_a} --impl-b {impl_b}"
                       + (f" --options-a {options_a}" if options_a else "")
                       + (f" --options-b {options_b}" if options_b else "")
+                      + (f" --ops {','.join(sorted(allow))}" if allow else "")
+                      + (f" --layer-kinds {','.join(sorted(entry_kinds))}" if entry_kinds else "")
                       + "".join(f" --ignore {i}" for i in ignore)
                       + (f" --fault {fault}" if fault else "") + f"\n(sequence {index}{note}).")
         filename = f"conformance-seed{seed}-seq{index}.py"
@@ -141,3 +170,23 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if failed:
         sys.exit(1)
 
+
+def _run_program(runner: Runner, command: str, lowers: tuple[str, ...], timeout: float) -> None:
+    """``--run``: one step, the user's command, on copies of the user's layers."""
+    if not lowers:
+        raise click.UsageError("--run needs at least one --lower directory")
+    runner.step_timeout = timeout + 30
+    op = Op("run", (command, timeout))
+    spec = CopiedLayers([os.path.abspath(p) for p in lowers])
+    trace, failure = runner.run(spec, lambda i, _snap: op if i == 0 else None)
+    for _op, out_a, out_b in trace.steps:
+        for impl, out in ((runner.impl_a, out_a), (runner.impl_b, out_b)):
+            if out is not None and not out.errno:
+                rc, stdout, stderr = out.result
+                click.echo(f"--- {impl}: exit status {rc}\n{stdout}{stderr}")
+    if failure is not None:
+        click.echo(str(failure))
+    click.echo(f"{0 if failure else 1} passed, {1 if failure else 0} failed")
+    sys.stdout.flush()
+    if failure:
+        sys.exit(1)

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import stat
+import subprocess
 import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -120,7 +121,8 @@ class LayerSpec:
 class Fill(Protocol):
     """Anything that can fill a set of lower layers: a LayerSpec, or a repro script's layers."""
 
-    n_layers: int
+    @property
+    def n_layers(self) -> int: ...
 
     def fill(self, L: Layers) -> None: ...
 
@@ -130,8 +132,12 @@ def random_path(rng: random.Random) -> str:
     return "/".join(rng.choice(NAMES) for _ in range(depth))
 
 
-def random_layers(rng: random.Random, n_layers: int) -> LayerSpec:
-    """Draw a layer spec; deterministic for a given ``rng`` state."""
+ENTRY_KINDS = ("file", "dir", "symlink", "hardlink", "whiteout", "opaque", "fifo")
+
+
+def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = None) -> LayerSpec:
+    """Draw a layer spec; deterministic for a given ``rng`` state. ``allow`` limits the entry kinds
+    (the draws are the same; entries of other kinds are dropped, so sequences stay comparable)."""
     spec = LayerSpec(n_layers)
     kinds = ["file"] * 10 + ["dir"] * 5 + ["symlink"] * 2 + ["hardlink"] * 2 + ["whiteout"] * 2 + [
         "opaque"] * 2 + ["fifo"]
@@ -161,6 +167,8 @@ def random_layers(rng: random.Random, n_layers: int) -> LayerSpec:
                 spec.entries.append(LayerEntry(layer, path, kind))
             elif kind == "fifo":
                 spec.entries.append(LayerEntry(layer, path, kind, rng.choice((0o644, 0o600)), owner))
+    if allow is not None:
+        spec.entries = [e for e in spec.entries if e.kind in allow]
     return spec
 
 
@@ -337,6 +345,25 @@ def ordered_entries(spec: LayerSpec) -> list[LayerEntry]:
     """Entries in build order: shallow paths first, so parents get the entry's metadata; whiteouts
     last, once everything they may hide exists."""
     return sorted(spec.entries, key=lambda e: (e.kind == "whiteout", e.path.count("/"), e.layer))
+
+
+@dataclass
+class CopiedLayers:
+    """Lower layers copied from existing directories (top first), with ``cp -a`` (owners, modes,
+    xattrs, hard links, devices and whiteouts kept)."""
+
+    sources: list[str]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sources)
+
+    def fill(self, L: Layers) -> None:
+        for src, dst in zip(self.sources, L, strict=True):
+            res = subprocess.run(["cp", "-a", "--", os.path.join(src, "."), dst],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise OSError(f"cp -a {src}: {res.stderr.strip()}")
 
 
 def build_layers(spec: Fill, base: str, dialect: str) -> Layers:

@@ -394,10 +394,10 @@ class SequenceResult:
 
 
 def run_sequence(runner: Runner, seed: int, index: int, steps: int, layers: tuple[int, int],
-                 allow: set[str] | None = None) -> SequenceResult:
+                 allow: set[str] | None = None, entry_kinds: set[str] | None = None) -> SequenceResult:
     """Sequence ``index`` of campaign ``seed``: fully determined by (seed, index) and the reference."""
     rng = random.Random(f"unionfs-conformance:{seed}:{index}")
-    spec = random_layers(rng, rng.randint(*layers))
+    spec = random_layers(rng, rng.randint(*layers), entry_kinds)
     chooser = Chooser(rng, allow)
 
     def next_op(i: int, snap: Snapshot) -> Op | None:

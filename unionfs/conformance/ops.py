@@ -14,6 +14,7 @@ import errno as errno_mod
 import logging
 import os
 import random
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -249,6 +250,18 @@ def fd_close(s: Session, slot: int) -> None:
     os.close(s.fds.pop(slot) if slot in s.fds else _fd(s, slot))
 
 
+def run(s: Session, command: str, timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run a shell command with the union as its working directory and ``$UNION`` set to it.
+
+    The result is (exit status, stdout, stderr), with the mount point's path written as ``$UNION``
+    so that the two sides compare equal. Not drawn at random: ``unionfs conformance --run``.
+    """
+    res = subprocess.run(command, shell=True, cwd=s.mnt, env={**os.environ, "UNION": s.mnt},
+                         stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    out, err = (x.decode(errors="replace").replace(s.mnt, "$UNION") for x in (res.stdout, res.stderr))
+    return res.returncode, out, err
+
+
 def remount(s: Session) -> None:
     """Close held fds, unmount, mount again on the same layers (the upper must read back the same)."""
     s.remount()
@@ -258,7 +271,7 @@ OPERATIONS: Mapping[str, Callable[..., Any]] = {
     f.__name__: f
     for f in (open_, pwrite, append, truncate, read, unlink, mkdir, rmdir, rename, link, symlink,
               readlink, chmod, chown, utimens, setxattr, removexattr, getxattr, mkfifo, readdir,
-              readdir_while, fd_open, fd_pread, fd_pwrite, fd_ftruncate, fd_fstat, fd_close, remount)
+              readdir_while, fd_open, fd_pread, fd_pwrite, fd_ftruncate, fd_fstat, fd_close, remount, run)
 }
 
 
