@@ -702,3 +702,64 @@ def test_concurrent_copy_up_of_siblings(pair: Pair) -> None:
     pair.same(run, "24 concurrent chmods")
     pair.assert_same_tree(times=True)
     pair.assert_same_upper(times=True)
+
+
+@pytest.fixture
+def shared_pair(need_fuse: None, need_overlay: None) -> Any:
+    """A Pair in a directory other users can reach (pytest's tmp_path is private to root)."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="unionfs-perm-", dir="/var/tmp"))
+    base.chmod(0o755)
+    pr = Pair(base)
+    for side in pr.sides:
+        side.base.chmod(0o755)
+    try:
+        yield pr
+    finally:
+        try:
+            pr.unmount(final=True)
+        finally:
+            pr.check_lowers()
+            shutil.rmtree(base)
+
+
+USER = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--"]
+
+AS_USER = {
+    "read-secret": "cat secret",
+    "read-own": "cat userfile",
+    "append-root-file": "echo x >> rootfile",
+    "append-own-file": "echo x >> userfile",
+    "create-in-root-dir": "touch rootdir/new",
+    "create-in-own-dir": "touch userdir/new && mkdir userdir/sub && ln -s x userdir/link",
+    "create-in-sticky": "touch sticky/mine",
+    "unlink-in-own-dir": "rm userdir/x",
+    "unlink-in-root-dir": "rm -f rootdir/y",
+    "unlink-sticky-other": "rm -f sticky/rootowned",
+    "chmod-root-file": "chmod 777 rootfile",
+    "chmod-own-file": "chmod 700 userfile",
+    "chown-own-file": "chown 0 userfile",
+    "utime-own-file": "touch -d @1000000000 userfile",
+    "utime-root-file": "touch -d @1000000000 rootfile",
+    "rename-in-own-dir": "mv userdir/x userdir/x2",
+    "write-group-writable": "echo g >> groupfile",
+    "list-noexec-dir": "ls closed",
+}
+
+
+@pytest.mark.parametrize("name", list(AS_USER))
+def test_permissions_as_another_user(shared_pair: Pair, name: str) -> None:
+    """An unprivileged user gets the kernel's answers through the union (allow_other)."""
+    shared_pair.build([[
+        F("secret", b"s", mode=0o600), F("userfile", b"u", mode=0o600, uid=1000, gid=1000),
+        F("rootfile", b"r", mode=0o644), F("groupfile", b"g", mode=0o664, gid=1000),
+        D("rootdir"), F("rootdir/y", b"y"), D("userdir", uid=1000, gid=1000), F("userdir/x", b"x", uid=1000),
+        D("sticky", mode=0o1777), F("sticky/rootowned", b"", mode=0o666), D("closed", mode=0o700),
+        F("closed/in", b""),
+    ]], upper=[], options=["allow_other"], kernel_options=[])
+    for s in shared_pair.sides:
+        assert s.upper is not None
+        s.upper.chmod(0o755)
+    shared_pair.same(sh([*USER, "sh", "-c", AS_USER[name]]), name)
+    shared_pair.assert_same_tree(times=name.startswith("utime"))
+    shared_pair.assert_same_upper()
