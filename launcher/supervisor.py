@@ -276,14 +276,19 @@ def _supervise(pid: int, handle: UnionHandle) -> int:
             emulated = _forward(pid, info) or emulated
             continue
         wpid, status = os.waitpid(pid, os.WNOHANG)
-        if wpid == pid:
-            break
         server = handle.poll()
+        if server is None and wpid == pid and not _union_alive(handle.mountpoint):
+            # The command may die of a dead union (SIGBUS on its mapped pages) before the
+            # server has finished exiting: the connection is gone, so its exit is near.
+            server = _wait_server(handle)
         if server is not None:
-            _kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            if wpid != pid:
+                _kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
             raise LaunchError(f"the union's FUSE server {how} while the command ran; the command was stopped")
+        if wpid == pid:
+            break
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         sig = -code
@@ -291,6 +296,22 @@ def _supervise(pid: int, handle: UnionHandle) -> int:
             sig = emulated
         code = 128 + sig
     return code
+
+
+def _union_alive(mountpoint: str) -> bool:
+    """False once the union's FUSE connection is gone (its server died): statfs says ENOTCONN."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED)
+    return True
+
+
+def _wait_server(handle: UnionHandle, timeout: float = 2.0) -> int | None:
+    deadline = time.monotonic() + timeout
+    while (status := handle.poll()) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return status
 
 
 def _wait_for_release(root: str, code: int) -> None:

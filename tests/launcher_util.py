@@ -105,6 +105,20 @@ def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
     return alive
 
 
+def wait_for_comm(launcher: int, comm: str, timeout: float = 10) -> int:
+    """The pid of the launcher's descendant named *comm*, once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in descendants_of(launcher):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.01)
+    raise AssertionError(f"no {comm} under {launcher}")
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

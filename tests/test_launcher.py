@@ -18,6 +18,7 @@ from launcher_util import (
     mounts_mentioning,
     run_launcher,
     start_launcher,
+    wait_for_comm,
     wait_gone,
     world_readable_tempdir,
 )
@@ -203,20 +204,6 @@ def test_killed_command_gives_128_plus_n(image: Image, upper: Path) -> None:
             kill_tree(proc)
 
 
-def wait_for_comm(launcher: int, comm: str, timeout: float = 10) -> int:
-    """The pid of the launcher's descendant named *comm*, once it exists."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in descendants_of(launcher):
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
-                    return pid
-            except OSError:
-                pass
-        time.sleep(0.01)
-    raise AssertionError(f"no {comm} under {launcher}")
-
-
 def test_orphans_are_reaped(image: Image, upper: Path) -> None:
     r = sh(image, upper, "(sleep 0.05 &); sleep 0.3; ps -o stat= | grep -c Z; true")
     assert r.returncode == 0, r.stderr
@@ -374,7 +361,9 @@ def test_a_server_that_dies_stops_the_command_with_one_line(image: Image, upper:
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdout.readline() == "ready\n"
         children = children_of(proc.pid)
-        (server,) = [p for p in children if Path(f"/proc/{p}/comm").read_text().strip() != "sh"]
+        # the server shares the launcher's PID namespace; the command is PID 1 of its own
+        own = os.readlink(f"/proc/{proc.pid}/ns/pid")
+        (server,) = [p for p in children if os.readlink(f"/proc/{p}/ns/pid") == own]
         os.kill(server, signal.SIGKILL)
         assert proc.wait(timeout=10) == 125
         err = proc.stderr.read()

@@ -19,6 +19,7 @@ from launcher_util import (
     run_launcher,
     start_launcher,
     unprivileged_user,
+    wait_for_comm,
     wait_gone,
     world_readable_tempdir,
 )
@@ -98,8 +99,6 @@ def test_rootless_exit_status_and_signals(image: Image, upper: Path, user: Unpri
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"], user=user)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        from test_launcher import wait_for_comm
-
         wait_for_comm(proc.pid, "sleep")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM
