@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import util
 from util import DIALECTS, D, F, H, L, N, Pair, W, call, err, run_tool
 
 pytestmark = pytest.mark.fuse
@@ -203,7 +204,7 @@ def tools_pair(pair: Pair) -> Pair:
             f.seek((5 << 20) - 5)
             f.write(b"tail\n")
         os.utime(p, ns=(1_600_000_000 * 10**9,) * 2)
-    pair.lower_digests = {p: __import__("util").layer_digest(p) for p in pair.lower_digests}
+    pair.lower_digests = {p: util.layer_digest(p) for p in pair.lower_digests}
     return pair
 
 
@@ -387,3 +388,21 @@ def test_unsupported_names_lookup(pair: Pair) -> None:
     pair.same(lambda s: os.lstat(s.p(b"x" * 256)), "lookup 256-byte name")
     pair.same(lambda s: os.lstat(s.p("a/")), "trailing slash on file")
     assert call(os.lstat, pair.k.p(b"x" * 256)) == err("ENAMETOOLONG")
+
+
+def test_aufs_branch_private_entries_hidden(pair: Pair) -> None:
+    """Real AUFS branches carry .wh..wh.aufs, .wh..wh.plnk/ and .wh..wh.orph/ at their root; a union
+    of such branches shows none of them (the kernel side simply lacks them)."""
+    pair.build([[F("a", b"a"), W("gone")], [F("gone", b"g"), F("b", b"b")]], upper=[], dialect="aufs",
+               style="aufs", mount=False)
+    for lp in pair.u.lowers:
+        (lp / ".wh..wh.aufs").write_bytes(b"")
+        (lp / ".wh..wh.plnk").mkdir()
+        (lp / ".wh..wh.plnk" / "123.456").write_bytes(b"pseudo-link")
+        (lp / ".wh..wh.orph").mkdir()
+        pair.lower_digests[lp] = util.layer_digest(lp)
+    pair.mount()
+    k = pair.assert_same_tree()
+    assert sorted(k) == [b"", b"a", b"b"]
+    for rel in [".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph", ".wh..wh.plnk/123.456"]:
+        pair.same(lambda s, rel=rel: os.lstat(s.p(rel)).st_mode, f"lstat {rel}")
