@@ -105,8 +105,14 @@ class Bench:
     """Runs the cases, collecting a Record per (repetition, metric, implementation)."""
 
     def __init__(
-        self, layers: LayerSet, impls: list[str], timeout: float, profile: Path | None = None
+        self,
+        layers: LayerSet,
+        impls: list[str],
+        timeout: float,
+        profile: Path | None = None,
+        unionfs_options: str = "",
     ) -> None:
+        self.unionfs_options = unionfs_options
         self.layers = layers
         self.impls = impls
         self.timeout = timeout
@@ -151,7 +157,7 @@ class Bench:
         if impl == "native" and case.workload in WRITES_NATIVE:
             restore_native(self.layers)
         try:
-            with mount(impl, case.lowers, case.upper_template, native) as view:
+            with mount(impl, case.lowers, case.upper_template, native, self.unionfs_options) as view:
                 request = {"workload": case.workload, "root": str(view.root), "params": case.params}
                 with self.sampling(impl, case, view.daemon_pid):
                     result = run_worker(request, self.timeout, lambda: stop_stuck_server(view))
@@ -297,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="sample the unionfs daemon with py-spy into this directory (implies --impls unionfs, 1 rep)",
     )
+    parser.add_argument(
+        "--unionfs-options", default="", help="extra -o options for unionfs only, e.g. timeout=3600"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per workload run")
     args = parser.parse_args(argv)
     args.only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
@@ -315,6 +324,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.timeout is None:
         args.timeout = 120.0 if args.quick else 600.0
     return args
+
+
+def cpu_stall_microseconds() -> int:
+    """Total time some task waited for a CPU (Linux PSI), to show how busy the machine was; 0 if unknown."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return 0
+    return int(some.rsplit("total=", 1)[1])
 
 
 def machine_context(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
@@ -343,6 +361,7 @@ def machine_context(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         "os": output(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "fuse-overlayfs": output(["sh", "-c", "fuse-overlayfs --version 2>&1 | grep -m1 '^fuse-overlayfs'"]),
         "unionfs commit": output(["git", "-C", str(PERF_DIR.parent), "rev-parse", "--short", "HEAD"]),
+        "unionfs extra options": args.unionfs_options,
         "sizes": layout.sizes.as_dict(),
     }
 
@@ -355,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every mount is unmounted in finally
     started = time.monotonic()
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
+    stall_at_start = cpu_stall_microseconds()
     stale = cleanup_stale_mounts()
     if stale:
         print(f"unmounted leftovers of an earlier run: {', '.join(stale)}", file=sys.stderr)
     layout = Layout(QUICK if args.quick else FULL)
     layers = ensure_layers(layout)
     restore_native(layers)
-    bench = Bench(layers, args.impls, args.timeout, args.profile)
+    bench = Bench(layers, args.impls, args.timeout, args.profile, args.unionfs_options)
     try:
         for rep in range(args.reps):
             bench.run_round(rep, [w for w in args.only if w != "W9"])
@@ -376,15 +396,20 @@ def main(argv: list[str] | None = None) -> int:
     context = machine_context(args, layout)
     context["elapsed seconds"] = round(time.monotonic() - started, 1)
     context["load average at start"] = load_at_start
+    stall = cpu_stall_microseconds() - stall_at_start
+    context["cpu pressure percent"] = round(100 * stall / 1e6 / context["elapsed seconds"], 1)
     context["load average at end"] = Path("/proc/loadavg").read_text().split()[0]
     heading = (
         f"unionfs perf, {context['mode']} mode, {args.reps} rep(s), {context['date']}\n"
         f"{context['machine']}, Linux {context['kernel']}, {context['os']}, {context['fuse-overlayfs']}\n"
         f"times are medians over repetitions; ratios are unionfs / reference within each repetition\n"
     )
+    if args.unionfs_options:
+        heading += f"unionfs mounted with extra options: {args.unionfs_options}\n"
     text = (
         heading + "\n" + table(summary, w9) + f"\n\nelapsed {context['elapsed seconds']:.0f} s; 1-min load "
-        f"average {context['load average at start']} at start, {context['load average at end']} at end"
+        f"average {context['load average at start']} at start, {context['load average at end']} at end; "
+        f"CPU pressure {context['cpu pressure percent']:.0f}% (share of the time some task waited for a CPU)"
     )
     print(text)
     written = write_outputs(

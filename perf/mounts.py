@@ -123,13 +123,19 @@ def overlay_options(lowers: list[Path], upper: Path, work: Path) -> str:
 
 
 @contextmanager
-def mount(impl: str, lowers: list[Path], upper_template: Path | None, native: Path) -> Iterator[Mounted]:
-    """Mount `impl` over `lowers` (top first) with a fresh upper; yield the merged view; always unmount."""
+def mount(
+    impl: str, lowers: list[Path], upper_template: Path | None, native: Path, unionfs_options: str = ""
+) -> Iterator[Mounted]:
+    """Mount `impl` over `lowers` (top first) with a fresh upper; yield the merged view; always unmount.
+
+    `unionfs_options` are appended to unionfs' -o (for trying settings such as timeout=)."""
     if impl == "native":
         yield Mounted(impl, native, None)
         return
     upper, work, mnt = fresh_run_dir(impl, upper_template)
     options = overlay_options(lowers, upper, work)
+    if impl == "unionfs" and unionfs_options:
+        options += "," + unionfs_options
     starter = {"kernel": _mount_kernel, "fuse-overlayfs": _mount_fuse_overlayfs, "unionfs": _mount_unionfs}[
         impl
     ]

@@ -65,19 +65,37 @@ def read_stacks(path: Path) -> Counter[tuple[str, ...]]:
     return stacks
 
 
-def summarise(stacks: Counter[tuple[str, ...]], top: int = 15) -> str:
-    """Top functions by self time (the leaf frame) and by inclusive time, as percentages of all samples."""
+AREAS = (
+    ("unionfs/", "unionfs code (incl. the syscalls it makes)"),
+    ("_pyfuse3", "pyfuse3 dispatch and replies"),
+    ("trio/", "trio scheduler and epoll"),
+)
+OUTER_FRAMES = ("unionfs/mount.py", "unionfs/cli.py")
+
+
+def area_of(frame: str) -> str:
+    return next((name for marker, name in AREAS if marker in frame), "other")
+
+
+def summarise(stacks: Counter[tuple[str, ...]], top: int = 12) -> str:
+    """Where the daemon's busy samples go: by area, by function (self), by unionfs function (inclusive)."""
     total = sum(stacks.values())
     if not total:
         return "  (no samples: the daemon was idle or py-spy could not attach)"
+    areas: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     for frames, count in stacks.items():
+        areas[area_of(frames[-1])] += count
         own[frames[-1]] += count
         for frame in set(frames):
-            inclusive[frame] += count
-    lines = [f"  {total} samples", "  self time:"]
-    lines += [f"    {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
-    lines += ["  inclusive time:"]
-    lines += [f"    {100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
+            if "unionfs/" in frame and not any(outer in frame for outer in OUTER_FRAMES):
+                inclusive[frame] += count
+    lines = [
+        f"  {total} samples; by area: "
+        + ", ".join(f"{a} {100 * n / total:.0f}%" for a, n in areas.most_common())
+    ]
+    lines += ["  self time:"] + [f"    {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines += ["  inclusive time in unionfs functions:"]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import Any
 IMPLS = ("native", "kernel", "fuse-overlayfs", "unionfs")
 HEADERS = {"native": "native", "kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "unionfs": "unionfs"}
 W9_TARGET_SECONDS = 0.150
+VERDICTS = {True: "PASS", False: "FAIL", None: "----"}
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Summary:
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     ratios_fuse: dict[str, list[float]] = field(default_factory=dict)
     ratios_kernel: dict[str, list[float]] = field(default_factory=dict)
-    targets: list[tuple[str, bool, str]] = field(default_factory=list)
+    targets: list[tuple[str, bool | None, str]] = field(default_factory=list)
 
 
 def median_or_none(values: list[float]) -> float | None:
@@ -84,9 +85,15 @@ def median_ratio(summary: Summary, metric: str) -> float | None:
     return median_or_none(summary.ratios_fuse.get(metric, []))
 
 
-def evaluate_targets(summary: Summary, w9: dict[str, list[float]] | None) -> list[tuple[str, bool, str]]:
-    targets: list[tuple[str, bool, str]] = []
+def evaluate_targets(
+    summary: Summary, w9: dict[str, list[float]] | None
+) -> list[tuple[str, bool | None, str]]:
+    targets: list[tuple[str, bool | None, str]] = []
     compared = [m for m in summary.metrics if m[:2] in {f"W{i}" for i in range(1, 9)}]
+    if not compared:
+        targets.append(("every workload <= 2.0x fuse-overlayfs", None, "not measured"))
+        targets.append(("geomean W1-W7 <= 1.0x fuse-overlayfs", None, "not measured"))
+        return targets + [w8_target(summary), w9_target(w9)]
     missing = [m for m in compared if median_ratio(summary, m) is None]
     over = [f"{m} {median_ratio(summary, m):.2f}x" for m in compared if (median_ratio(summary, m) or 0) > 2.0]
     if missing and len(missing) == len(compared):
@@ -103,6 +110,8 @@ def evaluate_targets(summary: Summary, w9: dict[str, list[float]] | None) -> lis
         targets.append(
             ("geomean W1-W7 <= 1.0x fuse-overlayfs", g <= 1.0, f"{g:.2f}x over {len(core)} metrics")
         )
+    elif not core:
+        targets.append(("geomean W1-W7 <= 1.0x fuse-overlayfs", None, "not measured"))
     else:
         targets.append(
             ("geomean W1-W7 <= 1.0x fuse-overlayfs", False, "n/a (unionfs or fuse-overlayfs missing)")
@@ -113,22 +122,24 @@ def evaluate_targets(summary: Summary, w9: dict[str, list[float]] | None) -> lis
     return targets
 
 
-def w8_target(summary: Summary) -> tuple[str, bool, str]:
+def w8_target(summary: Summary) -> tuple[str, bool | None, str]:
     name = "W8 sub-linear: max branches < 4x one branch (warm)"
     warm = [m for m in summary.metrics if m.startswith("W8 ") and m.endswith(" warm")]
     if len(warm) < 2:
-        return name, False, "n/a (W8 not run with several branch counts)"
+        return name, None, "not measured (W8 not run with several branch counts)"
     first, last = summary.medians[warm[0]]["unionfs"], summary.medians[warm[-1]]["unionfs"]
     if not first or last is None:
         return name, False, "n/a (unionfs missing)"
     return name, last / first < 4.0, f"{last / first:.2f}x ({warm[-1]} / {warm[0]})"
 
 
-def w9_target(w9: dict[str, list[float]] | None) -> tuple[str, bool, str]:
+def w9_target(w9: dict[str, list[float]] | None) -> tuple[str, bool | None, str]:
     name = "W9 unionfs run to exec of /bin/true, median < 150 ms"
     runs = (w9 or {}).get("unionfs run (fuse) to exec") or (w9 or {}).get("unionfs run (fuse) total")
+    if w9 is None:
+        return name, None, "not measured"
     if not runs:
-        return name, False, "n/a (launch latency not measured)"
+        return name, False, "n/a (no unionfs run row from launch_latency.py)"
     med = statistics.median(runs)
     return name, med < W9_TARGET_SECONDS, f"{med * 1000:.0f} ms"
 
@@ -198,7 +209,7 @@ def error_lines(summary: Summary) -> list[str]:
 
 def target_lines(summary: Summary) -> list[str]:
     return ["", "Targets (issue 6):"] + [
-        f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}" for name, ok, detail in summary.targets
+        f"  {VERDICTS[ok]}  {name}: {detail}" for name, ok, detail in summary.targets
     ]
 
 
