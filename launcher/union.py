@@ -1,11 +1,12 @@
 """Mounting the union that becomes the container's root: one function, two backends.
 
 ``mount_union(branches, mountpoint, ...)`` returns a handle whose ``close()``
-unmounts and waits for the server.  The ``fuse`` backend runs ``unionfs mount
--f`` as a child of the launcher, in the launcher's own mount (and user)
-namespace, with PR_SET_PDEATHSIG so that it dies with the launcher.  The
-``overlay`` backend mounts kernel overlayfs instead; it was the stand-in while
-the filesystem core was written and stays as a reference for benchmarks.
+unmounts and waits for the server.  The ``fuse`` backend serves the union from a
+child of the launcher (forked to call the core's ``serve()``, or ``unionfs mount
+-f``), in the launcher's own mount (and user) namespace, with PR_SET_PDEATHSIG so
+that it dies with the launcher.  The ``overlay`` backend mounts kernel overlayfs
+instead; it was the stand-in while the filesystem core was written and stays as
+a reference for benchmarks.
 """
 
 from __future__ import annotations
@@ -41,22 +42,42 @@ class Branch(NamedTuple):
     mode: str | None = None  # "rw", "ro", ... as written by the user; None when not given
 
     def spec(self, default_mode: str) -> str:
-        return f"{self.path}={self.mode or default_mode}"
+        """``PATH=MODE`` for ``unionfs mount``, with ``\\`` and ``:`` in the path escaped."""
+        path = self.path.replace("\\", "\\\\").replace(":", "\\:")
+        return f"{path}={self.mode or default_mode}"
+
+
+MODES = ("rw", "ro", "rr", "ro+wh", "rr+wh")
+
+
+def _split_escaped(spec: str) -> list[str]:
+    """Split on ``:`` where a backslash escapes the next character, as ``unionfs mount`` does."""
+    items, cur, chars = [], [], iter(spec)
+    for ch in chars:
+        if ch == "\\":
+            cur.append(next(chars, ""))
+        elif ch == ":":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return items
 
 
 def parse_branches(spec: str) -> list[Branch]:
     """Parse an AUFS-style branch list, top first: ``UPPER:L2:L1`` or ``A=rw:B=ro``.
 
-    Paths become absolute; each must be an existing directory.
+    ``\\:`` escapes a colon in a path.  Paths become absolute; each must be an existing directory.
     """
     branches: list[Branch] = []
-    for item in spec.split(":"):
+    for item in _split_escaped(spec):
         if not item:
             raise LaunchError(f"empty branch in {spec!r}", 2)
         path, sep, mode = item.rpartition("=")
         if not sep:
             path, mode = item, ""
-        if sep and mode not in ("rw", "ro", "rr", "wh"):
+        if sep and mode not in MODES:
             path, mode = item, ""
         path = os.path.abspath(path)
         if not os.path.isdir(path):
@@ -324,7 +345,11 @@ class OverlayUnion:
         if not lowers:
             raise LaunchError("the overlay backend needs at least one lower branch", 2)
         self.workdir = tempfile.mkdtemp(prefix=".unionfs-work-", dir=os.path.dirname(upper.path))
-        data = f"lowerdir={':'.join(b.path for b in lowers)},upperdir={upper.path},workdir={self.workdir}"
+        def esc(path: str) -> str:
+            return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+        lowerdir = ":".join(esc(b.path) for b in lowers)
+        data = f"lowerdir={lowerdir},upperdir={esc(upper.path)},workdir={esc(self.workdir)}"
         if rootless:
             data += ",userxattr"
         try:

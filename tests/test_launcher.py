@@ -372,3 +372,11 @@ def test_a_server_that_dies_stops_the_command_with_one_line(image: Image, upper:
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+
+
+def test_an_upper_with_a_colon_in_its_path(image: Image, upper: Path) -> None:
+    odd = upper.parent / "up:per"
+    odd.mkdir()
+    r = run_launcher(f"{str(odd).replace(':', chr(92) + ':')}:{image.l1}", ["/bin/sh", "-c", "echo x > /f"])
+    assert r.returncode == 0, r.stderr
+    assert (odd / "f").read_text() == "x\n"

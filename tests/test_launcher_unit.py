@@ -166,3 +166,11 @@ def test_chroot_fallback_when_pivot_root_is_refused(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert out.decode() == "['marker'] /marker"
+
+
+def test_colons_in_branch_paths_are_escaped(tmp_path: Path) -> None:
+    (tmp_path / "a:b").mkdir()
+    (tmp_path / "c").mkdir()
+    got = parse_branches(f"{tmp_path}/a\\:b=rw:{tmp_path}/c")
+    assert got == [Branch(f"{tmp_path}/a:b", "rw"), Branch(f"{tmp_path}/c")]
+    assert branch_spec(got) == f"{tmp_path}/a\\:b=rw:{tmp_path}/c=ro"
