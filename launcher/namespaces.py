@@ -132,6 +132,10 @@ def enter_launcher_namespaces(rootless: bool) -> None:
     the user's /etc/subuid and /etc/subgid ranges above it when newuidmap and
     newgidmap exist.
     """
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # unshare(CLONE_NEWUSER | CLONE_NEWNS) fails with EINVAL then; say why
+        raise OSError(errno.EINVAL, f"unshare needs a single-threaded launcher, not {threads} threads in",
+                      "/proc/self/task")
     if not rootless:
         syscalls.unshare(syscalls.CLONE_NEWNS)
         make_mounts_private()
