@@ -35,6 +35,7 @@ OVERLAY_IGNORED = frozenset({
     "metacopy", "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
     "threaded", "writeback", "auto_unmount",
 })
+DEFAULT_TIMEOUT = 60.0
 BRANCH_MODES = {"rw": True, "ro": False, "rr": False, "ro+wh": False, "rr+wh": False}
 
 
@@ -49,7 +50,7 @@ class MountConfig:
     dialect: Dialect = Dialect.AUFS
     readonly: bool = False
     allow_other: bool = False
-    timeout: float = 1.0
+    timeout: float = 60.0
     fsname: str = "unionfs"
     ignored: list[str] = field(default_factory=list)
 
@@ -180,7 +181,9 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         except ValueError:
             msg = f"whiteout={values['whiteout']}: use whiteout=aufs or whiteout=overlay"
             raise QuietError(msg) from None
-    timeout = 1.0
+    # Branches change only through the mount (the kernel is told of everything else we do), so the
+    # kernel may keep names and attributes long: warm metadata then costs no request at all.
+    timeout = DEFAULT_TIMEOUT
     if values.get("timeout") is not None:
         try:
             timeout = float(values["timeout"])  # type: ignore[arg-type]

@@ -583,47 +583,58 @@ class Union:
                       uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       handle: Handle | None = None) -> os.stat_result:
+        """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
         self.check_writable()
         await self.ensure_upper(node, keep=size)
-        if node.is_dir:
-            target: int | str = node.fdmap[0]
-            fd_for_path = None
-        else:
-            pfd, name = node.real_parent_fd() if node.links else (-1, b"")
-            fd_for_path = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd) \
-                if node.links else None
-            target = fd_path(fd_for_path) if fd_for_path is not None else (handle.fd if handle else -1)
-        try:
+        owner = None
+        if uid is not None or gid is not None:
+            owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+        times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
+        if handle is not None:
+            self.refresh(handle)
+        if node.is_dir or not node.links:
+            # A directory, or a file whose last name is gone but is still open: work on the fd.
+            if node.is_dir:
+                fd = node.fdmap[0]
+            else:
+                # fchown and fchmod reach us without the handle: any open one of the node will do.
+                h = handle or next(iter(self.open_handles(node)), None)
+                if h is None:
+                    raise _err(errno.ENOENT)
+                fd = h.fd
             if size is not None:
-                if node.is_dir:
-                    raise _err(errno.EISDIR)
-                if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
-                    self.refresh(handle)
-                    os.ftruncate(handle.fd, size)
-                else:
-                    wfd = os.open(fd_path(target) if isinstance(target, int) else target,
-                                  os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.ftruncate(wfd, size)
-                    finally:
-                        os.close(wfd)
-            if uid is not None or gid is not None:
-                # A /proc/self/fd path lands on the object itself, even a symlink.
-                os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+                os.ftruncate(fd, size)
+            if owner is not None:
+                os.chown(fd, *owner)
             if mode is not None:
-                st = os.stat(target)
-                if not stat.S_ISLNK(st.st_mode):
-                    os.chmod(target, stat.S_IMODE(mode))
-            if atime_ns is not None or mtime_ns is not None:
-                if atime_ns is None or mtime_ns is None:
-                    st = os.stat(target)
-                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-                os.utime(target, ns=(atime_ns, mtime_ns))
-            return os.stat(target) if not node.is_dir else os.fstat(node.fdmap[0])
-        finally:
-            if fd_for_path is not None:
-                os.close(fd_for_path)
+                os.chmod(fd, stat.S_IMODE(mode))
+            if times is not None:
+                os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
+            return os.fstat(fd)
+        pfd, name = node.real_parent_fd()
+        if size is not None:
+            if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
+                os.ftruncate(handle.fd, size)
+            else:
+                wfd = open_file_at(pfd, name, os.O_WRONLY)
+                try:
+                    os.ftruncate(wfd, size)
+                finally:
+                    os.close(wfd)
+        if owner is not None:
+            os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
+        if mode is not None:
+            # chmod has no no-follow form: go through an O_PATH fd of the object itself.
+            pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                if not stat.S_ISLNK(os.fstat(pf).st_mode):
+                    os.chmod(fd_path(pf), stat.S_IMODE(mode))
+            finally:
+                os.close(pf)
+        if times is not None:
+            st = lstat_at(pfd, name) if None in times else None
+            os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
+        return lstat_at(pfd, name)
 
     # ------------------------------------------------------------------ files
 
@@ -657,6 +668,16 @@ class Union:
         os.close(h.fd)
         h.node.handles -= 1
         self.table.maybe_free(h.node)
+
+
+def _fill_times(times: tuple[int | None, int | None], st: os.stat_result | None) -> tuple[int, int]:
+    """(atime, mtime) in ns, taking the one not being set from *st*."""
+    atime, mtime = times
+    if atime is None or mtime is None:
+        assert st is not None
+        atime = st.st_atime_ns if atime is None else atime
+        mtime = st.st_mtime_ns if mtime is None else mtime
+    return atime, mtime
 
 
 def _remove_any(dirfd: int, name: bytes) -> None:
