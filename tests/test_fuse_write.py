@@ -564,7 +564,7 @@ def test_o_trunc_copies_no_data(tmp_path: Path, need_fuse: None, style: str) -> 
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for d in (lower, upper, work, mnt):
         d.mkdir()
-    _make_big_lower(lower / "big", 1 << 30, every=256 << 20)
+    _make_big_lower(lower / "big", 512 << 20, every=128 << 20)
     digest = util.layer_digest(lower)
     m = util.mount_impl(style, [lower], upper, work if style == "overlay" else None, mnt)
     seen: dict[str, int] = {}
