@@ -121,11 +121,12 @@ def test_rootless_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Pa
             kill_tree(proc)
 
 
-def test_rootless_tmp_upper(image: Image, upper: Path, user: UnprivUser) -> None:
-    r = run_launcher(f"{image.l2}:{image.l1}", ["/bin/sh", "-c", "echo x > /f && cat /f"], ["--tmp-upper"],
+def test_rootless_tmp_upper_and_no_network(image: Image, upper: Path, user: UnprivUser) -> None:
+    script = "echo x > /f && cat /f && tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"
+    r = run_launcher(f"{image.l2}:{image.l1}", ["/bin/sh", "-c", script], ["--tmp-upper", "--net", "none"],
                      user=user)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "x\n"
+    assert r.stdout == "x\nlo\n"
 
 
 def test_rootless_without_dev_fuse_says_how_to_fix(image: Image, upper: Path, user: UnprivUser) -> None:
