@@ -406,3 +406,38 @@ def test_aufs_branch_private_entries_hidden(pair: Pair) -> None:
     assert sorted(k) == [b"", b"a", b"b"]
     for rel in [".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph", ".wh..wh.plnk/123.456"]:
         pair.same(lambda s, rel=rel: os.lstat(s.p(rel)).st_mode, f"lstat {rel}")
+
+
+def test_many_branches(pair: Pair) -> None:
+    layers = [[F(f"f{i}", b"%d" % i), F("shared", b"from %d" % i), F(f"d/x{i}", b""), W(f"f{i + 1}")]
+              for i in range(12)]
+    pair.build(layers, upper=[])
+    k = pair.assert_same_tree()
+    assert k[b"shared"] == pair.visible(pair.k, "shared")[b""]
+    pair.same(lambda s: open(s.p("shared"), "rb").read(), "top of 12 wins")
+
+
+def test_readdir_while_the_directory_changes(pair: Pair) -> None:
+    """Entries that exist throughout a listing are returned exactly once, even when others are
+    created and removed in the middle of it (readdir offsets stay valid)."""
+    names = [f"{i:04d}-" + "n" * 100 for i in range(3000)]
+    pair.build([[F(f"d/{n}", b"") for n in names[::2]], [F(f"d/{n}", b"") for n in names[1::2]]], upper=[])
+
+    def run(s):  # type: ignore[no-untyped-def]
+        seen = []
+        removed = set(names[2000:2500])
+        with os.scandir(s.p("d")) as it:
+            for i, e in enumerate(it):
+                seen.append(e.name)
+                if i == 50:
+                    for n in removed:
+                        os.unlink(os.path.join(s.p("d"), os.fsencode(n)))
+                    for j in range(500):
+                        open(os.path.join(s.p("d"), b"new-%04d" % j), "wb").close()
+        dups = sorted({n for n in seen if seen.count(n) > 1})
+        kept = set(names) - removed
+        missing = sorted(kept - {os.fsdecode(n) for n in seen})
+        return dups, missing
+    dups, missing = pair.same(run, "readdir across changes")
+    assert dups == [] and missing == [], (dups[:5], missing[:5])
+    pair.same(lambda s: sorted(os.listdir(s.p("d"))), "listing after")

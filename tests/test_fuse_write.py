@@ -128,6 +128,18 @@ def fallocate(rel: str, off: int, ln: int) -> Callable[[Side], Any]:
     return op
 
 
+def _mmap_write(path: bytes, off: int, data: bytes) -> bytes:
+    import mmap
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as mm:
+            mm[off:off + len(data)] = data
+            mm.flush()
+            return bytes(mm[:])
+    finally:
+        os.close(fd)
+
+
 #: name -> (operation, compare non-directory mtimes too)
 OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     # create / open
@@ -188,6 +200,10 @@ OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     "link-upper-file": (p(os.link, "uf", "ld/uf-link"), True),
     "link-lower-dir": (p(os.link, "ld", "ld-link"), True),
     "link-onto-existing": (p(os.link, "uf", "lf"), True),
+    "link-lower-then-write-other-name": (seq(p(os.link, "lf", "lf-hardlink"),
+                                            w("lf-hardlink", WR | os.O_APPEND, b"via second name"),
+                                            lambda s: open(s.p("lf"), "rb").read()), False),
+    "mmap-write-lower": (lambda s: _mmap_write(s.p("lf"), 2, b"MM"), False),
     "link-lower-hardlinked": (p(os.link, "hl1", "hl3"), True),
     # unlink
     "unlink-lower": (p(os.unlink, "lf"), True),
