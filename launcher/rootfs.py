@@ -111,6 +111,20 @@ class DevPts(NamedTuple):
         syscalls.mount("devpts", _inside(root, self.dest), "devpts", flags, data, step="mount devpts")
 
 
+class BindFile(NamedTuple):
+    """Bind a file from outside the new root (the init layer) over its own view in the union.
+
+    As Docker does for /etc/hosts and friends: the container may edit them, and the
+    edits go to the launcher's copy, never up into the container layer.
+    """
+
+    source: str
+    dest: str
+
+    def apply(self, root: str) -> None:
+        syscalls.mount(self.source, _inside(root, self.dest), None, syscalls.MS_BIND, step="bind init file")
+
+
 class Symlink(NamedTuple):
     target: str
     dest: str
@@ -123,12 +137,18 @@ class Symlink(NamedTuple):
             raise OSError(exc.errno, "symlink", path) from None
 
 
-Step = MakePrivate | BindRoot | Mkdir | Proc | Tmpfs | BindDevice | DevPts | Symlink
+Step = MakePrivate | BindRoot | Mkdir | Proc | Tmpfs | BindDevice | DevPts | BindFile | Symlink
+
+INIT_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
 
-def container_steps(*, rootless: bool) -> list[Step]:
-    """The setup of a container root, in order: private propagation, the root bind, /proc, /dev."""
-    steps: list[Step] = [MakePrivate(), BindRoot(), Proc()]
+def container_steps(*, rootless: bool, init_layer: str | None = None) -> list[Step]:
+    """The setup of a container root, in order: private propagation, the root bind, the init
+    layer's files bound over themselves, /proc, /dev."""
+    steps: list[Step] = [MakePrivate(), BindRoot()]
+    if init_layer is not None:
+        steps.extend(BindFile(_inside(init_layer, path), path) for path in INIT_FILES)
+    steps.append(Proc())
     steps.append(Tmpfs("/dev", 0o755, syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, size="64k"))
     steps.extend(BindDevice(name) for name in DEV_NODES)
     steps.append(Mkdir("/dev/pts"))

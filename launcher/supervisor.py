@@ -386,7 +386,7 @@ def run(cfg: RunConfig) -> int:
     # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
-        steps = rootfs.container_steps(rootless=rootless)
+        steps = rootfs.container_steps(rootless=rootless, init_layer=init_layer)
         errr, errw = os.pipe()
         alive_r, alive_w = os.pipe()
         syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace

@@ -99,6 +99,11 @@ def test_init_layer_is_visible_but_not_in_upper(image: Image, upper: Path) -> No
     assert r.stdout.split() == ["box2", "1", "rc"]
     for name in ("hostname", "hosts", "resolv.conf"):
         assert not (upper / "etc" / name).exists()
+    # edits stay out of UPPER too, as with Docker's bind-mounted /etc/hosts
+    r = sh(image, upper, "echo '10.0.0.1 db' >> /etc/hosts && grep -c db /etc/hosts", "--hostname", "box2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1\n"
+    assert not (upper / "etc" / "hosts").exists()
     assert not (upper / "proc").exists() and not (upper / "dev").exists()
 
 

@@ -174,3 +174,9 @@ def test_colons_in_branch_paths_are_escaped(tmp_path: Path) -> None:
     got = parse_branches(f"{tmp_path}/a\\:b=rw:{tmp_path}/c")
     assert got == [Branch(f"{tmp_path}/a:b", "rw"), Branch(f"{tmp_path}/c")]
     assert branch_spec(got) == f"{tmp_path}/a\\:b=rw:{tmp_path}/c=ro"
+
+
+def test_init_files_are_bound_right_after_the_root() -> None:
+    steps = rootfs.container_steps(rootless=True, init_layer="/state/init")
+    assert steps[2:5] == [rootfs.BindFile(f"/state/init{p}", p) for p in rootfs.INIT_FILES]
+    assert steps[5] == rootfs.Proc("/proc")
