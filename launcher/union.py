@@ -140,26 +140,28 @@ def unionfs_command() -> list[str]:
     return [sys.executable, "-m", "unionfs"]
 
 
-def _writable_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs") -> None:
-    """Workaround, rootless only: give the server a writable /run/unionfs in our private namespace.
+def _private_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs") -> None:
+    """Give the server a /run/unionfs of its own: a tmpfs in the launcher's private mount namespace.
 
-    ``unionfs mount`` writes a pidfile under /run/unionfs whenever its euid is 0, which
-    inside a user namespace it is, though the host's /run is not ours to write: the
-    server would fail before mounting.  A tmpfs over /run/unionfs (or over /run when
-    that does not exist yet), visible only in the launcher's mount namespace, fixes it
-    without touching the host.  Drop this once the core skips or tolerates the pidfile.
+    ``unionfs mount`` records its pid under /run/unionfs whenever its euid is 0.  On
+    the host's directory that file would outlive a SIGKILLed launcher, every
+    launcher's would have the same name (the mount point path is the same in each
+    private namespace), and inside a user namespace the server could not write it
+    at all and would fail before mounting.  A private tmpfs fixes all three.  Where
+    /run/unionfs does not exist and cannot be made (rootless), /run itself is
+    covered, unless a branch lives there.
     """
-    if os.access(pid_dir, os.W_OK | os.X_OK):
+    def holds_branch(path: str) -> bool:
+        return any(b.path == path or b.path.startswith(path + "/") for b in branches)
+
+    target = pid_dir
+    if not os.path.isdir(pid_dir):
+        try:
+            os.makedirs(pid_dir, 0o700)
+        except OSError:
+            target = os.path.dirname(pid_dir)
+    if holds_branch(target):
         return
-    parent = os.path.dirname(pid_dir)
-    if os.path.isdir(pid_dir):
-        target = pid_dir
-    elif os.access(parent, os.W_OK | os.X_OK):
-        return
-    elif any(b.path == parent or b.path.startswith(parent + "/") for b in branches):
-        return  # a branch lives there: hiding it would be worse than the server's own error
-    else:
-        target = parent
     syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755",
                    step="mount tmpfs for the server's pidfile")
 
@@ -247,8 +249,7 @@ class FuseUnion:
         self.logfile = logfile
         self._closed = False
         options = "allow_other,whiteout=aufs" if rootless else "allow_other"
-        if rootless:
-            _writable_pid_dir(branches)
+        _private_pid_dir(branches)
         spec = branch_spec(branches)
         try:
             if _in_process_api() is not None:

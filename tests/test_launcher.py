@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -222,6 +223,12 @@ def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> No
         started = descendants_of(proc.pid)
         assert started, "the launcher has no children"
         mnt_ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+        # the server's pidfile is private too: nothing on the host names it
+        host_pids = set()
+        for f in Path("/run/unionfs").glob("*.pid"):
+            with contextlib.suppress(OSError):  # other daemons come and go
+                host_pids.add(f.read_text().strip())
+        assert not host_pids & {str(p) for p in started}
         proc.kill()
         proc.wait(timeout=10)
         assert wait_gone(started) == [], "a process outlived the launcher"
