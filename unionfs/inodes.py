@@ -32,7 +32,7 @@ class Node:
     """One object of the union.  Directories hold their branch directories open."""
 
     __slots__ = ("id", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs")
+                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: tuple[int, int]) -> None:
         self.id = node_id
@@ -51,6 +51,10 @@ class Node:
         # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
+        # The real object's stat, cached until a change through the union drops it (`touch`): a
+        # warm readdir then answers from memory.
+        self.st: os.stat_result | None = None
+        self.children: dict[bytes, Node] = {}   # directories: the node behind each linked name
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -149,12 +153,18 @@ class NodeTable:
             return
         node.links.append(link)
         parent.refs += 1
+        old = parent.children.get(name)
+        if old is not None and old is not node:
+            self.drop_link(old, parent, name)
+        parent.children[name] = node
 
     def drop_link(self, node: Node, parent: Node, name: bytes) -> None:
         try:
             node.links.remove((parent, name))
         except ValueError:
             return
+        if parent.children.get(name) is node:
+            del parent.children[name]
         parent.refs -= 1
         self.maybe_free(parent)
 
@@ -177,7 +187,9 @@ class NodeTable:
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
             n.close_fds()
-            for parent, _ in n.links:
+            for parent, name in n.links:
+                if parent.children.get(name) is n:
+                    del parent.children[name]
                 parent.refs -= 1
                 todo.append(parent)
             n.links = []

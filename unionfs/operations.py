@@ -214,6 +214,8 @@ class Operations(pyfuse3.Operations):
         h = self.union.handles[fh]
         if h.layer != h.node.layer:
             self.union.refresh(h)
+        if h.layer == 0:
+            h.node.st = None   # a read may move the atime of a file in the writable branch
         return os.pread(h.fd, size, off)
 
     @_handler
@@ -249,6 +251,7 @@ class Operations(pyfuse3.Operations):
         h = self.union.handles[fh]
         if h.layer != h.node.layer:
             self.union.refresh(h)
+        h.node.st = None
         return os.pwrite(h.fd, buf, off)
 
     @_handler

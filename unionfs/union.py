@@ -110,6 +110,10 @@ class Union:
         return self.node_for(parent, name, e)
 
     def node_for(self, parent: Node, name: bytes, e: Entry) -> tuple[Node, os.stat_result]:
+        """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
+        known = parent.children.get(name)
+        if known is not None and known.st is not None and known.layer == e.layer:
+            return known, known.st
         st = lstat_at(parent.fdmap[e.layer], name)
         key = (st.st_dev, st.st_ino)
         node = self.table.find(key)
@@ -118,19 +122,32 @@ class Union:
             if e.is_dir:
                 node.set_dirfds(open_dir_layers(parent.fdmap, name, e.dir_layers))
         self.table.add_link(node, parent, name)
+        node.st = st
         return node, st
 
+    @staticmethod
+    def touch(*nodes: Node | None) -> None:
+        """These nodes changed through the union: forget their cached stat."""
+        for n in nodes:
+            if n is not None:
+                n.st = None
+
     def stat(self, node: Node) -> os.stat_result:
+        if node.st is not None:
+            return node.st
         if node.is_dir:
             if not node.dirfds:
                 raise _err(errno.ENOENT)
-            return os.fstat(node.dirfds[0][1])
-        if node.links:
+            st = os.fstat(node.dirfds[0][1])
+        elif node.links:
             pfd, name = node.real_parent_fd()
-            return lstat_at(pfd, name)
-        for h in self.open_handles(node):
-            return os.fstat(h.fd)
-        raise _err(errno.ENOENT)
+            st = lstat_at(pfd, name)
+        else:
+            for h in self.open_handles(node):
+                return os.fstat(h.fd)   # unlinked but open: not cached, nothing names it
+            raise _err(errno.ENOENT)
+        node.st = st
+        return st
 
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
@@ -180,6 +197,7 @@ class Union:
             raise _err(errno.EPERM)
         await self.ensure_upper(node)
         node.xattrs = None
+        self.touch(node)
         self._xattr_target(node, lambda p: os.setxattr(p, real, value))
 
     async def removexattr(self, node: Node, name: bytes) -> None:
@@ -190,6 +208,7 @@ class Union:
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
         node.xattrs = None
+        self.touch(node)
         self._xattr_target(node, lambda p: os.removexattr(p, real))
 
     def statvfs(self) -> os.statvfs_result:
@@ -212,6 +231,7 @@ class Union:
         fd = self.copyup.dir(d, pfd, name)
         d.add_upper_dirfd(fd)
         d.xattrs = None
+        self.touch(d, parent)
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))
         e = parent.listing.get(name) if parent.listing is not None else None
@@ -238,6 +258,7 @@ class Union:
         """Record that *node* now lives in the writable branch under *parent*/*name*."""
         node.layer = 0
         node.xattrs = None
+        self.touch(node, parent)
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
         # forget them here and make the kernel look them up again.
@@ -314,6 +335,7 @@ class Union:
     def _new_node(self, parent: Node, name: bytes, pfd: int, is_dir: bool, had_lower: bool
                   ) -> tuple[Node, os.stat_result]:
         self.listing(parent)[name] = Entry(0, is_dir, had_lower)
+        self.touch(parent)
         st = lstat_at(pfd, name)
         node = self.table.find((st.st_dev, st.st_ino))
         if node is None:
@@ -322,6 +344,7 @@ class Union:
                 node.set_dirfds([(0, open_dir_at(pfd, name))])
                 node.listing = {}
         self.table.add_link(node, parent, name)
+        node.st = st
         return node, st
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, creds: Creds
@@ -422,6 +445,7 @@ class Union:
         else:
             self._whiteout(self.upper_dir(parent), name, replace=False)
         del listing[name]
+        self.touch(node, parent)
         self.table.drop_link(node, parent, name)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
@@ -446,6 +470,7 @@ class Union:
             self.writer.write(self.upper_dir(parent), name, replace=False)
         del listing[name]
         node.listing = {}
+        self.touch(node, parent)
         self.table.drop_link(node, parent, name)
 
     # ------------------------------------------------------------------ rename
@@ -494,6 +519,7 @@ class Union:
             raise _err(errno.EXDEV, name=on)
         spfd = self.upper_dir(op)
         dpfd = self.upper_dir(np)
+        self.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None
             renameat2(spfd, on, dpfd, nn, RENAME_EXCHANGE)
@@ -610,6 +636,7 @@ class Union:
                 os.chmod(fd, stat.S_IMODE(mode))
             if times is not None:
                 os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
+            self.touch(node)
             return os.fstat(fd)
         pfd, name = node.real_parent_fd()
         if size is not None:
@@ -634,7 +661,8 @@ class Union:
         if times is not None:
             st = lstat_at(pfd, name) if None in times else None
             os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
-        return lstat_at(pfd, name)
+        node.st = lstat_at(pfd, name)
+        return node.st
 
     # ------------------------------------------------------------------ files
 
@@ -652,6 +680,8 @@ class Union:
             await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = node.real_parent_fd()
         fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
+        if trunc:
+            self.touch(node)
         return self._handle(node, fd, flags)
 
     def refresh(self, h: Handle) -> None:
