@@ -37,8 +37,9 @@ def program(name: str) -> str:
     return found if found else str(cand)
 
 
-#: Which implementation the differential tests drive: ``unionfs`` (default) or ``fuse-overlayfs``
-#: (to validate the harness itself against a known-good FUSE overlay).
+#: Which implementation the differential tests drive: ``unionfs`` (default), ``unionfs-overlay`` (the
+#: fuse-overlayfs command line of unionfs; AUFS-style layouts are mapped to overlay options), or
+#: ``fuse-overlayfs`` (to validate the harness itself against another FUSE overlay).
 IMPL = os.environ.get("UNIONFS_TEST_IMPL", "unionfs")
 
 MOUNT_TIMEOUT = 30.0  # bounded wait for a mount to appear / a daemon to exit
@@ -597,7 +598,7 @@ def mount_impl(style: str, lowers: Sequence[Path], upper: Path | None, work: Pat
     the mount is ready."""
     logdir = logdir or mnt.parent
     errp = logdir / f"{mnt.name}.stderr"
-    if IMPL == "fuse-overlayfs":
+    if IMPL in ("fuse-overlayfs", "unionfs-overlay"):
         o = ["lowerdir=" + ":".join(str(p) for p in lowers)]
         if upper is not None:
             if work is None:
@@ -605,7 +606,8 @@ def mount_impl(style: str, lowers: Sequence[Path], upper: Path | None, work: Pat
                 work.mkdir(exist_ok=True)
             o += [f"upperdir={upper}", f"workdir={work}"]
         o += [x for x in options if not x.startswith("whiteout=") and not x.startswith("timeout=")]
-        cmd = ["fuse-overlayfs", "-f", "-o", ",".join(o), str(mnt)]
+        prog = "fuse-overlayfs" if IMPL == "fuse-overlayfs" else program("unionfs-overlay")
+        cmd = [prog, "-f", "-o", ",".join(o), str(mnt)]
     else:
         cmd = unionfs_cmd(style, lowers, upper, work, mnt, options)
     with open(errp, "wb") as ef:
@@ -687,7 +689,7 @@ class Pair:
             if upper is not None:
                 side.upper = side.base / "upper"
                 render_layer(side.upper, upper, dia)
-                if style == "overlay" or side is self.k or IMPL == "fuse-overlayfs":
+                if style == "overlay" or side is self.k or IMPL != "unionfs":
                     side.work = side.base / "work"
                     side.work.mkdir()
             for lp in side.lowers:
