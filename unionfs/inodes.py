@@ -32,7 +32,7 @@ class Node:
     """One object of the union.  Directories hold their branch directories open."""
 
     __slots__ = ("id", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children")
+                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: tuple[int, int]) -> None:
         self.id = node_id
@@ -55,6 +55,7 @@ class Node:
         # warm readdir then answers from memory.
         self.st: os.stat_result | None = None
         self.children: dict[bytes, Node] = {}   # directories: the node behind each linked name
+        self.reply: tuple[os.stat_result, object] | None = None  # (stat, the attributes built from it)
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]

@@ -98,6 +98,16 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ helpers
 
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """The attributes the kernel gets for *node*, built once per stat result (pyfuse3 copies
+        them into each reply, so one object serves every readdir and lookup until the stat changes)."""
+        cached = node.reply
+        if cached is not None and cached[0] is st:
+            return cached[1]  # type: ignore[return-value]
+        a = self._build_attr(node, st)
+        node.reply = (st, a)
+        return a
+
+    def _build_attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         a.generation = 0
