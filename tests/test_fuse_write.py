@@ -779,3 +779,63 @@ def test_permissions_as_another_user(shared_pair: Pair, name: str) -> None:
     shared_pair.same(sh([*USER, "sh", "-c", AS_USER[name]]), name)
     shared_pair.assert_same_tree(times=name.startswith("utime"))
     shared_pair.assert_same_upper()
+
+
+def _st(s: Side, rel: str) -> Any:
+    st = os.lstat(s.p(rel))
+    return (stat.filemode(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_uid,
+            st.st_gid, st.st_nlink if not stat.S_ISDIR(st.st_mode) else None)
+
+
+def test_attributes_stay_coherent(pair: Pair) -> None:
+    """After each change, what stat says (through the same and other names) matches the kernel:
+    no stale size, mode, owner, link count or times from a cache."""
+    pair.build([[F("f", b"0123456789", mtime=T0), H("f2", "f"), D("d", mtime=T0), F("d/x", b"x", mtime=T0),
+                 F("g", b"g")]], upper=[])
+    fds: dict[Path, int] = {}
+
+    def fd(s: Side) -> int:
+        if s.base not in fds:
+            fds[s.base] = os.open(s.p("f"), os.O_RDWR)
+        return fds[s.base]
+
+    def changed_since(s: Side, rel: str, what: str) -> bool:
+        return getattr(os.lstat(s.p(rel)), what) > T0 * 10**9
+
+    steps: list[tuple[str, Callable[[Side], Any]]] = [
+        ("stat f", lambda s: _st(s, "f")),
+        ("open rdwr + stat", lambda s: (fd(s), _st(s, "f"), _st(s, "f2"))[1:]),
+        ("write at end", lambda s: os.pwrite(fd(s), b"A" * 100, 10)),
+        ("stat after write", lambda s: (_st(s, "f"), os.fstat(fd(s)).st_size, changed_since(s, "f", "st_mtime_ns"))),
+        ("ftruncate", lambda s: os.ftruncate(fd(s), 5)),
+        ("stat after ftruncate", lambda s: (_st(s, "f"), os.fstat(fd(s)).st_size)),
+        ("chmod via f", lambda s: os.chmod(s.p("f"), 0o600)),
+        ("stat f and f2", lambda s: (_st(s, "f"), _st(s, "f2"))),
+        ("chown", lambda s: os.chown(s.p("f"), 7, 8)),
+        ("stat after chown", lambda s: (_st(s, "f"), os.fstat(fd(s)).st_uid)),
+        ("utime exact", lambda s: os.utime(s.p("f"), ns=(T0 * 10**9 + 1, T0 * 10**9 + 2))),
+        ("stat times", lambda s: (os.lstat(s.p("f")).st_mtime_ns, os.lstat(s.p("f")).st_atime_ns)),
+        ("link", lambda s: os.link(s.p("f"), s.p("f3"))),
+        ("nlink after link", lambda s: (_st(s, "f"), _st(s, "f3"))),
+        ("unlink f3", lambda s: os.unlink(s.p("f3"))),
+        ("nlink after unlink", lambda s: _st(s, "f")),
+        ("create in d", lambda s: open(s.p("d/new"), "wb").close()),
+        ("d mtime moved", lambda s: (changed_since(s, "d", "st_mtime_ns"), sorted(os.listdir(s.p("d"))))),
+        ("rename f", lambda s: os.rename(s.p("f"), s.p("f-renamed"))),
+        ("stat old and new", lambda s: (call(_st, s, "f"), _st(s, "f-renamed"), os.fstat(fd(s)).st_size)),
+        ("replace g by a dir", lambda s: (os.unlink(s.p("g")), os.mkdir(s.p("g")))),
+        ("stat g", lambda s: (_st(s, "g"), os.listdir(s.p("g")))),
+        ("setxattr", lambda s: os.setxattr(s.p("f-renamed"), "user.k", b"v")),
+        ("listxattr", lambda s: (sorted(os.listxattr(s.p("f-renamed"))), os.getxattr(s.p("f-renamed"), "user.k"))),
+        ("append via path", lambda s: (w("f-renamed", WR | os.O_APPEND, b"tail")(s), _st(s, "f-renamed"))),
+        ("fstat old fd", lambda s: os.fstat(fd(s)).st_size),
+        ("read via old fd", lambda s: os.pread(fd(s), 100, 0)),
+    ]
+    try:
+        for name, step in steps:
+            pair.same(step, name)
+    finally:
+        for x in fds.values():
+            os.close(x)
+    pair.assert_same_tree()
+    pair.assert_same_upper()
