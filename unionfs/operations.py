@@ -79,6 +79,7 @@ class Operations(pyfuse3.Operations):
         self.dirs = {}
         self._next_dh = 0
         union.invalidate_entry = self._invalidate_entry
+        self.on_init: Callable[[], None] = lambda: None
         union.invalidate_attr = self._invalidate_attr
 
     @staticmethod
@@ -94,6 +95,12 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
             log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
+
+    def init(self) -> None:
+        try:
+            self.on_init()
+        except Exception:
+            log.exception("init hook failed")
 
     # ------------------------------------------------------------------ helpers
 
