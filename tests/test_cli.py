@@ -278,9 +278,14 @@ def overlay_on_safe_path() -> Iterator[None]:
     set-up script should put it there). If it is missing, link it for this test and remove it after."""
     link = Path("/usr/local/bin/unionfs-overlay")
     created = False
-    if not any(os.access(os.path.join(d, "unionfs-overlay"), os.X_OK) for d in SAFE_PATH.split(":")):
+    found = [os.path.join(d, "unionfs-overlay") for d in SAFE_PATH.split(":")
+             if os.access(os.path.join(d, "unionfs-overlay"), os.X_OK)]
+    if not found:
         link.symlink_to(OVERLAY)
         created = True
+    elif os.path.realpath(found[0]) != os.path.realpath(OVERLAY):
+        pytest.fail(f"mount(8) would run {found[0]} -> {os.path.realpath(found[0])}, not this checkout's "
+                    f"{OVERLAY}; run scripts/setup.sh from this checkout")
     try:
         yield
     finally:
