@@ -225,3 +225,20 @@ def test_cli_help_and_summary_line() -> None:
     assert "--whiteout" in result.output and "Example:" in result.output
     result = runner.invoke(conformance_command, ["--layers", "0"])
     assert result.exit_code == 2
+
+
+def test_inode_stability_is_compared_as_a_set_of_paths() -> None:
+    from unionfs.conformance.machine import _touched
+    from unionfs.conformance.snapshot import Snapshot, ino_changes
+
+    before = Snapshot(inos={"": 1, "d": 2, "d/f": 3, "g": 4})
+    after = Snapshot(inos={"": 1, "d": 9, "d/f": 8, "g": 4, "new": 5})
+    assert ino_changes(before, after, ()) == {"d", "d/f"}
+    assert ino_changes(before, after, ("d",)) == set()  # the step named d: anything may happen below
+    assert ino_changes(before, after, ("d/f",)) == {"d"}  # a parent's number must survive copy-up
+    assert _touched(Op("rename", ("a", "b/c", "RENAME_NOREPLACE"))) == ("a", "b/c")
+    assert _touched(Op("setxattr", ("a", "user.x", b"", ""))) == ("a",)
+    assert _touched(Op("open_", ("a", "O_RDONLY", 0o644, b""))) == ("a",)
+    assert _touched(Op("symlink", ("target", "l"))) == ("l",)
+    assert _touched(Op("fd_open", (0, "f", "O_RDWR"))) == ("f",)
+    assert _touched(Op("remount")) == ()

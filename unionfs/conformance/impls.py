@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
-MOUNT_TIMEOUT = 20.0
+MOUNT_TIMEOUT = 30.0  # for a mount to appear
+EXIT_TIMEOUT = 60.0  # for a FUSE server to exit once unmounted (generous: CI machines are busy)
 
 
 class MountError(RuntimeError):
@@ -184,11 +185,12 @@ class ForegroundFuse(Impl):
         if proc is None:
             return
         try:
-            rc = proc.wait(timeout=MOUNT_TIMEOUT)
+            rc = proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise MountError(f"{self.name} for {mnt} did not exit after unmount") from None
+            raise MountError(f"{self.name} for {mnt} did not exit within {EXIT_TIMEOUT:.0f}s after "
+                             f"unmount:\n{self._log(logpath)}") from None
         log_text = self._log(logpath)
         if rc != 0 or "Traceback" in log_text:
             raise MountError(f"{self.name} daemon exited with {rc} after unmount:\n{log_text}")

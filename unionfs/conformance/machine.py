@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from .impls import ForegroundFuse, Impl, MountError, abort_fuse, is_mounted
 from .layers import Fill, LayerEntry, Layers, LayerSpec, Oct, Rep, build_layers, finish_layers, random_layers
 from .ops import Chooser, Op, Outcome, Session, execute
-from .snapshot import Snapshot, diff, tree_digest, upper_tree, visible_tree
+from .snapshot import Snapshot, diff, ino_changes, known_differences, tree_digest, upper_tree, visible_tree
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,18 @@ class _Side:
         if self.mounted:
             self.mounted = False
             self.impl.umount(self.mnt)
+
+
+def _touched(op: Op) -> tuple[str, ...]:
+    """The paths a step names (its string arguments that are paths in the union)."""
+    if op.name == "readdir_while":
+        return (op.args[0], f"{op.args[0]}/{op.args[2]}" if op.args[0] else op.args[2])
+    if op.name == "symlink":
+        return (op.args[1],)
+    if op.name.startswith("fd_") or op.name == "remount":
+        return (op.args[1],) if op.name == "fd_open" else ()
+    return tuple(a for a in op.args[:2] if isinstance(a, str) and a and not a.startswith(("O_", "RENAME_",
+                                                                                         "XATTR_", "user.")))
 
 
 class Hang(Exception):
@@ -209,9 +221,17 @@ class Runner:
                 trace.steps[-1] = (op, out_a, out_b)
                 if out_a != out_b:
                     return Failure(i, "outcome", [f"{op}: {a.impl} {out_a}, {b.impl} {out_b}"])
+            prev_a, prev_b = snap_a, snap_b
             snap_a, snap_b = self._snap(a, b)
             if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl), ignore=self.ignore):
                 return Failure(i, "tree", [f"after {op}:"] + lines)
+            if op.name != "run" and not {"ino"} & (self.ignore | known_differences(a.impl, b.impl)):
+                touched = _touched(op)
+                changed_a = ino_changes(prev_a, snap_a, touched)
+                changed_b = ino_changes(prev_b, snap_b, touched)
+                if changed_a != changed_b:
+                    return Failure(i, "tree", [f"after {op}: st_ino changed for paths the step did not name: "
+                                               f"{a.impl} {sorted(changed_a)}, {b.impl} {sorted(changed_b)}"])
             i += 1
         return self._finish(None, a, b, remount=False)
 

@@ -28,7 +28,8 @@ Fields = dict[str, Any]
 # 1. st_ino and st_dev are not compared as numbers: a FUSE filesystem and kernel overlayfs number
 #    inodes differently (the kernel passes real inode numbers through, or xino-encodes them).
 #    What users rely on is compared instead: which paths are the same inode (hard-link groups,
-#    ``Snapshot.links``) and st_nlink.
+#    ``Snapshot.links``), st_nlink, and whether a path's inode number stayed the same across a
+#    step that did not name it (``ino_changes``; overlayfs keeps st_ino across copy-up and remount).
 # 2. atime, ctime, st_blocks and st_blksize are not compared: atime depends on mount options
 #    (relatime/noatime), ctime cannot be set by anyone, blocks/blksize are allocation details.
 # 3. mtime is compared exactly when it is a fixed time set by the layer builder or a utimens step
@@ -44,8 +45,9 @@ Fields = dict[str, Any]
 # 6. ``readdir_while`` leaves out of its result the one name it changed mid-listing: whether such a
 #    name shows up is unspecified by POSIX (the step's errno is still compared).
 # 7. Per implementation, the differences its authors documented as deliberate (KNOWN_DIFFERENCES
-#    below). unionfs: none so far. fuse-overlayfs is only a development stand-in; its entries let
-#    the oracle be exercised end to end, they are not claims about what is right.
+#    below). unionfs: st_ino stability (see there). fuse-overlayfs is only a development
+#    stand-in; its entries let the oracle be exercised end to end, they are not claims about what
+#    is right.
 #    The same classes (IGNORABLE) can be switched off for one exploratory run with
 #    ``--ignore CLASS``, to look past a known bug for the next one; such a run says so and is not
 #    a conformance verdict.
@@ -53,7 +55,10 @@ Fields = dict[str, Any]
 
 KNOWN_DIFFERENCES: dict[str, frozenset[str]] = {
     "kernel": frozenset(),
-    "unionfs": frozenset(),
+    # unionfs: st_ino is reported differently on purpose (issue 4 names st_ino/st_dev reporting as
+    # a deliberate difference), including over time: a parent directory's st_ino changes when it is
+    # copied up, where the kernel keeps the lower origin's number. Drop "ino" here to enforce it.
+    "unionfs": frozenset({"ino"}),
     # fuse-overlayfs counts subdirectories for a merged directory's st_nlink; the kernel reports 1.
     "fuse-overlayfs": frozenset({"dir-nlink"}),
 }
@@ -99,6 +104,7 @@ class Snapshot:
 
     entries: dict[str, Fields] = field(default_factory=dict)
     links: list[tuple[str, ...]] = field(default_factory=list)
+    inos: dict[str, int] = field(default_factory=dict)  # st_dev changes at remount; see 1.
 
     def types(self) -> dict[str, str]:
         return {p: f.get("type", "?") for p, f in self.entries.items()}
@@ -176,6 +182,7 @@ def visible_tree(root: str) -> Snapshot:
             return
         f = _fields(full, st)
         snap.entries[rel] = f
+        snap.inos[rel] = st.st_ino
         if f["type"] != "d":
             inodes[(st.st_dev, st.st_ino)].append(rel)
             return
@@ -275,6 +282,7 @@ IGNORABLE = {
     "dir-nlink": "st_nlink of directories",
     "file-nlink": "st_nlink of non-directories and the hard-link groups",
     "mtime": "st_mtime of everything",
+    "ino": "whether st_ino stays the same across steps",
 }
 
 
@@ -285,11 +293,16 @@ def _ignored(known: frozenset[str], fa: Fields, key: str) -> bool:
     return key == "mtime" and "mtime" in known
 
 
+def known_differences(*impls: object) -> frozenset[str]:
+    """Normalisation 7 for a pair of implementations (named like 'kernel[opts]')."""
+    return frozenset[str]().union(*(KNOWN_DIFFERENCES.get(str(i).partition("[")[0], frozenset())
+                                     for i in impls))
+
+
 def diff(a: Snapshot, b: Snapshot, name_a: str = "A", name_b: str = "B", limit: int = 20,
          ignore: frozenset[str] = frozenset()) -> list[str]:
     """Human-readable differences between two snapshots; empty when they agree."""
-    known = ignore.union(*(KNOWN_DIFFERENCES.get(n.partition("[")[0], frozenset())
-                           for n in (name_a, name_b)))
+    known = ignore | known_differences(name_a, name_b)
     lines: list[str] = []
     for path in sorted(set(a.entries) | set(b.entries)):
         shown = "/" + path
@@ -307,6 +320,15 @@ def diff(a: Snapshot, b: Snapshot, name_a: str = "A", name_b: str = "B", limit: 
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+def ino_changes(before: Snapshot, after: Snapshot, touched: tuple[str, ...]) -> set[str]:
+    """Paths present in both snapshots, not at or below a ``touched`` path, whose inode number
+    changed (normalisation 1: compared as this set, never as numbers)."""
+    def related(path: str) -> bool:
+        return any(path == t or path.startswith(t + "/") for t in touched)
+    return {p for p in before.inos.keys() & after.inos.keys()
+            if before.inos[p] != after.inos[p] and not related(p)}
 
 
 def _brief(f: Fields) -> str:
