@@ -441,3 +441,18 @@ def test_readdir_while_the_directory_changes(pair: Pair) -> None:
     dups, missing = pair.same(run, "readdir across changes")
     assert dups == [] and missing == [], (dups[:5], missing[:5])
     pair.same(lambda s: sorted(os.listdir(s.p("d"))), "listing after")
+
+
+@pytest.mark.parametrize("dialect", ["overlay", "aufs"])
+def test_markers_between_layers(pair: Pair, dialect: str) -> None:
+    """Whiteouts and opaque dirs in a middle layer cut off only what is below them."""
+    pair.build([
+        [D("x"), F("x/top", b""), D("o"), F("o/top", b""), F("gone-then-back", b"top")],
+        [W("x"), D("o", opaque=True), F("o/mid", b""), W("gone-then-back"), F("y/mid", b"")],
+        [F("x/bottom", b""), F("o/bottom", b""), F("gone-then-back", b"bottom"), F("y/bottom", b""),
+         D("notopq", xattrs={"trusted.overlay.opaque": b"n"})],
+        [F("notopq/deep", b"")],
+    ], upper=[], dialect=dialect, style="aufs" if dialect == "aufs" else "overlay")
+    k = pair.assert_same_tree()
+    assert b"x/bottom" not in k and b"o/bottom" not in k and b"notopq/deep" in k and b"y/bottom" in k
+    pair.same(lambda s: open(s.p("gone-then-back"), "rb").read(), "read")
