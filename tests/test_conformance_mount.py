@@ -93,13 +93,15 @@ def test_planted_bug_is_found_with_a_minimal_sequence(tmp_path: Path) -> None:
     in a sequence of a few steps."""
     result, passed, failed = conformance(tmp_path, "--fault", "skip-whiteout-on-unlink", "--seed", "1",
                                          "--sequences", "30", "--steps", "40", "--ops",
-                                         "unlink,rename,open_,mkdir,rmdir,pwrite")
+                                         "unlink,rename,open_,mkdir,rmdir,pwrite",
+                                         "--layer-kinds", "file,dir,symlink,whiteout,opaque")
     assert result.exit_code == 1 and failed == 1, result.output
     assert minimal_steps(result.output) <= 3, result.output
     assert "unlink(s, " in result.output or "rename(s, " in result.output
     [repro] = scripts(tmp_path)
     run = subprocess.run([sys.executable, str(repro), "--base", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 1, run.stdout + run.stderr
+    # and it is the planted bug that was found: without the fault the same case agrees
     fixed = subprocess.run([sys.executable, str(repro), "--base", str(tmp_path), "--fault", ""],
                            capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
