@@ -1,9 +1,14 @@
-"""Nodes (what the kernel knows by inode number) and the table that owns them.
+"""Nodes (what the kernel knows by node id) and the table that owns them.
 
-A node is identified by the real object behind it: its (st_dev, st_ino) in the branch where it
-lives.  The number the kernel sees, and that `stat` shows, is derived from that identity, so the
-same object answers with the same number on every lookup for the life of the mount, even after the
-kernel forgot it.  Hard links of one real inode share one node.
+A node is found by a key: for an object in the writable branch and for any directory, the real
+object's (st_dev, st_ino), so hard links made through the union share one node; for a lower
+non-directory, its name (parent node, name), so that, as on overlayfs, each name of a lower hard
+link is its own inode and is copied up on its own.
+
+Two numbers come from the real object: the node id the kernel uses (its inode number where that is
+free, so it is stable across forgets) and the `st_ino` that `stat` shows (its inode number, tagged
+with a filesystem index when branches span filesystems; after a copy-up, the copy's, as overlayfs
+shows it).
 
 Every name a node is known by is a link (parent node, name); a link holds a reference on its
 parent, so a directory outlives its known children.  A node is dropped when the kernel has
@@ -27,18 +32,22 @@ log = logging.getLogger(__name__)
 ROOT_ID = 1
 FALLBACK_BASE = 1 << 60
 
+# (st_dev, st_ino) of a real object, or (parent node id, name) of a lower non-directory
+Key = tuple[int, int] | tuple[int, bytes]
+
 
 class Node:
     """One object of the union.  Directories hold their branch directories open."""
 
-    __slots__ = ("id", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
+    __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
                  "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply")
 
-    def __init__(self, node_id: int, is_dir: bool, layer: int, key: tuple[int, int]) -> None:
+    def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
+        self.ino = ino                          # what stat shows as st_ino
         self.is_dir = is_dir
         self.layer = layer                      # branch that holds the object (directories: topmost)
-        self.key = key                          # (st_dev, st_ino) of the real object
+        self.key = key                          # how the table finds it (see the module docstring)
         self.links: list[tuple[Node, bytes]] = []  # names it is known by
         self.nlookup = 0                        # lookups the kernel has not forgotten
         self.refs = 0                           # links of other nodes that name this one as parent
@@ -99,11 +108,11 @@ class NodeTable:
     def __init__(self, stack: LayerStack) -> None:
         self.stack = stack
         self.nodes: dict[int, Node] = {}
-        self.by_key: dict[tuple[int, int], Node] = {}
+        self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
         top = stack.layers[0]
         st = os.fstat(top.fd)
-        root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino))
+        root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
         root.set_dirfds([(layer.index, layer.fd) for layer in stack.layers])
         root.owns_fds = False   # the LayerStack owns the branch roots
         root.nlookup = 1
@@ -120,25 +129,31 @@ class NodeTable:
             raise OSError(116, "unknown inode", str(node_id))  # ESTALE
         return node
 
-    def find(self, key: tuple[int, int]) -> Node | None:
+    def find(self, key: Key) -> Node | None:
         return self.by_key.get(key)
 
-    def _number_for(self, key: tuple[int, int]) -> int:
-        dev, ino = key
+    def ino_for(self, st: os.stat_result) -> int:
+        """The st_ino shown for a real object: its own, tagged with its filesystem when needed."""
+        return self.ino_of(st.st_dev, st.st_ino)
+
+    def ino_of(self, dev: int, ino: int) -> int:
         idx = self.stack.fs_index(dev)
-        want = ino if idx == 0 else (idx << 48) | ino
-        if want > ROOT_ID and want < FALLBACK_BASE and want not in self.nodes:
-            return want
+        return ino if idx == 0 else (idx << 48) | ino
+
+    def _number_for(self, ino: int) -> int:
+        if ROOT_ID < ino < FALLBACK_BASE and ino not in self.nodes:
+            return ino
         self._fallback += 1
         return self._fallback
 
-    def new(self, is_dir: bool, layer: int, key: tuple[int, int]) -> Node:
-        node = Node(self._number_for(key), is_dir, layer, key)
+    def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
+        ino = self.ino_for(st)
+        node = Node(self._number_for(ino), is_dir, layer, key, ino)
         self.nodes[node.id] = node
         self.by_key[key] = node
         return node
 
-    def rekey(self, node: Node, key: tuple[int, int]) -> None:
+    def rekey(self, node: Node, key: Key) -> None:
         """The node's object moved (copy-up): other names of the old object get nodes of their own."""
         if self.by_key.get(node.key) is node:
             del self.by_key[node.key]

@@ -11,10 +11,13 @@ and the mount keeps serving.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
+import struct
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +31,40 @@ from .union import Creds, Union
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _find_shown_ino_offset() -> int | None:
+    """Where, inside a pyfuse3 EntryAttributes, the st_ino of the reply's stat lives.
+
+    The kernel shows ``attr.ino`` as st_ino and uses the entry's node id as identity; pyfuse3 sets
+    both from `st_ino`.  To show a lower file's real inode number (hard links of it then agree, as on
+    overlayfs) while giving each name its own node, we write ``attr.st_ino`` directly.  The offset is
+    found by probing, and verified; if the layout is not the one expected, st_ino stays the node id.
+    """
+    marker, other = 0x5A5A_1234_ABCD_7777, 0x0123_4567_89AB_CDEF
+    probe = pyfuse3.EntryAttributes()
+    probe.st_ino = marker
+    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
+    hits = [i for i in range(0, len(raw) - 7, 8) if struct.unpack_from("=Q", raw, i)[0] == marker]
+    # fuse_entry_param: ino, generation, then struct stat {st_dev, st_ino, ...}
+    if len(hits) != 2 or hits[1] - hits[0] != 24:
+        return None
+    ctypes.c_uint64.from_address(id(probe) + hits[1]).value = other
+    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
+    if struct.unpack_from("=Q", raw, hits[0])[0] != marker or probe.st_ino != marker:
+        return None
+    if struct.unpack_from("=Q", raw, hits[1])[0] != other:
+        return None
+    return hits[1]
+
+
+_SHOWN_INO_OFFSET = _find_shown_ino_offset()
+
+
+def set_shown_ino(attr: pyfuse3.EntryAttributes, ino: int) -> None:
+    """Make stat show *ino* for *attr*, whose node id stays ``attr.st_ino``."""
+    if _SHOWN_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(attr) + _SHOWN_INO_OFFSET).value = ino
 
 
 def _handler(fn: F) -> F:
@@ -117,6 +154,8 @@ class Operations(pyfuse3.Operations):
     def _build_attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
+        if node.ino != node.id:
+            set_shown_ino(a, node.ino)
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout

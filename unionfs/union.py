@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from .copyup import CopyUp
-from .inodes import Node, NodeTable
+from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, exists_at, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
@@ -115,10 +115,10 @@ class Union:
         if known is not None and known.st is not None and known.layer == e.layer:
             return known, known.st
         st = lstat_at(parent.fdmap[e.layer], name)
-        key = (st.st_dev, st.st_ino)
+        key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
-            node = self.table.new(e.is_dir, e.layer, key)
+            node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
                 node.set_dirfds(open_dir_layers(parent.fdmap, name, e.dir_layers))
         self.table.add_link(node, parent, name)
@@ -234,6 +234,8 @@ class Union:
         self.touch(d, parent)
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))
+        d.ino = self.table.ino_for(st)
+        self.invalidate_attr(d.id)
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
             e.layer = 0
@@ -258,6 +260,7 @@ class Union:
         """Record that *node* now lives in the writable branch under *parent*/*name*."""
         node.layer = 0
         node.xattrs = None
+        node.ino = self.table.ino_of(*key)
         self.touch(node, parent)
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
@@ -339,7 +342,7 @@ class Union:
         st = lstat_at(pfd, name)
         node = self.table.find((st.st_dev, st.st_ino))
         if node is None:
-            node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino))
+            node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino), st)
             if is_dir:
                 node.set_dirfds([(0, open_dir_at(pfd, name))])
                 node.listing = {}
