@@ -165,10 +165,11 @@ class Bench:
         finally:
             if impl == "native" and case.workload in WRITES_NATIVE:
                 restore_native(self.layers)
-        problems = {
-            variant: layer_problem or check(case.workload, variant, observed, self.layers, case.params)
-            for variant, observed in result["obs"].items()
-        }
+        problems: dict[str, str | None] = {}
+        for key, observed in result["obs"].items():
+            variant = key.split("#")[0]  # "warm#2": the second warm run, validated like the first
+            problem = layer_problem or check(case.workload, variant, observed, self.layers, case.params)
+            problems[variant] = problems.get(variant) or problem
         return result["times"], problems
 
     def sampling(self, impl: str, case: Case, pid: int | None) -> AbstractContextManager[None]:
