@@ -19,3 +19,9 @@ if ! .venv/bin/python -c 'import unionfs, pyfuse3, pytest_trio, hypothesis' 2>/d
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e '.[test]'
 fi
+# mount(8) hands `-t fuse.unionfs-overlay` to mount.fuse3, which looks the program up on PATH.
+if [ "$(id -u)" -eq 0 ]; then
+    for prog in unionfs unionfs-overlay; do
+        ln -sfn "$PWD/.venv/bin/$prog" "/usr/local/bin/$prog"
+    done
+fi
