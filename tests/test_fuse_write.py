@@ -600,7 +600,7 @@ def _sigkill_mid_copy_up(tmp_path: Path, size: int, style: str) -> None:
 
 @pytest.mark.parametrize("style", ["overlay", "aufs"])
 def test_sigkill_during_copy_up(tmp_path: Path, need_fuse: None, style: str) -> None:
-    _sigkill_mid_copy_up(tmp_path, 256 << 20, style)
+    _sigkill_mid_copy_up(tmp_path, 128 << 20, style)
 
 
 @pytest.mark.slow
