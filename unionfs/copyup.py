@@ -160,7 +160,7 @@ class CopyUp:
             self._discard(tmp)
             raise
         new = lstat_at(upper_pfd, name)
-        union.moved_up(node, parent, name, (new.st_dev, new.st_ino))
+        union.moved_up(node, parent, name, (new.st_dev, new.st_ino), st.st_nlink)
 
     async def _copy_regular(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result,
                             keep: int | None) -> None:

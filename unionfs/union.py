@@ -256,11 +256,16 @@ class Union:
             if node.layer != 0:
                 await self.copyup.file(node, keep)
 
-    def moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int]) -> None:
-        """Record that *node* now lives in the writable branch under *parent*/*name*."""
+    def moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int], lower_nlink: int) -> None:
+        """Record that *node* now lives in the writable branch under *parent*/*name*.
+
+        As overlayfs does, the copy keeps showing the lower inode number, unless the lower object
+        had other names (their inode number would then be shown twice for different files).
+        """
         node.layer = 0
         node.xattrs = None
-        node.ino = self.table.ino_of(*key)
+        if lower_nlink > 1:
+            node.ino = self.table.ino_of(*key)
         self.touch(node, parent)
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
