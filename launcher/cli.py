@@ -78,6 +78,8 @@ def run_command(
     """
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
     from launcher.supervisor import RunConfig, describe, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator

@@ -103,6 +103,30 @@ def _check_fuse_access(rootless: bool, backend: str) -> None:
         )
 
 
+def _warn_unmapped_upper(upper: str) -> None:
+    """Rootless: say so when the writable branch's top directory has an owner the namespace cannot map.
+
+    The union reports such an owner as the overflow id, and the kernel refuses every
+    write into an inode whose owner or group it cannot map (EACCES), so nothing could
+    be created at the container's root.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        st = os.stat(upper)
+    except OSError:
+        return
+    subuid = namespaces.subordinate_range("/etc/subuid", uid)
+    subgid = namespaces.subordinate_range("/etc/subgid", uid)
+
+    def mapped(value: int, own: int, sub: namespaces.IdRange | None) -> bool:
+        return value == own or (sub is not None and sub.start <= value < sub.start + sub.length)
+
+    if not (mapped(st.st_uid, uid, subuid) and mapped(st.st_gid, gid, subgid)):
+        log.warning("%s belongs to uid %d, gid %d, which the user namespace cannot map: nothing can be "
+                    "created in the container's / (fix: chown %d:%d %s)", upper, st.st_uid, st.st_gid,
+                    uid, gid, upper)
+
+
 def _state_base() -> str:
     """A per-user directory, the same for every run; each launcher mounts its own tmpfs on it."""
     uid = os.getuid()
@@ -361,6 +385,8 @@ def run(cfg: RunConfig) -> int:
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
     _check_fuse_access(rootless, cfg.backend)
+    if rootless and not cfg.tmp_upper and os.getuid() != 0:
+        _warn_unmapped_upper(branches[0].path)
     base = _state_base()
     try:
         was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()

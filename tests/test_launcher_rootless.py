@@ -156,3 +156,12 @@ def test_rootless_maps_the_subuid_range_through_newuidmap(image: Image, upper: P
 def test_no_rootless_as_a_user_is_a_usage_error(image: Image, upper: Path, user: UnprivUser) -> None:
     r = run_launcher(image.branches(upper), ["/bin/true"], ["--no-rootless"], user=user)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs root" in r.stderr, r.stderr
+
+
+def test_rootless_warns_about_an_unmapped_upper(image: Image, upper: Path, user: UnprivUser) -> None:
+    """The kernel refuses writes into an inode whose owner it cannot map; say so, and how to fix it."""
+    os.chown(upper, user.uid, 0)
+    r = run_launcher(image.branches(upper), ["/bin/sh", "-c", "touch /k"], user=user)
+    assert r.returncode == 1
+    warning = [line for line in r.stderr.splitlines() if line.startswith("unionfs run: WARNING")]
+    assert len(warning) == 1 and f"chown {user.uid}:{user.gid} {upper}" in warning[0], r.stderr
