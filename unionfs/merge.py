@@ -53,6 +53,10 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
                 whiteouts.add(name)
                 continue
             names.append((name, is_dir))
+    if whiteouts:
+        # A branch holding both NAME and .wh.NAME (an AUFS delete cut short by a crash): the
+        # whiteout wins, as in AUFS, so what was being deleted stays deleted.
+        names = [(n, d) for n, d in names if n not in whiteouts]
     return names, whiteouts, opaque
 
 
