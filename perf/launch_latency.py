@@ -86,9 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[tuple[str, list[str]]] = [("python -c pass", [py, "-c", "pass"])]
         if not args.no_fuse:
             rows.append(("unionfs run (fuse)", [*launcher, "--backend", "fuse", branches, "--", "/bin/true"]))
-            rows.append(("unionfs run (fuse, exec'd server)",
-                         ["env", f"UNIONFS_RUN_SERVER={py} -m unionfs", *launcher, "--backend", "fuse",
-                          branches, "--", "/bin/true"]))
+            rows.append(
+                (
+                    "unionfs run (fuse, exec'd server)",
+                    [
+                        "env",
+                        f"UNIONFS_RUN_SERVER={py} -m unionfs",
+                        *launcher,
+                        "--backend",
+                        "fuse",
+                        branches,
+                        "--",
+                        "/bin/true",
+                    ],
+                )
+            )
         rows.append(
             ("unionfs run (overlay)", [*launcher, "--backend", "overlay", branches, "--", "/bin/true"])
         )
