@@ -92,7 +92,7 @@ class CopyUp:
         os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=upper_parent_fd)
         os.utime(upper_parent_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
-    def _discard(self, tmp: bytes) -> None:
+    def discard(self, tmp: bytes) -> None:
         work = self.work
         try:
             st = lstat_at(work, tmp)
@@ -124,7 +124,7 @@ class CopyUp:
                 os.close(fd)
                 raise
         except BaseException:
-            self._discard(tmp)
+            self.discard(tmp)
             raise
         return fd
 
@@ -157,7 +157,7 @@ class CopyUp:
             upper_pfd = union.upper_dir(parent)
             self._place(tmp, upper_pfd, name)
         except BaseException:
-            self._discard(tmp)
+            self.discard(tmp)
             raise
         new = lstat_at(upper_pfd, name)
         union.moved_up(node, parent, name, (new.st_dev, new.st_ino), st.st_nlink)

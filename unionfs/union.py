@@ -17,7 +17,7 @@ import trio
 
 from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
-from .layers import LayerStack, clear_dir, exists_at, fd_path, lstat_at, open_dir_at, open_file_at
+from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .whiteout import (
@@ -27,8 +27,8 @@ from .whiteout import (
     dir_is_opaque,
     escape_xattr,
     is_reserved_name,
-    is_whiteout_stat,
     unescape_xattr,
+    whiteouts_at,
 )
 
 log = logging.getLogger(__name__)
@@ -314,11 +314,7 @@ class Union:
         upper directory fd and whether the name still exists in a lower branch (there was a whiteout).
         """
         pfd = self.upper_dir(parent)
-        try:
-            chr_wh = is_whiteout_stat(lstat_at(pfd, name))
-        except FileNotFoundError:
-            chr_wh = False
-        aufs_wh = exists_at(pfd, WH_PREFIX + name)
+        chr_wh, aufs_wh = whiteouts_at(pfd, name)
         had = chr_wh or aufs_wh
         if chr_wh:
             work = self.work_fd
@@ -332,7 +328,7 @@ class Union:
                 else:
                     os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=pfd)
             except BaseException:
-                _remove_any(work, tmp)
+                self.copyup.discard(tmp)
                 raise
         else:
             make(pfd, name, had)
@@ -585,13 +581,9 @@ class Union:
 
     def _clear_whiteout_for(self, dirfd: int, name: bytes, is_dir: bool) -> bool:
         """Before renaming onto *name*, remove a whiteout a rename cannot replace; True if one was there."""
-        try:
-            chr_wh = is_whiteout_stat(lstat_at(dirfd, name))
-        except FileNotFoundError:
-            chr_wh = False
+        chr_wh, aufs = whiteouts_at(dirfd, name)
         if chr_wh and is_dir:
             os.unlink(name, dir_fd=dirfd)
-        aufs = exists_at(dirfd, WH_PREFIX + name)
         if aufs:
             os.unlink(WH_PREFIX + name, dir_fd=dirfd)
         return chr_wh or aufs
@@ -716,14 +708,3 @@ def _fill_times(times: tuple[int | None, int | None], st: os.stat_result | None)
         atime = st.st_atime_ns if atime is None else atime
         mtime = st.st_mtime_ns if mtime is None else mtime
     return atime, mtime
-
-
-def _remove_any(dirfd: int, name: bytes) -> None:
-    try:
-        st = lstat_at(dirfd, name)
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(name, dir_fd=dirfd)
-        else:
-            os.unlink(name, dir_fd=dirfd)
-    except OSError:
-        pass

@@ -95,14 +95,13 @@ def dir_is_opaque(fd: int) -> bool:
     return exists_at(fd, WH_OPQ)
 
 
-def whiteout_in(dirfd: int, name: bytes) -> bool:
-    """Whether the branch directory *dirfd* holds a whiteout for *name* in any dialect."""
+def whiteouts_at(dirfd: int, name: bytes) -> tuple[bool, bool]:
+    """Which whiteouts for *name* the branch directory *dirfd* holds: (0/0 device, .wh.NAME)."""
     try:
-        if is_whiteout_stat(lstat_at(dirfd, name)):
-            return True
+        device = is_whiteout_stat(lstat_at(dirfd, name))
     except FileNotFoundError:
-        pass
-    return exists_at(dirfd, WH_PREFIX + name)
+        device = False
+    return device, exists_at(dirfd, WH_PREFIX + name)
 
 
 class WhiteoutWriter:
@@ -163,22 +162,6 @@ class WhiteoutWriter:
     def _fall_back(self) -> None:
         log.warning("cannot create 0/0 character devices here; writing AUFS-style whiteouts instead")
         self.dialect = Dialect.AUFS
-
-    def clear(self, dirfd: int, name: bytes) -> bool:
-        """Remove any whiteout for *name* in *dirfd* (either dialect).  Returns whether there was one."""
-        found = False
-        try:
-            if is_whiteout_stat(lstat_at(dirfd, name)):
-                os.unlink(name, dir_fd=dirfd)
-                found = True
-        except FileNotFoundError:
-            pass
-        try:
-            os.unlink(WH_PREFIX + name, dir_fd=dirfd)
-            found = True
-        except FileNotFoundError:
-            pass
-        return found
 
     def make_opaque(self, fd: int) -> None:
         """Mark the branch directory open as *fd* opaque."""
