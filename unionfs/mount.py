@@ -100,6 +100,11 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     if foreground:
         _setup_logging(debug, log_file)
         return serve(cfg, None, debug)
+    if log_file is None:
+        # The daemon's own log (warnings, and any unexpected error with its traceback) lives next
+        # to its pidfile, so a background mount never loses one.
+        log_file = pidfile_for(cfg.mountpoint).removesuffix(".pid") + ".log"
+        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -112,6 +117,9 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
             _report(w, f"error: {e}")
         finally:
+            with contextlib.suppress(OSError):
+                if os.path.getsize(log_file) == 0:
+                    os.unlink(log_file)
             os._exit(code)
     os.close(w)
     chunks = []
@@ -259,7 +267,8 @@ def _detach_stdio() -> None:
 def _write_pidfile(path: str) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(tmp, path)
 
