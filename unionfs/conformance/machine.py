@@ -13,6 +13,7 @@ change that still fails the same way. Replays are deterministic: same case, same
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -130,7 +131,8 @@ def _copy_up_after_refused_setxattr(op: Op, outcome: Outcome, sides: tuple[_Side
     checks the flag before the handler runs) does not.  Exactly that is evened out: on a unionfs
     side, the object's own times are set to what they are, which copies it up there too.
     """
-    if op.name != "setxattr" or not op.args[3] or not outcome.errno:
+    refused_by_flag = {"XATTR_CREATE": errno.EEXIST, "XATTR_REPLACE": errno.ENODATA}
+    if op.name != "setxattr" or not op.args[3] or outcome.errno != refused_by_flag[op.args[3]]:
         return
     for side in sides:
         if str(side.impl).startswith("unionfs"):
