@@ -51,6 +51,10 @@ Fields = dict[str, Any]
 #    The same classes (IGNORABLE) can be switched off for one exploratory run with
 #    ``--ignore CLASS``, to look past a known bug for the next one; such a run says so and is not
 #    a conformance verdict.
+# 8. setxattr refused by its flag (XATTR_CREATE -> EEXIST, XATTR_REPLACE -> ENODATA): the kernel
+#    copies the object up before refusing; pyfuse3 answers the flag itself, so unionfs never sees
+#    the call. machine._copy_up_after_refused_setxattr copies the object up on the unionfs side
+#    after such a step, so later steps compare like with like (the step's errno is compared).
 # =====================================================================================
 
 KNOWN_DIFFERENCES: dict[str, frozenset[str]] = {
