@@ -144,7 +144,8 @@ def test_private_xattrs_and_escaping() -> None:
     assert escape_xattr(b"trusted.overlay.x") == b"trusted.overlay.overlay.x"
     assert unescape_xattr(b"trusted.overlay.overlay.x") == b"trusted.overlay.x"
     assert unescape_xattr(b"trusted.overlay.origin") is None
-    assert escape_xattr(b"user.fuseoverlayfs.opaque") is None
+    assert escape_xattr(b"user.fuseoverlayfs.opaque") == b"user.fuseoverlayfs.overlay.opaque"
+    assert unescape_xattr(b"user.fuseoverlayfs.opaque") is None
     assert escape_xattr(b"user.plain") == b"user.plain"
 
 

@@ -182,7 +182,7 @@ class Union:
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real = escape_xattr(name)
-        if real is None or real not in self._xattr_names(node):
+        if real not in self._xattr_names(node):
             raise _err(errno.ENODATA)
         return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
@@ -193,8 +193,6 @@ class Union:
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         self.check_writable()
         real = escape_xattr(name)
-        if real is None:
-            raise _err(errno.EPERM)
         await self.ensure_upper(node)
         node.xattrs = None
         self.touch(node)
@@ -203,8 +201,6 @@ class Union:
     async def removexattr(self, node: Node, name: bytes) -> None:
         self.check_writable()
         real = escape_xattr(name)
-        if real is None:
-            raise _err(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
         node.xattrs = None

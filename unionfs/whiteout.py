@@ -32,7 +32,9 @@ class Dialect(enum.Enum):
     OVERLAY = "overlay"
 
 
-ESCAPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+# Every bookkeeping namespace is escaped the way overlayfs escapes its own, so a program may set any
+# xattr through the union and none of them can turn into a marker in the branch.
+ESCAPED_XATTR_PREFIXES = PRIVATE_XATTR_PREFIXES
 
 
 def is_private_xattr(name: bytes) -> bool:
@@ -40,22 +42,19 @@ def is_private_xattr(name: bytes) -> bool:
 
     Escaped overlay xattrs (``trusted.overlay.overlay.*``) are user data, not bookkeeping.
     """
-    if not name.startswith(PRIVATE_XATTR_PREFIXES):
-        return False
-    return not any(name.startswith(p + b"overlay.") for p in ESCAPED_XATTR_PREFIXES)
+    return unescape_xattr(name) is None
 
 
-def escape_xattr(name: bytes) -> bytes | None:
-    """The branch xattr that stores the union's xattr *name*, or None when the union may not set it.
+def escape_xattr(name: bytes) -> bytes:
+    """The branch xattr that stores the union's xattr *name*.
 
     As overlayfs does since Linux 6.7, ``trusted.overlay.X`` set through the union is stored as
-    ``trusted.overlay.overlay.X`` in the branch, so overlays can nest.
+    ``trusted.overlay.overlay.X`` in the branch, so overlays can nest; the other bookkeeping
+    namespaces are escaped alike.
     """
     for prefix in ESCAPED_XATTR_PREFIXES:
         if name.startswith(prefix):
             return prefix + b"overlay." + name[len(prefix):]
-    if name.startswith(PRIVATE_XATTR_PREFIXES):
-        return None
     return name
 
 
@@ -65,8 +64,6 @@ def unescape_xattr(real: bytes) -> bytes | None:
         if real.startswith(prefix):
             rest = real[len(prefix):]
             return prefix + rest[len(b"overlay."):] if rest.startswith(b"overlay.") else None
-    if real.startswith(PRIVATE_XATTR_PREFIXES):
-        return None
     return real
 
 
