@@ -133,8 +133,16 @@ class Layers:
             d.mkdir(parents=True, exist_ok=True)
         self.log = base / "daemon.log"
 
-    def daemon(self, options: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
+    def daemon(self, options: Sequence[str] = (), env: dict[str, str] | None = None, style: str = "overlay") -> Daemon:
+        """overlay style (-o lowerdir=...), or AUFS style (u:l0:...; the work dir is hidden in u)."""
+        if style == "aufs":
+            d = aufs_daemon([self.upper, *self.lowers], self.mnt, self.log, options)
+            d.env = env or {}
+            return d
         return overlay_daemon(self.lowers, self.upper, self.work, self.mnt, self.log, options, env)
+
+    def workdir(self, style: str = "overlay") -> Path:
+        return self.upper / ".wh..wh.unionfs.work" if style == "aufs" else self.work / "unionfs-work"
 
     def lower_digests(self) -> list[str]:
         return [util.layer_digest(p) for p in self.lowers]
