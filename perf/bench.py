@@ -135,6 +135,7 @@ class Bench:
         if impl in self.disabled:
             self.fail(rep, case, impl, variants, self.disabled[impl])
             return
+        started = time.monotonic()
         try:
             times, problems = self.measure(case, impl)
         except MountError as exc:
@@ -150,7 +151,8 @@ class Bench:
             self.records.append(
                 Record(rep, case.workload, case.metric(variant), impl, None if error else seconds, error)
             )
-        progress(rep, case, impl, {v: (times.get(v), problems.get(v)) for v in variants})
+        outcome = {v: (times.get(v), problems.get(v)) for v in variants}
+        progress(rep, case, impl, outcome, time.monotonic() - started)
 
     def measure(self, case: Case, impl: str) -> tuple[dict[str, float], dict[str, str | None]]:
         native = case.native_root or self.layers.native
@@ -218,11 +220,14 @@ def unavailable_impls(impls: list[str]) -> dict[str, str]:
     return missing
 
 
-def progress(rep: int, case: Case, impl: str, outcome: dict[str, tuple[float | None, str | None]]) -> None:
+def progress(
+    rep: int, case: Case, impl: str, outcome: dict[str, tuple[float | None, str | None]], wall: float
+) -> None:
     parts = []
     for variant, (seconds, problem) in outcome.items():
         parts.append(f"{variant} INVALID ({problem})" if problem else f"{variant} {seconds:.3f} s")
-    print(f"  [rep {rep + 1}] {case.metric('')} {impl}: {', '.join(parts)}", file=sys.stderr, flush=True)
+    line = f"  [rep {rep + 1}] {case.metric('')} {impl}: {', '.join(parts)} (case took {wall:.1f} s)"
+    print(line, file=sys.stderr, flush=True)
 
 
 # W9 ------------------------------------------------------------------------------------------------
