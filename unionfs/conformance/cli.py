@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -20,6 +21,15 @@ from .snapshot import IGNORABLE
 log = logging.getLogger(__name__)
 
 IMPLS = click.Choice(["kernel", "unionfs", "fuse-overlayfs"])
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, CI cancelling a job) into SystemExit, so that the finally blocks
+    unmount and remove the scratch dirs instead of leaving mounts behind."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _layers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -112,6 +122,7 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
         logging.basicConfig(level=logging.DEBUG)
     if os.geteuid() != 0:
         raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
+    exit_on_sigterm()
     env = {"UNIONFS_FAULT": fault} if fault else {}
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
     b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout, options=options_b)

@@ -119,6 +119,12 @@ def _short(outcome: Outcome) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def exit_on_sigterm() -> None:
+    from .cli import exit_on_sigterm as install
+
+    install()
+
+
 def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[str], *,
                impl_a: str = "kernel", impl_b: str = "unionfs", whiteout: str = "overlay",
                lower_whiteout: str | None = None, fault: str | None = None, options_a: str = "",
@@ -133,6 +139,7 @@ def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[
     parser.add_argument("--options-b", default=options_b, help="extra mount options for B")
     parser.add_argument("--base", default="/var/tmp", help="where scratch dirs go")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     env = {"UNIONFS_FAULT": args.fault} if args.fault else {}
     a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout, options=args.options_a)
     b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout,
