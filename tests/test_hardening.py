@@ -299,6 +299,44 @@ def test_directory_swapped_for_a_symlink_before_lookup_is_an_errno_not_a_crash(l
     assert "unexpected error" not in d.log_text(), d.log_text()[-2000:]
 
 
+def _cat(path: bytes, timeout: float = 5) -> subprocess.Popen[bytes] | None:
+    """Read *path* in a child; None when it finished within *timeout*, else the child, still
+    waiting for the daemon (a FUSE request already sent cannot be interrupted: abort the
+    connection, then reap it)."""
+    p = subprocess.Popen(["cat", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return p if p.poll() is None else None
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a lower file swapped for a FIFO under a live mount hangs the whole "
+                   "daemon: union.open -> layers.open_file_at opens it O_RDONLY (blocks until a writer comes); "
+                   "open with O_NONBLOCK, check S_ISREG with fstat, then clear O_NONBLOCK")
+def test_lower_file_swapped_for_a_fifo_does_not_hang_the_daemon(layers: Layers) -> None:
+    low = layers.lowers[0]
+    (low / "f").write_bytes(b"regular\n")
+    (low / "other").write_bytes(b"other\n")
+    d = layers.daemon().start()
+    waiting: list[subprocess.Popen[bytes]] = []
+    try:
+        assert open(layers.m("f"), "rb").read() == b"regular\n"    # the kernel knows f as a regular file
+        os.unlink(low / "f")
+        os.mkfifo(low / "f")                                        # swapped under the live mount
+        waiting += [p for p in (_cat(layers.m("f")), _cat(layers.m("other"))) if p is not None]
+        hung = any(p.args[1] == layers.m("other") for p in waiting)
+    finally:
+        if waiting:
+            util.abort_fuse_under(layers.mnt)
+            for p in waiting:
+                p.kill()
+                p.wait(timeout=30)
+            d.kill()
+        else:
+            d.stop(check=False)
+    assert not hung, "the daemon stopped answering every request"
+
+
 # ==================================================================================================
 # 2. Crash safety: SIGKILL of the daemon during a storm
 
