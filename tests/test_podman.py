@@ -8,11 +8,14 @@ silently fell back to kernel overlayfs fails them):
   base-image directory that has content (``rm -rf d && mkdir d``), rename a file and chmod one
   produces an image in which ``podman run`` sees every change and none of the removed content;
 - ``podman commit`` of a container that deleted files gives an image without them;
+- an image whose layers carry registry-style whiteouts (``.wh.NAME``, ``.wh..wh..opq``) runs right;
 - the image built on unionfs shows the same tree as the same build on kernel overlayfs.
 
 podman runs as root against a private store (its own storage.conf, containers.conf, graph root,
 run root, tmp dir, file locks and network config dir, all in temporary directories), so nothing
-else on the machine is touched (only podman's shared blob-info cache in /var/lib/containers/cache); the store is reset and removed at the end and no mount may remain.
+else on the machine is touched (podman's blob-info cache in /var/lib/containers/cache is removed
+afterwards when it was not there before); the store is reset and removed at the end and no mount
+may remain.
 No image is pulled: the base image is imported from a busybox-static rootfs made here.
 
 Needs root, podman, runc and a static busybox (``apt-get install podman runc busybox-static``).
@@ -51,6 +54,7 @@ if util.IMPL == "fuse-overlayfs":
 else:
     MOUNT_PROGRAM, FSTYPE = util.program("unionfs-overlay"), "fuse.unionfs"
 TIMEOUT = 150  # seconds for one podman command
+BLOB_CACHE_DIR = Path("/var/lib/containers/cache")
 
 # --------------------------------------------------------------------------------------------------
 # The base image: /base holds what the build and the container change.
@@ -304,6 +308,9 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
             pytest.fail(f"CI is set but the podman tests cannot run: {why}")
         pytest.skip(why)
     base = tmp_path_factory.mktemp("podman-unionfs")
+    # podman as root keeps a blob-info cache in /var/lib/containers/cache whatever the store; when
+    # that directory is not there before, it goes again afterwards.
+    made = [d for d in (Path("/var/lib/containers"), BLOB_CACHE_DIR) if not d.exists()]
     pm = Podman(base, MOUNT_PROGRAM)
     try:
         opts = pm.graph_options()
@@ -315,6 +322,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     finally:
         problems = pm.close()
         shutil.rmtree(base, ignore_errors=True)
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
         assert not problems, problems
 
 
