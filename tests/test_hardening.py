@@ -274,9 +274,6 @@ def test_symlink_swap_race_long(layers: Layers, tmp_path: Path) -> None:
            tracebacks=r["tracebacks"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a lower dir swapped for a symlink before its first lookup gives a "
-                   "directory node with no branch dirs; copyup.dir indexes node.dirfds[0] -> IndexError -> EIO "
-                   "(union.node_for should refuse, e.g. ENOENT/ESTALE, when open_dir_layers returns nothing)")
 def test_directory_swapped_for_a_symlink_before_lookup_is_an_errno_not_a_crash(layers: Layers,
                                                                                  tmp_path: Path) -> None:
     canary = Canary(tmp_path / "outside")
@@ -310,9 +307,6 @@ def _cat(path: bytes, timeout: float = 5) -> subprocess.Popen[bytes] | None:
     return p if p.poll() is None else None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a lower file swapped for a FIFO under a live mount hangs the whole "
-                   "daemon: union.open -> layers.open_file_at opens it O_RDONLY (blocks until a writer comes); "
-                   "open with O_NONBLOCK, check S_ISREG with fstat, then clear O_NONBLOCK")
 def test_lower_file_swapped_for_a_fifo_does_not_hang_the_daemon(layers: Layers) -> None:
     low = layers.lowers[0]
     (low / "f").write_bytes(b"regular\n")
@@ -658,8 +652,6 @@ def _assert_concurrency(r: dict[str, Any]) -> None:
     util.assert_trees_equal(r["kview"], r["uview"])
 
 
-@pytest.mark.xfail(strict=False, reason="bug: stale node reused after inode-number reuse (see "
-                   "test_mkdir_where_an_unlinked_files_inode_number_is_reused); timing-dependent here")
 def test_concurrent_random_ops(layers: Layers) -> None:
     t0 = time.monotonic()
     r = _concurrency(layers, nproc=8, seconds=15, seed=21)
@@ -669,8 +661,6 @@ def test_concurrent_random_ops(layers: Layers) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="bug: stale node reused after inode-number reuse (see "
-                   "test_mkdir_where_an_unlinked_files_inode_number_is_reused); timing-dependent here")
 def test_concurrent_random_ops_long(layers: Layers) -> None:
     r = _concurrency(layers, nproc=8, seconds=60, seed=22)
     figure("concurrency_long", procs=8, seconds=60, ops=r["ops"], paths_compared=r["paths_compared"], bad=r["bad"],
@@ -809,8 +799,6 @@ def test_fsx_long(layers: Layers) -> None:
     figure("fsx_long", ops=sum(c.values()), mismatches=0, seconds=round(time.monotonic() - t0, 1), **c)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a node found by (st_dev, st_ino) outlives its object; a reused "
-                   "inode number gets the stale node (union.py _new_node / inodes.py NodeTable)")
 def test_mkdir_where_an_unlinked_files_inode_number_is_reused(layers: Layers) -> None:
     """Found by the concurrency test: ext4 gives a new directory the inode number of a file just
     unlinked; the daemon still holds the file's node under (st_dev, st_ino) and hands it to the
@@ -886,8 +874,6 @@ def test_odd_names(pair: util.Pair, style: str) -> None:
     util.assert_trees_equal(kt, ut)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: creating a name of 252-255 bytes fails with ENAMETOOLONG: "
-                   "union._place_new looks for '.wh.'+name, which is too long (layers.exists_at raises)")
 @pytest.mark.parametrize("style", ["overlay", "aufs"])
 def test_names_of_252_to_255_bytes(pair: util.Pair, style: str) -> None:
     pair.build([[F("low", b"low\n")]], [], style=style, dialect="aufs" if style == "aufs" else "overlay")
@@ -1002,16 +988,12 @@ def _sparse_copy_up(layers: Layers, size: int) -> dict[str, Any]:
     return r
 
 
-@pytest.mark.xfail(strict=True, reason="bug: copy-up fills the holes of a sparse file (layers.copy_data: "
-                   "copy_file_range/splice writes zeros); kernel overlayfs keeps them")
 def test_sparse_copy_up_keeps_holes(layers: Layers) -> None:
     r = _sparse_copy_up(layers, 256 << 20)
     assert r["allocated_upper"] < (8 << 20), f"copy-up allocated {r['allocated_upper']} bytes for a sparse file"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bug: copy-up of a 4 GiB+ sparse file writes 4 GiB (~40 s here; the "
-                   "kernel takes 12 ms); layers.copy_data should skip holes with SEEK_DATA/SEEK_HOLE")
 def test_sparse_copy_up_4gib(layers: Layers) -> None:
     r = _sparse_copy_up(layers, FOUR_G + (1 << 20) + 8)
     assert r["allocated_upper"] < (8 << 20) and r["seconds"] < 10, r
@@ -1300,8 +1282,6 @@ def _bad_cases(a: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unionfs-overlay without a mountpoint prints the 4-line usage "
-                   "after its error line (cli.overlay_main); every other user error is one line")
 def test_unionfs_overlay_without_mountpoint_is_one_line(bad_area: Path) -> None:
     a = bad_area
     r = subprocess.run([OVERLAY, "-o", f"lowerdir={a}/A,upperdir={a}/U,workdir={a}/W"], capture_output=True,
@@ -1310,9 +1290,6 @@ def test_unionfs_overlay_without_mountpoint_is_one_line(bad_area: Path) -> None:
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `unionfs mount -f --log-file F` with F in a missing directory "
-                   "prints a traceback (mount.mount -> _setup_logging raises FileNotFoundError unhandled); "
-                   "without -f it is one line")
 def test_foreground_mount_with_unusable_log_file_is_one_line(bad_area: Path) -> None:
     a = bad_area
     r = subprocess.run([UNIONFS, "mount", "-f", "--log-file", f"{a}/nodir/log", f"{a}/A:{a}/B", f"{a}/M"],

@@ -178,7 +178,7 @@ def overlay_main(argv: list[str] | None = None) -> None:
             positional.append(a)
         i += 1
     if not positional:
-        _fail("no mountpoint given\n" + OVERLAY_USAGE)
+        _fail("no mountpoint given (see unionfs-overlay --help)")
     mp = positional[-1]   # mount.fuse3 passes the source first; fuse-overlayfs ignores it too
     try:
         cfg = build_config(None, mp, options, strict=False)

@@ -169,6 +169,7 @@ class NodeTable:
             return
         node.links.append(link)
         parent.refs += 1
+        self.by_key.setdefault(node.key, node)   # named again (a rename): findable again
         old = parent.children.get(name)
         if old is not None and old is not node:
             self.drop_link(old, parent, name)
@@ -181,6 +182,10 @@ class NodeTable:
             return
         if parent.children.get(name) is node:
             del parent.children[name]
+        if not node.links and self.by_key.get(node.key) is node:
+            # Its last known name is gone: the filesystem may give its inode number to a new
+            # object, which must not be mistaken for this one.
+            del self.by_key[node.key]
         parent.refs -= 1
         self.maybe_free(parent)
 

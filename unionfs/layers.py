@@ -179,10 +179,27 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
 
 
 def open_file_at(dirfd: int, name: bytes, flags: int, mode: int = 0o777) -> int:
+    """Open the regular file *name* under *dirfd*, never following a symlink.
+
+    An existing object is opened non-blocking and checked to be a regular file, so a FIFO or a
+    device swapped in under a live mount cannot stall the daemon (ESTALE instead).
+    """
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-    if flags & (os.O_ACCMODE | os.O_CREAT | os.O_TRUNC) == os.O_RDONLY:
-        return _open_noatime(name, flags, mode, dirfd)
-    return os.open(name, flags, mode, dir_fd=dirfd)
+    if flags & os.O_CREAT:
+        return os.open(name, flags, mode, dir_fd=dirfd)
+    if flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
+        fd = _open_noatime(name, flags | os.O_NONBLOCK, mode, dirfd)
+    else:
+        fd = os.open(name, flags | os.O_NONBLOCK, mode, dir_fd=dirfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ESTALE, "no longer a regular file", os.fsdecode(name))
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fd_path(fd: int) -> str:
@@ -211,24 +228,57 @@ def raise_nofile_limit() -> None:
     log.debug("could not raise RLIMIT_NOFILE from %d", soft)
 
 
-def copy_data(src: int, dst: int, length: int) -> None:
-    """Copy *length* bytes from fd *src* to fd *dst* (both at offset 0) without reading it whole.
+def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of *fd* below *length* that hold data; holes are skipped.
 
-    Uses copy_file_range (a reflink where the filesystem can), then sendfile, then a bounded
-    read/write loop.  Holes are not preserved by the fallbacks.
+    Where the filesystem cannot tell (no SEEK_DATA), the whole range is data.
     """
+    out: list[tuple[int, int]] = []
     off = 0
-    chunk = 1 << 30
     try:
         while off < length:
-            n = os.copy_file_range(src, dst, min(chunk, length - off), off, off)
-            if n == 0:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:   # only a hole is left
+                    break
+                raise
+            if start >= length:
                 break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
+            out.append((start, end))
+            off = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return [(0, length)]
+    return out
+
+
+def copy_data(src: int, dst: int, length: int) -> None:
+    """Copy *length* bytes from fd *src* to fd *dst* (same offsets) without reading them whole.
+
+    Only the data extents are copied, so holes stay holes; *dst* is then sized to *length*.
+    copy_file_range (a reflink where the filesystem can) first, then a bounded read/write loop.
+    """
+    for start, end in data_extents(src, length):
+        _copy_range(src, dst, start, end)
+    os.ftruncate(dst, length)
+
+
+def _copy_range(src: int, dst: int, off: int, end: int) -> None:
+    chunk = 1 << 30
+    try:
+        while off < end:
+            n = os.copy_file_range(src, dst, min(chunk, end - off), off, off)
+            if n == 0:
+                return
             off += n
         return
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
             raise
+    length = end
     while off < length:
         buf = os.pread(src, min(1 << 20, length - off), off)
         if not buf:

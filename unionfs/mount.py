@@ -97,6 +97,12 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
           log_file: str | None = None) -> int:
     """Mount *cfg*; return an exit status.  In the background, return once the mount is ready."""
     check_fuse_device()
+    if log_file is not None:
+        try:
+            with open(log_file, "a"):
+                pass
+        except OSError as e:
+            raise QuietError(f"log file {log_file!r}: {e.strerror}") from None
     if foreground:
         _setup_logging(debug, log_file)
         return serve(cfg, None, debug)

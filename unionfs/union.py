@@ -109,21 +109,42 @@ class Union:
             return None
         return self.node_for(parent, name, e)
 
-    def node_for(self, parent: Node, name: bytes, e: Entry) -> tuple[Node, os.stat_result]:
+    def node_for(self, parent: Node, name: bytes, e: Entry, fresh: bool = False
+                 ) -> tuple[Node, os.stat_result]:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
         known = parent.children.get(name)
         if known is not None and known.st is not None and known.layer == e.layer:
             return known, known.st
-        st = lstat_at(parent.fdmap[e.layer], name)
+        try:
+            st = lstat_at(parent.fdmap[e.layer], name)
+        except FileNotFoundError:
+            return self._read_again(parent, name, fresh)
+        if stat.S_ISDIR(st.st_mode) != e.is_dir:
+            return self._read_again(parent, name, fresh)
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
+            dirfds = open_dir_layers(parent.fdmap, name, e.dir_layers) if e.is_dir else []
+            if e.is_dir and not dirfds:
+                return self._read_again(parent, name, fresh)
             node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
-                node.set_dirfds(open_dir_layers(parent.fdmap, name, e.dir_layers))
+                node.set_dirfds(dirfds)
         self.table.add_link(node, parent, name)
         node.st = st
         return node, st
+
+    def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, os.stat_result]:
+        """*name* is not what *parent*'s listing says: a branch changed underneath the mount.
+        Read the listing again, once, and resolve the name from that; ENOENT if it is gone."""
+        if fresh:
+            raise _err(errno.ENOENT, name=name)
+        log.info("a branch changed underneath: reading the listing of %r again", os.fsdecode(name))
+        parent.listing = None
+        again = self.listing(parent).get(name)
+        if again is None:
+            raise _err(errno.ENOENT, name=name)
+        return self.node_for(parent, name, again, fresh=True)
 
     @staticmethod
     def touch(*nodes: Node | None) -> None:
@@ -338,7 +359,7 @@ class Union:
         self.touch(parent)
         st = lstat_at(pfd, name)
         node = self.table.find((st.st_dev, st.st_ino))
-        if node is None:
+        if node is None or node.is_dir != is_dir:
             node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino), st)
             if is_dir:
                 node.set_dirfds([(0, open_dir_at(pfd, name))])
@@ -436,6 +457,8 @@ class Union:
         if e.is_dir:
             raise _err(errno.EISDIR, name=name)
         node, _ = self.node_for(parent, name, e)
+        listing = self.listing(parent)      # read again if a branch changed underneath
+        e = listing[name]
         if e.layer == 0:
             pfd = parent.fdmap[0]
             if e.has_lower:
@@ -457,6 +480,8 @@ class Union:
         if not e.is_dir:
             raise _err(errno.ENOTDIR, name=name)
         node, _ = self.node_for(parent, name, e)
+        listing = self.listing(parent)      # read again if a branch changed underneath
+        e = listing[name]
         if self.listing(node):
             raise _err(errno.ENOTEMPTY, name=name)
         if e.layer == 0:

@@ -98,7 +98,8 @@ def whiteouts_at(dirfd: int, name: bytes) -> tuple[bool, bool]:
         device = is_whiteout_stat(lstat_at(dirfd, name))
     except FileNotFoundError:
         device = False
-    return device, exists_at(dirfd, WH_PREFIX + name)
+    # A name of more than 251 bytes has no room for an AUFS whiteout.
+    return device, len(name) <= 255 - len(WH_PREFIX) and exists_at(dirfd, WH_PREFIX + name)
 
 
 class WhiteoutWriter:
