@@ -97,15 +97,20 @@ def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work:
             stack.fs_index(layers[-1].dev)
         upper = stack.upper
         if upper is not None:
-            if aufs_work or workdir is None:
-                stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
-                stack.remove_work = AUFS_WORK_NAME
-            else:
-                wfd = open_root(workdir)
-                try:
-                    stack.work_fd = _fresh_dir(wfd, WORK_NAME.encode())
-                finally:
-                    os.close(wfd)
+            where = upper.path if aufs_work or workdir is None else workdir
+            try:
+                if aufs_work or workdir is None:
+                    stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
+                    stack.remove_work = AUFS_WORK_NAME
+                else:
+                    wfd = open_root(workdir)
+                    try:
+                        stack.work_fd = _fresh_dir(wfd, WORK_NAME.encode())
+                    finally:
+                        os.close(wfd)
+            except OSError as e:
+                # Name the directory the user gave, not our work dir inside it.
+                raise OSError(e.errno, e.strerror, where) from None
     except BaseException:
         stack.close()
         raise
