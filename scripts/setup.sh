@@ -3,14 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for p in fuse3 libfuse3-dev pkg-config attr fuse-overlayfs busybox-static python3-venv; do
+for p in fuse3 libfuse3-dev pkg-config attr fuse-overlayfs busybox-static python3-venv podman runc; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
