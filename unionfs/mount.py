@@ -116,15 +116,20 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     if pid == 0:  # the daemon
         os.close(r)
         code = 1
+        ours = None
         try:
             os.setsid()
             _setup_logging(debug, log_file)
+            ours = os.stat(log_file)
             code = serve(cfg, w, debug)
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
             _report(w, f"error: {e}")
         finally:
+            # An empty log goes, unless a later mount on the same point has taken the name over.
             with contextlib.suppress(OSError):
-                if os.path.getsize(log_file) == 0:
+                now = os.stat(log_file)
+                if ours is not None and now.st_size == 0 and \
+                        (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
                     os.unlink(log_file)
             os._exit(code)
     os.close(w)
