@@ -331,7 +331,7 @@ def _union_alive(mountpoint: str) -> bool:
     return True
 
 
-def _wait_server(handle: UnionHandle, timeout: float = 2.0) -> int | None:
+def _wait_server(handle: UnionHandle, timeout: float = 5.0) -> int | None:
     deadline = time.monotonic() + timeout
     while (status := handle.poll()) is None and time.monotonic() < deadline:
         time.sleep(0.005)
