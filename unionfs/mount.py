@@ -109,8 +109,13 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     if log_file is None:
         # The daemon's own log (warnings, and any unexpected error with its traceback) lives next
         # to its pidfile, so a background mount never loses one.
-        log_file = pidfile_for(cfg.mountpoint).removesuffix(".pid") + ".log"
-        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        candidate = pidfile_for(cfg.mountpoint).removesuffix(".pid") + ".log"
+        try:
+            os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
+            with open(candidate, "a"):
+                log_file = candidate
+        except OSError:
+            pass   # e.g. root only in a user namespace: no /run/unionfs to write to
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -120,17 +125,17 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
         try:
             os.setsid()
             _setup_logging(debug, log_file)
-            ours = os.stat(log_file)
+            ours = os.stat(log_file) if log_file else None
             code = serve(cfg, w, debug)
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
             _report(w, f"error: {e}")
         finally:
             # An empty log goes, unless a later mount on the same point has taken the name over.
             with contextlib.suppress(OSError):
-                now = os.stat(log_file)
-                if ours is not None and now.st_size == 0 and \
-                        (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(log_file)
+                if log_file is not None and ours is not None:
+                    now = os.stat(log_file)
+                    if now.st_size == 0 and (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+                        os.unlink(log_file)
             os._exit(code)
     os.close(w)
     chunks = []
@@ -181,7 +186,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
             layers = open_stack(cfg.branches if cfg.writable else [(p, False) for p, _ in cfg.branches],
                                 cfg.workdir, cfg.style == "aufs")
         except OSError as e:
-            raise QuietError(f"cannot open branches: {e.strerror}: {e.filename}") from None
+            where = os.fsdecode(e.filename) if e.filename is not None else "?"
+            raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         stack.callback(layers.close)
         union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults)
         stack.callback(union.close)
@@ -276,6 +282,15 @@ def _detach_stdio() -> None:
 
 
 def _write_pidfile(path: str) -> None:
+    """Best effort: `unionfs umount` uses it to wait for the daemon.  A daemon that is root only in
+    a user namespace cannot write /run/unionfs, and serves all the same."""
+    try:
+        _write_pidfile_at(path)
+    except OSError as e:
+        log.debug("no pidfile: %s", e)
+
+
+def _write_pidfile_at(path: str) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

@@ -251,7 +251,6 @@ class Union:
         self.touch(d, parent)
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))
-        d.ino = self.table.ino_for(st)
         self.invalidate_attr(d.id)
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
@@ -283,6 +282,9 @@ class Union:
         node.xattrs = None
         if lower_nlink > 1:
             node.ino = self.table.ino_of(*key)
+        # Files opened before the copy-up follow it now, while the copy still has a name.
+        for h in self.open_handles(node):
+            self.refresh(h)
         self.touch(node, parent)
         self.table.rekey(node, key)
         # Other names of a lower hard link keep showing the lower object (overlayfs, index=off):
@@ -385,11 +387,17 @@ class Union:
 
     def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, os.stat_result]:
         self._check_new_name(parent, name)
-        owner = self._owner(self.upper_dir(parent), creds)
+        upper = self.upper_dir(parent)
+        owner = self._owner(upper, creds)
+        # A directory made in a setgid directory is setgid too; one assembled in the work dir
+        # (over a whiteout) must be given the bit by hand.
+        setgid = os.fstat(upper).st_mode & stat.S_ISGID
 
         def make(dirfd: int, n: bytes, opaque: bool) -> None:
             os.mkdir(n, mode & 0o7777, dir_fd=dirfd)
             self._chown_new(dirfd, n, owner)
+            if setgid and dirfd != upper:
+                os.chmod(n, (mode & 0o7777) | stat.S_ISGID, dir_fd=dirfd)
             if opaque:
                 fd = open_dir_at(dirfd, n)
                 try:

@@ -162,9 +162,9 @@ class WhiteoutWriter:
         self.dialect = Dialect.AUFS
 
     def make_opaque(self, fd: int) -> None:
-        """Mark the branch directory open as *fd* opaque."""
+        """Mark the branch directory open as *fd* opaque (its times stay as they were)."""
         if self.dialect is Dialect.AUFS:
-            _touch(fd, WH_OPQ)
+            _touch_keeping_times(fd, WH_OPQ)
             return
         # trusted.* needs CAP_SYS_ADMIN in the initial namespace; a daemon that is root only in a
         # user namespace gets EPERM there and writes user.overlay.opaque, as unprivileged overlayfs.
@@ -175,9 +175,16 @@ class WhiteoutWriter:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
                     raise
-        _touch(fd, WH_OPQ)
+        _touch_keeping_times(fd, WH_OPQ)
 
 
 def _touch(dirfd: int, name: bytes) -> None:
     """Create an empty, read-only marker file (an AUFS whiteout or opaque marker)."""
     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=dirfd))
+
+
+def _touch_keeping_times(dirfd: int, name: bytes) -> None:
+    """A marker inside a directory is bookkeeping: the directory's own times must not change."""
+    st = os.fstat(dirfd)
+    _touch(dirfd, name)
+    os.utime(dirfd, ns=(st.st_atime_ns, st.st_mtime_ns))
