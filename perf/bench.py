@@ -203,6 +203,10 @@ def run_worker(request: dict[str, Any], timeout: float, on_timeout: Callable[[],
         process.kill()
         process.communicate()
         raise WorkerError(f"timed out after {timeout:.0f} s") from None
+    except BaseException:  # interrupted (SIGINT/SIGTERM): the worker must not outlive the mount
+        process.kill()
+        process.wait()
+        raise
     if process.returncode != 0:
         lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
         raise WorkerError(f"workload failed: {lines[-1].strip() if lines else process.returncode}")
