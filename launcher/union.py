@@ -52,17 +52,9 @@ MODES = ("rw", "ro", "rr", "ro+wh", "rr+wh")
 
 def _split_escaped(spec: str) -> list[str]:
     """Split on ``:`` where a backslash escapes the next character, as ``unionfs mount`` does."""
-    items, cur, chars = [], [], iter(spec)
-    for ch in chars:
-        if ch == "\\":
-            cur.append(next(chars, ""))
-        elif ch == ":":
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur))
-    return items
+    from unionfs.config import split_escaped  # light: no trio or pyfuse3 behind it
+
+    return split_escaped(spec, ":")
 
 
 def parse_branches(spec: str) -> list[Branch]:

@@ -59,13 +59,18 @@ class MountConfig:
         return bool(self.branches) and self.branches[0][1] and not self.readonly
 
 
-def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on *sep*, where a backslash escapes the next character (as overlayfs' options do)."""
+def split_escaped(text: str, sep: str, keep_escapes: bool = False) -> list[str]:
+    """Split on *sep*, where a backslash escapes the next character (as overlayfs' options do).
+
+    With *keep_escapes* the backslashes stay in the pieces, for a later split on another separator.
+    """
     out: list[str] = []
     cur: list[str] = []
     it = iter(text)
     for ch in it:
         if ch == "\\":
+            if keep_escapes:
+                cur.append(ch)
             cur.append(next(it, ""))
         elif ch == sep:
             out.append("".join(cur))
@@ -80,32 +85,12 @@ def parse_options(opts: list[str] | tuple[str, ...]) -> list[tuple[str, str | No
     """``-o a=b,c`` (possibly several -o) -> [(a, b), (c, None)], keeping escaped commas."""
     out: list[tuple[str, str | None]] = []
     for group in opts:
-        for item in _split_options(group):
+        # Escapes stay in place for path values, which split_escaped() decodes later.
+        for item in split_escaped(group, ",", keep_escapes=True):
             if not item:
                 continue
             key, eq, value = item.partition("=")
             out.append((key, value if eq else None))
-    return out
-
-
-def _split_options(group: str) -> list[str]:
-    # Escapes stay in place for path values, which split_escaped() decodes later.
-    out: list[str] = []
-    cur: list[str] = []
-    escaped = False
-    for ch in group:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-        elif ch == "\\":
-            cur.append(ch)
-            escaped = True
-        elif ch == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    out.append("".join(cur))
     return out
 
 
