@@ -456,17 +456,20 @@ class Union:
             return
         self.writer.write(dirfd, name, replace)
 
-    def unlink(self, parent: Node, name: bytes) -> None:
+    def _to_remove(self, parent: Node, name: bytes, is_dir: bool) -> tuple[dict[bytes, Entry], Entry, Node]:
+        """The listing, entry and node of *name*, which must exist and be (or not be) a directory."""
         self.check_writable()
-        listing = self.listing(parent)
-        e = listing.get(name)
+        e = self.listing(parent).get(name)
         if e is None:
             raise _err(errno.ENOENT, name=name)
-        if e.is_dir:
-            raise _err(errno.EISDIR, name=name)
+        if e.is_dir != is_dir:
+            raise _err(errno.EISDIR if e.is_dir else errno.ENOTDIR, name=name)
         node, _ = self.node_for(parent, name, e)
         listing = self.listing(parent)      # read again if a branch changed underneath
-        e = listing[name]
+        return listing, listing[name], node
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        listing, e, node = self._to_remove(parent, name, is_dir=False)
         if e.layer == 0:
             pfd = parent.fdmap[0]
             if e.has_lower:
@@ -480,16 +483,7 @@ class Union:
         self.table.drop_link(node, parent, name)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
-        self.check_writable()
-        listing = self.listing(parent)
-        e = listing.get(name)
-        if e is None:
-            raise _err(errno.ENOENT, name=name)
-        if not e.is_dir:
-            raise _err(errno.ENOTDIR, name=name)
-        node, _ = self.node_for(parent, name, e)
-        listing = self.listing(parent)      # read again if a branch changed underneath
-        e = listing[name]
+        listing, e, node = self._to_remove(parent, name, is_dir=True)
         if self.listing(node):
             raise _err(errno.ENOTEMPTY, name=name)
         if e.layer == 0:
