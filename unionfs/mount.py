@@ -11,10 +11,12 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .config import MountConfig
@@ -66,31 +68,33 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def is_mounted(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
+def _mounts() -> Iterator[tuple[bytes, str, str]]:
+    """(mount point, device major:minor, filesystem type) of each line of our mountinfo."""
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            if _unescape(fields[4]) == target.encode():
-                return True
-    return False
+            sep = fields.index(b"-")
+            yield _unescape(fields[4]), fields[2].decode(), fields[sep + 1].decode()
 
 
-def mount_type(mountpoint: str) -> str | None:
-    target = os.path.realpath(mountpoint).encode()
+def _mount_at(mountpoint: str | bytes) -> tuple[str, str] | None:
+    """(device, type) of the topmost mount at *mountpoint* (as given: nothing is resolved here)."""
+    target = os.fsencode(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                sep = fields.index(b"-")
-                found = fields[sep + 1].decode()
+    for where, dev, kind in _mounts():
+        if where == target:
+            found = (dev, kind)
     return found
 
 
+def mount_type(mountpoint: str) -> str | None:
+    found = _mount_at(os.path.realpath(mountpoint))
+    return found[1] if found else None
+
+
 def _unescape(field: bytes) -> bytes:
-    return field.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n") \
-        .replace(b"\\134", b"\\")
+    """mountinfo escapes space, tab, newline and backslash as three octal digits."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
@@ -220,17 +224,11 @@ def _raise_read_ahead(mountpoint: str) -> None:
 
     The mount's device comes from mountinfo: a stat of the mount point would wait for this thread.
     """
-    target = os.fsencode(mountpoint)
-    dev = None
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index(b"-")
-                if _unescape(fields[4]) == target and fields[sep + 1] == b"fuse.unionfs":
-                    dev = fields[2].decode()
-        if dev is None:
+        found = _mount_at(mountpoint)
+        if found is None or found[1] != "fuse.unionfs":
             return
+        dev = found[0]
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(f"{READ_AHEAD_KB}\n")
     except (OSError, ValueError) as e:
