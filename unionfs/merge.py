@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
-from .layers import lstat_at, open_dir_at
+from .layers import open_dir_at
 from .whiteout import WH_META_PREFIX, WH_OPQ, WH_PREFIX, dir_is_opaque, is_whiteout_stat
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
                 is_dir = de.is_dir(follow_symlinks=False)
             except OSError:
                 continue
-            if not is_dir and _maybe_chr(de) and is_whiteout_stat(de.stat(follow_symlinks=False)):
+            if not is_dir and _is_device_whiteout(de):
                 whiteouts.add(name)
                 continue
             names.append((name, is_dir))
@@ -60,12 +59,13 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
     return names, whiteouts, opaque
 
 
-def _maybe_chr(de: os.DirEntry[str]) -> bool:
-    """Whether a directory entry may be a character device (the only kind that can be a whiteout)."""
+def _is_device_whiteout(de: os.DirEntry[str]) -> bool:
+    """Whether a non-directory entry is a 0/0 character device (stat only for the rare kinds that
+    d_type does not rule out)."""
     try:
         if de.is_file(follow_symlinks=False) or de.is_symlink():
             return False
-        return stat.S_ISCHR(de.stat(follow_symlinks=False).st_mode)
+        return is_whiteout_stat(de.stat(follow_symlinks=False))
     except OSError:
         return False
 
@@ -130,7 +130,3 @@ def open_dir_layers(parent_fds: dict[int, int], name: bytes, layers: list[int]) 
             os.close(fd)
         raise
     return out
-
-
-def entry_stat(parent_fds: dict[int, int], name: bytes, entry: Entry) -> os.stat_result:
-    return lstat_at(parent_fds[entry.layer], name)

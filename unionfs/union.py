@@ -164,14 +164,19 @@ class Union:
             pfd, name = node.real_parent_fd()
             st = lstat_at(pfd, name)
         else:
-            for h in self.open_handles(node):
-                return os.fstat(h.fd)   # unlinked but open: not cached, nothing names it
-            raise _err(errno.ENOENT)
+            h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
+            return os.fstat(h.fd)
         node.st = st
         return st
 
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
+
+    def any_handle(self, node: Node) -> Handle:
+        """An open file of *node*, the only way left to an object whose names are all gone."""
+        for h in self.open_handles(node):
+            return h
+        raise _err(errno.ENOENT)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
@@ -647,10 +652,7 @@ class Union:
                 fd = node.fdmap[0]
             else:
                 # fchown and fchmod reach us without the handle: any open one of the node will do.
-                h = handle or next(iter(self.open_handles(node)), None)
-                if h is None:
-                    raise _err(errno.ENOENT)
-                fd = h.fd
+                fd = (handle or self.any_handle(node)).fd
             if size is not None:
                 os.ftruncate(fd, size)
             if owner is not None:
