@@ -15,7 +15,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import unionfs, pyfuse3, pytest_trio, hypothesis' 2>/dev/null; then
+# The libfuse shim is compiled in place by the editable install: build it again when its source changed.
+shim=$(ls unionfs/_fuse_shim.*.so 2>/dev/null | head -n1 || true)
+if [ -z "$shim" ] || [ unionfs/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$shim" ] ||
+   ! .venv/bin/python -c 'import unionfs._fuse_shim, pyfuse3, pytest_trio, hypothesis' 2>/dev/null; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e '.[test]'
 fi

@@ -230,6 +230,35 @@ def test_debug_logs_requests(area: Path) -> None:
     assert "Traceback" not in out
 
 
+def _readdirs_seen(log: Path) -> int:
+    return len(re.findall(r"\breaddir\(", log.read_text(errors="replace"))) if log.exists() else 0
+
+
+@pytest.mark.parametrize("timeout", [None, "0"])
+def test_kernel_keeps_listings_until_they_change(area: Path, timeout: str | None) -> None:
+    """With the default caching a directory read twice is listed by the kernel the second time, and a
+    change through the mount is seen at once; with -o timeout=0 every listing is asked for again."""
+    log = area / "daemon.log"
+    opts = ["-o", f"timeout={timeout}"] if timeout else []
+    proc = subprocess.Popen([UNIONFS, "mount", "-f", "-d", "--log-file", str(log), *opts,
+                             f"{area}/A:{area}/B", f"{area}/M"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        util.wait_for_mount(area / "M", proc)
+        assert sorted(os.listdir(area / "M")) == ["a", "b"]
+        first = _readdirs_seen(log)
+        assert first >= 1
+        assert sorted(os.listdir(area / "M")) == ["a", "b"]
+        again = _readdirs_seen(log)
+        assert (again == first) if timeout is None else (again > first), (first, again)
+        (area / "M" / "c").write_text("new")
+        os.unlink(area / "M" / "a")
+        assert sorted(os.listdir(area / "M")) == ["b", "c"]
+        assert _readdirs_seen(log) > again
+    finally:
+        util.umount(area / "M", proc)
+
+
 # ---- unionfs-overlay
 
 
@@ -278,9 +307,12 @@ def overlay_on_safe_path() -> Iterator[None]:
     set-up script should put it there). If it is missing, link it for this test and remove it after."""
     link = Path("/usr/local/bin/unionfs-overlay")
     created = False
+    dangling = os.readlink(link) if link.is_symlink() and not link.exists() else None
     found = [os.path.join(d, "unionfs-overlay") for d in SAFE_PATH.split(":")
              if os.access(os.path.join(d, "unionfs-overlay"), os.X_OK)]
     if not found:
+        if dangling is not None:
+            link.unlink()      # left by a checkout that is gone; put back after the test
         link.symlink_to(OVERLAY)
         created = True
     elif os.path.realpath(found[0]) != os.path.realpath(OVERLAY):
@@ -291,6 +323,8 @@ def overlay_on_safe_path() -> Iterator[None]:
     finally:
         if created and link.is_symlink() and os.readlink(link) == OVERLAY:
             link.unlink()
+            if dangling is not None:
+                link.symlink_to(dangling)
 
 
 def test_fstab_style_mount(area: Path, overlay_on_safe_path: None) -> None:

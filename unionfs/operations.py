@@ -21,6 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse3 (see fusebind)
 import pyfuse3
 from pyfuse3 import FUSEError
 
@@ -90,11 +91,13 @@ def _handler(fn: F) -> F:
 
 
 class DirHandle:
+    """An open directory; *entries* is its listing as of the first readdir (None until then: with
+    listings cached by the kernel, most opens of a directory read nothing from us)."""
     __slots__ = ("node", "entries")
 
-    def __init__(self, node: Node, entries: list[tuple[bytes, Entry | None]]) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries = entries
+        self.entries: list[tuple[bytes, Entry | None]] | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -215,10 +218,10 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        entries: list[tuple[bytes, Entry | None]] = [(b".", None), (b"..", None)]
-        entries.extend(self.union.listing(node).items())
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
         self._next_dh += 1
-        self.dirs[self._next_dh] = DirHandle(node, entries)
+        self.dirs[self._next_dh] = DirHandle(node)
         node.handles += 1
         return self._next_dh
 
@@ -228,8 +231,11 @@ class Operations(pyfuse3.Operations):
         union = self.union
         node = dh.node
         listing = node.listing if node.listing is not None else union.listing(node)
-        for i in range(start_id, len(dh.entries)):
-            name, e = dh.entries[i]
+        entries = dh.entries
+        if entries is None:
+            entries = dh.entries = [(b".", None), (b"..", None), *listing.items()]
+        for i in range(start_id, len(entries)):
+            name, e = entries[i]
             if e is None:
                 found = union.lookup(node, name)
                 assert found is not None
@@ -309,6 +315,26 @@ class Operations(pyfuse3.Operations):
             self.union.refresh(h)
         h.node.st = None
         return os.pwrite(h.fd, buf, off)
+
+    def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> int:
+        """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer, 0 if done."""
+        if self.debug:
+            log.debug("fallocate(%d, %d, %#x, %d, %d)", inode, fh, mode, offset, length)
+        try:
+            self.union.fallocate(self.union.handles[fh], mode, offset, length)
+        except OSError as e:
+            return e.errno or errno.EIO
+        except Exception:
+            log.exception("unexpected error in fallocate(%d, %#x, %d, %d)", fh, mode, offset, length)
+            return errno.EIO
+        return 0
+
+    def use_shim(self) -> bool:
+        """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""
+        if shim is None:
+            return False
+        shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate)
+        return True
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -19,3 +19,13 @@ def renameat2(src_dirfd: int, src: bytes, dst_dirfd: int, dst: bytes, flags: int
     if _renameat2(src_dirfd, src, dst_dirfd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"renameat2: {os.strerror(err)}", os.fsdecode(src))
+
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate: {os.strerror(err)}")

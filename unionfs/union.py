@@ -19,7 +19,7 @@ from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
-from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
 from .whiteout import (
     WH_PREFIX,
     Dialect,
@@ -717,6 +717,16 @@ class Union:
             os.close(h.fd)
             h.fd = fd
             h.layer = h.node.layer
+
+    def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file (the kernel sends it only for one open for writing, which is
+        in the writable branch already)."""
+        if h.layer != h.node.layer:
+            self.refresh(h)
+        if h.layer != 0:
+            raise _err(errno.EBADF)
+        h.node.st = None
+        fallocate(h.fd, mode, offset, length)
 
     def release(self, h: Handle) -> None:
         del self.handles[h.fh]

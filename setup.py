@@ -1,0 +1,33 @@
+"""Builds unionfs' one native piece, the libfuse shim in front of pyfuse3 (unionfs/_fuse_shim.c).
+
+Everything else is declared in pyproject.toml.
+"""
+import shlex
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def fuse3_flags(what: str) -> list[str]:
+    """pkg-config's answer for fuse3 (libfuse3-dev), or the Debian defaults if it has none."""
+    try:
+        out = subprocess.run(["pkg-config", what, "fuse3"], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return ["-I/usr/include/fuse3"] if what == "--cflags" else ["-lfuse3"]
+    return shlex.split(out.stdout)
+
+
+cflags = fuse3_flags("--cflags")
+libs = fuse3_flags("--libs")
+setup(
+    ext_modules=[
+        Extension(
+            "unionfs._fuse_shim",
+            sources=["unionfs/_fuse_shim.c"],
+            include_dirs=[f[2:] for f in cflags if f.startswith("-I")],
+            extra_compile_args=[f for f in cflags if not f.startswith("-I")] + ["-Wall", "-Wextra"],
+            libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
+            library_dirs=[f[2:] for f in libs if f.startswith("-L")],
+        )
+    ]
+)
