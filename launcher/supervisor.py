@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from launcher import namespaces, rootfs, syscalls
+from launcher import namespaces, rootfs, syscalls, timing
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
 
 log = logging.getLogger(__name__)
@@ -373,6 +373,7 @@ def run(cfg: RunConfig) -> int:
     would land in the container's PID namespace: call this once per process,
     as the CLI does, and only while the process is single-threaded.
     """
+    timing.stamp("run")
     if not cfg.command:
         raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", 2)
     if not os.path.isabs(cfg.workdir):
@@ -407,8 +408,10 @@ def run(cfg: RunConfig) -> int:
         layers = [Branch(upper, "rw"), Branch(init_layer, "ro"), *branches]
     else:
         layers = [branches[0], Branch(init_layer, "ro"), *branches[1:]]
+    timing.stamp("mount")
     handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
                          backend=cfg.backend)
+    timing.stamp("mounted")
     # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
@@ -425,8 +428,7 @@ def run(cfg: RunConfig) -> int:
         while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
             failure += chunk
         os.close(errr)
-        if os.environ.get("UNIONFS_RUN_TIMING"):  # perf/launch_latency.py: when the command was exec'd
-            sys.stderr.write(f"unionfs-run-timing exec={time.monotonic():.6f}\n")
+        timing.stamp("exec")
         code = _supervise(pid, handle)
         _restore_terminal(was_foreground)
         if failure:

@@ -8,11 +8,12 @@ bubblewrap only the total is measured, which bounds their time to exec from abov
 
     sudo .venv/bin/python perf/launch_latency.py            # 20 runs each
     sudo .venv/bin/python perf/launch_latency.py --runs 50 --no-fuse
+    sudo .venv/bin/python perf/launch_latency.py --phases   # where the time goes, milestone by milestone
 
 Rows:
   python -c pass          the floor: starting this interpreter and nothing else
   unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default),
-                          the server forked from the launcher and calling the core's serve()
+                          the server forked as the launcher starts and calling the core's serve()
   ... exec'd server       the same, the server started as `python -m unionfs mount -f` instead
   unionfs run (overlay)   the same launcher over kernel overlayfs: the launcher's own cost
   unionfs run --rootless  FUSE union mounted inside a user namespace
@@ -39,8 +40,14 @@ sys.path.insert(0, str(REPO / "tests"))
 from launcher_util import build_busybox_layer  # noqa: E402
 
 
-def measure(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float], str]:
-    """(times to exec, total times, first error) over *runs*; times in milliseconds."""
+def measure(
+    argv: Sequence[str], env: dict[str, str], runs: int, phases: dict[str, list[float]] | None = None
+) -> tuple[list[float], list[float], str]:
+    """(times to exec, total times, first error) over *runs*; times in milliseconds.
+
+    With *phases*, every milestone the launcher reports (``unionfs-run-timing NAME=T``) is
+    appended to ``phases[NAME]``, in milliseconds since the start.
+    """
     to_exec: list[float] = []
     total: list[float] = []
     for _ in range(runs):
@@ -53,8 +60,14 @@ def measure(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[f
             return [], [], (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
         total.append((t1 - t0) * 1000)
         for line in r.stderr.splitlines():
-            if line.startswith("unionfs-run-timing exec="):
-                to_exec.append((float(line.split("=", 1)[1]) - t0) * 1000)
+            if not line.startswith("unionfs-run-timing "):
+                continue
+            name, _, value = line.removeprefix("unionfs-run-timing ").partition("=")
+            ms = (float(value) - t0) * 1000
+            if name == "exec":
+                to_exec.append(ms)
+            if phases is not None:
+                phases.setdefault(name, []).append(ms)
     return to_exec, total, ""
 
 
@@ -66,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--no-fuse", action="store_true", help="skip the rows that need the unionfs FUSE server")
+    ap.add_argument("--phases", action="store_true",
+                    help="under each unionfs row, the median time of each milestone the launcher reports")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("launch_latency: run as root (the rootless row makes its own user namespace)", file=sys.stderr)
@@ -158,11 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'':34s} {'to exec':>8s} {'total':>8s}")
         for name, cmd in rows:
             measure(cmd, env, 2)  # warm the page cache
-            to_exec, total, error = measure(cmd, env, args.runs)
+            phases: dict[str, list[float]] = {}
+            to_exec, total, error = measure(cmd, env, args.runs, phases)
             if error:
                 print(f"{name:34s}  failed: {error}")
             else:
                 print(f"{name:34s} {fmt(to_exec)} {fmt(total)}")
+            if args.phases and not error:
+                for phase, times in sorted(phases.items(), key=lambda kv: statistics.median(kv[1])):
+                    print(f"    {phase:30s} {fmt(times)}")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
