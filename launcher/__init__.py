@@ -9,6 +9,9 @@ The public surface, imported from its module so the launch path stays lean:
   or ``OSError`` naming a step and a path (render with ``supervisor.describe``).
 - ``launcher.union.mount_union(branches, mountpoint, rootless=, logfile=, backend=)``:
   the one place that starts the union's server; ``handle.close()`` unmounts and waits.
+- ``launcher.prefork.start(argv)``: the entry points' first call; forks the server
+  child early so that its imports overlap the launcher's start-up (``mount_union``
+  takes it; without it the child is forked at mount time).
 - ``launcher.rootfs.container_steps()`` / ``apply()`` / ``enter_root()``: the
   container's mounts as data, applied in order, then pivot_root.
 - ``launcher.namespaces`` and ``launcher.syscalls``: the namespace plumbing and

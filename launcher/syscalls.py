@@ -1,7 +1,7 @@
 """The few Linux system calls the standard library lacks, through ctypes.
 
-Python 3.11 has no ``os.unshare``, ``mount``, ``umount2``, ``pivot_root`` or
-``prctl``.  Each wrapper here checks the return value and raises
+Python 3.11 has no ``os.unshare``, ``os.setns``, ``mount``, ``umount2``,
+``pivot_root`` or ``prctl``.  Each wrapper here checks the return value and raises
 ``OSError(errno, step, path)`` so that a failure names what was being done and
 on which path; ``launcher.supervisor.describe()`` renders it as one line:
 "mount proc /tmp/x/proc: Operation not permitted".  Nothing else in
@@ -53,6 +53,7 @@ SYS_pivot_root = 155  # x86_64; resolved per machine below
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -84,6 +85,14 @@ def _b(value: str | os.PathLike[str] | None) -> bytes | None:
 def unshare(flags: int) -> None:
     """unshare(2).  CLONE_NEWUSER and CLONE_NEWNS need a single-threaded caller."""
     _check(_libc.unshare(flags), "unshare", None)
+
+
+def setns(fd: int, nstype: int, path: str | None = None) -> None:
+    """setns(2): join the namespace *fd* refers to; a failure names *path* (where *fd* was opened).
+
+    Joining a user or mount namespace needs a single-threaded caller.
+    """
+    _check(_libc.setns(fd, nstype), "setns", path)
 
 
 def mount(

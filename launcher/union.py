@@ -2,11 +2,11 @@
 
 ``mount_union(branches, mountpoint, ...)`` returns a handle whose ``close()``
 unmounts and waits for the server.  The ``fuse`` backend serves the union from a
-child of the launcher (forked to call the core's ``serve()``, or ``unionfs mount
--f``), in the launcher's own mount (and user) namespace, with PR_SET_PDEATHSIG so
-that it dies with the launcher.  The ``overlay`` backend mounts kernel overlayfs
-instead; it was the stand-in while the filesystem core was written and stays as
-a reference for benchmarks.
+child of the launcher (forked as the launcher starts, see ``launcher.prefork``, to
+call the core's ``serve()``; or ``unionfs mount -f``), in the launcher's own mount
+(and user) namespace, with PR_SET_PDEATHSIG so that it dies with the launcher.
+The ``overlay`` backend mounts kernel overlayfs instead; it was the stand-in while
+the filesystem core was written and stays as a reference for benchmarks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from launcher import syscalls
+from launcher import prefork, syscalls
 
 log = logging.getLogger(__name__)
 
@@ -186,51 +186,13 @@ class _ForkedServer:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def _in_process_api() -> tuple[object, object] | None:
-    """``(unionfs.config.build_config, unionfs.mount.serve)`` when the core offers them, else None."""
-    if os.environ.get("UNIONFS_RUN_SERVER"):
-        return None
-    try:
-        from unionfs.config import build_config
-        from unionfs.mount import serve
-    except ImportError:
-        return None
-    return build_config, serve
-
-
-def _serve_forked(spec: str, mountpoint: str, options: str, logfile: str, ready_w: int) -> None:
-    """The server child: no exec, so no second interpreter start.  Never returns."""
-    code = 1
-    try:
-        os.setsid()  # the terminal's Ctrl-C is for the command, not for the server
-        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        handler = logging.FileHandler(logfile)  # a file handler survives serve() detaching stdio
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger().handlers[:] = [handler]
-        from unionfs.config import build_config
-        from unionfs.mount import serve
-
-        code = serve(build_config(spec, mountpoint, [options]), ready_w)
-    except BaseException as exc:  # noqa: B036 - a forked child reports and exits, whatever happened
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        try:
-            os.write(ready_w, f"error: {message}".encode(errors="replace"))
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
-
-
 class FuseUnion:
     """The unionfs FUSE server as a child of the launcher, serving the union at *mountpoint*.
 
-    Started by fork, calling the core's ``serve()`` in the child, when the core is
-    importable (no second interpreter start, and a ready pipe instead of polling);
-    otherwise as ``unionfs mount -f``.  Either way it dies with the launcher
+    By default the server is the child ``launcher.prefork`` forked when the launcher
+    started (its imports done by now), told here what to serve; it answers on a pipe
+    once mounted, so nothing polls.  With ``UNIONFS_RUN_SERVER`` it is that command,
+    run as ``unionfs mount -f``.  Either way it dies with the launcher
     (PR_SET_PDEATHSIG), and ``close()`` unmounts and waits for it to exit.
     """
 
@@ -244,10 +206,10 @@ class FuseUnion:
         _private_pid_dir(branches)
         spec = branch_spec(branches)
         try:
-            if _in_process_api() is not None:
-                self._fork(spec, options)
-            else:
+            if os.environ.get("UNIONFS_RUN_SERVER"):
                 self._exec(spec, options)
+            else:
+                self._fork(spec, options)
         except BaseException as exc:
             self.close()
             if isinstance(exc, LaunchError):
@@ -255,22 +217,14 @@ class FuseUnion:
             raise
 
     def _fork(self, spec: str, options: str) -> None:
-        log.debug("forking FUSE server for %s on %s", spec, self.mountpoint)
-        parent = os.getpid()
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(ready_r)
-                _server_preexec(parent)
-            finally:
-                _serve_forked(spec, self.mountpoint, options, self.logfile, ready_w)
-        os.close(ready_w)
-        self.proc = _ForkedServer(pid)
+        log.debug("FUSE server for %s on %s", spec, self.mountpoint)
+        server = prefork.take()
+        self.proc = _ForkedServer(server.pid)
+        server.serve(spec, self.mountpoint, options, self.logfile)
         answer = b""
-        while chunk := os.read(ready_r, 4096):  # "ready", "error: ...", or EOF if it died
+        while chunk := os.read(server.ready, 4096):  # "ready", "error: ...", or EOF if it died
             answer += chunk
-        os.close(ready_r)
+        os.close(server.ready)
         if answer != b"ready":
             message = answer.decode(errors="replace").removeprefix("error: ")
             raise LaunchError(f"the union's FUSE server failed: {message or 'it exited before mounting'}")
@@ -382,6 +336,7 @@ def mount_union(
     calling process, in its namespaces, and dies with it.
     """
     if backend == "overlay":
+        prefork.discard()
         return OverlayUnion(branches, mountpoint, rootless=rootless)
     if backend == "fuse":
         return FuseUnion(branches, mountpoint, rootless=rootless, logfile=logfile)

@@ -367,6 +367,36 @@ def test_kernel_overlay_backend_for_comparison(image: Image, upper: Path) -> Non
     assert not [p for p in upper.parent.iterdir() if p.name.startswith(".unionfs-work-")]
 
 
+@pytest.mark.usefixtures("need_overlay")
+def test_no_server_child_stays_when_the_backend_needs_none(image: Image, upper: Path) -> None:
+    """The server child forked at start-up (launcher.prefork) is ended when kernel overlayfs serves."""
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"],
+                          ["--backend", "overlay"])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        own = os.readlink(f"/proc/{proc.pid}/ns/pid")
+        assert [p for p in children_of(proc.pid) if os.readlink(f"/proc/{p}/ns/pid") == own] == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def test_a_failed_launch_leaves_no_server_child(image: Image, upper: Path) -> None:
+    """A launcher that stops before mounting (here: a missing branch) takes its server child along."""
+    missing = upper.parent / f"missing-{os.getpid()}-{time.monotonic_ns()}"
+    r = run_launcher(f"{upper}:{missing}", ["/bin/true"])
+    assert r.returncode == 2 and "branch is not a directory" in r.stderr
+    marker = str(missing).encode()
+    left = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                left.append(int(entry))
+    assert wait_gone(left, timeout=5) == []
+
+
 def test_a_server_that_dies_stops_the_command_with_one_line(image: Image, upper: Path) -> None:
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
     try:

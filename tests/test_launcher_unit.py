@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from launcher import namespaces, rootfs, supervisor, syscalls
+from launcher import namespaces, prefork, rootfs, supervisor, syscalls
 from launcher.cli import run_command
 from launcher.union import Branch, LaunchError, branch_spec, parse_branches
 
@@ -180,3 +180,10 @@ def test_init_files_are_bound_right_after_the_root() -> None:
     steps = rootfs.container_steps(rootless=True, init_layer="/state/init")
     assert steps[2:5] == [rootfs.BindFile(f"/state/init{p}", p) for p in rootfs.INIT_FILES]
     assert steps[5] == rootfs.Proc("/proc")
+
+
+def test_a_server_child_that_gets_no_order_is_ended_and_reaped() -> None:
+    server = prefork.ServerProcess()
+    server.cancel()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(server.pid, os.WNOHANG)

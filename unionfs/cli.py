@@ -122,6 +122,11 @@ def umount(mountpoint: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"] and _module_exists("launcher.prefork"):
+        from launcher import prefork
+
+        prefork.start(args[1:])  # the FUSE server's imports overlap the launcher's (launcher.prefork)
     try:
         cli.main(args=argv, prog_name="unionfs", standalone_mode=False)
     except click.exceptions.Abort:
