@@ -127,13 +127,16 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
             os.dup2(null, fd)
         os.close(null)
         # unionfs.operations first: it loads the core's libfuse shim, which must precede pyfuse3.
-        # These imports are the launch's critical path; collection passes during them make
-        # them about 10% slower and free nothing, so the cyclic GC waits until they are done.
+        # These imports are the launch's critical path.  Cyclic-GC passes over the modules'
+        # objects, which live as long as the server, cost them ~10% and free nothing; so the
+        # GC is off while they load, and freezing them afterwards (gc.freeze: never scanned
+        # again) keeps the first collection after them from scanning them all at once.
         gc.disable()
         import unionfs.operations  # noqa: F401
         from unionfs.config import build_config
         from unionfs.mount import serve
 
+        gc.freeze()
         gc.enable()
         timing.stamp("server-imported")
 
