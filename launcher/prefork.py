@@ -126,6 +126,8 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         for fd in (0, 1) if timing.ENABLED else (0, 1, 2):  # until the log file exists
             os.dup2(null, fd)
         os.close(null)
+        held = _HeldRecords()  # what the imports log (a missing shim, say) waits for the log file
+        logging.getLogger().handlers[:] = [held]
         # unionfs.operations first: it loads the core's libfuse shim, which must precede pyfuse3.
         # These imports are the launch's critical path.  Cyclic-GC passes over the modules'
         # objects, which live as long as the server, cost them ~10% and free nothing; so the
@@ -156,6 +158,8 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         handler = logging.FileHandler(logfile)  # a file handler survives serve() detaching stdio
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger().handlers[:] = [handler]
+        for record in held.records:
+            handler.handle(record)
         code = serve(build_config(spec, mountpoint, [options]), ready_w)
     except BaseException as exc:  # noqa: B036 - a forked child reports and exits, whatever happened
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -165,6 +169,17 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
             pass
     finally:
         os._exit(code)
+
+
+class _HeldRecords(logging.Handler):
+    """Keeps the log records it is given, to be written once the log file is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _join_namespaces(parent: int) -> None:
