@@ -10,6 +10,11 @@
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
  *    listing from its page cache, and drops it itself when the directory changes through the mount
  *    (or its mtime does).
+ *  - zero-message opendir: with stateless_dirs, the shim answers OPENDIR with ENOSYS, which a
+ *    kernel offering FUSE_CAP_NO_OPENDIR_SUPPORT takes as "never send OPENDIR or RELEASEDIR again;
+ *    keep every listing cached".  READDIRPLUS and FSYNCDIR then arrive with fh 0; the shim hands
+ *    pyfuse3 the directory's inode number tagged with STATELESS_DIR as fh instead, so the Python
+ *    handlers know which directory is meant.  A kernel cached listing then costs no request at all.
  *
  * How: this module defines fuse_session_new().  Loaded with RTLD_GLOBAL before pyfuse3 is
  * imported, it is the definition pyfuse3's call binds to.  It copies pyfuse3's operation table,
@@ -29,21 +34,59 @@
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
+typedef void (*init_fn)(void *, struct fuse_conn_info *);
 typedef void (*opendir_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+typedef void (*fsyncdir_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+
+#define STATELESS_DIR (1ULL << 63)
 
 static struct fuse_lowlevel_ops shim_ops; /* the table libfuse gets; must outlive the session */
+static init_fn inner_init;
 static opendir_fn inner_opendir;
+static readdir_fn inner_readdirplus;
+static fsyncdir_fn inner_fsyncdir;
 static PyObject *fallocate_cb; /* (ino, fh, mode, offset, length) -> errno, 0 for success */
 static int cache_dirs;
+static int want_stateless_dirs;
+static int stateless_dirs; /* the kernel agreed: no OPENDIR/RELEASEDIR, fh 0 in READDIRPLUS */
 static int sessions;
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    inner_init(userdata, conn);
+    if (want_stateless_dirs && cache_dirs && (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT)) {
+        conn->want |= FUSE_CAP_NO_OPENDIR_SUPPORT;
+        stateless_dirs = 1;
+    }
+}
 
 static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    if (stateless_dirs) {
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     if (cache_dirs) {
         fi->cache_readdir = 1;
         fi->keep_cache = 1;
     }
     inner_opendir(req, ino, fi);
+}
+
+static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                             struct fuse_file_info *fi)
+{
+    if (stateless_dirs && fi->fh == 0)
+        fi->fh = ino | STATELESS_DIR;
+    inner_readdirplus(req, ino, size, off, fi);
+}
+
+static void shim_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    if (stateless_dirs && fi->fh == 0)
+        fi->fh = ino | STATELESS_DIR;
+    inner_fsyncdir(req, ino, datasync, fi);
 }
 
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -84,9 +127,17 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
     }
     memset(&shim_ops, 0, sizeof shim_ops);
     memcpy(&shim_ops, op, op_size < sizeof shim_ops ? op_size : sizeof shim_ops);
-    if (shim_ops.opendir != NULL) {
+    stateless_dirs = 0;
+    if (shim_ops.opendir != NULL && shim_ops.init != NULL && shim_ops.readdirplus != NULL &&
+        shim_ops.fsyncdir != NULL) {
+        inner_init = shim_ops.init;
         inner_opendir = shim_ops.opendir;
+        inner_readdirplus = shim_ops.readdirplus;
+        inner_fsyncdir = shim_ops.fsyncdir;
+        shim_ops.init = shim_init;
         shim_ops.opendir = shim_opendir;
+        shim_ops.readdirplus = shim_readdirplus;
+        shim_ops.fsyncdir = shim_fsyncdir;
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
@@ -98,16 +149,17 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
 
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"cache_dirs", "fallocate", NULL};
-    int cache = 0;
+    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", NULL};
+    int cache = 0, stateless = 0;
     PyObject *cb = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pO", kwlist, &cache, &cb))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOp", kwlist, &cache, &cb, &stateless))
         return NULL;
     if (cb != Py_None && !PyCallable_Check(cb)) {
         PyErr_SetString(PyExc_TypeError, "fallocate must be callable or None");
         return NULL;
     }
     cache_dirs = cache;
+    want_stateless_dirs = stateless;
     Py_XDECREF(fallocate_cb);
     fallocate_cb = NULL;
     if (cb != Py_None) {
@@ -122,9 +174,17 @@ static PyObject *py_sessions(PyObject *self, PyObject *unused)
     return PyLong_FromLong(sessions);
 }
 
+static PyObject *py_stateless_dirs(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(stateless_dirs);
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(cache_dirs=False, fallocate=None): what the next FUSE session gets."},
+     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False): what the next FUSE "
+     "session gets."},
+    {"stateless_dirs", py_stateless_dirs, METH_NOARGS,
+     "Whether the kernel agreed to zero-message opendir (known once the session is initialised)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},

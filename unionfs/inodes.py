@@ -40,7 +40,8 @@ class Node:
     """One object of the union.  Directories hold their branch directories open."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply")
+                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply",
+                 "snaps")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -65,6 +66,8 @@ class Node:
         self.st: os.stat_result | None = None
         self.children: dict[bytes, Node] = {}   # directories: the node behind each linked name
         self.reply: tuple[os.stat_result, object] | None = None  # (stat, the attributes built from it)
+        # directories: listing snapshots for readers without a directory handle (Operations._snapshot)
+        self.snaps: dict[int, list[tuple[bytes, Entry | None]]] | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+#: Set in the fh of READDIRPLUS and FSYNCDIR by the libfuse shim when the kernel opens directories
+#: without asking (zero-message opendir): the rest of the fh is then the directory's node id.
+STATELESS_DIR = 1 << 63
+#: Listing snapshots kept per directory for readers without a handle (see Operations._snapshot).
+SNAPSHOTS_KEPT = 4
+
 
 def _find_shown_ino_offset() -> int | None:
     """Where, inside a pyfuse3 EntryAttributes, the st_ino of the reply's stat lives.
@@ -227,32 +233,61 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        dh = self.dirs[fh]
+        if fh & STATELESS_DIR:
+            node = self._node(fh & ~STATELESS_DIR)
+            entries, start, gen = self._snapshot(node, start_id)
+        else:
+            dh = self.dirs[fh]
+            node = dh.node
+            if dh.entries is None:
+                dh.entries = self._entries(node)
+            entries, start, gen = dh.entries, start_id, 0
         union = self.union
-        node = dh.node
         listing = node.listing if node.listing is not None else union.listing(node)
-        entries = dh.entries
-        if entries is None:
-            entries = dh.entries = [(b".", None), (b"..", None), *listing.items()]
-        for i in range(start_id, len(entries)):
+        for i in range(start, len(entries)):
             name, e = entries[i]
             if e is None:
                 found = union.lookup(node, name)
                 assert found is not None
-                if not pyfuse3.readdir_reply(token, name, self._attr(*found), i + 1):
+                if not pyfuse3.readdir_reply(token, name, self._attr(*found), gen | (i + 1)):
                     return
                 continue
             cur = listing.get(name)
             if cur is None:
-                continue        # removed since opendir
+                continue        # removed since the snapshot
             try:
                 child, st = union.node_for(node, name, cur)
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(child, st), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(child, st), gen | (i + 1)):
                 union.table.maybe_free(child)
                 return
             child.nlookup += 1
+
+    def _entries(self, node: Node) -> list[tuple[bytes, Entry | None]]:
+        return [(b".", None), (b"..", None), *self.union.listing(node).items()]
+
+    def _snapshot(self, node: Node, offset: int) -> tuple[list[tuple[bytes, Entry | None]], int, int]:
+        """Listing, start index and offset tag for a READDIRPLUS without an open directory handle.
+
+        Reading from offset 0 takes a new snapshot of the listing; each entry's offset names the
+        snapshot (high 32 bits) and the position in it, so a reader that goes on later continues in
+        what it started with, however the directory changed meanwhile.  The last few snapshots of
+        a directory are kept (there is no releasedir to say a reader is done).
+        """
+        snaps = node.snaps
+        if offset and snaps is not None:
+            entries = snaps.get(offset >> 32)
+            if entries is not None:
+                return entries, offset & 0xFFFF_FFFF, offset & ~0xFFFF_FFFF
+        if snaps is None:
+            snaps = node.snaps = {}
+        gen = max(snaps, default=0) % (1 << 30) + 1
+        if len(snaps) >= SNAPSHOTS_KEPT:
+            del snaps[min(snaps)]
+        entries = snaps[gen] = self._entries(node)
+        # a reader whose snapshot was dropped goes on at the same position in the new one
+        return entries, offset & 0xFFFF_FFFF, gen << 32
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -262,7 +297,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = self.dirs[fh].node.fdmap.get(0)
+        node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
+        fd = node.fdmap.get(0)
         if fd is not None:
             os.fsync(fd)
 
@@ -333,7 +369,7 @@ class Operations(pyfuse3.Operations):
         """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""
         if shim is None:
             return False
-        shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate)
+        shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
         return True
 
     @_handler
