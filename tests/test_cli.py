@@ -259,6 +259,38 @@ def test_kernel_keeps_listings_until_they_change(area: Path, timeout: str | None
         util.umount(area / "M", proc)
 
 
+def test_listing_read_while_the_directory_changes(area: Path) -> None:
+    """A reader part-way through a large directory while others create and delete in it sees
+    every name that stayed exactly once (the kernel's cached listing is dropped by the change; the
+    reader goes on from its offset in the listing it started with)."""
+    for i in range(1500):
+        (area / "B" / f"low{i:04}").write_text("")
+    for i in range(1500):
+        (area / "A" / f"up{i:04}").write_text("")
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", f"{area}/M"])
+    assert r.returncode == 0, r.stderr
+    try:
+        m = area / "M"
+        # what the union shows, known without listing it (the reader below must be the first)
+        before = {p.name for b in ("A", "B") for p in (area / b).iterdir() if not p.name.startswith(".wh.")}
+        assert len(before) == 3002
+        seen: list[str] = []
+        with os.scandir(m) as it:
+            for entry in it:
+                seen.append(entry.name)
+                if len(seen) == 200:
+                    for i in range(0, 1500, 3):          # delete some, add some, under the reader
+                        os.unlink(m / f"up{i:04}")
+                        (m / f"added{i:04}").write_text("")
+        assert len(seen) == len(set(seen)), "a name was listed twice"
+        stayed = {n for n in before if not (n.startswith("up") and int(n[2:]) % 3 == 0)}
+        assert stayed <= set(seen), sorted(stayed - set(seen))[:5]
+        after = set(os.listdir(m))
+        assert after == stayed | {f"added{i:04}" for i in range(0, 1500, 3)}
+    finally:
+        run(["fusermount3", "-u", str(area / "M")])
+
+
 # ---- unionfs-overlay
 
 

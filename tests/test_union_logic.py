@@ -233,3 +233,37 @@ async def test_read_only_union_refuses_changes(branches: tuple[Path, ...]) -> No
     finally:
         u.close()
         stack.close()
+
+
+# ---------------------------------------------------------------------- listings without a dir handle
+
+
+def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Path, ...]) -> None:
+    """With zero-message opendir, READDIRPLUS names no open directory: a read from offset 0 takes a
+    snapshot, and an offset handed out from it continues in it however the directory changed."""
+    from unionfs.operations import SNAPSHOTS_KEPT, Operations
+
+    upper, lower, work, _ = branches
+    make(lower, {"a": "1", "b": "2", "c": "3"})
+    u = open_union(upper, lower, work)
+    ops = Operations(u)
+    root = u.table.root
+    first, start, tag = ops._snapshot(root, 0)
+    assert start == 0 and tag != 0
+    assert [n for n, _ in first] == [b".", b"..", *u.listing(root)]
+    u.unlink(root, b"a")
+    h, _, _ = u.create(root, b"new", 0o644, os.O_WRONLY, ROOT)
+    u.release(h)
+    # the reader that got the 3rd entry's offset goes on in the listing it started with
+    again, start, tag2 = ops._snapshot(root, tag | 3)
+    assert again is first and start == 3 and tag2 == tag
+    # a reader starting over sees the change
+    fresh, start, tag3 = ops._snapshot(root, 0)
+    assert start == 0 and tag3 != tag
+    assert b"new" in [n for n, _ in fresh]
+    # only the last few snapshots are kept; an evicted one goes on at the same position in a new one
+    for _ in range(SNAPSHOTS_KEPT):
+        ops._snapshot(root, 0)
+    late, start, tag4 = ops._snapshot(root, tag | 3)
+    assert late is not first and start == 3 and tag4 not in (tag, tag3)
+    u.close()
