@@ -18,6 +18,7 @@ command) and dies with the launcher (PR_SET_PDEATHSIG); before its order it hold
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -162,7 +163,12 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
             handler.handle(record)
         code = serve(build_config(spec, mountpoint, [options]), ready_w)
     except BaseException as exc:  # noqa: B036 - a forked child reports and exits, whatever happened
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, OSError):
+            from launcher.supervisor import describe
+
+            message = describe(exc)
+        else:
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         try:
             os.write(ready_w, f"error: {message}".encode(errors="replace"))
         except OSError:
@@ -183,7 +189,15 @@ class _HeldRecords(logging.Handler):
 
 
 def _join_namespaces(parent: int) -> None:
-    """setns into each of the launcher's namespaces that this process is not in yet."""
+    """setns into each of the launcher's namespaces that this process is not in yet.
+
+    The kernel lets only a single-threaded process join a user or mount namespace: the
+    server's modules must not start threads when imported.
+    """
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise OSError(errno.EINVAL, f"setns needs a single-threaded server, not {threads} threads in",
+                      "/proc/self/task")
     fds: list[tuple[int, int, str]] = []
     try:
         for name, flag in NAMESPACES:  # open all first: /proc may look different once inside
