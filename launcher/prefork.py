@@ -55,9 +55,11 @@ class ServerProcess:
         """Order the child to mount the union *spec* at *mountpoint* and serve it, logging to *logfile*.
 
         Call from the process (and namespaces) the union is for; the strings may hold any
-        character but NUL.
+        character but NUL.  The server logs at the level the caller's root logger has (DEBUG
+        under ``unionfs run -v``), as a child forked at this point would.
         """
-        order = b"\0".join(os.fsencode(x) for x in (spec, mountpoint, options, logfile))
+        level = str(logging.getLogger().level)
+        order = b"\0".join(os.fsencode(x) for x in (spec, mountpoint, options, logfile, level))
         try:
             os.write(self._order_w, order)  # a blocking pipe: all of it, as the child reads
         except BrokenPipeError:
@@ -149,7 +151,7 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         os.close(order_r)
         if not order:  # the launcher needs no FUSE server, or is gone
             os._exit(0)
-        spec, mountpoint, options, logfile = (os.fsdecode(x) for x in order.split(b"\0"))
+        spec, mountpoint, options, logfile, level = (os.fsdecode(x) for x in order.split(b"\0"))
         timing.stamp("server-ordered")
         _join_namespaces(parent)
         fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -159,6 +161,7 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         handler = logging.FileHandler(logfile)  # a file handler survives serve() detaching stdio
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel(int(level))
         for record in held.records:
             handler.handle(record)
         code = serve(build_config(spec, mountpoint, [options]), ready_w)
