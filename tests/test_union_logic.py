@@ -267,3 +267,17 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
     late, start, tag4 = ops._snapshot(root, tag | 3)
     assert late is not first and start == 3 and tag4 not in (tag, tag3)
     u.close()
+
+
+def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:
+    """The libfuse shim must be in place before pyfuse3 binds libfuse; imported after, it is not
+    used, and the daemon says so rather than failing."""
+    import subprocess
+    import sys
+    code = ("import sys, unionfs.fusebind as fb; print(fb.shim is not None, 'pyfuse3' in sys.modules)")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["True", "True"]
+    late = subprocess.run([sys.executable, "-c", "import pyfuse3; " + code], capture_output=True, text=True,
+                          check=True)
+    assert late.stdout.split() == ["False", "True"]
+    assert "imported before unionfs.fusebind" in late.stderr
