@@ -282,8 +282,11 @@ class Operations(pyfuse3.Operations):
                 return entries, offset & 0xFFFF_FFFF, offset & ~0xFFFF_FFFF
         if snaps is None:
             snaps = node.snaps = {}
-        gen = max(snaps, default=0) % (1 << 30) + 1
-        if len(snaps) >= SNAPSHOTS_KEPT:
+        gen = max(snaps, default=0) + 1
+        if gen >= 1 << 30:      # the offset's high half must stay positive: start again
+            snaps.clear()
+            gen = 1
+        elif len(snaps) >= SNAPSHOTS_KEPT:
             del snaps[min(snaps)]
         entries = snaps[gen] = self._entries(node)
         # a reader whose snapshot was dropped goes on at the same position in the new one
