@@ -644,11 +644,11 @@ class Union:
         self.check_writable()
         if (node.layer != 0 and mtime_ns is not None and size is None and mode is None and uid is None
                 and gid is None and atime_ns is None):
-            cur = self.stat(node)
-            if mtime_ns == cur.st_mtime_ns:
+            st = self.stat(node)
+            if mtime_ns == st.st_mtime_ns:
                 # The kernel's writeback cache writing back the times it holds (mtime and ctime, never
                 # atime) after an unlink of a lower file: nothing changes, nothing is copied up.
-                return cur
+                return st
         await self.ensure_upper(node, keep=size)
         owner = None
         if uid is not None or gid is not None:
@@ -674,11 +674,6 @@ class Union:
             self.touch(node)
             return os.fstat(fd)
         pfd, name = node.real_parent_fd()
-        if size is not None and handle is None and self.writeback and mtime_ns is None \
-                and size == self.stat(node).st_size:
-            # truncate(2) by path to the size the file has: the writeback cache keeps the kernel's
-            # mtime (POSIX asks for a new one only when the size changes), so the file keeps it too.
-            size = None
         if size is not None:
             if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
                 os.ftruncate(handle.fd, size)

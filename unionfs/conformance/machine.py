@@ -144,36 +144,6 @@ def _copy_up_after_refused_setxattr(op: Op, outcome: Outcome, sides: tuple[_Side
                 pass
 
 
-def _mtime_after_same_size_truncate(op: Op, outcome: Outcome, before: Snapshot,
-                                    sides: tuple[_Side, ...]) -> None:
-    """Normalisation 9 (README: truncate(2) by path to the size the file already has).
-
-    ext4 under kernel overlayfs gives the file a new mtime; unionfs, whose mtimes the kernel's
-    writeback cache keeps, gives one only when the size changes (as POSIX asks, and as
-    fuse-overlayfs does).  Exactly that is evened out: on a unionfs side, the file's mtime is set
-    to now.
-    """
-    if op.name != "truncate" or outcome.errno:
-        return
-    rel = op.args[0].strip("/")
-    fields = before.entries.get(rel)
-    for _ in range(8):      # truncate follows symlinks
-        if fields is None or fields.get("type") != "l" or str(fields.get("target", "")).startswith("/"):
-            break
-        rel = os.path.normpath(os.path.join(os.path.dirname(rel), str(fields["target"])))
-        fields = before.entries.get(rel)
-    if fields is None or fields.get("type") != "f" or fields.get("size") != op.args[1]:
-        return
-    for side in sides:
-        if str(side.impl).startswith("unionfs"):
-            path = side.session.path(op.args[0])
-            try:
-                st = os.stat(path)
-                os.utime(path, ns=(st.st_atime_ns, time.time_ns()))
-            except OSError:
-                pass
-
-
 class Hang(Exception):
     pass
 
@@ -273,7 +243,6 @@ class Runner:
                 if out_a != out_b:
                     return Failure(i, "outcome", [f"{op}: {a.impl} {out_a}, {b.impl} {out_b}"])
                 _copy_up_after_refused_setxattr(op, out_a, (a, b))
-                _mtime_after_same_size_truncate(op, out_a, snap_a, (a, b))
             prev_a, prev_b = snap_a, snap_b
             snap_a, snap_b = self._snap(a, b)
             if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl), ignore=self.ignore):
