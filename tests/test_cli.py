@@ -259,33 +259,6 @@ def test_kernel_keeps_listings_until_they_change(area: Path, timeout: str | None
         util.umount(area / "M", proc)
 
 
-@pytest.mark.parametrize("timeout", [None, "0"])
-def test_kernel_gathers_small_writes(area: Path, timeout: str | None) -> None:
-    """By default the kernel's writeback cache gathers small writes into large WRITE requests, as
-    with fuse-overlayfs; -o timeout=0 turns it off (each write(2) is then a request)."""
-    log = area / "daemon.log"
-    opts = ["-o", f"timeout={timeout}"] if timeout else []
-    proc = subprocess.Popen([UNIONFS, "mount", "-f", "-d", "--log-file", str(log), *opts,
-                             f"{area}/A:{area}/B", f"{area}/M"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        util.wait_for_mount(area / "M", proc)
-        chunk = bytes(range(256)) * 16
-        with open(area / "M" / "w", "wb", buffering=0) as f:
-            for _ in range(16):
-                f.write(chunk)
-        with open(area / "M" / "b", "ab", buffering=0) as f:      # a lower file, appended to
-            f.write(b"more\n")
-        assert (area / "M" / "w").read_bytes() == chunk * 16
-        assert (area / "M" / "b").read_text() == "b\nmore\n"
-    finally:
-        util.umount(area / "M", proc)
-    writes = len(re.findall(r"\bwrite\(", log.read_text(errors="replace")))
-    assert (writes <= 3) if timeout is None else (writes == 17), writes
-    assert (area / "A" / "w").read_bytes() == chunk * 16
-    assert (area / "B" / "b").read_text() == "b\n", "the lower branch changed"
-
-
 def test_listing_read_while_the_directory_changes(area: Path) -> None:
     """A reader part-way through a large directory while others create and delete in it sees
     every name that stayed exactly once (the kernel's cached listing is dropped by the change; the

@@ -197,7 +197,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
         stack.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
         shimmed = ops.use_shim()
-        ops.use_writeback_cache()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = pidfile_for(cfg.mountpoint)

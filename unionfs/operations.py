@@ -375,13 +375,6 @@ class Operations(pyfuse3.Operations):
         shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
         return True
 
-    def use_writeback_cache(self) -> None:
-        """Let the kernel gather writes in its page cache and send them in large pieces, as
-        fuse-overlayfs does; like the other caches, only while nothing changes branches underneath."""
-        if self.timeout > 0:
-            self.enable_writeback_cache = True
-            self.union.writeback = True
-
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.union.handles[fh]

@@ -78,9 +78,6 @@ class Union:
         self.faults = faults
         self.privileged = os.geteuid() == 0
         self.handles: dict[int, Handle] = {}
-        # With the kernel's writeback cache, the kernel may read a page of a file opened write-only
-        # (to fill in around a partial write) through its handle: such files are opened O_RDWR.
-        self.writeback = False
         # Tells the kernel to drop a cached name (parent id, name); set by the FUSE layer.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_attr: Callable[[int], None] = lambda node_id: None
@@ -385,7 +382,7 @@ class Union:
         owner = self._owner(self.upper_dir(parent), creds)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
-            fd = open_file_at(dirfd, n, self._real_flags(flags) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+            fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
             fds.append(fd)
             self._chown_new(dirfd, n, owner)
 
@@ -642,13 +639,6 @@ class Union:
                       handle: Handle | None = None) -> os.stat_result:
         """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
         self.check_writable()
-        if (node.layer != 0 and mtime_ns is not None and size is None and mode is None and uid is None
-                and gid is None and atime_ns is None):
-            st = self.stat(node)
-            if mtime_ns == st.st_mtime_ns:
-                # The kernel's writeback cache writing back the times it holds (mtime and ctime, never
-                # atime) after an unlink of a lower file: nothing changes, nothing is copied up.
-                return st
         await self.ensure_upper(node, keep=size)
         owner = None
         if uid is not None or gid is not None:
@@ -701,13 +691,6 @@ class Union:
 
     # ------------------------------------------------------------------ files
 
-    def _real_flags(self, flags: int) -> int:
-        """How to open the real file for an open(2) with *flags* through the union."""
-        flags &= ~OPEN_STRIP
-        if self.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
-            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-        return flags
-
     def _handle(self, node: Node, fd: int, flags: int) -> Handle:
         node.handles += 1
         self._next_fh += 1
@@ -721,7 +704,7 @@ class Union:
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = node.real_parent_fd()
-        fd = open_file_at(pfd, name, self._real_flags(flags) | trunc)
+        fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
         if trunc:
             self.touch(node)
         return self._handle(node, fd, flags)
@@ -730,7 +713,7 @@ class Union:
         """A handle opened before its node was copied up reads the upper copy from then on."""
         if h.layer != h.node.layer and h.node.links:
             pfd, name = h.node.real_parent_fd()
-            fd = open_file_at(pfd, name, self._real_flags(h.flags))
+            fd = open_file_at(pfd, name, h.flags & ~OPEN_STRIP)
             os.close(h.fd)
             h.fd = fd
             h.layer = h.node.layer
