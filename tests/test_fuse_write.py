@@ -170,6 +170,8 @@ OPS: dict[str, tuple[Callable[[Side], Any], bool]] = {
     "fsync-rdonly-lower": (fsync_path("lf", os.O_RDONLY), True),
     "fdatasync-wronly-lower": (fsync_path("lf", WR, data_only=True), True),
     "fsync-upper": (fsync_path("uf", WR), True),
+    "fsync-lower-dir": (fsync_path("ld", os.O_RDONLY | os.O_DIRECTORY), True),
+    "fsync-merged-dir": (fsync_path("merged", os.O_RDONLY | os.O_DIRECTORY), True),
     # directories
     "mkdir": (p(os.mkdir, "newdir", mode=0o705), False),
     "mkdir-in-lower-dir": (p(os.mkdir, "ld/sub/newdir"), False),
