@@ -1,5 +1,5 @@
 /*
- * unionfs._fuse_shim: two things pyfuse3 3.5 cannot ask libfuse for, added in front of it.
+ * unionfs._fuse_shim: what pyfuse3 3.5 cannot ask libfuse for, added in front of it.
  *
  *  - fallocate(2): pyfuse3 registers no fallocate handler, so the kernel answers EOPNOTSUPP to
  *    every mode (punch hole, keep size, zero range).  The shim registers one that calls a Python
@@ -18,9 +18,9 @@
  *
  * How: this module defines fuse_session_new().  Loaded with RTLD_GLOBAL before pyfuse3 is
  * imported, it is the definition pyfuse3's call binds to.  It copies pyfuse3's operation table,
- * adds the two entries, and hands the copy to libfuse's own fuse_session_new.  If pyfuse3 was
- * imported first, or a libfuse renames the entry point, nothing is interposed: sessions() stays 0
- * and unionfs serves as before without the two features.
+ * puts its own entries in front, and hands the copy to libfuse's own fuse_session_new.  If pyfuse3
+ * was imported first, or a libfuse renames the entry point, nothing is interposed: sessions() stays
+ * 0 and unionfs serves as before without these features.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -174,17 +174,10 @@ static PyObject *py_sessions(PyObject *self, PyObject *unused)
     return PyLong_FromLong(sessions);
 }
 
-static PyObject *py_stateless_dirs(PyObject *self, PyObject *unused)
-{
-    return PyBool_FromLong(stateless_dirs);
-}
-
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
      "configure(cache_dirs=False, fallocate=None, stateless_dirs=False): what the next FUSE "
      "session gets."},
-    {"stateless_dirs", py_stateless_dirs, METH_NOARGS,
-     "Whether the kernel agreed to zero-message opendir (known once the session is initialised)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},

@@ -177,7 +177,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up."""
     import trio
 
-    from .fusebind import pyfuse3
+    from .fusebind import pyfuse3, shim
     from .layers import open_stack, raise_nofile_limit
     from .operations import Operations
     from .union import Union
@@ -196,7 +196,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
         union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults)
         stack.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
-        shimmed = ops.use_shim()
+        ops.use_shim()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = pidfile_for(cfg.mountpoint)
@@ -205,10 +205,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
         except RuntimeError as e:
             raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {e}") from None
         stack.callback(_close_session, pyfuse3)
-        if shimmed:
-            from .fusebind import shim
-            if shim is not None and not shim.sessions():
-                log.warning("the libfuse shim was bypassed: no fallocate, no cached listings")
+        if shim is not None and not shim.sessions():
+            log.warning("the libfuse shim was bypassed: no fallocate, no cached listings")
         _write_pidfile(pidfile)
         stack.callback(_remove, pidfile)
         if faults:
