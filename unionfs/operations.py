@@ -3,11 +3,12 @@
 Attributes:
     union: the union's logic (node table, listings, changes).
     timeout: entry and attribute cache time handed to the kernel, in seconds.
-    dirs: open directory handles -> the listing snapshot taken at opendir.
+    dirs: open directory handles -> the listing snapshot taken at their first readdir.
 
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
-in `_handler`.  Any other exception is a bug: it is logged with its traceback and answered with EIO,
-and the mount keeps serving.
+in `_handler` (`fallocate`, called synchronously by the libfuse shim, returns the errno instead);
+`_errno_for` decides it for both.  Any other exception is a bug: it is logged with its traceback and
+answered with EIO, and the mount keeps serving.
 """
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def set_shown_ino(attr: pyfuse3.EntryAttributes, ino: int) -> None:
         ctypes.c_uint64.from_address(id(attr) + _SHOWN_INO_OFFSET).value = ino
 
 
+def _errno_for(e: Exception, name: str, args: tuple[Any, ...], debug: bool) -> int:
+    """The errno a request that raised *e* is answered with (call it inside the except block): an
+    OSError's own; anything else is a bug, logged with its traceback, and EIO."""
+    if isinstance(e, OSError):
+        if debug:
+            log.debug("%s -> %s", name, errno.errorcode.get(e.errno or 0, e.errno))
+        return e.errno or errno.EIO
+    log.exception("unexpected error in %s%r", name, args)
+    return errno.EIO
+
+
 def _handler(fn: F) -> F:
     name = fn.__name__
 
@@ -85,13 +97,8 @@ def _handler(fn: F) -> F:
             return await fn(self, *args)
         except FUSEError:
             raise
-        except OSError as e:
-            if self.debug:
-                log.debug("%s -> %s", name, errno.errorcode.get(e.errno or 0, e.errno))
-            raise FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s%r", name, args)
-            raise FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise FUSEError(_errno_for(e, name, args, self.debug)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -357,23 +364,19 @@ class Operations(pyfuse3.Operations):
 
     def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> int:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer, 0 if done."""
+        args = (inode, fh, mode, offset, length)
         if self.debug:
-            log.debug("fallocate(%d, %d, %#x, %d, %d)", inode, fh, mode, offset, length)
+            log.debug("fallocate%r", args)
         try:
             self.union.fallocate(self.union.handles[fh], mode, offset, length)
-        except OSError as e:
-            return e.errno or errno.EIO
-        except Exception:
-            log.exception("unexpected error in fallocate(%d, %#x, %d, %d)", fh, mode, offset, length)
-            return errno.EIO
+        except Exception as e:
+            return _errno_for(e, "fallocate", args, self.debug)
         return 0
 
-    def use_shim(self) -> bool:
+    def use_shim(self) -> None:
         """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""
-        if shim is None:
-            return False
-        shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
-        return True
+        if shim is not None:
+            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
