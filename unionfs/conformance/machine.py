@@ -144,7 +144,7 @@ def _copy_up_after_refused_setxattr(op: Op, outcome: Outcome, sides: tuple[_Side
                 pass
 
 
-def _forget_opaque_of_refused_moves(paths: set[str], uppers: tuple[Snapshot, ...]) -> None:
+def _forget_opaque_of_refused_moves(trace: Trace, uppers: tuple[Snapshot, ...]) -> None:
     """Normalisation 9 (README: a directory rename that fails with ENOTEMPTY over a name that exists
     below).
 
@@ -153,8 +153,10 @@ def _forget_opaque_of_refused_moves(paths: set[str], uppers: tuple[Snapshot, ...
     mount differs (the directory has no lower content of its own), so the opaque marker of such a
     directory is not compared in the upper layers.
     """
+    refused = {op.args[0].strip("/") for op, out, _ in trace.steps
+               if op.name == "rename" and out is not None and out.errno == errno.ENOTEMPTY}
     for upper in uppers:
-        for path in paths:
+        for path in refused:
             fields = upper.entries.get(path)
             if fields is not None:
                 fields.pop("opaque", None)
@@ -176,7 +178,6 @@ class Runner:
                  step_timeout: float = 30.0, ignore: frozenset[str] = frozenset()) -> None:
         self.impl_a = impl_a
         self.ignore = ignore
-        self._refused_dir_moves: set[str] = set()  # sources of renames refused with ENOTEMPTY
         self.impl_b = impl_b
         self.base_dir = base_dir
         self.step_timeout = step_timeout
@@ -236,7 +237,6 @@ class Runner:
 
     def _run(self, spec: Fill, next_op: Callable[[int, Snapshot], Op | None], a: _Side, b: _Side,
              trace: Trace) -> Failure | None:
-        self._refused_dir_moves = set()
         a.build(spec)
         b.build(spec)
         a.mount()
@@ -251,7 +251,7 @@ class Runner:
         while (op := next_op(i, snap_a)) is not None:
             if op.name == "remount":
                 trace.steps.append((op, None, None))
-                if failure := self._remount(i, a, b):
+                if failure := self._remount(i, a, b, trace):
                     return failure
             else:
                 trace.steps.append((op, None, None))
@@ -261,8 +261,6 @@ class Runner:
                 if out_a != out_b:
                     return Failure(i, "outcome", [f"{op}: {a.impl} {out_a}, {b.impl} {out_b}"])
                 _copy_up_after_refused_setxattr(op, out_a, (a, b))
-                if op.name == "rename" and out_a.errno == errno.ENOTEMPTY:
-                    self._refused_dir_moves.add(op.args[0].strip("/"))
             prev_a, prev_b = snap_a, snap_b
             snap_a, snap_b = self._snap(a, b)
             if lines := diff(snap_a, snap_b, str(a.impl), str(b.impl), ignore=self.ignore):
@@ -275,12 +273,12 @@ class Runner:
                     return Failure(i, "tree", [f"after {op}: st_ino changed for paths the step did not name: "
                                                f"{a.impl} {sorted(changed_a)}, {b.impl} {sorted(changed_b)}"])
             i += 1
-        return self._finish(None, a, b, remount=False)
+        return self._finish(None, a, b, trace, remount=False)
 
-    def _remount(self, i: int, a: _Side, b: _Side) -> Failure | None:
-        return self._finish(i, a, b, remount=True)
+    def _remount(self, i: int, a: _Side, b: _Side, trace: Trace) -> Failure | None:
+        return self._finish(i, a, b, trace, remount=True)
 
-    def _finish(self, step: int | None, a: _Side, b: _Side, remount: bool) -> Failure | None:
+    def _finish(self, step: int | None, a: _Side, b: _Side, trace: Trace, remount: bool) -> Failure | None:
         """Unmount both; compare upper layers and check the lowers; mount again if ``remount``."""
         a.umount()
         try:
@@ -288,7 +286,7 @@ class Runner:
         except MountError as e:
             return Failure(step, "mount", [str(e)])
         upper_a, upper_b = upper_tree(a.upper), upper_tree(b.upper)
-        _forget_opaque_of_refused_moves(self._refused_dir_moves, (upper_a, upper_b))
+        _forget_opaque_of_refused_moves(trace, (upper_a, upper_b))
         if lines := diff(upper_a, upper_b, str(a.impl), str(b.impl), ignore=self.ignore):
             return Failure(step, "upper", lines)
         for side in (a, b):
