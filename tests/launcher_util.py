@@ -320,6 +320,23 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
     wait_gone(pids)
 
 
+@contextlib.contextmanager
+def once_ready(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The launched command has printed "ready"; on the way out, nothing the launcher started is left."""
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def end_with_sigterm(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the launcher ends the command, and the launcher exits with 128 + SIGTERM."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+
+
 class Image:
     """Two image layers (busybox; an app layer on top) and a snapshot to prove they never change."""
 

@@ -15,8 +15,10 @@ from launcher_util import (
     Image,
     children_of,
     descendants_of,
+    end_with_sigterm,
     kill_tree,
     mounts_mentioning,
+    once_ready,
     run_launcher,
     start_launcher,
     wait_for_comm,
@@ -169,30 +171,19 @@ def test_tmp_upper_leaves_no_trace(image: Image, upper: Path) -> None:
 def test_sigterm_kills_a_plain_pid_1_with_128_plus_n(image: Image, upper: Path) -> None:
     """sleep as PID 1 has no handler, so the kernel would drop SIGTERM; the launcher still ends it."""
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"])
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         wait_for_comm(proc.pid, "sleep")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        end_with_sigterm(proc)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signals_reach_a_command_that_handles_them(image: Image, upper: Path, sig: signal.Signals) -> None:
     script = f'trap "echo got; exit 42" {sig.name[3:]}; echo ready; while :; do sleep 0.02; done'
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", script])
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         proc.send_signal(sig)
         assert proc.wait(timeout=10) == 42
         assert proc.stdout.read() == "got\n"
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
 
 
 def test_killed_command_gives_128_plus_n(image: Image, upper: Path) -> None:
@@ -200,14 +191,10 @@ def test_killed_command_gives_128_plus_n(image: Image, upper: Path) -> None:
     r = sh(image, upper, "sh -c 'kill -KILL $$'; echo $?")
     assert r.stdout.strip() == "137"
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         pid1 = wait_for_comm(proc.pid, "sleep")
         os.kill(pid1, signal.SIGKILL)
         assert proc.wait(timeout=10) == 128 + signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
 
 
 def test_orphans_are_reaped(image: Image, upper: Path) -> None:
@@ -218,8 +205,7 @@ def test_orphans_are_reaped(image: Image, upper: Path) -> None:
 
 def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> None:
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         started = descendants_of(proc.pid)
         assert started, "the launcher has no children"
         mnt_ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
@@ -241,21 +227,13 @@ def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> No
                 except OSError:
                     pass
         assert holders == [], "the launcher's mount namespace is still held"
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
 
 
 def test_the_host_never_sees_the_union(image: Image, upper: Path) -> None:
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         assert mounts_mentioning(".unionfs-run-", str(upper)) == []
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        end_with_sigterm(proc)
 
 
 def test_keep_mounted_keeps_the_union_until_sigterm(image: Image, upper: Path) -> None:
@@ -331,14 +309,9 @@ def test_init_reaps_orphans_and_passes_status_and_signals(image: Image, upper: P
     assert r.returncode == 6, r.stderr
     assert r.stdout.split() == ["pid=2", "0"]
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"], ["--init"])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         wait_for_comm(proc.pid, "sleep")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        end_with_sigterm(proc)
 
 
 def test_the_exec_server_path_works_too(image: Image, upper: Path) -> None:
@@ -372,15 +345,10 @@ def test_no_server_child_stays_when_the_backend_needs_none(image: Image, upper: 
     """The server child forked at start-up (launcher.prefork) is ended when kernel overlayfs serves."""
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"],
                           ["--backend", "overlay"])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         own = os.readlink(f"/proc/{proc.pid}/ns/pid")
         assert [p for p in children_of(proc.pid) if os.readlink(f"/proc/{p}/ns/pid") == own] == []
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        end_with_sigterm(proc)
 
 
 def test_a_failed_launch_leaves_no_server_child(image: Image, upper: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from launcher_util import (
     UnprivUser,
     descendants_of,
     dev_fuse_mode,
-    kill_tree,
+    end_with_sigterm,
     mounts_mentioning,
+    once_ready,
     run_launcher,
     start_launcher,
     unprivileged_user,
@@ -97,28 +97,19 @@ def test_rootless_exit_status_and_signals(image: Image, upper: Path, user: Unpri
     r = run_launcher(image.branches(upper), ["/bin/sh", "-c", "exit 5"], user=user)
     assert r.returncode == 5, r.stderr
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"], user=user)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         wait_for_comm(proc.pid, "sleep")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+        end_with_sigterm(proc)
 
 
 def test_rootless_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path, user: UnprivUser) -> None:
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"], user=user)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    with once_ready(proc):
         started = descendants_of(proc.pid)
         assert started
         proc.kill()
         proc.wait(timeout=10)
         assert wait_gone(started) == [], "a process outlived the launcher"
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
 
 
 def test_rootless_tmp_upper_and_no_network(image: Image, upper: Path, user: UnprivUser) -> None:

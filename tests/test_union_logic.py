@@ -246,27 +246,30 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
     upper, lower, work, _ = branches
     make(lower, {"a": "1", "b": "2", "c": "3"})
     u = open_union(upper, lower, work)
-    ops = Operations(u)
-    root = u.table.root
-    first, start, tag = ops._snapshot(root, 0)
-    assert start == 0 and tag != 0
-    assert [n for n, _ in first] == [b".", b"..", *u.listing(root)]
-    u.unlink(root, b"a")
-    h, _, _ = u.create(root, b"new", 0o644, os.O_WRONLY, ROOT)
-    u.release(h)
-    # the reader that got the 3rd entry's offset goes on in the listing it started with
-    again, start, tag2 = ops._snapshot(root, tag | 3)
-    assert again is first and start == 3 and tag2 == tag
-    # a reader starting over sees the change
-    fresh, start, tag3 = ops._snapshot(root, 0)
-    assert start == 0 and tag3 != tag
-    assert b"new" in [n for n, _ in fresh]
-    # only the last few snapshots are kept; an evicted one goes on at the same position in a new one
-    for _ in range(SNAPSHOTS_KEPT):
-        ops._snapshot(root, 0)
-    late, start, tag4 = ops._snapshot(root, tag | 3)
-    assert late is not first and start == 3 and tag4 not in (tag, tag3)
-    u.close()
+    try:
+        ops = Operations(u)
+        root = u.table.root
+        first, start, tag = ops._snapshot(root, 0)
+        assert start == 0 and tag != 0
+        assert [n for n, _ in first] == [b".", b"..", *u.listing(root)]
+        u.unlink(root, b"a")
+        h, _, _ = u.create(root, b"new", 0o644, os.O_WRONLY, ROOT)
+        u.release(h)
+        # the reader that got the 3rd entry's offset goes on in the listing it started with
+        again, start, tag2 = ops._snapshot(root, tag | 3)
+        assert again is first and start == 3 and tag2 == tag
+        # a reader starting over sees the change
+        fresh, start, tag3 = ops._snapshot(root, 0)
+        assert start == 0 and tag3 != tag
+        assert b"new" in [n for n, _ in fresh]
+        # only the last few snapshots are kept; an evicted one goes on at the same position in a new one
+        for _ in range(SNAPSHOTS_KEPT):
+            ops._snapshot(root, 0)
+        late, start, tag4 = ops._snapshot(root, tag | 3)
+        assert late is not first and start == 3 and tag4 not in (tag, tag3)
+    finally:
+        u.close()
+        u.stack.close()
 
 
 def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:
