@@ -120,6 +120,7 @@ def take() -> ServerProcess:
 def _child(parent: int, order_r: int, ready_w: int) -> None:
     """The server: import, wait for the order, join the launcher's namespaces, serve.  Never returns."""
     code = 1
+    timing.stamp("server-forked")
     try:
         syscalls.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != parent:  # the launcher died before prctl took effect

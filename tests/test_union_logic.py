@@ -284,3 +284,18 @@ def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:
                           check=True)
     assert late.stdout.split() == ["False", "True"]
     assert "imported before unionfs.fusebind" in late.stderr
+
+
+def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
+    """pyfuse3 reads its version through a stand-in while the server starts (fusebind._version_only):
+    the version is still the installed one, and importlib.metadata afterwards is the real module."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    code = ("import sys, unionfs.fusebind as fb\n"
+            "print(fb.pyfuse3.__version__, 'importlib.metadata' in sys.modules, 'email' in sys.modules)\n"
+            "import importlib.metadata as md\n"
+            "print(md.version('pyfuse3'), md.distribution('pyfuse3').metadata['Name'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    installed = importlib.metadata.version("pyfuse3")
+    assert out.splitlines() == [f"{installed} False False", f"{installed} pyfuse3"]
