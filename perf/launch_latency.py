@@ -14,6 +14,9 @@ The launches get a private bytecode cache (PYTHONPYCACHEPREFIX in the work dir, 
 warm-up runs), as an installed unionfs has one; ``--compile`` measures them compiling the
 checkout's modules at every launch instead, as under PYTHONDONTWRITEBYTECODE=1.
 
+The launches run the ``unionfs`` console script installed beside this interpreter (``unionfs run``
+as typed), or ``python -m launcher`` where there is none.
+
 Rows:
   python -c pass          the floor: starting this interpreter and nothing else
   unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default),
@@ -112,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
         py = sys.executable
-        launcher = [py, "-m", "launcher"]
+        # `unionfs run` as a user types it: the console script installed beside this interpreter
+        # (for this checkout: scripts/setup.sh installs it editable), else the launcher module.
+        script = Path(py).parent / "unionfs"
+        launcher = [str(script), "run"] if script.exists() else [py, "-m", "launcher"]
         branches = f"{upper}:{image}"
         rows: list[tuple[str, list[str]]] = [("python -c pass", [py, "-c", "pass"])]
         if not args.no_fuse:

@@ -122,11 +122,9 @@ def umount(mountpoint: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["run"] and _module_exists("launcher.prefork"):
-        from launcher import prefork
+    from .entry import start_server_early
 
-        prefork.start(args[1:])  # the FUSE server's imports overlap the launcher's (launcher.prefork)
+    start_server_early(sys.argv[1:] if argv is None else argv)  # when not done by the console script
     try:
         cli.main(args=argv, prog_name="unionfs", standalone_mode=False)
     except click.exceptions.Abort:
