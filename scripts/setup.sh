@@ -21,9 +21,10 @@ py=python3
 if /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     py=/usr/bin/python3
 fi
-want=$(readlink -f "$(command -v "$py")")
-if [ -x .venv/bin/python ] &&
-   [ "$(readlink -f "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')")" != "$want" ]; then
+base='import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'
+want=$("$py" -c "$base")
+have=$(.venv/bin/python -c "$base" 2>/dev/null || true)  # empty when the venv is missing or broken
+if [ -e .venv ] && [ "$have" != "$want" ]; then
     echo "setup: making .venv again from $want" >&2
     rm -rf .venv
 fi

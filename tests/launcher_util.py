@@ -222,9 +222,10 @@ def _staged_packages() -> str:
 def python_for(user: UnprivUser | None) -> tuple[str, str]:
     """(interpreter, PYTHONPATH) with which *user* can run the launcher and the FUSE server.
 
-    The venv's interpreter may live where an unprivileged user cannot reach it (pyenv under /root):
-    then the system's python3 of the same version runs the venv's packages through PYTHONPATH; and
-    where the checkout itself is unreadable to the user, from a world-readable copy of them.
+    The venv's interpreter may live where an unprivileged user cannot reach it (a pyenv build
+    under /root, say): then the system's python3 of the same version runs the venv's packages
+    through PYTHONPATH; and where the checkout itself is unreadable to the user, from a
+    world-readable copy of them.
     """
     if user is None:
         return PYTHON, str(REPO)

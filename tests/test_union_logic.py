@@ -299,3 +299,11 @@ def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     installed = importlib.metadata.version("pyfuse3")
     assert out.splitlines() == [f"{installed} False False", f"{installed} pyfuse3"]
+    # anything but version() asked of the stand-in is answered by the real module
+    inside = ("import sys, unionfs.fusebind as fb\n"
+              "with fb._version_only():\n"
+              "    from importlib.metadata import version, distribution\n"
+              "    print(version('pyfuse3'), distribution('pyfuse3').metadata['Name'])\n"
+              "print(sys.modules['importlib.metadata'].distribution is distribution)\n")
+    out = subprocess.run([sys.executable, "-c", inside], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [f"{installed} pyfuse3", "True"]

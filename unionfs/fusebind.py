@@ -46,12 +46,16 @@ class _NotFound(ModuleNotFoundError):
 
 
 def _dist_info_version(name: str) -> str:
-    """The version of the installed distribution *name*, read off its ``NAME-VERSION.dist-info``
-    directory beside the package; _NotFound when there is none (a source tree, an egg)."""
+    """The version of the installed package *name*, read off the ``NAME-VERSION.dist-info``
+    directory beside it; _NotFound when there is none (a source tree, an egg).
+
+    Enough for pyfuse3, whose distribution and package have one name; unlike importlib.metadata
+    it does not normalise distribution names.
+    """
     module = sys.modules.get(name)
     spec = getattr(module, "__spec__", None)
     locations: list[str] = list(getattr(spec, "submodule_search_locations", None) or [])
-    prefix = name.replace("-", "_") + "-"
+    prefix = name + "-"
     for location in locations:
         site = os.path.dirname(os.path.abspath(location))
         try:
@@ -64,23 +68,40 @@ def _dist_info_version(name: str) -> str:
     raise _NotFound(name)
 
 
+def _real_metadata(attr: str) -> object:
+    """Any other attribute of the stand-in: the real importlib.metadata takes its place, and answers.
+
+    Dunder names are not looked up (the import system probes ``__path__`` and the like)."""
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    if "importlib.metadata" in sys.modules and sys.modules["importlib.metadata"].__dict__.get(
+        "__getattr__"
+    ) is _real_metadata:
+        del sys.modules["importlib.metadata"]
+    import importlib.metadata
+
+    return getattr(importlib.metadata, attr)
+
+
 @contextlib.contextmanager
 def _version_only() -> Iterator[None]:
-    """While pyfuse3 is imported, a stand-in for importlib.metadata that answers version() alone.
+    """While pyfuse3 is imported, a stand-in for importlib.metadata that answers version() itself.
 
     pyfuse3 3.5 sets its ``__version__`` with ``importlib.metadata.version("pyfuse3")`` as it is
     imported.  Loading importlib.metadata (with the email package it parses METADATA with) and
-    searching sys.path for the distribution costs ~12 ms, a tenth of the FUSE server's start-up,
-    for a string unionfs never reads.  Nothing else is imported meanwhile, and the stand-in is
-    gone from sys.modules afterwards: a later ``import importlib.metadata`` gets the real one.
-    When the real one is loaded already, it is used.
+    searching sys.path for the distribution costs 12-19 ms, a tenth of the FUSE server's start-up,
+    for a string unionfs never reads.  trio is imported before, so what loads meanwhile is
+    pyfuse3's own modules and the standard library's; should one of them ask the stand-in for
+    anything but version(), the real module is loaded and answers.  The stand-in is gone from
+    sys.modules afterwards: a later ``import importlib.metadata`` gets the real one.  When the real
+    one is loaded already, it is used.
     """
     if "importlib.metadata" in sys.modules:
         yield
         return
     standin = ModuleType("importlib.metadata", "unionfs.fusebind's stand-in: version() alone")
-    standin.PackageNotFoundError = _NotFound  # type: ignore[attr-defined]
-    standin.version = _dist_info_version  # type: ignore[attr-defined]
+    vars(standin).update(PackageNotFoundError=_NotFound, version=_dist_info_version,
+                         __getattr__=_real_metadata)
     sys.modules["importlib.metadata"] = standin
     try:
         yield
@@ -89,11 +110,13 @@ def _version_only() -> Iterator[None]:
             del sys.modules["importlib.metadata"]
         import importlib
 
-        if getattr(importlib, "metadata", None) is standin:
+        if vars(importlib).get("metadata") is standin:
             del importlib.metadata
 
 
 shim = _load_shim()
+
+import trio  # noqa: E402, F401 - pyfuse3 imports it: outside the stand-in's window
 
 with _version_only():
     import pyfuse3  # noqa: E402 - must come after the shim
