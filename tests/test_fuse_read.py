@@ -358,17 +358,12 @@ def test_three_plus_branches_aufs_style(pair: Pair, style: str) -> None:
 def test_read_content_and_offsets(pair: Pair) -> None:
     data = os.urandom(3 << 20)
     pair.build([[F("big", data), F("empty", b"")], [F("big", b"small")]], upper=[])
-    fds = {s.base: (os.open(s.p("big"), os.O_RDONLY), os.open(s.p("empty"), os.O_RDONLY)) for s in pair.sides}
-    try:
+    with pair.opened("big", "empty") as fd:
         for off, ln in [(0, 10), (4095, 2), (1 << 20, 1 << 20), ((3 << 20) - 3, 100), (3 << 20, 10),
                         (10 << 20, 1)]:
-            pair.same(lambda s, o=off, n=ln: os.pread(fds[s.base][0], n, o), f"pread {off} {ln}")
-        pair.same(lambda s: os.pread(fds[s.base][1], 10, 0), "pread empty")
-        pair.same(lambda s: os.lseek(fds[s.base][0], 0, os.SEEK_END), "lseek end")
-    finally:
-        for a, b in fds.values():
-            os.close(a)
-            os.close(b)
+            pair.same(lambda s, o=off, n=ln: os.pread(fd(s, "big"), n, o), f"pread {off} {ln}")
+        pair.same(lambda s: os.pread(fd(s, "empty"), 10, 0), "pread empty")
+        pair.same(lambda s: os.lseek(fd(s, "big"), 0, os.SEEK_END), "lseek end")
 
 
 def test_access_and_open_errors(pair: Pair) -> None:

@@ -396,47 +396,34 @@ def test_open_handle_sees_copy_up(pair: Pair) -> None:
     """A reader that opened a lower file before copy-up sees the new data after it (as kernel
     overlayfs does since 4.19); fstat on it agrees too."""
     pair.build([[F("f", b"old contents\n"), F("g", b"g" * 10000)]], upper=[])
-    fds = {s.base: (os.open(s.p("f"), os.O_RDONLY), os.open(s.p("g"), os.O_RDONLY)) for s in pair.sides}
-    try:
-        pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "read before")
+    with pair.opened("f", "g") as fd:
+        pair.same(lambda s: os.pread(fd(s, "f"), 100, 0), "read before")
         pair.same(w("f", WR | os.O_TRUNC, b"new contents, longer\n"), "write")
-        pair.same(lambda s: os.pread(fds[s.base][0], 100, 0), "old reader after copy-up")
-        pair.same(lambda s: os.fstat(fds[s.base][0]).st_size, "fstat old reader")
+        pair.same(lambda s: os.pread(fd(s, "f"), 100, 0), "old reader after copy-up")
+        pair.same(lambda s: os.fstat(fd(s, "f")).st_size, "fstat old reader")
         pair.same(p(os.chmod, "g", mode=0o600), "chmod g")
         pair.same(w("g", WR, b"CHANGED", off=5000), "write g")
-        pair.same(lambda s: os.pread(fds[s.base][1], 20, 4995), "reader of g after copy-up")
-    finally:
-        for a, b in fds.values():
-            os.close(a)
-            os.close(b)
+        pair.same(lambda s: os.pread(fd(s, "g"), 20, 4995), "reader of g after copy-up")
     pair.assert_same_upper()
 
 
 def test_writer_then_reader_same_file(pair: Pair) -> None:
     pair.build([[F("f", b"0123456789")]], upper=[])
-    fds = {s.base: os.open(s.p("f"), os.O_RDWR) for s in pair.sides}
-    try:
-        pair.same(lambda s: os.pwrite(fds[s.base], b"ab", 2), "pwrite")
+    with pair.opened("f", flags=os.O_RDWR) as fd:
+        pair.same(lambda s: os.pwrite(fd(s, "f"), b"ab", 2), "pwrite")
         pair.same(lambda s: open(s.p("f"), "rb").read(), "read through another open")
-        pair.same(lambda s: os.ftruncate(fds[s.base], 3), "ftruncate")
-        pair.same(lambda s: os.fstat(fds[s.base]).st_size, "fstat")
-        pair.same(lambda s: os.fchmod(fds[s.base], 0o600), "fchmod")
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+        pair.same(lambda s: os.ftruncate(fd(s, "f"), 3), "ftruncate")
+        pair.same(lambda s: os.fstat(fd(s, "f")).st_size, "fstat")
+        pair.same(lambda s: os.fchmod(fd(s, "f"), 0o600), "fchmod")
     pair.assert_same_tree()
     pair.assert_same_upper()
 
 
 def test_unlinked_open_file_stays_readable(pair: Pair) -> None:
     pair.build([[F("f", b"still here")]], upper=[])
-    fds = {s.base: os.open(s.p("f"), os.O_RDONLY) for s in pair.sides}
-    try:
+    with pair.opened("f") as fd:
         pair.same(p(os.unlink, "f"), "unlink")
-        pair.same(lambda s: os.pread(fds[s.base], 100, 0), "read after unlink")
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+        pair.same(lambda s: os.pread(fd(s, "f"), 100, 0), "read after unlink")
     pair.assert_same_upper()
 
 

@@ -5,9 +5,11 @@ kernel makes of it is proven by the FUSE tests.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,9 +43,18 @@ def branches(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     return upper, lower, work, mnt
 
 
-def open_union(upper: Path, lower: Path, work: Path, dialect: Dialect = Dialect.OVERLAY) -> Union:
+@contextlib.contextmanager
+def open_union(upper: Path, lower: Path, work: Path, dialect: Dialect = Dialect.OVERLAY) -> Iterator[Union]:
+    """A Union of *upper* over *lower* for the length of the block; its branches closed after it."""
     stack = open_stack([(str(upper), True), (str(lower), False)], str(work), aufs_work=False)
-    return Union(stack, dialect)
+    try:
+        u = Union(stack, dialect)
+        try:
+            yield u
+        finally:
+            u.close()
+    finally:
+        stack.close()
 
 
 def names(u: Union, path: bytes = b"") -> list[bytes]:
@@ -113,16 +124,12 @@ def test_merge_higher_wins_and_whiteouts(branches: tuple[Path, ...]) -> None:
     make(lower, {"a": "la", "x": "lx", "gone": "", "aufs-gone": "", "d/f": "", "od/hidden": ""})
     make(upper, {"x": "ux", ".wh.aufs-gone": "", "od/.wh..wh..opq": "", "od/seen": ""})
     os.mknod(upper / "gone", stat.S_IFCHR, 0)
-    u = open_union(upper, lower, work)
-    try:
+    with open_union(upper, lower, work) as u:
         assert names(u) == [b"a", b"d", b"od", b"x"]
         assert names(u, b"od") == [b"seen"]
         found = u.lookup(u.table.root, b"x")
         assert found is not None and found[0].layer == 0
         assert u.lookup(u.table.root, b"gone") is None
-    finally:
-        u.close()
-        u.stack.close()
 
 
 def test_non_directory_above_hides_directory_below(tmp_path: Path) -> None:
@@ -159,8 +166,7 @@ async def test_copy_up_keeps_metadata_and_lower(branches: tuple[Path, ...]) -> N
     os.chown(lower / "dir/f", 1234, 4321)
     os.utime(lower / "dir/f", ns=(10**18, 2 * 10**18))
     os.setxattr(lower / "dir/f", "user.k", b"v")
-    u = open_union(upper, lower, work)
-    try:
+    with open_union(upper, lower, work) as u:
         d = u.lookup(u.table.root, b"dir")
         assert d is not None
         f = u.lookup(d[0], b"f")
@@ -170,9 +176,6 @@ async def test_copy_up_keeps_metadata_and_lower(branches: tuple[Path, ...]) -> N
         assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1234, 4321, 2 * 10**18)
         os.pwrite(h.fd, b"DATA", 0)
         u.release(h)
-    finally:
-        u.close()
-        u.stack.close()
     assert os.getxattr(upper / "dir/f", "user.k") == b"v"
     assert stat.S_IMODE(os.stat(upper / "dir").st_mode) == 0o750
     assert (upper / "dir/f").read_text() == "DATA"
@@ -183,8 +186,7 @@ async def test_copy_up_keeps_metadata_and_lower(branches: tuple[Path, ...]) -> N
 async def test_unlink_and_rmdir_leave_whiteouts_only_where_needed(branches: tuple[Path, ...]) -> None:
     upper, lower, work, _ = branches
     make(lower, {"lf": "", "ld/": None})
-    u = open_union(upper, lower, work, Dialect.AUFS)
-    try:
+    with open_union(upper, lower, work, Dialect.AUFS) as u:
         root = u.table.root
         u.create(root, b"new", 0o644, os.O_WRONLY, ROOT)[0]
         u.unlink(root, b"new")
@@ -197,26 +199,19 @@ async def test_unlink_and_rmdir_leave_whiteouts_only_where_needed(branches: tupl
         assert exc.value.errno == errno.ENOENT
         node, _ = u.mkdir(root, b"ld", 0o755, ROOT)
         assert (upper / "ld/.wh..wh..opq").exists() and not (upper / ".wh.ld").exists()
-    finally:
-        u.close()
-        u.stack.close()
 
 
 async def test_rename_merged_dir_is_exdev(branches: tuple[Path, ...]) -> None:
     upper, lower, work, _ = branches
     make(lower, {"d/f": ""})
     make(upper, {"d/g": "", "mine/h": ""})
-    u = open_union(upper, lower, work)
-    try:
+    with open_union(upper, lower, work) as u:
         root = u.table.root
         with pytest.raises(OSError) as exc:
             await u.rename(root, b"d", root, b"d2", 0)
         assert exc.value.errno == errno.EXDEV
         await u.rename(root, b"mine", root, b"mine2", 0)
         assert names(u) == [b"d", b"mine2"]
-    finally:
-        u.close()
-        u.stack.close()
 
 
 async def test_read_only_union_refuses_changes(branches: tuple[Path, ...]) -> None:
@@ -245,8 +240,7 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
 
     upper, lower, work, _ = branches
     make(lower, {"a": "1", "b": "2", "c": "3"})
-    u = open_union(upper, lower, work)
-    try:
+    with open_union(upper, lower, work) as u:
         ops = Operations(u)
         root = u.table.root
         first, start, tag = ops._snapshot(root, 0)
@@ -267,9 +261,6 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
             ops._snapshot(root, 0)
         late, start, tag4 = ops._snapshot(root, tag | 3)
         assert late is not first and start == 3 and tag4 not in (tag, tag3)
-    finally:
-        u.close()
-        u.stack.close()
 
 
 def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:

@@ -7,6 +7,7 @@ one copy and the implementation under test on the other, and compares what each 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -17,7 +18,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -726,6 +727,20 @@ class Pair:
     def both(self, fn: Callable[[Side], Any]) -> tuple[Any, Any]:
         """``fn(side)`` on each side, OSErrors turned into ("errno", NAME)."""
         return call(fn, self.k), call(fn, self.u)
+
+    @contextlib.contextmanager
+    def opened(self, *names: str, flags: int = os.O_RDONLY) -> Iterator[Callable[[Side, str], int]]:
+        """Each of *names* opened on both sides for the length of the block, then closed: yields
+        ``fd(side, name)``."""
+        fds: dict[tuple[Path, str], int] = {}
+        try:
+            for side in self.sides:
+                for name in names:
+                    fds[side.base, name] = os.open(side.p(name), flags)
+            yield lambda side, name: fds[side.base, name]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def same(self, fn: Callable[[Side], Any], what: str = "") -> Any:
         """Run ``fn`` on both sides and assert the results (values or errnos) are equal."""
