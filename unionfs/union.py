@@ -721,8 +721,7 @@ class Union:
     def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on an open file (the kernel sends it only for one open for writing, which is
         in the writable branch already)."""
-        if h.layer != h.node.layer:
-            self.refresh(h)
+        self.refresh(h)
         if h.layer != 0:
             raise _err(errno.EBADF)
         h.node.st = None
