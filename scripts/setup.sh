@@ -40,8 +40,16 @@ if [ -z "$shim" ] || [ unionfs/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$sh
    [ pyproject.toml -nt .venv/bin/unionfs ] ||
    compgen -G '.venv/lib/python3*/site-packages/__editable___unionfs_*_finder.py' >/dev/null ||
    ! .venv/bin/python -c 'import unionfs._fuse_shim, pyfuse3, pytest_trio, hypothesis' 2>/dev/null; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+    # pip's and setuptools' chatter (the compat-mode notice among it) is shown only on failure.
+    log=$(mktemp)
+    if ! { .venv/bin/pip install -q --upgrade pip &&
+           .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "setup: installing the package into .venv failed (above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
 fi
 # mount(8) hands `-t fuse.unionfs-overlay` to mount.fuse3, which looks the program up on PATH.
 if [ "$(id -u)" -eq 0 ]; then
