@@ -42,8 +42,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORWARDED_SIGNALS = (
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
 )
-INIT_MOUNTPOINTS = ("/proc", "/dev")
-"""Mount points the container's setup needs; the init layer makes the ones the image lacks."""
+INIT_MOUNTPOINTS = ("/proc", "/dev", "/sys")
+"""Mount points the container needs (/sys as Docker's init layer has it); made where the image lacks them."""
 TMP_MODE = 0o1777  # /tmp where the image has none
 TMPFS_FLAGS = {
     "ro": (syscalls.MS_RDONLY, True), "rw": (syscalls.MS_RDONLY, False),
