@@ -2,20 +2,26 @@
 
 ``run(RunConfig(...))`` reads as the script of a container start:
 
-1. check the request (branches, /dev/fuse for rootless);
+1. check the request (branches, volumes, /dev/fuse for rootless), lock the
+   container layer (one launch per layer) and make the per-run directory on the
+   host, removing those of killed launchers (``launcher.state``);
 2. move the launcher into a private mount namespace (and a user namespace when
-   rootless), and put a tmpfs over its per-user state directory there: the init
+   rootless), and put a tmpfs over its per-run directory there: the init
    layer, the mount point and a throwaway upper live in it and vanish with it;
 3. write the init layer (/etc/hostname, /etc/hosts, /etc/resolv.conf, and the
-   empty mount points) and mount the union UPPER:INIT:LAYERS... with the FUSE
-   server as the launcher's child, outside the container;
+   mount points the image lacks, their parent directories carrying the image's
+   metadata: see ``rootfs.InitLayer``) and mount the union UPPER:INIT:LAYERS...
+   with the FUSE server as the launcher's child, outside the container;
 4. fork the command as PID 1 of a new PID namespace; it unshares mount, UTS,
    IPC (and network) namespaces, applies the rootfs steps, pivots and execs;
-5. supervise: forward signals, wait, and turn the status into ours
-   (128+N when killed by signal N);
-6. always unmount and wait for the server.  If the launcher is SIGKILLed, the
-   command and the server get SIGKILL from PR_SET_PDEATHSIG and the kernel
-   frees the private mount namespace with the union in it.
+5. supervise: forward signals (SIGTERM as ``docker stop``: SIGKILL after
+   ``--stop-timeout``), wait, and turn the status into ours (128+N when killed
+   by signal N);
+6. always unmount, wait for the server and remove the per-run directory.  If
+   the launcher is SIGKILLed, the command and the server get SIGKILL from
+   PR_SET_PDEATHSIG, the kernel frees the private mount namespace with the union
+   in it and drops the container layer's lock; the next launch removes the
+   (empty) per-run directory.
 """
 
 from __future__ import annotations
@@ -189,6 +195,7 @@ def _warn_if_root_not_writable(root: str, upper: str, owner: tuple[int, int], us
     """Create (and remove) the file *probe* at the union's root; when that is refused, warn and say
     how to fix it (*owner*: the host's owner and group of *upper*; *user*: the launching user's)."""
     path = os.path.join(root, probe)
+    before = os.stat(root)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     except OSError as exc:
@@ -197,6 +204,10 @@ def _warn_if_root_not_writable(root: str, upper: str, owner: tuple[int, int], us
                         "created in the container's / (fix: chown %d:%d %s)", upper, *owner, *user, upper)
         return
     os.unlink(path)
+    try:  # the probe leaves no trace but the root's ctime
+        os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))
+    except OSError as exc:
+        log.debug("restore the times of %s: %s", root, exc)
 
 
 def _resolv_conf(net: str) -> bytes:

@@ -159,6 +159,7 @@ def test_nothing_of_the_init_layer_lands_in_the_container_layer(setup: Setup, up
     assert r.stdout == "docker1\nok\n"
     assert sorted(p.name for p in upper.iterdir()) == ["etc"]
     assert sorted(p.name for p in (upper / "etc").iterdir()) == ["motd"]
+    assert _stat(upper / "etc")[0] == "0o751"  # the copy-up of /etc took the image's metadata
 
 
 def test_the_images_symlinks_stay_symlinks(setup: Setup, upper: Path) -> None:
