@@ -28,11 +28,34 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "run",
     context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
 )
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]",
+              help="Bind mount a host file or directory at CTR (made in the init layer when the image lacks "
+                   "it, never in the container layer); ':ro' read-only. Repeatable.")
+@click.option("--tmpfs", "tmpfs", multiple=True, metavar="PATH[:OPTIONS]",
+              help="Mount a tmpfs at PATH (mode 1777, nosuid, nodev, noexec; OPTIONS as size=64m,exec). "
+                   "Repeatable.")
+@click.option("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]",
+              help="Run COMMAND as this user; names and supplementary groups from the image's /etc/passwd "
+                   "and /etc/group.")
+@click.option("--read-only", is_flag=True,
+              help="Mount the container's root read-only, with a tmpfs on /tmp, /var/tmp and /run "
+                   "(as podman's --read-only-tmpfs).")
+@click.option("--stop-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              metavar="SECONDS",
+              help="On SIGTERM, PID 1 gets SIGTERM (if it handles it) and SIGKILL after this many seconds.")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Accepted for docker's habit: stdin is always passed.")
+@click.option("-t", "--tty", is_flag=True,
+              help="Accepted for docker's habit: COMMAND uses the launcher's terminal, if it has one.")
+@click.option("--rm", is_flag=True,
+              help="Accepted for docker's habit: the container layer is the given branch and is kept; use "
+                   "--tmp-upper for a throwaway one.")
+@click.option("--name", help="Accepted for docker's habit (there is no container registry to name it in).")
 @click.option("--hostname", callback=_hostname, help="Host name inside the container (default: a random id).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
               help="Set an environment variable; KEY alone passes the launcher's value. Repeatable.")
 @click.option("-w", "--workdir", default="/", show_default=True,
-              help="Working directory inside the container.")
+              help="Working directory inside the container; made (in the init layer) when missing.")
 @click.option("--net", type=click.Choice(["none", "host"]), default="host", show_default=True,
               help="none: a new network namespace with only loopback up; host: share the host's network.")
 @click.option("--tmp-upper", is_flag=True,
@@ -46,7 +69,7 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Debugging: after the command exits, keep the union mounted until Ctrl-C or SIGTERM.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, hidden=True,
               help="Which union serves the root: the unionfs FUSE server, or kernel overlayfs.")
-@click.option("-v", "--verbose", is_flag=True, help="Log each setup step to stderr.")
+@click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
 def run_command(
@@ -62,6 +85,15 @@ def run_command(
     keep_mounted: bool,
     backend: str,
     verbose: bool,
+    volumes: tuple[str, ...],
+    tmpfs: tuple[str, ...],
+    user: str | None,
+    read_only: bool,
+    stop_timeout: float,
+    interactive: bool,
+    tty: bool,
+    rm: bool,
+    name: str | None,
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -74,7 +106,7 @@ def run_command(
 
     Example:
 
-        unionfs run --hostname box ./upper:./busybox -- /bin/sh
+        unionfs run --hostname box -v ./data:/data -u nobody ./upper:./busybox -- /bin/sh
     """
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
@@ -89,7 +121,9 @@ def run_command(
 
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
-                    backend=backend)
+                    backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
+                    stop_timeout=stop_timeout)
+    log.debug("accepted for docker's habit: interactive=%s tty=%s rm=%s name=%s", interactive, tty, rm, name)
     try:
         code = run(cfg)
     except LaunchError as exc:

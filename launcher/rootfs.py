@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from launcher import syscalls
+from launcher.imageview import ImageView, components
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +139,82 @@ class Symlink(NamedTuple):
             raise OSError(exc.errno, "symlink", path) from None
 
 
-Step = MakePrivate | BindRoot | Mkdir | Proc | Tmpfs | BindDevice | DevPts | BindFile | Symlink
+def _locked_flags(path: str) -> int:
+    """The mount flags of the mount at *path* that a remount must keep (in a user namespace the
+    kernel refuses to drop them)."""
+    flags = os.statvfs(path).f_flag
+    pairs = ((os.ST_NOSUID, syscalls.MS_NOSUID), (os.ST_NODEV, syscalls.MS_NODEV),
+             (os.ST_NOEXEC, syscalls.MS_NOEXEC), (os.ST_NOATIME, syscalls.MS_NOATIME),
+             (os.ST_NODIRATIME, syscalls.MS_NODIRATIME), (os.ST_RELATIME, syscalls.MS_RELATIME))
+    return sum(ms for st, ms in pairs if flags & st)
+
+
+class ReadOnly(NamedTuple):
+    """Remount the bind mount at *dest* read-only (``--read-only`` for /, ``:ro`` for a volume)."""
+
+    dest: str = "/"
+
+    def apply(self, root: str) -> None:
+        path = _inside(root, self.dest)
+        flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | _locked_flags(path)
+        syscalls.mount(None, path, None, flags, step="remount read-only")
+
+
+class BindVolume(NamedTuple):
+    """``-v HOST:CTR``: bind (recursively) a host file or directory onto its mount point in the union."""
+
+    source: str
+    dest: str
+
+    def apply(self, root: str) -> None:
+        syscalls.mount(self.source, _inside(root, self.dest), None, syscalls.MS_BIND | syscalls.MS_REC,
+                       step="bind volume")
+
+
+class Volume(NamedTuple):
+    """A ``-v`` bind: host path, container path, read-only or not."""
+
+    source: str
+    dest: str
+    readonly: bool = False
+
+
+class TmpfsMount(NamedTuple):
+    """A ``--tmpfs`` mount with the flags and data (mode=, size=, ...) the user gave."""
+
+    dest: str
+    flags: int
+    data: str
+
+    def apply(self, root: str) -> None:
+        syscalls.mount("tmpfs", _inside(root, self.dest), "tmpfs", self.flags, self.data, step="mount tmpfs")
+
+
+Step = (MakePrivate | BindRoot | ReadOnly | Mkdir | Proc | Tmpfs | BindDevice | DevPts | BindFile | BindVolume
+        | TmpfsMount | Symlink)
 
 INIT_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+READ_ONLY_TMPFS = (("/tmp", 0o1777), ("/var/tmp", 0o1777), ("/run", 0o755))
+"""Where ``--read-only`` mounts a tmpfs, as podman's ``--read-only-tmpfs`` does by default."""
 
 
-def container_steps(*, rootless: bool, init_layer: str | None = None) -> list[Step]:
-    """The setup of a container root, in order: private propagation, the root bind, the init
-    layer's files bound over themselves, /proc, /dev."""
+def container_steps(
+    *,
+    rootless: bool,
+    init_layer: str | None = None,
+    init_files: Sequence[str] = INIT_FILES,
+    read_only: bool = False,
+    volumes: Sequence[Volume] = (),
+    tmpfs: Sequence[TmpfsMount] = (),
+) -> list[Step]:
+    """The setup of a container root, in order: private propagation, the root bind (read-only with
+    *read_only*), the init layer's files bound over themselves, /proc, /dev, then the volumes and
+    tmpfs mounts, parents before children."""
     steps: list[Step] = [MakePrivate(), BindRoot()]
+    if read_only:
+        steps.append(ReadOnly("/"))
     if init_layer is not None:
-        steps.extend(BindFile(_inside(init_layer, path), path) for path in INIT_FILES)
+        steps.extend(BindFile(_inside(init_layer, path), path) for path in init_files)
     steps.append(Proc())
     steps.append(Tmpfs("/dev", 0o755, syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, size="64k"))
     steps.extend(BindDevice(name) for name in DEV_NODES)
@@ -156,6 +223,14 @@ def container_steps(*, rootless: bool, init_layer: str | None = None) -> list[St
     steps.append(Mkdir("/dev/shm", 0o1777))
     steps.append(Tmpfs("/dev/shm", 0o1777))
     steps.extend(Symlink(target, dest) for target, dest in DEV_SYMLINKS)
+    mounts: list[Volume | TmpfsMount] = [*volumes, *tmpfs]
+    for m in sorted(mounts, key=lambda m: len(components(m.dest))):
+        if isinstance(m, Volume):
+            steps.append(BindVolume(m.source, m.dest))
+            if m.readonly:
+                steps.append(ReadOnly(m.dest))
+        else:
+            steps.append(m)
     return steps
 
 
@@ -198,27 +273,114 @@ def enter_root(root: str, workdir: str = "/") -> None:
         raise OSError(exc.errno, "chdir to working directory", workdir) from None
 
 
-def write_init_layer(layer: str, hostname: str, resolv_conf: bytes, mountpoints: Sequence[str]) -> None:
-    """Fill *layer* with the per-container files Docker keeps in its init layer.
+class InitLayer:
+    """The per-run branch between the container layer and the image: only what the image lacks.
 
-    /etc/hostname, /etc/hosts and /etc/resolv.conf are this container's; the
-    empty directories in *mountpoints* (proc, dev, ...) exist so that the
-    container's mounts have somewhere to go even when the image lacks them,
-    without a copy-up into the container layer.
+    It holds /etc/hostname, /etc/hosts and /etc/resolv.conf, and the mount points
+    (directories or empty files) the container needs and the image does not have.
+    Every directory it must hold on the way to those carries the metadata (mode,
+    owner, times) of the image's directory of that name: the union shows a
+    directory's metadata from the topmost branch that has it, and a copy-up takes
+    it from there too, so a bare directory here would shadow the image's ``/etc``
+    or ``/tmp`` and be copied up into the container layer with the wrong mode.  A
+    name the image has as a symlink (``/var/run``, say) stays a symlink: nothing
+    is put under it.  *view* is the union of the branches around the init layer.
     """
-    etc = os.path.join(layer, "etc")
-    os.makedirs(etc, 0o755, exist_ok=True)
-    os.chmod(layer, 0o755)
-    for mp in mountpoints:
-        os.makedirs(_inside(layer, mp), 0o755, exist_ok=True)
+
+    def __init__(self, path: str, view: ImageView) -> None:
+        self.path = path
+        self.view = view
+        self._times: dict[str, os.stat_result] = {}
+        os.makedirs(path, 0o755, exist_ok=True)
+        root = view.lstat("/")
+        if root is not None:
+            self._copy_metadata(path, root)
+            self._times[path] = root
+
+    def directory(self, dest: str, mode: int = 0o755) -> bool:
+        """Make *dest* a directory in the union; False (nothing made) where the image has a non-directory
+        at *dest* or on the way to it."""
+        return self._make(dest, mode, is_dir=True)
+
+    def mount_file(self, dest: str) -> bool:
+        """Make *dest* exist as a file in the union (an empty one here if the image lacks it), as a
+        mount point for a file; False where the image has a directory there or a non-directory on the way."""
+        return self._make(dest, 0o644, is_dir=False)
+
+    def write_file(self, dest: str, data: bytes) -> bool:
+        """Put the file *dest* here with *data*; False where its parent cannot be made a directory."""
+        parent, _, _ = dest.rpartition("/")
+        if not self._make(parent or "/", 0o755, is_dir=True, here=True):
+            return False
+        path = self._inside(dest)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
+        return True
+
+    def finish(self) -> None:
+        """Give the directories copied from the image the image's times, deepest first (creating their
+        children changed them)."""
+        for path in sorted(self._times, key=len, reverse=True):
+            st = self._times[path]
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def _inside(self, dest: str) -> str:
+        return _inside(self.path, "/" + "/".join(components(dest)))
+
+    def _make(self, dest: str, mode: int, *, is_dir: bool, here: bool = False) -> bool:
+        """Make *dest* exist in the union, in this layer only where the image lacks it (or, with
+        *here*, in this layer in any case)."""
+        names = components(dest)
+        found = self.view.walk(dest)
+        if len(found) == len(names) and names and stat.S_ISDIR(found[-1].st_mode) != is_dir:
+            return False
+        if len(found) == len(names) and not here:
+            return True
+        if any(not stat.S_ISDIR(st.st_mode) for st in found):
+            return False
+        path = self.path
+        for i, name in enumerate(names):
+            path = os.path.join(path, name)
+            last = i == len(names) - 1
+            if i < len(found):
+                if not os.path.isdir(path):
+                    os.mkdir(path, 0o700)
+                    self._copy_metadata(path, found[i])
+                    self._times[path] = found[i]
+            elif last and not is_dir:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode))
+                os.chmod(path, mode)
+            elif not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+                os.chmod(path, mode if last else 0o755)
+        return True
+
+    @staticmethod
+    def _copy_metadata(path: str, st: os.stat_result) -> None:
+        try:
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        except OSError as exc:  # rootless: an owner the user namespace cannot map
+            log.debug("init layer %s: keeping our owner, not %d:%d (%s)", path, st.st_uid, st.st_gid,
+                      os.strerror(exc.errno or 0))
+        os.chmod(path, stat.S_IMODE(st.st_mode), follow_symlinks=False)
+
+
+def write_init_layer(layer: InitLayer, hostname: str, resolv_conf: bytes) -> list[str]:
+    """Write the per-container files Docker keeps in its init layer; the ones written (all three,
+    unless the image's /etc is not a directory)."""
     hosts = (
         "127.0.0.1\tlocalhost\n"
         "::1\tlocalhost ip6-localhost ip6-loopback\n"
         f"127.0.1.1\t{hostname}\n"
     )
-    files = {"hostname": (hostname + "\n").encode(), "hosts": hosts.encode(), "resolv.conf": resolv_conf}
-    for name, data in files.items():
-        path = os.path.join(etc, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chmod(path, 0o644)
+    files = {"/etc/hostname": (hostname + "\n").encode(), "/etc/hosts": hosts.encode(),
+             "/etc/resolv.conf": resolv_conf}
+    written = [path for path, data in files.items() if layer.write_file(path, data)]
+    if len(written) < len(files):
+        missing = ", ".join(sorted(set(files) - set(written)))
+        log.warning("the image's /etc is not a directory: no %s", missing)
+    return written

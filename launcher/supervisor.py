@@ -2,20 +2,26 @@
 
 ``run(RunConfig(...))`` reads as the script of a container start:
 
-1. check the request (branches, /dev/fuse for rootless);
+1. check the request (branches, volumes, /dev/fuse for rootless), lock the
+   container layer (one launch per layer) and make the per-run directory on the
+   host, removing those of killed launchers (``launcher.state``);
 2. move the launcher into a private mount namespace (and a user namespace when
-   rootless), and put a tmpfs over its per-user state directory there: the init
+   rootless), and put a tmpfs over its per-run directory there: the init
    layer, the mount point and a throwaway upper live in it and vanish with it;
 3. write the init layer (/etc/hostname, /etc/hosts, /etc/resolv.conf, and the
-   empty mount points) and mount the union UPPER:INIT:LAYERS... with the FUSE
-   server as the launcher's child, outside the container;
+   mount points the image lacks, their parent directories carrying the image's
+   metadata: see ``rootfs.InitLayer``) and mount the union UPPER:INIT:LAYERS...
+   with the FUSE server as the launcher's child, outside the container;
 4. fork the command as PID 1 of a new PID namespace; it unshares mount, UTS,
    IPC (and network) namespaces, applies the rootfs steps, pivots and execs;
-5. supervise: forward signals, wait, and turn the status into ours
-   (128+N when killed by signal N);
-6. always unmount and wait for the server.  If the launcher is SIGKILLed, the
-   command and the server get SIGKILL from PR_SET_PDEATHSIG and the kernel
-   frees the private mount namespace with the union in it.
+5. supervise: forward signals (SIGTERM as ``docker stop``: SIGKILL after
+   ``--stop-timeout``), wait, and turn the status into ours (128+N when killed
+   by signal N);
+6. always unmount, wait for the server and remove the per-run directory.  If
+   the launcher is SIGKILLed, the command and the server get SIGKILL from
+   PR_SET_PDEATHSIG, the kernel frees the private mount namespace with the union
+   in it and drops the container layer's lock; the next launch removes the
+   (empty) per-run directory.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from launcher import namespaces, rootfs, syscalls, timing
+from launcher import namespaces, rootfs, state, syscalls, timing, users
+from launcher.imageview import ImageView, components
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
 
 log = logging.getLogger(__name__)
@@ -41,7 +48,15 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORWARDED_SIGNALS = (
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
 )
-INIT_MOUNTPOINTS = ("/proc", "/dev", "/sys", "/tmp")
+INIT_MOUNTPOINTS = ("/proc", "/dev", "/sys")
+"""Mount points the container needs (/sys as Docker's init layer has it); made where the image lacks them."""
+TMP_MODE = 0o1777  # /tmp where the image has none
+TMPFS_FLAGS = {
+    "ro": (syscalls.MS_RDONLY, True), "rw": (syscalls.MS_RDONLY, False),
+    "nosuid": (syscalls.MS_NOSUID, True), "suid": (syscalls.MS_NOSUID, False),
+    "nodev": (syscalls.MS_NODEV, True), "dev": (syscalls.MS_NODEV, False),
+    "noexec": (syscalls.MS_NOEXEC, True), "exec": (syscalls.MS_NOEXEC, False),
+}
 SI_KERNEL = 0x80
 EXIT_LAUNCH_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
@@ -63,6 +78,11 @@ class RunConfig(NamedTuple):
     init: bool = False  # a reaping init as PID 1, the command as PID 2 (as docker run --init)
     backend: str = DEFAULT_BACKEND
     container_id: str | None = None  # default: 12 random hex digits, as Docker's short ids
+    volumes: Sequence[str] = ()  # HOST:CTR[:ro|rw], as docker run -v
+    tmpfs: Sequence[str] = ()  # PATH[:OPTIONS], as docker run --tmpfs
+    user: str | None = None  # UID[:GID] or NAME[:GROUP], from the image's /etc/passwd and /etc/group
+    read_only: bool = False  # the root read-only; tmpfs on /tmp, /var/tmp and /run
+    stop_timeout: float = 10.0  # after SIGTERM to PID 1, seconds until SIGKILL
 
 
 def describe(exc: OSError) -> str:
@@ -103,42 +123,91 @@ def _check_fuse_access(rootless: bool, backend: str) -> None:
         )
 
 
-def _warn_unmapped_upper(upper: str) -> None:
-    """Rootless: say so when the writable branch's top directory has an owner the namespace cannot map.
+def _container_path(value: str, what: str) -> str:
+    if not value.startswith("/"):
+        raise LaunchError(f"{what} must be an absolute path inside the container: {value}", 2)
+    try:
+        names = components(value)
+    except ValueError:
+        raise LaunchError(f"{what} must not contain '..': {value}", 2) from None
+    return "/" + "/".join(names)
 
-    The union reports such an owner as the overflow id, and the kernel refuses every
-    write into an inode whose owner or group it cannot map (EACCES), so nothing could
-    be created at the container's root.
+
+def parse_volume(spec: str) -> rootfs.Volume:
+    """``HOST:CTR[:ro|rw]`` as docker run -v; HOST must exist (a file or a directory)."""
+    parts = spec.split(":")
+    readonly = False
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        readonly = parts.pop() == "ro"
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise LaunchError(f"bad --volume {spec!r} (want HOST:CONTAINER[:ro])", 2)
+    source = os.path.abspath(parts[0])
+    if not os.path.exists(source):
+        raise LaunchError(f"--volume source does not exist: {source}", 2)
+    return rootfs.Volume(source, _container_path(parts[1], "--volume destination"), readonly)
+
+
+def parse_tmpfs(spec: str) -> rootfs.TmpfsMount:
+    """``PATH[:OPTIONS]`` as docker run --tmpfs: mode 1777, nosuid, nodev, noexec unless told."""
+    path, _, options = spec.partition(":")
+    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+    data = {"mode": "1777"}
+    for opt in filter(None, options.split(",")):
+        key, sep, value = opt.partition("=")
+        if opt in TMPFS_FLAGS:
+            bit, on = TMPFS_FLAGS[opt]
+            flags = flags | bit if on else flags & ~bit
+        elif sep and key in ("size", "mode", "nr_inodes", "uid", "gid"):
+            data[key] = value
+        else:
+            raise LaunchError(f"bad --tmpfs option {opt!r} in {spec!r}", 2)
+    options_data = ",".join(f"{k}={v}" for k, v in data.items())
+    return rootfs.TmpfsMount(_container_path(path, "--tmpfs"), flags, options_data)
+
+
+def _unmapped_owner(upper: str) -> tuple[int, int] | None:
+    """Rootless: whether the writable branch's top directory has an owner or group outside the
+    user's own ids and subordinate ranges.
+
+    Only a guess: the union shows such an id as the overflow id (65534), which the namespace
+    may map after all (a subordinate range of 65536 ids does), and only an id that stays
+    unmapped makes the kernel refuse writes.  ``_warn_if_root_not_writable`` checks.
+    Returns the directory's (uid, gid) when either looks unmapped.
     """
     uid, gid = os.getuid(), os.getgid()
     try:
         st = os.stat(upper)
     except OSError:
-        return
+        return None
     subuid = namespaces.subordinate_range("/etc/subuid", uid)
     subgid = namespaces.subordinate_range("/etc/subgid", uid)
 
     def mapped(value: int, own: int, sub: namespaces.IdRange | None) -> bool:
         return value == own or (sub is not None and sub.start <= value < sub.start + sub.length)
 
-    if not (mapped(st.st_uid, uid, subuid) and mapped(st.st_gid, gid, subgid)):
-        log.warning("%s belongs to uid %d, gid %d, which the user namespace cannot map: nothing can be "
-                    "created in the container's / (fix: chown %d:%d %s)", upper, st.st_uid, st.st_gid,
-                    uid, gid, upper)
+    if mapped(st.st_uid, uid, subuid) and mapped(st.st_gid, gid, subgid):
+        return None
+    return st.st_uid, st.st_gid
 
 
-def _state_base() -> str:
-    """A per-user directory, the same for every run; each launcher mounts its own tmpfs on it."""
-    uid = os.getuid()
-    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".unionfs-run-{uid}")
+def _warn_if_root_not_writable(root: str, upper: str, owner: tuple[int, int], user: tuple[int, int],
+                               probe: str) -> None:
+    """Create (and remove) the file *probe* at the union's root; when that is refused, warn and say
+    how to fix it (*owner*: the host's owner and group of *upper*; *user*: the launching user's)."""
+    path = os.path.join(root, probe)
+    before = os.stat(root)
     try:
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-        raise LaunchError(f"{base} is not a directory owned by uid {uid}; remove it")
-    return base
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EOVERFLOW):
+            log.warning("%s belongs to uid %d, gid %d, which the user namespace cannot map: nothing can be "
+                        "created in the container's / (fix: chown %d:%d %s)", upper, *owner, *user, upper)
+        return
+    os.unlink(path)
+    try:  # the probe leaves no trace but the root's ctime
+        os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))
+    except OSError as exc:
+        log.debug("restore the times of %s: %s", root, exc)
 
 
 def _resolv_conf(net: str) -> bytes:
@@ -165,6 +234,9 @@ def _container_child(
     steps: Sequence[rootfs.Step],
     hostname: str,
     env: dict[str, str],
+    workdir: str,
+    user: users.User | None,
+    rootless: bool,
     errw: int,
     alive_r: int,
     old_mask: set[int | signal.Signals],
@@ -187,7 +259,9 @@ def _container_child(
         if cfg.net == "none":
             namespaces.bring_loopback_up()
         rootfs.apply(steps, root)
-        rootfs.enter_root(root, cfg.workdir)
+        rootfs.enter_root(root, workdir)
+        if user is not None:
+            _switch_user(user, rootless)
         if cfg.init and os.fork() != 0:
             os.close(errw)  # the command's copy closes on exec, and that EOF is what the launcher waits for
             _mini_init()
@@ -207,6 +281,24 @@ def _container_child(
         os.write(errw, msg.encode(errors="replace")[:4000])
     finally:
         os._exit(code)
+
+
+def _switch_user(user: users.User, rootless: bool) -> None:
+    """Become ``--user``: supplementary groups, group, then user (the last drops the capabilities)."""
+    try:
+        os.setgroups(list(user.groups))
+    except PermissionError:
+        if not rootless:
+            raise
+        # a user namespace with only the launching user's ids denies setgroups; none are held anyway
+        log.debug("setgroups refused in the user namespace; no supplementary groups")
+    ids = f"{user.uid}:{user.gid}"
+    hint = " (not mapped in the user namespace: rootless maps your subordinate ids only)" if rootless else ""
+    try:
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+    except OSError as exc:
+        raise OSError(exc.errno, f"switch to --user{hint}", ids) from None
 
 
 def _mini_init() -> None:
@@ -290,12 +382,44 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _supervise(pid: int, handle: UnionHandle) -> int:
-    """Wait for PID 1, forwarding signals; its exit status, 128+N if killed by signal N."""
+def _stop(pid: int) -> None:
+    """SIGTERM for the container, as ``docker stop`` sends it: to PID 1 if it has a handler.
+
+    A PID 1 without one never sees it (the kernel drops it), as under Docker; the supervisor
+    SIGKILLs it when ``--stop-timeout`` has passed.
+    """
+    caught, _ = _signal_masks(pid)
+    if caught & (1 << (signal.SIGTERM - 1)):
+        _kill(pid, signal.SIGTERM)
+    else:
+        log.debug("PID 1 (%d) has no SIGTERM handler; SIGKILL after the stop timeout", pid)
+
+
+def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0) -> int:
+    """Wait for PID 1, forwarding signals; its exit status, 128+N if killed by signal N.
+
+    SIGTERM starts the stop timeout: when PID 1 is still there after *stop_timeout*
+    seconds it is SIGKILLed (status 137), as ``docker stop`` does.
+    """
     waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     emulated: int | None = None
+    deadline: float | None = None
+    killed = False
     while True:
-        info = signal.sigwaitinfo(waited)
+        if deadline is None:
+            info: signal.struct_siginfo | None = signal.sigwaitinfo(waited)
+        else:
+            info = signal.sigtimedwait(waited, max(0.0, deadline - time.monotonic()))
+        if info is None:
+            log.debug("PID 1 (%d) still runs %.1fs after SIGTERM: SIGKILL", pid, stop_timeout)
+            _kill(pid, signal.SIGKILL)
+            deadline, killed = None, True  # only its SIGCHLD is left to wait for
+            continue
+        if info.si_signo == signal.SIGTERM:
+            _stop(pid)
+            if deadline is None and not killed:
+                deadline = time.monotonic() + stop_timeout
+            continue
         if info.si_signo != signal.SIGCHLD:
             emulated = _forward(pid, info) or emulated
             continue
@@ -376,8 +500,11 @@ def run(cfg: RunConfig) -> int:
     timing.stamp("run")
     if not cfg.command:
         raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", 2)
-    if not os.path.isabs(cfg.workdir):
-        raise LaunchError(f"--workdir must be an absolute path inside the container: {cfg.workdir}", 2)
+    workdir = _container_path(cfg.workdir, "--workdir")
+    volumes = [parse_volume(v) for v in cfg.volumes]
+    tmpfs = [parse_tmpfs(t) for t in cfg.tmpfs]
+    if cfg.stop_timeout < 0:
+        raise LaunchError(f"--stop-timeout must not be negative: {cfg.stop_timeout}", 2)
     branches = parse_branches(cfg.branches)
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
     if not rootless and os.geteuid() != 0:
@@ -386,9 +513,33 @@ def run(cfg: RunConfig) -> int:
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
     _check_fuse_access(rootless, cfg.backend)
-    if rootless and not cfg.tmp_upper and os.getuid() != 0:
-        _warn_unmapped_upper(branches[0].path)
-    base = _state_base()
+    host_ids = os.getuid(), os.getgid()
+    unmapped = _unmapped_owner(branches[0].path) if rootless and not cfg.tmp_upper and host_ids[0] else None
+    layer_lock = None if cfg.tmp_upper else state.lock_container_layer(branches[0].path)
+    run_dir = state.RunDir(host_ids[0], container_id)
+    try:
+        return _run(cfg, branches, rootless, run_dir.path, container_id, hostname, env, workdir, volumes,
+                    tmpfs, unmapped, host_ids)
+    finally:
+        run_dir.remove()
+        if layer_lock is not None:
+            os.close(layer_lock)
+
+
+def _run(
+    cfg: RunConfig,
+    branches: list[Branch],
+    rootless: bool,
+    base: str,
+    container_id: str,
+    hostname: str,
+    env: dict[str, str],
+    workdir: str,
+    volumes: list[rootfs.Volume],
+    tmpfs: list[rootfs.TmpfsMount],
+    unmapped: tuple[int, int] | None,
+    host_ids: tuple[int, int],
+) -> int:
     try:
         was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
@@ -399,45 +550,113 @@ def run(cfg: RunConfig) -> int:
     namespaces.enter_launcher_namespaces(rootless)
     syscalls.mount("tmpfs", base, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700",
                    step="mount state tmpfs")
-    init_layer, root = os.path.join(base, "init"), os.path.join(base, "root")
-    os.mkdir(root, 0o755)
-    rootfs.write_init_layer(init_layer, hostname, _resolv_conf(cfg.net), INIT_MOUNTPOINTS)
-    if cfg.tmp_upper:
-        upper = os.path.join(base, "upper")
-        os.mkdir(upper, 0o755)
-        layers = [Branch(upper, "rw"), Branch(init_layer, "ro"), *branches]
-    else:
-        layers = [branches[0], Branch(init_layer, "ro"), *branches[1:]]
-    timing.stamp("mount")
-    handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
-                         backend=cfg.backend)
-    timing.stamp("mounted")
+    try:
+        init_path, root = os.path.join(base, "init"), os.path.join(base, "root")
+        os.mkdir(root, 0o755)
+        with ImageView([b.path for b in branches]) as view:
+            init_files, tmpfs = _write_init_layer(cfg, view, init_path, hostname, workdir, volumes, tmpfs)
+            user = users.resolve(cfg.user, view.read_file("/etc/passwd"), view.read_file("/etc/group")) \
+                if cfg.user is not None else None
+        if user is not None and not any(e.partition("=")[0] == "HOME" for e in cfg.env):
+            env["HOME"] = user.home
+        if cfg.tmp_upper:
+            upper = os.path.join(base, "upper")
+            os.mkdir(upper, 0o755)
+            layers = [Branch(upper, "rw"), Branch(init_path, "ro"), *branches]
+        else:
+            layers = [branches[0], Branch(init_path, "ro"), *branches[1:]]
+        timing.stamp("mount")
+        handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
+                             backend=cfg.backend, keep=[v.source for v in volumes])
+        timing.stamp("mounted")
+        try:
+            if unmapped is not None:
+                _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
+                                           f".unionfs-run-probe-{container_id}")
+            steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
+                                           read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs)
+            return _start_and_supervise(cfg, handle, root, steps, hostname, env, workdir, user, rootless,
+                                        was_foreground)
+        finally:
+            handle.close()
+    finally:
+        try:
+            syscalls.umount2(base, syscalls.MNT_DETACH)
+        except OSError as exc:
+            log.debug("umount %s: %s", base, exc)
+
+
+def _write_init_layer(
+    cfg: RunConfig,
+    view: ImageView,
+    path: str,
+    hostname: str,
+    workdir: str,
+    volumes: Sequence[rootfs.Volume],
+    tmpfs: Sequence[rootfs.TmpfsMount],
+) -> tuple[list[str], list[rootfs.TmpfsMount]]:
+    """Write the init layer at *path*: the container's files and the mount points the image lacks.
+
+    Returns the init files written and the tmpfs mounts to make (``--tmpfs`` and, with
+    ``--read-only``, those of ``rootfs.READ_ONLY_TMPFS`` whose place is a directory).
+    """
+    layer = rootfs.InitLayer(path, view)
+    files = rootfs.write_init_layer(layer, hostname, _resolv_conf(cfg.net))
+    for mp in INIT_MOUNTPOINTS:
+        if not layer.directory(mp):
+            raise LaunchError(f"the image's {mp} is not a directory; the container needs one there")
+    layer.directory("/tmp", TMP_MODE)  # where the image has a symlink there, it stays one
+    for vol in volumes:
+        made = layer.directory(vol.dest) if os.path.isdir(vol.source) else layer.mount_file(vol.dest)
+        if not made:
+            raise LaunchError(f"--volume destination {vol.dest}: the image has a file, a directory or a "
+                              "symlink in the way (give the path a symlink points to)", 2)
+    mounts = list(tmpfs)
+    for t in tmpfs:
+        if not layer.directory(t.dest):
+            raise LaunchError(f"--tmpfs {t.dest}: the image has a file or a symlink in the way", 2)
+    if cfg.read_only:
+        for dest, mode in rootfs.READ_ONLY_TMPFS:
+            if dest not in {t.dest for t in tmpfs} and layer.directory(dest, mode):
+                flags = syscalls.MS_NOSUID | syscalls.MS_NODEV
+                mounts.append(rootfs.TmpfsMount(dest, flags, f"mode={mode:o}"))
+    layer.directory(workdir)  # Docker makes a missing working directory; a symlink is left to chdir
+    layer.finish()
+    return files, mounts
+
+
+def _start_and_supervise(
+    cfg: RunConfig,
+    handle: UnionHandle,
+    root: str,
+    steps: Sequence[rootfs.Step],
+    hostname: str,
+    env: dict[str, str],
+    workdir: str,
+    user: users.User | None,
+    rootless: bool,
+    was_foreground: bool,
+) -> int:
     # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
-    try:
-        steps = rootfs.container_steps(rootless=rootless, init_layer=init_layer)
-        errr, errw = os.pipe()
-        alive_r, alive_w = os.pipe()
-        syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
-        pid = os.fork()
-        if pid == 0:
-            _container_child(cfg, root, steps, hostname, env, errw, alive_r, old_mask)
-        os.close(errw)
-        os.close(alive_r)
-        failure = b""
-        while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
-            failure += chunk
-        os.close(errr)
-        timing.stamp("exec")
-        code = _supervise(pid, handle)
-        _restore_terminal(was_foreground)
-        if failure:
-            raise LaunchError(failure.decode(errors="replace"), code)
-        if cfg.keep_mounted:
-            _wait_for_release(root, code)
-        os.close(alive_w)
-        return code
-    finally:
-        # The signal mask stays as it is: a SIGINT or SIGTERM that arrives during clean-up must
-        # not turn the command's exit status into ours.
-        handle.close()
+    errr, errw = os.pipe()
+    alive_r, alive_w = os.pipe()
+    syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+    pid = os.fork()
+    if pid == 0:
+        _container_child(cfg, root, steps, hostname, env, workdir, user, rootless, errw, alive_r, old_mask)
+    os.close(errw)
+    os.close(alive_r)
+    failure = b""
+    while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
+        failure += chunk
+    os.close(errr)
+    timing.stamp("exec")
+    code = _supervise(pid, handle, cfg.stop_timeout)
+    _restore_terminal(was_foreground)
+    if failure:
+        raise LaunchError(failure.decode(errors="replace"), code)
+    if cfg.keep_mounted:
+        _wait_for_release(root, code)
+    os.close(alive_w)
+    return code

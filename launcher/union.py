@@ -132,7 +132,9 @@ def unionfs_command() -> list[str]:
     return [sys.executable, "-m", "unionfs"]
 
 
-def _private_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs") -> None:
+def _private_pid_dir(
+    branches: Sequence[Branch], keep: Sequence[str] = (), pid_dir: str = "/run/unionfs"
+) -> None:
     """Give the server a /run/unionfs of its own: a tmpfs in the launcher's private mount namespace.
 
     ``unionfs mount`` records its pid under /run/unionfs whenever its euid is 0.  On
@@ -140,18 +142,13 @@ def _private_pid_dir(branches: Sequence[Branch], pid_dir: str = "/run/unionfs") 
     launcher's would have the same name (the mount point path is the same in each
     private namespace), and inside a user namespace the server could not write it
     at all and would fail before mounting.  A private tmpfs fixes all three.  Where
-    /run/unionfs does not exist and cannot be made (rootless), /run itself is
-    covered, unless a branch lives there.
+    /run/unionfs does not exist, /run itself is covered (making the directory would
+    leave it behind on the host), unless a branch or a path in *keep* lives there.
     """
     def holds_branch(path: str) -> bool:
-        return any(b.path == path or b.path.startswith(path + "/") for b in branches)
+        return any(p == path or p.startswith(path + "/") for p in (*(b.path for b in branches), *keep))
 
-    target = pid_dir
-    if not os.path.isdir(pid_dir):
-        try:
-            os.makedirs(pid_dir, 0o700)
-        except OSError:
-            target = os.path.dirname(pid_dir)
+    target = pid_dir if os.path.isdir(pid_dir) else os.path.dirname(pid_dir)
     if holds_branch(target):
         return
     syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755",
@@ -198,12 +195,13 @@ class FuseUnion:
 
     proc: subprocess.Popen[bytes] | _ForkedServer
 
-    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool, logfile: str) -> None:
+    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool, logfile: str,
+                 keep: Sequence[str] = ()) -> None:
         self.mountpoint = mountpoint
         self.logfile = logfile
         self._closed = False
         options = "allow_other,whiteout=aufs" if rootless else "allow_other"
-        _private_pid_dir(branches)
+        _private_pid_dir(branches, keep)
         spec = branch_spec(branches)
         try:
             if os.environ.get("UNIONFS_RUN_SERVER"):
@@ -329,15 +327,17 @@ def mount_union(
     rootless: bool,
     logfile: str,
     backend: str = DEFAULT_BACKEND,
+    keep: Sequence[str] = (),
 ) -> UnionHandle:
     """Mount the union of *branches* (top first; the first is writable) at *mountpoint*.
 
-    Returns once the mount is ready.  The server (if any) is a child of the
+    Returns once the mount is ready.  *keep*: host paths the launcher still needs (volume
+    sources), which the server's private pid directory must not cover.  The server (if any) is a child of the
     calling process, in its namespaces, and dies with it.
     """
     if backend == "overlay":
         prefork.discard()
         return OverlayUnion(branches, mountpoint, rootless=rootless)
     if backend == "fuse":
-        return FuseUnion(branches, mountpoint, rootless=rootless, logfile=logfile)
+        return FuseUnion(branches, mountpoint, rootless=rootless, logfile=logfile, keep=keep)
     raise LaunchError(f"unknown union backend {backend!r} (choose from {', '.join(BACKENDS)})", 2)

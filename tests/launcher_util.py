@@ -146,10 +146,7 @@ def unprivileged_user(subids: bool = False) -> Iterator[UnprivUser]:
         pw = pwd.getpwnam(name)
         yield UnprivUser(name, pw.pw_uid, pw.pw_gid)
     finally:
-        state = f"/tmp/.unionfs-run-{pwd.getpwnam(name).pw_uid}"
         subprocess.run(["userdel", name], capture_output=True)
-        with contextlib.suppress(OSError):  # the launcher's per-user state dir, empty on the host
-            os.rmdir(state)
 
 
 @contextlib.contextmanager
@@ -284,6 +281,7 @@ def start_launcher(
     options: Sequence[str] = (),
     *,
     user: UnprivUser | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``unionfs run`` in the background, stdout piped (to wait for a line the command prints)."""
     return subprocess.Popen(
@@ -293,7 +291,7 @@ def start_launcher(
         stdin=subprocess.DEVNULL,
         text=True,
         cwd="/",
-        env=_env(user, None),
+        env=_env(user, env),
         user=user.uid if user else None,
         group=user.gid if user else None,
         extra_groups=[] if user else None,
@@ -332,10 +330,11 @@ def once_ready(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
             kill_tree(proc)
 
 
-def end_with_sigterm(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the launcher ends the command, and the launcher exits with 128 + SIGTERM."""
+def end_with_sigterm(proc: subprocess.Popen[str], code: int = 128 + signal.SIGTERM) -> None:
+    """SIGTERM to the launcher ends the command, and the launcher exits with *code*: 128 + SIGTERM
+    when PID 1 handles SIGTERM (or is --init), 128 + SIGKILL when --stop-timeout ran out first."""
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=10) == code
 
 
 class Image:

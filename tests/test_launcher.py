@@ -136,8 +136,8 @@ def test_user_errors_are_one_line(image: Image, upper: Path, tmp_path: Path) -> 
     assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr and "Traceback" not in r.stderr
     r = run_launcher(image.branches(upper), ["/bin/true"], ["--workdir", "relative"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = run_launcher(image.branches(upper), ["/bin/true"], ["--workdir", "/nonexistent"])
-    assert r.returncode == 125 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr
+    r = run_launcher(image.branches(upper), ["/bin/true"], ["--workdir", "/etc/motd"])  # a file
+    assert r.returncode == 125 and "/etc/motd" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_env_and_workdir(image: Image, upper: Path) -> None:
@@ -168,12 +168,16 @@ def test_tmp_upper_leaves_no_trace(image: Image, upper: Path) -> None:
     assert image.take_snapshot() == image.snapshot
 
 
-def test_sigterm_kills_a_plain_pid_1_with_128_plus_n(image: Image, upper: Path) -> None:
-    """sleep as PID 1 has no handler, so the kernel would drop SIGTERM; the launcher still ends it."""
-    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"])
+def test_sigterm_ends_a_plain_pid_1_after_the_stop_timeout(image: Image, upper: Path) -> None:
+    """sleep as PID 1 has no handler, so the kernel drops SIGTERM, as under Docker: the launcher
+    SIGKILLs it once --stop-timeout has passed, and exits 128 + SIGKILL."""
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"],
+                          ["--stop-timeout", "0.5"])
     with once_ready(proc):
         wait_for_comm(proc.pid, "sleep")
-        end_with_sigterm(proc)
+        start = time.monotonic()
+        end_with_sigterm(proc, 128 + signal.SIGKILL)
+        assert time.monotonic() - start >= 0.5
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -230,10 +234,11 @@ def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> No
 
 
 def test_the_host_never_sees_the_union(image: Image, upper: Path) -> None:
-    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"])
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"],
+                          ["--stop-timeout", "0"])
     with once_ready(proc):
         assert mounts_mentioning(".unionfs-run-", str(upper)) == []
-        end_with_sigterm(proc)
+        end_with_sigterm(proc, 128 + signal.SIGKILL)
 
 
 def test_keep_mounted_keeps_the_union_until_sigterm(image: Image, upper: Path) -> None:
@@ -344,11 +349,11 @@ def test_kernel_overlay_backend_for_comparison(image: Image, upper: Path) -> Non
 def test_no_server_child_stays_when_the_backend_needs_none(image: Image, upper: Path) -> None:
     """The server child forked at start-up (launcher.prefork) is ended when kernel overlayfs serves."""
     proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; sleep 30"],
-                          ["--backend", "overlay"])
+                          ["--backend", "overlay", "--stop-timeout", "0"])
     with once_ready(proc):
         own = os.readlink(f"/proc/{proc.pid}/ns/pid")
         assert [p for p in children_of(proc.pid) if os.readlink(f"/proc/{p}/ns/pid") == own] == []
-        end_with_sigterm(proc)
+        end_with_sigterm(proc, 128 + signal.SIGKILL)
 
 
 def test_a_failed_launch_leaves_no_server_child(image: Image, upper: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,10 +97,11 @@ def test_rootless_writes_land_in_upper_owned_by_the_user(image: Image, upper: Pa
 def test_rootless_exit_status_and_signals(image: Image, upper: Path, user: UnprivUser) -> None:
     r = run_launcher(image.branches(upper), ["/bin/sh", "-c", "exit 5"], user=user)
     assert r.returncode == 5, r.stderr
-    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"], user=user)
+    proc = start_launcher(image.branches(upper), ["/bin/sh", "-c", "echo ready; exec sleep 30"],
+                          ["--stop-timeout", "0"], user=user)
     with once_ready(proc):
         wait_for_comm(proc.pid, "sleep")
-        end_with_sigterm(proc)
+        end_with_sigterm(proc, 128 + signal.SIGKILL)
 
 
 def test_rootless_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path, user: UnprivUser) -> None:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from launcher import namespaces, prefork, rootfs, supervisor, syscalls
 from launcher.cli import run_command
+from launcher.imageview import ImageView
 from launcher.union import Branch, LaunchError, branch_spec, parse_branches
 
 
@@ -54,7 +55,12 @@ def test_rootless_devpts_has_no_tty_gid() -> None:
 
 def test_init_layer_has_the_container_files(tmp_path: Path) -> None:
     layer = tmp_path / "init"
-    rootfs.write_init_layer(str(layer), "box", b"nameserver 9.9.9.9\n", ("/proc", "/dev"))
+    (tmp_path / "image").mkdir()
+    with ImageView([str(tmp_path / "image")]) as view:
+        init = rootfs.InitLayer(str(layer), view)
+        rootfs.write_init_layer(init, "box", b"nameserver 9.9.9.9\n")
+        assert init.directory("/proc") and init.directory("/dev")
+        init.finish()
     assert (layer / "etc" / "hostname").read_text() == "box\n"
     assert "127.0.1.1\tbox" in (layer / "etc" / "hosts").read_text()
     assert (layer / "etc" / "resolv.conf").read_bytes() == b"nameserver 9.9.9.9\n"

@@ -1,0 +1,156 @@
+"""The image branches seen as one read-only tree, looked up without following a symlink.
+
+The launcher needs a few answers about the image before the union is mounted: is
+``/tmp`` a directory, and with which mode, owner and times; is ``/var/run`` a
+symlink; what do ``/etc/passwd`` and ``/etc/group`` say.  ``ImageView`` answers
+them from the branches directly, top first, with the union's rules: the topmost
+branch that has a name decides what it is, a whiteout hides the name below, an
+opaque directory hides the directories below it.  Every lookup is relative to a
+directory fd with ``O_NOFOLLOW``: a symlink in the image is reported, never
+followed, so nothing here can reach outside the branches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Sequence
+
+from unionfs.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_FILE = 1 << 20  # /etc/passwd and /etc/group of any real image are far smaller
+
+
+def components(path: str) -> list[str]:
+    """The names of an absolute container path, without ``.``; ValueError for ``..``."""
+    names = [c for c in path.split("/") if c and c != "."]
+    if ".." in names:
+        raise ValueError(f"'..' in container path {path!r}")
+    return names
+
+
+class ImageView:
+    """Read-only lookups in the union of *branches* (top first).  Close it, or use it as a context."""
+
+    def __init__(self, branches: Sequence[str]) -> None:
+        self._roots: list[int] = []
+        try:
+            for path in branches:
+                self._roots.append(os.open(path, _DIR_FLAGS))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self._roots:
+            os.close(fd)
+        self._roots = []
+
+    def __enter__(self) -> ImageView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def walk(self, path: str) -> list[os.stat_result]:
+        """The stat of each prefix of *path* (``/a``, ``/a/b``, ...) as the union shows it.
+
+        The list stops early at the first name that is missing (or whited out), and
+        after the first that is not a directory (a symlink included, which is never
+        followed).  So ``len(walk(p)) == len(components(p))`` when *p* exists.
+        """
+        found: list[os.stat_result] = []
+        dirs = list(self._roots)
+        opened: list[int] = []
+        try:
+            for name in components(path):
+                st, dirs = self._step(dirs, os.fsencode(name), opened)
+                if st is None:
+                    break
+                found.append(st)
+                if not stat.S_ISDIR(st.st_mode):
+                    break
+        finally:
+            for fd in opened:
+                os.close(fd)
+        return found
+
+    def lstat(self, path: str) -> os.stat_result | None:
+        """The stat of *path* itself, None when it is missing or a parent is not a directory."""
+        names = components(path)
+        if not names:
+            return os.fstat(self._roots[0]) if self._roots else None
+        found = self.walk(path)
+        return found[-1] if len(found) == len(names) else None
+
+    def read_file(self, path: str) -> bytes | None:
+        """The contents of the regular file *path*; None when missing, not a regular file or unreadable."""
+        names = components(path)
+        if not names:
+            return None
+        dirs = list(self._roots)
+        opened: list[int] = []
+        try:
+            for name in names[:-1]:
+                st, dirs = self._step(dirs, os.fsencode(name), opened)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    return None
+            last = os.fsencode(names[-1])
+            for fd in dirs:
+                device, aufs = whiteouts_at(fd, last)
+                if device or aufs:
+                    return None
+                try:
+                    f = os.open(last, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.debug("image file %s: %s", path, os.strerror(exc.errno or 0))
+                    return None
+                try:
+                    if not stat.S_ISREG(os.fstat(f).st_mode):
+                        return None
+                    return os.read(f, MAX_FILE)
+                finally:
+                    os.close(f)
+            return None
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    @staticmethod
+    def _step(dirs: list[int], name: bytes, opened: list[int]) -> tuple[os.stat_result | None, list[int]]:
+        """Look *name* up in the directories *dirs* (one per branch that has the parent, top first).
+
+        Returns the topmost stat and the directories to look in for the next name: every
+        branch's directory of that name down to the first opaque one or a whiteout.
+        """
+        top: os.stat_result | None = None
+        below: list[int] = []
+        for fd in dirs:
+            device, aufs = whiteouts_at(fd, name)
+            if aufs:
+                break
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if device or is_whiteout_stat(st):
+                break
+            if top is None:
+                top = st
+            if not (stat.S_ISDIR(top.st_mode) and stat.S_ISDIR(st.st_mode)):
+                break
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                break
+            opened.append(sub)
+            below.append(sub)
+            if dir_is_opaque(sub):
+                break
+        return top, below
