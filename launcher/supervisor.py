@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 from launcher import namespaces, rootfs, syscalls, timing
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+from unionfs.statedir import STATE_MODE, unsafe_reason
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,21 @@ def _warn_unmapped_upper(upper: str) -> None:
 
 
 def _state_base() -> str:
-    """A per-user directory, the same for every run; each launcher mounts its own tmpfs on it."""
+    """A per-user directory, the same for every run; each launcher mounts its own tmpfs on it.
+
+    Anyone may make the name in /tmp first: it is used only when it is a real directory of ours
+    with mode 0700 (unionfs.statedir checks the FUSE server's state directory the same way).
+    """
     uid = os.getuid()
     base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".unionfs-run-{uid}")
     try:
-        os.mkdir(base, 0o700)
+        os.mkdir(base, STATE_MODE)
+        os.chmod(base, STATE_MODE)  # the umask may have taken bits away (/tmp is sticky: still ours)
     except FileExistsError:
         pass
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-        raise LaunchError(f"{base} is not a directory owned by uid {uid}; remove it")
+    reason = unsafe_reason(os.lstat(base))
+    if reason is not None:
+        raise LaunchError(f"refusing the state directory {base}: {reason} (remove it)")
     return base
 
 
