@@ -153,7 +153,7 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
             break
         chunks.append(b)
     os.close(r)
-    msg = b"".join(chunks).decode(errors="replace")
+    msg = os.fsdecode(b"".join(chunks))
     if msg == "ready":
         if state is not None:
             state.close()
@@ -168,7 +168,7 @@ def _report(fd: int | None, msg: str) -> None:
     if fd is None:
         return
     with contextlib.suppress(OSError):
-        os.write(fd, msg.encode())
+        os.write(fd, os.fsencode(msg))  # a path in it may hold any bytes
         os.close(fd)
 
 
@@ -220,10 +220,15 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if state is not None:
             stack.callback(state.close)
             failed = stack.enter_context(_on_failure(state.discard))
-        try:
-            pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
-        except RuntimeError as e:
-            raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {e}") from None
+        with _stderr_captured() as said:
+            try:
+                pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+            except RuntimeError as e:
+                why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr
+                raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {why[0]}") from None
+            notes = said()
+        for line in notes:
+            log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         if shim is not None and not shim.sessions():
             log.warning("the libfuse shim was bypassed: no fallocate, no cached listings")
@@ -261,6 +266,27 @@ def _raise_read_ahead(mountpoint: str) -> None:
             f.write(f"{READ_AHEAD_KB}\n")
     except (OSError, ValueError) as e:
         log.debug("read-ahead left at the default: %s", e)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
+    """Hold what is written to fd 2 in the block (by libfuse and the fusermount3 it runs), so that a
+    failure is one line; the callable returns the lines so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    memfd = os.memfd_create("unionfs-stderr", os.MFD_CLOEXEC)
+    os.dup2(memfd, 2)
+
+    def lines() -> list[str]:
+        text = os.fsdecode(os.pread(memfd, 65536, 0))
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(memfd)
 
 
 def _close_session(pyfuse3: object) -> None:
@@ -347,7 +373,7 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
     if state is not None:
         pid = state.read_pid(_pid_name(mp))
         state.close()
-    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True, errors="surrogateescape")
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")
