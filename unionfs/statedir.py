@@ -10,6 +10,7 @@ into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -151,19 +152,22 @@ class StateDir:
 
     def open_log(self, name: str) -> LogFile:
         """Open *name* for appending: made new (O_EXCL), or an earlier log of ours, never a symlink."""
+        path = os.path.join(self.path, name)
         try:
-            fd = os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd)
-            return LogFile(fd, os.path.join(self.path, name), created=True, in_state_dir=True)
-        except FileExistsError:
-            pass
-        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=self.fd)
+            try:
+                fd = os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd)
+                return LogFile(fd, path, created=True, in_state_dir=True)
+            except FileExistsError:
+                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=self.fd)
+        except OSError as e:
+            why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+            raise QuietError(f"refusing the log file {path}: {why}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
-            raise QuietError(f"refusing the log file {os.path.join(self.path, name)}: "
-                             "not a regular file of ours")
-        return LogFile(fd, os.path.join(self.path, name), created=False, in_state_dir=True)
+            raise QuietError(f"refusing the log file {path}: not a regular file of ours")
+        return LogFile(fd, path, created=False, in_state_dir=True)
 
 
 @dataclass
