@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from typing import Any
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print("unionfs: aborted", file=sys.stderr)
         sys.exit(1)
     except click.ClickException as e:
-        print(f"unionfs: {e.format_message()}", file=sys.stderr)
+        print(f"unionfs: {one_line(e.format_message())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -203,6 +204,14 @@ def overlay_main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
+def one_line(msg: str) -> str:
+    """*msg* as one printable line: a byte of a name that is not UTF-8 (a lone surrogate from
+    os.fsdecode, or its repr ``\\udcff``) shows as ``\\xff``, a line break as ``\\n``."""
+    msg = re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", msg)
+    msg = re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xdc00:02x}", msg)
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _fail(msg: str, code: int = 1) -> Any:
-    print(f"unionfs-overlay: {msg}", file=sys.stderr)
+    print(f"unionfs-overlay: {one_line(msg)}", file=sys.stderr)
     sys.exit(code)
