@@ -217,9 +217,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = _pid_name(cfg.mountpoint)
         state = StateDir.open(create=True)
+        undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
         if state is not None:
             stack.callback(state.close)
-            failed = stack.enter_context(_on_failure(state.discard))
+            undo.callback(state.discard)
         with _stderr_captured() as said:
             try:
                 pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
@@ -240,8 +241,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if ready_fd is not None:
             _report(ready_fd, "ready")
             _detach_stdio()
-        if state is not None:
-            failed.cancel()
+        undo.pop_all()
         if on_ready is not None:
             on_ready()
         trio.run(_main, pyfuse3, ops, cfg.mountpoint)
@@ -340,20 +340,6 @@ def _write_pidfile(state: StateDir, name: str) -> None:
         state.write_pid(name, os.getpid())
     except OSError as e:
         log.debug("no pidfile: %s", e)
-
-
-class _on_failure(contextlib.AbstractContextManager["_on_failure"]):
-    """Run *undo* when the block raises, unless cancel() was called first."""
-
-    def __init__(self, undo: Callable[[], None]) -> None:
-        self.undo: Callable[[], None] | None = undo
-
-    def cancel(self) -> None:
-        self.undo = None
-
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is not None and self.undo is not None:
-            self.undo()
 
 
 def umount(mountpoint: str, timeout: float = 60.0) -> None:
