@@ -287,3 +287,34 @@ def test_paths_that_are_not_utf8_mount_like_kernel_overlayfs(tmp_path: Path, nee
     assert util.normalise_upper(sides["kernel"][0]) == util.normalise_upper(upper)
     if style != "unionfs-overlay":
         assert not log.exists() or "Traceback" not in log.read_text(errors="replace")
+
+
+# ==================================================================================================
+# The launcher's per-user directory
+
+
+@pytest.mark.parametrize("setup", ["mode-0755", "other-owner", "symlink"])
+def test_launcher_state_dir_taken_is_refused(tmp_path: Path, setup: str) -> None:
+    """``unionfs run`` mounts its private tmpfs on $TMPDIR/.unionfs-run-<uid>: only on a real
+    directory of its own, mode 0700."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    base = tmp_path / f".unionfs-run-{os.getuid()}"
+    if setup == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        os.symlink(tmp_path / "elsewhere", base)
+    else:
+        base.mkdir()
+        os.chmod(base, 0o755 if setup == "mode-0755" else 0o700)
+        if setup == "other-owner":
+            os.chown(base, 12345, 12345)
+    for d in ("U", "L"):
+        (tmp_path / d).mkdir()
+    before = _tree(tmp_path)
+    r = subprocess.run([UNIONFS, "run", f"{tmp_path}/U:{tmp_path}/L", "--", "/bin/true"], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
+    lines = r.stderr.splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(base) in lines[0] and "refusing" in lines[0], r.stderr
+    assert _tree(tmp_path) == before
+    assert not util.is_mounted(base)
