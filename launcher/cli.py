@@ -12,6 +12,7 @@ import sys
 import click
 
 from launcher.union import BACKENDS, DEFAULT_BACKEND, LaunchError
+from unionfs.cli import one_line
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,9 @@ def run_command(
     try:
         code = run(cfg)
     except LaunchError as exc:
-        click.echo(f"unionfs run: {exc}", err=True)
+        click.echo(f"unionfs run: {one_line(str(exc))}", err=True)
         sys.exit(exc.exitcode)
     except OSError as exc:
-        click.echo(f"unionfs run: {describe(exc)}", err=True)
+        click.echo(f"unionfs run: {one_line(describe(exc))}", err=True)
         sys.exit(125)
     sys.exit(code)

@@ -155,7 +155,7 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         spec, mountpoint, options, logfile, level = (os.fsdecode(x) for x in order.split(b"\0"))
         timing.stamp("server-ordered")
         _join_namespaces(parent)
-        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

@@ -151,7 +151,9 @@ def _private_pid_dir(
     target = pid_dir if os.path.isdir(pid_dir) else os.path.dirname(pid_dir)
     if holds_branch(target):
         return
-    syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755",
+    # /run/unionfs itself must be 0700 for the server to use it (unionfs.statedir); /run stays 0755.
+    mode = "mode=0700" if target == pid_dir else "mode=0755"
+    syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, mode,
                    step="mount tmpfs for the server's pidfile")
 
 

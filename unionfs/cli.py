@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from typing import Any
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print("unionfs: aborted", file=sys.stderr)
         sys.exit(1)
     except click.ClickException as e:
-        print(f"unionfs: {e.format_message()}", file=sys.stderr)
+        print(f"unionfs: {one_line(e.format_message())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -146,7 +147,10 @@ Options unionfs does not implement are accepted and ignored with one line on std
 
 
 def overlay_main(argv: list[str] | None = None) -> None:
-    """`unionfs-overlay`: fuse-overlayfs' command line, for podman's mount_program and mount(8)."""
+    """`unionfs-overlay`: fuse-overlayfs' command line, for podman's mount_program and mount(8).
+
+    A malformed command line exits 2, any other error 1, each with one line on stderr.
+    """
     from .config import build_config
     from .mount import mount as do_mount
 
@@ -165,7 +169,7 @@ def overlay_main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         if a == "-o":
             if i + 1 >= len(args):
-                _fail("-o needs an argument")
+                _fail("-o needs an argument", 2)
             options.append(args[i + 1])
             i += 2
             continue
@@ -175,24 +179,39 @@ def overlay_main(argv: list[str] | None = None) -> None:
             foreground = True
         elif a == "-d" or a == "--debug":
             debug = foreground = True
+        elif a == "-s":
+            pass   # libfuse's single-threaded flag: unionfs serves in one thread anyway
         elif a.startswith("-") and a != "-":
-            print(f"unionfs-overlay: ignoring unsupported flag {a}", file=sys.stderr)
+            _fail(f"unknown flag {a!r} (see unionfs-overlay --help)", 2)
         else:
             positional.append(a)
         i += 1
     if not positional:
-        _fail("no mountpoint given (see unionfs-overlay --help)")
+        _fail("no mountpoint given (see unionfs-overlay --help)", 2)
+    if len(positional) > 2:
+        _fail(f"too many arguments: {' '.join(map(repr, positional))} (want [SOURCE] MERGED)", 2)
     mp = positional[-1]   # mount.fuse3 passes the source first; fuse-overlayfs ignores it too
     try:
         cfg = build_config(None, mp, options, strict=False)
-        for opt in cfg.ignored:
-            print(f"unionfs-overlay: ignoring unsupported option {opt}", file=sys.stderr)
+        notes = [f"unionfs-overlay: ignoring unsupported option {opt}" for opt in cfg.ignored]
+        if foreground and notes:  # serves until unmounted: say it now
+            print(*notes, sep="\n", file=sys.stderr)
         code = do_mount(cfg, foreground=foreground, debug=debug)
     except QuietError as e:
         _fail(e.message)
+    if not foreground and notes:  # said once the mount is ready, so that a failure is one line alone
+        print(*notes, sep="\n", file=sys.stderr)
     sys.exit(code)
 
 
-def _fail(msg: str) -> Any:
-    print(f"unionfs-overlay: {msg}", file=sys.stderr)
-    sys.exit(1)
+def one_line(msg: str) -> str:
+    """*msg* as one printable line: a byte of a name that is not UTF-8 (a lone surrogate from
+    os.fsdecode, or its repr ``\\udcff``) shows as ``\\xff``, a line break as ``\\n``."""
+    msg = re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", msg)
+    msg = re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xdc00:02x}", msg)
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _fail(msg: str, code: int = 1) -> Any:
+    print(f"unionfs-overlay: {one_line(msg)}", file=sys.stderr)
+    sys.exit(code)

@@ -35,7 +35,10 @@ OVERLAY_IGNORED = frozenset({
     "metacopy", "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
     "threaded", "writeback", "auto_unmount",
 })
+# Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
+VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype"})
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 BRANCH_MODES = {"rw": True, "ro": False, "rr": False, "ro+wh": False, "rr+wh": False}
 
 
@@ -117,6 +120,8 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
     values: dict[str, str | None] = {}
     ignored: list[str] = []
     for key, value in parsed:
+        if key in VALUE_OPTIONS and value is None:
+            raise QuietError(f"option {key} needs a value ({key}=...)")
         if key in KNOWN_OPTIONS:
             values[key] = value
         elif key in GENERIC_OPTIONS or key.startswith("x-"):
@@ -172,14 +177,18 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
     if values.get("timeout") is not None:
         try:
             timeout = float(values["timeout"])  # type: ignore[arg-type]
-            if timeout < 0:
+            if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
                 raise ValueError
         except ValueError:
-            raise QuietError(f"timeout={values['timeout']}: give a number of seconds") from None
+            raise QuietError(f"timeout={values['timeout']}: give a number of seconds from 0 to "
+                             f"{MAX_TIMEOUT:.0f}") from None
+    fsname = values.get("fsname") or "unionfs"
+    if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
+        raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
     cfg = MountConfig(
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
-        timeout=timeout, fsname=values.get("fsname") or "unionfs", ignored=ignored,
+        timeout=timeout, fsname=fsname, ignored=ignored,
     )
     check(cfg)
     return cfg

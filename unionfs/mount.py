@@ -2,13 +2,12 @@
 
 `mount()` returns once the kernel has the mount and a daemon serves it (or serves in the foreground).
 `umount()` unmounts and waits for that daemon to exit.  The daemon records its pid in a small file
-keyed by the mount point, in /run/unionfs (root) or the user's runtime dir.
+keyed by the mount point, in a state directory that `unionfs.statedir` checks before use.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -16,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from . import statedir
 from .config import MountConfig
 from .errors import QuietError
+from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -30,18 +31,13 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 
 
-def state_dir() -> str:
-    if os.geteuid() == 0:
-        return "/run/unionfs"
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return os.path.join(base, "unionfs")
-    return f"/tmp/unionfs-{os.getuid()}"
-
-
 def pidfile_for(mountpoint: str) -> str:
-    digest = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(state_dir(), f"{digest}.pid")
+    """Where the daemon serving *mountpoint* records its pid (see `unionfs.statedir`)."""
+    return os.path.join(statedir.state_dir(), _pid_name(mountpoint))
+
+
+def _pid_name(mountpoint: str) -> str:
+    return f"{statedir.key_for(mountpoint)}.pid"
 
 
 def check_fuse_device() -> None:
@@ -99,49 +95,57 @@ def _unescape(field: bytes) -> bytes:
 
 def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
           log_file: str | None = None) -> int:
-    """Mount *cfg*; return an exit status.  In the background, return once the mount is ready."""
+    """Mount *cfg*; return an exit status.  In the background, return once the mount is ready.
+
+    A mount that fails leaves nothing behind: no state directory, pidfile or log it made.
+    """
     check_fuse_device()
-    if log_file is not None:
-        try:
-            with open(log_file, "a"):
-                pass
-        except OSError as e:
-            raise QuietError(f"log file {log_file!r}: {e.strerror}") from None
     if foreground:
-        _setup_logging(debug, log_file)
-        return serve(cfg, None, debug)
-    if log_file is None:
-        # The daemon's own log (warnings, and any unexpected error with its traceback) lives next
-        # to its pidfile, so a background mount never loses one.
-        candidate = pidfile_for(cfg.mountpoint).removesuffix(".pid") + ".log"
+        log_ = LogFile.open_user(log_file) if log_file is not None else None
+        _setup_logging(debug, log_)
         try:
-            os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
-            with open(candidate, "a"):
-                log_file = candidate
-        except OSError:
-            pass   # e.g. root only in a user namespace: no /run/unionfs to write to
+            return serve(cfg, None, debug)
+        finally:
+            if log_ is not None:
+                log_.tidy()
+    # The daemon's own log (warnings, and any unexpected error with its traceback) lives next to
+    # its pidfile by default, so a background mount never loses one.
+    state = StateDir.open(create=True)
+    try:
+        if log_file is not None:
+            log_ = LogFile.open_user(log_file)
+        else:
+            log_ = state.open_log(_pid_name(cfg.mountpoint).removesuffix(".pid") + ".log") if state else None
+    except BaseException:
+        if state is not None:
+            state.discard()
+        raise
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(r)
+        if state is not None:
+            state.close()
         code = 1
-        ours = None
+        ready = False
+
+        def on_ready() -> None:
+            nonlocal ready
+            ready = True
+
         try:
             os.setsid()
-            _setup_logging(debug, log_file)
-            ours = os.stat(log_file) if log_file else None
-            code = serve(cfg, w, debug)
+            _setup_logging(debug, log_)
+            code = serve(cfg, w, debug, on_ready=on_ready)
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
             _report(w, f"error: {e}")
         finally:
-            # An empty log goes, unless a later mount on the same point has taken the name over.
-            with contextlib.suppress(OSError):
-                if log_file is not None and ours is not None:
-                    now = os.stat(log_file)
-                    if now.st_size == 0 and (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
-                        os.unlink(log_file)
+            if log_ is not None:
+                log_.tidy() if ready else log_.discard()
             os._exit(code)
     os.close(w)
+    if log_ is not None:
+        os.close(log_.fd)
     chunks = []
     while True:
         b = os.read(r, 4096)
@@ -149,10 +153,14 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
             break
         chunks.append(b)
     os.close(r)
-    msg = b"".join(chunks).decode(errors="replace")
+    msg = os.fsdecode(b"".join(chunks))
     if msg == "ready":
+        if state is not None:
+            state.close()
         return 0
     os.waitpid(pid, 0)
+    if state is not None:
+        state.discard()
     raise QuietError(msg.removeprefix("error: ") or "the daemon exited before the mount was ready")
 
 
@@ -160,21 +168,29 @@ def _report(fd: int | None, msg: str) -> None:
     if fd is None:
         return
     with contextlib.suppress(OSError):
-        os.write(fd, msg.encode())
+        os.write(fd, os.fsencode(msg))  # a path in it may hold any bytes
         os.close(fd)
 
 
-def _setup_logging(debug: bool, log_file: str | None) -> None:
+def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    if log_file is not None:
+        stream = open(os.dup(log_file.fd), "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        handler = logging.StreamHandler(stream)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
-    """Open the branches, mount, serve until unmounted or signalled; always clean up."""
+def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
+          on_ready: Callable[[], None] | None = None) -> int:
+    """Open the branches, mount, serve until unmounted or signalled; always clean up.
+
+    *on_ready* is called once the mount is ready (after "ready" went to *ready_fd*).
+    """
     import trio
 
     from .fusebind import pyfuse3, shim
@@ -199,21 +215,35 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
         ops.use_shim()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
-        pidfile = pidfile_for(cfg.mountpoint)
-        try:
-            pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
-        except RuntimeError as e:
-            raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {e}") from None
+        pidfile = _pid_name(cfg.mountpoint)
+        state = StateDir.open(create=True)
+        undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
+        if state is not None:
+            stack.callback(state.close)
+            undo.callback(state.discard)
+        with _stderr_captured() as said:
+            try:
+                pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+            except RuntimeError as e:
+                why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr
+                raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {why[0]}") from None
+            notes = said()
+        for line in notes:
+            log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         if shim is not None and not shim.sessions():
             log.warning("the libfuse shim was bypassed: no fallocate, no cached listings")
-        _write_pidfile(pidfile)
-        stack.callback(_remove, pidfile)
+        if state is not None:
+            _write_pidfile(state, pidfile)
+            stack.callback(state.remove_pid, pidfile, os.getpid())
         if faults:
             log.warning("fault injection active: %s", ",".join(sorted(faults)))
         if ready_fd is not None:
             _report(ready_fd, "ready")
             _detach_stdio()
+        undo.pop_all()
+        if on_ready is not None:
+            on_ready()
         trio.run(_main, pyfuse3, ops, cfg.mountpoint)
     return 0
 
@@ -236,6 +266,27 @@ def _raise_read_ahead(mountpoint: str) -> None:
             f.write(f"{READ_AHEAD_KB}\n")
     except (OSError, ValueError) as e:
         log.debug("read-ahead left at the default: %s", e)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
+    """Hold what is written to fd 2 in the block (by libfuse and the fusermount3 it runs), so that a
+    failure is one line; the callable returns the lines so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    memfd = os.memfd_create("unionfs-stderr", os.MFD_CLOEXEC)
+    os.dup2(memfd, 2)
+
+    def lines() -> list[str]:
+        text = os.fsdecode(os.pread(memfd, 65536, 0))
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(memfd)
 
 
 def _close_session(pyfuse3: object) -> None:
@@ -274,7 +325,8 @@ def _detach_stdio() -> None:
     for fd in (0, 1):
         os.dup2(devnull, fd)
     root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) for h in root.handlers):
+    if any(isinstance(h, logging.StreamHandler) and h.stream not in (sys.stderr, sys.__stderr__)
+           for h in root.handlers):
         os.dup2(devnull, 2)
     else:
         os.dup2(devnull, 2)
@@ -282,30 +334,12 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def _write_pidfile(path: str) -> None:
-    """Best effort: `unionfs umount` uses it to wait for the daemon.  A daemon that is root only in
-    a user namespace cannot write /run/unionfs, and serves all the same."""
+def _write_pidfile(state: StateDir, name: str) -> None:
+    """Best effort: `unionfs umount` uses it to wait for the daemon."""
     try:
-        _write_pidfile_at(path)
+        state.write_pid(name, os.getpid())
     except OSError as e:
         log.debug("no pidfile: %s", e)
-
-
-def _write_pidfile_at(path: str) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return
-        os.unlink(path)
 
 
 def umount(mountpoint: str, timeout: float = 60.0) -> None:
@@ -317,10 +351,15 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
     if kind != "fuse.unionfs":
         raise QuietError(f"{mountpoint!r} is not a unionfs mount (it is {kind})")
     pid = None
-    with contextlib.suppress(OSError, ValueError):
-        with open(pidfile_for(mp)) as f:
-            pid = int(f.read().strip())
-    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    try:
+        state = StateDir.open(create=False)
+    except QuietError as e:
+        log.debug("not waiting for the daemon: %s", e)
+        state = None
+    if state is not None:
+        pid = state.read_pid(_pid_name(mp))
+        state.close()
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True, errors="surrogateescape")
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")

@@ -49,6 +49,12 @@ def _ops(ctx: click.Context, param: click.Parameter, value: str | None) -> set[s
     return names
 
 
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0 < value < 1e9:  # also false for nan
+        raise click.BadParameter(f"{value} is not a number of seconds above 0")
+    return value
+
+
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set[str] | None:
     if not value:
         return None
@@ -60,10 +66,12 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 
 @click.command("conformance", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--seed", default=0, show_default=True, help="Campaign seed; sequence i is fixed by (seed, i).")
-@click.option("--sequences", default=100, show_default=True, help="How many random sequences to run.")
-@click.option("--first", default=0, show_default=True,
+@click.option("--sequences", default=100, show_default=True, type=click.IntRange(min=0),
+              help="How many random sequences to run.")
+@click.option("--first", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first sequence (re-run sequence N alone: --first N --sequences 1).")
-@click.option("--steps", default=50, show_default=True, help="Operations per sequence.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Operations per sequence.")
 @click.option("--layers", "layers", default="1-3", show_default=True, callback=_layers,
               help="Lower layers per sequence: N or LO-HI.")
 @click.option("--whiteout", type=click.Choice(["overlay", "aufs"]), default="overlay", show_default=True,
@@ -84,17 +92,21 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
               help="Exploration only: do not compare this class of field (repeatable). Not a verdict.")
 @click.option("--keep-going", is_flag=True, help="Run every sequence even after a failure.")
 @click.option("--shrink/--no-shrink", default=True, show_default=True, help="Minimise a failing sequence.")
-@click.option("--shrink-runs", default=400, show_default=True, help="Most replays spent shrinking one.")
-@click.option("--shrink-seconds", default=300.0, show_default=True, help="Most time spent shrinking one.")
+@click.option("--shrink-runs", default=400, show_default=True, type=click.IntRange(min=0),
+              help="Most replays spent shrinking one.")
+@click.option("--shrink-seconds", default=300.0, show_default=True, callback=_seconds,
+              help="Most time spent shrinking one.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Where repro scripts are written.")
-@click.option("--base", default="/var/tmp", show_default=True, help="Where scratch dirs and mounts go.")
+@click.option("--base", default="/var/tmp", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="Where scratch dirs and mounts go.")
 @click.option("--run", "run_cmd", default=None, metavar="COMMAND",
               help="Instead of random sequences: run this shell command in each union (cwd = the mount, "
                    "$UNION = its path) on copies of the --lower dirs, and compare.")
 @click.option("--lower", "lowers", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="With --run: a lower layer to copy, top first (repeat).")
-@click.option("--run-timeout", default=300.0, show_default=True, help="With --run: seconds per command.")
+@click.option("--run-timeout", default=300.0, show_default=True, callback=_seconds,
+              help="With --run: seconds per command.")
 @click.option("-v", "--verbose", count=True, help="-v: a line per sequence; -vv: debug log.")
 def conformance_command(seed: int, sequences: int, first: int, steps: int, layers: tuple[int, int],
                         whiteout: str,
