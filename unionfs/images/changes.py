@@ -108,10 +108,12 @@ class Lowers:
 def container_diff(upper: os.PathLike[str] | str, lowers: Sequence[os.PathLike[str] | str]) -> list[Change]:
     """What `docker diff` prints for the container layer *upper* over *lowers* (top first).
 
-    Order as docker's: a depth-first walk of the upper, names sorted bytewise in each directory, each
-    directory before what is inside it; an added or deleted path brings its parent directories in as
-    "C" first (once).  A directory that exists below with the same mode, size and mtime is not
-    listed for itself.  An opaque directory hides everything below it, so what is in it is "A".
+    Order and rules as docker's and podman's overlay driver (containers/storage ``changes()``): a
+    depth-first walk of the upper, names sorted bytewise in each directory (a whiteout where its own
+    name sorts), each directory before what is inside it.  A directory that exists below with the
+    same mode, size and mtime is not listed for itself; an added or deleted path then brings in
+    every parent directory not listed yet, as "C", just before it.  An opaque directory hides
+    everything below it, so what is in it is "A".
     """
     out: list[Change] = []
     listed: set[str] = set()
@@ -146,7 +148,6 @@ def _walk(dfd: int, parts: list[bytes], hidden: bool, low: Lowers, out: list[Cha
             elif not (is_dir and stat.S_ISDIR(below.st_mode) and not opaque and _same_dir(st, below)):
                 _record(out, listed, Change("C", _path(path)))
             if is_dir:
-                listed.add(_path(path))
                 _walk(sub, path, hidden or opaque or below is None, low, out, listed)
         finally:
             if sub >= 0:
@@ -163,14 +164,14 @@ def _record(out: list[Change], listed: set[str], change: Change) -> None:
     if change.kind in ("A", "D"):
         parents = []
         p = os.path.dirname(change.path)
-        while p != "/" and p not in listed:
-            parents.append(Change("C", p))
-            listed.add(p)
+        while p != "/":
+            if p not in listed:
+                parents.append(Change("C", p))
+                listed.add(p)
             p = os.path.dirname(p)
         out.extend(reversed(parents))
     out.append(change)
-    if change.kind == "C":
-        listed.add(change.path)
+    listed.add(change.path)
 
 
 def _path(parts: list[bytes]) -> str:

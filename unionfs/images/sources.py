@@ -114,7 +114,8 @@ class TarSource(Source):
             self.tf = tarfile.open(path, "r:*")
             self.members = {m.name.removeprefix("./"): m for m in self.tf.getmembers()}
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ImageError(f"{path}: not a readable image archive: {e}") from None
+            why = "not a tar archive" if "could not be opened" in str(e) else str(e).splitlines()[0]
+            raise ImageError(f"{path}: not a readable image archive: {why}") from None
         self.path = path
 
     @contextmanager
