@@ -74,7 +74,9 @@ def sha(data: bytes) -> str:
 def config_for(tars: Sequence[bytes], tag: str = "") -> bytes:
     return json.dumps({"architecture": "amd64", "os": "linux", "created": "2020-09-13T12:26:40Z",
                        "config": {"Cmd": ["sh"], "Env": [f"TAG={tag}"]},
-                       "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in tars]}},
+                       "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in tars]},
+                       "history": [{"created": "2020-09-13T12:26:40Z", "created_by": f"layer {i}"}
+                                   for i in range(len(tars))]},
                       sort_keys=True).encode()
 
 

@@ -34,8 +34,9 @@ TOP = [M("d/", "dir", mode=0o755), M("d/.wh.keep"), M("deep/", "dir"), M("deep/e
 # What docker diff prints, per dialect of the upper: the walk of the upper, names sorted bytewise,
 # whiteouts where their own names sort (`.wh.etc` first, the 0/0 device `etc` in place).  /deep is
 # unchanged itself (same mode, size and mtime as below), so it comes in as the parent of an
-# addition, after /deep/er, as containers/storage's changes() does.
-COMMON_AFTER_ETC = ["A /etc2", "A /etc2/hostname", "A /new", "A /new2", "C /old", "A /old/n", "A /sl",
+# addition, after /deep/er, as containers/storage's changes() does.  The replaced /old is "D" and
+# its new content "A", as docker and podman print a directory made opaque.
+COMMON_AFTER_ETC = ["A /etc2", "A /etc2/hostname", "A /new", "A /new2", "D /old", "A /old/n", "A /sl",
                     "C /suid", "C /top"]
 EXPECTED = {
     "aufs": ["C /d", "D /d/a", "C /deep/er", "C /deep", "A /deep/er/f", "D /etc", *COMMON_AFTER_ETC],
@@ -123,7 +124,10 @@ def test_commit_export_import_shows_what_the_container_saw(tmp_path: Path, image
             again = util.snapshot(mnt)
         finally:
             util.unmount(m)
-        util.assert_trees_equal(seen, again, f"committed image ({fmt}) vs the container")
+        # The root aside: a layer's root is 0555 unless its tar says otherwise (as podman makes it);
+        # the container's / is the upper directory.
+        util.assert_trees_equal({k: v for k, v in seen.items() if k}, {k: v for k, v in again.items() if k},
+                                f"committed image ({fmt}) vs the container")
 
 
 def test_layer_tar_from_overlay_upper(tmp_path: Path) -> None:

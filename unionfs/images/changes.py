@@ -112,8 +112,9 @@ def container_diff(upper: os.PathLike[str] | str, lowers: Sequence[os.PathLike[s
     depth-first walk of the upper, names sorted bytewise in each directory (a whiteout where its own
     name sorts), each directory before what is inside it.  A directory that exists below with the
     same mode, size and mtime is not listed for itself; an added or deleted path then brings in
-    every parent directory not listed yet, as "C", just before it.  An opaque directory hides
-    everything below it, so what is in it is "A".
+    every parent directory not listed yet, as "C", just before it.  An opaque directory that hides
+    something below (``rm -rf d && mkdir d``) is "D", as docker and podman print it, and what is in
+    it is "A".
     """
     out: list[Change] = []
     listed: set[str] = set()
@@ -145,7 +146,9 @@ def _walk(dfd: int, parts: list[bytes], hidden: bool, low: Lowers, out: list[Cha
             opaque = is_dir and dir_is_opaque(sub)
             if below is None:
                 _record(out, listed, Change("A", _path(path)))
-            elif not (is_dir and stat.S_ISDIR(below.st_mode) and not opaque and _same_dir(st, below)):
+            elif opaque:          # replaced: what was there is gone (docker and podman say D)
+                _record(out, listed, Change("D", _path(path)))
+            elif not (is_dir and stat.S_ISDIR(below.st_mode) and _same_dir(st, below)):
                 _record(out, listed, Change("C", _path(path)))
             if is_dir:
                 _walk(sub, path, hidden or opaque or below is None, low, out, listed)
@@ -282,9 +285,15 @@ def commit(store: Store, base: str, upper: os.PathLike[str] | str, name: str,
         diff_id = store.add_layer_from_tar(tar_path)
     cfg = json.loads(json.dumps(image.config))
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    diff_ids = cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"]
+    history = cfg.setdefault("history", [])
+    # podman checks that history has one non-empty entry per layer: fill in what the base lacks.
+    missing = len(diff_ids) - sum(1 for h in history if not h.get("empty_layer"))
+    filler = {"created": cfg.get("created", now), "comment": "no history for this layer"}
+    history[:0] = [filler] * max(0, missing)
+    diff_ids.append(diff_id)
+    history.append({"created": now, "created_by": author})
     cfg["created"] = now
-    cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append(diff_id)
-    cfg.setdefault("history", []).append({"created": now, "created_by": author})
     config = json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
     return store.add_image(config, [name])
 

@@ -31,6 +31,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20
 XATTR_PAX = "SCHILY.xattr."
+DEFAULT_ROOT_MODE = 0o555
 
 
 class ImageError(QuietError):
@@ -143,9 +144,14 @@ class LayerWriter:
     dir_times: list[tuple[list[bytes], int]] = field(default_factory=list)
 
     def unpack(self, tf: tarfile.TarFile) -> None:
+        root_seen = False
         for member in tf:
             parts = member_parts(member.name, self.what)
+            root_seen = root_seen or not parts
             self.add(tf, member, parts)
+        if not root_seen:
+            # As containers/storage makes a layer's root that its tar does not describe.
+            os.chmod(fd_path(self.root_fd), DEFAULT_ROOT_MODE)
         # Directory times last: creating entries inside a directory changed its mtime.
         for parts, mtime in sorted(self.dir_times, key=lambda t: -len(t[0])):
             with self.parent(parts, create=False) as (pfd, name):
