@@ -276,8 +276,12 @@ def _xattr_headers(dfd: int, name: bytes, link: bool) -> dict[str, str]:
 def commit(store: Store, base: str, upper: os.PathLike[str] | str, name: str,
            author: str = "unionfs commit") -> str:
     """A new image: *base*'s layers plus *upper* as a new layer, named *name*; its id."""
+    with store.lock("store.lock", exclusive=False):   # no prune between the layer and its image
+        return _commit(store, base, upper, name, author)
+
+
+def _commit(store: Store, base: str, upper: os.PathLike[str] | str, name: str, author: str) -> str:
     image = store.image(base)
-    store.ensure()
     with store.tmpdir() as work:
         tar_path = work / "layer.tar"
         with open(tar_path, "wb") as f:

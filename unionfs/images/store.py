@@ -101,10 +101,11 @@ class Store:
     def tmpdir(self) -> Iterator[Path]:
         """A fresh directory in tmp/, locked while in use, removed afterwards."""
         self.ensure()
-        path = Path(tempfile.mkdtemp(prefix="work-", dir=self.root / "tmp"))
-        fd = os.open(path, DIR_FLAGS)
-        try:
+        with self.lock("tmp.lock", exclusive=True):   # so no clean_tmp() sees it before it is locked
+            path = Path(tempfile.mkdtemp(prefix="work-", dir=self.root / "tmp"))
+            fd = os.open(path, DIR_FLAGS)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield path
         finally:
             try:
@@ -125,23 +126,29 @@ class Store:
         tmp = self.root / "tmp"
         if not tmp.is_dir():
             return removed
-        for entry in sorted(os.listdir(tmp)):
-            try:
-                fd = os.open(tmp / entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                fd = -1
-            try:
-                if fd >= 0:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue      # another import at work
-                self._remove(tmp, entry)
-                removed.append(entry)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+        with self.lock("tmp.lock", exclusive=True):
+            for entry in sorted(os.listdir(tmp)):
+                if self._remove_unlocked(tmp, entry):
+                    removed.append(entry)
         return removed
+
+    def _remove_unlocked(self, tmp: Path, entry: str) -> bool:
+        """Remove tmp/*entry* unless a live process holds it locked."""
+        try:
+            fd = os.open(tmp / entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = -1      # a symlink or a file: nobody's lock
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False      # another import at work
+            self._remove(tmp, entry)
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     # ------------------------------------------------------------------ names
 
@@ -395,7 +402,13 @@ class Store:
             dangling = [i for i in self.image_ids() if i not in named]
             for image_id in dangling:
                 self._remove(self.root / "images", hexof(image_id))
-            return tmp, dangling, self._remove_unused_layers()
+            layers = self._remove_unused_layers()
+            for name in os.listdir(self.root / "locks"):
+                h = name.removesuffix(".lock")
+                gone = not self.layer_dir("sha256:" + h).exists()
+                if h != name and DIGEST_RE.match("sha256:" + h) and gone:
+                    os.unlink(self.root / "locks" / name)   # nobody waits on it: the store lock is ours
+            return tmp, dangling, layers
 
 
 def _drop(names: dict[str, str], gone: list[str]) -> None:
