@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -299,7 +300,14 @@ class Store:
         layers = self.root / "layers"
         os.replace(work / f"{h}.json", layers / f"{h}.json")
         os.replace(work / f"{h}.blob", layers / f"{h}.blob")
-        os.rename(work / h, layers / h)        # last: a tree in place means the layer is complete
+        # Last: a tree in place means the layer is complete.  Moving a directory to another parent
+        # needs write permission on it (its ".." changes): a rootless user lends it for the move.
+        mode = stat.S_IMODE(os.lstat(work / h).st_mode)
+        if not self.privileged:
+            os.chmod(work / h, mode | stat.S_IWUSR)
+        os.rename(work / h, layers / h)
+        if not self.privileged:
+            os.chmod(layers / h, mode)
 
     def _install_image(self, work: Path, image_id: str, config: bytes, manifest: bytes) -> None:
         final = self.root / "images" / hexof(image_id)

@@ -141,7 +141,7 @@ class LayerWriter:
     root_fd: int
     privileged: bool
     what: str
-    dir_times: list[tuple[list[bytes], int]] = field(default_factory=list)
+    dir_times: list[tuple[list[bytes], int, int]] = field(default_factory=list)   # (parts, mtime, mode)
 
     def unpack(self, tf: tarfile.TarFile) -> None:
         root_seen = False
@@ -152,13 +152,15 @@ class LayerWriter:
         if not root_seen:
             # As containers/storage makes a layer's root that its tar does not describe.
             os.chmod(fd_path(self.root_fd), DEFAULT_ROOT_MODE)
-        # Directory times last: creating entries inside a directory changed its mtime.
-        for parts, mtime in sorted(self.dir_times, key=lambda t: -len(t[0])):
+        # Directory times last (creating entries inside a directory changed its mtime), deepest
+        # first; rootless, the modes too (the owner needed to write into a read-only directory).
+        for parts, mtime, mode in sorted(self.dir_times, key=lambda t: -len(t[0])):
             with self.parent(parts, create=False) as (pfd, name):
-                if name is None:
-                    os.utime(pfd, (mtime, mtime))
-                else:
-                    os.utime(name, (mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+                path: Any = fd_path(pfd) if name is None else name
+                kw: dict[str, Any] = {} if name is None else {"dir_fd": pfd}
+                if not self.privileged:
+                    os.chmod(path, mode, **kw)
+                os.utime(path, (mtime, mtime), **kw)
 
     def parent(self, parts: list[bytes], create: bool = True) -> _Parent:
         return _Parent(self, parts, create)
@@ -168,7 +170,7 @@ class LayerWriter:
             if name is None:        # the layer's root itself
                 if m.isdir():
                     self.meta(pfd, None, m)
-                    self.dir_times.append((parts, int(m.mtime)))
+                    self.dir_times.append((parts, int(m.mtime), stat.S_IMODE(m.mode)))
                 return
             self.make(tf, m, pfd, name, parts)
 
@@ -183,7 +185,7 @@ class LayerWriter:
         if m.isdir():
             if old is None or not stat.S_ISDIR(old.st_mode):
                 os.mkdir(name, 0o700, dir_fd=pfd)
-            self.dir_times.append((parts, int(m.mtime)))
+            self.dir_times.append((parts, int(m.mtime), stat.S_IMODE(m.mode)))
         elif m.isreg():
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=pfd)
@@ -232,7 +234,10 @@ class LayerWriter:
         if self.privileged:
             os.chown(path, m.uid, m.gid, follow_symlinks=False, **kw)
         if not link:
-            os.chmod(path, stat.S_IMODE(m.mode), **kw)
+            mode = stat.S_IMODE(m.mode)
+            if m.isdir() and not self.privileged:
+                mode |= stat.S_IRWXU     # until the end of the layer (see unpack)
+            os.chmod(path, mode, **kw)
         xattrs = {k[len(XATTR_PAX):]: v for k, v in m.pax_headers.items() if k.startswith(XATTR_PAX)}
         if xattrs:
             target = fd_path(pfd) if name is None else os.path.join(fd_path(pfd), os.fsdecode(name))
