@@ -236,3 +236,18 @@ def test_untag_keeps_image_with_other_names(tmp_path: Path) -> None:
     cli("image", "rm", "one:1", store=store)
     assert [line.split()[0] for line in cli("images", store=store).stdout.splitlines()[1:]] == ["localhost/two:1"]
     assert any(p.is_dir() for p in (store / "layers").iterdir())
+
+
+def test_help_for_every_image_command() -> None:
+    for args in (["images"], ["image"], ["diff"], ["commit"], *(["image", c] for c in
+                                                            ("import", "inspect", "rm", "prune", "export"))):
+        for flag in ("--help", "-h"):
+            r = cli(*args, flag)
+            assert "Usage:" in r.stdout and "Example:" in r.stdout or args == ["image"], (args, r.stdout)
+
+
+def test_store_option_and_missing_image_one_line(tmp_path: Path) -> None:
+    r = cli("image", "inspect", "nothing", store=tmp_path / "s", check=False)
+    assert r.returncode == 1 and r.stderr == f"unionfs: nothing: no such image in {tmp_path / 's'}\n"
+    r = cli("image", "import", "/etc/passwd", store=tmp_path / "s", check=False)
+    assert r.returncode == 1 and r.stderr == "unionfs: /etc/passwd: not a readable image archive: not a tar archive\n"
