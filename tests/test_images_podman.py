@@ -179,3 +179,17 @@ def test_image_ids_match_podman(pm: Podman, tmp_path: Path) -> None:
     assert out.split()[0] == podman_id[:12]
     config = (store / "images" / podman_id / "config.json").read_bytes()
     assert hashlib.sha256(config).hexdigest() == podman_id
+
+
+def test_multi_image_archive_from_podman(pm: Podman, tmp_path: Path) -> None:
+    """`podman save -m` of two images that share layers: both imported, named as podman names them,
+    the shared layers stored once."""
+    archive = tmp_path / "multi.tar"
+    pm("save", "-m", "-o", str(archive), BASE, BUILT)
+    store = tmp_path / "store"
+    cli("image", "import", str(archive), store=store)
+    names = sorted(line.split()[0] for line in cli("images", store=store).stdout.splitlines()[1:])
+    assert names == sorted([BASE, BUILT])
+    base_dirs, built_dirs = layer_dirs(store, BASE), layer_dirs(store, BUILT)
+    assert built_dirs[-len(base_dirs):] == base_dirs
+    assert len([p for p in (store / "layers").iterdir() if p.is_dir()]) == len(built_dirs)

@@ -177,6 +177,9 @@ def test_malicious_layers_refused(tmp_path: Path, members: list[M], why: str) ->
 
 
 def test_concurrent_imports_unpack_a_shared_layer_once(tmp_path: Path) -> None:
+    """Two imports at once of images sharing a large layer both succeed: the second waits for the
+    layer's lock and finds it in place (had it unpacked the layer too, moving its tree onto the one
+    in place would have failed with ENOTEMPTY)."""
     shared = layer_tar(BASE + [M(f"big/{i}", data="z" * 10000) for i in range(200)])
     docker_archive(tmp_path / "a.tar", [([shared, layer_tar([M("a", data="A")])], ["localhost/a:1"])])
     docker_archive(tmp_path / "b.tar", [([shared, layer_tar([M("b", data="B")])], ["localhost/b:1"])])
