@@ -39,7 +39,7 @@ shim=$(ls unionfs/_fuse_shim.*.so 2>/dev/null | head -n1 || true)
 if [ -z "$shim" ] || [ unionfs/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$shim" ] ||
    [ pyproject.toml -nt .venv/bin/unionfs ] ||
    compgen -G '.venv/lib/python3*/site-packages/__editable___unionfs_*_finder.py' >/dev/null ||
-   ! .venv/bin/python -c 'import unionfs._fuse_shim, pyfuse3, pytest_trio, hypothesis' 2>/dev/null; then
+   ! .venv/bin/python -c 'import unionfs._fuse_shim, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm' 2>/dev/null; then
     # pip's and setuptools' chatter (the compat-mode notice among it) is shown only on failure.
     log=$(mktemp)
     if ! { .venv/bin/pip install -q --upgrade pip &&

@@ -20,6 +20,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 LAZY_COMMANDS = {
     "run": ("launcher.cli", "run_command"),
     "conformance": ("unionfs.conformance.cli", "conformance_command"),
+    "images": ("unionfs.images.cli", "images_command"),
+    "image": ("unionfs.images.cli", "image_group"),
+    "diff": ("unionfs.images.cli", "diff_command"),
+    "commit": ("unionfs.images.cli", "commit_command"),
 }
 
 

@@ -1,0 +1,222 @@
+"""`unionfs images`, `unionfs image import|inspect|rm|prune|export`, `unionfs diff`, `unionfs commit`.
+
+Thin: each command parses, calls the library (store, changes) and prints; an ImageError is one line.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import QuietError
+from .store import Store, hexof
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_option(fn: F) -> F:
+    return click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+                        help="The image store (default /var/lib/unionfs; rootless: "
+                             "$XDG_DATA_HOME/unionfs).")(fn)
+
+
+def quiet(fn: F) -> F:
+    """Library errors become one line (click's ClickException)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QuietError as e:
+            raise click.ClickException(e.message) from None
+        except OSError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(what: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(advance, set_total) for a byte progress bar on a terminal; no output otherwise."""
+    if not sys.stderr.isatty():
+        yield (lambda n: None), (lambda n: None)
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        def total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+        yield bar.update, total
+
+
+@click.command("images", context_settings=CONTEXT)
+@store_option
+@quiet
+def images_command(store_dir: str | None) -> None:
+    """List the images in the store.
+
+    \b
+    Example:
+        unionfs images
+    """
+    store = Store(store_dir)
+    rows = [("NAME", "IMAGE ID", "CREATED", "LAYERS", "SIZE")]
+    for img in store.images():
+        size = sum(int(store.layer_info(d)["size"]) for d in img.diff_ids)
+        for name in img.names or ["<none>"]:
+            rows.append((name, hexof(img.id)[:12], str(img.config.get("created", ""))[:19],
+                         str(len(img.diff_ids)), _human(size)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+@click.group("image", context_settings=CONTEXT)
+def image_group() -> None:
+    """Import, inspect, remove and export images (see also `unionfs images`)."""
+
+
+@image_group.command("import", context_settings=CONTEXT)
+@store_option
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("name", required=False)
+@quiet
+def import_command(store_dir: str | None, source: str, name: str | None) -> None:
+    """Import the images of SOURCE: a `docker save`/`podman save` archive (docker-archive or
+    oci-archive) or an OCI image-layout directory.  Without NAME every image in it, named as in
+    it; with NAME the image it calls NAME (or its only image, then named NAME).
+
+    \b
+    Example:
+        podman save -o busybox.tar busybox && unionfs image import busybox.tar
+    """
+    store = Store(store_dir)
+    if not store.privileged:
+        click.echo("unionfs: rootless import: files will belong to you (owners in the image are not "
+                   "kept) and device nodes are refused", err=True)
+    with progress_bar("importing") as (advance, total):
+        done = store.import_archive(source, name, progress=advance, on_total=total)
+    for image_id, names in done:
+        click.echo(f"{hexof(image_id)[:12]} {' '.join(names)}".rstrip())
+
+
+@image_group.command("inspect", context_settings=CONTEXT)
+@store_option
+@click.argument("name")
+@quiet
+def inspect_command(store_dir: str | None, name: str) -> None:
+    """Print an image as JSON: id, names, config, manifest and layer directories (top first).
+
+    \b
+    Example:
+        unionfs image inspect busybox
+    """
+    store = Store(store_dir)
+    img = store.image(name)
+    doc = {"Id": img.id, "Names": img.names, "Config": img.config, "Manifest": img.manifest,
+           "LayerDirs": [str(p) for p in store.layer_dirs(img.id)]}
+    click.echo(json.dumps(doc, indent=2))
+
+
+@image_group.command("rm", context_settings=CONTEXT)
+@store_option
+@click.argument("names", nargs=-1, required=True)
+@quiet
+def rm_command(store_dir: str | None, names: tuple[str, ...]) -> None:
+    """Remove images (or one name of an image that has several), and the layers no other image uses.
+
+    \b
+    Example:
+        unionfs image rm busybox
+    """
+    store = Store(store_dir)
+    for name in names:
+        image_id, layers = store.remove(name)
+        click.echo(f"{hexof(image_id)[:12]} removed {name} ({len(layers)} layers freed)")
+
+
+@image_group.command("prune", context_settings=CONTEXT)
+@store_option
+@quiet
+def prune_command(store_dir: str | None) -> None:
+    """Remove leftovers of interrupted imports, unnamed images and layers no image uses.
+
+    \b
+    Example:
+        unionfs image prune
+    """
+    tmp, images, layers = Store(store_dir).prune()
+    click.echo(f"removed {len(tmp)} temporary, {len(images)} unnamed images, {len(layers)} layers")
+
+
+@image_group.command("export", context_settings=CONTEXT)
+@store_option
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Archive to write.")
+@click.option("--format", "fmt", type=click.Choice(["docker-archive", "oci-archive"]),
+              default="docker-archive", show_default=True)
+@quiet
+def export_command(store_dir: str | None, name: str, output: str, fmt: str) -> None:
+    """Write image NAME as an archive that `podman load` and `docker load` take.
+
+    \b
+    Example:
+        unionfs image export mine -o mine.tar && podman load -i mine.tar
+    """
+    from .changes import export
+
+    export(Store(store_dir), name, output, fmt)
+
+
+@click.command("diff", context_settings=CONTEXT)
+@store_option
+@click.option("--image", "base", help="The image under the upper (its layers are the lowers).")
+@click.option("--lower", "lowers", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="A lower layer directory (repeat, top first) instead of --image.")
+@click.argument("upper", type=click.Path(file_okay=False, exists=True))
+@quiet
+def diff_command(store_dir: str | None, base: str | None, lowers: tuple[str, ...], upper: str) -> None:
+    """Print what `docker diff` prints (A added, C changed, D deleted) for the container layer UPPER,
+    reading only UPPER and one look-up below per path it holds.
+
+    \b
+    Example:
+        unionfs diff --image busybox ./upper
+    """
+    from .changes import container_diff
+
+    dirs = list(lowers) + ([str(p) for p in Store(store_dir).layer_dirs(base)] if base else [])
+    for change in container_diff(upper, dirs):
+        click.echo(str(change))
+
+
+@click.command("commit", context_settings=CONTEXT)
+@store_option
+@click.option("--image", "base", required=True, help="The image the upper was made on.")
+@click.argument("upper", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@quiet
+def commit_command(store_dir: str | None, base: str, upper: str, name: str) -> None:
+    """Make image NAME: the layers of --image plus UPPER as one new layer.
+
+    \b
+    Example:
+        unionfs commit --image busybox ./upper mine
+    """
+    from .changes import commit
+
+    image_id = commit(Store(store_dir), base, upper, name)
+    click.echo(hexof(image_id)[:12])
