@@ -19,6 +19,8 @@ from pathlib import Path
 
 from spec import BASE_DIR
 
+from unionfs import mountinfo
+
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 IMPLEMENTATIONS = ("native", "kernel", "fuse-overlayfs", "unionfs")
 MOUNT_TIMEOUT = 30.0
@@ -40,20 +42,9 @@ class Mounted:
 
 
 def mounted_points() -> dict[str, str]:
-    """Mount points under BASE_DIR, with their filesystem type, from /proc/self/mountinfo."""
-    found: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as info:
-        for line in info:
-            fields = line.split()
-            point = _unescape(fields[4])
-            fstype = fields[fields.index("-") + 1]
-            if point.startswith(str(BASE_DIR) + "/"):
-                found[point] = fstype
-    return found
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape")
+    """Mount points under BASE_DIR, with their filesystem type."""
+    prefix = os.fsencode(BASE_DIR) + b"/"
+    return {os.fsdecode(m.point): m.fstype for m in mountinfo.mounts() if m.point.startswith(prefix)}
 
 
 def is_mounted(path: Path) -> bool:
@@ -88,15 +79,11 @@ def stop_stuck_server(view: Mounted) -> None:
 
 def abort_fuse_connection(point: Path) -> None:
     """Abort the FUSE connection behind `point` (only ever one of our own mounts), unblocking any waiter."""
-    with open("/proc/self/mountinfo") as info:
-        for line in info:
-            fields = line.split()
-            if _unescape(fields[4]) == str(point):
-                minor = fields[2].split(":")[1]
-                abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
-                if abort.exists():
-                    abort.write_text("1")
-                return
+    found = mountinfo.mount_at(os.fsencode(point))
+    if found is not None:
+        abort = Path(f"/sys/fs/fuse/connections/{found.dev.split(':')[1]}/abort")
+        if abort.exists():
+            abort.write_text("1")
 
 
 def fresh_run_dir(impl: str, upper_template: Path | None) -> tuple[Path, Path, Path]:

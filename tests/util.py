@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unionfs import mountinfo
+
 # --------------------------------------------------------------------------------------------------
 # Programs
 
@@ -49,30 +51,9 @@ MOUNT_TIMEOUT = 30.0  # bounded wait for a mount to appear / a daemon to exit
 # Mount table
 
 
-def _unescape_mountinfo(field_: str) -> bytes:
-    out = bytearray()
-    raw = field_.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"\\" and i + 3 < len(raw) + 0 and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
 def mounts() -> list[tuple[bytes, str, str]]:
     """(mountpoint, fstype, source) for every mount in this mount namespace, in mount order."""
-    res = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split(" ")
-            rfields = right.split(" ")
-            res.append((_unescape_mountinfo(fields[4]), rfields[0], rfields[1]))
-    return res
+    return [(m.point, m.fstype, m.source) for m in mountinfo.mounts()]
 
 
 def abort_fuse_under(prefix: os.PathLike[str] | str) -> list[bytes]:
@@ -81,19 +62,14 @@ def abort_fuse_under(prefix: os.PathLike[str] | str) -> list[bytes]:
     /proc/self/mountinfo, which never blocks on a FUSE mount."""
     pre = os.fsencode(os.path.abspath(os.fspath(prefix)))
     aborted = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split(" ")
-            mp = _unescape_mountinfo(fields[4])
-            if right.startswith("fuse") and (mp == pre or mp.startswith(pre + b"/")):
-                minor = fields[2].split(":")[1]
-                try:
-                    with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as a:
-                        a.write("1")
-                    aborted.append(mp)
-                except OSError:
-                    pass
+    for m in mountinfo.mounts():
+        if m.fstype.startswith("fuse") and (m.point == pre or m.point.startswith(pre + b"/")):
+            try:
+                with open(f"/sys/fs/fuse/connections/{m.dev.split(':')[1]}/abort", "w") as a:
+                    a.write("1")
+                aborted.append(m.point)
+            except OSError:
+                pass
     return aborted
 
 

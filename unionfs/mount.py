@@ -10,7 +10,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from . import statedir
+from . import mountinfo, statedir
 from .config import MountConfig
 from .errors import QuietError
 from .statedir import LogFile, StateDir
@@ -64,33 +63,15 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def _mounts() -> Iterator[tuple[bytes, str, str]]:
-    """(mount point, device major:minor, filesystem type) of each line of our mountinfo."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            yield _unescape(fields[4]), fields[2].decode(), fields[sep + 1].decode()
-
-
 def _mount_at(mountpoint: str | bytes) -> tuple[str, str] | None:
     """(device, type) of the topmost mount at *mountpoint* (as given: nothing is resolved here)."""
-    target = os.fsencode(mountpoint)
-    found = None
-    for where, dev, kind in _mounts():
-        if where == target:
-            found = (dev, kind)
-    return found
+    found = mountinfo.mount_at(mountpoint)
+    return (found.dev, found.fstype) if found else None
 
 
 def mount_type(mountpoint: str) -> str | None:
     found = _mount_at(os.path.realpath(mountpoint))
     return found[1] if found else None
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo escapes space, tab, newline and backslash as three octal digits."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,

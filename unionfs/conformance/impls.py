@@ -17,6 +17,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 
+from unionfs import mountinfo
+
 log = logging.getLogger(__name__)
 
 MOUNT_TIMEOUT = 30.0  # for a mount to appear
@@ -27,33 +29,16 @@ class MountError(RuntimeError):
     pass
 
 
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == path for line in f)
+    return mountinfo.is_mounted(path)
 
 
 def _mount_dev(path: str) -> tuple[int, int] | None:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == path:
-                major, minor = fields[2].split(":")
-                return int(major), int(minor)
-    return None
+    found = mountinfo.mount_at(os.path.realpath(path))
+    if found is None:
+        return None
+    major, minor = found.dev.split(":")
+    return int(major), int(minor)
 
 
 def abort_fuse(mnt: str) -> bool:
