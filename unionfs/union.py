@@ -243,14 +243,28 @@ class Union:
             raise _err(errno.EROFS)
 
     def upper_dir(self, d: Node) -> int:
-        """The writable branch's directory for *d*, copying it (and its parents) up first."""
+        """The writable branch's directory for *d*, copying it (and its parents) up first.
+
+        The ancestors still missing there are gathered walking up and copied walking down, so a
+        tree of any depth is copied up without recursion.
+        """
         self.check_writable()
         fd = d.fdmap.get(0)
         if fd is not None:
             return fd
+        missing = [d]
+        parent = d.name_in()[0]
+        while parent.fdmap.get(0) is None:
+            missing.append(parent)
+            parent = parent.name_in()[0]
+        for node in reversed(missing):
+            self._copy_up_dir(node)
+        return d.fdmap[0]
+
+    def _copy_up_dir(self, d: Node) -> None:
+        """Copy the directory *d*, whose parent is in the writable branch already, up."""
         parent, name = d.name_in()
-        pfd = self.upper_dir(parent)
-        fd = self.copyup.dir(d, pfd, name)
+        fd = self.copyup.dir(d, parent.fdmap[0], name)
         d.add_upper_dirfd(fd)
         d.xattrs = None
         self.touch(d, parent)
@@ -261,7 +275,6 @@ class Union:
         if e is not None:
             e.layer = 0
             e.dir_layers.insert(0, 0)
-        return fd
 
     async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
         """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied."""
