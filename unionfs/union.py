@@ -333,7 +333,12 @@ class Union:
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else creds.gid
         return creds.uid, gid
 
-    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int]) -> None:
+    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int], mode: int = 0) -> None:
+        """Give the new object *name* its caller's owner.
+
+        chown(2) clears the set-id bits of a non-directory; overlayfs, which creates with the
+        caller's credentials, keeps those the caller asked for: they are set again from *mode*.
+        """
         if owner == (os.geteuid(), os.getegid()):
             return
         try:
@@ -341,6 +346,15 @@ class Union:
         except PermissionError:
             if self.privileged:
                 raise
+            return
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            # chmod has no no-follow form: go through an O_PATH fd of the object itself.
+            pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            try:
+                if not stat.S_ISLNK(os.fstat(pf).st_mode):
+                    os.chmod(fd_path(pf), mode & 0o7777)
+            finally:
+                os.close(pf)
 
     def _place_new(self, parent: Node, name: bytes, is_dir: bool,
                    make: Callable[[int, bytes, bool], None]) -> tuple[int, bool]:
@@ -397,7 +411,7 @@ class Union:
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
             fds.append(fd)
-            self._chown_new(dirfd, n, owner)
+            self._chown_new(dirfd, n, owner, mode)
 
         pfd, had = self._place_new(parent, name, False, make)
         node, st = self._new_node(parent, name, pfd, False, had)
@@ -435,7 +449,7 @@ class Union:
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.mknod(n, mode, rdev, dir_fd=dirfd)
-            self._chown_new(dirfd, n, owner)
+            self._chown_new(dirfd, n, owner, mode)
 
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)
