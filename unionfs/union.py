@@ -193,6 +193,13 @@ class Union:
     def _xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
         if node.is_dir:
             return fn(node.dirfds[0][1])
+        if not node.links:
+            # Unlinked but open (fgetxattr and friends reach us with the node alone): an open file
+            # in the branch the node lives in is the only way left to the object.
+            for h in self.open_handles(node):
+                if h.layer == node.layer:
+                    return fn(h.fd)
+            raise _err(errno.ENOENT)
         pfd, name = node.real_parent_fd()
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
