@@ -27,6 +27,7 @@ from .whiteout import (
     dir_is_opaque,
     escape_xattr,
     is_reserved_name,
+    missing_xattr_errno,
     unescape_xattr,
     whiteouts_at,
 )
@@ -216,7 +217,7 @@ class Union:
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real = escape_xattr(name)
         if real not in self._xattr_names(node):
-            raise _err(errno.ENODATA)
+            raise _err(missing_xattr_errno(name))
         return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
     def listxattr(self, node: Node) -> list[bytes]:
