@@ -5,9 +5,9 @@ compared one name at a time relative to directory fds); a file at the bottom is 
 every parent), another removed, a directory made, the bottom listed, and the writable branches compared
 after unmount.
 
-Then: a setuid file created by an unprivileged user keeps its setuid bit; xattr calls on an open file
-whose name is gone work on the open file; overlay xattr names near the 255-byte limit and the bare
-``trusted.overlay.`` get the kernel's answers.
+Then: a file or fifo created by an unprivileged user keeps the set-id bits it asked for; xattr calls
+on an open file whose name is gone work on the open file; overlay xattr names near the 255-byte limit,
+bare namespaces (``trusted.overlay.`` too) and names in no namespace get the kernel's answers.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ USER = 1000
 def create_as_user(dirfd: int, name: str, mode: int) -> Any:
     """open(O_CREAT) and mkfifo with *mode* as an unprivileged user, relative to *dirfd*: what they made."""
     code = (
-        "import os, sys\n"
+        "import os\n"
         "os.umask(0o022)\n"
         f"fd = os.open({name!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, {mode}, dir_fd={dirfd})\n"
         f"os.mkfifo({name!r} + '.fifo', {mode}, dir_fd={dirfd})\n"
@@ -291,7 +291,7 @@ def create_as_user(dirfd: int, name: str, mode: int) -> Any:
     return r.stdout.split()
 
 
-@pytest.mark.parametrize("mode", [0o4755, 0o6755, 0o2750])
+@pytest.mark.parametrize("mode", [0o4755, 0o6755, 0o2750], ids=oct)
 def test_unprivileged_create_keeps_setuid(pair: Pair, mode: int) -> None:
     """The creator owns the new file, so the set-id bits it asked for stay, as on overlayfs."""
     pair.build([[D("home", uid=USER, gid=USER), D("tmp", mode=0o1777)]], upper=[])
