@@ -138,18 +138,40 @@ def _fresh_dir(parent_fd: int, name: bytes) -> int:
 
 
 def clear_dir(fd: int) -> None:
-    """Remove everything inside the directory open as *fd* (never following symlinks)."""
+    """Remove everything inside the directory open as *fd* (never following symlinks).
+
+    Depth first without recursion, so any depth will do: each directory being emptied is held open
+    with the names of its subdirectories still to go.
+    """
+    levels: list[tuple[int, bytes, list[bytes]]] = [(fd, b"", _remove_files(fd))]
+    try:
+        while levels:
+            dfd, name, subdirs = levels[-1]
+            if subdirs:
+                sub_name = subdirs.pop()
+                sub = os.open(sub_name, DIR_FLAGS, dir_fd=dfd)
+                levels.append((sub, sub_name, []))
+                levels[-1][2].extend(_remove_files(sub))
+                continue
+            levels.pop()
+            if levels:
+                os.close(dfd)
+                os.rmdir(name, dir_fd=levels[-1][0])
+    finally:
+        for dfd, _, _ in levels[1:]:
+            os.close(dfd)
+
+
+def _remove_files(fd: int) -> list[bytes]:
+    """Remove every non-directory in the directory open as *fd*; return the names of its directories."""
+    subdirs = []
     for name in listdir(fd):
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
-            try:
-                clear_dir(sub)
-            finally:
-                os.close(sub)
-            os.rmdir(name, dir_fd=fd)
+            subdirs.append(name)
         else:
             os.unlink(name, dir_fd=fd)
+    return subdirs
 
 
 def listdir(fd: int) -> list[bytes]:

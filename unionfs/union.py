@@ -27,6 +27,7 @@ from .whiteout import (
     dir_is_opaque,
     escape_xattr,
     is_reserved_name,
+    missing_xattr_errno,
     unescape_xattr,
     whiteouts_at,
 )
@@ -193,6 +194,13 @@ class Union:
     def _xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
         if node.is_dir:
             return fn(node.dirfds[0][1])
+        if not node.links:
+            # Unlinked but open (fgetxattr and friends reach us with the node alone): an open file
+            # in the branch the node lives in is the only way left to the object.
+            for h in self.open_handles(node):
+                if h.layer == node.layer:
+                    return fn(h.fd)
+            raise _err(errno.ENOENT)
         pfd, name = node.real_parent_fd()
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
@@ -209,7 +217,7 @@ class Union:
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real = escape_xattr(name)
         if real not in self._xattr_names(node):
-            raise _err(errno.ENODATA)
+            raise _err(missing_xattr_errno(name))
         return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
     def listxattr(self, node: Node) -> list[bytes]:
@@ -243,14 +251,28 @@ class Union:
             raise _err(errno.EROFS)
 
     def upper_dir(self, d: Node) -> int:
-        """The writable branch's directory for *d*, copying it (and its parents) up first."""
+        """The writable branch's directory for *d*, copying it (and its parents) up first.
+
+        The ancestors still missing there are gathered walking up and copied walking down, so a
+        tree of any depth is copied up without recursion.
+        """
         self.check_writable()
         fd = d.fdmap.get(0)
         if fd is not None:
             return fd
+        missing = [d]
+        parent = d.name_in()[0]
+        while parent.fdmap.get(0) is None:
+            missing.append(parent)
+            parent = parent.name_in()[0]
+        for node in reversed(missing):
+            self._copy_up_dir(node)
+        return d.fdmap[0]
+
+    def _copy_up_dir(self, d: Node) -> None:
+        """Copy the directory *d*, whose parent is in the writable branch already, up."""
         parent, name = d.name_in()
-        pfd = self.upper_dir(parent)
-        fd = self.copyup.dir(d, pfd, name)
+        fd = self.copyup.dir(d, parent.fdmap[0], name)
         d.add_upper_dirfd(fd)
         d.xattrs = None
         self.touch(d, parent)
@@ -261,7 +283,6 @@ class Union:
         if e is not None:
             e.layer = 0
             e.dir_layers.insert(0, 0)
-        return fd
 
     async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
         """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied."""
@@ -320,7 +341,12 @@ class Union:
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else creds.gid
         return creds.uid, gid
 
-    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int]) -> None:
+    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int], mode: int = 0) -> None:
+        """Give the new object *name* its caller's owner.
+
+        chown(2) clears the set-id bits of a non-directory; overlayfs, which creates with the
+        caller's credentials, keeps those the caller asked for: they are set again from *mode*.
+        """
         if owner == (os.geteuid(), os.getegid()):
             return
         try:
@@ -328,6 +354,15 @@ class Union:
         except PermissionError:
             if self.privileged:
                 raise
+            return
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            # chmod has no no-follow form: go through an O_PATH fd of the object itself.
+            pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            try:
+                if not stat.S_ISLNK(os.fstat(pf).st_mode):
+                    os.chmod(fd_path(pf), mode & 0o7777)
+            finally:
+                os.close(pf)
 
     def _place_new(self, parent: Node, name: bytes, is_dir: bool,
                    make: Callable[[int, bytes, bool], None]) -> tuple[int, bool]:
@@ -384,7 +419,7 @@ class Union:
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
             fds.append(fd)
-            self._chown_new(dirfd, n, owner)
+            self._chown_new(dirfd, n, owner, mode)
 
         pfd, had = self._place_new(parent, name, False, make)
         node, st = self._new_node(parent, name, pfd, False, had)
@@ -422,7 +457,7 @@ class Union:
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.mknod(n, mode, rdev, dir_fd=dirfd)
-            self._chown_new(dirfd, n, owner)
+            self._chown_new(dirfd, n, owner, mode)
 
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)

@@ -35,6 +35,12 @@ class Dialect(enum.Enum):
 # Every bookkeeping namespace is escaped the way overlayfs escapes its own, so a program may set any
 # xattr through the union and none of them can turn into a marker in the branch.
 ESCAPED_XATTR_PREFIXES = PRIVATE_XATTR_PREFIXES
+ESCAPE = b"overlay."
+# overlayfs's own namespace when it runs with trusted.* xattrs (as root): the others in
+# ESCAPED_XATTR_PREFIXES are plain data to it.
+OWN_XATTR_PREFIX = b"trusted.overlay."
+XATTR_NAME_MAX = 255
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 
 
 def is_private_xattr(name: bytes) -> bool:
@@ -46,16 +52,38 @@ def is_private_xattr(name: bytes) -> bool:
 
 
 def escape_xattr(name: bytes) -> bytes:
-    """The branch xattr that stores the union's xattr *name*.
+    """The branch xattr that stores the union's xattr *name*; OSError where overlayfs refuses it.
 
     As overlayfs does since Linux 6.7, ``trusted.overlay.X`` set through the union is stored as
     ``trusted.overlay.overlay.X`` in the branch, so overlays can nest; the other bookkeeping
-    namespaces are escaped alike.
+    namespaces are escaped alike.  As overlayfs answers for its own namespace: the bare
+    ``trusted.overlay.`` is EINVAL, and a name too long to escape (over 255 bytes escaped)
+    EOPNOTSUPP.  In the namespaces it leaves alone, such a name is stored unescaped (no bookkeeping
+    name is that long); only one that already reads as escaped (``user.overlay.overlay.*``) cannot
+    be stored either way.
     """
+    if name == OWN_XATTR_PREFIX:
+        raise OSError(errno.EINVAL, "bare xattr namespace", os.fsdecode(name))
     for prefix in ESCAPED_XATTR_PREFIXES:
         if name.startswith(prefix):
-            return prefix + b"overlay." + name[len(prefix):]
+            rest = name[len(prefix):]
+            escaped = prefix + ESCAPE + rest
+            if len(escaped) <= XATTR_NAME_MAX:
+                return escaped
+            if prefix == OWN_XATTR_PREFIX or rest.startswith(ESCAPE):
+                raise OSError(errno.EOPNOTSUPP, "xattr name too long to escape", os.fsdecode(name))
+            return name
     return name
+
+
+def missing_xattr_errno(name: bytes) -> int:
+    """What getxattr of *name* answers when the object has no such xattr: ENODATA, unless the name
+    itself is refused (a bare namespace: EINVAL; no namespace: EOPNOTSUPP), as the kernel does."""
+    if name in XATTR_NAMESPACES[:3]:
+        return errno.EINVAL
+    if not name.startswith(XATTR_NAMESPACES):
+        return errno.EOPNOTSUPP
+    return errno.ENODATA
 
 
 def unescape_xattr(real: bytes) -> bytes | None:
@@ -63,7 +91,11 @@ def unescape_xattr(real: bytes) -> bytes | None:
     for prefix in ESCAPED_XATTR_PREFIXES:
         if real.startswith(prefix):
             rest = real[len(prefix):]
-            return prefix + rest[len(b"overlay."):] if rest.startswith(b"overlay.") else None
+            if rest.startswith(ESCAPE):
+                return prefix + rest[len(ESCAPE):]
+            if prefix != OWN_XATTR_PREFIX and len(real) + len(ESCAPE) > XATTR_NAME_MAX:
+                return real     # too long to have been escaped: stored as it is (escape_xattr)
+            return None
     return real
 
 
