@@ -206,7 +206,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False) -> int:
             raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {e}") from None
         stack.callback(_close_session, pyfuse3)
         if shim is not None and not shim.sessions():
-            log.warning("the libfuse shim was bypassed: no fallocate, no cached listings")
+            log.warning("the libfuse shim was bypassed: no fallocate, no cached listings, umask applied "
+                        "by the kernel")
         _write_pidfile(pidfile)
         stack.callback(_remove, pidfile)
         if faults:

@@ -123,6 +123,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # POSIX ACLs: the kernel checks access with the ACL it reads as system.posix_acl_access, and
+    # drops its cached attributes and ACL when one is set through the mount.  New objects get their
+    # parent's default ACL from the upper filesystem (see Union._new_mode).
+    enable_acl = True
 
     def __init__(self, union: Union, timeout: float = 1.0, debug: bool = False) -> None:
         super().__init__()
@@ -151,6 +155,9 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         try:
+            if shim is not None and shim.sessions() and not shim.dont_mask():
+                log.warning("the kernel applies the umask itself: new objects under a default ACL "
+                            "get both")
             self.on_init()
         except Exception:
             log.exception("init hook failed")
@@ -197,7 +204,7 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> Creds:
-        return Creds(ctx.uid, ctx.gid)
+        return Creds(ctx.uid, ctx.gid, ctx.umask)
 
     # ------------------------------------------------------------------ read path
 
@@ -374,9 +381,11 @@ class Operations(pyfuse3.Operations):
         return 0
 
     def use_shim(self) -> None:
-        """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""
+        """Hand the next FUSE session fallocate, modes without the umask applied (the union applies
+        it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
         if shim is not None:
-            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
+            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True,
+                           dont_mask=True)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
