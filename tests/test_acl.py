@@ -175,23 +175,24 @@ def test_acls_survive_copy_up(acl_pair: Pair) -> None:
 def test_default_acl_inheritance(acl_pair: Pair, style: str) -> None:
     """Files, directories and FIFOs made under a parent with a default ACL take it and ignore the
     umask; under a parent without one the umask applies once.  The same over a whiteout (a name
-    deleted from the lower branch and made again), and with AUFS whiteouts."""
+    deleted from the lower branch and made again), in a setgid parent, and with AUFS whiteouts."""
     dacl = ["-m", f"d:u::rwx,d:g::rwx,d:o::---,d:u:{BOB}:r-x"]
     names = [f"{k}{u}" for k in "fdp" for u in ("022", "077")]
-    build(acl_pair, [D("acl", mode=0o775), D("plain", mode=0o775),
-                     *[F(f"{d}/old-{n}", b"old") for d in ("acl", "plain") for n in names]],
-          {"acl": dacl}, style=style, dialect=style)
+    parents = ("acl", "plain", "sgid")
+    build(acl_pair, [D("acl", mode=0o775), D("plain", mode=0o775), D("sgid", mode=0o2770, gid=BOB),
+                     *[F(f"{d}/old-{n}", b"old") for d in parents for n in names]],
+          {"acl": dacl, "sgid": dacl}, style=style, dialect=style)
     steps: list[tuple[str, Callable[[Side], Any]]] = []
     for umask in (0o022, 0o077):
         u = f"{umask:03o}"
-        for parent in ("acl", "plain"):
+        for parent in parents:
             for prefix in ("new-", "old-"):
                 at = f"{parent}/{prefix}"
                 make = f"touch {at}f{u} && mkdir {at}d{u} && mkfifo {at}p{u}"
                 if prefix == "old-":    # the names exist below: made again over whiteouts
                     make = f"rm {at}f{u} {at}d{u} {at}p{u} && {make}"
                 steps.append((f"umask {u} {at}", run(make, umask=umask)))
-    steps.append(("getfacl of all", run("getfacl -n -p $(find acl plain | sort)")))
+    steps.append(("getfacl of all", run("getfacl -n -p $(find acl plain sgid | sort)")))
     steps.append(("bob uses them", bob("cat acl/new-f022 acl/old-f077; ls acl/new-d022 acl/old-d077")))
     same_steps(acl_pair, steps)
     assert_same_result(acl_pair)
