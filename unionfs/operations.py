@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,9 @@ from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .caller import in_group_or_capable
 from .inodes import Node
+from .layers import ACL_ACCESS
 from .merge import Entry
 from .union import Creds, Union
 
@@ -453,8 +456,18 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.setxattr(self._node(inode), name, value)
+        node = self._node(inode)
+        await self.union.setxattr(node, name, value, self._kills_sgid(node, name, ctx))
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.removexattr(self._node(inode), name)
+        node = self._node(inode)
+        await self.union.removexattr(node, name, self._kills_sgid(node, name, ctx))
+
+    def _kills_sgid(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether changing xattr *name* clears the setgid bit, as on overlayfs: a change of the
+        access ACL by a caller neither in the file's group nor holding CAP_FSETID."""
+        if name != ACL_ACCESS:
+            return False
+        st = self.union.stat(node)
+        return bool(st.st_mode & stat.S_ISGID) and not in_group_or_capable(ctx.pid, ctx.gid, st.st_gid)

@@ -236,22 +236,35 @@ class Union:
         shown = (unescape_xattr(n) for n in self._xattr_names(node))
         return [n for n in shown if n is not None]
 
-    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    async def setxattr(self, node: Node, name: bytes, value: bytes, kill_sgid: bool = False) -> None:
+        """Set xattr *name*; with *kill_sgid*, first clear the setgid bit (see `_kill_sgid`)."""
         self.check_writable()
         real = escape_xattr(name)
         await self.ensure_upper(node)
+        if kill_sgid:
+            await self._kill_sgid(node)
         node.xattrs = None
         self.touch(node)
         self._xattr_target(node, lambda p: os.setxattr(p, real, value))
 
-    async def removexattr(self, node: Node, name: bytes) -> None:
+    async def removexattr(self, node: Node, name: bytes, kill_sgid: bool = False) -> None:
         self.check_writable()
         real = escape_xattr(name)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
+        if kill_sgid:
+            await self._kill_sgid(node)
         node.xattrs = None
         self.touch(node)
         self._xattr_target(node, lambda p: os.removexattr(p, real))
+
+    async def _kill_sgid(self, node: Node) -> None:
+        """Clear *node*'s setgid bit: overlayfs does so before a change of the access ACL by a
+        caller who is neither in the file's group nor holds CAP_FSETID (the FUSE request does not
+        say so; the caller of setxattr decides)."""
+        mode = self.stat(node).st_mode
+        if mode & stat.S_ISGID:
+            await self.setattr(node, mode=stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].fd)
