@@ -13,12 +13,15 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from util import D, F, Pair, Side, layer_digest, walk
+
+from unionfs.caller import in_group_or_capable
 
 pytestmark = pytest.mark.fuse
 
@@ -255,3 +258,40 @@ def test_copies_take_no_acl_from_the_work_dir(acl_pair: Pair, style: str) -> Non
         ("bob", bob("cat f; cat d/x; ls d; cat new")),
     ])
     assert_same_result(acl_pair)
+
+
+def test_setfacl_by_an_owner_outside_the_group_clears_setgid(acl_pair: Pair) -> None:
+    """A change of the access ACL by a caller neither in the file's group nor privileged clears
+    the setgid bit (a group member's or root's keeps it), set or removed, file or directory."""
+    build(acl_pair, [D("d", mode=0o777),
+                     *[F(f"d/{n}", b"x", mode=0o2775, uid=BOB, gid=g) for n, g in
+                       (("other", NOT_BOB), ("own", BOB), ("byroot", NOT_BOB), ("rm", NOT_BOB))],
+                     D("d/dir", mode=0o2775, uid=BOB, gid=NOT_BOB)],
+          {"d/rm": ["-m", "u:1000:r"]})
+    same_steps(acl_pair, [
+        ("setgid", run("chmod 2775 d/other d/own d/byroot d/rm")),   # the layer's chown cleared it
+        ("bob sets ACLs", bob("setfacl -m u:1000:r d/other d/own d/dir && setfacl -b d/rm")),
+        ("root sets one", run("setfacl -m u:1000:r d/byroot")),
+        ("modes", run("stat -c '%n %A' d/other d/own d/byroot d/rm d/dir")),
+        ("getfacl", getfacl("d/other", "d/own", "d/byroot", "d/rm", "d/dir")),
+    ])
+    assert_same_result(acl_pair)
+
+
+def test_in_group_or_capable_reads_the_callers_groups_and_capabilities() -> None:
+    """What the server learns of a caller from /proc: supplementary groups, CAP_FSETID."""
+    child = subprocess.Popen(["setpriv", f"--reuid={BOB}", f"--regid={BOB}", f"--groups={NOT_BOB}",
+                              "--inh-caps=-all", "--", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/comm").read_text() != "sleep\n":    # setpriv is done
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert in_group_or_capable(child.pid, BOB, NOT_BOB)     # a supplementary group
+        assert in_group_or_capable(child.pid, BOB, BOB)         # its own
+        assert not in_group_or_capable(child.pid, BOB, 0)       # neither, and no CAP_FSETID
+    finally:
+        child.kill()
+        child.wait()
+    assert in_group_or_capable(os.getpid(), 12345, 0) == (os.geteuid() == 0)   # root: CAP_FSETID
+    assert not in_group_or_capable(child.pid, BOB, 0)           # gone: nothing to go by
