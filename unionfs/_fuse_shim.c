@@ -15,6 +15,11 @@
  *    keep every listing cached".  READDIRPLUS and FSYNCDIR then arrive with fh 0; the shim hands
  *    pyfuse3 the directory's inode number tagged with STATELESS_DIR as fh instead, so the Python
  *    handlers know which directory is meant.  A kernel cached listing then costs no request at all.
+ *  - dont_mask: with POSIX ACLs (which pyfuse3 asks for itself), the kernel leaves new objects'
+ *    modes to the server, but still strips the caller's umask from them unless the server asks for
+ *    FUSE_CAP_DONT_MASK; a parent's default ACL must then be applied to a mode the umask has
+ *    already cut (a group::rwx default would give group::r-x under umask 022).  The shim asks, and
+ *    the server applies the umask itself where no default ACL replaces it, as a local filesystem does.
  *
  * How: this module defines fuse_session_new().  Loaded with RTLD_GLOBAL before pyfuse3 is
  * imported, it is the definition pyfuse3's call binds to.  It copies pyfuse3's operation table,
@@ -49,11 +54,19 @@ static fsyncdir_fn inner_fsyncdir;
 static PyObject *fallocate_cb; /* (ino, fh, mode, offset, length) -> errno, 0 for success */
 static int cache_dirs;
 static int want_stateless_dirs;
+static int want_dont_mask;
+static int dont_mask; /* the kernel agreed: new objects' modes arrive with the umask not applied */
 static int stateless_dirs; /* the kernel agreed: no OPENDIR/RELEASEDIR, fh 0 in READDIRPLUS */
 static int sessions;
 
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
+    /* before pyfuse3's init, so that its Python init hook already sees what was agreed */
+    dont_mask = 0;
+    if (want_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK)) {
+        conn->want |= FUSE_CAP_DONT_MASK;
+        dont_mask = 1;
+    }
     inner_init(userdata, conn);
     if (want_stateless_dirs && cache_dirs && (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT)) {
         conn->want |= FUSE_CAP_NO_OPENDIR_SUPPORT;
@@ -149,10 +162,11 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
 
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", NULL};
-    int cache = 0, stateless = 0;
+    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", NULL};
+    int cache = 0, stateless = 0, nomask = 0;
     PyObject *cb = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOp", kwlist, &cache, &cb, &stateless))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOpp", kwlist, &cache, &cb, &stateless,
+                                     &nomask))
         return NULL;
     if (cb != Py_None && !PyCallable_Check(cb)) {
         PyErr_SetString(PyExc_TypeError, "fallocate must be callable or None");
@@ -160,6 +174,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     cache_dirs = cache;
     want_stateless_dirs = stateless;
+    want_dont_mask = nomask;
     Py_XDECREF(fallocate_cb);
     fallocate_cb = NULL;
     if (cb != Py_None) {
@@ -174,10 +189,17 @@ static PyObject *py_sessions(PyObject *self, PyObject *unused)
     return PyLong_FromLong(sessions);
 }
 
+static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(dont_mask);
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False): what the next FUSE "
-     "session gets."},
+     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False): what "
+     "the next FUSE session gets."},
+    {"dont_mask", py_dont_mask, METH_NOARGS,
+     "Whether the kernel agreed to send new objects' modes without the umask applied."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},
@@ -185,7 +207,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "unionfs._fuse_shim",
-    "fallocate and cached directory listings for pyfuse3 (see the C source's header)", -1, methods,
+    "fallocate, cached directory listings and unmasked modes for pyfuse3 (see the C source's header)",
+    -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__fuse_shim(void)

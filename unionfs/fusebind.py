@@ -1,7 +1,8 @@
 """pyfuse3, loaded behind unionfs' libfuse shim.
 
 The shim (`unionfs/_fuse_shim.c`) adds what pyfuse3 3.5 cannot ask libfuse for: a fallocate(2)
-handler, and cached directory listings.  It works by being the ``fuse_session_new`` that pyfuse3
+handler, cached directory listings, and new objects' modes without the umask applied (so that a
+default ACL can replace it).  It works by being the ``fuse_session_new`` that pyfuse3
 binds to, so it must be loaded, into the global symbol scope, before pyfuse3 is imported: import
 pyfuse3 in the server from here, never directly first.
 
@@ -11,7 +12,8 @@ pyfuse3 is also imported here without the standard library's importlib.metadata 
 Attributes:
     pyfuse3: the pyfuse3 module.
     shim: the native shim module, or None when it is not built or pyfuse3 was imported first (the
-        union then serves without fallocate modes or kernel-cached listings).
+        union then serves without fallocate modes or kernel-cached listings, and a default ACL's
+        permissions are cut by the umask as well).
 """
 from __future__ import annotations
 
@@ -27,14 +29,16 @@ log = logging.getLogger(__name__)
 
 def _load_shim() -> ModuleType | None:
     if "pyfuse3" in sys.modules:
-        log.warning("pyfuse3 was imported before unionfs.fusebind: no fallocate, no cached listings")
+        log.warning("pyfuse3 was imported before unionfs.fusebind: no fallocate, no cached listings, "
+                    "umask applied by the kernel")
         return None
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
         from . import _fuse_shim
     except ImportError as e:
-        log.warning("libfuse shim not built (%s): no fallocate, no cached listings", e)
+        log.warning("libfuse shim not built (%s): no fallocate, no cached listings, umask applied by "
+                    "the kernel", e)
         return None
     finally:
         sys.setdlopenflags(flags)

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 WORK_NAME = "unionfs-work"            # inside an overlay-style workdir
 AUFS_WORK_NAME = b".wh..wh.unionfs.work"  # inside an AUFS-style writable branch (hidden)
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
 
 
 @dataclass(eq=False)
@@ -118,23 +120,36 @@ def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work:
 
 
 def _fresh_dir(parent_fd: int, name: bytes) -> int:
-    """Create (or empty) *name* under *parent_fd* and return it open; it holds only our temporaries."""
+    """Create (or empty) *name* under *parent_fd* and return it open; it holds only our temporaries.
+
+    It carries no ACL, whatever its parent's default ACL gave it (overlayfs strips its work dir
+    alike): a copy assembled in it gets the ACLs of its original and no others.
+    """
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-            try:
-                clear_dir(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
-    os.mkdir(name, 0o700, dir_fd=parent_fd)
-    return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        st = None
+    if st is None:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        if st is not None:
+            clear_dir(fd)
+        for acl in (ACL_DEFAULT, ACL_ACCESS):
+            try:
+                os.removexattr(fd, acl)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
+        if st is None:
+            os.chmod(fd, 0o700)     # a default ACL of the parent may have cut the mode
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def clear_dir(fd: int) -> None:
@@ -318,6 +333,6 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
 
 
 __all__ = [
-    "Layer", "LayerStack", "open_stack", "listdir", "lstat_at", "exists_at", "open_dir_at",
-    "open_file_at", "fd_path", "clear_dir", "copy_data", "raise_nofile_limit",
+    "ACL_ACCESS", "ACL_DEFAULT", "Layer", "LayerStack", "open_stack", "listdir", "lstat_at", "exists_at",
+    "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data", "raise_nofile_limit",
 ]

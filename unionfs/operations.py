@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,9 @@ from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .caller import in_group_or_capable
 from .inodes import Node
+from .layers import ACL_ACCESS
 from .merge import Entry
 from .union import Creds, Union
 
@@ -123,6 +126,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # POSIX ACLs: the kernel checks access with the ACL it reads as system.posix_acl_access, and
+    # drops its cached attributes and ACL when one is set through the mount.  New objects get their
+    # parent's default ACL from the upper filesystem (see Union._new_mode).
+    enable_acl = True
 
     def __init__(self, union: Union, timeout: float = 1.0, debug: bool = False) -> None:
         super().__init__()
@@ -151,6 +158,9 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         try:
+            if shim is not None and shim.sessions() and not shim.dont_mask():
+                log.warning("the kernel applies the umask itself: new objects under a default ACL "
+                            "get both")
             self.on_init()
         except Exception:
             log.exception("init hook failed")
@@ -197,7 +207,7 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> Creds:
-        return Creds(ctx.uid, ctx.gid)
+        return Creds(ctx.uid, ctx.gid, ctx.umask)
 
     # ------------------------------------------------------------------ read path
 
@@ -374,9 +384,11 @@ class Operations(pyfuse3.Operations):
         return 0
 
     def use_shim(self) -> None:
-        """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""
+        """Hand the next FUSE session fallocate, modes without the umask applied (the union applies
+        it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
         if shim is not None:
-            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True)
+            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True,
+                           dont_mask=True)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -444,8 +456,18 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.setxattr(self._node(inode), name, value)
+        node = self._node(inode)
+        await self.union.setxattr(node, name, value, self._kills_sgid(node, name, ctx))
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.removexattr(self._node(inode), name)
+        node = self._node(inode)
+        await self.union.removexattr(node, name, self._kills_sgid(node, name, ctx))
+
+    def _kills_sgid(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether changing xattr *name* clears the setgid bit, as on overlayfs: a change of the
+        access ACL by a caller neither in the file's group nor holding CAP_FSETID."""
+        if name != ACL_ACCESS:
+            return False
+        st = self.union.stat(node)
+        return bool(st.st_mode & stat.S_ISGID) and not in_group_or_capable(ctx.pid, ctx.gid, st.st_gid)

@@ -6,18 +6,28 @@ node's lock and re-check what they depend on afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
 
 from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
-from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
+from .layers import (
+    ACL_ACCESS,
+    ACL_DEFAULT,
+    LayerStack,
+    clear_dir,
+    fd_path,
+    lstat_at,
+    open_dir_at,
+    open_file_at,
+)
 from .merge import Entry, build_listing, open_dir_layers
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
 from .whiteout import (
@@ -46,10 +56,12 @@ def _err(code: int, what: str = "", name: bytes = b"") -> OSError:
 
 @dataclass
 class Creds:
-    """Who asked: new objects are owned by the caller, as on overlayfs."""
+    """Who asked: new objects are owned by the caller, as on overlayfs, and get the caller's umask
+    unless their parent's default ACL replaces it."""
 
     uid: int
     gid: int
+    umask: int = 0
 
 
 class Handle:
@@ -216,7 +228,15 @@ class Union:
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real = escape_xattr(name)
-        if real not in self._xattr_names(node):
+        try:
+            names = self._xattr_names(node)
+        except OSError as e:
+            # The kernel reads the ACL of every object it checks access to; on a branch without
+            # xattrs there is none, and the mode decides, as on overlayfs.
+            if e.errno == errno.ENOTSUP and name in (ACL_ACCESS, ACL_DEFAULT):
+                raise _err(errno.ENODATA) from None
+            raise
+        if real not in names:
             raise _err(missing_xattr_errno(name))
         return self._xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
@@ -224,22 +244,35 @@ class Union:
         shown = (unescape_xattr(n) for n in self._xattr_names(node))
         return [n for n in shown if n is not None]
 
-    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    async def setxattr(self, node: Node, name: bytes, value: bytes, kill_sgid: bool = False) -> None:
+        """Set xattr *name*; with *kill_sgid*, first clear the setgid bit (see `_kill_sgid`)."""
         self.check_writable()
         real = escape_xattr(name)
         await self.ensure_upper(node)
+        if kill_sgid:
+            await self._kill_sgid(node)
         node.xattrs = None
         self.touch(node)
         self._xattr_target(node, lambda p: os.setxattr(p, real, value))
 
-    async def removexattr(self, node: Node, name: bytes) -> None:
+    async def removexattr(self, node: Node, name: bytes, kill_sgid: bool = False) -> None:
         self.check_writable()
         real = escape_xattr(name)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await self.ensure_upper(node)
+        if kill_sgid:
+            await self._kill_sgid(node)
         node.xattrs = None
         self.touch(node)
         self._xattr_target(node, lambda p: os.removexattr(p, real))
+
+    async def _kill_sgid(self, node: Node) -> None:
+        """Clear *node*'s setgid bit: overlayfs does so before a change of the access ACL by a
+        caller who is neither in the file's group nor holds CAP_FSETID (the FUSE request does not
+        say so; the caller of setxattr decides)."""
+        mode = self.stat(node).st_mode
+        if mode & stat.S_ISGID:
+            await self.setattr(node, mode=stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].fd)
@@ -355,40 +388,83 @@ class Union:
             if self.privileged:
                 raise
             return
-        if mode & (stat.S_ISUID | stat.S_ISGID):
-            # chmod has no no-follow form: go through an O_PATH fd of the object itself.
+        setid = mode & (stat.S_ISUID | stat.S_ISGID)
+        if setid:
+            # chmod has no no-follow form: go through an O_PATH fd of the object itself.  Only the
+            # set-id bits are added: the permission bits stay as made (a default ACL's mask among them).
             pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
             try:
-                if not stat.S_ISLNK(os.fstat(pf).st_mode):
-                    os.chmod(fd_path(pf), mode & 0o7777)
+                st = os.fstat(pf)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chmod(fd_path(pf), stat.S_IMODE(st.st_mode) | setid)
             finally:
                 os.close(pf)
 
+    def _new_mode(self, parent: Node, mode: int, creds: Creds) -> tuple[int, bool]:
+        """The mode to make a new object in *parent* with, and whether it inherits a default ACL.
+
+        As on a local filesystem: the default ACL of the parent's upper directory replaces the
+        caller's umask (the upper filesystem combines it with the mode when the object is made);
+        without one, the umask applies.  The kernel sends modes unmasked when the shim asked it to
+        (FUSE_CAP_DONT_MASK); otherwise it has masked them already, and masking again changes nothing.
+        """
+        try:
+            inherit = ACL_DEFAULT in self._xattr_names(parent)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise
+            inherit = False     # an upper filesystem without xattrs has no ACLs
+        return (mode, True) if inherit else (mode & ~creds.umask, False)
+
+    @contextlib.contextmanager
+    def _assembly_dir(self, pfd: int, inherit: bool) -> Iterator[int]:
+        """Where an object that is to replace a whiteout in the upper directory *pfd* is made: the
+        work dir, or, when it must inherit *pfd*'s default ACL, a new directory inside the work dir
+        carrying that ACL, so that the upper filesystem applies it just as it would in *pfd*."""
+        work = self.work_fd
+        assert work is not None
+        if not inherit:
+            yield work
+            return
+        sub = self.writer.temp_name()
+        os.mkdir(sub, 0o700, dir_fd=work)
+        try:
+            fd = open_dir_at(work, sub)
+            try:
+                os.setxattr(fd, ACL_DEFAULT, os.getxattr(pfd, ACL_DEFAULT))
+                yield fd
+            finally:
+                clear_dir(fd)   # empty unless making the object failed
+                os.close(fd)
+        finally:
+            os.rmdir(sub, dir_fd=work)
+
     def _place_new(self, parent: Node, name: bytes, is_dir: bool,
-                   make: Callable[[int, bytes, bool], None]) -> tuple[int, bool]:
+                   make: Callable[[int, bytes, bool], None], inherit: bool = False) -> tuple[int, bool]:
         """Create a new object *name* in the upper directory of *parent* with *make*(dirfd, name, opaque).
 
         A whiteout left there for the name is replaced atomically (overlay dialect: the object is
-        built in the work dir and renamed over it) or removed after (AUFS dialect).  Returns the
-        upper directory fd and whether the name still exists in a lower branch (there was a whiteout).
+        built in the work dir and renamed over it) or removed after (AUFS dialect).  *inherit*: the
+        object takes the upper directory's default ACL (see `_new_mode`).  Returns the upper
+        directory fd and whether the name still exists in a lower branch (there was a whiteout).
         """
         pfd = self.upper_dir(parent)
         chr_wh, aufs_wh = whiteouts_at(pfd, name)
         had = chr_wh or aufs_wh
         if chr_wh:
-            work = self.work_fd
-            assert work is not None
-            tmp = self.writer.temp_name()
-            make(work, tmp, had)
-            try:
-                if is_dir:
-                    renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
-                    os.unlink(tmp, dir_fd=work)
-                else:
-                    os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=pfd)
-            except BaseException:
-                self.copyup.discard(tmp)
-                raise
+            with self._assembly_dir(pfd, inherit) as adir:
+                tmp = self.writer.temp_name()
+                make(adir, tmp, had)
+                try:
+                    if is_dir:
+                        renameat2(adir, tmp, pfd, name, RENAME_EXCHANGE)
+                        os.unlink(tmp, dir_fd=adir)
+                    else:
+                        os.rename(tmp, name, src_dir_fd=adir, dst_dir_fd=pfd)
+                except BaseException:
+                    if adir == self.work_fd:
+                        self.copyup.discard(tmp)
+                    raise
         else:
             make(pfd, name, had)
         if aufs_wh:
@@ -415,13 +491,14 @@ class Union:
         self._check_new_name(parent, name)
         fds: list[int] = []
         owner = self._owner(self.upper_dir(parent), creds)
+        mode, inherit = self._new_mode(parent, mode, creds)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
             fds.append(fd)
             self._chown_new(dirfd, n, owner, mode)
 
-        pfd, had = self._place_new(parent, name, False, make)
+        pfd, had = self._place_new(parent, name, False, make, inherit)
         node, st = self._new_node(parent, name, pfd, False, had)
         return self._handle(node, fds[0], flags), node, st
 
@@ -429,6 +506,7 @@ class Union:
         self._check_new_name(parent, name)
         upper = self.upper_dir(parent)
         owner = self._owner(upper, creds)
+        mode, inherit = self._new_mode(parent, mode, creds)
         # A directory made in a setgid directory is setgid too; one assembled in the work dir
         # (over a whiteout) must be given the bit by hand.
         setgid = os.fstat(upper).st_mode & stat.S_ISGID
@@ -437,7 +515,8 @@ class Union:
             os.mkdir(n, mode & 0o7777, dir_fd=dirfd)
             self._chown_new(dirfd, n, owner)
             if setgid and dirfd != upper:
-                os.chmod(n, (mode & 0o7777) | stat.S_ISGID, dir_fd=dirfd)
+                made = stat.S_IMODE(lstat_at(dirfd, n).st_mode)   # what a default ACL left of mode
+                os.chmod(n, made | stat.S_ISGID, dir_fd=dirfd)
             if opaque:
                 fd = open_dir_at(dirfd, n)
                 try:
@@ -445,7 +524,7 @@ class Union:
                 finally:
                     os.close(fd)
 
-        pfd, had = self._place_new(parent, name, True, make)
+        pfd, had = self._place_new(parent, name, True, make, inherit)
         return self._new_node(parent, name, pfd, True, had)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, creds: Creds
@@ -454,12 +533,13 @@ class Union:
             raise _err(errno.EPERM, "a 0/0 character device is a whiteout", name)
         self._check_new_name(parent, name)
         owner = self._owner(self.upper_dir(parent), creds)
+        mode, inherit = self._new_mode(parent, mode, creds)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.mknod(n, mode, rdev, dir_fd=dirfd)
             self._chown_new(dirfd, n, owner, mode)
 
-        pfd, had = self._place_new(parent, name, False, make)
+        pfd, had = self._place_new(parent, name, False, make, inherit)
         return self._new_node(parent, name, pfd, False, had)
 
     def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, os.stat_result]:
