@@ -295,3 +295,18 @@ def test_in_group_or_capable_reads_the_callers_groups_and_capabilities() -> None
         child.wait()
     assert in_group_or_capable(os.getpid(), 12345, 0) == (os.geteuid() == 0)   # root: CAP_FSETID
     assert not in_group_or_capable(child.pid, BOB, 0)           # gone: nothing to go by
+
+
+def test_setuid_file_made_by_a_user_under_a_default_acl(acl_pair: Pair) -> None:
+    """bob creates a setuid and a setgid file in a directory with a default ACL: the set-id bits he
+    asked for stay and the permission bits (the ACL's mask among them) are what the ACL gives."""
+    dacl = ["-m", f"d:u::rwx,d:g::r-x,d:o::---,d:u:{BOB}:rwx,u:{BOB}:rwx"]
+    build(acl_pair, [D("acl", mode=0o755)], {"acl": dacl})
+    mk = ("python3 -c 'import os, sys; os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, "
+          "int(sys.argv[2], 8)))'")
+    same_steps(acl_pair, [
+        ("bob creates 4775", bob(f"{mk} acl/suid 4775 && stat -c %a acl/suid")),
+        ("bob creates 2750", bob(f"{mk} acl/sgid 2750 && stat -c %a acl/sgid")),
+        ("getfacl", getfacl("acl/suid", "acl/sgid")),
+    ])
+    assert_same_result(acl_pair)
