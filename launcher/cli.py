@@ -5,7 +5,9 @@ Register it in the ``unionfs`` group with ``cli.add_command(run_command)``.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import sys
 
@@ -133,3 +135,42 @@ def run_command(
         click.echo(f"unionfs run: {describe(exc)}", err=True)
         sys.exit(125)
     sys.exit(code)
+
+
+@click.command(
+    "unshare",
+    context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
+)
+@click.argument("command", nargs=-1, metavar="[--] [COMMAND [ARGS]...]")
+def unshare_command(command: tuple[str, ...]) -> None:
+    """Run COMMAND (default: $SHELL) in the user namespace rootless `unionfs run` uses, as `podman unshare`.
+
+    You are root in it, and the ids of your /etc/subuid and /etc/subgid ranges are
+    1, 2, ... there: the place to unpack an image with its owners, or to remove a
+    container layer whose files belong to the container's users.  As root, COMMAND
+    just runs.
+
+    Example:
+
+        unionfs unshare -- tar -xpf rootfs.tar -C ./image
+        unionfs unshare rm -rf ./upper
+    """
+
+    from launcher import namespaces
+
+    if command and command[0] == "--":
+        command = command[1:]
+    argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
+    if os.geteuid() != 0:
+        try:
+            namespaces.enter_launcher_namespaces(rootless=True)
+        except OSError as exc:
+            from launcher.supervisor import describe
+
+            click.echo(f"unionfs unshare: {describe(exc)}", err=True)
+            sys.exit(125)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        click.echo(f"unionfs unshare: {argv[0]}: {os.strerror(exc.errno or 0)}", err=True)
+        sys.exit(127 if exc.errno == errno.ENOENT else 126)

@@ -18,6 +18,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 LAZY_COMMANDS = {
     "run": ("launcher.cli", "run_command"),
+    "unshare": ("launcher.cli", "unshare_command"),
     "conformance": ("unionfs.conformance.cli", "conformance_command"),
 }
 
