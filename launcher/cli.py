@@ -71,6 +71,15 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Debugging: after the command exits, keep the union mounted until Ctrl-C or SIGTERM.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, hidden=True,
               help="Which union serves the root: the unionfs FUSE server, or kernel overlayfs.")
+@click.option("--privileged", is_flag=True,
+              help="All capabilities, no seccomp filter, nothing masked in /proc, /sys writable.")
+@click.option("--cap-add", "cap_add", multiple=True, metavar="CAP",
+              help="Add a capability to Docker's default set (SYS_ADMIN or CAP_SYS_ADMIN; ALL). Repeatable.")
+@click.option("--cap-drop", "cap_drop", multiple=True, metavar="CAP",
+              help="Drop a capability from Docker's default set (NET_RAW; ALL). Repeatable.")
+@click.option("--security-opt", "security_opt", multiple=True, metavar="OPT",
+              help="no-new-privileges (setuid programs no longer elevate), or seccomp=unconfined. "
+                   "Repeatable.")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -96,6 +105,10 @@ def run_command(
     tty: bool,
     rm: bool,
     name: str | None,
+    privileged: bool,
+    cap_add: tuple[str, ...],
+    cap_drop: tuple[str, ...],
+    security_opt: tuple[str, ...],
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -114,6 +127,7 @@ def run_command(
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
     else:
         logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
+    from launcher import security
     from launcher.supervisor import RunConfig, describe, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
@@ -121,10 +135,14 @@ def run_command(
     if not command:
         raise click.UsageError("no COMMAND after BRANCHES --")
 
+    try:
+        policy = security.policy(cap_add, cap_drop, security_opt, privileged)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout)
+                    stop_timeout=stop_timeout, policy=policy)
     log.debug("accepted for docker's habit: interactive=%s tty=%s rm=%s name=%s", interactive, tty, rm, name)
     try:
         code = run(cfg)

@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from launcher import namespaces, rootfs, state, syscalls, timing, users
+from launcher import namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.imageview import ImageView, components
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
 
@@ -83,6 +83,7 @@ class RunConfig(NamedTuple):
     user: str | None = None  # UID[:GID] or NAME[:GROUP], from the image's /etc/passwd and /etc/group
     read_only: bool = False  # the root read-only; tmpfs on /tmp, /var/tmp and /run
     stop_timeout: float = 10.0  # after SIGTERM to PID 1, seconds until SIGKILL
+    policy: security.Policy = security.Policy()  # capabilities, no-new-privileges, seccomp, masks
 
 
 def describe(exc: OSError) -> str:
@@ -260,8 +261,11 @@ def _container_child(
             namespaces.bring_loopback_up()
         rootfs.apply(steps, root)
         rootfs.enter_root(root, workdir)
+        security.apply(cfg.policy)
         if user is not None:
             _switch_user(user, rootless)
+        if cfg.policy.no_new_privs:
+            security.set_no_new_privs()
         if cfg.init and os.fork() != 0:
             os.close(errw)  # the command's copy closes on exec, and that EOF is what the launcher waits for
             _mini_init()
@@ -574,7 +578,8 @@ def _run(
                 _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
                                            f".unionfs-run-probe-{container_id}")
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
-                                           read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs)
+                                           read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
+                                           privileged=cfg.policy.privileged)
             return _start_and_supervise(cfg, handle, root, steps, hostname, env, workdir, user, rootless,
                                         was_foreground)
         finally:

@@ -30,11 +30,26 @@ pytestmark = [
 ]
 
 EUID_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
 #include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
-int main(void) { printf("uid=%d euid=%d\n", (int)getuid(), (int)geteuid()); return 0; }
+static const char *result(long r) { return r < 0 ? strerror(errno) : "ok"; }
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "probe") == 0) {  /* what Docker's seccomp profile denies */
+        printf("keyctl %s\n", result(syscall(SYS_keyctl, 0, -3, 0)));  /* KEYCTL_GET_KEYRING_ID, session */
+        printf("unshare-user %s\n", result(unshare(CLONE_NEWUSER)));
+        return 0;
+    }
+    printf("uid=%d euid=%d\n", (int)getuid(), (int)geteuid());
+    return 0;
+}
 """
 NOBODY = 65534
+DOCKER_CAPBND = "00000000a80425fb"  # CapBnd of a default docker run, as /proc/PID/status shows it
 
 
 def _compile_euid(dest: Path, workdir: Path) -> None:
@@ -191,3 +206,98 @@ def test_suid_or_dev_without_root_is_refused_in_one_line(suid_lower: Path) -> No
             _out, err = proc.communicate(timeout=30)
         warnings = [line for line in err.splitlines() if "suid" in line]
         assert len(warnings) == 1 and "fusermount3 mounts nosuid,nodev" in warnings[0], err
+
+
+# -- Docker's isolation defaults ------------------------------------------------------------------------
+
+def _status(output: str, key: str) -> str:
+    return next(line.split()[1] for line in output.splitlines() if line.startswith(key + ":"))
+
+
+def _host_capbnd() -> str:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return _status(f.read(), "CapBnd")
+
+
+def test_capabilities_are_dockers_default_set(setup: Setup) -> None:
+    r = setup.run("grep -E '^Cap(Bnd|Eff|Prm|Inh|Amb)' /proc/self/status; su -s /bin/sh nobody -c "
+                  "'grep CapEff /proc/self/status'")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for key in ("CapBnd", "CapEff", "CapPrm"):
+        assert _status(r.stdout, key) == DOCKER_CAPBND, r.stdout
+    assert _status(r.stdout, "CapAmb") == "0" * 16
+    assert lines[-1].split()[1] == "0" * 16  # a non-root user has none
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (("--cap-add", "SYS_ADMIN", "--cap-drop", "cap_net_raw"), (0xa80425fb | 1 << 21) & ~(1 << 13)),
+    (("--cap-drop", "ALL", "--cap-add", "CAP_CHOWN"), 1),
+    (("--cap-drop", "all"), 0),
+])
+def test_cap_add_and_cap_drop(setup: Setup, options: tuple[str, ...], expected: int) -> None:
+    r = setup.run("grep CapBnd /proc/self/status", *options)
+    assert r.returncode == 0, r.stderr
+    assert int(_status(r.stdout, "CapBnd"), 16) == expected
+
+
+def test_an_unknown_capability_is_a_usage_error(setup: Setup) -> None:
+    r = setup.run("true", "--cap-add", "SYS_WIZARD")
+    assert r.returncode == 2 and "unknown capability 'SYS_WIZARD'" in r.stderr, r.stderr
+
+
+def test_privileged_keeps_every_capability_and_unmasks(setup: Setup) -> None:
+    r = setup.run("grep -E '^(CapBnd|Seccomp):' /proc/self/status; echo x > /proc/sys/kernel/hostname "
+                  "&& hostname; grep -c ' /proc/sys ' /proc/self/mountinfo", "--privileged")
+    assert r.returncode == 1, r.stderr  # grep -c: no bind over /proc/sys
+    # root: the launcher's own set; rootless: a user namespace's root has every capability in it
+    every = f"{(1 << (int(Path('/proc/sys/kernel/cap_last_cap').read_text()) + 1)) - 1:016x}"
+    assert _status(r.stdout, "CapBnd") == (every if setup.user else _host_capbnd())
+    assert _status(r.stdout, "Seccomp") == "0"
+    if setup.user:  # the host's root owns /proc/sys; not even a privileged rootless container writes it
+        assert r.stdout.splitlines()[2:] == ["0"] and "Permission denied" in r.stderr, r.stderr
+    else:
+        assert r.stdout.splitlines()[2:] == ["x", "0"]
+
+
+def test_proc_sys_and_friends_are_read_only(setup: Setup) -> None:
+    targets = [p for p in ("/proc/sys/kernel/hostname", "/proc/sysrq-trigger") if os.path.exists(p)]
+    r = setup.run(f"for p in {' '.join(targets)}; do echo x > $p || echo failed; done; "
+                  "awk '$5 ~ /^\\/proc\\// {print $5, $6}' /proc/self/mountinfo")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("Read-only file system") == len(targets), r.stderr
+    mounts = dict(line.split() for line in r.stdout.splitlines() if line != "failed")
+    expected = [p for p in ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+                if os.path.exists(p)]
+    assert all(mounts[p].split(",")[0] == "ro" for p in expected), mounts
+
+
+def test_masked_paths_read_empty_and_sys_is_read_only(setup: Setup) -> None:
+    files = [p for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/latency_stats",
+                         "/proc/timer_stats", "/proc/sched_debug") if os.path.exists(p)]
+    dirs = [p for p in ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware") if os.path.isdir(p)]
+    assert files and dirs, "this kernel shows none of the masked paths"
+    script = ("for f in " + " ".join(files) + "; do echo \"$f $(wc -c < $f)\"; done; for d in "
+              + " ".join(dirs) + "; do echo \"$d $(ls -A $d | wc -l)\"; done; "
+              "awk '$5 == \"/sys\" {print $6}' /proc/self/mountinfo; touch /sys/x || echo refused")
+    r = setup.run(script)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:-2] == [f"{p} 0" for p in files + dirs]
+    assert lines[-2].split(",")[0] == "ro" and lines[-1] == "refused"
+
+
+def test_no_new_privileges_stops_setuid(setup: Setup) -> None:
+    r = setup.run("grep NoNewPrivs /proc/self/status; su -s /bin/sh nobody -c /usr/bin/euid",
+                  "--security-opt", "no-new-privileges")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"NoNewPrivs:\t1\nuid={NOBODY} euid={NOBODY}\n"
+
+
+def test_seccomp_denies_the_keyring_and_new_user_namespaces(setup: Setup) -> None:
+    r = setup.run("grep Seccomp: /proc/self/status; /usr/bin/euid probe")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Seccomp:\t2\nkeyctl Operation not permitted\nunshare-user Operation not permitted\n"
+    r = setup.run("/usr/bin/euid probe", "--security-opt", "seccomp=unconfined")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "keyctl ok\nunshare-user ok\n"
