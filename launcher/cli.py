@@ -48,7 +48,8 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("-i", "--interactive", is_flag=True,
               help="Accepted for docker's habit: stdin is always passed.")
 @click.option("-t", "--tty", is_flag=True,
-              help="Accepted for docker's habit: COMMAND uses the launcher's terminal, if it has one.")
+              help="Give COMMAND a terminal of the container's own (/dev/pts/0), relayed to ours; "
+                   "the default when stdin is a terminal.")
 @click.option("--rm", is_flag=True,
               help="Accepted for docker's habit: the container layer is the given branch and is kept; use "
                    "--tmp-upper for a throwaway one.")
@@ -142,8 +143,8 @@ def run_command(
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout, policy=policy)
-    log.debug("accepted for docker's habit: interactive=%s tty=%s rm=%s name=%s", interactive, tty, rm, name)
+                    stop_timeout=stop_timeout, policy=policy, tty=tty)
+    log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)
     except LaunchError as exc:

@@ -301,3 +301,134 @@ def test_seccomp_denies_the_keyring_and_new_user_namespaces(setup: Setup) -> Non
     r = setup.run("/usr/bin/euid probe", "--security-opt", "seccomp=unconfined")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "keyctl ok\nunshare-user ok\n"
+
+
+# -- a real terminal ------------------------------------------------------------------------------------
+
+class Terminal:
+    """The launcher on a pty of the test's, as on a user's terminal: session leader, controlling tty."""
+
+    def __init__(self, setup: Setup, command: list[str], rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        from launcher_util import _env, launcher_argv
+
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.attrs = termios.tcgetattr(self.slave)
+        self.buf = b""
+
+        def controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        user = setup.user
+        self.proc = subprocess.Popen(
+            launcher_argv(f"{setup.upper()}:{setup.image}", command, (), user),
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, start_new_session=True,
+            preexec_fn=controlling_tty, cwd="/", env=_env(user, None),
+            user=user.uid if user else None, group=user.gid if user else None,
+            extra_groups=[] if user else None)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """As a terminal emulator does: TIOCSWINSZ on its side; the kernel sends SIGWINCH."""
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, pattern: bytes, timeout: float = 20) -> None:
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while pattern not in self.buf and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.buf += os.read(self.master, 4096)
+                except OSError:
+                    break
+        assert pattern in self.buf, f"no {pattern!r} in {self.buf[-800:]!r}"
+        self.buf = self.buf[self.buf.index(pattern) + len(pattern):]
+
+    def close(self) -> int:
+        import termios
+
+        try:
+            code = self.proc.wait(timeout=20)
+            assert termios.tcgetattr(self.slave) == self.attrs, "the launcher left its terminal in raw mode"
+            return code
+        finally:
+            if self.proc.poll() is None:
+                from launcher_util import kill_tree
+
+                kill_tree(self.proc)  # type: ignore[arg-type]
+            os.close(self.master)
+            os.close(self.slave)
+
+
+def _in_foreground(pid: int, timeout: float = 20) -> None:
+    """Wait until *pid* runs (not stopped) as the foreground process group of its terminal."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if fields[0] != "T" and fields[2] == fields[5]:  # state, pgrp == tpgid
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{pid} is not running in the foreground")
+
+
+def test_a_terminal_of_its_own_with_job_control_ctrl_c_and_resizes(setup: Setup) -> None:
+    """On a terminal the command gets a pty of the container's devpts as its controlling tty (it is the
+    session leader); the window size follows the launcher's; Ctrl-C stops the foreground job, not the
+    shell; Ctrl-Z stops it and fg resumes it; and the launcher's terminal is restored when it exits."""
+    from launcher_util import wait_for_comm
+
+    term = Terminal(setup, ["/bin/sh", "-i"], 30, 100)
+    try:
+        term.send(b"echo TTY=$(tty) SIZE=$(stty size) SID=$(cut -d' ' -f6 /proc/1/stat)\n")
+        term.expect(b"TTY=/dev/pts/0 SIZE=30 100 SID=1")
+        term.resize(40, 120)
+        wait_for_comm(term.proc.pid, "sh")
+        term.send(b"stty size | sed 's/^/NOW /'\n")
+        term.expect(b"NOW 40 120")
+        term.send(b"sleep 60\n")
+        sleeper = wait_for_comm(term.proc.pid, "sleep")
+        _in_foreground(sleeper)
+        term.send(b"\x03")
+        term.send(b"echo AFTER $?\n")
+        term.expect(b"AFTER 130")
+        from launcher_util import wait_gone
+
+        assert wait_gone([sleeper]) == []
+        term.send(b"sleep 61\n")
+        sleeper = wait_for_comm(term.proc.pid, "sleep")
+        _in_foreground(sleeper)
+        term.send(b"\x1a")
+        term.expect(b"Stopped")
+        term.send(b"fg\n")  # back in the foreground, where Ctrl-C reaches it again
+        term.expect(b"sleep 61")
+        _in_foreground(sleeper)
+        term.send(b"\x03")
+        term.send(b"echo FG $?\n")
+        term.expect(b"FG 130")
+        term.send(b"exit 3\n")
+    finally:
+        code = term.close()
+    assert code == 3
+
+
+def test_t_without_a_terminal_still_gives_a_pty(setup: Setup) -> None:
+    """``-t`` with stdin and stdout pipes, as ``docker run -t`` in a script: the command's output (its
+    stderr too) comes through the pty, all on the one pty."""
+    r = run_launcher(f"{setup.upper()}:{setup.image}", ["/bin/sh", "-c", "tty; echo err >&2; echo $TERM"],
+                     ["-t"], user=setup.user)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "/dev/pts/0\nerr\nxterm\n"  # (text mode reads the pty's CRLF as LF)
