@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import platform
+import os
 import struct
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -124,7 +124,7 @@ def apply(pol: Policy) -> None:
     if pol.seccomp:
         program = seccomp_program(allow_sys_admin=CAP["SYS_ADMIN"] in pol.caps)
         if program is None:
-            log.warning("no seccomp filter for %s: the container runs without one", platform.machine())
+            log.warning("no seccomp filter for %s: the container runs without one", os.uname().machine)
         else:
             syscalls.seccomp_filter(program)
 
@@ -164,38 +164,36 @@ X86_64_CLONE, X86_64_CLONE3 = 56, 435
 _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 
 
-class _Insn(NamedTuple):
-    code: int
-    jt: int | str  # a label, resolved when the program is assembled
-    jf: int | str
-    k: int
+_Insn = tuple[int, int | str, int | str, int]
+"""A BPF instruction: code, jump if true, jump if false (offsets, or labels resolved when the program
+is assembled), k.  A plain tuple: a NamedTuple class costs the launcher's start time."""
 
 
 def seccomp_program(*, allow_sys_admin: bool, machine: str | None = None) -> bytes | None:
     """The filter as a packed array of ``struct sock_filter``; None on an architecture without a table."""
-    if (machine or platform.machine()) != "x86_64":
+    if (machine or os.uname().machine) != "x86_64":
         return None
     denied = sorted({*X86_64_DENIED.values(), *(() if allow_sys_admin else X86_64_SYS_ADMIN.values())})
-    code = [
-        _Insn(_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        _Insn(_JEQ_K, 0, "deny", AUDIT_ARCH_X86_64),
-        _Insn(_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        _Insn(_JGE_K, "deny", 0, X32_SYSCALL_BIT),
-        *(_Insn(_JEQ_K, "deny", 0, nr) for nr in denied),
+    code: list[_Insn] = [
+        (_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ_K, 0, "deny", AUDIT_ARCH_X86_64),
+        (_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        (_JGE_K, "deny", 0, X32_SYSCALL_BIT),
+        *((_JEQ_K, "deny", 0, nr) for nr in denied),
     ]
     if not allow_sys_admin:
-        code += [_Insn(_JEQ_K, "enosys", 0, X86_64_CLONE3), _Insn(_JEQ_K, 0, "allow", X86_64_CLONE),
-                 _Insn(_LD_W_ABS, 0, 0, 16),  # the low half of seccomp_data.args[0]: clone's flags
-                 _Insn(_JSET_K, "deny", 0, CLONE_NEW_FLAGS)]
+        code += [(_JEQ_K, "enosys", 0, X86_64_CLONE3), (_JEQ_K, 0, "allow", X86_64_CLONE),
+                 (_LD_W_ABS, 0, 0, 16),  # the low half of seccomp_data.args[0]: clone's flags
+                 (_JSET_K, "deny", 0, CLONE_NEW_FLAGS)]
     labels = {"allow": len(code), "deny": len(code) + 1, "enosys": len(code) + 2}
-    code += [_Insn(_RET_K, 0, 0, SECCOMP_RET_ALLOW), _Insn(_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-             _Insn(_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS)]
+    code += [(_RET_K, 0, 0, SECCOMP_RET_ALLOW), (_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+             (_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS)]
 
     def target(at: int, jump: int | str) -> int:
         return jump if isinstance(jump, int) else labels[jump] - at - 1
 
-    return b"".join(struct.pack("=HBBI", i.code, target(n, i.jt), target(n, i.jf), i.k)
-                    for n, i in enumerate(code))
+    return b"".join(struct.pack("=HBBI", op, target(n, jt), target(n, jf), k)
+                    for n, (op, jt, jf, k) in enumerate(code))
 
 
 def describe_caps(caps: Iterable[int]) -> str:

@@ -36,11 +36,14 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from launcher import namespaces, rootfs, security, state, syscalls, terminal, timing, users
+from launcher import namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.imageview import ImageView, components
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+
+if TYPE_CHECKING:
+    from launcher import terminal
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +271,8 @@ def _container_child(
         security.apply(cfg.policy)
         slave = None
         if console is not None:
+            from launcher import terminal  # imported by the launcher before the fork: no file is read
+
             slave = terminal.open_pty(console.socket, console.winsize, user.uid if user else None)
         if user is not None:
             _switch_user(user, rootless)
@@ -278,7 +283,7 @@ def _container_child(
             if slave is not None:
                 os.close(slave)
             _mini_init()
-        if console is not None and slave is not None:
+        if slave is not None:
             terminal.become_controlling(slave)
         for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
@@ -671,6 +676,8 @@ def _start_and_supervise(
     relay: terminal.Relay | None = None
     waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     if cfg.tty or os.isatty(0):
+        from launcher import terminal  # only for a pty: termios and threads cost every launch
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console = Console(theirs, terminal.window_size(0) or terminal.window_size(1))
         waited.add(signal.SIGWINCH)
