@@ -5,7 +5,9 @@ Register it in the ``unionfs`` group with ``cli.add_command(run_command)``.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import sys
 
@@ -47,7 +49,8 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("-i", "--interactive", is_flag=True,
               help="Accepted for docker's habit: stdin is always passed.")
 @click.option("-t", "--tty", is_flag=True,
-              help="Accepted for docker's habit: COMMAND uses the launcher's terminal, if it has one.")
+              help="Give COMMAND a terminal of the container's own (/dev/pts/0), relayed to ours; "
+                   "the default when stdin is a terminal.")
 @click.option("--rm", is_flag=True,
               help="Accepted for docker's habit: the container layer is the given branch and is kept; use "
                    "--tmp-upper for a throwaway one.")
@@ -70,6 +73,15 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Debugging: after the command exits, keep the union mounted until Ctrl-C or SIGTERM.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, hidden=True,
               help="Which union serves the root: the unionfs FUSE server, or kernel overlayfs.")
+@click.option("--privileged", is_flag=True,
+              help="All capabilities, no seccomp filter, nothing masked in /proc, /sys writable.")
+@click.option("--cap-add", "cap_add", multiple=True, metavar="CAP",
+              help="Add a capability to Docker's default set (SYS_ADMIN or CAP_SYS_ADMIN; ALL). Repeatable.")
+@click.option("--cap-drop", "cap_drop", multiple=True, metavar="CAP",
+              help="Drop a capability from Docker's default set (NET_RAW; ALL). Repeatable.")
+@click.option("--security-opt", "security_opt", multiple=True, metavar="OPT",
+              help="no-new-privileges (setuid programs no longer elevate), or seccomp=unconfined. "
+                   "Repeatable.")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -95,6 +107,10 @@ def run_command(
     tty: bool,
     rm: bool,
     name: str | None,
+    privileged: bool,
+    cap_add: tuple[str, ...],
+    cap_drop: tuple[str, ...],
+    security_opt: tuple[str, ...],
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -113,6 +129,7 @@ def run_command(
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
     else:
         logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
+    from launcher import security
     from launcher.supervisor import RunConfig, describe, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
@@ -120,11 +137,15 @@ def run_command(
     if not command:
         raise click.UsageError("no COMMAND after BRANCHES --")
 
+    try:
+        policy = security.policy(cap_add, cap_drop, security_opt, privileged)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout)
-    log.debug("accepted for docker's habit: interactive=%s tty=%s rm=%s name=%s", interactive, tty, rm, name)
+                    stop_timeout=stop_timeout, policy=policy, tty=tty)
+    log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)
     except LaunchError as exc:
@@ -134,3 +155,42 @@ def run_command(
         click.echo(f"unionfs run: {one_line(describe(exc))}", err=True)
         sys.exit(125)
     sys.exit(code)
+
+
+@click.command(
+    "unshare",
+    context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
+)
+@click.argument("command", nargs=-1, metavar="[--] [COMMAND [ARGS]...]")
+def unshare_command(command: tuple[str, ...]) -> None:
+    """Run COMMAND (default: $SHELL) in the user namespace rootless `unionfs run` uses, as `podman unshare`.
+
+    You are root in it, and the ids of your /etc/subuid and /etc/subgid ranges are
+    1, 2, ... there: the place to unpack an image with its owners, or to remove a
+    container layer whose files belong to the container's users.  As root, COMMAND
+    just runs.
+
+    Example:
+
+        unionfs unshare -- tar -xpf rootfs.tar -C ./image
+        unionfs unshare rm -rf ./upper
+    """
+
+    from launcher import namespaces
+
+    if command and command[0] == "--":
+        command = command[1:]
+    argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
+    if os.geteuid() != 0:
+        try:
+            namespaces.enter_launcher_namespaces(rootless=True)
+        except OSError as exc:
+            from launcher.supervisor import describe
+
+            click.echo(f"unionfs unshare: {describe(exc)}", err=True)
+            sys.exit(125)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        click.echo(f"unionfs unshare: {argv[0]}: {os.strerror(exc.errno or 0)}", err=True)
+        sys.exit(127 if exc.errno == errno.ENOENT else 126)

@@ -76,6 +76,59 @@ class Proc(NamedTuple):
         syscalls.mount("proc", _inside(root, self.dest), "proc", flags, step="mount proc")
 
 
+class Sysfs(NamedTuple):
+    """/sys: a sysfs, read-only unless *writable*; where the kernel refuses one (a user namespace
+    that does not own the network namespace, i.e. rootless with --net host), a bind of the host's."""
+
+    dest: str = "/sys"
+    writable: bool = False
+
+    def apply(self, root: str) -> None:
+        path = _inside(root, self.dest)
+        ro = 0 if self.writable else syscalls.MS_RDONLY
+        flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+        try:
+            syscalls.mount("sysfs", path, "sysfs", flags | ro, step="mount sysfs")
+        except PermissionError:
+            syscalls.mount("/sys", path, None, syscalls.MS_BIND | syscalls.MS_REC, step="bind /sys")
+            if ro:
+                ReadOnly(self.dest).apply(root)
+
+
+class MaskPath(NamedTuple):
+    """Hide *dest* as Docker does: /dev/null bound over a file, an empty read-only tmpfs over a
+    directory; nothing where the kernel has no such entry."""
+
+    dest: str
+
+    def apply(self, root: str) -> None:
+        path = _inside(root, self.dest)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OSError(exc.errno, "mask", path) from None
+        if stat.S_ISDIR(st.st_mode):
+            flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+            syscalls.mount("tmpfs", path, "tmpfs", flags, "mode=755", step="mask directory")
+        else:
+            syscalls.mount("/dev/null", path, None, syscalls.MS_BIND, step="mask file")
+
+
+class ReadOnlyPath(NamedTuple):
+    """Bind *dest* onto itself and make that read-only (/proc/sys and friends), if it exists."""
+
+    dest: str
+
+    def apply(self, root: str) -> None:
+        path = _inside(root, self.dest)
+        if not os.path.lexists(path):
+            return
+        syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC, step="bind read-only path")
+        ReadOnly(self.dest).apply(root)
+
+
 class Tmpfs(NamedTuple):
     dest: str
     mode: int = 0o755
@@ -191,7 +244,12 @@ class TmpfsMount(NamedTuple):
 
 
 Step = (MakePrivate | BindRoot | ReadOnly | Mkdir | Proc | Tmpfs | BindDevice | DevPts | BindFile | BindVolume
-        | TmpfsMount | Symlink)
+        | TmpfsMount | Symlink | Sysfs | MaskPath | ReadOnlyPath)
+
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware")
+READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+"""What Docker hides in /proc and /sys, and what it leaves readable only (not with --privileged)."""
 
 INIT_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 READ_ONLY_TMPFS = (("/tmp", 0o1777), ("/var/tmp", 0o1777), ("/run", 0o755))
@@ -206,9 +264,11 @@ def container_steps(
     read_only: bool = False,
     volumes: Sequence[Volume] = (),
     tmpfs: Sequence[TmpfsMount] = (),
+    privileged: bool = False,
 ) -> list[Step]:
     """The setup of a container root, in order: private propagation, the root bind (read-only with
-    *read_only*), the init layer's files bound over themselves, /proc, /dev, then the volumes and
+    *read_only*), the init layer's files bound over themselves, /proc and /sys with Docker's masked
+    and read-only paths (none when *privileged*, and /sys writable), /dev, then the volumes and
     tmpfs mounts, parents before children."""
     steps: list[Step] = [MakePrivate(), BindRoot()]
     if read_only:
@@ -216,6 +276,10 @@ def container_steps(
     if init_layer is not None:
         steps.extend(BindFile(_inside(init_layer, path), path) for path in init_files)
     steps.append(Proc())
+    steps.append(Sysfs(writable=privileged))
+    if not privileged:
+        steps.extend(MaskPath(p) for p in MASKED_PATHS)
+        steps.extend(ReadOnlyPath(p) for p in READ_ONLY_PATHS)
     steps.append(Tmpfs("/dev", 0o755, syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, size="64k"))
     steps.extend(BindDevice(name) for name in DEV_NODES)
     steps.append(Mkdir("/dev/pts"))

@@ -35,12 +35,15 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
-from launcher import namespaces, rootfs, state, syscalls, timing, users
+from launcher import namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.imageview import ImageView, components
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+
+if TYPE_CHECKING:
+    from launcher import terminal
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class RunConfig(NamedTuple):
     user: str | None = None  # UID[:GID] or NAME[:GROUP], from the image's /etc/passwd and /etc/group
     read_only: bool = False  # the root read-only; tmpfs on /tmp, /var/tmp and /run
     stop_timeout: float = 10.0  # after SIGTERM to PID 1, seconds until SIGKILL
+    policy: security.Policy = security.Policy()  # capabilities, no-new-privileges, seccomp, masks
+    tty: bool = False  # a pty of the container's own, relayed to ours (also when our stdin is a terminal)
 
 
 def describe(exc: OSError) -> str:
@@ -98,6 +103,8 @@ def container_env(cfg: RunConfig, hostname: str) -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
     if os.isatty(0) and "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]
+    elif cfg.tty:
+        env["TERM"] = "xterm"  # as docker run -t sets it
     for item in cfg.env:
         key, sep, value = item.partition("=")
         if not key:
@@ -240,6 +247,7 @@ def _container_child(
     errw: int,
     alive_r: int,
     old_mask: set[int | signal.Signals],
+    console: Console | None,
 ) -> None:
     """PID 1 of the new PID namespace, from fork to exec.  Never returns."""
     code = EXIT_LAUNCH_FAILED
@@ -260,11 +268,23 @@ def _container_child(
             namespaces.bring_loopback_up()
         rootfs.apply(steps, root)
         rootfs.enter_root(root, workdir)
+        security.apply(cfg.policy)
+        slave = None
+        if console is not None:
+            from launcher import terminal  # imported by the launcher before the fork: no file is read
+
+            slave = terminal.open_pty(console.socket, console.winsize, user.uid if user else None)
         if user is not None:
             _switch_user(user, rootless)
+        if cfg.policy.no_new_privs:
+            security.set_no_new_privs()
         if cfg.init and os.fork() != 0:
             os.close(errw)  # the command's copy closes on exec, and that EOF is what the launcher waits for
+            if slave is not None:
+                os.close(slave)
             _mini_init()
+        if slave is not None:
+            terminal.become_controlling(slave)
         for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -395,13 +415,15 @@ def _stop(pid: int) -> None:
         log.debug("PID 1 (%d) has no SIGTERM handler; SIGKILL after the stop timeout", pid)
 
 
-def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0) -> int:
+def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0,
+               resize: Callable[[], None] | None = None) -> int:
     """Wait for PID 1, forwarding signals; its exit status, 128+N if killed by signal N.
 
     SIGTERM starts the stop timeout: when PID 1 is still there after *stop_timeout*
-    seconds it is SIGKILLed (status 137), as ``docker stop`` does.
+    seconds it is SIGKILLed (status 137), as ``docker stop`` does.  With *resize* (a pty
+    relayed), SIGWINCH calls it.
     """
-    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
+    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS, *((signal.SIGWINCH,) if resize else ())}
     emulated: int | None = None
     deadline: float | None = None
     killed = False
@@ -414,6 +436,9 @@ def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0) -> int
             log.debug("PID 1 (%d) still runs %.1fs after SIGTERM: SIGKILL", pid, stop_timeout)
             _kill(pid, signal.SIGKILL)
             deadline, killed = None, True  # only its SIGCHLD is left to wait for
+            continue
+        if info.si_signo == signal.SIGWINCH and resize is not None:
+            resize()
             continue
         if info.si_signo == signal.SIGTERM:
             _stop(pid)
@@ -574,7 +599,8 @@ def _run(
                 _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
                                            f".unionfs-run-probe-{container_id}")
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
-                                           read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs)
+                                           read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
+                                           privileged=cfg.policy.privileged)
             return _start_and_supervise(cfg, handle, root, steps, hostname, env, workdir, user, rootless,
                                         was_foreground)
         finally:
@@ -625,6 +651,14 @@ def _write_init_layer(
     return files, mounts
 
 
+class Console(NamedTuple):
+    """``-t``: the container end of the socket its pty master travels through, and the launcher's
+    window size."""
+
+    socket: socket.socket
+    winsize: bytes | None
+
+
 def _start_and_supervise(
     cfg: RunConfig,
     handle: UnionHandle,
@@ -637,22 +671,46 @@ def _start_and_supervise(
     rootless: bool,
     was_foreground: bool,
 ) -> int:
+    console: Console | None = None
+    ours: socket.socket | None = None
+    relay: terminal.Relay | None = None
+    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
+    if cfg.tty or os.isatty(0):
+        from launcher import terminal  # only for a pty: termios and threads cost every launch
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console = Console(theirs, terminal.window_size(0) or terminal.window_size(1))
+        waited.add(signal.SIGWINCH)
     # Signals wait in a queue from here on: the supervisor takes them with sigwaitinfo.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    if console is not None:
+        relay = terminal.Relay()  # its thread now: none can be made once the PID namespace is unshared
     errr, errw = os.pipe()
     alive_r, alive_w = os.pipe()
     syscalls.unshare(syscalls.CLONE_NEWPID)  # our next child is PID 1 of a new namespace
     pid = os.fork()
     if pid == 0:
-        _container_child(cfg, root, steps, hostname, env, workdir, user, rootless, errw, alive_r, old_mask)
+        if ours is not None:
+            ours.close()
+        _container_child(cfg, root, steps, hostname, env, workdir, user, rootless, errw, alive_r, old_mask,
+                         console)
     os.close(errw)
     os.close(alive_r)
-    failure = b""
-    while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
-        failure += chunk
-    os.close(errr)
-    timing.stamp("exec")
-    code = _supervise(pid, handle, cfg.stop_timeout)
+    if console is not None and ours is not None and relay is not None:
+        console.socket.close()
+        master = terminal.receive_master(ours)
+        if master is not None:
+            relay.attach(master)
+    try:
+        failure = b""
+        while chunk := os.read(errr, 4096):  # EOF: exec succeeded (or the child died)
+            failure += chunk
+        os.close(errr)
+        timing.stamp("exec")
+        code = _supervise(pid, handle, cfg.stop_timeout, relay.resize if relay is not None else None)
+    finally:
+        if relay is not None:
+            relay.finish()
     _restore_terminal(was_foreground)
     if failure:
         raise LaunchError(failure.decode(errors="replace"), code)

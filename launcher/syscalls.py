@@ -48,7 +48,13 @@ MNT_DETACH = 2
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
 
 SYS_pivot_root = 155  # x86_64; resolved per machine below
 
@@ -128,6 +134,19 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     ret = _libc.prctl(option, arg2, arg3, arg4, arg5)
     _check(ret, f"prctl({option})", None)
     return int(ret)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(program: bytes) -> None:
+    """Load a classic BPF seccomp filter (packed ``struct sock_filter`` entries) for this thread and
+    its children: prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog)."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    ret = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0)
+    _check(ret, "load seccomp filter", None)
 
 
 def set_pdeathsig(sig: int) -> None:

@@ -202,7 +202,8 @@ class FuseUnion:
         self.mountpoint = mountpoint
         self.logfile = logfile
         self._closed = False
-        options = "allow_other,whiteout=aufs" if rootless else "allow_other"
+        # suid as podman mounts a container root (a user namespace honours only the ids it maps)
+        options = "allow_other,suid,whiteout=aufs" if rootless else "allow_other,suid"
         _private_pid_dir(branches, keep)
         spec = branch_spec(branches)
         try:

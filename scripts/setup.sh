@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for p in fuse3 libfuse3-dev pkg-config attr acl fuse-overlayfs busybox-static python3-venv python3-dev podman runc bubblewrap uidmap; do
+for p in fuse3 libfuse3-dev pkg-config attr acl fuse-overlayfs busybox-static python3-venv python3-dev podman runc bubblewrap uidmap mmdebstrap; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,6 +1,8 @@
 """Shared test configuration.
 
 - ``--runslow`` runs tests marked ``@pytest.mark.slow`` (skipped otherwise).
+- ``--network`` runs tests marked ``@pytest.mark.network``: they fetch from Debian's mirror (skipped
+  otherwise; CI does not pass it).
 - Tests that need FUSE or kernel overlayfs skip (with a reason starting "needs FUSE" / "needs
   overlayfs") only when the machine truly lacks them; when the environment variable ``CI`` is set, any
   such skip fails the session.
@@ -32,20 +34,24 @@ _env_skips: list[str] = []
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run tests marked @pytest.mark.slow")
+    parser.addoption("--network", action="store_true", default=False,
+                     help="also run tests marked @pytest.mark.network (they use Debian's mirror)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long soaks and stress runs (run with --runslow)")
     config.addinivalue_line("markers", "fuse: needs /dev/fuse and fusermount3")
+    config.addinivalue_line("markers", "network: fetches from the network (run with --network)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_network = pytest.mark.skip(reason="network: run with --network")
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+        if "network" in item.keywords and not config.getoption("--network"):
+            item.add_marker(skip_network)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

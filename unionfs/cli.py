@@ -19,6 +19,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 LAZY_COMMANDS = {
     "run": ("launcher.cli", "run_command"),
+    "unshare": ("launcher.cli", "unshare_command"),
     "conformance": ("unionfs.conformance.cli", "conformance_command"),
     "images": ("unionfs.images.cli", "images_command"),
     "image": ("unionfs.images.cli", "image_group"),
@@ -73,7 +74,8 @@ def cli() -> None:
 @cli.command(context_settings=CONTEXT)
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
-                   "ro, allow_other, timeout=SECONDS, fsname=NAME.")
+                   "ro, allow_other, timeout=SECONDS, fsname=NAME; suid, dev, noexec (default nosuid,nodev; "
+                   "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Where the daemon logs.")

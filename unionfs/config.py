@@ -19,11 +19,15 @@ from .whiteout import Dialect
 
 # mount(8) and FUSE options that make no difference to the union; accepted and ignored.
 GENERIC_OPTIONS = frozenset({
-    "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "rw", "atime", "noatime", "relatime",
     "strictatime", "diratime", "nodiratime", "sync", "async", "auto", "noauto", "user", "nouser",
     "users", "defaults", "_netdev", "nofail", "default_permissions", "lazytime", "nolazytime",
     "silent", "loud",
 })
+# Mount flags handed to the kernel with the FUSE mount (libfuse's default is nosuid,nodev; as
+# non-root, fusermount3 forces nosuid,nodev whatever we ask).
+MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
+FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
     "fsname", "subtype", "debug",
@@ -56,6 +60,8 @@ class MountConfig:
     timeout: float = 60.0
     fsname: str = "unionfs"
     ignored: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    """suid/nosuid, dev/nodev, exec/noexec as asked, the last of each pair only (default nosuid,nodev)."""
 
     @property
     def writable(self) -> bool:
@@ -119,11 +125,14 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
     parsed = parse_options(options)
     values: dict[str, str | None] = {}
     ignored: list[str] = []
+    flags: dict[str, str] = {}
     for key, value in parsed:
         if key in VALUE_OPTIONS and value is None:
             raise QuietError(f"option {key} needs a value ({key}=...)")
         if key in KNOWN_OPTIONS:
             values[key] = value
+        elif key in FLAG_OPTIONS and value is None:
+            flags[key.removeprefix("no")] = key
         elif key in GENERIC_OPTIONS or key.startswith("x-"):
             continue
         elif not strict:
@@ -189,6 +198,7 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, ignored=ignored,
+        flags=list(flags.values()),
     )
     check(cfg)
     return cfg

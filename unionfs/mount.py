@@ -60,6 +60,7 @@ def fuse_options(cfg: MountConfig) -> set[str]:
         opts.add("allow_other")
     if not cfg.writable:
         opts.add("ro")
+    opts.update(cfg.flags)
     return opts
 
 
@@ -197,6 +198,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = _pid_name(cfg.mountpoint)
+        if os.geteuid() != 0 and {"suid", "dev"} & set(cfg.flags):
+            log.warning("-o %s ignored: fusermount3 mounts nosuid,nodev for users other than root",
+                        ",".join(f for f in cfg.flags if f in ("suid", "dev")))
         state = StateDir.open(create=True)
         undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
         if state is not None:
