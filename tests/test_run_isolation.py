@@ -23,6 +23,7 @@ from launcher_util import (
 )
 
 from launcher import namespaces
+from unionfs import mountinfo
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the launcher tests run as root (CI does)"),
@@ -133,12 +134,9 @@ def suid_lower() -> Iterator[Path]:
 
 def _flags_at(mnt: Path) -> set[str]:
     """The per-mount options of *mnt* in /proc/self/mountinfo (rw, nosuid, nodev, noexec, ...)."""
-    want = os.fsencode(str(mnt))
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if util._unescape_mountinfo(fields[4]) == want:
-                return set(fields[5].split(","))
+    found = mountinfo.mount_at(os.fsencode(str(mnt)))
+    if found is not None:
+        return set(found.options.split(","))
     raise AssertionError(f"{mnt} is not mounted")
 
 

@@ -17,6 +17,7 @@ class Mount(NamedTuple):
     dev: str        # "major:minor"
     fstype: str     # e.g. "fuse.unionfs", "overlay"
     source: str     # the mount source ("overlay", "/dev/vda", ...)
+    options: str    # the per-mount options ("rw,nosuid,nodev,relatime")
 
 
 def unescape(field: bytes) -> bytes:
@@ -30,7 +31,7 @@ def mounts() -> Iterator[Mount]:
             fields = line.split()
             sep = fields.index(b"-")
             yield Mount(unescape(fields[4]), fields[2].decode(), os.fsdecode(fields[sep + 1]),
-                        os.fsdecode(unescape(fields[sep + 2])))
+                        os.fsdecode(unescape(fields[sep + 2])), fields[5].decode())
 
 
 def mount_at(point: str | bytes) -> Mount | None:
