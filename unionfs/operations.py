@@ -8,7 +8,8 @@ Attributes:
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
 in `_handler` (`fallocate`, called synchronously by the libfuse shim, returns the errno instead);
 `_errno_for` decides it for both.  Any other exception is a bug: it is logged with its traceback and
-answered with EIO, and the mount keeps serving.
+answered with EIO, and the mount keeps serving.  fsync, fsyncdir and large reads and writes run on
+worker threads (`offload`), so the requests behind them are answered meanwhile.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pyfuse3 import FUSEError
 
 from .inodes import Node
 from .merge import Entry
+from .offload import BIG_IO
 from .union import Creds, Union
 
 log = logging.getLogger(__name__)
@@ -310,7 +312,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
         fd = node.fdmap.get(0)
         if fd is not None:
-            os.fsync(fd)
+            await self.union.offload.on_fd(fd, os.fsync)
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -324,7 +326,7 @@ class Operations(pyfuse3.Operations):
             self.union.refresh(h)
         if h.layer == 0:
             h.node.st = None   # a read may move the atime of a file in the writable branch
-        return os.pread(h.fd, size, off)
+        return await self.union.offload.pread(h.fd, size, off)
 
     @_handler
     async def release(self, fh: int) -> None:
@@ -360,7 +362,11 @@ class Operations(pyfuse3.Operations):
         if h.layer != h.node.layer:
             self.union.refresh(h)
         h.node.st = None
-        return os.pwrite(h.fd, buf, off)
+        if len(buf) < BIG_IO:
+            return os.pwrite(h.fd, buf, off)
+        written = await self.union.offload.on_fd(h.fd, os.pwrite, buf, off)
+        h.node.st = None   # a getattr answered meanwhile saw the old size
+        return written
 
     def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> int:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer, 0 if done."""
@@ -381,7 +387,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.union.handles[fh]
-        (os.fdatasync if datasync else os.fsync)(h.fd)
+        await self.union.offload.on_fd(h.fd, os.fdatasync if datasync else os.fsync)
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -19,6 +19,7 @@ from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
+from .offload import Offload
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
 from .whiteout import (
     WH_PREFIX,
@@ -75,6 +76,7 @@ class Union:
         self.work_fd = stack.work_fd
         self.writer = WhiteoutWriter(dialect, stack.work_fd, os.geteuid() == 0)
         self.copyup = CopyUp(self)
+        self.offload = Offload()   # long syscalls: on worker threads
         self.faults = faults
         self.privileged = os.geteuid() == 0
         self.handles: dict[int, Handle] = {}
