@@ -1,0 +1,249 @@
+"""Liveness: a request that waits long in a system call does not hold up the others.
+
+Functional, not timed.  The stall is made deterministic by a lower branch that is itself a small
+FUSE filesystem (`stall_branch.py`) whose big file stops answering reads past a point until the test
+says go: a read of the union's then waits in the kernel, inside the union's server, for as long as
+the test likes.  While it waits, other requests (stat, listing, a small read) must be answered — as
+they are on kernel overlayfs over the same branch.  The waits are bounded and the stall is always
+released, so a failing run ends.
+
+The other tests check what the threaded paths must keep: data intact and no error when fsync,
+release, large reads and writes, and copy-up of the same file run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import stall_branch
+import util
+
+pytestmark = pytest.mark.fuse
+
+WAIT = 30.0  # seconds: bound of every wait; a healthy run waits far less
+
+
+@contextmanager
+def stalling_branch(base: Path) -> Iterator[tuple[Path, Path]]:
+    """Mount a `stall_branch` below *base*; yield (its mount point, its control dir); unmount."""
+    mnt, control = base / "stall", base / "control"
+    mnt.mkdir()
+    control.mkdir()
+    errp = base / "stall.stderr"
+    with open(errp, "wb") as ef:
+        proc = subprocess.Popen([sys.executable, stall_branch.__file__, str(mnt), str(control)],
+                                stdin=subprocess.DEVNULL, stdout=ef, stderr=ef)
+    try:
+        util.wait_for_mount(mnt, proc)
+        yield mnt, control
+    finally:
+        (control / "go").touch()       # nothing may stay stuck on it
+        util.umount(mnt, proc if proc.poll() is None else None)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def union_over(kind: str, lower: Path, base: Path) -> Iterator[Path]:
+    """Mount kernel overlayfs or the implementation under test over *lower*, with an upper."""
+    upper, work, mnt = base / "upper", base / "work", base / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    if kind == "kernel":
+        m = util.mount_kernel([lower], upper, work, mnt)
+    else:
+        m = util.mount_impl("overlay", [lower], upper, work, mnt)
+    try:
+        yield mnt
+    finally:
+        (base / "control" / "go").touch()
+        util.unmount(m)
+    for level in ("WARNING", "ERROR"):
+        assert level not in m.stderr(), f"the server logged:\n{m.stderr()}"
+
+
+class Background:
+    """Runs *fn* on a thread; `done()` says whether it returned within a bounded wait."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self.error = e
+
+    def done(self, timeout: float = WAIT) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {WAIT} s"
+        time.sleep(0.01)
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("kind", ["kernel", util.IMPL])
+def test_requests_answered_while_a_read_waits_on_the_disk(tmp_path: Path, kind: str) -> None:
+    with stalling_branch(tmp_path) as (lower, control), union_over(kind, lower, tmp_path) as mnt:
+        reader = Background(lambda: read_all(mnt / "big"))
+        wait_for(control / "waiting")              # the read is now held inside the union
+        assert not reader.done(0)
+
+        others = Background(lambda: (os.stat(mnt / "small").st_size, sorted(os.listdir(mnt)),
+                                     read_all(mnt / "small")))
+        answered = others.done()
+        still_waiting = not reader.done(0)
+        (control / "go").touch()
+        assert answered, "stat, listing and a small read waited for another file's read"
+        assert others.error is None
+        assert others.result == (len(stall_branch.SMALL), ["big", "small"], stall_branch.SMALL)
+        assert still_waiting
+
+        assert reader.done(), "the big read did not finish once the branch went on"
+        assert reader.error is None
+        assert reader.result == stall_branch.big_content(0, stall_branch.BIG_SIZE)
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    return b"".join(((i + seed) % 251).to_bytes(1, "little") * 4096 for i in range(size // 4096))
+
+
+def direct_read_all(path: Path, size: int) -> bytes:
+    """The whole file, read with O_DIRECT in 1 MiB requests: each one reaches the server."""
+    import mmap
+    buf = mmap.mmap(-1, 1 << 20)          # page-aligned, as O_DIRECT wants
+    out = bytearray()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        while len(out) < size:
+            n = os.preadv(fd, [buf], len(out))
+            if n == 0:
+                break
+            out += buf[:n]
+    finally:
+        os.close(fd)
+        buf.close()
+    return bytes(out)
+
+
+ROUNDS = 12
+
+
+@pytest.mark.parametrize("kind", ["kernel", util.IMPL])
+def test_fsync_release_copy_up_and_big_io_of_one_file_at_once(tmp_path: Path, kind: str) -> None:
+    """Threads read (through a handle opened before the copy-up and through new ones), rewrite the
+    same bytes in 1 MiB writes, fsync, and close the one file, all at once; the first write open copies
+    it up.  Every read sees the file's bytes, no call fails, and the server logs nothing."""
+    size = 3 << 20
+    data = pattern(size)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_bytes(data)
+    (tmp_path / "control").mkdir()
+    with union_over(kind, lower, tmp_path) as mnt:
+        path = mnt / "f"
+        early = os.open(path, os.O_RDONLY)   # follows the copy-up from the lower file
+        start = threading.Barrier(4)
+
+        def early_reader() -> list[bool]:
+            start.wait(WAIT)
+            return [os.pread(early, size, 0) == data for _ in range(ROUNDS)]
+
+        def direct_reader() -> list[bool]:
+            start.wait(WAIT)
+            return [direct_read_all(path, size) == data for _ in range(ROUNDS)]
+
+        def rewriter() -> int:
+            start.wait(WAIT)
+            for _ in range(ROUNDS):
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    for off in range(0, size, 1 << 20):
+                        os.pwrite(fd, data[off:off + (1 << 20)], off)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            return ROUNDS
+
+        def syncer() -> int:
+            start.wait(WAIT)
+            for _ in range(ROUNDS * 4):
+                fd = os.open(path, os.O_RDWR)
+                os.fsync(fd)
+                os.close(fd)
+            return ROUNDS * 4
+
+        workers = [Background(fn) for fn in (early_reader, direct_reader, rewriter, syncer)]
+        try:
+            for w in workers:
+                assert w.done(), "a worker did not finish"
+                assert w.error is None, repr(w.error)
+        finally:
+            os.close(early)
+        assert workers[0].result == [True] * ROUNDS
+        assert workers[1].result == [True] * ROUNDS
+        assert read_all(path) == data
+        assert (tmp_path / "upper" / "f").read_bytes() == data   # it was copied up
+
+
+@pytest.mark.parametrize("kind", ["kernel", util.IMPL])
+def test_big_writes_then_fsync_from_another_open(tmp_path: Path, kind: str) -> None:
+    """A new file written in 1 MiB writes while another open of it fsyncs and closes over and over:
+    what was written is what is read back, on the mount and in the upper branch."""
+    size = 8 << 20
+    data = b"".join(pattern(1 << 20, seed) for seed in range(size >> 20))
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (tmp_path / "control").mkdir()
+    with union_over(kind, lower, tmp_path) as mnt:
+        path = mnt / "new"
+        path.write_bytes(b"")
+        done = threading.Event()
+
+        def writer() -> None:
+            try:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    for off in range(0, size, 1 << 20):
+                        os.write(fd, data[off:off + (1 << 20)])
+                finally:
+                    os.close(fd)
+            finally:
+                done.set()
+
+        def syncer() -> int:
+            n = 0
+            while not done.is_set() or n == 0:
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+                n += 1
+            return n
+
+        workers = [Background(writer), Background(syncer)]
+        for w in workers:
+            assert w.done(), "a worker did not finish"
+            assert w.error is None, repr(w.error)
+        assert direct_read_all(path, size) == data
+    assert (tmp_path / "upper" / "new").read_bytes() == data
