@@ -13,6 +13,8 @@ release, large reads and writes, and copy-up of the same file run at once.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -247,3 +249,69 @@ def test_big_writes_then_fsync_from_another_open(tmp_path: Path, kind: str) -> N
             assert w.error is None, repr(w.error)
         assert direct_read_all(path, size) == data
     assert (tmp_path / "upper" / "new").read_bytes() == data
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fallocate_story(mnt: Path) -> list[object]:
+    """Small and large (answered later, from a worker thread) fallocate calls of each mode, with
+    stats of other files in between; what each call and the file look like after."""
+    size = 4 << 20
+    seen: list[object] = []
+    path = mnt / "f"
+    path.write_bytes(pattern(size, 1))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        steps = [
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192),         # small: inline
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 << 20, 2 << 20),   # large
+            (FALLOC_FL_ZERO_RANGE, 3 << 20, 1 << 20),
+            (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (4 << 20) - 4096, 1 << 20),
+            (0, 4 << 20, 1 << 20),                                             # extends the file
+            (FALLOC_FL_KEEP_SIZE, 8 << 20, 1 << 20),
+            (FALLOC_FL_PUNCH_HOLE, 0, 1 << 20),                                # EINVAL: no KEEP_SIZE
+        ]
+        for mode, off, length in steps:
+            try:
+                fallocate(fd, mode, off, length)
+                seen.append(("ok", mode, off, length))
+            except OSError as e:
+                seen.append((errno.errorcode.get(e.errno or 0), mode, off, length))
+            st = os.fstat(fd)
+            seen.append(("size", os.stat(path).st_size, st.st_size))
+            seen.append(("other", os.stat(mnt / "small").st_size))
+    finally:
+        os.close(fd)
+    seen.append(("data", util.file_sha256(path)))
+    return seen
+
+
+def test_fallocate_modes_small_and_large(tmp_path: Path) -> None:
+    """Each call answers, and the file ends, as on kernel overlayfs; other files are stat'ed in between."""
+    seen = {}
+    for kind in ("kernel", util.IMPL):
+        base = tmp_path / kind
+        lower = base / "lower"
+        lower.mkdir(parents=True)
+        (lower / "small").write_bytes(b"small\n")
+        (base / "control").mkdir()
+        with union_over(kind, lower, base) as mnt:
+            seen[kind] = fallocate_story(mnt)
+    assert seen[util.IMPL] == seen["kernel"]
+    data = bytearray(pattern(4 << 20, 1))
+    for off, length in ((4096, 8192), (1 << 20, 2 << 20), (3 << 20, 1 << 20), ((4 << 20) - 4096, 4096)):
+        data[off:off + length] = bytes(length)
+    data += bytes(1 << 20)
+    assert seen["kernel"][-1] == ("data", hashlib.sha256(data).hexdigest())

@@ -2,7 +2,8 @@ from collections.abc import Callable
 
 def configure(
     cache_dirs: bool = ...,
-    fallocate: Callable[[int, int, int, int, int], int] | None = ...,
+    fallocate: Callable[[int, int, int, int, int, int], int | None] | None = ...,
     stateless_dirs: bool = ...,
 ) -> None: ...
+def reply_err(req: int, errno: int, /) -> None: ...
 def sessions() -> int: ...

@@ -25,12 +25,14 @@ from typing import Any, TypeVar
 
 from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse3 (see fusebind)
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from .inodes import Node
 from .merge import Entry
 from .offload import BIG_IO
-from .union import Creds, Union
+from .sysx import fallocate
+from .union import Creds, Handle, Union
 
 log = logging.getLogger(__name__)
 
@@ -368,16 +370,41 @@ class Operations(pyfuse3.Operations):
         h.node.st = None   # a getattr answered meanwhile saw the old size
         return written
 
-    def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> int:
-        """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer, 0 if done."""
+    def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
+        """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
+        or None when a task answers request *req* later.
+
+        A range of BIG_IO bytes or more may take long (a punched hole frees its blocks, a zeroed
+        range is written back first): it is done on a worker thread by a trio system task, which
+        trio waits for before `trio.run` returns, so the answer goes out before the session closes.
+        """
         args = (inode, fh, mode, offset, length)
         if self.debug:
             log.debug("fallocate%r", args)
         try:
-            self.union.fallocate(self.union.handles[fh], mode, offset, length)
+            h = self.union.handles[fh]
+            fd = self.union.fallocate_fd(h)
+            if length < BIG_IO:
+                fallocate(fd, mode, offset, length)
+                return 0
         except Exception as e:
             return _errno_for(e, "fallocate", args, self.debug)
-        return 0
+        # h.fd stays this upper file until the task has duplicated it: the kernel keeps the file
+        # open (no release) while its fallocate is unanswered, and refresh() has nothing to do.
+        trio.lowlevel.spawn_system_task(self._fallocate_later, req, h, args)
+        return None
+
+    async def _fallocate_later(self, req: int, h: Handle, args: tuple[int, int, int, int, int]) -> None:
+        assert shim is not None
+        err = errno.EINTR       # cancelled: the mount is going away
+        try:
+            await self.union.offload.on_fd(h.fd, fallocate, *args[2:])
+            err = 0
+        except Exception as e:
+            err = _errno_for(e, "fallocate", args, self.debug)
+        finally:
+            h.node.st = None
+            shim.reply_err(req, err)
 
     def use_shim(self) -> None:
         """Hand the next FUSE session fallocate and, with caching on, kernel-cached listings."""

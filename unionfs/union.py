@@ -721,13 +721,17 @@ class Union:
             h.layer = h.node.layer
 
     def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) on an open file (the kernel sends it only for one open for writing, which is
-        in the writable branch already)."""
+        """fallocate(2) on an open file."""
+        fallocate(self.fallocate_fd(h), mode, offset, length)
+
+    def fallocate_fd(self, h: Handle) -> int:
+        """The fd to fallocate(2) the open file *h* on (the kernel sends fallocate only for an open
+        for writing, which is in the writable branch already)."""
         self.refresh(h)
         if h.layer != 0:
             raise _err(errno.EBADF)
         h.node.st = None
-        fallocate(h.fd, mode, offset, length)
+        return h.fd
 
     def release(self, h: Handle) -> None:
         del self.handles[h.fh]
