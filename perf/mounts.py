@@ -42,7 +42,7 @@ class Mounted:
 def mounted_points() -> dict[str, str]:
     """Mount points under BASE_DIR, with their filesystem type, from /proc/self/mountinfo."""
     found: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as info:
+    with open("/proc/self/mountinfo", errors="replace") as info:
         for line in info:
             fields = line.split()
             point = _unescape(fields[4])
@@ -88,7 +88,7 @@ def stop_stuck_server(view: Mounted) -> None:
 
 def abort_fuse_connection(point: Path) -> None:
     """Abort the FUSE connection behind `point` (only ever one of our own mounts), unblocking any waiter."""
-    with open("/proc/self/mountinfo") as info:
+    with open("/proc/self/mountinfo", errors="replace") as info:
         for line in info:
             fields = line.split()
             if _unescape(fields[4]) == str(point):

@@ -41,13 +41,13 @@ def _unescape(field: str) -> str:
 
 def is_mounted(path: str) -> bool:
     path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         return any(_unescape(line.split()[4]) == path for line in f)
 
 
 def _mount_dev(path: str) -> tuple[int, int] | None:
     path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             if _unescape(fields[4]) == path:
