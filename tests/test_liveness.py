@@ -8,7 +8,9 @@ they are on kernel overlayfs over the same branch.  The waits are bounded and th
 released, so a failing run ends.
 
 The other tests check what the threaded paths must keep: data intact and no error when fsync,
-release, large reads and writes, and copy-up of the same file run at once.
+release, large reads and writes, and copy-up of the same file run at once; every fallocate mode,
+small (inline) and large (answered later from a worker thread), as on kernel overlayfs; and, without
+a mount, that a call on a worker thread keeps its file while the fd it was given is closed and reused.
 """
 
 from __future__ import annotations
@@ -315,3 +317,39 @@ def test_fallocate_modes_small_and_large(tmp_path: Path) -> None:
         data[off:off + length] = bytes(length)
     data += bytes(1 << 20)
     assert seen["kernel"][-1] == ("data", hashlib.sha256(data).hexdigest())
+
+
+def test_offloaded_call_keeps_its_file_when_the_fd_is_closed_and_reused(tmp_path: Path) -> None:
+    import trio
+
+    from unionfs.offload import Offload
+
+    (tmp_path / "a").write_bytes(b"file a")
+    (tmp_path / "b").write_bytes(b"file b")
+    entered, go = threading.Event(), threading.Event()
+
+    def slow_read(fd: int, size: int) -> bytes:
+        entered.set()
+        assert go.wait(WAIT)
+        return os.pread(fd, size, 0)
+
+    async def main() -> tuple[bytes, bytes]:
+        offload = Offload(workers=1)
+        fd = os.open(tmp_path / "a", os.O_RDONLY)
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def call() -> None:
+                got.append(await offload.on_fd(fd, slow_read, 100))
+
+            nursery.start_soon(call)
+            await trio.to_thread.run_sync(entered.wait, WAIT)
+            os.close(fd)                                    # a release, meanwhile
+            reused = os.open(tmp_path / "b", os.O_RDONLY)   # takes the same number
+            assert reused == fd
+            go.set()
+        other = os.pread(reused, 100, 0)
+        os.close(reused)
+        return got[0], other
+
+    assert trio.run(main) == (b"file a", b"file b")
