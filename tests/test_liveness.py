@@ -353,3 +353,68 @@ def test_offloaded_call_keeps_its_file_when_the_fd_is_closed_and_reused(tmp_path
         return got[0], other
 
     assert trio.run(main) == (b"file a", b"file b")
+
+
+def big_files_story(mnt: Path) -> list[object]:
+    """Free big files' blocks (off the loop) by unlink, by a rename over them, by closing the last
+    open file of an unlinked one, and by truncating; what is visible after each step."""
+    from unionfs.offload import FREE_BIG
+
+    big = pattern(FREE_BIG + (1 << 20), 7)
+    seen: list[object] = []
+
+    def state() -> None:
+        seen.append(sorted((n, os.stat(mnt / n).st_size) for n in os.listdir(mnt)))
+
+    (mnt / "a").write_bytes(big)
+    os.unlink(mnt / "a")
+    state()
+    (mnt / "b").write_bytes(big)
+    (mnt / "small").write_bytes(b"small")
+    os.rename(mnt / "small", mnt / "b")
+    seen.append((mnt / "b").read_bytes())
+    state()
+    (mnt / "c").write_bytes(big)
+    fd = os.open(mnt / "c", os.O_RDWR)
+    try:
+        os.unlink(mnt / "c")
+        state()
+        os.pwrite(fd, b"more", len(big))
+        seen.append((os.fstat(fd).st_size, hashlib.sha256(os.pread(fd, len(big) + 4, 0)).hexdigest()))
+    finally:
+        os.close(fd)
+    state()
+    (mnt / "c").write_bytes(b"again")      # the name is free, the old file gone
+    state()
+    (mnt / "d").write_bytes(big)
+    os.truncate(mnt / "d", 10)              # no open file: a write open of our own
+    state()
+    fd = os.open(mnt / "d", os.O_RDWR)
+    try:
+        os.pwrite(fd, big, 0)
+        os.ftruncate(fd, 5)                 # through the open file
+        seen.append(os.pread(fd, 100, 0))
+        os.pwrite(fd, big, 0)
+        os.unlink(mnt / "d")
+        os.ftruncate(fd, 3)                 # a file without a name
+        seen.append((os.fstat(fd).st_size, os.pread(fd, 100, 0)))
+    finally:
+        os.close(fd)
+    state()
+    return seen
+
+
+def test_big_files_removed_by_unlink_rename_last_close_and_truncate(tmp_path: Path) -> None:
+    seen = {}
+    uppers = {}
+    for kind in ("kernel", util.IMPL):
+        base = tmp_path / kind
+        lower = base / "lower"
+        lower.mkdir(parents=True)
+        (lower / "low").write_bytes(b"low")
+        (base / "control").mkdir()
+        with union_over(kind, lower, base) as mnt:
+            seen[kind] = big_files_story(mnt)
+        uppers[kind] = sorted((p.name, p.stat().st_size) for p in (base / "upper").iterdir())
+    assert seen[util.IMPL] == seen["kernel"]
+    assert uppers[util.IMPL] == uppers["kernel"] == [("b", 5), ("c", 5)]

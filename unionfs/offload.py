@@ -25,6 +25,9 @@ T = TypeVar("T")
 #: Reads and writes of at least this many bytes go to a worker thread (reads only when they would
 #: wait for the disk: see `Offload.pread`).
 BIG_IO = 256 << 10
+#: Dropping the last reference to a file with this many bytes allocated happens on a worker thread
+#: (ext4 frees 1.5 GiB in about 0.45 s).
+FREE_BIG = 64 << 20
 #: Worker threads at most, for all offloaded calls of one union together.
 WORKERS = 4
 
@@ -71,6 +74,33 @@ class Offload:
         finally:
             if not started:     # cancelled while waiting for a worker
                 os.close(dup)
+
+    async def close(self, fd: int) -> None:
+        """Close *fd* on a worker thread: the last reference to a big unlinked file frees its blocks
+        there.  Closed inline if cancelled while waiting for a worker."""
+        started = False
+
+        def call() -> None:
+            nonlocal started
+            started = True
+            os.close(fd)
+
+        try:
+            await trio.to_thread.run_sync(call, limiter=self.limiter)
+        finally:
+            if not started:
+                os.close(fd)
+
+    def close_soon(self, fd: int) -> None:
+        """`close` *fd* in the background, from a trio system task (trio waits for it before
+        `trio.run` returns): for a caller that answers its request first."""
+        trio.lowlevel.spawn_system_task(self._close_logged, fd)
+
+    async def _close_logged(self, fd: int) -> None:
+        try:
+            await self.close(fd)
+        except OSError as e:    # an error of the branch's filesystem: nobody left to tell but the log
+            log.warning("closing a released file: %s", e)
 
     async def pread(self, fd: int, size: int, offset: int) -> bytes:
         """pread(2) of *size* bytes at *offset* of *fd* that does not stall the loop on the disk.

@@ -332,7 +332,16 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
-        self.union.release(self.union.handles[fh])
+        h = self.union.handles[fh]
+        if h.node.links:
+            self.union.release(h)
+            return
+        # Its names are all gone: this may be the last reference, and freeing a big file's blocks
+        # takes long.  A duplicate closed on a worker thread after the answer is then the last one
+        # (the kernel does not wait for a release: an answer after the unmount would fail).
+        last = os.dup(h.fd)
+        self.union.release(h)
+        self.union.offload.close_soon(last)
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -447,7 +456,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.union.unlink(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        pin = self.union.pin_big_file(parent, name)
+        try:
+            self.union.unlink(parent, name)
+        finally:
+            if pin is not None:
+                await self.union.offload.close(pin)   # frees the blocks off the loop
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -456,8 +471,13 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
-                                name_new, flags)
+        new_parent = self._node(parent_inode_new)
+        pin = self.union.pin_big_file(new_parent, name_new)   # a file renamed over may be big
+        try:
+            await self.union.rename(self._node(parent_inode_old), name_old, new_parent, name_new, flags)
+        finally:
+            if pin is not None:
+                await self.union.offload.close(pin)
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

@@ -19,7 +19,7 @@ from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
-from .offload import Offload
+from .offload import FREE_BIG, Offload
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
 from .whiteout import (
     WH_PREFIX,
@@ -475,6 +475,23 @@ class Union:
         listing = self.listing(parent)      # read again if a branch changed underneath
         return listing, listing[name], node
 
+    def pin_big_file(self, parent: Node, name: bytes) -> int | None:
+        """An O_PATH fd of the upper file *name* of *parent* when it is a big file (FREE_BIG bytes
+        allocated) with one link, None otherwise.  Held across an unlink or a rename over *name*,
+        it keeps the file's blocks until it is closed, which the caller does off the loop."""
+        pfd = parent.fdmap.get(0)
+        e = parent.listing.get(name) if parent.listing is not None else None
+        if pfd is None or e is None or e.is_dir or e.layer != 0:
+            return None
+        known = parent.children.get(name)
+        try:
+            st = known.st if known is not None and known.st is not None else lstat_at(pfd, name)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_blocks * 512 < FREE_BIG:
+                return None
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError:
+            return None     # the unlink or rename says what is wrong
+
     def unlink(self, parent: Node, name: bytes) -> None:
         listing, e, node = self._to_remove(parent, name, is_dir=False)
         if e.layer == 0:
@@ -648,6 +665,9 @@ class Union:
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
         if handle is not None:
             self.refresh(handle)
+        if size is not None and not node.is_dir:
+            await self._truncate(node, size, handle)
+            size = None
         if node.is_dir or not node.links:
             # A directory, or a file whose last name is gone but is still open: work on the fd.
             if node.is_dir:
@@ -656,7 +676,7 @@ class Union:
                 # fchown and fchmod reach us without the handle: any open one of the node will do.
                 fd = (handle or self.any_handle(node)).fd
             if size is not None:
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, size)      # a directory: the kernel refuses it before asking us
             if owner is not None:
                 os.chown(fd, *owner)
             if mode is not None:
@@ -666,15 +686,6 @@ class Union:
             self.touch(node)
             return os.fstat(fd)
         pfd, name = node.real_parent_fd()
-        if size is not None:
-            if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
-                os.ftruncate(handle.fd, size)
-            else:
-                wfd = open_file_at(pfd, name, os.O_WRONLY)
-                try:
-                    os.ftruncate(wfd, size)
-                finally:
-                    os.close(wfd)
         if owner is not None:
             os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
         if mode is not None:
@@ -690,6 +701,28 @@ class Union:
             os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
         node.st = lstat_at(pfd, name)
         return node.st
+
+    async def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
+        """truncate(2) the file *node* to *size*: through *handle* when it may write (or when the
+        file has no name left), else through a new write open; on a worker thread when that frees
+        FREE_BIG bytes or more (ext4 frees 1.5 GiB in about 0.4 s)."""
+        own = None
+        if not node.links:
+            fd = (handle or self.any_handle(node)).fd
+        elif handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
+            fd = handle.fd
+        else:
+            pfd, name = node.real_parent_fd()
+            fd = own = open_file_at(pfd, name, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:
+                await self.offload.on_fd(fd, os.ftruncate, size)
+            else:
+                os.ftruncate(fd, size)
+        finally:
+            if own is not None:
+                os.close(own)
+        self.touch(node)
 
     # ------------------------------------------------------------------ files
 
