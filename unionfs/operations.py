@@ -8,8 +8,9 @@ Attributes:
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
 in `_handler` (`fallocate`, called synchronously by the libfuse shim, returns the errno instead);
 `_errno_for` decides it for both.  Any other exception is a bug: it is logged with its traceback and
-answered with EIO, and the mount keeps serving.  fsync, fsyncdir and large reads and writes run on
-worker threads (`offload`), so the requests behind them are answered meanwhile.
+answered with EIO, and the mount keeps serving.  What may take long runs on worker threads
+(`offload`), so the requests behind it are answered meanwhile: fsync and fsyncdir, large reads,
+writes and fallocates, and the freeing of a big file's blocks by unlink, rename and release.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
 from .merge import Entry, build_listing, open_dir_layers
 from .offload import FREE_BIG, Offload
-from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .whiteout import (
     WH_PREFIX,
     Dialect,
@@ -752,10 +752,6 @@ class Union:
             os.close(h.fd)
             h.fd = fd
             h.layer = h.node.layer
-
-    def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) on an open file."""
-        fallocate(self.fallocate_fd(h), mode, offset, length)
 
     def fallocate_fd(self, h: Handle) -> int:
         """The fd to fallocate(2) the open file *h* on (the kernel sends fallocate only for an open
