@@ -357,7 +357,8 @@ def test_offloaded_call_keeps_its_file_when_the_fd_is_closed_and_reused(tmp_path
 
 def big_files_story(mnt: Path) -> list[object]:
     """Free big files' blocks (off the loop) by unlink, by a rename over them, by closing the last
-    open file of an unlinked one, and by truncating; what is visible after each step."""
+    open file of an unlinked one, by truncating and by opening with O_TRUNC; what is visible after
+    each step."""
     from unionfs.offload import FREE_BIG
 
     big = pattern(FREE_BIG + (1 << 20), 7)
@@ -388,6 +389,9 @@ def big_files_story(mnt: Path) -> list[object]:
     state()
     (mnt / "d").write_bytes(big)
     os.truncate(mnt / "d", 10)              # no open file: a write open of our own
+    state()
+    (mnt / "d").write_bytes(big)
+    (mnt / "d").write_bytes(b"trunc")       # open(O_TRUNC) of a big file
     state()
     fd = os.open(mnt / "d", os.O_RDWR)
     try:

@@ -739,7 +739,16 @@ class Union:
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = node.real_parent_fd()
-        fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
+        if trunc and flags & os.O_ACCMODE != os.O_RDONLY and lstat_at(pfd, name).st_blocks * 512 >= FREE_BIG:
+            # Truncating a big file frees its blocks, which takes long: on a worker thread.
+            fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
+            try:
+                await self.offload.on_fd(fd, os.ftruncate, 0)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
         if trunc:
             self.touch(node)
         return self._handle(node, fd, flags)
