@@ -2,18 +2,19 @@
 
 Usage (as root):
     .venv/bin/python perf/liveness.py [--reps 3] [--impls kernel,fuse-overlayfs,unionfs]
-                                      [--only fsync,read,copyup,punch] [--size-mib 1536] [--out perf/results]
+                                      [--only fsync,read,copyup,punch,unlink] [--size-mib 1536] [--out DIR]
 
 For each scenario, repetition and implementation (in an order that rotates every repetition) the layers
 are mounted fresh (`mounts.mount`, as perf/bench.py does), and while one thread runs the long call a
 prober thread stats a different file of the union every PROBE_INTERVAL and records each stat's
 latency.  Every stat names a file not looked up before, so each one reaches the FUSE server.
 
-  fsync   write SIZE to a new file through the mount (1 MiB writes, not timed), then at once fsync it
+  fsync   write SIZE to a new file through the mount (1 MiB writes, not counted), then at once fsync it
   read    `drop_caches`, then read a 1 GiB lower file through the mount in 1 MiB reads
   copyup  `drop_caches`, then open the 1 GiB lower file for appending: the open copies it up
   punch   write SIZE to a new file as for fsync, then at once punch a hole over all of it (fallocate
           PUNCH_HOLE|KEEP_SIZE): the blocks are freed, the dirty pages written back first
+  unlink  write SIZE to a new file and fsync it (not counted), then unlink it: the blocks are freed
 
 Reported per scenario and implementation (medians over repetitions): the long call's duration, the
 worst and the 99th-percentile latency of the stats in progress at some time while it ran, and how
@@ -46,7 +47,7 @@ PERF_DIR = Path(__file__).resolve().parent
 LAYERS = Path("/var/tmp/unionfs-liveness")
 # The mount helpers' run directories and stale-mount sweep: ours, not perf/bench.py's.
 mounts.BASE_DIR = LAYERS
-SCENARIOS = ("fsync", "read", "copyup", "punch")
+SCENARIOS = ("fsync", "read", "copyup", "punch", "unlink")
 IMPLS = ("kernel", "fuse-overlayfs", "unionfs")
 PROBE_FILES = 20_000
 PROBE_INTERVAL = 0.002  # seconds between two stats
@@ -111,10 +112,16 @@ class Prober:
         self.names = [os.fsencode(root / "probe" / f"f{i:05d}") for i in range(PROBE_FILES)]
         self.samples: list[tuple[float, float]] = []  # (start, latency)
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._parked = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
 
     def _loop(self) -> None:
         for name in self.names:
+            if not self._go.is_set():
+                self._parked.set()
+                self._go.wait()
             if self._stop.is_set():
                 return
             start = time.perf_counter()
@@ -129,7 +136,18 @@ class Prober:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._go.set()
         self._thread.join()
+
+    def pause(self) -> None:
+        """Wait until the stat in progress (if any) has returned; stat no more until `resume`."""
+        self._parked.clear()
+        self._go.clear()
+        if not self._parked.wait(600):
+            raise RuntimeError("a stat did not return within 600 s")
+
+    def resume(self) -> None:
+        self._go.set()
 
     def during(self, start: float, end: float) -> list[float]:
         """Latencies of the stats that were in progress at some time between *start* and *end*."""
@@ -150,11 +168,14 @@ Measured = tuple[float, float, list[float]]  # duration, dirty MiB at its start,
 def measure(root: Path, call: Callable[[], None], before: Callable[[], None] | None = None) -> Measured:
     """Run `call` while the prober stats; its duration, the dirty page cache as it began, and the
     latencies of the stats made meanwhile.  *before* runs first, with the prober going but not
-    counted, so that `call` follows it at once (the machine's writeback drains dirty pages fast)."""
+    counted, so that `call` follows it at once (the machine's writeback drains dirty pages fast);
+    a stat still waiting behind *before* is let finish first, so that it does not count for `call`."""
     with Prober(root) as prober:
         time.sleep(20 * PROBE_INTERVAL)  # the prober is going
         if before is not None:
             before()
+            prober.pause()
+            prober.resume()
         dirty = dirty_mib()
         start = time.perf_counter()
         call()
@@ -222,8 +243,22 @@ def scenario_punch(root: Path, size: int) -> Measured:
         os.close(fd)
 
 
+def scenario_unlink(root: Path, size: int) -> Measured:
+    path = root / "dirty.bin"
+
+    def write_and_sync() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_fd(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return measure(root, lambda: os.unlink(path), before=write_and_sync)
+
+
 SCENARIO_FN = {"fsync": scenario_fsync, "read": scenario_read, "copyup": scenario_copyup,
-               "punch": scenario_punch}
+               "punch": scenario_punch, "unlink": scenario_unlink}
 
 
 def run_one(scenario: str, impl: str, rep: int, lower: Path, size: int) -> Run:
