@@ -2,9 +2,9 @@
 
     python stall_branch.py MOUNTPOINT CONTROL_DIR
 
-It holds ``/big`` (BIG_SIZE bytes of `big_content`) and ``/small``.  Reads of ``/big`` at or past
-STALL_AT wait until CONTROL_DIR/go exists; while one waits, CONTROL_DIR/waiting exists.  Everything
-else is answered at once.  Used as the lower branch of a union to hold a read of the union's in a
+It holds ``/big`` (BIG_SIZE bytes of `big_content`) and ``/small``.  Reads of ``/big`` past STALL_AT
+and fsyncs of it wait until CONTROL_DIR/go exists; while one waits, CONTROL_DIR/waiting exists.
+Everything else is answered at once.  Used as the lower branch of a union to hold a read of the union's in a
 system call for as long as a test needs, without timing anything.  Runs until unmounted.
 """
 
@@ -91,16 +91,23 @@ class StallFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode)
 
+    async def _stall(self) -> None:
+        go, waiting = os.path.join(self.control, "go"), os.path.join(self.control, "waiting")
+        while not os.path.exists(go):
+            open(waiting, "wb").close()
+            await trio.sleep(0.01)
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh == FILES[b"small"][0]:
             return SMALL[off:off + size]
         size = max(0, min(size, BIG_SIZE - off))
         if off + size > STALL_AT:
-            go, waiting = os.path.join(self.control, "go"), os.path.join(self.control, "waiting")
-            while not os.path.exists(go):
-                open(waiting, "wb").close()
-                await trio.sleep(0.01)
+            await self._stall()
         return big_content(off, size)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh == FILES[b"big"][0]:
+            await self._stall()
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Functional, not timed.  The stall is made deterministic by a lower branch that i
 FUSE filesystem (`stall_branch.py`) whose big file stops answering reads past a point until the test
 says go: a read of the union's then waits in the kernel, inside the union's server, for as long as
 the test likes.  While it waits, other requests (stat, listing, a small read) must be answered — as
-they are on kernel overlayfs over the same branch.  The waits are bounded and the stall is always
-released, so a failing run ends.
+they are on kernel overlayfs over the same branch.  The same with an fsync held by the branch.  The
+waits are bounded and the stall is always released, so a failing run ends.
 
 The other tests check what the threaded paths must keep: data intact and no error when fsync,
 release, large reads and writes, and copy-up of the same file run at once; every fallocate mode,
@@ -127,6 +127,33 @@ def test_requests_answered_while_a_read_waits_on_the_disk(tmp_path: Path, kind: 
         assert reader.done(), "the big read did not finish once the branch went on"
         assert reader.error is None
         assert reader.result == stall_branch.big_content(0, stall_branch.BIG_SIZE)
+
+
+def test_requests_answered_while_an_fsync_waits_on_the_branch(tmp_path: Path) -> None:
+    """The same with an fsync of a file not copied up, which unionfs passes to the lower branch.
+    (Kernel overlayfs does not sync lower files, so there is nothing to compare with; should the
+    fsync not reach the branch, there is nothing to test either.)"""
+    with stalling_branch(tmp_path) as (lower, control), union_over(util.IMPL, lower, tmp_path) as mnt:
+        fd = os.open(mnt / "big", os.O_RDONLY)
+        try:
+            syncer = Background(lambda: os.fsync(fd))
+            deadline = time.monotonic() + WAIT
+            while not (control / "waiting").exists():
+                if syncer.done(0.01):
+                    pytest.skip("fsync of a lower file does not reach the branch")
+                assert time.monotonic() < deadline, "the fsync neither waited on the branch nor returned"
+            others = Background(lambda: (os.stat(mnt / "small").st_size, read_all(mnt / "small")))
+            answered = others.done()
+            still_waiting = not syncer.done(0)
+            (control / "go").touch()
+            assert answered, "stat and a small read waited for another file's fsync"
+            assert others.error is None and others.result == (len(stall_branch.SMALL), stall_branch.SMALL)
+            assert still_waiting
+            assert syncer.done(), "the fsync did not finish once the branch went on"
+            assert syncer.error is None
+        finally:
+            (control / "go").touch()
+            os.close(fd)
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
