@@ -108,7 +108,7 @@ def read_all(path: Path) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["kernel", util.IMPL])
-def test_requests_answered_while_a_read_waits_on_the_disk(tmp_path: Path, kind: str) -> None:
+def test_requests_answered_while_a_read_waits_on_the_branch(tmp_path: Path, kind: str) -> None:
     with stalling_branch(tmp_path) as (lower, control), union_over(kind, lower, tmp_path) as mnt:
         reader = Background(lambda: read_all(mnt / "big"))
         wait_for(control / "waiting")              # the read is now held inside the union
