@@ -3,8 +3,10 @@
  *
  *  - fallocate(2): pyfuse3 registers no fallocate handler, so the kernel answers EOPNOTSUPP to
  *    every mode (punch hole, keep size, zero range).  The shim registers one that calls a Python
- *    function synchronously (pyfuse3 dispatches requests on the trio thread with the GIL held, and
- *    fallocate is one short system call on the upper file).
+ *    function synchronously (pyfuse3 dispatches requests on the trio thread with the GIL held).
+ *    The function answers at once by returning the errno (0: done), or returns None and answers
+ *    later with reply_err(req, errno) — a long fallocate (punching a hole in a big file takes as
+ *    long as an fsync) then runs on a worker thread while the loop serves other requests.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -51,7 +53,7 @@ static init_fn inner_init;
 static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
-static PyObject *fallocate_cb; /* (ino, fh, mode, offset, length) -> errno, 0 for success */
+static PyObject *fallocate_cb; /* (req, ino, fh, mode, offset, length) -> errno, or None: later */
 static int cache_dirs;
 static int want_stateless_dirs;
 static int want_dont_mask;
@@ -106,14 +108,18 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
                            struct fuse_file_info *fi)
 {
     long err = EOPNOTSUPP;
+    int later = 0;
     PyGILState_STATE gil = PyGILState_Ensure();
     if (fallocate_cb != NULL) {
-        PyObject *res = PyObject_CallFunction(fallocate_cb, "KKiLL", (unsigned long long)ino,
-                                              (unsigned long long)fi->fh, mode, (long long)offset,
-                                              (long long)length);
+        PyObject *res = PyObject_CallFunction(fallocate_cb, "NKKiLL", PyLong_FromVoidPtr(req),
+                                              (unsigned long long)ino, (unsigned long long)fi->fh,
+                                              mode, (long long)offset, (long long)length);
         if (res == NULL) {
             PyErr_WriteUnraisable(fallocate_cb);
             err = EIO;
+        } else if (res == Py_None) {
+            later = 1; /* the callback owns req now: it answers with reply_err */
+            Py_DECREF(res);
         } else {
             err = PyLong_AsLong(res);
             Py_DECREF(res);
@@ -124,7 +130,8 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
         }
     }
     PyGILState_Release(gil);
-    fuse_reply_err(req, (int)err);
+    if (!later)
+        fuse_reply_err(req, (int)err);
 }
 
 __attribute__((visibility("default"))) struct fuse_session *
@@ -184,6 +191,22 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_reply_err(PyObject *self, PyObject *args)
+{
+    PyObject *req;
+    int err;
+    if (!PyArg_ParseTuple(args, "Oi", &req, &err))
+        return NULL;
+    void *p = PyLong_AsVoidPtr(req);
+    if (p == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "no request");
+        return NULL;
+    }
+    fuse_reply_err((fuse_req_t)p, err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -200,6 +223,9 @@ static PyMethodDef methods[] = {
      "the next FUSE session gets."},
     {"dont_mask", py_dont_mask, METH_NOARGS,
      "Whether the kernel agreed to send new objects' modes without the umask applied."},
+    {"reply_err", py_reply_err, METH_VARARGS,
+     "reply_err(req, errno): answer a fallocate request the callback took (returned None for); "
+     "once per request, from the thread that runs the FUSE loop."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},

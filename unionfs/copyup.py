@@ -15,8 +15,6 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import trio
-
 from .layers import DIR_FLAGS, copy_data, fd_path, lstat_at, open_file_at
 from .whiteout import is_private_xattr
 
@@ -171,7 +169,7 @@ class CopyUp:
             try:
                 length = st.st_size if keep is None else min(keep, st.st_size)
                 if length > INLINE_COPY_MAX:
-                    await trio.to_thread.run_sync(copy_data, src, dst, length)
+                    await self.union.offload.run(copy_data, src, dst, length)
                 elif length:
                     copy_data(src, dst, length)
                 self._own(dst, st)

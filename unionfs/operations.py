@@ -8,7 +8,9 @@ Attributes:
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
 in `_handler` (`fallocate`, called synchronously by the libfuse shim, returns the errno instead);
 `_errno_for` decides it for both.  Any other exception is a bug: it is logged with its traceback and
-answered with EIO, and the mount keeps serving.
+answered with EIO, and the mount keeps serving.  What may take long runs on worker threads
+(`offload`), so the requests behind it are answered meanwhile: fsync and fsyncdir, large reads,
+writes and fallocates, and the freeing of a big file's blocks by unlink, rename and release.
 """
 from __future__ import annotations
 
@@ -25,13 +27,16 @@ from typing import Any, TypeVar
 
 from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse3 (see fusebind)
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from .caller import in_group_or_capable
 from .inodes import Node
 from .layers import ACL_ACCESS
 from .merge import Entry
-from .union import Creds, Union
+from .offload import BIG_IO
+from .sysx import fallocate
+from .union import Creds, Handle, Union
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +325,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
         fd = node.fdmap.get(0)
         if fd is not None:
-            os.fsync(fd)
+            await self.union.offload.on_fd(fd, os.fsync)
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -334,11 +339,20 @@ class Operations(pyfuse3.Operations):
             self.union.refresh(h)
         if h.layer == 0:
             h.node.st = None   # a read may move the atime of a file in the writable branch
-        return os.pread(h.fd, size, off)
+        return await self.union.offload.pread(h.fd, size, off)
 
     @_handler
     async def release(self, fh: int) -> None:
-        self.union.release(self.union.handles[fh])
+        h = self.union.handles[fh]
+        if h.node.links:
+            self.union.release(h)
+            return
+        # Its names are all gone: this may be the last reference, and freeing a big file's blocks
+        # takes long.  A duplicate closed on a worker thread after the answer is then the last one
+        # (the kernel does not wait for a release: an answer after the unmount would fail).
+        last = os.dup(h.fd)
+        self.union.release(h)
+        self.union.offload.close_soon(last)
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -370,18 +384,47 @@ class Operations(pyfuse3.Operations):
         if h.layer != h.node.layer:
             self.union.refresh(h)
         h.node.st = None
-        return os.pwrite(h.fd, buf, off)
+        if len(buf) < BIG_IO:
+            return os.pwrite(h.fd, buf, off)
+        written = await self.union.offload.on_fd(h.fd, os.pwrite, buf, off)
+        h.node.st = None   # a getattr answered meanwhile saw the old size
+        return written
 
-    def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> int:
-        """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer, 0 if done."""
+    def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
+        """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
+        or None when a task answers request *req* later.
+
+        A range of BIG_IO bytes or more may take long (a punched hole frees its blocks, a zeroed
+        range is written back first): it is done on a worker thread by a trio system task, which
+        trio waits for before `trio.run` returns, so the answer goes out before the session closes.
+        """
         args = (inode, fh, mode, offset, length)
         if self.debug:
             log.debug("fallocate%r", args)
         try:
-            self.union.fallocate(self.union.handles[fh], mode, offset, length)
+            h = self.union.handles[fh]
+            fd = self.union.fallocate_fd(h)
+            if length < BIG_IO:
+                fallocate(fd, mode, offset, length)
+                return 0
         except Exception as e:
             return _errno_for(e, "fallocate", args, self.debug)
-        return 0
+        # h.fd stays this upper file until the task has duplicated it: the kernel keeps the file
+        # open (no release) while its fallocate is unanswered, and refresh() has nothing to do.
+        trio.lowlevel.spawn_system_task(self._fallocate_later, req, h, args)
+        return None
+
+    async def _fallocate_later(self, req: int, h: Handle, args: tuple[int, int, int, int, int]) -> None:
+        assert shim is not None
+        err = errno.EINTR       # cancelled: the mount is going away
+        try:
+            await self.union.offload.on_fd(h.fd, fallocate, *args[2:])
+            err = 0
+        except Exception as e:
+            err = _errno_for(e, "fallocate", args, self.debug)
+        finally:
+            h.node.st = None
+            shim.reply_err(req, err)
 
     def use_shim(self) -> None:
         """Hand the next FUSE session fallocate, modes without the umask applied (the union applies
@@ -393,7 +436,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.union.handles[fh]
-        (os.fdatasync if datasync else os.fsync)(h.fd)
+        await self.union.offload.on_fd(h.fd, os.fdatasync if datasync else os.fsync)
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -426,7 +469,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.union.unlink(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        pin = self.union.pin_big_file(parent, name)
+        try:
+            self.union.unlink(parent, name)
+        finally:
+            if pin is not None:
+                await self.union.offload.close(pin)   # frees the blocks off the loop
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -435,8 +484,13 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
-                                name_new, flags)
+        new_parent = self._node(parent_inode_new)
+        pin = self.union.pin_big_file(new_parent, name_new)   # a file renamed over may be big
+        try:
+            await self.union.rename(self._node(parent_inode_old), name_old, new_parent, name_new, flags)
+        finally:
+            if pin is not None:
+                await self.union.offload.close(pin)
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

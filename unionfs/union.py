@@ -29,7 +29,8 @@ from .layers import (
     open_file_at,
 )
 from .merge import Entry, build_listing, open_dir_layers
-from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fallocate, renameat2
+from .offload import FREE_BIG, Offload
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .whiteout import (
     WH_PREFIX,
     Dialect,
@@ -88,6 +89,7 @@ class Union:
         self.work_fd = stack.work_fd
         self.writer = WhiteoutWriter(dialect, stack.work_fd, os.geteuid() == 0)
         self.copyup = CopyUp(self)
+        self.offload = Offload()   # long syscalls: on worker threads
         self.faults = faults
         self.privileged = os.geteuid() == 0
         self.handles: dict[int, Handle] = {}
@@ -588,6 +590,23 @@ class Union:
         listing = self.listing(parent)      # read again if a branch changed underneath
         return listing, listing[name], node
 
+    def pin_big_file(self, parent: Node, name: bytes) -> int | None:
+        """An O_PATH fd of the upper file *name* of *parent* when it is a big file (FREE_BIG bytes
+        allocated) with one link, None otherwise.  Held across an unlink or a rename over *name*,
+        it keeps the file's blocks until it is closed, which the caller does off the loop."""
+        pfd = parent.fdmap.get(0)
+        e = parent.listing.get(name) if parent.listing is not None else None
+        if pfd is None or e is None or e.is_dir or e.layer != 0:
+            return None
+        known = parent.children.get(name)
+        try:
+            st = known.st if known is not None and known.st is not None else lstat_at(pfd, name)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_blocks * 512 < FREE_BIG:
+                return None
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError:
+            return None     # the unlink or rename says what is wrong
+
     def unlink(self, parent: Node, name: bytes) -> None:
         listing, e, node = self._to_remove(parent, name, is_dir=False)
         if e.layer == 0:
@@ -761,6 +780,9 @@ class Union:
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
         if handle is not None:
             self.refresh(handle)
+        if size is not None and not node.is_dir:
+            await self._truncate(node, size, handle)
+            size = None
         if node.is_dir or not node.links:
             # A directory, or a file whose last name is gone but is still open: work on the fd.
             if node.is_dir:
@@ -769,7 +791,7 @@ class Union:
                 # fchown and fchmod reach us without the handle: any open one of the node will do.
                 fd = (handle or self.any_handle(node)).fd
             if size is not None:
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, size)      # a directory: the kernel refuses it before asking us
             if owner is not None:
                 os.chown(fd, *owner)
             if mode is not None:
@@ -779,15 +801,6 @@ class Union:
             self.touch(node)
             return os.fstat(fd)
         pfd, name = node.real_parent_fd()
-        if size is not None:
-            if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
-                os.ftruncate(handle.fd, size)
-            else:
-                wfd = open_file_at(pfd, name, os.O_WRONLY)
-                try:
-                    os.ftruncate(wfd, size)
-                finally:
-                    os.close(wfd)
         if owner is not None:
             os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
         if mode is not None:
@@ -804,6 +817,28 @@ class Union:
         node.st = lstat_at(pfd, name)
         return node.st
 
+    async def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
+        """truncate(2) the file *node* to *size*: through *handle* when it may write (or when the
+        file has no name left), else through a new write open; on a worker thread when that frees
+        FREE_BIG bytes or more (ext4 frees 1.5 GiB in about 0.4 s)."""
+        own = None
+        if not node.links:
+            fd = (handle or self.any_handle(node)).fd
+        elif handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
+            fd = handle.fd
+        else:
+            pfd, name = node.real_parent_fd()
+            fd = own = open_file_at(pfd, name, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:
+                await self.offload.on_fd(fd, os.ftruncate, size)
+            else:
+                os.ftruncate(fd, size)
+        finally:
+            if own is not None:
+                os.close(own)
+        self.touch(node)
+
     # ------------------------------------------------------------------ files
 
     def _handle(self, node: Node, fd: int, flags: int) -> Handle:
@@ -819,7 +854,16 @@ class Union:
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = node.real_parent_fd()
-        fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
+        if trunc and flags & os.O_ACCMODE != os.O_RDONLY and lstat_at(pfd, name).st_blocks * 512 >= FREE_BIG:
+            # Truncating a big file frees its blocks, which takes long: on a worker thread.
+            fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
+            try:
+                await self.offload.on_fd(fd, os.ftruncate, 0)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
         if trunc:
             self.touch(node)
         return self._handle(node, fd, flags)
@@ -833,14 +877,14 @@ class Union:
             h.fd = fd
             h.layer = h.node.layer
 
-    def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) on an open file (the kernel sends it only for one open for writing, which is
-        in the writable branch already)."""
+    def fallocate_fd(self, h: Handle) -> int:
+        """The fd to fallocate(2) the open file *h* on (the kernel sends fallocate only for an open
+        for writing, which is in the writable branch already)."""
         self.refresh(h)
         if h.layer != 0:
             raise _err(errno.EBADF)
         h.node.st = None
-        fallocate(h.fd, mode, offset, length)
+        return h.fd
 
     def release(self, h: Handle) -> None:
         del self.handles[h.fh]
