@@ -5,6 +5,10 @@
  *    every mode (punch hole, keep size, zero range).  The shim registers one that calls a Python
  *    function synchronously (pyfuse3 dispatches requests on the trio thread with the GIL held, and
  *    fallocate is one short system call on the upper file).
+ *  - lseek(2) with SEEK_DATA or SEEK_HOLE: with no lseek handler the kernel takes every file for
+ *    all data, so holes in a sparse file are never found.  The shim registers one that calls a
+ *    Python function synchronously, as for fallocate; it answers from the open file's real fd.
+ *    Without a function the kernel gets ENOSYS and falls back to its generic answer.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -52,6 +56,7 @@ static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
 static PyObject *fallocate_cb; /* (ino, fh, mode, offset, length) -> errno, 0 for success */
+static PyObject *lseek_cb;     /* (ino, fh, offset, whence) -> new offset, or -errno */
 static int cache_dirs;
 static int want_stateless_dirs;
 static int want_dont_mask;
@@ -127,6 +132,33 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
     fuse_reply_err(req, (int)err);
 }
 
+static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       struct fuse_file_info *fi)
+{
+    long long res = -ENOSYS;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (lseek_cb != NULL) {
+        PyObject *ret = PyObject_CallFunction(lseek_cb, "KKLi", (unsigned long long)ino,
+                                              (unsigned long long)fi->fh, (long long)off, whence);
+        if (ret == NULL) {
+            PyErr_WriteUnraisable(lseek_cb);
+            res = -EIO;
+        } else {
+            res = PyLong_AsLongLong(ret);
+            Py_DECREF(ret);
+            if (res == -1 && PyErr_Occurred()) {
+                PyErr_WriteUnraisable(lseek_cb);
+                res = -EIO;
+            }
+        }
+    }
+    PyGILState_Release(gil);
+    if (res < 0)
+        fuse_reply_err(req, (int)-res);
+    else
+        fuse_reply_lseek(req, (off_t)res);
+}
+
 __attribute__((visibility("default"))) struct fuse_session *
 fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, size_t op_size,
                  void *userdata)
@@ -154,24 +186,37 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
+    if (shim_ops.lseek == NULL)
+        shim_ops.lseek = shim_lseek;
     sessions++;
     return real(args, &shim_ops, sizeof shim_ops, userdata);
 }
 
 /* ------------------------------------------------------------------ Python side */
 
+static void configure_lseek(PyObject *seek)
+{
+    Py_XDECREF(lseek_cb);
+    lseek_cb = NULL;
+    if (seek != Py_None) {
+        Py_INCREF(seek);
+        lseek_cb = seek;
+    }
+}
+
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", NULL};
+    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", "lseek", NULL};
     int cache = 0, stateless = 0, nomask = 0;
-    PyObject *cb = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOpp", kwlist, &cache, &cb, &stateless,
-                                     &nomask))
+    PyObject *cb = Py_None, *seek = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOppO", kwlist, &cache, &cb, &stateless,
+                                     &nomask, &seek))
         return NULL;
-    if (cb != Py_None && !PyCallable_Check(cb)) {
-        PyErr_SetString(PyExc_TypeError, "fallocate must be callable or None");
+    if ((cb != Py_None && !PyCallable_Check(cb)) || (seek != Py_None && !PyCallable_Check(seek))) {
+        PyErr_SetString(PyExc_TypeError, "fallocate and lseek must be callable or None");
         return NULL;
     }
+    configure_lseek(seek);
     cache_dirs = cache;
     want_stateless_dirs = stateless;
     want_dont_mask = nomask;
@@ -196,8 +241,8 @@ static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False): what "
-     "the next FUSE session gets."},
+     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False, "
+     "lseek=None): what the next FUSE session gets."},
     {"dont_mask", py_dont_mask, METH_NOARGS,
      "Whether the kernel agreed to send new objects' modes without the umask applied."},
     {"sessions", py_sessions, METH_NOARGS,
@@ -207,7 +252,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "unionfs._fuse_shim",
-    "fallocate, cached directory listings and unmasked modes for pyfuse3 (see the C source's header)",
+    "fallocate, lseek, cached directory listings and unmasked modes for pyfuse3 (see the C "
+    "source's header)",
     -1, methods,
 };
 

@@ -213,8 +213,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         if shim is not None and not shim.sessions():
-            log.warning("the libfuse shim was bypassed: no fallocate, no cached listings, umask applied "
-                        "by the kernel")
+            log.warning("the libfuse shim was bypassed: no fallocate, SEEK_DATA/SEEK_HOLE or cached "
+                        "listings, umask applied by the kernel")
         if state is not None:
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())

@@ -842,6 +842,12 @@ class Union:
         h.node.st = None
         fallocate(h.fd, mode, offset, length)
 
+    def lseek(self, h: Handle, offset: int, whence: int) -> int:
+        """SEEK_DATA or SEEK_HOLE on an open file, answered by its real file (the copy, once
+        copied up): the real fd's position is never used, reads and writes say their offset."""
+        self.refresh(h)
+        return os.lseek(h.fd, offset, whence)
+
     def release(self, h: Handle) -> None:
         del self.handles[h.fh]
         os.close(h.fd)
