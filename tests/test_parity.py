@@ -1,5 +1,6 @@
 """What a user sees of less common system calls, through unionfs and through kernel overlayfs on the
-same branches: SEEK_DATA and SEEK_HOLE.
+same branches: SEEK_DATA and SEEK_HOLE, renameat2's RENAME_WHITEOUT, unmounting the filesystem that
+holds the branches right after the union.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from util import F, Pair, Side, call, layer_digest
+from util import RENAME_NOREPLACE, RENAME_WHITEOUT, F, Pair, Side, call, err, layer_digest, renameat2
 
 pytestmark = pytest.mark.fuse
 
@@ -136,3 +137,24 @@ def test_seek_finds_a_punched_hole(sparse_pair: Pair, name: str) -> None:
     if name == "up":
         assert same_seeks(sparse_pair, name) == real_seek_map(sparse_pair.k, name)
 
+
+# ------------------------------------------------------------------ RENAME_WHITEOUT
+
+@pytest.mark.parametrize(("old", "new"), [("lf", "x"), ("uf", "y"), ("lf", "uf"), ("ld", "z"),
+                                          ("missing", "w")])
+def test_rename_whiteout_is_refused(pair: Pair, old: str, new: str) -> None:
+    """overlayfs refuses RENAME_WHITEOUT (EINVAL) whatever the names are, once they exist; nothing
+    moves and no whiteout appears."""
+    pair.build([[F("lf", b"lower"), F("ld/f", b"in dir")]], [F("uf", b"upper")])
+    pair.same(lambda s: renameat2(s.p(old), s.p(new), RENAME_WHITEOUT), f"rename {old} {new}")
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_rename_whiteout_with_noreplace(pair: Pair) -> None:
+    pair.build([[F("lf", b"lower")]], [F("uf", b"upper")])
+    for new in ("uf", "new"):
+        answer = pair.same(lambda s, n=new: renameat2(s.p("lf"), s.p(n), RENAME_WHITEOUT | RENAME_NOREPLACE))
+        assert answer == err("EEXIST" if new == "uf" else "EINVAL")
+    pair.assert_same_tree()
+    pair.assert_same_upper()

@@ -627,6 +627,8 @@ class Union:
 
     async def rename(self, op: Node, on: bytes, np: Node, nn: bytes, flags: int) -> None:
         self.check_writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL, "overlayfs takes no other rename flag (RENAME_WHITEOUT)", on)
         if is_reserved_name(nn):
             raise _err(errno.EPERM, name=nn)
         es = self.listing(op).get(on)
