@@ -8,12 +8,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from util import RENAME_NOREPLACE, RENAME_WHITEOUT, F, Pair, Side, call, err, layer_digest, renameat2
+from util import (
+    MOUNT_TIMEOUT,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    F,
+    Pair,
+    Side,
+    call,
+    err,
+    layer_digest,
+    program,
+    renameat2,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -158,3 +171,53 @@ def test_rename_whiteout_with_noreplace(pair: Pair) -> None:
         assert answer == err("EEXIST" if new == "uf" else "EINVAL")
     pair.assert_same_tree()
     pair.assert_same_upper()
+
+
+# ------------------------------------------------------------------ unmount releases the branches
+
+UNMOUNT_ROUNDS = 20
+
+# Each round: a tmpfs BASE holding the branches, the union over them, directory nodes, listings
+# and a copy-up through it (fds on every branch), then `umount MNT && umount BASE`.  It runs in a
+# mount namespace of its own, so that no container started meanwhile on this machine copies the
+# union's mount and keeps its session alive.
+UNMOUNT_SCRIPT = r"""
+set -u
+busy=0
+for i in $(seq "$ROUNDS"); do
+    mount -t tmpfs -o size=4m tmpfs "$BASE"
+    mkdir -p "$BASE/l/d" "$BASE/u" "$BASE/w"
+    for j in $(seq 200); do mkdir -p "$BASE/l/many/$j"; done
+    echo lower > "$BASE/l/d/f"
+    if [ "$KERNEL" = 1 ]; then
+        mount -t overlay overlay -o "lowerdir=$BASE/l,upperdir=$BASE/u,workdir=$BASE/w" "$MNT"
+    else
+        "$UNIONFS" mount -o "lowerdir=$BASE/l,upperdir=$BASE/u,workdir=$BASE/w" "$MNT"
+    fi
+    find "$MNT" > /dev/null
+    echo changed > "$MNT/d/f"
+    if ! { umount "$MNT" && umount "$BASE"; }; then
+        busy=$((busy + 1))
+        umount "$MNT" 2>/dev/null
+        umount "$BASE" 2>/dev/null || { sleep 1; umount -l "$BASE"; }
+    fi
+done
+echo "busy $busy"
+"""
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "unionfs"])
+def test_umount_then_umount_the_branches_filesystem(tmp_path: Path, need_fuse: None, need_overlay: None,
+                                                    kernel: bool) -> None:
+    """``umount MNT && umount BASE``, BASE a tmpfs holding every branch: the union has let go of
+    the branches by the time umount(8) returns, so BASE is never busy."""
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    env = {**os.environ, "BASE": str(base), "MNT": str(mnt), "ROUNDS": str(UNMOUNT_ROUNDS),
+           "KERNEL": "1" if kernel else "0", "UNIONFS": program("unionfs")}
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", UNMOUNT_SCRIPT],
+                       capture_output=True, text=True, env=env, timeout=MOUNT_TIMEOUT * 4)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["busy", "0"], r.stderr
+

@@ -9,6 +9,14 @@
  *    all data, so holes in a sparse file are never found.  The shim registers one that calls a
  *    Python function synchronously, as for fallocate; it answers from the open file's real fd.
  *    Without a function the kernel gets ENOSYS and falls back to its generic answer.
+ *  - letting go of the branches at unmount: once the session is mounted, a thread waits for the
+ *    kernel to end it (POLLERR on /dev/fuse: unmounted, or the connection aborted) and then points
+ *    every fd the server holds on the branches' filesystems (but those it says are not the
+ *    union's) at /dev/null, at once, from C: the
+ *    Python side needs the GIL and a turn of the event loop first, which under load is long enough
+ *    for an `umount MNT && umount BASE` to find BASE busy.  The fd numbers stay taken, so the
+ *    server closes them later as usual and no number is reused under it; a request still being
+ *    served then (only after a forced abort) reads and writes nothing.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -36,7 +44,16 @@
 #include <Python.h>
 
 #define FUSE_USE_VERSION 35
+#include <dirent.h>
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
 #include <string.h>
@@ -159,6 +176,85 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
         fuse_reply_lseek(req, (off_t)res);
 }
 
+/* ------------------------------------------------------------------ the end of the session */
+
+#define MAX_RELEASE 64
+static dev_t release_devs[MAX_RELEASE]; /* the branches' filesystems */
+static int n_release_devs;
+static int *keep_fds; /* fds on them that are not the union's (its log, its state dir) */
+static Py_ssize_t n_keep_fds;
+static pthread_t watcher;
+static int watching;
+static int stop_pipe[2] = {-1, -1};
+
+static int releasable(int fd)
+{
+    struct stat st;
+    if (fd <= 2 || fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+        return 0;
+    for (Py_ssize_t i = 0; i < n_keep_fds; i++)
+        if (keep_fds[i] == fd)
+            return 0;
+    for (int i = 0; i < n_release_devs; i++)
+        if (release_devs[i] == st.st_dev)
+            return 1;
+    return 0;
+}
+
+static void release_branch_fds(void)
+{
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    DIR *d = null < 0 ? NULL : opendir("/proc/self/fd");
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            int fd = atoi(e->d_name);
+            if (fd != null && fd != dirfd(d) && releasable(fd))
+                dup3(null, fd, O_CLOEXEC);
+        }
+        closedir(d);
+    }
+    if (null >= 0)
+        close(null);
+}
+
+static void *watch_session(void *arg)
+{
+    struct pollfd p[2] = {{(int)(intptr_t)arg, 0, 0}, {stop_pipe[0], POLLIN, 0}};
+    while (poll(p, 2, -1) < 0)
+        if (errno != EINTR)
+            return NULL;
+    if (!p[1].revents && (p[0].revents & (POLLERR | POLLHUP)))
+        release_branch_fds();
+    return NULL;
+}
+
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+
+__attribute__((visibility("default"))) int fuse_session_mount(struct fuse_session *se,
+                                                              const char *mountpoint)
+{
+    session_mount_fn real = (session_mount_fn)dlvsym(RTLD_NEXT, "fuse_session_mount", "FUSE_3.0");
+    if (real == NULL)
+        real = (session_mount_fn)dlsym(RTLD_NEXT, "fuse_session_mount");
+    if (real == NULL)
+        return -1;
+    int res = real(se, mountpoint);
+    if (res == 0 && n_release_devs > 0 && !watching && pipe2(stop_pipe, O_CLOEXEC) == 0) {
+        if (pthread_create(&watcher, NULL, watch_session, (void *)(intptr_t)fuse_session_fd(se)) == 0) {
+            /* a real-time thread runs the moment it wakes, however loaded the machine; it only
+               ever does the one short scan above.  Not allowed (unprivileged): an ordinary one. */
+            struct sched_param sp = {.sched_priority = 1};
+            pthread_setschedparam(watcher, SCHED_FIFO, &sp);
+            watching = 1;
+        } else {
+            close(stop_pipe[0]);
+            close(stop_pipe[1]);
+        }
+    }
+    return res;
+}
+
 __attribute__((visibility("default"))) struct fuse_session *
 fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, size_t op_size,
                  void *userdata)
@@ -229,6 +325,55 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
+{
+    PyObject *devs, *keep;
+    if (!PyArg_ParseTuple(args, "OO", &devs, &keep))
+        return NULL;
+    PyObject *dl = PySequence_Fast(devs, "devices must be a sequence");
+    PyObject *kl = dl == NULL ? NULL : PySequence_Fast(keep, "keep must be a sequence");
+    if (kl == NULL) {
+        Py_XDECREF(dl);
+        return NULL;
+    }
+    n_release_devs = 0;
+    n_keep_fds = 0;
+    PyMem_RawFree(keep_fds);
+    keep_fds = PyMem_RawMalloc(sizeof(int) * (size_t)(PySequence_Fast_GET_SIZE(kl) + 1));
+    if (PySequence_Fast_GET_SIZE(dl) > MAX_RELEASE) {
+        PyErr_SetString(PyExc_ValueError, "more filesystems than the shim keeps");
+    } else if (keep_fds == NULL) {
+        PyErr_NoMemory();
+    } else {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(kl) && !PyErr_Occurred(); i++)
+            keep_fds[n_keep_fds++] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(kl, i));
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(dl) && !PyErr_Occurred(); i++)
+            release_devs[n_release_devs++] =
+                (dev_t)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(dl, i));
+        if (PyErr_Occurred())
+            n_release_devs = 0;
+    }
+    Py_DECREF(dl);
+    Py_DECREF(kl);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_stop_watching(PyObject *self, PyObject *unused)
+{
+    if (watching) {
+        watching = 0;
+        (void)!write(stop_pipe[1], "x", 1);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(watcher, NULL);
+        Py_END_ALLOW_THREADS
+        close(stop_pipe[0]);
+        close(stop_pipe[1]);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -245,6 +390,12 @@ static PyMethodDef methods[] = {
      "lseek=None): what the next FUSE session gets."},
     {"dont_mask", py_dont_mask, METH_NOARGS,
      "Whether the kernel agreed to send new objects' modes without the umask applied."},
+    {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
+     "release_on_session_end(devices, keep): once the next session is mounted, a thread points "
+     "every fd on those filesystems (st_dev), but 0-2 and those in keep, at /dev/null the moment "
+     "the kernel ends the session."},
+    {"stop_watching", py_stop_watching, METH_NOARGS,
+     "Stop that thread (waiting for it to finish); call it before closing the session."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},

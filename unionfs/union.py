@@ -97,6 +97,10 @@ class Union:
         self._next_fh = 0
 
     def close(self) -> None:
+        """Close every fd this union holds on its branches (open files, then nodes)."""
+        for h in self.handles.values():
+            os.close(h.fd)
+        self.handles.clear()
         self.table.close()
 
     # ------------------------------------------------------------------ resolution
