@@ -12,11 +12,11 @@
  *  - letting go of the branches at unmount: once the session is mounted, a thread waits for the
  *    kernel to end it (POLLERR on /dev/fuse: unmounted, or the connection aborted) and then points
  *    every fd the server holds on the branches' filesystems (but those it says are not the
- *    union's) at /dev/null, at once, from C: the
- *    Python side needs the GIL and a turn of the event loop first, which under load is long enough
- *    for an `umount MNT && umount BASE` to find BASE busy.  The fd numbers stay taken, so the
- *    server closes them later as usual and no number is reused under it; a request still being
- *    served then (only after a forced abort) reads and writes nothing.
+ *    union's) at /dev/null, at once, from C.  The Python side would need the GIL and a turn of
+ *    the event loop first, which under load is long enough for `umount MNT && umount BASE` to
+ *    find BASE busy.  The fd numbers stay taken, so the server closes them later as usual and no
+ *    number is reused under it; a request still being served then (only after a forced abort)
+ *    reads and writes nothing.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -33,11 +33,12 @@
  *    already cut (a group::rwx default would give group::r-x under umask 022).  The shim asks, and
  *    the server applies the umask itself where no default ACL replaces it, as a local filesystem does.
  *
- * How: this module defines fuse_session_new().  Loaded with RTLD_GLOBAL before pyfuse3 is
- * imported, it is the definition pyfuse3's call binds to.  It copies pyfuse3's operation table,
- * puts its own entries in front, and hands the copy to libfuse's own fuse_session_new.  If pyfuse3
- * was imported first, or a libfuse renames the entry point, nothing is interposed: sessions() stays
- * 0 and unionfs serves as before without these features.
+ * How: this module defines fuse_session_new() (and fuse_session_mount(), to start the thread
+ * above).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
+ * binds to.  It copies pyfuse3's operation table, puts its own entries in front, and hands the
+ * copy to libfuse's own fuse_session_new.  If pyfuse3 was imported first, or a libfuse renames the
+ * entry point, nothing is interposed: sessions() stays 0 and unionfs serves as before without
+ * these features.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
