@@ -7,6 +7,18 @@
  *    The function answers at once by returning the errno (0: done), or returns None and answers
  *    later with reply_err(req, errno) — a long fallocate (punching a hole in a big file takes as
  *    long as an fsync) then runs on a worker thread while the loop serves other requests.
+ *  - lseek(2) with SEEK_DATA or SEEK_HOLE: with no lseek handler the kernel takes every file for
+ *    all data, so holes in a sparse file are never found.  The shim registers one that calls a
+ *    Python function synchronously, as for fallocate; it answers from the open file's real fd.
+ *    Without a function the kernel gets ENOSYS and falls back to its generic answer.
+ *  - letting go of the branches at unmount: once the session is mounted, a thread waits for the
+ *    kernel to end it (POLLERR on /dev/fuse: unmounted, or the connection aborted) and then points
+ *    every fd the server holds on the branches' filesystems (but those it says are not the
+ *    union's) at /dev/null, at once, from C.  The Python side would need the GIL and a turn of
+ *    the event loop first, which under load is long enough for `umount MNT && umount BASE` to
+ *    find BASE busy.  The fd numbers stay taken, so the server closes them later as usual and no
+ *    number is reused under it; a request still being served then (only after a forced abort)
+ *    reads and writes nothing.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -23,18 +35,28 @@
  *    already cut (a group::rwx default would give group::r-x under umask 022).  The shim asks, and
  *    the server applies the umask itself where no default ACL replaces it, as a local filesystem does.
  *
- * How: this module defines fuse_session_new().  Loaded with RTLD_GLOBAL before pyfuse3 is
- * imported, it is the definition pyfuse3's call binds to.  It copies pyfuse3's operation table,
- * puts its own entries in front, and hands the copy to libfuse's own fuse_session_new.  If pyfuse3
- * was imported first, or a libfuse renames the entry point, nothing is interposed: sessions() stays
- * 0 and unionfs serves as before without these features.
+ * How: this module defines fuse_session_new() (and fuse_session_mount(), to start the thread
+ * above).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
+ * binds to.  It copies pyfuse3's operation table, puts its own entries in front, and hands the
+ * copy to libfuse's own fuse_session_new.  If pyfuse3 was imported first, or a libfuse renames the
+ * entry point, nothing is interposed: sessions() stays 0 and unionfs serves as before without
+ * these features.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #define FUSE_USE_VERSION 35
+#include <dirent.h>
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
 #include <string.h>
@@ -54,6 +76,7 @@ static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
 static PyObject *fallocate_cb; /* (req, ino, fh, mode, offset, length) -> errno, or None: later */
+static PyObject *lseek_cb;     /* (ino, fh, offset, whence) -> new offset, or -errno */
 static int cache_dirs;
 static int want_stateless_dirs;
 static int want_dont_mask;
@@ -134,6 +157,112 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
         fuse_reply_err(req, (int)err);
 }
 
+static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       struct fuse_file_info *fi)
+{
+    long long res = -ENOSYS;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (lseek_cb != NULL) {
+        PyObject *ret = PyObject_CallFunction(lseek_cb, "KKLi", (unsigned long long)ino,
+                                              (unsigned long long)fi->fh, (long long)off, whence);
+        if (ret == NULL) {
+            PyErr_WriteUnraisable(lseek_cb);
+            res = -EIO;
+        } else {
+            res = PyLong_AsLongLong(ret);
+            Py_DECREF(ret);
+            if (res == -1 && PyErr_Occurred()) {
+                PyErr_WriteUnraisable(lseek_cb);
+                res = -EIO;
+            }
+        }
+    }
+    PyGILState_Release(gil);
+    if (res < 0)
+        fuse_reply_err(req, (int)-res);
+    else
+        fuse_reply_lseek(req, (off_t)res);
+}
+
+/* ------------------------------------------------------------------ the end of the session */
+
+#define MAX_RELEASE 64
+static dev_t release_devs[MAX_RELEASE]; /* the branches' filesystems */
+static int n_release_devs;
+static int *keep_fds; /* fds on them that are not the union's (its log, its state dir) */
+static Py_ssize_t n_keep_fds;
+static pthread_t watcher;
+static int watching;
+static int stop_pipe[2] = {-1, -1};
+
+static int releasable(int fd)
+{
+    struct stat st;
+    if (fd <= 2 || fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+        return 0;
+    for (Py_ssize_t i = 0; i < n_keep_fds; i++)
+        if (keep_fds[i] == fd)
+            return 0;
+    for (int i = 0; i < n_release_devs; i++)
+        if (release_devs[i] == st.st_dev)
+            return 1;
+    return 0;
+}
+
+static void release_branch_fds(void)
+{
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    DIR *d = null < 0 ? NULL : opendir("/proc/self/fd");
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            int fd = atoi(e->d_name);
+            if (fd != null && fd != dirfd(d) && releasable(fd))
+                dup3(null, fd, O_CLOEXEC);
+        }
+        closedir(d);
+    }
+    if (null >= 0)
+        close(null);
+}
+
+static void *watch_session(void *arg)
+{
+    struct pollfd p[2] = {{(int)(intptr_t)arg, 0, 0}, {stop_pipe[0], POLLIN, 0}};
+    while (poll(p, 2, -1) < 0)
+        if (errno != EINTR)
+            return NULL;
+    if (!p[1].revents && (p[0].revents & (POLLERR | POLLHUP)))
+        release_branch_fds();
+    return NULL;
+}
+
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+
+__attribute__((visibility("default"))) int fuse_session_mount(struct fuse_session *se,
+                                                              const char *mountpoint)
+{
+    session_mount_fn real = (session_mount_fn)dlvsym(RTLD_NEXT, "fuse_session_mount", "FUSE_3.0");
+    if (real == NULL)
+        real = (session_mount_fn)dlsym(RTLD_NEXT, "fuse_session_mount");
+    if (real == NULL)
+        return -1;
+    int res = real(se, mountpoint);
+    if (res == 0 && n_release_devs > 0 && !watching && pipe2(stop_pipe, O_CLOEXEC) == 0) {
+        if (pthread_create(&watcher, NULL, watch_session, (void *)(intptr_t)fuse_session_fd(se)) == 0) {
+            /* a real-time thread runs the moment it wakes, however loaded the machine; it only
+               ever does the one short scan above.  Not allowed (unprivileged): an ordinary one. */
+            struct sched_param sp = {.sched_priority = 1};
+            pthread_setschedparam(watcher, SCHED_FIFO, &sp);
+            watching = 1;
+        } else {
+            close(stop_pipe[0]);
+            close(stop_pipe[1]);
+        }
+    }
+    return res;
+}
+
 __attribute__((visibility("default"))) struct fuse_session *
 fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, size_t op_size,
                  void *userdata)
@@ -161,24 +290,37 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
+    if (shim_ops.lseek == NULL)
+        shim_ops.lseek = shim_lseek;
     sessions++;
     return real(args, &shim_ops, sizeof shim_ops, userdata);
 }
 
 /* ------------------------------------------------------------------ Python side */
 
+static void configure_lseek(PyObject *seek)
+{
+    Py_XDECREF(lseek_cb);
+    lseek_cb = NULL;
+    if (seek != Py_None) {
+        Py_INCREF(seek);
+        lseek_cb = seek;
+    }
+}
+
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", NULL};
+    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", "lseek", NULL};
     int cache = 0, stateless = 0, nomask = 0;
-    PyObject *cb = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOpp", kwlist, &cache, &cb, &stateless,
-                                     &nomask))
+    PyObject *cb = Py_None, *seek = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOppO", kwlist, &cache, &cb, &stateless,
+                                     &nomask, &seek))
         return NULL;
-    if (cb != Py_None && !PyCallable_Check(cb)) {
-        PyErr_SetString(PyExc_TypeError, "fallocate must be callable or None");
+    if ((cb != Py_None && !PyCallable_Check(cb)) || (seek != Py_None && !PyCallable_Check(seek))) {
+        PyErr_SetString(PyExc_TypeError, "fallocate and lseek must be callable or None");
         return NULL;
     }
+    configure_lseek(seek);
     cache_dirs = cache;
     want_stateless_dirs = stateless;
     want_dont_mask = nomask;
@@ -207,6 +349,55 @@ static PyObject *py_reply_err(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
+{
+    PyObject *devs, *keep;
+    if (!PyArg_ParseTuple(args, "OO", &devs, &keep))
+        return NULL;
+    PyObject *dl = PySequence_Fast(devs, "devices must be a sequence");
+    PyObject *kl = dl == NULL ? NULL : PySequence_Fast(keep, "keep must be a sequence");
+    if (kl == NULL) {
+        Py_XDECREF(dl);
+        return NULL;
+    }
+    n_release_devs = 0;
+    n_keep_fds = 0;
+    PyMem_RawFree(keep_fds);
+    keep_fds = PyMem_RawMalloc(sizeof(int) * (size_t)(PySequence_Fast_GET_SIZE(kl) + 1));
+    if (PySequence_Fast_GET_SIZE(dl) > MAX_RELEASE) {
+        PyErr_SetString(PyExc_ValueError, "more filesystems than the shim keeps");
+    } else if (keep_fds == NULL) {
+        PyErr_NoMemory();
+    } else {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(kl) && !PyErr_Occurred(); i++)
+            keep_fds[n_keep_fds++] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(kl, i));
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(dl) && !PyErr_Occurred(); i++)
+            release_devs[n_release_devs++] =
+                (dev_t)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(dl, i));
+        if (PyErr_Occurred())
+            n_release_devs = 0;
+    }
+    Py_DECREF(dl);
+    Py_DECREF(kl);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_stop_watching(PyObject *self, PyObject *unused)
+{
+    if (watching) {
+        watching = 0;
+        (void)!write(stop_pipe[1], "x", 1);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(watcher, NULL);
+        Py_END_ALLOW_THREADS
+        close(stop_pipe[0]);
+        close(stop_pipe[1]);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -219,13 +410,19 @@ static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False): what "
-     "the next FUSE session gets."},
+     "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False, "
+     "lseek=None): what the next FUSE session gets."},
     {"dont_mask", py_dont_mask, METH_NOARGS,
      "Whether the kernel agreed to send new objects' modes without the umask applied."},
     {"reply_err", py_reply_err, METH_VARARGS,
      "reply_err(req, errno): answer a fallocate request the callback took (returned None for); "
      "once per request, from the thread that runs the FUSE loop."},
+    {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
+     "release_on_session_end(devices, keep): once the next session is mounted, a thread points "
+     "every fd on those filesystems (st_dev), but 0-2 and those in keep, at /dev/null the moment "
+     "the kernel ends the session."},
+    {"stop_watching", py_stop_watching, METH_NOARGS,
+     "Stop that thread (waiting for it to finish); call it before closing the session."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {NULL, NULL, 0, NULL},
@@ -233,7 +430,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "unionfs._fuse_shim",
-    "fallocate, cached directory listings and unmasked modes for pyfuse3 (see the C source's header)",
+    "fallocate, lseek, cached directory listings and unmasked modes for pyfuse3 (see the C "
+    "source's header)",
     -1, methods,
 };
 

@@ -1,10 +1,10 @@
 """pyfuse3, loaded behind unionfs' libfuse shim.
 
-The shim (`unionfs/_fuse_shim.c`) adds what pyfuse3 3.5 cannot ask libfuse for: a fallocate(2)
-handler, cached directory listings, and new objects' modes without the umask applied (so that a
-default ACL can replace it).  It works by being the ``fuse_session_new`` that pyfuse3
-binds to, so it must be loaded, into the global symbol scope, before pyfuse3 is imported: import
-pyfuse3 in the server from here, never directly first.
+The shim (`unionfs/_fuse_shim.c`) adds what pyfuse3 3.5 cannot ask libfuse for: fallocate(2) and
+lseek(2) (SEEK_DATA, SEEK_HOLE) handlers, cached directory listings, and new objects' modes without
+the umask applied (so that a default ACL can replace it).  It works by being the
+``fuse_session_new`` that pyfuse3 binds to, so it must be loaded, into the global symbol scope,
+before pyfuse3 is imported: import pyfuse3 in the server from here, never directly first.
 
 pyfuse3 is also imported here without the standard library's importlib.metadata (see
 ``_version_only``): that import is on the critical path of every ``unionfs run``.
@@ -12,8 +12,8 @@ pyfuse3 is also imported here without the standard library's importlib.metadata 
 Attributes:
     pyfuse3: the pyfuse3 module.
     shim: the native shim module, or None when it is not built or pyfuse3 was imported first (the
-        union then serves without fallocate modes or kernel-cached listings, and a default ACL's
-        permissions are cut by the umask as well).
+        union then serves without fallocate modes, SEEK_DATA/SEEK_HOLE or kernel-cached listings, and a
+        default ACL's permissions are cut by the umask as well).
 """
 from __future__ import annotations
 
@@ -27,18 +27,19 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 
+_WITHOUT = "no fallocate, no SEEK_DATA/SEEK_HOLE, no cached listings, umask applied by the kernel"
+
+
 def _load_shim() -> ModuleType | None:
     if "pyfuse3" in sys.modules:
-        log.warning("pyfuse3 was imported before unionfs.fusebind: no fallocate, no cached listings, "
-                    "umask applied by the kernel")
+        log.warning("pyfuse3 was imported before unionfs.fusebind: %s", _WITHOUT)
         return None
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
         from . import _fuse_shim
     except ImportError as e:
-        log.warning("libfuse shim not built (%s): no fallocate, no cached listings, umask applied by "
-                    "the kernel", e)
+        log.warning("libfuse shim not built (%s): %s", e, _WITHOUT)
         return None
     finally:
         sys.setdlopenflags(flags)

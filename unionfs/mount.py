@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from . import mountinfo, statedir
@@ -23,6 +24,7 @@ from .errors import QuietError
 from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
+    from .layers import LayerStack
     from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -184,17 +186,24 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     raise_nofile_limit()
     faults = frozenset(f for f in os.environ.get("UNIONFS_FAULT", "").split(",") if f)
     with contextlib.ExitStack() as stack:
+        not_ours = _open_fds()   # the log's, inherited ones
         try:
             layers = open_stack(cfg.branches if cfg.writable else [(p, False) for p, _ in cfg.branches],
                                 cfg.workdir, cfg.style == "aufs")
         except OSError as e:
             where = os.fsdecode(e.filename) if e.filename is not None else "?"
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
-        stack.callback(layers.close)
+        branches = stack.enter_context(contextlib.ExitStack())
+        branches.callback(layers.close)
         union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults)
-        stack.callback(union.close)
+        branches.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
         ops.use_shim()
+
+        def release_branches() -> None:
+            if shim is not None:
+                shim.stop_watching()   # its thread may be letting go of them too: let it finish
+            branches.close()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = _pid_name(cfg.mountpoint)
@@ -206,6 +215,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if state is not None:
             stack.callback(state.close)
             undo.callback(state.discard)
+            not_ours.add(state.fd)
+        if shim is not None:
+            _release_at_session_end(shim, layers, not_ours)
         with _stderr_captured() as said:
             try:
                 pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
@@ -216,9 +228,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         for line in notes:
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
+        stack.callback(release_branches)   # before the session is closed
         if shim is not None and not shim.sessions():
-            log.warning("the libfuse shim was bypassed: no fallocate, no cached listings, umask applied "
-                        "by the kernel")
+            log.warning("the libfuse shim was bypassed: no fallocate, SEEK_DATA/SEEK_HOLE or cached "
+                        "listings, umask applied by the kernel")
         if state is not None:
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())
@@ -230,8 +243,36 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         undo.pop_all()
         if on_ready is not None:
             on_ready()
-        trio.run(_main, pyfuse3, ops, cfg.mountpoint)
+        trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches)
     return 0
+
+
+def _open_fds() -> set[int]:
+    """The fds open in this process (not the one that listed them)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.fstat(int(name))
+            found.add(int(name))
+    return found
+
+
+def _release_at_session_end(shim: ModuleType, layers: LayerStack, not_ours: set[int]) -> None:
+    """Have the shim let go of the branches the moment the kernel ends the session, so that whoever
+    unmounted the union can unmount the filesystem under them next (see _fuse_shim.c): every fd on
+    their filesystems but those in *not_ours* (the log's, the state directory's, inherited ones),
+    and but the upper root's when an AUFS-style work dir is still to be removed through it (that
+    one goes when serving ends)."""
+    devs = {os.fstat(layer.fd).st_dev for layer in layers.layers}
+    if layers.work_fd is not None:
+        devs.add(os.fstat(layers.work_fd).st_dev)
+    keep = set(not_ours)
+    if layers.remove_work is not None:
+        keep.add(layers.layers[0].fd)
+    try:
+        shim.release_on_session_end(sorted(devs), sorted(keep))
+    except ValueError as e:   # more filesystems than the shim keeps: released when serving ends
+        log.debug("branches not released by the shim: %s", e)
 
 
 READ_AHEAD_KB = 1024
@@ -282,7 +323,10 @@ def _close_session(pyfuse3: object) -> None:
         log.exception("closing the FUSE session")
 
 
-async def _main(pyfuse3: object, ops: Operations, mountpoint: str) -> None:
+async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
+                release_branches: Callable[[], None]) -> None:
+    """Serve until the session ends; then let go of the branches first, before the rest winds
+    down."""
     import trio
 
     initialised = trio.Event()
@@ -302,7 +346,10 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         nursery.start_soon(after_init)
-        await pyfuse3.main()  # type: ignore[attr-defined]
+        try:
+            await pyfuse3.main()  # type: ignore[attr-defined]
+        finally:
+            release_branches()
         nursery.cancel_scope.cancel()
 
 

@@ -6,7 +6,8 @@ Attributes:
     dirs: open directory handles -> the listing snapshot taken at their first readdir.
 
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
-in `_handler` (`fallocate`, called synchronously by the libfuse shim, returns the errno instead);
+in `_handler` (`fallocate` and `lseek`, called synchronously by the libfuse shim, return the errno
+instead);
 `_errno_for` decides it for both.  Any other exception is a bug: it is logged with its traceback and
 answered with EIO, and the mount keeps serving.  What may take long runs on worker threads
 (`offload`), so the requests behind it are answered meanwhile: fsync and fsyncdir, large reads,
@@ -426,12 +427,23 @@ class Operations(pyfuse3.Operations):
             h.node.st = None
             shim.reply_err(req, err)
 
+    def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
+        """FUSE_LSEEK (SEEK_DATA, SEEK_HOLE), called synchronously by the libfuse shim: the new
+        offset, or the errno negated."""
+        args = (inode, fh, offset, whence)
+        if self.debug:
+            log.debug("lseek%r", args)
+        try:
+            return self.union.lseek(self.union.handles[fh], offset, whence)
+        except Exception as e:
+            return -_errno_for(e, "lseek", args, self.debug)
+
     def use_shim(self) -> None:
-        """Hand the next FUSE session fallocate, modes without the umask applied (the union applies
-        it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
+        """Hand the next FUSE session fallocate, lseek, modes without the umask applied (the union
+        applies it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
         if shim is not None:
             shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True,
-                           dont_mask=True)
+                           dont_mask=True, lseek=self.lseek)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -99,6 +99,10 @@ class Union:
         self._next_fh = 0
 
     def close(self) -> None:
+        """Close every fd this union holds on its branches (open files, then nodes)."""
+        for h in self.handles.values():
+            os.close(h.fd)
+        self.handles.clear()
         self.table.close()
 
     # ------------------------------------------------------------------ resolution
@@ -646,6 +650,8 @@ class Union:
 
     async def rename(self, op: Node, on: bytes, np: Node, nn: bytes, flags: int) -> None:
         self.check_writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL, "overlayfs takes no other rename flag (RENAME_WHITEOUT)", on)
         if is_reserved_name(nn):
             raise _err(errno.EPERM, name=nn)
         es = self.listing(op).get(on)
@@ -885,6 +891,12 @@ class Union:
             raise _err(errno.EBADF)
         h.node.st = None
         return h.fd
+
+    def lseek(self, h: Handle, offset: int, whence: int) -> int:
+        """SEEK_DATA or SEEK_HOLE on an open file, answered by its real file (the copy, once
+        copied up): the real fd's position is never used, reads and writes say their offset."""
+        self.refresh(h)
+        return os.lseek(h.fd, offset, whence)
 
     def release(self, h: Handle) -> None:
         del self.handles[h.fh]
