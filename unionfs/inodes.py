@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .dirfds import BranchDir, DirFds, default_capacity
 from .merge import Entry
 
 if TYPE_CHECKING:
@@ -37,10 +39,11 @@ Key = tuple[int, int] | tuple[int, bytes]
 
 
 class Node:
-    """One object of the union.  Directories hold their branch directories open."""
+    """One object of the union.  Directories know their branch directories (`BranchDir`), which
+    the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply",
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "reply",
                  "snaps")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
@@ -53,11 +56,9 @@ class Node:
         self.nlookup = 0                        # lookups the kernel has not forgotten
         self.refs = 0                           # links of other nodes that name this one as parent
         self.handles = 0                        # open files and directories
-        self.dirfds: list[tuple[int, int]] = []  # directories: (layer, fd) top first
-        self.fdmap: dict[int, int] = {}          # directories: layer -> fd
+        self.dirs: list[BranchDir] = []         # directories: the branch directories, top first
         self.listing: dict[bytes, Entry] | None = None  # directories: merged listing, built on demand
         self.lock: trio.Lock | None = None       # serialises copy-up of this node
-        self.owns_fds = True
         # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
@@ -73,14 +74,12 @@ class Node:
         names = [n for _, n in self.links]
         return f"Node({self.id}, dir={self.is_dir}, layer={self.layer}, names={names})"
 
-    def set_dirfds(self, dirfds: list[tuple[int, int]]) -> None:
-        self.dirfds = dirfds
-        self.fdmap = dict(dirfds)
-
-    def add_upper_dirfd(self, fd: int) -> None:
-        self.dirfds.insert(0, (0, fd))
-        self.fdmap[0] = fd
-        self.layer = 0
+    def branch_dir(self, layer: int) -> BranchDir | None:
+        """This directory's directory in branch *layer*, if it has one."""
+        for bd in self.dirs:
+            if bd.layer == layer:
+                return bd
+        return None
 
     def name_in(self) -> tuple[Node, bytes]:
         """One name of this node (the most recent).  Raises FileNotFoundError when it has none."""
@@ -88,21 +87,6 @@ class Node:
             raise FileNotFoundError(2, "no name left for node", str(self.id))
         return self.links[-1]
 
-    def real_parent_fd(self) -> tuple[int, bytes]:
-        """(fd of the branch directory holding this object, its name there)."""
-        parent, name = self.name_in()
-        return parent.fdmap[self.layer], name
-
-    def close_fds(self) -> None:
-        if self.owns_fds:
-            for _, fd in self.dirfds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.dirfds = []
-        self.fdmap = {}
-        self.listing = None
 
 
 class NodeTable:
@@ -113,11 +97,11 @@ class NodeTable:
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
+        self.fds = DirFds(default_capacity(len(stack.layers)))
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
-        root.set_dirfds([(layer.index, layer.fd) for layer in stack.layers])
-        root.owns_fds = False   # the LayerStack owns the branch roots
+        root.dirs = [self.fds.fixed(root, layer.index, layer.fd) for layer in stack.layers]
         root.nlookup = 1
         self.root = root
         self.nodes[ROOT_ID] = root
@@ -131,6 +115,52 @@ class NodeTable:
         if node is None:
             raise OSError(116, "unknown inode", str(node_id))  # ESTALE
         return node
+
+    # ------------------------------------------------------------------ branch directory fds
+    # Valid until the next request starts: use them at once, never across an await.
+
+    def dirfd(self, node: Node, layer: int) -> int:
+        """The fd of directory *node*'s directory in branch *layer* (ESTALE when it has none)."""
+        bd = node.branch_dir(layer)
+        if bd is None:
+            raise OSError(116, "directory not in that branch", str(node.id))  # ESTALE
+        return self.fds.fd(bd)
+
+    def dirfd_or_none(self, node: Node, layer: int) -> int | None:
+        bd = node.branch_dir(layer)
+        return None if bd is None else self.fds.fd(bd)
+
+    def top_dirfd(self, node: Node) -> int:
+        """The fd of directory *node*'s topmost branch directory (ENOENT when it has none)."""
+        if not node.dirs:
+            raise OSError(2, "directory has no branch left", str(node.id))  # ENOENT
+        return self.fds.fd(node.dirs[0])
+
+    def branch_fds(self, node: Node) -> Iterator[tuple[int, int]]:
+        """(layer, fd) of each branch directory of *node*, top first, each opened as it is reached."""
+        for bd in node.dirs:
+            yield bd.layer, self.fds.fd(bd)
+
+    def real_parent_fd(self, node: Node) -> tuple[int, bytes]:
+        """(fd of the branch directory holding *node*'s object, its name there)."""
+        parent, name = node.name_in()
+        return self.dirfd(parent, node.layer), name
+
+    def set_dirs(self, node: Node, fds: list[tuple[int, int]], in_use: bool = False) -> None:
+        """Give directory *node* the branch directories *fds* ((layer, open fd), top first)."""
+        self.close_dirs(node, keep=0)
+        node.dirs = [self.fds.adopt(node, layer, fd, in_use) for layer, fd in fds]
+
+    def add_upper_dir(self, node: Node, fd: int) -> None:
+        """*node* now has a directory in the writable branch, open as *fd* (in use by the caller)."""
+        node.dirs.insert(0, self.fds.adopt(node, 0, fd, in_use=True))
+        node.layer = 0
+
+    def close_dirs(self, node: Node, keep: int) -> None:
+        """Let directory *node* keep only its *keep* topmost branch directories."""
+        for bd in node.dirs[keep:]:
+            self.fds.close(bd)
+        del node.dirs[keep:]
 
     def find(self, key: Key) -> Node | None:
         return self.by_key.get(key)
@@ -170,6 +200,9 @@ class NodeTable:
                 node.links.remove(link)
                 node.links.append(link)
             return
+        if not node.links:
+            for bd in node.dirs:
+                self.fds.named(bd)
         node.links.append(link)
         parent.refs += 1
         self.by_key.setdefault(node.key, node)   # named again (a rename): findable again
@@ -185,10 +218,13 @@ class NodeTable:
             return
         if parent.children.get(name) is node:
             del parent.children[name]
-        if not node.links and self.by_key.get(node.key) is node:
-            # Its last known name is gone: the filesystem may give its inode number to a new
-            # object, which must not be mistaken for this one.
-            del self.by_key[node.key]
+        if not node.links:
+            if self.by_key.get(node.key) is node:
+                # Its last known name is gone: the filesystem may give its inode number to a new
+                # object, which must not be mistaken for this one.
+                del self.by_key[node.key]
+            for bd in node.dirs:   # nothing to open it by any more
+                self.fds.orphan(bd)
         parent.refs -= 1
         self.maybe_free(parent)
 
@@ -210,7 +246,8 @@ class NodeTable:
             del self.nodes[n.id]
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
-            n.close_fds()
+            self.close_dirs(n, keep=0)
+            n.listing = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]
@@ -220,6 +257,7 @@ class NodeTable:
 
     def close(self) -> None:
         for n in list(self.nodes.values()):
-            n.close_fds()
+            self.close_dirs(n, keep=0)
+        self.fds.close_all()
         self.nodes.clear()
         self.by_key.clear()

@@ -93,6 +93,7 @@ def _handler(fn: F) -> F:
     async def wrapper(self: Operations, *args: Any) -> Any:
         if self.debug:
             log.debug("%s%r", name, args)
+        self.union.table.fds.next_request()
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -308,7 +309,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
-        fd = node.fdmap.get(0)
+        fd = self.union.table.dirfd_or_none(node, 0)
         if fd is not None:
             os.fsync(fd)
 
@@ -367,6 +368,7 @@ class Operations(pyfuse3.Operations):
         args = (inode, fh, mode, offset, length)
         if self.debug:
             log.debug("fallocate%r", args)
+        self.union.table.fds.next_request()
         try:
             self.union.fallocate(self.union.handles[fh], mode, offset, length)
         except Exception as e:

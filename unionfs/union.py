@@ -92,7 +92,7 @@ class Union:
         if not d.is_dir:
             raise _err(errno.ENOTDIR)
         if d.listing is None:
-            d.listing = build_listing(d.dirfds)
+            d.listing = build_listing(self.table.branch_fds(d))
         return d.listing
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
@@ -116,7 +116,7 @@ class Union:
         if known is not None and known.st is not None and known.layer == e.layer:
             return known, known.st
         try:
-            st = lstat_at(parent.fdmap[e.layer], name)
+            st = lstat_at(self.table.dirfd(parent, e.layer), name)
         except FileNotFoundError:
             return self._read_again(parent, name, fresh)
         if stat.S_ISDIR(st.st_mode) != e.is_dir:
@@ -124,12 +124,13 @@ class Union:
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
-            dirfds = open_dir_layers(parent.fdmap, name, e.dir_layers) if e.is_dir else []
+            dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
+                                     e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
                 return self._read_again(parent, name, fresh)
             node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
-                node.set_dirfds(dirfds)
+                self.table.set_dirs(node, dirfds)
         self.table.add_link(node, parent, name)
         node.st = st
         return node, st
@@ -157,11 +158,9 @@ class Union:
         if node.st is not None:
             return node.st
         if node.is_dir:
-            if not node.dirfds:
-                raise _err(errno.ENOENT)
-            st = os.fstat(node.dirfds[0][1])
+            st = os.fstat(self.table.top_dirfd(node))
         elif node.links:
-            pfd, name = node.real_parent_fd()
+            pfd, name = self.table.real_parent_fd(node)
             st = lstat_at(pfd, name)
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
@@ -180,20 +179,20 @@ class Union:
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
-        if node.is_dir and len(node.dirfds) > 1:
+        if node.is_dir and len(node.dirs) > 1:
             return 1
         return st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         return os.readlink(name, dir_fd=pfd)
 
     # ------------------------------------------------------------------ xattrs and statfs
 
     def _xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
         if node.is_dir:
-            return fn(node.dirfds[0][1])
-        pfd, name = node.real_parent_fd()
+            return fn(self.table.top_dirfd(node))
+        pfd, name = self.table.real_parent_fd(node)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             return fn(fd_path(fd))
@@ -245,13 +244,13 @@ class Union:
     def upper_dir(self, d: Node) -> int:
         """The writable branch's directory for *d*, copying it (and its parents) up first."""
         self.check_writable()
-        fd = d.fdmap.get(0)
+        fd = self.table.dirfd_or_none(d, 0)
         if fd is not None:
             return fd
         parent, name = d.name_in()
         pfd = self.upper_dir(parent)
         fd = self.copyup.dir(d, pfd, name)
-        d.add_upper_dirfd(fd)
+        self.table.add_upper_dir(d, fd)
         d.xattrs = None
         self.touch(d, parent)
         st = os.fstat(fd)
@@ -369,7 +368,7 @@ class Union:
         if node is None or node.is_dir != is_dir:
             node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino), st)
             if is_dir:
-                node.set_dirfds([(0, open_dir_at(pfd, name))])
+                self.table.set_dirs(node, [(0, open_dir_at(pfd, name))])
                 node.listing = {}
         self.table.add_link(node, parent, name)
         node.st = st
@@ -444,7 +443,7 @@ class Union:
         self._check_new_name(parent, name)
         await self.ensure_upper(node)
         self._check_new_name(parent, name)   # the copy-up may have awaited
-        spfd, sname = node.real_parent_fd()
+        spfd, sname = self.table.real_parent_fd(node)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.link(sname, n, src_dir_fd=spfd, dst_dir_fd=dirfd, follow_symlinks=False)
@@ -476,7 +475,7 @@ class Union:
     def unlink(self, parent: Node, name: bytes) -> None:
         listing, e, node = self._to_remove(parent, name, is_dir=False)
         if e.layer == 0:
-            pfd = parent.fdmap[0]
+            pfd = self.table.dirfd(parent, 0)
             if e.has_lower:
                 self._whiteout(pfd, name, replace=True)
             else:
@@ -492,8 +491,8 @@ class Union:
         if self.listing(node):
             raise _err(errno.ENOTEMPTY, name=name)
         if e.layer == 0:
-            clear_dir(node.fdmap[0])   # only whiteouts and markers are left in it
-            pfd = parent.fdmap[0]
+            clear_dir(self.table.dirfd(node, 0))   # only whiteouts and markers are left in it
+            pfd = self.table.dirfd(parent, 0)
             if e.has_lower:
                 self.writer.write(pfd, name, replace=True)
             else:
@@ -508,7 +507,7 @@ class Union:
     # ------------------------------------------------------------------ rename
 
     def _is_merged_or_lower(self, node: Node) -> bool:
-        return node.layer != 0 or len(node.dirfds) > 1
+        return node.layer != 0 or len(node.dirs) > 1
 
     async def rename(self, op: Node, on: bytes, np: Node, nn: bytes, flags: int) -> None:
         self.check_writable()
@@ -547,7 +546,7 @@ class Union:
         # Re-read after the awaits: another request may have changed either name meanwhile.
         if self.listing(op).get(on) is not es or self.listing(np).get(nn) is not ed:
             raise _err(errno.EAGAIN, "rename raced with another change", on)
-        if src.is_dir and src.fdmap.get(0) is None:
+        if src.is_dir and src.branch_dir(0) is None:
             raise _err(errno.EXDEV, name=on)
         spfd = self.upper_dir(op)
         dpfd = self.upper_dir(np)
@@ -561,7 +560,8 @@ class Union:
         if ed is not None:
             dst_lower = ed.has_lower or ed.layer != 0
             if ed.is_dir and ed.layer == 0:
-                clear_dir(dst.fdmap[0])  # type: ignore[union-attr]
+                assert dst is not None
+                clear_dir(self.table.dirfd(dst, 0))
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
         self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
@@ -580,13 +580,13 @@ class Union:
     def _opaque_after_move(self, moved: Node, new_parent: Node, name_below: bool) -> None:
         """A directory moved into a merged directory (or onto a name that exists below) becomes
         opaque, as overlayfs does, so nothing below can merge into it later."""
-        if not (name_below or len(new_parent.dirfds) > 1):
+        if not (name_below or len(new_parent.dirs) > 1):
             return
-        fd = moved.fdmap[0]
+        fd = self.table.dirfd(moved, 0)
         if not dir_is_opaque(fd):
             self.writer.make_opaque(fd)
-        if len(moved.dirfds) > 1:
-            moved.set_dirfds(moved.dirfds[:1])
+        if len(moved.dirs) > 1:
+            self.table.close_dirs(moved, keep=1)
             moved.listing = None
 
     def _rename_leaving_whiteout(self, spfd: int, on: bytes, dpfd: int, nn: bytes, whiteout: bool) -> None:
@@ -649,7 +649,7 @@ class Union:
         if node.is_dir or not node.links:
             # A directory, or a file whose last name is gone but is still open: work on the fd.
             if node.is_dir:
-                fd = node.fdmap[0]
+                fd = self.table.dirfd(node, 0)
             else:
                 # fchown and fchmod reach us without the handle: any open one of the node will do.
                 fd = (handle or self.any_handle(node)).fd
@@ -663,7 +663,7 @@ class Union:
                 os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
             self.touch(node)
             return os.fstat(fd)
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         if size is not None:
             if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
                 os.ftruncate(handle.fd, size)
@@ -703,7 +703,7 @@ class Union:
         trunc = flags & os.O_TRUNC   # libfuse asks for atomic O_TRUNC: it arrives here
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
         if trunc:
             self.touch(node)
@@ -712,7 +712,7 @@ class Union:
     def refresh(self, h: Handle) -> None:
         """A handle opened before its node was copied up reads the upper copy from then on."""
         if h.layer != h.node.layer and h.node.links:
-            pfd, name = h.node.real_parent_fd()
+            pfd, name = self.table.real_parent_fd(h.node)
             fd = open_file_at(pfd, name, h.flags & ~OPEN_STRIP)
             os.close(h.fd)
             h.fd = fd
