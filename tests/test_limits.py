@@ -1,0 +1,148 @@
+"""The daemon's own resources stay bounded whatever users do: the directory fds it holds (an
+unprivileged user making and walking more directories than RLIMIT_NOFILE allows must not lock
+everybody out with EMFILE) and the memory it keeps per cached entry."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import util
+
+NOBODY = 65534
+NOFILE = 1024
+#: What the daemon may hold with RLIMIT_NOFILE at 1024: half of it for branch directories, the
+#: branch roots, the work dir, /dev/fuse, trio's and the log's few.
+FD_BOUND = NOFILE // 2 + 100
+PR_CAPBSET_DROP = 24
+CAP_SYS_RESOURCE = 24
+
+
+def _limited_daemon() -> None:
+    """Runs in the daemon's child before exec: RLIMIT_NOFILE 1024, and no CAP_SYS_RESOURCE after the
+    exec, so that the daemon (root) cannot raise the hard limit itself."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def _public_dir() -> Iterator[Path]:
+    """A directory every user may reach (pytest's tmp_path is root's alone), removed after."""
+    d = Path(tempfile.mkdtemp(prefix="unionfs-limits-", dir="/var/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _mount_limited(base: Path, lowers: list[Path], upper: Path) -> Iterator[util.Mounted]:
+    work, mnt = base / "work", base / "mnt"
+    work.mkdir()
+    mnt.mkdir()
+    mnt.chmod(0o755)
+    cmd = util.unionfs_cmd("overlay", lowers, upper, work, mnt)
+    errp = base / "daemon.stderr"
+    with open(errp, "wb") as ef:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=ef, stderr=ef,
+                                preexec_fn=_limited_daemon)
+    m = util.Mounted(mnt, proc, errp, kernel=False)
+    try:
+        util.wait_for_mount(mnt, proc)
+    except Exception:
+        util.umount(mnt, proc if proc.poll() is None else None)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    try:
+        yield m
+    finally:
+        util.unmount(m)
+
+
+def _as_nobody(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+MAKE_DIRS = """
+import os, sys
+top, n = sys.argv[1], int(sys.argv[2])
+os.mkdir(top)
+for i in range(0, n, 100):   # n directories: groups of a g directory and 99 in it
+    sub = os.path.join(top, "g%d" % (i // 100))
+    os.mkdir(sub)
+    for j in range(i, min(n, i + 99)):
+        os.mkdir(os.path.join(sub, "d%d" % j))
+"""
+
+
+def _fd_exhaustion(shared: int, made: int, branches: int = 20) -> None:
+    """*branches* lower branches share *shared* directories (each merged through all of them), and
+    an unprivileged user makes *made* more through the mount and walks it all with find; then root
+    must still read, create, mkdir and list, and the daemon holds at most FD_BOUND fds."""
+    with _public_dir() as base:
+        tree = base / "tree"
+        for i in range(shared):
+            (tree / f"s{i // 100}" / f"d{i}").mkdir(parents=True)
+        lowers = []
+        for b in range(branches):
+            lower = base / f"l{b}"
+            subprocess.run(["cp", "-a", "--", str(tree), str(lower)], check=True)
+            (lower / f"only{b}").write_text(f"branch {b}\n")
+            lowers.append(lower)
+        upper = base / "upper"
+        (upper / "pub").mkdir(parents=True)
+        (upper / "pub").chmod(0o1777)
+        with _mount_limited(base, lowers, upper) as m:
+            assert m.proc is not None
+            pid = m.proc.pid
+            mk = _as_nobody([sys.executable, "-c", MAKE_DIRS, str(m.mnt / "pub" / "mine"), str(made)],
+                            timeout=240)
+            assert mk.returncode == 0, mk.stderr[-2000:]
+            walk = _as_nobody(["find", str(m.mnt), "-type", "d"], timeout=240)
+            assert walk.stderr == "", walk.stderr[-2000:]
+            # the mount point, pub, pub/mine, the shared directories and their groups, the user's
+            assert len(walk.stdout.splitlines()) == 3 + shared + -(-shared // 100) + made
+            held = _fd_count(pid)
+            assert held <= FD_BOUND, f"daemon holds {held} fds"
+            # Root, while the kernel still caches every directory the user made.
+            assert (m.mnt / "only0").read_text() == "branch 0\n"
+            assert (m.mnt / f"s{(shared - 1) // 100}" / f"d{shared - 1}").is_dir()
+            (m.mnt / "rootfile").write_text("root\n")
+            (m.mnt / "rootdir").mkdir()
+            (m.mnt / "rootdir" / "f").write_text("x")
+            assert sorted(os.listdir(m.mnt / "rootdir")) == ["f"]
+            names = set(os.listdir(m.mnt))
+            assert {"rootfile", "rootdir", "pub", "only0", f"only{branches - 1}"} <= names
+            assert len(os.listdir(m.mnt / "s0")) == min(100, shared)
+            held = _fd_count(pid)
+            assert held <= FD_BOUND, f"daemon holds {held} fds"
+            assert "Traceback" not in m.stderr()
+
+
+def test_fds_bounded_when_a_user_walks_many_directories(need_fuse: None) -> None:
+    """20 branches sharing 1,000 directories (20,000 branch directories) and 5,000 made by a user."""
+    _fd_exhaustion(shared=1000, made=5000)
+
+
+@pytest.mark.slow
+def test_fds_bounded_at_100000_directories(need_fuse: None) -> None:
+    """20 branches sharing 5,000 directories (100,000 branch directories) and 100,000 made by a user."""
+    _fd_exhaustion(shared=5000, made=100_000)
