@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, cast
 
+from .attrs import Stat
 from .dirfds import BranchDir, DirFds, default_capacity
 from .merge import Entry
 
@@ -32,10 +34,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+#: How many nodes keep their stat cached (`NodeTable.remember`): a ceiling on that cache however
+#: many objects the kernel knows (about 200 bytes each).
+STATS_KEPT = 16384
 FALLBACK_BASE = 1 << 60
 
 # (st_dev, st_ino) of a real object, or (parent node id, name) of a lower non-directory
 Key = tuple[int, int] | tuple[int, bytes]
+
+
+# What a non-directory has for branch directories and children: nothing, and (being immutable) a
+# bug that tried to give it some would fail loudly instead of sharing them.  An empty list and
+# dict per node would cost 120 bytes per entry.
+_NO_DIRS = cast("list[BranchDir]", ())
+_NO_CHILDREN = cast("dict[bytes, Node]", MappingProxyType({}))
 
 
 class Node:
@@ -43,7 +55,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children", "reply",
+                 "dirs", "listing", "lock", "xattrs", "st", "children",
                  "snaps")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
@@ -52,23 +64,25 @@ class Node:
         self.is_dir = is_dir
         self.layer = layer                      # branch that holds the object (directories: topmost)
         self.key = key                          # how the table finds it (see the module docstring)
-        self.links: list[tuple[Node, bytes]] = []  # names it is known by
+        self.links: tuple[tuple[Node, bytes], ...] = ()  # names it is known by, most recent last
         self.nlookup = 0                        # lookups the kernel has not forgotten
         self.refs = 0                           # links of other nodes that name this one as parent
         self.handles = 0                        # open files and directories
-        self.dirs: list[BranchDir] = []         # directories: the branch directories, top first
+        # directories: the branch directories, top first (others share one empty, immutable value)
+        self.dirs: list[BranchDir] = [] if is_dir else _NO_DIRS
         self.listing: dict[bytes, Entry] | None = None  # directories: merged listing, built on demand
         self.lock: trio.Lock | None = None       # serialises copy-up of this node
         # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
-        # The real object's stat, cached until a change through the union drops it (`touch`): a
-        # warm readdir then answers from memory.
-        self.st: os.stat_result | None = None
-        self.children: dict[bytes, Node] = {}   # directories: the node behind each linked name
-        self.reply: tuple[os.stat_result, object] | None = None  # (stat, the attributes built from it)
+        # The real object's stat, cached until a change through the union drops it (`touch`) or
+        # STATS_KEPT more recent ones push it out (`NodeTable.remember`): a warm readdir then
+        # answers from memory.
+        self.st: Stat | None = None
+        # directories: the node behind each linked name
+        self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
         # directories: listing snapshots for readers without a directory handle (Operations._snapshot)
-        self.snaps: dict[int, list[tuple[bytes, Entry | None]]] | None = None
+        self.snaps: dict[int, list[bytes]] | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -98,6 +112,7 @@ class NodeTable:
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
         self.fds = DirFds(default_capacity(len(stack.layers)))
+        self._stats: dict[int, None] = {}   # ids of the nodes with a cached stat, oldest first
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
@@ -109,6 +124,20 @@ class NodeTable:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def remember(self, node: Node, st: os.stat_result) -> Stat:
+        """Cache *st* as *node*'s stat, forgetting the least recently cached beyond STATS_KEPT."""
+        cached = node.st = Stat.of(st)
+        recent = self._stats
+        recent.pop(node.id, None)
+        recent[node.id] = None
+        if len(recent) > STATS_KEPT:
+            oldest = next(iter(recent))
+            del recent[oldest]
+            old = self.nodes.get(oldest)
+            if old is not None and old is not node:
+                old.st = None
+        return cached
 
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
@@ -158,6 +187,8 @@ class NodeTable:
 
     def close_dirs(self, node: Node, keep: int) -> None:
         """Let directory *node* keep only its *keep* topmost branch directories."""
+        if len(node.dirs) <= keep:
+            return
         for bd in node.dirs[keep:]:
             self.fds.close(bd)
         del node.dirs[keep:]
@@ -197,13 +228,12 @@ class NodeTable:
         link = (parent, name)
         if link in node.links:
             if node.links[-1] != link:
-                node.links.remove(link)
-                node.links.append(link)
+                node.links = (*(k for k in node.links if k != link), link)
             return
         if not node.links:
             for bd in node.dirs:
                 self.fds.named(bd)
-        node.links.append(link)
+        node.links = (*node.links, link)
         parent.refs += 1
         self.by_key.setdefault(node.key, node)   # named again (a rename): findable again
         old = parent.children.get(name)
@@ -212,10 +242,9 @@ class NodeTable:
         parent.children[name] = node
 
     def drop_link(self, node: Node, parent: Node, name: bytes) -> None:
-        try:
-            node.links.remove((parent, name))
-        except ValueError:
+        if (parent, name) not in node.links:
             return
+        node.links = tuple(k for k in node.links if k != (parent, name))
         if parent.children.get(name) is node:
             del parent.children[name]
         if not node.links:
@@ -253,7 +282,7 @@ class NodeTable:
                     del parent.children[name]
                 parent.refs -= 1
                 todo.append(parent)
-            n.links = []
+            n.links = ()
 
     def close(self) -> None:
         for n in list(self.nodes.values()):

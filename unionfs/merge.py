@@ -24,7 +24,7 @@ class Entry:
     def __init__(self, layer: int, is_dir: bool, has_lower: bool) -> None:
         self.layer = layer              # topmost branch holding the name
         self.is_dir = is_dir
-        self.dir_layers: list[int] = [layer] if is_dir else []  # branches merged into this directory
+        self.dir_layers: tuple[int, ...] = (layer,) if is_dir else ()  # branches merged into this directory
         self.has_lower = has_lower      # a branch below the top (index > 0) has the name, not whited out
 
     def __repr__(self) -> str:
@@ -96,14 +96,14 @@ def build_listing(dirfds: Iterable[tuple[int, int]]) -> dict[bytes, Entry]:
             if name in closed:
                 continue
             if is_dir:
-                e.dir_layers.append(layer)
+                e.dir_layers += (layer,)
             else:
                 closed.add(name)
         hidden |= whiteouts
     return entries
 
 
-def open_dir_layers(parent_fd: Callable[[int], int | None], name: bytes, layers: list[int]
+def open_dir_layers(parent_fd: Callable[[int], int | None], name: bytes, layers: tuple[int, ...]
                     ) -> list[tuple[int, int]]:
     """Open the branch directories *name* in *layers* (top first) under the parent's fds
     (*parent_fd*(layer), None where the parent has no directory in that branch).

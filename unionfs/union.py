@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .attrs import Stat
 from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import LayerStack, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # Flags the kernel has already acted on, or that would change what a pread/pwrite at an offset means
 # (O_APPEND) or require aligned buffers pyfuse3 does not give (O_DIRECT: the kernel still bypasses
 # its page cache for such an open).
+#: Distinct sets of xattr names kept shared between nodes (see Union._xattr_names).
+XATTR_SETS_SHARED = 1024
+
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
 
 
@@ -82,6 +86,7 @@ class Union:
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_attr: Callable[[int], None] = lambda node_id: None
         self._next_fh = 0
+        self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
 
     def close(self) -> None:
         self.table.close()
@@ -95,7 +100,7 @@ class Union:
             d.listing = build_listing(self.table.branch_fds(d))
         return d.listing
 
-    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, Stat] | None:
         """The node for *name* in *parent* and its real stat, or None when the name is not visible."""
         if name == b".":
             return parent, self.stat(parent)
@@ -110,7 +115,7 @@ class Union:
         return self.node_for(parent, name, e)
 
     def node_for(self, parent: Node, name: bytes, e: Entry, fresh: bool = False
-                 ) -> tuple[Node, os.stat_result]:
+                 ) -> tuple[Node, Stat]:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
         known = parent.children.get(name)
         if known is not None and known.st is not None and known.layer == e.layer:
@@ -132,10 +137,10 @@ class Union:
             if e.is_dir:
                 self.table.set_dirs(node, dirfds)
         self.table.add_link(node, parent, name)
-        node.st = st
-        return node, st
+        cached = self.table.remember(node, st)
+        return node, cached
 
-    def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, os.stat_result]:
+    def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, Stat]:
         """*name* is not what *parent*'s listing says: a branch changed underneath the mount.
         Read the listing again, once, and resolve the name from that; ENOENT if it is gone."""
         if fresh:
@@ -154,7 +159,7 @@ class Union:
             if n is not None:
                 n.st = None
 
-    def stat(self, node: Node) -> os.stat_result:
+    def stat(self, node: Node) -> Stat:
         if node.st is not None:
             return node.st
         if node.is_dir:
@@ -164,9 +169,9 @@ class Union:
             st = lstat_at(pfd, name)
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
-            return os.fstat(h.fd)
-        node.st = st
-        return st
+            return Stat.of(os.fstat(h.fd))
+        cached = self.table.remember(node, st)
+        return cached
 
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
@@ -177,7 +182,7 @@ class Union:
             return h
         raise _err(errno.ENOENT)
 
-    def nlink(self, node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: Stat) -> int:
         """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
         if node.is_dir and len(node.dirs) > 1:
             return 1
@@ -202,7 +207,12 @@ class Union:
     def _xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattrs is None:
             names = self._xattr_target(node, os.listxattr)
-            node.xattrs = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            # Most objects share a handful of name sets (none at all, or security.selinux): keep
+            # one copy of each (a frozenset costs 216 bytes) while there are few distinct ones.
+            if len(self._xattr_sets) < XATTR_SETS_SHARED:
+                found = self._xattr_sets.setdefault(found, found)
+            node.xattrs = found
         return node.xattrs
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
@@ -259,7 +269,7 @@ class Union:
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
             e.layer = 0
-            e.dir_layers.insert(0, 0)
+            e.dir_layers = (0, *e.dir_layers)
         return fd
 
     async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
@@ -360,7 +370,7 @@ class Union:
         return pfd, had
 
     def _new_node(self, parent: Node, name: bytes, pfd: int, is_dir: bool, had_lower: bool
-                  ) -> tuple[Node, os.stat_result]:
+                  ) -> tuple[Node, Stat]:
         self.listing(parent)[name] = Entry(0, is_dir, had_lower)
         self.touch(parent)
         st = lstat_at(pfd, name)
@@ -371,11 +381,11 @@ class Union:
                 self.table.set_dirs(node, [(0, open_dir_at(pfd, name))])
                 node.listing = {}
         self.table.add_link(node, parent, name)
-        node.st = st
-        return node, st
+        cached = self.table.remember(node, st)
+        return node, cached
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, creds: Creds
-               ) -> tuple[Handle, Node, os.stat_result]:
+               ) -> tuple[Handle, Node, Stat]:
         self._check_new_name(parent, name)
         fds: list[int] = []
         owner = self._owner(self.upper_dir(parent), creds)
@@ -389,7 +399,7 @@ class Union:
         node, st = self._new_node(parent, name, pfd, False, had)
         return self._handle(node, fds[0], flags), node, st
 
-    def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, os.stat_result]:
+    def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, Stat]:
         self._check_new_name(parent, name)
         upper = self.upper_dir(parent)
         owner = self._owner(upper, creds)
@@ -413,7 +423,7 @@ class Union:
         return self._new_node(parent, name, pfd, True, had)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, creds: Creds
-              ) -> tuple[Node, os.stat_result]:
+              ) -> tuple[Node, Stat]:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM, "a 0/0 character device is a whiteout", name)
         self._check_new_name(parent, name)
@@ -426,7 +436,7 @@ class Union:
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)
 
-    def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, os.stat_result]:
+    def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, Stat]:
         self._check_new_name(parent, name)
         owner = self._owner(self.upper_dir(parent), creds)
 
@@ -437,7 +447,7 @@ class Union:
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)
 
-    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, Stat]:
         if node.is_dir:
             raise _err(errno.EPERM)
         self._check_new_name(parent, name)
@@ -636,7 +646,7 @@ class Union:
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: Handle | None = None) -> os.stat_result:
+                      handle: Handle | None = None) -> Stat:
         """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
         self.check_writable()
         await self.ensure_upper(node, keep=size)
@@ -662,7 +672,7 @@ class Union:
             if times is not None:
                 os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
             self.touch(node)
-            return os.fstat(fd)
+            return Stat.of(os.fstat(fd))
         pfd, name = self.table.real_parent_fd(node)
         if size is not None:
             if handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
@@ -686,8 +696,8 @@ class Union:
         if times is not None:
             st = lstat_at(pfd, name) if None in times else None
             os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
-        node.st = lstat_at(pfd, name)
-        return node.st
+        cached = self.table.remember(node, lstat_at(pfd, name))
+        return cached
 
     # ------------------------------------------------------------------ files
 
