@@ -146,3 +146,48 @@ def test_fds_bounded_when_a_user_walks_many_directories(need_fuse: None) -> None
 def test_fds_bounded_at_100000_directories(need_fuse: None) -> None:
     """20 branches sharing 5,000 directories (100,000 branch directories) and 100,000 made by a user."""
     _fd_exhaustion(shared=5000, made=100_000)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _bytes_per_entry(tmp_path: Path, entries: int) -> float:
+    """The daemon's RSS growth per entry after `ls -l` and `find -printf %s` of a directory of
+    *entries* files (every entry listed, stat-ed and asked for its xattrs)."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "big", lower / "small", upper, work, mnt):
+        d.mkdir(parents=True)
+    for i in range(entries):
+        (lower / "big" / f"file-with-a-typical-name-{i:06d}.txt").touch()
+    for i in range(10):
+        (lower / "small" / f"f{i}").touch()
+    m = util.mount_impl("overlay", [lower], upper, work, mnt)
+    try:
+        assert m.proc is not None
+        # Warm up what every first listing allocates once, then measure.
+        subprocess.run(["ls", "-l", str(mnt / "small")], check=True, capture_output=True)
+        before = _rss_kb(m.proc.pid)
+        ls = subprocess.run(["ls", "-l", str(mnt / "big")], check=True, capture_output=True)
+        assert ls.stdout.count(b"\n") == entries + 1
+        subprocess.run(["find", str(mnt / "big"), "-printf", "%s %i\n"], check=True,
+                       capture_output=True)
+        after = _rss_kb(m.proc.pid)
+    finally:
+        util.unmount(m)
+    return (after - before) * 1024 / entries
+
+
+def test_memory_per_entry_of_a_big_directory(tmp_path: Path, need_fuse: None) -> None:
+    per_entry = _bytes_per_entry(tmp_path, 50_000)
+    assert per_entry <= 1024, f"{per_entry:.0f} bytes per entry"
+
+
+@pytest.mark.slow
+def test_memory_per_entry_of_a_200000_entry_directory(tmp_path: Path, need_fuse: None) -> None:
+    per_entry = _bytes_per_entry(tmp_path, 200_000)
+    assert per_entry <= 1024, f"{per_entry:.0f} bytes per entry"
