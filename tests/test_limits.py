@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import resource
 import shutil
@@ -146,6 +147,36 @@ def test_fds_bounded_when_a_user_walks_many_directories(need_fuse: None) -> None
 def test_fds_bounded_at_100000_directories(need_fuse: None) -> None:
     """20 branches sharing 5,000 directories (100,000 branch directories) and 100,000 made by a user."""
     _fd_exhaustion(shared=5000, made=100_000)
+
+
+@pytest.mark.parametrize("swap", ["symlink", "other-dir"])
+def test_reopened_directory_must_be_the_same(swap: str, need_fuse: None) -> None:
+    """A branch directory whose fd was given back is opened again one name at a time, never
+    following a symlink and never taking another directory for it: one swapped in under the live
+    mount answers ESTALE and shows nothing of what was swapped in."""
+    with _public_dir() as base:
+        lower, upper, outside = base / "lower", base / "upper", base / "outside"
+        (lower / "victim").mkdir(parents=True)
+        (lower / "victim" / "f").write_text("lower\n")
+        for i in range(NOFILE):   # more directories than the daemon keeps open at this limit
+            (lower / "many" / f"d{i}").mkdir(parents=True)
+        outside.mkdir()
+        (outside / "f").write_text("outside\n")
+        upper.mkdir()
+        with _mount_limited(base, [lower], upper) as m:
+            assert (m.mnt / "victim").is_dir()            # known, its listing not read yet
+            for i in range(NOFILE):
+                assert (m.mnt / "many" / f"d{i}").is_dir()
+            os.rename(lower / "victim", lower / "victim.old")
+            if swap == "symlink":
+                os.symlink(outside, lower / "victim")
+            else:
+                (lower / "victim").mkdir()
+                (lower / "victim" / "f").write_text("impostor\n")
+            with pytest.raises(OSError) as exc:
+                (m.mnt / "victim" / "f").read_text()
+            assert exc.value.errno == errno.ESTALE
+            assert (m.mnt / "many" / "d0").is_dir()       # the rest of the union is unharmed
 
 
 def _rss_kb(pid: int) -> int:
