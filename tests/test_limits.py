@@ -179,6 +179,27 @@ def test_reopened_directory_must_be_the_same(swap: str, need_fuse: None) -> None
             assert (m.mnt / "many" / "d0").is_dir()       # the rest of the union is unharmed
 
 
+def test_directory_renamed_after_its_fd_was_given_back(need_fuse: None) -> None:
+    """A directory moved into a merged directory is made opaque after the move, through its own
+    fd: one given back before must be opened again under its old name, before the move."""
+    with _public_dir() as base:
+        lower, upper = base / "lower", base / "upper"
+        (lower / "merged").mkdir(parents=True)
+        (upper / "merged").mkdir(parents=True)
+        (upper / "mine" / "sub").mkdir(parents=True)
+        (upper / "mine" / "sub" / "f").write_text("mine\n")
+        for i in range(NOFILE):
+            (lower / "many" / f"d{i}").mkdir(parents=True)
+        with _mount_limited(base, [lower], upper) as m:
+            assert (m.mnt / "mine" / "sub").is_dir()
+            for i in range(NOFILE):
+                assert (m.mnt / "many" / f"d{i}").is_dir()
+            os.rename(m.mnt / "mine" / "sub", m.mnt / "merged" / "sub")
+            assert (m.mnt / "merged" / "sub" / "f").read_text() == "mine\n"
+            assert os.listdir(m.mnt / "mine") == []
+        assert (upper / "merged" / "sub" / "f").read_text() == "mine\n"
+
+
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

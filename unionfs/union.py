@@ -37,10 +37,9 @@ log = logging.getLogger(__name__)
 # Flags the kernel has already acted on, or that would change what a pread/pwrite at an offset means
 # (O_APPEND) or require aligned buffers pyfuse3 does not give (O_DIRECT: the kernel still bypasses
 # its page cache for such an open).
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
 #: Distinct sets of xattr names kept shared between nodes (see Union._xattr_names).
 XATTR_SETS_SHARED = 1024
-
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
 
 
 def _err(code: int, what: str = "", name: bytes = b"") -> OSError:
@@ -137,8 +136,7 @@ class Union:
             if e.is_dir:
                 self.table.set_dirs(node, dirfds)
         self.table.add_link(node, parent, name)
-        cached = self.table.remember(node, st)
-        return node, cached
+        return node, self.table.remember(node, st)
 
     def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, Stat]:
         """*name* is not what *parent*'s listing says: a branch changed underneath the mount.
@@ -170,8 +168,7 @@ class Union:
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
             return Stat.of(os.fstat(h.fd))
-        cached = self.table.remember(node, st)
-        return cached
+        return self.table.remember(node, st)
 
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
@@ -210,9 +207,10 @@ class Union:
             found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
             # Most objects share a handful of name sets (none at all, or security.selinux): keep
             # one copy of each (a frozenset costs 216 bytes) while there are few distinct ones.
-            if len(self._xattr_sets) < XATTR_SETS_SHARED:
-                found = self._xattr_sets.setdefault(found, found)
-            node.xattrs = found
+            shared = self._xattr_sets.get(found)
+            if shared is None and len(self._xattr_sets) < XATTR_SETS_SHARED:
+                self._xattr_sets[found] = shared = found
+            node.xattrs = found if shared is None else shared
         return node.xattrs
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
@@ -381,8 +379,7 @@ class Union:
                 self.table.set_dirs(node, [(0, open_dir_at(pfd, name))])
                 node.listing = {}
         self.table.add_link(node, parent, name)
-        cached = self.table.remember(node, st)
-        return node, cached
+        return node, self.table.remember(node, st)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, creds: Creds
                ) -> tuple[Handle, Node, Stat]:
@@ -560,6 +557,9 @@ class Union:
             raise _err(errno.EXDEV, name=on)
         spfd = self.upper_dir(op)
         dpfd = self.upper_dir(np)
+        for moving in (src, dst):
+            if moving is not None and moving.is_dir:
+                self.table.dirfd(moving, 0)   # open (under its old name) for use after the move
         self.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None
