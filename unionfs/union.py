@@ -559,7 +559,7 @@ class Union:
         dpfd = self.upper_dir(np)
         for moving in (src, dst):
             if moving is not None and moving.is_dir:
-                self.table.dirfd(moving, 0)   # open (under its old name) for use after the move
+                self.table.dirfd_or_none(moving, 0)   # opened (under its old name) for after the move
         self.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None
