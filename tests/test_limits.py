@@ -235,7 +235,7 @@ def _bytes_per_entry(tmp_path: Path, entries: int) -> float:
 
 
 def test_memory_per_entry_of_a_big_directory(tmp_path: Path, need_fuse: None) -> None:
-    per_entry = _bytes_per_entry(tmp_path, 50_000)
+    per_entry = _bytes_per_entry(tmp_path, 100_000)
     assert per_entry <= 1024, f"{per_entry:.0f} bytes per entry"
 
 

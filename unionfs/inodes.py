@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 ROOT_ID = 1
 #: How many nodes keep their stat cached (`NodeTable.remember`): a ceiling on that cache however
 #: many objects the kernel knows (about 200 bytes each).
-STATS_KEPT = 16384
+STATS_KEPT = 8192
 FALLBACK_BASE = 1 << 60
 
 # (st_dev, st_ino) of a real object, or (parent node id, name) of a lower non-directory

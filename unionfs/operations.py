@@ -38,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 #: without asking (zero-message opendir): the rest of the fh is then the directory's node id.
 STATELESS_DIR = 1 << 63
 #: Nodes whose reply attributes are kept built (about 350 bytes each; see Operations._attr).
-REPLIES_KEPT = 8192
+REPLIES_KEPT = 4096
 #: Listing snapshots kept per directory for readers without a handle (see Operations._snapshot).
 SNAPSHOTS_KEPT = 4
 
