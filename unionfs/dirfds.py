@@ -97,7 +97,7 @@ class DirFds:
     def fd(self, bd: BranchDir) -> int:
         """An open fd of *bd*, opened again if it was closed; valid until the next request."""
         if bd.fd >= 0:
-            if bd.used >= 0:
+            if bd.used != self.request and bd.used >= 0:
                 bd.used = self.request
                 self._open.move_to_end(bd)
             return bd.fd

@@ -76,8 +76,7 @@ class Node:
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
         # The real object's stat, cached until a change through the union drops it (`touch`) or
-        # STATS_KEPT more recent ones push it out (`NodeTable.remember`): a warm readdir then
-        # answers from memory.
+        # the cache is full (`NodeTable.remember`): a warm readdir then answers from memory.
         self.st: Stat | None = None
         # directories: the node behind each linked name
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
@@ -112,7 +111,7 @@ class NodeTable:
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
         self.fds = DirFds(default_capacity(len(stack.layers)))
-        self._stats: dict[int, None] = {}   # ids of the nodes with a cached stat, oldest first
+        self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
@@ -126,17 +125,18 @@ class NodeTable:
         return len(self.nodes)
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
-        """Cache *st* as *node*'s stat, forgetting the least recently cached beyond STATS_KEPT."""
-        cached = node.st = Stat.of(st)
+        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""
         recent = self._stats
-        recent.pop(node.id, None)
-        recent[node.id] = None
-        if len(recent) > STATS_KEPT:
-            oldest = next(iter(recent))
-            del recent[oldest]
-            old = self.nodes.get(oldest)
-            if old is not None and old is not node:
-                old.st = None
+        if len(recent) >= STATS_KEPT:
+            # Full: forget them all at once (cheaper per stat than keeping an order).
+            nodes = self.nodes
+            for node_id in recent:
+                old = nodes.get(node_id)
+                if old is not None:
+                    old.st = None
+            recent.clear()
+        cached = node.st = Stat.of(st)
+        recent.append(node.id)
         return cached
 
     def get(self, node_id: int) -> Node:
@@ -150,10 +150,10 @@ class NodeTable:
 
     def dirfd(self, node: Node, layer: int) -> int:
         """The fd of directory *node*'s directory in branch *layer* (ESTALE when it has none)."""
-        bd = node.branch_dir(layer)
-        if bd is None:
-            raise OSError(116, "directory not in that branch", str(node.id))  # ESTALE
-        return self.fds.fd(bd)
+        for bd in node.dirs:
+            if bd.layer == layer:
+                return self.fds.fd(bd)
+        raise OSError(116, "directory not in that branch", str(node.id))  # ESTALE
 
     def dirfd_or_none(self, node: Node, layer: int) -> int | None:
         bd = node.branch_dir(layer)

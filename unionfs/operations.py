@@ -164,17 +164,16 @@ class Operations(pyfuse3.Operations):
     def _attr(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
         """The attributes the kernel gets for *node*, built once per cached stat (pyfuse3 copies
         them into each reply, so one object serves every readdir and lookup until the stat changes)
-        and kept for the REPLIES_KEPT most recent nodes."""
+        and kept for up to REPLIES_KEPT nodes."""
         replies = self._replies
         cached = replies.get(node.id)
         if cached is not None and cached[0] is st:
             return cached[1]
         a = self._build_attr(node, st)
         if st is node.st:   # only the attributes of a cached stat can serve again
-            replies.pop(node.id, None)
+            if len(replies) >= REPLIES_KEPT:
+                replies.clear()   # full: start again (cheaper per reply than keeping an order)
             replies[node.id] = (st, a)
-            if len(replies) > REPLIES_KEPT:
-                del replies[next(iter(replies))]
         return a
 
     def _build_attr(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
