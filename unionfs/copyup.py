@@ -106,7 +106,7 @@ class CopyUp:
 
     def dir(self, node: Node, parent_upper_fd: int, name: bytes) -> int:
         """Create the upper directory for *node* (a lower directory); return it open."""
-        src_fd = node.dirfds[0][1]
+        src_fd = self.union.table.top_dirfd(node)
         st = os.fstat(src_fd)
         work = self.work
         tmp = self._temp()
@@ -136,7 +136,7 @@ class CopyUp:
         union = self.union
         parent, name = node.name_in()
         upper_pfd = union.upper_dir(parent)
-        src_pfd = parent.fdmap[node.layer]
+        src_pfd = union.table.dirfd(parent, node.layer)
         st = lstat_at(src_pfd, name)
         work = self.work
         tmp = self._temp()

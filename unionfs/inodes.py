@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from types import MappingProxyType
+from typing import TYPE_CHECKING, cast
 
+from .attrs import Stat
+from .dirfds import BranchDir, DirFds, default_capacity
 from .merge import Entry
 
 if TYPE_CHECKING:
@@ -30,17 +34,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+#: How many nodes keep their stat cached (`NodeTable.remember`): a ceiling on that cache however
+#: many objects the kernel knows (about 200 bytes each).
+STATS_KEPT = 8192
 FALLBACK_BASE = 1 << 60
 
 # (st_dev, st_ino) of a real object, or (parent node id, name) of a lower non-directory
 Key = tuple[int, int] | tuple[int, bytes]
 
 
+# What a non-directory has for branch directories and children: nothing, and (being immutable) a
+# bug that tried to give it some would fail loudly instead of sharing them.  An empty list and
+# dict per node would cost 120 bytes per entry.
+_NO_DIRS = cast("list[BranchDir]", ())
+_NO_CHILDREN = cast("dict[bytes, Node]", MappingProxyType({}))
+
+
 class Node:
-    """One object of the union.  Directories hold their branch directories open."""
+    """One object of the union.  Directories know their branch directories (`BranchDir`), which
+    the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirfds", "fdmap", "listing", "lock", "owns_fds", "xattrs", "st", "children", "reply",
+                 "dirs", "listing", "lock", "xattrs", "st", "children",
                  "snaps")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
@@ -49,38 +64,35 @@ class Node:
         self.is_dir = is_dir
         self.layer = layer                      # branch that holds the object (directories: topmost)
         self.key = key                          # how the table finds it (see the module docstring)
-        self.links: list[tuple[Node, bytes]] = []  # names it is known by
+        self.links: tuple[tuple[Node, bytes], ...] = ()  # names it is known by, most recent last
         self.nlookup = 0                        # lookups the kernel has not forgotten
         self.refs = 0                           # links of other nodes that name this one as parent
         self.handles = 0                        # open files and directories
-        self.dirfds: list[tuple[int, int]] = []  # directories: (layer, fd) top first
-        self.fdmap: dict[int, int] = {}          # directories: layer -> fd
+        # directories: the branch directories, top first (others share one empty, immutable value)
+        self.dirs: list[BranchDir] = [] if is_dir else _NO_DIRS
         self.listing: dict[bytes, Entry] | None = None  # directories: merged listing, built on demand
         self.lock: trio.Lock | None = None       # serialises copy-up of this node
-        self.owns_fds = True
         # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
-        # The real object's stat, cached until a change through the union drops it (`touch`): a
-        # warm readdir then answers from memory.
-        self.st: os.stat_result | None = None
-        self.children: dict[bytes, Node] = {}   # directories: the node behind each linked name
-        self.reply: tuple[os.stat_result, object] | None = None  # (stat, the attributes built from it)
+        # The real object's stat, cached until a change through the union drops it (`touch`) or
+        # the cache is full (`NodeTable.remember`): a warm readdir then answers from memory.
+        self.st: Stat | None = None
+        # directories: the node behind each linked name
+        self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
         # directories: listing snapshots for readers without a directory handle (Operations._snapshot)
-        self.snaps: dict[int, list[tuple[bytes, Entry | None]]] | None = None
+        self.snaps: dict[int, list[bytes]] | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
         return f"Node({self.id}, dir={self.is_dir}, layer={self.layer}, names={names})"
 
-    def set_dirfds(self, dirfds: list[tuple[int, int]]) -> None:
-        self.dirfds = dirfds
-        self.fdmap = dict(dirfds)
-
-    def add_upper_dirfd(self, fd: int) -> None:
-        self.dirfds.insert(0, (0, fd))
-        self.fdmap[0] = fd
-        self.layer = 0
+    def branch_dir(self, layer: int) -> BranchDir | None:
+        """This directory's directory in branch *layer*, if it has one."""
+        for bd in self.dirs:
+            if bd.layer == layer:
+                return bd
+        return None
 
     def name_in(self) -> tuple[Node, bytes]:
         """One name of this node (the most recent).  Raises FileNotFoundError when it has none."""
@@ -88,21 +100,6 @@ class Node:
             raise FileNotFoundError(2, "no name left for node", str(self.id))
         return self.links[-1]
 
-    def real_parent_fd(self) -> tuple[int, bytes]:
-        """(fd of the branch directory holding this object, its name there)."""
-        parent, name = self.name_in()
-        return parent.fdmap[self.layer], name
-
-    def close_fds(self) -> None:
-        if self.owns_fds:
-            for _, fd in self.dirfds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.dirfds = []
-        self.fdmap = {}
-        self.listing = None
 
 
 class NodeTable:
@@ -113,11 +110,12 @@ class NodeTable:
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
+        self.fds = DirFds(default_capacity(len(stack.layers)))
+        self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
-        root.set_dirfds([(layer.index, layer.fd) for layer in stack.layers])
-        root.owns_fds = False   # the LayerStack owns the branch roots
+        root.dirs = [self.fds.fixed(root, layer.index, layer.fd) for layer in stack.layers]
         root.nlookup = 1
         self.root = root
         self.nodes[ROOT_ID] = root
@@ -126,11 +124,74 @@ class NodeTable:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def remember(self, node: Node, st: os.stat_result) -> Stat:
+        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""
+        recent = self._stats
+        if len(recent) >= STATS_KEPT:
+            # Full: forget them all at once (cheaper per stat than keeping an order).
+            nodes = self.nodes
+            for node_id in recent:
+                old = nodes.get(node_id)
+                if old is not None:
+                    old.st = None
+            recent.clear()
+        cached = node.st = Stat.of(st)
+        recent.append(node.id)
+        return cached
+
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
         if node is None:
             raise OSError(116, "unknown inode", str(node_id))  # ESTALE
         return node
+
+    # ------------------------------------------------------------------ branch directory fds
+    # Valid until the next request starts: use them at once, never across an await.
+
+    def dirfd(self, node: Node, layer: int) -> int:
+        """The fd of directory *node*'s directory in branch *layer* (ESTALE when it has none)."""
+        for bd in node.dirs:
+            if bd.layer == layer:
+                return self.fds.fd(bd)
+        raise OSError(116, "directory not in that branch", str(node.id))  # ESTALE
+
+    def dirfd_or_none(self, node: Node, layer: int) -> int | None:
+        bd = node.branch_dir(layer)
+        return None if bd is None else self.fds.fd(bd)
+
+    def top_dirfd(self, node: Node) -> int:
+        """The fd of directory *node*'s topmost branch directory (ENOENT when it has none)."""
+        if not node.dirs:
+            raise OSError(2, "directory has no branch left", str(node.id))  # ENOENT
+        return self.fds.fd(node.dirs[0])
+
+    def branch_fds(self, node: Node) -> Iterator[tuple[int, int]]:
+        """(layer, fd) of each branch directory of *node*, top first, each opened as it is reached."""
+        for bd in node.dirs:
+            yield bd.layer, self.fds.fd(bd)
+
+    def real_parent_fd(self, node: Node) -> tuple[int, bytes]:
+        """(fd of the branch directory holding *node*'s object, its name there)."""
+        parent, name = node.name_in()
+        return self.dirfd(parent, node.layer), name
+
+    def set_dirs(self, node: Node, fds: list[tuple[int, int]], in_use: bool = False) -> None:
+        """Give directory *node* the branch directories *fds* ((layer, open fd), top first)."""
+        self.close_dirs(node, keep=0)
+        node.dirs = [self.fds.adopt(node, layer, fd, in_use) for layer, fd in fds]
+
+    def add_upper_dir(self, node: Node, fd: int) -> None:
+        """*node* now has a directory in the writable branch, open as *fd* (in use by the caller)."""
+        node.dirs.insert(0, self.fds.adopt(node, 0, fd, in_use=True))
+        node.layer = 0
+
+    def close_dirs(self, node: Node, keep: int) -> None:
+        """Let directory *node* keep only its *keep* topmost branch directories."""
+        if len(node.dirs) <= keep:
+            return
+        for bd in node.dirs[keep:]:
+            self.fds.close(bd)
+        del node.dirs[keep:]
 
     def find(self, key: Key) -> Node | None:
         return self.by_key.get(key)
@@ -167,10 +228,12 @@ class NodeTable:
         link = (parent, name)
         if link in node.links:
             if node.links[-1] != link:
-                node.links.remove(link)
-                node.links.append(link)
+                node.links = (*(k for k in node.links if k != link), link)
             return
-        node.links.append(link)
+        if not node.links:
+            for bd in node.dirs:
+                self.fds.named(bd)
+        node.links = (*node.links, link)
         parent.refs += 1
         self.by_key.setdefault(node.key, node)   # named again (a rename): findable again
         old = parent.children.get(name)
@@ -179,16 +242,18 @@ class NodeTable:
         parent.children[name] = node
 
     def drop_link(self, node: Node, parent: Node, name: bytes) -> None:
-        try:
-            node.links.remove((parent, name))
-        except ValueError:
+        if (parent, name) not in node.links:
             return
+        node.links = tuple(k for k in node.links if k != (parent, name))
         if parent.children.get(name) is node:
             del parent.children[name]
-        if not node.links and self.by_key.get(node.key) is node:
-            # Its last known name is gone: the filesystem may give its inode number to a new
-            # object, which must not be mistaken for this one.
-            del self.by_key[node.key]
+        if not node.links:
+            if self.by_key.get(node.key) is node:
+                # Its last known name is gone: the filesystem may give its inode number to a new
+                # object, which must not be mistaken for this one.
+                del self.by_key[node.key]
+            for bd in node.dirs:   # nothing to open it by any more
+                self.fds.orphan(bd)
         parent.refs -= 1
         self.maybe_free(parent)
 
@@ -210,16 +275,18 @@ class NodeTable:
             del self.nodes[n.id]
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
-            n.close_fds()
+            self.close_dirs(n, keep=0)
+            n.listing = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]
                 parent.refs -= 1
                 todo.append(parent)
-            n.links = []
+            n.links = ()
 
     def close(self) -> None:
         for n in list(self.nodes.values()):
-            n.close_fds()
+            self.close_dirs(n, keep=0)
+        self.fds.close_all()
         self.nodes.clear()
         self.by_key.clear()

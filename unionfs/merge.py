@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 
 from .layers import open_dir_at
 from .whiteout import WH_META_PREFIX, WH_OPQ, WH_PREFIX, dir_is_opaque, is_whiteout_stat
@@ -23,7 +24,7 @@ class Entry:
     def __init__(self, layer: int, is_dir: bool, has_lower: bool) -> None:
         self.layer = layer              # topmost branch holding the name
         self.is_dir = is_dir
-        self.dir_layers: list[int] = [layer] if is_dir else []  # branches merged into this directory
+        self.dir_layers: tuple[int, ...] = (layer,) if is_dir else ()  # branches merged into this directory
         self.has_lower = has_lower      # a branch below the top (index > 0) has the name, not whited out
 
     def __repr__(self) -> str:
@@ -70,7 +71,7 @@ def _is_device_whiteout(de: os.DirEntry[str]) -> bool:
         return False
 
 
-def build_listing(dirfds: list[tuple[int, int]]) -> dict[bytes, Entry]:
+def build_listing(dirfds: Iterable[tuple[int, int]]) -> dict[bytes, Entry]:
     """Merge the branch directories *dirfds* ((layer, fd), top first) into one listing.
 
     A higher branch wins; a non-directory stops the stack for its name; a whiteout in a branch hides
@@ -95,15 +96,17 @@ def build_listing(dirfds: list[tuple[int, int]]) -> dict[bytes, Entry]:
             if name in closed:
                 continue
             if is_dir:
-                e.dir_layers.append(layer)
+                e.dir_layers += (layer,)
             else:
                 closed.add(name)
         hidden |= whiteouts
     return entries
 
 
-def open_dir_layers(parent_fds: dict[int, int], name: bytes, layers: list[int]) -> list[tuple[int, int]]:
-    """Open the branch directories *name* in *layers* (top first) under the parent's fds.
+def open_dir_layers(parent_fd: Callable[[int], int | None], name: bytes, layers: tuple[int, ...]
+                    ) -> list[tuple[int, int]]:
+    """Open the branch directories *name* in *layers* (top first) under the parent's fds
+    (*parent_fd*(layer), None where the parent has no directory in that branch).
 
     Stops after an opaque one.  A branch whose entry is no longer a directory ends the stack.
     Returns (layer, fd) pairs; the caller owns the fds.
@@ -111,7 +114,7 @@ def open_dir_layers(parent_fds: dict[int, int], name: bytes, layers: list[int]) 
     out: list[tuple[int, int]] = []
     try:
         for i, layer in enumerate(layers):
-            pfd = parent_fds.get(layer)
+            pfd = parent_fd(layer)
             if pfd is None:
                 break
             try:

@@ -31,10 +31,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from .attrs import Stat
 from .caller import in_group_or_capable
 from .inodes import Node
 from .layers import ACL_ACCESS
-from .merge import Entry
 from .offload import BIG_IO
 from .sysx import fallocate
 from .union import Creds, Handle, Union
@@ -46,6 +46,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 #: Set in the fh of READDIRPLUS and FSYNCDIR by the libfuse shim when the kernel opens directories
 #: without asking (zero-message opendir): the rest of the fh is then the directory's node id.
 STATELESS_DIR = 1 << 63
+#: Nodes whose reply attributes are kept built (about 350 bytes each; see Operations._attr).
+REPLIES_KEPT = 4096
 #: Listing snapshots kept per directory for readers without a handle (see Operations._snapshot).
 SNAPSHOTS_KEPT = 4
 
@@ -102,6 +104,7 @@ def _handler(fn: F) -> F:
     async def wrapper(self: Operations, *args: Any) -> Any:
         if self.debug:
             log.debug("%s%r", name, args)
+        self.union.table.fds.next_request()
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -119,7 +122,7 @@ class DirHandle:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries: list[tuple[bytes, Entry | None]] | None = None
+        self.entries: list[bytes] | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -143,6 +146,7 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.debug = debug
         self.dirs = {}
+        self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         union.invalidate_entry = self._invalidate_entry
         self.on_init: Callable[[], None] = lambda: None
@@ -173,17 +177,22 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ helpers
 
-    def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        """The attributes the kernel gets for *node*, built once per stat result (pyfuse3 copies
-        them into each reply, so one object serves every readdir and lookup until the stat changes)."""
-        cached = node.reply
+    def _attr(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
+        """The attributes the kernel gets for *node*, built once per cached stat (pyfuse3 copies
+        them into each reply, so one object serves every readdir and lookup until the stat changes)
+        and kept for up to REPLIES_KEPT nodes."""
+        replies = self._replies
+        cached = replies.get(node.id)
         if cached is not None and cached[0] is st:
-            return cached[1]  # type: ignore[return-value]
+            return cached[1]
         a = self._build_attr(node, st)
-        node.reply = (st, a)
+        if st is node.st:   # only the attributes of a cached stat can serve again
+            if len(replies) >= REPLIES_KEPT:
+                replies.clear()   # full: start again (cheaper per reply than keeping an order)
+            replies[node.id] = (st, a)
         return a
 
-    def _build_attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _build_attr(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         if node.ino != node.id:
@@ -191,20 +200,21 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
-        a.st_mode = st.st_mode
+        _dev, _ino, _nlink, rdev, size, blocks, blksize, atime, mtime, ctime, mode, uid, gid = st.fields()
+        a.st_mode = mode
         a.st_nlink = self.union.nlink(node, st)
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
+        a.st_uid = uid
+        a.st_gid = gid
+        a.st_rdev = rdev
+        a.st_size = size
+        a.st_blksize = blksize
+        a.st_blocks = blocks
+        a.st_atime_ns = atime
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = ctime
         return a
 
-    def _looked_up(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _looked_up(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
         node.nlookup += 1
         return self._attr(node, st)
 
@@ -268,8 +278,8 @@ class Operations(pyfuse3.Operations):
         union = self.union
         listing = node.listing if node.listing is not None else union.listing(node)
         for i in range(start, len(entries)):
-            name, e = entries[i]
-            if e is None:
+            name = entries[i]
+            if i < 2:           # "." and ".."
                 found = union.lookup(node, name)
                 assert found is not None
                 if not pyfuse3.readdir_reply(token, name, self._attr(*found), gen | (i + 1)):
@@ -287,10 +297,11 @@ class Operations(pyfuse3.Operations):
                 return
             child.nlookup += 1
 
-    def _entries(self, node: Node) -> list[tuple[bytes, Entry | None]]:
-        return [(b".", None), (b"..", None), *self.union.listing(node).items()]
+    def _entries(self, node: Node) -> list[bytes]:
+        """A snapshot of the names in *node* (the names themselves are the listing's: 8 bytes each)."""
+        return [b".", b"..", *self.union.listing(node)]
 
-    def _snapshot(self, node: Node, offset: int) -> tuple[list[tuple[bytes, Entry | None]], int, int]:
+    def _snapshot(self, node: Node, offset: int) -> tuple[list[bytes], int, int]:
         """Listing, start index and offset tag for a READDIRPLUS without an open directory handle.
 
         Reading from offset 0 takes a new snapshot of the listing; each entry's offset names the
@@ -324,7 +335,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
-        fd = node.fdmap.get(0)
+        fd = self.union.table.dirfd_or_none(node, 0)
         if fd is not None:
             await self.union.offload.on_fd(fd, os.fsync)
 
@@ -402,6 +413,7 @@ class Operations(pyfuse3.Operations):
         args = (inode, fh, mode, offset, length)
         if self.debug:
             log.debug("fallocate%r", args)
+        self.union.table.fds.next_request()
         try:
             h = self.union.handles[fh]
             fd = self.union.fallocate_fd(h)

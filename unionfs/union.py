@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .attrs import Stat
 from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import (
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 # (O_APPEND) or require aligned buffers pyfuse3 does not give (O_DIRECT: the kernel still bypasses
 # its page cache for such an open).
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
+#: Distinct sets of xattr names kept shared between nodes (see Union._xattr_names).
+XATTR_SETS_SHARED = 1024
 
 
 def _err(code: int, what: str = "", name: bytes = b"") -> OSError:
@@ -97,6 +100,7 @@ class Union:
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_attr: Callable[[int], None] = lambda node_id: None
         self._next_fh = 0
+        self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
 
     def close(self) -> None:
         """Close every fd this union holds on its branches (open files, then nodes)."""
@@ -111,10 +115,10 @@ class Union:
         if not d.is_dir:
             raise _err(errno.ENOTDIR)
         if d.listing is None:
-            d.listing = build_listing(d.dirfds)
+            d.listing = build_listing(self.table.branch_fds(d))
         return d.listing
 
-    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, Stat] | None:
         """The node for *name* in *parent* and its real stat, or None when the name is not visible."""
         if name == b".":
             return parent, self.stat(parent)
@@ -129,13 +133,13 @@ class Union:
         return self.node_for(parent, name, e)
 
     def node_for(self, parent: Node, name: bytes, e: Entry, fresh: bool = False
-                 ) -> tuple[Node, os.stat_result]:
+                 ) -> tuple[Node, Stat]:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
         known = parent.children.get(name)
         if known is not None and known.st is not None and known.layer == e.layer:
             return known, known.st
         try:
-            st = lstat_at(parent.fdmap[e.layer], name)
+            st = lstat_at(self.table.dirfd(parent, e.layer), name)
         except FileNotFoundError:
             return self._read_again(parent, name, fresh)
         if stat.S_ISDIR(st.st_mode) != e.is_dir:
@@ -143,17 +147,17 @@ class Union:
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
-            dirfds = open_dir_layers(parent.fdmap, name, e.dir_layers) if e.is_dir else []
+            dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
+                                     e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
                 return self._read_again(parent, name, fresh)
             node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
-                node.set_dirfds(dirfds)
+                self.table.set_dirs(node, dirfds)
         self.table.add_link(node, parent, name)
-        node.st = st
-        return node, st
+        return node, self.table.remember(node, st)
 
-    def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, os.stat_result]:
+    def _read_again(self, parent: Node, name: bytes, fresh: bool) -> tuple[Node, Stat]:
         """*name* is not what *parent*'s listing says: a branch changed underneath the mount.
         Read the listing again, once, and resolve the name from that; ENOENT if it is gone."""
         if fresh:
@@ -172,21 +176,18 @@ class Union:
             if n is not None:
                 n.st = None
 
-    def stat(self, node: Node) -> os.stat_result:
+    def stat(self, node: Node) -> Stat:
         if node.st is not None:
             return node.st
         if node.is_dir:
-            if not node.dirfds:
-                raise _err(errno.ENOENT)
-            st = os.fstat(node.dirfds[0][1])
+            st = os.fstat(self.table.top_dirfd(node))
         elif node.links:
-            pfd, name = node.real_parent_fd()
+            pfd, name = self.table.real_parent_fd(node)
             st = lstat_at(pfd, name)
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
-            return os.fstat(h.fd)
-        node.st = st
-        return st
+            return Stat.of(os.fstat(h.fd))
+        return self.table.remember(node, st)
 
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
@@ -197,21 +198,21 @@ class Union:
             return h
         raise _err(errno.ENOENT)
 
-    def nlink(self, node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: Stat) -> int:
         """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
-        if node.is_dir and len(node.dirfds) > 1:
+        if node.is_dir and len(node.dirs) > 1:
             return 1
         return st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         return os.readlink(name, dir_fd=pfd)
 
     # ------------------------------------------------------------------ xattrs and statfs
 
     def _xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
         if node.is_dir:
-            return fn(node.dirfds[0][1])
+            return fn(self.table.top_dirfd(node))
         if not node.links:
             # Unlinked but open (fgetxattr and friends reach us with the node alone): an open file
             # in the branch the node lives in is the only way left to the object.
@@ -219,7 +220,7 @@ class Union:
                 if h.layer == node.layer:
                     return fn(h.fd)
             raise _err(errno.ENOENT)
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             return fn(fd_path(fd))
@@ -229,7 +230,13 @@ class Union:
     def _xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattrs is None:
             names = self._xattr_target(node, os.listxattr)
-            node.xattrs = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            # Most objects share a handful of name sets (none at all, or security.selinux): keep
+            # one copy of each (a frozenset costs 216 bytes) while there are few distinct ones.
+            shared = self._xattr_sets.get(found)
+            if shared is None and len(self._xattr_sets) < XATTR_SETS_SHARED:
+                self._xattr_sets[found] = shared = found
+            node.xattrs = found if shared is None else shared
         return node.xattrs
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
@@ -296,23 +303,23 @@ class Union:
         tree of any depth is copied up without recursion.
         """
         self.check_writable()
-        fd = d.fdmap.get(0)
+        fd = self.table.dirfd_or_none(d, 0)
         if fd is not None:
             return fd
         missing = [d]
         parent = d.name_in()[0]
-        while parent.fdmap.get(0) is None:
+        while parent.branch_dir(0) is None:
             missing.append(parent)
             parent = parent.name_in()[0]
         for node in reversed(missing):
             self._copy_up_dir(node)
-        return d.fdmap[0]
+        return self.table.dirfd(d, 0)
 
     def _copy_up_dir(self, d: Node) -> None:
         """Copy the directory *d*, whose parent is in the writable branch already, up."""
         parent, name = d.name_in()
-        fd = self.copyup.dir(d, parent.fdmap[0], name)
-        d.add_upper_dirfd(fd)
+        fd = self.copyup.dir(d, self.table.dirfd(parent, 0), name)
+        self.table.add_upper_dir(d, fd)
         d.xattrs = None
         self.touch(d, parent)
         st = os.fstat(fd)
@@ -321,7 +328,7 @@ class Union:
         e = parent.listing.get(name) if parent.listing is not None else None
         if e is not None:
             e.layer = 0
-            e.dir_layers.insert(0, 0)
+            e.dir_layers = (0, *e.dir_layers)
 
     async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
         """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied."""
@@ -478,7 +485,7 @@ class Union:
         return pfd, had
 
     def _new_node(self, parent: Node, name: bytes, pfd: int, is_dir: bool, had_lower: bool
-                  ) -> tuple[Node, os.stat_result]:
+                  ) -> tuple[Node, Stat]:
         self.listing(parent)[name] = Entry(0, is_dir, had_lower)
         self.touch(parent)
         st = lstat_at(pfd, name)
@@ -486,14 +493,13 @@ class Union:
         if node is None or node.is_dir != is_dir:
             node = self.table.new(is_dir, 0, (st.st_dev, st.st_ino), st)
             if is_dir:
-                node.set_dirfds([(0, open_dir_at(pfd, name))])
+                self.table.set_dirs(node, [(0, open_dir_at(pfd, name))])
                 node.listing = {}
         self.table.add_link(node, parent, name)
-        node.st = st
-        return node, st
+        return node, self.table.remember(node, st)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, creds: Creds
-               ) -> tuple[Handle, Node, os.stat_result]:
+               ) -> tuple[Handle, Node, Stat]:
         self._check_new_name(parent, name)
         fds: list[int] = []
         owner = self._owner(self.upper_dir(parent), creds)
@@ -508,7 +514,7 @@ class Union:
         node, st = self._new_node(parent, name, pfd, False, had)
         return self._handle(node, fds[0], flags), node, st
 
-    def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, os.stat_result]:
+    def mkdir(self, parent: Node, name: bytes, mode: int, creds: Creds) -> tuple[Node, Stat]:
         self._check_new_name(parent, name)
         upper = self.upper_dir(parent)
         owner = self._owner(upper, creds)
@@ -534,7 +540,7 @@ class Union:
         return self._new_node(parent, name, pfd, True, had)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, creds: Creds
-              ) -> tuple[Node, os.stat_result]:
+              ) -> tuple[Node, Stat]:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM, "a 0/0 character device is a whiteout", name)
         self._check_new_name(parent, name)
@@ -548,7 +554,7 @@ class Union:
         pfd, had = self._place_new(parent, name, False, make, inherit)
         return self._new_node(parent, name, pfd, False, had)
 
-    def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, os.stat_result]:
+    def symlink(self, parent: Node, name: bytes, target: bytes, creds: Creds) -> tuple[Node, Stat]:
         self._check_new_name(parent, name)
         owner = self._owner(self.upper_dir(parent), creds)
 
@@ -559,13 +565,13 @@ class Union:
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)
 
-    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, Stat]:
         if node.is_dir:
             raise _err(errno.EPERM)
         self._check_new_name(parent, name)
         await self.ensure_upper(node)
         self._check_new_name(parent, name)   # the copy-up may have awaited
-        spfd, sname = node.real_parent_fd()
+        spfd, sname = self.table.real_parent_fd(node)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.link(sname, n, src_dir_fd=spfd, dst_dir_fd=dirfd, follow_symlinks=False)
@@ -598,7 +604,7 @@ class Union:
         """An O_PATH fd of the upper file *name* of *parent* when it is a big file (FREE_BIG bytes
         allocated) with one link, None otherwise.  Held across an unlink or a rename over *name*,
         it keeps the file's blocks until it is closed, which the caller does off the loop."""
-        pfd = parent.fdmap.get(0)
+        pfd = self.table.dirfd_or_none(parent, 0)
         e = parent.listing.get(name) if parent.listing is not None else None
         if pfd is None or e is None or e.is_dir or e.layer != 0:
             return None
@@ -614,7 +620,7 @@ class Union:
     def unlink(self, parent: Node, name: bytes) -> None:
         listing, e, node = self._to_remove(parent, name, is_dir=False)
         if e.layer == 0:
-            pfd = parent.fdmap[0]
+            pfd = self.table.dirfd(parent, 0)
             if e.has_lower:
                 self._whiteout(pfd, name, replace=True)
             else:
@@ -630,8 +636,8 @@ class Union:
         if self.listing(node):
             raise _err(errno.ENOTEMPTY, name=name)
         if e.layer == 0:
-            clear_dir(node.fdmap[0])   # only whiteouts and markers are left in it
-            pfd = parent.fdmap[0]
+            clear_dir(self.table.dirfd(node, 0))   # only whiteouts and markers are left in it
+            pfd = self.table.dirfd(parent, 0)
             if e.has_lower:
                 self.writer.write(pfd, name, replace=True)
             else:
@@ -646,7 +652,7 @@ class Union:
     # ------------------------------------------------------------------ rename
 
     def _is_merged_or_lower(self, node: Node) -> bool:
-        return node.layer != 0 or len(node.dirfds) > 1
+        return node.layer != 0 or len(node.dirs) > 1
 
     async def rename(self, op: Node, on: bytes, np: Node, nn: bytes, flags: int) -> None:
         self.check_writable()
@@ -687,10 +693,13 @@ class Union:
         # Re-read after the awaits: another request may have changed either name meanwhile.
         if self.listing(op).get(on) is not es or self.listing(np).get(nn) is not ed:
             raise _err(errno.EAGAIN, "rename raced with another change", on)
-        if src.is_dir and src.fdmap.get(0) is None:
+        if src.is_dir and src.branch_dir(0) is None:
             raise _err(errno.EXDEV, name=on)
         spfd = self.upper_dir(op)
         dpfd = self.upper_dir(np)
+        for moving in (src, dst):
+            if moving is not None and moving.is_dir:
+                self.table.dirfd_or_none(moving, 0)   # opened (under its old name) for after the move
         self.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None
@@ -701,7 +710,8 @@ class Union:
         if ed is not None:
             dst_lower = ed.has_lower or ed.layer != 0
             if ed.is_dir and ed.layer == 0:
-                clear_dir(dst.fdmap[0])  # type: ignore[union-attr]
+                assert dst is not None
+                clear_dir(self.table.dirfd(dst, 0))
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
         self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
@@ -720,13 +730,13 @@ class Union:
     def _opaque_after_move(self, moved: Node, new_parent: Node, name_below: bool) -> None:
         """A directory moved into a merged directory (or onto a name that exists below) becomes
         opaque, as overlayfs does, so nothing below can merge into it later."""
-        if not (name_below or len(new_parent.dirfds) > 1):
+        if not (name_below or len(new_parent.dirs) > 1):
             return
-        fd = moved.fdmap[0]
+        fd = self.table.dirfd(moved, 0)
         if not dir_is_opaque(fd):
             self.writer.make_opaque(fd)
-        if len(moved.dirfds) > 1:
-            moved.set_dirfds(moved.dirfds[:1])
+        if len(moved.dirs) > 1:
+            self.table.close_dirs(moved, keep=1)
             moved.listing = None
 
     def _rename_leaving_whiteout(self, spfd: int, on: bytes, dpfd: int, nn: bytes, whiteout: bool) -> None:
@@ -776,7 +786,7 @@ class Union:
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: Handle | None = None) -> os.stat_result:
+                      handle: Handle | None = None) -> Stat:
         """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
         self.check_writable()
         await self.ensure_upper(node, keep=size)
@@ -792,7 +802,7 @@ class Union:
         if node.is_dir or not node.links:
             # A directory, or a file whose last name is gone but is still open: work on the fd.
             if node.is_dir:
-                fd = node.fdmap[0]
+                fd = self.table.dirfd(node, 0)
             else:
                 # fchown and fchmod reach us without the handle: any open one of the node will do.
                 fd = (handle or self.any_handle(node)).fd
@@ -805,8 +815,8 @@ class Union:
             if times is not None:
                 os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
             self.touch(node)
-            return os.fstat(fd)
-        pfd, name = node.real_parent_fd()
+            return Stat.of(os.fstat(fd))
+        pfd, name = self.table.real_parent_fd(node)
         if owner is not None:
             os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
         if mode is not None:
@@ -820,8 +830,8 @@ class Union:
         if times is not None:
             st = lstat_at(pfd, name) if None in times else None
             os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
-        node.st = lstat_at(pfd, name)
-        return node.st
+        cached = self.table.remember(node, lstat_at(pfd, name))
+        return cached
 
     async def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         """truncate(2) the file *node* to *size*: through *handle* when it may write (or when the
@@ -833,7 +843,7 @@ class Union:
         elif handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
             fd = handle.fd
         else:
-            pfd, name = node.real_parent_fd()
+            pfd, name = self.table.real_parent_fd(node)
             fd = own = open_file_at(pfd, name, os.O_WRONLY)
         try:
             if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:
@@ -859,7 +869,7 @@ class Union:
         trunc = flags & os.O_TRUNC   # libfuse asks for atomic O_TRUNC: it arrives here
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
-        pfd, name = node.real_parent_fd()
+        pfd, name = self.table.real_parent_fd(node)
         if trunc and flags & os.O_ACCMODE != os.O_RDONLY and lstat_at(pfd, name).st_blocks * 512 >= FREE_BIG:
             # Truncating a big file frees its blocks, which takes long: on a worker thread.
             fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
@@ -877,7 +887,7 @@ class Union:
     def refresh(self, h: Handle) -> None:
         """A handle opened before its node was copied up reads the upper copy from then on."""
         if h.layer != h.node.layer and h.node.links:
-            pfd, name = h.node.real_parent_fd()
+            pfd, name = self.table.real_parent_fd(h.node)
             fd = open_file_at(pfd, name, h.flags & ~OPEN_STRIP)
             os.close(h.fd)
             h.fd = fd
