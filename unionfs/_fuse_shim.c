@@ -14,11 +14,11 @@
  *  - letting go of the branches at unmount: once the session is mounted, a thread waits for the
  *    kernel to end it (POLLERR on /dev/fuse: unmounted, or the connection aborted) and then points
  *    every fd the server holds on the branches' filesystems (but those it says are not the
- *    union's) at /dev/null, at once, from C.  The Python side would need the GIL and a turn of
- *    the event loop first, which under load is long enough for `umount MNT && umount BASE` to
+ *    union's) at a sink of its own (an unconnected socket), at once, from C.  The Python side
+ *    would need the GIL and a turn of the event loop first, which under load is long enough for `umount MNT && umount BASE` to
  *    find BASE busy.  The fd numbers stay taken, so the server closes them later as usual and no
- *    number is reused under it; a request still being served then (only after a forced abort)
- *    reads and writes nothing.
+ *    number is reused under it; they point at an unconnected socket of the server's own, so a
+ *    request still being served then (only after a forced abort) reads, writes and changes nothing.
  *  - cache_readdir: pyfuse3's opendir replies with the fuse_file_info it was given, with only fh
  *    set, so the kernel never keeps a directory listing.  The shim sets cache_readdir and
  *    keep_cache on that fuse_file_info before pyfuse3 sees it; the kernel then answers a repeated
@@ -55,6 +55,8 @@
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <errno.h>
@@ -195,6 +197,8 @@ static pthread_t watcher;
 static int watching;
 static int stop_pipe[2] = {-1, -1};
 
+/* 1: an fd on a branch's filesystem to let go of now; 2: the same, but the last reference to an
+   unlinked file (closing it may free many blocks: done last, at ordinary priority); 0: keep it. */
 static int releasable(int fd)
 {
     struct stat st;
@@ -205,25 +209,39 @@ static int releasable(int fd)
             return 0;
     for (int i = 0; i < n_release_devs; i++)
         if (release_devs[i] == st.st_dev)
-            return 1;
+            return S_ISREG(st.st_mode) && st.st_nlink == 0 ? 2 : 1;
     return 0;
 }
 
+/* Point the releasable fds of one kind at *sink*. */
+static void release_pass(int sink, int kind)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int fd = atoi(e->d_name);
+        if (fd != sink && fd != dirfd(d) && releasable(fd) == kind)
+            dup3(sink, fd, O_CLOEXEC);
+    }
+    closedir(d);
+}
+
+/* The sink is an unconnected socket of our own, never a shared file such as /dev/null: a request
+   still being served after a forced abort may fchmod, fchown or fsetxattr what it takes for a
+   branch fd, and on the socket that changes nothing but the socket (reads, writes, xattrs and
+   *at() calls fail). */
 static void release_branch_fds(void)
 {
-    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-    DIR *d = null < 0 ? NULL : opendir("/proc/self/fd");
-    if (d != NULL) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL) {
-            int fd = atoi(e->d_name);
-            if (fd != null && fd != dirfd(d) && releasable(fd))
-                dup3(null, fd, O_CLOEXEC);
-        }
-        closedir(d);
-    }
-    if (null >= 0)
-        close(null);
+    int sink = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sink < 0)
+        return;
+    release_pass(sink, 1);
+    struct sched_param sp = {.sched_priority = 0};
+    pthread_setschedparam(pthread_self(), SCHED_OTHER, &sp);
+    release_pass(sink, 2);
+    close(sink);
 }
 
 static void *watch_session(void *arg)
@@ -249,7 +267,13 @@ __attribute__((visibility("default"))) int fuse_session_mount(struct fuse_sessio
         return -1;
     int res = real(se, mountpoint);
     if (res == 0 && n_release_devs > 0 && !watching && pipe2(stop_pipe, O_CLOEXEC) == 0) {
-        if (pthread_create(&watcher, NULL, watch_session, (void *)(intptr_t)fuse_session_fd(se)) == 0) {
+        /* the thread takes no signals: they are the Python side's (created with all blocked) */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        int made = pthread_create(&watcher, NULL, watch_session, (void *)(intptr_t)fuse_session_fd(se));
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (made == 0) {
             /* a real-time thread runs the moment it wakes, however loaded the machine; it only
                ever does the one short scan above.  Not allowed (unprivileged): an ordinary one. */
             struct sched_param sp = {.sched_priority = 1};
@@ -419,7 +443,7 @@ static PyMethodDef methods[] = {
      "once per request, from the thread that runs the FUSE loop."},
     {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
      "release_on_session_end(devices, keep): once the next session is mounted, a thread points "
-     "every fd on those filesystems (st_dev), but 0-2 and those in keep, at /dev/null the moment "
+     "every fd on those filesystems (st_dev), but 0-2 and those in keep, at a private sink the moment "
      "the kernel ends the session."},
     {"stop_watching", py_stop_watching, METH_NOARGS,
      "Stop that thread (waiting for it to finish); call it before closing the session."},
