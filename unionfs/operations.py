@@ -223,7 +223,7 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> Creds:
-        return Creds(ctx.uid, ctx.gid, ctx.umask)
+        return Creds(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
     # ------------------------------------------------------------------ read path
 
@@ -422,20 +422,26 @@ class Operations(pyfuse3.Operations):
                 return 0
         except Exception as e:
             return _errno_for(e, "fallocate", args, self.debug)
-        # h.fd stays this upper file until the task has duplicated it: the kernel keeps the file
-        # open (no release) while its fallocate is unanswered, and refresh() has nothing to do.
-        trio.lowlevel.spawn_system_task(self._fallocate_later, req, h, args)
+        # The task gets its own duplicate of the upper file now: whatever happens to the handle
+        # before the task first runs (a shutdown closing every branch fd), the call has its file.
+        try:
+            dup = os.dup(fd)
+        except OSError as e:
+            return _errno_for(e, "fallocate", args, self.debug)
+        trio.lowlevel.spawn_system_task(self._fallocate_later, req, h, dup, args)
         return None
 
-    async def _fallocate_later(self, req: int, h: Handle, args: tuple[int, int, int, int, int]) -> None:
+    async def _fallocate_later(self, req: int, h: Handle, fd: int, args: tuple[int, int, int, int, int]
+                               ) -> None:
         assert shim is not None
         err = errno.EINTR       # cancelled: the mount is going away
         try:
-            await self.union.offload.on_fd(h.fd, fallocate, *args[2:])
+            await self.union.offload.on_fd(fd, fallocate, *args[2:])
             err = 0
         except Exception as e:
             err = _errno_for(e, "fallocate", args, self.debug)
         finally:
+            os.close(fd)
             h.node.st = None
             shim.reply_err(req, err)
 
