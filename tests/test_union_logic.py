@@ -298,3 +298,21 @@ def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
               "print(sys.modules['importlib.metadata'].distribution is distribution)\n")
     out = subprocess.run([sys.executable, "-c", inside], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == [f"{installed} pyfuse3", "True"]
+
+
+async def test_new_file_keeps_setgid_only_for_members_of_its_group(branches: tuple[Path, ...]) -> None:
+    """A file made in a setgid directory of a group the caller is not in loses S_ISGID, as the
+    kernel's inode_init_owner decides (kernels before 6.0 leave that to the filesystem)."""
+    upper, lower, work, _ = branches
+    os.chown(upper, 0, 4321)
+    os.chmod(upper, 0o2777)
+    outsider = Creds(1234, 1234, 0, pid=0)     # not in 4321 (no process to ask: counts as outside)
+    member = Creds(1234, 4321, 0, pid=0)
+    with open_union(upper, lower, work) as u:
+        for name, who, kept in ((b"outsider", outsider, False), (b"member", member, True)):
+            h, _node, _st = u.create(u.table.root, name, 0o2755, os.O_WRONLY, who)
+            u.release(h)
+            st = os.stat(upper / os.fsdecode(name))
+            assert st.st_gid == 4321
+            assert bool(st.st_mode & stat.S_ISGID) == kept, (name, oct(st.st_mode))
+            assert stat.S_IMODE(st.st_mode) & 0o777 == 0o755

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .attrs import Stat
+from .caller import in_group_or_capable
 from .copyup import CopyUp
 from .inodes import Key, Node, NodeTable
 from .layers import (
@@ -66,6 +67,7 @@ class Creds:
     uid: int
     gid: int
     umask: int = 0
+    pid: int = 0
 
 
 class Handle:
@@ -504,6 +506,7 @@ class Union:
         fds: list[int] = []
         owner = self._owner(self.upper_dir(parent), creds)
         mode, inherit = self._new_mode(parent, mode, creds)
+        mode = _strip_sgid(mode, owner, creds)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
@@ -546,6 +549,7 @@ class Union:
         self._check_new_name(parent, name)
         owner = self._owner(self.upper_dir(parent), creds)
         mode, inherit = self._new_mode(parent, mode, creds)
+        mode = _strip_sgid(mode, owner, creds)
 
         def make(dirfd: int, n: bytes, _opaque: bool) -> None:
             os.mknod(n, mode, rdev, dir_fd=dirfd)
@@ -847,7 +851,7 @@ class Union:
             fd = own = open_file_at(pfd, name, os.O_WRONLY)
         try:
             if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:
-                await self.offload.on_fd(fd, os.ftruncate, size)
+                await self.offload.on_fd(fd, os.ftruncate, size, bulk=True)
             else:
                 os.ftruncate(fd, size)
         finally:
@@ -874,7 +878,7 @@ class Union:
             # Truncating a big file frees its blocks, which takes long: on a worker thread.
             fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
             try:
-                await self.offload.on_fd(fd, os.ftruncate, 0)
+                await self.offload.on_fd(fd, os.ftruncate, 0, bulk=True)
             except BaseException:
                 os.close(fd)
                 raise
@@ -923,3 +927,15 @@ def _fill_times(times: tuple[int | None, int | None], st: os.stat_result | None)
         atime = st.st_atime_ns if atime is None else atime
         mtime = st.st_mtime_ns if mtime is None else mtime
     return atime, mtime
+
+
+def _strip_sgid(mode: int, owner: tuple[int, int], creds: Creds) -> int:
+    """*mode* for a new non-directory owned by *owner*: without S_ISGID (when group-executable)
+    unless the caller is in the new file's group or holds CAP_FSETID, as the kernel's
+    inode_init_owner decides (kernels since 6.0 strip it before the request reaches us; older ones
+    leave it to the filesystem)."""
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP and owner[1] != creds.gid and not in_group_or_capable(
+            creds.pid, creds.gid, owner[1]):
+        return mode & ~stat.S_ISGID
+    return mode
+
