@@ -5,8 +5,11 @@ large read or write, the copy of a big file — runs on a worker thread instead,
 arrive meanwhile are answered.  Small metadata calls stay inline: handing them to a thread costs more
 than they do (measured: every handler on a thread made the benchmarks 1.4-5x slower).
 
-Workers are bounded by one `trio.CapacityLimiter` per `Offload`; a call waiting for a worker holds
-no worker and may be cancelled until one is free.  Once on its thread, a call runs to the end.
+Workers are bounded per `Offload` by two `trio.CapacityLimiter`s: one for the requests' own I/O
+(fsync, big reads, writes and fallocates), one for bulk work that may take seconds (copying a big file
+up, freeing a big file's blocks), so that a few slow truncates never hold up every fsync.  A call
+waiting for a worker holds no worker and may be cancelled until one is free.  Once on its thread, a
+call runs to the end.
 """
 from __future__ import annotations
 
@@ -28,30 +31,31 @@ BIG_IO = 256 << 10
 #: Dropping the last reference to a file with this many bytes allocated happens on a worker thread
 #: (ext4 frees 1.5 GiB in about 0.45 s).
 FREE_BIG = 64 << 20
-#: Worker threads at most, for all offloaded calls of one union together.
+#: Worker threads at most, for each of the two kinds of offloaded call of one union.
 WORKERS = 4
 
 
 class Offload:
-    """Runs blocking calls on at most *workers* threads at a time."""
+    """Runs blocking calls on at most *workers* threads at a time for each kind (I/O and bulk)."""
 
     def __init__(self, workers: int = WORKERS) -> None:
         self.workers = workers
-        self._limiter: trio.CapacityLimiter | None = None
+        self._limiters: dict[bool, trio.CapacityLimiter] = {}
 
-    @property
-    def limiter(self) -> trio.CapacityLimiter:
+    def limiter(self, bulk: bool = False) -> trio.CapacityLimiter:
         # Made on first use, inside the trio run that uses it.
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(self.workers)
-        return self._limiter
+        lim = self._limiters.get(bulk)
+        if lim is None:
+            lim = self._limiters[bulk] = trio.CapacityLimiter(self.workers)
+        return lim
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on a worker thread; the caller keeps whatever it passes alive until then."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        """``fn(*args)`` on a bulk worker thread; the caller keeps whatever it passes alive until then."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter(bulk=True))
 
-    async def on_fd(self, fd: int, fn: Callable[..., T], *args: object) -> T:
-        """``fn(dup, *args)`` on a worker thread, *dup* being a duplicate of the open file *fd*.
+    async def on_fd(self, fd: int, fn: Callable[..., T], *args: object, bulk: bool = False) -> T:
+        """``fn(dup, *args)`` on a worker thread, *dup* being a duplicate of the open file *fd* (a
+        bulk worker with *bulk*).
 
         The duplicate keeps the open file alive for the call: meanwhile the owner of *fd* may close
         it (a release) or replace it (a handle following its file's copy-up), and the number may be
@@ -70,7 +74,7 @@ class Offload:
                 os.close(dup)
 
         try:
-            return await trio.to_thread.run_sync(call, limiter=self.limiter)
+            return await trio.to_thread.run_sync(call, limiter=self.limiter(bulk))
         finally:
             if not started:     # cancelled while waiting for a worker
                 os.close(dup)
@@ -86,7 +90,7 @@ class Offload:
             os.close(fd)
 
         try:
-            await trio.to_thread.run_sync(call, limiter=self.limiter)
+            await trio.to_thread.run_sync(call, limiter=self.limiter(bulk=True))
         finally:
             if not started:
                 os.close(fd)
