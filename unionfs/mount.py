@@ -120,6 +120,7 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
         try:
             os.setsid()
             _setup_logging(debug, log_)
+            os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
             code = serve(cfg, w, debug, on_ready=on_ready)
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
             _report(w, f"error: {e}")
