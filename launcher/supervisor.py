@@ -318,7 +318,7 @@ def _switch_user(user: users.User, rootless: bool) -> None:
         os.setgid(user.gid)
         os.setuid(user.uid)
     except OSError as exc:
-        raise OSError(exc.errno, f"switch to --user{hint}", ids) from None
+        raise OSError(exc.errno, "switch to --user", ids + hint) from None
 
 
 def _mini_init() -> None:

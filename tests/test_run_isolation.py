@@ -184,8 +184,10 @@ def test_mount_flags_are_honoured_as_by_kernel_overlayfs(options: str, suid_lowe
         assert seen["unionfs"] == f"uid={NOBODY} euid={0 if 'suid' in options.split(',') else NOBODY}"
 
 
-def test_suid_or_dev_without_root_is_refused_in_one_line(suid_lower: Path) -> None:
-    """As a user, fusermount3 forces nosuid,nodev: ``unionfs mount -o suid`` says so in one line."""
+@pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "background"])
+def test_suid_or_dev_without_root_is_refused_in_one_line(suid_lower: Path, foreground: bool) -> None:
+    """As a user, fusermount3 forces nosuid,nodev: ``unionfs mount -o suid`` says so in one line,
+    in the foreground and (once the mount is ready) in the background."""
     with unprivileged_user() as user, dev_fuse_mode(0o666), world_readable_tempdir("unionfs-mount-user-") as base:
         mnt, up = base / "mnt", base / "up"
         for d in (mnt, up):
@@ -193,17 +195,22 @@ def test_suid_or_dev_without_root_is_refused_in_one_line(suid_lower: Path) -> No
             os.chown(d, user.uid, user.gid)
         from launcher_util import _env, python_for
 
-        cmd = [python_for(user)[0], "-m", "unionfs", "mount", "-f", "-o", "suid", f"{up}:{suid_lower}", str(mnt)]
+        cmd = [python_for(user)[0], "-m", "unionfs", "mount", *(["-f"] if foreground else []), "-o", "suid",
+               f"{up}:{suid_lower}", str(mnt)]
         proc = subprocess.Popen(cmd, user=user.uid, group=user.gid, extra_groups=[], env=_env(user, None),
                                 cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            util.wait_for_mount(mnt, proc)  # type: ignore[arg-type]
+            if not foreground:
+                proc.wait(timeout=60)
+            util.wait_for_mount(mnt, proc if foreground else None)  # type: ignore[arg-type]
             assert "nosuid" in _flags_at(mnt)
         finally:
             util.umount(mnt)
             _out, err = proc.communicate(timeout=30)
         warnings = [line for line in err.splitlines() if "suid" in line]
         assert len(warnings) == 1 and "fusermount3 mounts nosuid,nodev" in warnings[0], err
+        if not foreground:
+            assert proc.returncode == 0 and len(err.splitlines()) == 1, err
 
 
 # -- Docker's isolation defaults ------------------------------------------------------------------------

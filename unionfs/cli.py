@@ -94,19 +94,29 @@ def mount(options: tuple[str, ...], foreground: bool, debug: bool, log_file: str
         unionfs mount ./A:./B /mnt/union && ls /mnt/union && unionfs umount /mnt/union
     """
     from .config import build_config
+    from .mount import flag_notes
     from .mount import mount as do_mount
 
     if len(args) == 1:
+        if not any(part.startswith("lowerdir=") for o in options for part in o.split(",")):
+            raise click.UsageError(f"missing MOUNTPOINT after {args[0]!r} (expected BRANCHES MOUNTPOINT, "
+                                   "or -o lowerdir=... MOUNTPOINT)")
         spec, mp = None, args[0]
     elif len(args) == 2:
         spec, mp = args
     else:
         raise click.UsageError("expected [BRANCHES] MOUNTPOINT")
+    foreground = foreground or debug
     try:
         cfg = build_config(spec, mp, options)
-        code = do_mount(cfg, foreground=foreground or debug, debug=debug, log_file=log_file)
+        notes = [f"unionfs: {n}" for n in flag_notes(cfg)]
+        if foreground and notes:    # serves until unmounted: say it now
+            print(*notes, sep="\n", file=sys.stderr)
+        code = do_mount(cfg, foreground=foreground, debug=debug, log_file=log_file)
     except QuietError as e:
         raise click.ClickException(e.message) from None
+    if not foreground and notes and code == 0:  # once the mount is ready: a failure stays one line
+        print(*notes, sep="\n", file=sys.stderr)
     sys.exit(code)
 
 
@@ -158,6 +168,7 @@ def overlay_main(argv: list[str] | None = None) -> None:
     A malformed command line exits 2, any other error 1, each with one line on stderr.
     """
     from .config import build_config
+    from .mount import flag_notes
     from .mount import mount as do_mount
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -200,6 +211,7 @@ def overlay_main(argv: list[str] | None = None) -> None:
     try:
         cfg = build_config(None, mp, options, strict=False)
         notes = [f"unionfs-overlay: ignoring unsupported option {opt}" for opt in cfg.ignored]
+        notes += [f"unionfs-overlay: {n}" for n in flag_notes(cfg)]
         if foreground and notes:  # serves until unmounted: say it now
             print(*notes, sep="\n", file=sys.stderr)
         code = do_mount(cfg, foreground=foreground, debug=debug)

@@ -77,6 +77,14 @@ def mount_type(mountpoint: str) -> str | None:
     return found[1] if found else None
 
 
+def flag_notes(cfg: MountConfig) -> list[str]:
+    """What the user asked for that this mount cannot give, one line each (said by the CLI)."""
+    wanted = [f for f in cfg.flags if f in ("suid", "dev")]
+    if os.geteuid() != 0 and wanted:
+        return [f"-o {','.join(wanted)} ignored: fusermount3 mounts nosuid,nodev for users other than root"]
+    return []
+
+
 def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
           log_file: str | None = None) -> int:
     """Mount *cfg*; return an exit status.  In the background, return once the mount is ready.
@@ -208,9 +216,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = _pid_name(cfg.mountpoint)
-        if os.geteuid() != 0 and {"suid", "dev"} & set(cfg.flags):
-            log.warning("-o %s ignored: fusermount3 mounts nosuid,nodev for users other than root",
-                        ",".join(f for f in cfg.flags if f in ("suid", "dev")))
         state = StateDir.open(create=True)
         undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
         if state is not None:
