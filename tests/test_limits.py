@@ -351,4 +351,4 @@ def test_max_cached_entries_is_checked(tmp_path: Path) -> None:
         r = subprocess.run([util.program("unionfs"), "mount", "-o", f"max_cached_entries={bad}",
                             str(tmp_path), str(tmp_path / "mnt")], capture_output=True, text=True)
         assert r.returncode != 0
-        assert "max_cached_entries" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "max_cached_entries" in r.stderr and "whole number" in r.stderr and "Traceback" not in r.stderr, r.stderr
