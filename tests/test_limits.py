@@ -243,3 +243,112 @@ def test_memory_per_entry_of_a_big_directory(tmp_path: Path, need_fuse: None) ->
 def test_memory_per_entry_of_a_200000_entry_directory(tmp_path: Path, need_fuse: None) -> None:
     per_entry = _bytes_per_entry(tmp_path, 200_000)
     assert per_entry <= 1024, f"{per_entry:.0f} bytes per entry"
+
+
+# ---------------------------------------------------------------------------------------------
+# Directory listings: kept under a ceiling on their entries, rebuilt from the branches on demand
+
+LISTED_DIRS = 50
+LISTED_PER_DIR = 5000
+#: The ceiling the daemon is mounted with: the entries of four of the directories.
+LISTED_CEILING = 20_000
+#: RSS growth allowed while all the directories stay known: a daemon keeping every listing (250,000
+#: entries, about 200 bytes each) grows by 50 MB or more.
+LISTED_RSS_BOUND_KB = 24 * 1024
+
+
+def _drop_kernel_caches(what: int) -> None:
+    """Make the kernel forget the dentries and inodes nobody holds (2) and, with 3, cached pages
+    too, the mount's cached directory contents among them: the next lookup or readdir asks us."""
+    Path("/proc/sys/vm/drop_caches").write_text(f"{what}\n")
+
+
+def _listed_name(i: int) -> str:
+    return f"file-with-a-typical-name-{i:06d}.txt"
+
+
+def _many_listed_dirs(lower: Path, upper: Path) -> None:
+    """LISTED_DIRS directories of LISTED_PER_DIR files in *lower*; every other one merged with an
+    upper directory that adds a file and whites out the first one."""
+    for d in range(LISTED_DIRS):
+        sub = lower / f"d{d:02d}"
+        sub.mkdir(parents=True)
+        for i in range(LISTED_PER_DIR):
+            os.close(os.open(sub / _listed_name(i), os.O_CREAT | os.O_WRONLY, 0o644))
+        if d % 2 == 0:
+            up = upper / f"d{d:02d}"
+            up.mkdir(parents=True)
+            (up / f"upper-{d}").write_text("upper\n")
+            os.mknod(up / _listed_name(0), 0o600 | 0o020000, 0)   # a 0/0 character device: a whiteout
+
+
+def _listings_with_ceiling(tmp_path: Path, ceiling: int) -> int:
+    """List every directory of `_many_listed_dirs` through a union mounted with
+    max_cached_entries=*ceiling*, holding an fd on each while the kernel forgets their entries; check
+    every listing (twice: the second time rebuilt from the branches where it was dropped) against
+    kernel overlayfs, and a rename, unlink and create in dropped ones.  Returns the daemon's peak
+    RSS growth in KiB."""
+    lower, upper, work, mnt, kmnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt", "kmnt"))
+    for d in (upper, work, mnt, kmnt):
+        d.mkdir()
+    _many_listed_dirs(lower, upper)
+    names = [f"d{d:02d}" for d in range(LISTED_DIRS)]
+    k = util.mount_kernel([upper, lower], None, None, kmnt)    # read-only: the same layers, untouched
+    try:
+        expected = {n: sorted(os.listdir(kmnt / n)) for n in names}
+    finally:
+        util.unmount(k)
+    assert len(expected["d00"]) == LISTED_PER_DIR and len(expected["d01"]) == LISTED_PER_DIR
+    m = util.mount_impl("overlay", [lower], upper, work, mnt, options=[f"max_cached_entries={ceiling}"])
+    fds: list[int] = []
+    try:
+        assert m.proc is not None
+        assert sorted(os.listdir(mnt)) == names
+        before = peak = _rss_kb(m.proc.pid)
+        for n in names:
+            fd = os.open(mnt / n, os.O_RDONLY | os.O_DIRECTORY)
+            fds.append(fd)
+            assert sorted(os.listdir(fd)) == expected[n]
+            _drop_kernel_caches(2)       # the directories stay known (held open), their entries not
+            peak = max(peak, _rss_kb(m.proc.pid))
+        _drop_kernel_caches(3)
+        for n, fd in zip(names, fds, strict=True):
+            assert sorted(os.listdir(fd)) == expected[n], n
+            assert (mnt / n / _listed_name(LISTED_PER_DIR - 1)).is_file()
+        # Changes in directories whose listings were dropped (the first ones, listed longest ago).
+        d0, d1, d2 = (mnt / n for n in names[:3])
+        os.rename(d0 / _listed_name(1), d0 / "renamed")
+        os.unlink(d0 / _listed_name(2))
+        (d0 / "new").write_text("new\n")
+        os.rename(d1 / _listed_name(3), d2 / "moved")
+        want0 = sorted({*expected["d00"], "renamed", "new"} - {_listed_name(1), _listed_name(2)})
+        want1 = sorted(set(expected["d01"]) - {_listed_name(3)})
+        want2 = sorted({*expected["d02"], "moved"})
+        for n in names[3:]:             # drop them again
+            assert len(os.listdir(mnt / n)) == len(expected[n])
+        assert sorted(os.listdir(d0)) == want0
+        assert sorted(os.listdir(d1)) == want1
+        assert sorted(os.listdir(d2)) == want2
+        assert (d0 / "new").read_text() == "new\n"
+        assert (d2 / "moved").is_file() and not (d1 / _listed_name(3)).exists()
+        assert not (d0 / _listed_name(2)).exists() and (d0 / "renamed").is_file()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        util.unmount(m)
+    return peak - before
+
+
+def test_listings_bounded_when_many_large_directories_stay_known(tmp_path: Path, need_fuse: None,
+                                                                 need_overlay: None) -> None:
+    """50 directories of 5,000 entries, all held open, under a ceiling of 20,000 listed entries."""
+    grown = _listings_with_ceiling(tmp_path, LISTED_CEILING)
+    assert grown <= LISTED_RSS_BOUND_KB, f"daemon grew by {grown} KiB"
+
+
+def test_max_cached_entries_is_checked(tmp_path: Path) -> None:
+    for bad in ("0", "-5", "lots", "1e6", ""):
+        r = subprocess.run([util.program("unionfs"), "mount", "-o", f"max_cached_entries={bad}",
+                            str(tmp_path), str(tmp_path / "mnt")], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "max_cached_entries" in r.stderr and "whole number" in r.stderr and "Traceback" not in r.stderr, r.stderr

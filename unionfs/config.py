@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .errors import QuietError
+from .listings import DEFAULT_MAX_ENTRIES
 from .whiteout import Dialect
 
 # mount(8) and FUSE options that make no difference to the union; accepted and ignored.
@@ -30,7 +31,7 @@ MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
 FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
-    "fsname", "subtype", "debug",
+    "fsname", "subtype", "debug", "max_cached_entries",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
@@ -40,9 +41,11 @@ OVERLAY_IGNORED = frozenset({
     "threaded", "writeback", "auto_unmount",
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
-VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype"})
+VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
+                           "max_cached_entries"})
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
+MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
 BRANCH_MODES = {"rw": True, "ro": False, "rr": False, "ro+wh": False, "rr+wh": False}
 
 
@@ -59,6 +62,8 @@ class MountConfig:
     allow_other: bool = False
     timeout: float = 60.0
     fsname: str = "unionfs"
+    max_cached_entries: int = DEFAULT_MAX_ENTRIES
+    """Ceiling on the entries of the directory listings the daemon keeps (see `listings`)."""
     ignored: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     """suid/nosuid, dev/nodev, exec/noexec as asked, the last of each pair only (default nosuid,nodev)."""
@@ -191,13 +196,20 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         except ValueError:
             raise QuietError(f"timeout={values['timeout']}: give a number of seconds from 0 to "
                              f"{MAX_TIMEOUT:.0f}") from None
+    max_entries = DEFAULT_MAX_ENTRIES
+    if values.get("max_cached_entries") is not None:
+        text = values["max_cached_entries"] or ""
+        if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_CACHED_ENTRIES:
+            raise QuietError(f"max_cached_entries={text}: give a whole number of entries from 1 to "
+                             f"{MAX_CACHED_ENTRIES}")
+        max_entries = int(text)
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
     cfg = MountConfig(
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
-        timeout=timeout, fsname=fsname, ignored=ignored,
+        timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
         flags=list(flags.values()),
     )
     check(cfg)

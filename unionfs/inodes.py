@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 from .attrs import Stat
 from .dirfds import BranchDir, DirFds, default_capacity
+from .listings import DEFAULT_MAX_ENTRIES, Listings
 from .merge import Entry
 
 if TYPE_CHECKING:
@@ -105,24 +106,30 @@ class Node:
 class NodeTable:
     """All nodes the kernel may ask about, by number and by real identity."""
 
-    def __init__(self, stack: LayerStack) -> None:
+    def __init__(self, stack: LayerStack, max_listed: int = DEFAULT_MAX_ENTRIES) -> None:
         self.stack = stack
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
         self.fds = DirFds(default_capacity(len(stack.layers)))
+        self.listings = Listings(max_listed)
         self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
         root.dirs = [self.fds.fixed(root, layer.index, layer.fd) for layer in stack.layers]
         root.nlookup = 1
-        self.root = root
+        self.root = self.listings.root = root
         self.nodes[ROOT_ID] = root
         self.by_key[root.key] = root
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def next_request(self) -> None:
+        """A new request starts: the directory fds and listings handed out before may go."""
+        self.fds.next_request()
+        self.listings.next_request()
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
         """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""
@@ -276,7 +283,9 @@ class NodeTable:
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
             self.close_dirs(n, keep=0)
+            self.listings.drop(n)
             n.listing = None
+            n.snaps = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]

@@ -204,7 +204,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
-        union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults)
+        union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults,
+                      max_listed=cfg.max_cached_entries)
         branches.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
         ops.use_shim()

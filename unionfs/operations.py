@@ -104,7 +104,7 @@ def _handler(fn: F) -> F:
     async def wrapper(self: Operations, *args: Any) -> Any:
         if self.debug:
             log.debug("%s%r", name, args)
-        self.union.table.fds.next_request()
+        self.union.table.next_request()
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -276,7 +276,7 @@ class Operations(pyfuse3.Operations):
                 dh.entries = self._entries(node)
             entries, start, gen = dh.entries, start_id, 0
         union = self.union
-        listing = node.listing if node.listing is not None else union.listing(node)
+        listing = union.listing(node)
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
@@ -323,6 +323,7 @@ class Operations(pyfuse3.Operations):
         elif len(snaps) >= SNAPSHOTS_KEPT:
             del snaps[min(snaps)]
         entries = snaps[gen] = self._entries(node)
+        self.union.table.listings.use(node, grown=True)     # snapshots count against the ceiling
         # a reader whose snapshot was dropped goes on at the same position in the new one
         return entries, offset & 0xFFFF_FFFF, gen << 32
 
@@ -413,7 +414,7 @@ class Operations(pyfuse3.Operations):
         args = (inode, fh, mode, offset, length)
         if self.debug:
             log.debug("fallocate%r", args)
-        self.union.table.fds.next_request()
+        self.union.table.next_request()
         try:
             h = self.union.handles[fh]
             fd = self.union.fallocate_fd(h)

@@ -30,6 +30,7 @@ from .layers import (
     open_dir_at,
     open_file_at,
 )
+from .listings import DEFAULT_MAX_ENTRIES
 from .merge import Entry, build_listing, open_dir_layers
 from .offload import FREE_BIG, Offload
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
@@ -87,9 +88,9 @@ class Union:
     """A union of branches: the node table, the merged listings and every change."""
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
-                 faults: frozenset[str] = frozenset()) -> None:
+                 faults: frozenset[str] = frozenset(), max_listed: int = DEFAULT_MAX_ENTRIES) -> None:
         self.stack = stack
-        self.table = NodeTable(stack)
+        self.table = NodeTable(stack, max_listed)
         self.readonly = readonly or stack.upper is None
         self.work_fd = stack.work_fd
         self.writer = WhiteoutWriter(dialect, stack.work_fd, os.geteuid() == 0)
@@ -114,11 +115,18 @@ class Union:
     # ------------------------------------------------------------------ resolution
 
     def listing(self, d: Node) -> dict[bytes, Entry]:
+        """*d*'s merged listing, built from its branches when it has none (never built yet, or
+        dropped under the ceiling of `Listings`).  Kept until the next request starts; a caller that
+        awaits in between reads it again after (or pins it: `Listings.pinned`)."""
         if not d.is_dir:
             raise _err(errno.ENOTDIR)
-        if d.listing is None:
-            d.listing = build_listing(self.table.branch_fds(d))
-        return d.listing
+        listing = d.listing
+        if listing is None:
+            listing = d.listing = build_listing(self.table.branch_fds(d))
+            self.table.listings.use(d, grown=True)
+        else:
+            self.table.listings.use(d)
+        return listing
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, Stat] | None:
         """The node for *name* in *parent* and its real stat, or None when the name is not visible."""
@@ -609,7 +617,7 @@ class Union:
         allocated) with one link, None otherwise.  Held across an unlink or a rename over *name*,
         it keeps the file's blocks until it is closed, which the caller does off the loop."""
         pfd = self.table.dirfd_or_none(parent, 0)
-        e = parent.listing.get(name) if parent.listing is not None else None
+        e = self.listing(parent).get(name)
         if pfd is None or e is None or e.is_dir or e.layer != 0:
             return None
         known = parent.children.get(name)
@@ -649,7 +657,8 @@ class Union:
         else:
             self.writer.write(self.upper_dir(parent), name, replace=False)
         del listing[name]
-        node.listing = {}
+        self.table.listings.drop(node)
+        node.listing = {}       # kept for good: its branch directories may still hold entries
         self.touch(node, parent)
         self.table.drop_link(node, parent, name)
 
@@ -690,13 +699,14 @@ class Union:
                 raise _err(errno.ENOTDIR, name=nn)
             elif ed.is_dir and self.listing(dst):
                 raise _err(errno.ENOTEMPTY, name=nn)
-        if not es.is_dir:
-            await self.ensure_upper(src)
-        if exchange and dst is not None and not dst.is_dir:
-            await self.ensure_upper(dst)
-        # Re-read after the awaits: another request may have changed either name meanwhile.
-        if self.listing(op).get(on) is not es or self.listing(np).get(nn) is not ed:
-            raise _err(errno.EAGAIN, "rename raced with another change", on)
+        with self.table.listings.pinned(op, np):    # not dropped while awaiting: es, ed stay theirs
+            if not es.is_dir:
+                await self.ensure_upper(src)
+            if exchange and dst is not None and not dst.is_dir:
+                await self.ensure_upper(dst)
+            # Re-read after the awaits: another request may have changed either name meanwhile.
+            if self.listing(op).get(on) is not es or self.listing(np).get(nn) is not ed:
+                raise _err(errno.EAGAIN, "rename raced with another change", on)
         if src.is_dir and src.branch_dir(0) is None:
             raise _err(errno.EXDEV, name=on)
         spfd = self.upper_dir(op)
@@ -727,6 +737,7 @@ class Union:
         if dst is not None:
             self.table.drop_link(dst, np, nn)
             if dst.is_dir:
+                self.table.listings.drop(dst)
                 dst.listing = {}
         self.table.drop_link(src, op, on)
         self.table.add_link(src, np, nn)
