@@ -82,6 +82,15 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--security-opt", "security_opt", multiple=True, metavar="OPT",
               help="no-new-privileges (setuid programs no longer elevate), or seccomp=unconfined. "
                    "Repeatable.")
+@click.option("-m", "--memory", metavar="SIZE",
+              help="Memory limit (512m, 1g, bytes; at least 6m): past it the kernel's OOM killer ends a "
+                   "process of the container.  Limits need root or a delegated cgroup v2 subtree.")
+@click.option("--memory-swap", metavar="SIZE",
+              help="Limit of memory plus swap (default: twice --memory; -1: swap unlimited).")
+@click.option("--pids-limit", type=int, metavar="N",
+              help="At most N processes and threads in the container (0 or -1: no limit).")
+@click.option("--cpus", type=float, metavar="CPUS",
+              help="CPU time as a number of CPUs (0.5: half of one), through the CFS quota.")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -111,6 +120,10 @@ def run_command(
     cap_add: tuple[str, ...],
     cap_drop: tuple[str, ...],
     security_opt: tuple[str, ...],
+    memory: str | None,
+    memory_swap: str | None,
+    pids_limit: int | None,
+    cpus: float | None,
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -129,7 +142,7 @@ def run_command(
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
     else:
         logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
-    from launcher import security
+    from launcher import cgroups, security
     from launcher.supervisor import RunConfig, describe, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
@@ -141,10 +154,14 @@ def run_command(
         policy = security.policy(cap_add, cap_drop, security_opt, privileged)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        limits = cgroups.make_limits(memory, memory_swap, pids_limit, cpus)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout, policy=policy, tty=tty)
+                    stop_timeout=stop_timeout, policy=policy, tty=tty, limits=limits)
     log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)

@@ -4,7 +4,9 @@
 
 1. check the request (branches, volumes, /dev/fuse for rootless), lock the
    container layer (one launch per layer) and make the per-run directory on the
-   host, removing those of killed launchers (``launcher.state``);
+   host, removing those of killed launchers (``launcher.state``); with
+   ``--memory``, ``--pids-limit`` or ``--cpus``, make the run's cgroup
+   (``launcher.cgroups``), which PID 1 joins first thing after the fork;
 2. move the launcher into a private mount namespace (and a user namespace when
    rootless), and put a tmpfs over its per-run directory there: the init
    layer, the mount point and a throwaway upper live in it and vanish with it;
@@ -17,11 +19,11 @@
 5. supervise: forward signals (SIGTERM as ``docker stop``: SIGKILL after
    ``--stop-timeout``), wait, and turn the status into ours (128+N when killed
    by signal N);
-6. always unmount, wait for the server and remove the per-run directory.  If
-   the launcher is SIGKILLed, the command and the server get SIGKILL from
-   PR_SET_PDEATHSIG, the kernel frees the private mount namespace with the union
-   in it and drops the container layer's lock; the next launch removes the
-   (empty) per-run directory.
+6. always unmount, wait for the server and remove the per-run directory and
+   cgroup.  If the launcher is SIGKILLed, the command and the server get SIGKILL
+   from PR_SET_PDEATHSIG, the kernel frees the private mount namespace with the
+   union in it and drops the container layer's lock; the next launch removes the
+   (empty) per-run directory and cgroup.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from launcher import namespaces, rootfs, security, state, syscalls, timing, users
+from launcher import cgroups, namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.imageview import ImageView, components
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
 
@@ -88,6 +90,7 @@ class RunConfig(NamedTuple):
     stop_timeout: float = 10.0  # after SIGTERM to PID 1, seconds until SIGKILL
     policy: security.Policy = security.Policy()  # capabilities, no-new-privileges, seccomp, masks
     tty: bool = False  # a pty of the container's own, relayed to ours (also when our stdin is a terminal)
+    limits: cgroups.Limits = cgroups.Limits()  # --memory, --pids-limit, --cpus: a cgroup of the run's own
 
 
 def describe(exc: OSError) -> str:
@@ -248,10 +251,13 @@ def _container_child(
     alive_r: int,
     old_mask: set[int | signal.Signals],
     console: Console | None,
+    cgroup: cgroups.RunCgroup | None = None,
 ) -> None:
     """PID 1 of the new PID namespace, from fork to exec.  Never returns."""
     code = EXIT_LAUNCH_FAILED
     try:
+        if cgroup is not None:  # first: the limits hold for the setup and the whole command
+            cgroup.join_in_child()
         # Die with the launcher.  If it died already, the pipe it holds open is at EOF.
         syscalls.set_pdeathsig(signal.SIGKILL)
         if select.select([alive_r], [], [], 0)[0]:
@@ -542,10 +548,15 @@ def run(cfg: RunConfig) -> int:
     unmapped = _unmapped_owner(branches[0].path) if rootless and not cfg.tmp_upper and host_ids[0] else None
     layer_lock = None if cfg.tmp_upper else state.lock_container_layer(branches[0].path)
     run_dir = state.RunDir(host_ids[0], container_id)
+    cgroup = None
     try:
+        cgroups.sweep_all()
+        cgroup = cgroups.RunCgroup(cfg.limits, container_id) if cfg.limits.any() else None
         return _run(cfg, branches, rootless, run_dir.path, container_id, hostname, env, workdir, volumes,
-                    tmpfs, unmapped, host_ids)
+                    tmpfs, unmapped, host_ids, cgroup)
     finally:
+        if cgroup is not None:
+            cgroup.remove()
         run_dir.remove()
         if layer_lock is not None:
             os.close(layer_lock)
@@ -564,6 +575,7 @@ def _run(
     tmpfs: list[rootfs.TmpfsMount],
     unmapped: tuple[int, int] | None,
     host_ids: tuple[int, int],
+    cgroup: cgroups.RunCgroup | None,
 ) -> int:
     try:
         was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
@@ -602,7 +614,7 @@ def _run(
                                            read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
                                            privileged=cfg.policy.privileged)
             return _start_and_supervise(cfg, handle, root, steps, hostname, env, workdir, user, rootless,
-                                        was_foreground)
+                                        was_foreground, cgroup)
         finally:
             handle.close()
     finally:
@@ -670,6 +682,7 @@ def _start_and_supervise(
     user: users.User | None,
     rootless: bool,
     was_foreground: bool,
+    cgroup: cgroups.RunCgroup | None = None,
 ) -> int:
     console: Console | None = None
     ours: socket.socket | None = None
@@ -693,7 +706,7 @@ def _start_and_supervise(
         if ours is not None:
             ours.close()
         _container_child(cfg, root, steps, hostname, env, workdir, user, rootless, errw, alive_r, old_mask,
-                         console)
+                         console, cgroup)
     os.close(errw)
     os.close(alive_r)
     if console is not None and ours is not None and relay is not None:
