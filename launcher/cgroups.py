@@ -98,63 +98,82 @@ class Hierarchy(NamedTuple):
     own: str  # the launcher's cgroup: a directory under mountpoint
 
 
-def _own_cgroups() -> dict[str, str]:
-    """Hierarchy key (a v1 controller list, or "" for v2) -> the launcher's cgroup path in it."""
+class Mount(NamedTuple):
+    """A cgroup mount: its type, where it is, the cgroup at its top, its super options."""
+
+    fstype: str  # cgroup (v1) or cgroup2
+    mountpoint: str
+    root: str
+    options: frozenset[str]
+
+
+def parse_own(text: str) -> dict[str, str]:
+    """Hierarchy key (a v1 controller list, or "" for v2) -> our cgroup path, from /proc/PID/cgroup."""
     out: dict[str, str] = {}
-    with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            out[controllers] = path
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        out[controllers] = path
     return out
 
 
-def _cgroup_mounts() -> list[tuple[str, str, str, set[str]]]:
-    """(fstype, mount point, root in the hierarchy, super options) of each cgroup mount we see."""
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mounts(text: str) -> list[Mount]:
+    """The cgroup mounts in /proc/PID/mountinfo *text*."""
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
-                mnt = fields[4].replace("\\040", " ")
-                out.append((rfields[0], mnt, fields[3], set(rfields[2].split(","))))
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) >= 5 and len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
+            out.append(Mount(rfields[0], _unescape(fields[4]), _unescape(fields[3]),
+                             frozenset(rfields[2].split(","))))
     return out
 
 
-def _inside(mountpoint: str, root: str, path: str) -> str:
-    """The directory of cgroup *path* under a mount of the hierarchy's *root* at *mountpoint*."""
-    if root != "/" and (path == root or path.startswith(root + "/")):
-        path = path[len(root):]
-    elif root != "/":
-        return mountpoint  # our cgroup is not under this mount's root: use its top
-    return os.path.join(mountpoint, path.lstrip("/")).rstrip("/") or mountpoint
+def _inside(mount: Mount, path: str) -> str:
+    """The directory of cgroup *path* under *mount*; the mount itself when *path* is not below its root."""
+    root = mount.root.rstrip("/")
+    if root and path != root and not path.startswith(root + "/"):
+        return mount.mountpoint
+    return os.path.join(mount.mountpoint, path[len(root):].lstrip("/")).rstrip("/") or mount.mountpoint
+
+
+def place(own: dict[str, str], mounts: list[Mount], v2_available: list[str]) -> dict[str, Hierarchy]:
+    """Controller -> its hierarchy: the v1 one it is bound to, else the v2 one where it is available
+    (*v2_available*: the v2 root's cgroup.controllers)."""
+    found: dict[str, Hierarchy] = {}
+    for m in mounts:
+        if m.fstype != "cgroup":
+            continue
+        for controller in CONTROLLERS:
+            key = next((k for k in own if controller in k.split(",")), None)
+            if controller in m.options and controller not in found and key is not None:
+                found[controller] = Hierarchy(1, m.mountpoint, _inside(m, own[key]))
+    v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if v2 is not None and "" in own:
+        for controller in CONTROLLERS:
+            if controller in v2_available and controller not in found:
+                found[controller] = Hierarchy(2, v2.mountpoint, _inside(v2, own[""]))
+    return found
 
 
 def hierarchies() -> dict[str, Hierarchy]:
     """Controller -> its hierarchy, for those of CONTROLLERS this host has (v1 where bound there)."""
-    own = _own_cgroups()
-    found: dict[str, Hierarchy] = {}
-    v2: Hierarchy | None = None
-    for fstype, mnt, root, opts in _cgroup_mounts():
-        if fstype == "cgroup2":
-            if v2 is None and "" in own:
-                v2 = Hierarchy(2, mnt, _inside(mnt, root, own[""]))
-            continue
-        for controller in CONTROLLERS:
-            if controller in opts and controller not in found:
-                key = next((k for k in own if controller in k.split(",")), None)
-                if key is not None:
-                    found[controller] = Hierarchy(1, mnt, _inside(mnt, root, own[key]))
+    with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+        own = parse_own(f.read())
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        mounts = parse_mounts(f.read())
+    available: list[str] = []
+    v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
     if v2 is not None:
         try:
             with open(os.path.join(v2.mountpoint, "cgroup.controllers"), encoding="ascii") as f:
                 available = f.read().split()
-        except OSError:
-            available = []
-        for controller in CONTROLLERS:
-            if controller in available and controller not in found:
-                found[controller] = v2
-    return found
+        except OSError as exc:
+            log.debug("%s/cgroup.controllers: %s", v2.mountpoint, os.strerror(exc.errno or 0))
+    return place(own, mounts, available)
 
 
 def _delegated_base(h: Hierarchy) -> str | None:
@@ -343,6 +362,11 @@ class RunCgroup:
 
 def _enable(path: str, controllers: list[str]) -> None:
     """Turn *controllers* on for the children of the v2 cgroup *path*, where they are not yet."""
+    available = _read(os.path.join(path, "cgroup.controllers")).split()
+    lacking = [c for c in controllers if c not in available]
+    if lacking:
+        raise LaunchError(f"the cgroup {path} has no {' or '.join(lacking)} controller to give the run "
+                          f"(its cgroup.controllers: {' '.join(available) or 'none'})")
     control = os.path.join(path, "cgroup.subtree_control")
     on = _read(control).split()
     todo = [c for c in controllers if c not in on]

@@ -201,3 +201,69 @@ def test_bad_limits_are_usage_errors(image: Path, options: tuple[str, ...], mess
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert r.stderr.count("Error:") == 1
+
+
+HYBRID_CGROUP = """9:name=systemd:/
+8:pids:/
+4:memory:/process_api/91c3
+2:cpuacct:/
+1:cpu:/
+0::/
+"""
+HYBRID_MOUNTINFO = """\
+30 25 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+33 30 0:29 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+34 30 0:30 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+35 30 0:31 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+V2_CGROUP = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/term.scope\n"
+V2_MOUNTINFO = "30 25 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate\n"
+COMOUNTED_CGROUP = "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n3:pids:/docker/abc\n0::/\n"
+COMOUNTED_MOUNTINFO = """\
+40 30 0:40 /docker/abc /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpu,cpuacct
+41 30 0:41 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory
+42 30 0:42 /elsewhere /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids
+"""
+
+
+def test_hierarchies_of_a_hybrid_host_are_the_v1_ones_under_our_own_cgroup() -> None:
+    found = cgroups.place(cgroups.parse_own(HYBRID_CGROUP), cgroups.parse_mounts(HYBRID_MOUNTINFO), ["hugetlb"])
+    assert found == {
+        "memory": cgroups.Hierarchy(1, "/sys/fs/cgroup/memory", "/sys/fs/cgroup/memory/process_api/91c3"),
+        "pids": cgroups.Hierarchy(1, "/sys/fs/cgroup/pids", "/sys/fs/cgroup/pids"),
+        "cpu": cgroups.Hierarchy(1, "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu"),
+    }
+
+
+def test_hierarchies_of_a_v2_host_are_one_unified_cgroup() -> None:
+    v2 = cgroups.Hierarchy(2, "/sys/fs/cgroup", "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/"
+                                                "app.slice/term.scope")
+    found = cgroups.place(cgroups.parse_own(V2_CGROUP), cgroups.parse_mounts(V2_MOUNTINFO),
+                          ["cpuset", "cpu", "io", "memory", "pids"])
+    assert found == {"memory": v2, "pids": v2, "cpu": v2}
+    assert cgroups.place(cgroups.parse_own(V2_CGROUP), cgroups.parse_mounts(V2_MOUNTINFO), ["memory"]) == {
+        "memory": v2}
+
+
+def test_hierarchies_mounted_from_a_subtree_map_our_path_below_their_root() -> None:
+    found = cgroups.place(cgroups.parse_own(COMOUNTED_CGROUP), cgroups.parse_mounts(COMOUNTED_MOUNTINFO), [])
+    assert found == {
+        "cpu": cgroups.Hierarchy(1, "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu,cpuacct"),
+        "memory": cgroups.Hierarchy(1, "/sys/fs/cgroup/memory", "/sys/fs/cgroup/memory"),
+        "pids": cgroups.Hierarchy(1, "/sys/fs/cgroup/pids", "/sys/fs/cgroup/pids"),
+    }
+
+
+def test_a_v2_run_goes_under_the_highest_cgroup_we_may_write(tmp_path: Path) -> None:
+    """As systemd delegates user@UID.service: its cgroup.procs is the user's, those above are not."""
+    own = tmp_path / "user.slice" / "user@1000.service" / "app.slice" / "term.scope"
+    own.mkdir(parents=True)
+    for d in (own, own.parent, own.parent.parent):
+        (d / "cgroup.procs").write_text("")
+    h = cgroups.Hierarchy(2, str(tmp_path), str(own))
+    assert cgroups._delegated_base(h) == str(own.parent.parent)
+    (tmp_path / "cgroup.procs").write_text("")
+    assert cgroups._delegated_base(h) == str(tmp_path)  # root: the top
+    assert cgroups._delegated_base(cgroups.Hierarchy(2, str(tmp_path), str(tmp_path / "nowhere"))) == str(tmp_path)
