@@ -281,10 +281,12 @@ class RunCgroup:
 
     @staticmethod
     def _base(h: Hierarchy, limits: Limits) -> str:
+        if h.version == 1 and os.geteuid() != 0:
+            raise LaunchError(f"{limits.flags()}: resource limits need root or a delegated cgroup v2 "
+                              f"subtree, and this host has cgroup v1 ({h.mountpoint})")
+        if not os.path.isdir(h.own):
+            raise LaunchError(f"{limits.flags()}: our cgroup is not under {h.mountpoint} (no {h.own})")
         if h.version == 1:
-            if os.geteuid() != 0 or not os.access(h.own, os.W_OK):
-                raise LaunchError(f"{limits.flags()}: resource limits need root or a delegated cgroup v2 "
-                                  f"subtree, and this host has cgroup v1 ({h.mountpoint})")
             return h.own
         base = _delegated_base(h)
         if base is None:
