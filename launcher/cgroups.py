@@ -25,9 +25,11 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from launcher.union import LaunchError
+from unionfs import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +118,14 @@ def parse_own(text: str) -> dict[str, str]:
     return out
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+def _cgroup_mounts(found: Iterable[mountinfo.Mount]) -> list[Mount]:
+    return [Mount(m.fstype, os.fsdecode(m.point), os.fsdecode(m.root), frozenset(m.super_options.split(",")))
+            for m in found if m.fstype in ("cgroup", "cgroup2")]
 
 
 def parse_mounts(text: str) -> list[Mount]:
     """The cgroup mounts in /proc/PID/mountinfo *text*."""
-    out = []
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields, rfields = left.split(), right.split()
-        if len(fields) >= 5 and len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
-            out.append(Mount(rfields[0], _unescape(fields[4]), _unescape(fields[3]),
-                             frozenset(rfields[2].split(","))))
-    return out
+    return _cgroup_mounts(mountinfo.parse(os.fsencode(text)))
 
 
 def _inside(mount: Mount, path: str) -> str:
@@ -163,8 +159,7 @@ def hierarchies() -> dict[str, Hierarchy]:
     """Controller -> its hierarchy, for those of CONTROLLERS this host has (v1 where bound there)."""
     with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
         own = parse_own(f.read())
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        mounts = parse_mounts(f.read())
+    mounts = _cgroup_mounts(mountinfo.mounts())
     available: list[str] = []
     v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
     if v2 is not None:
