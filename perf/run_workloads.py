@@ -24,11 +24,14 @@ not the launcher's own):
 Repetitions are interleaved: in every repetition each implementation runs once (apt) or
 ``--launch-runs`` times (launch), in an order that rotates from one repetition to the next.
 Reported: medians over repetitions, and the ratios unionfs / fuse-overlayfs+bwrap and unionfs /
-kernel+bwrap computed within each repetition (their median, and the range).  For apt also the
-two phases (update, install, timed inside the container), the CPU time of every process the
-run waited for, and the CPU time of the FUSE server (sampled from /proc every 50 ms).
+kernel+bwrap computed within each repetition (their median, and every repetition's).  For apt
+also the two phases (update, install: timed inside the container), the CPU time of the whole
+run (every process of it is in one cgroup, podman's conmon and container included), and that
+of the FUSE server alone (sampled from /proc every 50 ms).  Podman runs with ``--ulimit`` flags
+no higher than our own limits when its defaults fail (runc cannot raise RLIMIT_NOFILE without
+CAP_SYS_RESOURCE); the flags used are printed and kept in the JSON.
 
-    sudo .venv/bin/python perf/run_workloads.py                  # 3 repetitions, about 10 min
+    sudo .venv/bin/python perf/run_workloads.py                  # 3 repetitions, about 2 minutes
     sudo .venv/bin/python perf/run_workloads.py --reps 5 --only apt --impls unionfs,kernel+bwrap
 
 Writes ``run-workloads-<UTC time>.json`` and ``.txt`` under --out (default perf/results/).
@@ -458,18 +461,19 @@ def machine() -> dict[str, object]:
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                      capture_output=True, text=True).stdout.strip(),
             "python": platform.python_version(),
-            "versions": {name: _version(argv) for name, argv in (
-                ("bwrap", ["bwrap", "--version"]), ("fuse-overlayfs", ["fuse-overlayfs", "--version"]),
-                ("podman", ["podman", "--version"]), ("runc", ["runc", "--version"]))}}
+            "versions": {tool: _version(tool, needle) for tool, needle in (
+                ("bwrap", "bubblewrap"), ("fuse-overlayfs", "fuse-overlayfs"), ("podman", "podman"),
+                ("runc", "runc"))}}
 
 
-def _version(argv: list[str]) -> str:
+def _version(tool: str, needle: str) -> str:
+    """The line of ``TOOL --version`` that names it (fuse-overlayfs also names fusermount3's)."""
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30)
     except OSError:
         return "not installed"
-    lines = [line for line in (r.stdout + r.stderr).splitlines() if "version" in line.lower()]
-    return lines[0].strip() if lines else ""
+    lines = [line.strip() for line in (r.stdout + r.stderr).splitlines() if needle in line]
+    return lines[0] if lines else ""
 
 
 def _median(values: Sequence[float | None]) -> float | None:
