@@ -3,7 +3,8 @@
 Depth: a lower tree thousands of levels deep (its paths exceed PATH_MAX, so it is built, walked and
 compared one name at a time relative to directory fds); a file at the bottom is appended to (copy-up of
 every parent), another removed, a directory made, the bottom listed, and the writable branches compared
-after unmount.
+after unmount.  Also with the daemon allowed far fewer fds than levels: copying every parent up in
+one request must not hold them all open.
 
 Then: a file or fifo created by an unprivileged user keeps the set-id bits it asked for; xattr calls
 on an open file whose name is gone work on the open file; overlay xattr names near the 255-byte limit,
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import util
 from util import D, F, Pair, Side, call
 
 from unionfs.layers import clear_dir
@@ -244,29 +246,39 @@ def test_clearing_a_deep_directory(tmp_path: Path) -> None:
         remove_deep(tmp_path / "top")
 
 
-def can_open_files(n: int) -> bool:
-    """Whether a process started from here may raise its open file limit to *n* (as the daemon tries)."""
-    code = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({n}, {n}))"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+@pytest.fixture
+def fd_limit(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """``fd_limit(n)``: daemons mounted from now on start with RLIMIT_NOFILE n (soft and hard), so
+    they cannot raise it and size their cache of branch directories for n."""
+    def limit(n: int) -> None:
+        real = util.unionfs_cmd
+
+        def limited(*args: Any, **kwargs: Any) -> list[str]:
+            return ["prlimit", f"--nofile={n}:{n}", "--", *real(*args, **kwargs)]
+
+        monkeypatch.setattr(util, "unionfs_cmd", limited)
+    return limit
+
+
+def test_copy_up_below_a_deep_tree_with_few_fds(pair: Pair, fd_limit: Callable[[int], None]) -> None:
+    """2,000 levels with the daemon allowed 1,024 fds: copying the parents up in one request holds
+    a few fds, not two per level."""
+    fd_limit(1024)
+    run_deep(pair, DEPTH)
 
 
 @pytest.mark.slow
 def test_copy_up_below_a_very_deep_tree(pair: Pair) -> None:
-    """The same 10,000 levels down (paths five times PATH_MAX).
+    """The same 10,000 levels down (paths five times PATH_MAX), with the daemon's open file limit
+    as it is (here: 20,000, fewer than two per level of the three chains)."""
+    run_deep(pair, DEEP_DEPTH)
 
-    The daemon holds every directory it knows open, one fd per branch, and the kernel keeps every
-    level of a path it walks known: a merged directory at each level of each chain takes two fds.
-    Where the open file limit cannot be raised that far and the daemon runs out (EMFILE), the test
-    is skipped; any other difference fails it.
-    """
-    needed = 2 * DEEP_DEPTH * len(CHAINS) + 1000
-    try:
-        run_deep(pair, DEEP_DEPTH)
-    except AssertionError as e:
-        if "EMFILE" in str(e) and not can_open_files(needed):
-            pytest.skip(f"the daemon ran out of fds (needs ~{needed}; RLIMIT_NOFILE cannot be raised "
-                        f"that far here): {str(e).splitlines()[0]}")
-        raise
+
+@pytest.mark.slow
+def test_copy_up_below_a_very_deep_tree_with_few_fds(pair: Pair, fd_limit: Callable[[int], None]) -> None:
+    """10,000 levels with the daemon allowed 4,096 fds."""
+    fd_limit(4096)
+    run_deep(pair, DEEP_DEPTH)
 
 
 # ------------------------------------------------------------------------------------------------ setuid

@@ -109,7 +109,6 @@ class DirFds:
     def next_request(self) -> None:
         """A new request starts: fds handed out before may be closed from now on."""
         self.request += 1
-        self._pins = None
 
     @contextmanager
     def pins(self) -> Iterator[Pins]:
