@@ -267,6 +267,40 @@ def test_copy_up_below_a_deep_tree_with_few_fds(pair: Pair, fd_limit: Callable[[
     run_deep(pair, DEPTH)
 
 
+def test_rename_deeper_down_with_few_fds(pair: Pair, fd_limit: Callable[[int], None]) -> None:
+    """A lower file renamed 200 levels further down its tree, the daemon allowed 64 fds: the
+    rename copies the source directory up, then the levels below it, level by level, releasing
+    fds as it goes; the source directory's fd, obtained first, must still be the one the rename
+    acts on, though the copy-up began from it."""
+    fd_limit(64)
+    pair.build([[]], upper=[], mount=False)
+    try:
+        for side in pair.sides:
+            build_chain(side.lowers[0], b"top", 300)
+            with bottom(side.lowers[0], b"top", 100) as fd:
+                os.close(os.open(b"h", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd))
+        before = {side.lowers[0]: tree(side.lowers[0], branch=False) for side in pair.sides}
+        pair.mount()
+
+        def rename(s: Side) -> Any:
+            with bottom(s.mnt, b"top", 100) as src, bottom(s.mnt, b"top", 300) as dst:
+                os.rename(b"h", b"moved", src_dir_fd=src, dst_dir_fd=dst)
+                return sorted(os.listdir(src)), sorted(os.listdir(dst))
+
+        assert pair.same(rename, "rename deeper down") == (["d"], ["f", "g", "moved"])
+        assert_same_list(tree(pair.k.mnt, branch=False), tree(pair.u.mnt, branch=False), "visible tree")
+        pair.unmount()
+        assert pair.k.upper is not None and pair.u.upper is not None
+        assert_same_list(tree(pair.k.upper, branch=True), tree(pair.u.upper, branch=True), "upper branch")
+        for lp, was in before.items():
+            assert tree(lp, branch=False) == was, f"lower branch {lp} changed"
+    finally:
+        try:
+            pair.unmount()
+        finally:
+            remove_branches(pair)
+
+
 @pytest.mark.slow
 def test_copy_up_below_a_very_deep_tree(pair: Pair) -> None:
     """The same 10,000 levels down (paths five times PATH_MAX), with the daemon's open file limit
