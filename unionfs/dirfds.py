@@ -153,7 +153,9 @@ class DirFds:
         """An open fd of *bd*, opened again if it was closed; valid until the next request."""
         if bd.fd >= 0:
             if bd.used != self.request and bd.used >= 0:
-                self._use(bd)
+                bd.used = self.request          # as _use, inline: the lookup path's hot spot
+                if self._pins is not None:
+                    self._pins.bds.append(bd)
                 self._open.move_to_end(bd)
             return bd.fd
         fd = self._reopen(bd)
