@@ -9,6 +9,10 @@ object opened must be the one recorded (ESTALE otherwise), so nothing is ever fo
 
 An fd handed out by `DirFds.fd` stays open until the next request starts (`next_request`): callers
 use it within one synchronous stretch and never across an await, as any other fd they compute.
+A request that walks many directories in one go (copying a deep tree's parents up) would hold them
+all that way: it takes `DirFds.pins` around the walk and releases, level by level, the fds it began
+to use and no longer needs.  Only fds no one in the request had before are released, so an fd a
+caller obtained earlier always stays valid.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import logging
 import os
 import resource
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .layers import open_dir_at
@@ -61,6 +67,32 @@ def default_capacity(branches: int) -> int:
     return max(16 + 4 * branches, min(soft // 2, MAX_CAPACITY))
 
 
+class Pins:
+    """The branch directories a stretch of one request began to use (see `DirFds.pins`)."""
+
+    __slots__ = ("fds", "bds")
+
+    def __init__(self, fds: DirFds) -> None:
+        self.fds = fds
+        self.bds: list[BranchDir] = []
+
+    def release(self, keep: BranchDir | None = None) -> None:
+        """Let the fds this stretch began to use be closed again, but *keep*'s.
+
+        The caller must hold none of them any more (but *keep*'s): each may be closed, and its
+        number reused, by the next fd opened.
+        """
+        fds = self.fds
+        kept = []
+        for bd in self.bds:
+            if bd is keep:
+                kept.append(bd)
+            elif bd.used == fds.request:
+                bd.used = 0
+        self.bds = kept
+        fds.trim()
+
+
 class DirFds:
     """The open branch directories, least recently used first, at most *capacity* of them (plus,
     for the length of one request, those the request is using)."""
@@ -69,6 +101,7 @@ class DirFds:
         self.capacity = capacity
         self.request = 1
         self._open: OrderedDict[BranchDir, None] = OrderedDict()
+        self._pins: Pins | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -76,6 +109,26 @@ class DirFds:
     def next_request(self) -> None:
         """A new request starts: fds handed out before may be closed from now on."""
         self.request += 1
+
+    @contextmanager
+    def pins(self) -> Iterator[Pins]:
+        """Record the branch directories this request begins to use inside the block, so that
+        the block can release them (`Pins.release`) before the request ends.  Those the request
+        used before the block are not recorded: they stay in use.  Not nested; on leaving, the
+        ones not released stay in use until the request ends."""
+        if self._pins is not None:
+            raise RuntimeError("DirFds.pins does not nest")
+        pins = self._pins = Pins(self)
+        try:
+            yield pins
+        finally:
+            self._pins = None
+
+    def _use(self, bd: BranchDir) -> None:
+        """*bd* is in use until the request ends (or a `Pins` that recorded it releases it)."""
+        bd.used = self.request
+        if self._pins is not None:
+            self._pins.bds.append(bd)
 
     def fixed(self, node: Node, layer: int, fd: int) -> BranchDir:
         """A branch root, owned by its LayerStack: always open, never closed here."""
@@ -89,7 +142,9 @@ class DirFds:
         except BaseException:
             os.close(fd)
             raise
-        bd = BranchDir(node, layer, st.st_dev, st.st_ino, fd, self.request if in_use else 0)
+        bd = BranchDir(node, layer, st.st_dev, st.st_ino, fd, 0)
+        if in_use:
+            self._use(bd)
         self._open[bd] = None
         self._trim(bd)
         return bd
@@ -98,12 +153,18 @@ class DirFds:
         """An open fd of *bd*, opened again if it was closed; valid until the next request."""
         if bd.fd >= 0:
             if bd.used != self.request and bd.used >= 0:
-                bd.used = self.request
+                bd.used = self.request          # as _use, inline: the lookup path's hot spot
+                if self._pins is not None:
+                    self._pins.bds.append(bd)
                 self._open.move_to_end(bd)
             return bd.fd
         fd = self._reopen(bd)
-        bd.used = self.request
+        self._use(bd)
         return fd
+
+    def trim(self) -> None:
+        """Close least recently used fds not in use down to the capacity."""
+        self._trim(None)
 
     def close(self, bd: BranchDir) -> None:
         """Close *bd* for good (its node is dropped, or no longer merges this branch)."""
@@ -128,6 +189,8 @@ class DirFds:
 
     def _reopen(self, bd: BranchDir) -> int:
         # Walk up to the nearest ancestor whose directory in this branch is open, then down again.
+        # The ancestors are used only here, one step at a time: none is kept in use (else a walk
+        # down a deep tree would hold every level), each is only spared while its child opens.
         chain: list[tuple[BranchDir, bytes]] = []
         cur = bd
         while cur.fd < 0:
@@ -137,14 +200,16 @@ class DirFds:
                 raise OSError(errno.ESTALE, "directory no longer in its branch", os.fsdecode(name))
             chain.append((cur, name))
             cur = up
-        fd = self.fd(cur)
+        if cur.used >= 0 and cur.used != self.request:
+            self._open.move_to_end(cur)
         for child, name in reversed(chain):
-            fd = self._open_child(fd, child, name)
-        return fd
+            self._open_child(cur, child, name)
+            cur = child
+        return cur.fd
 
-    def _open_child(self, parent_fd: int, bd: BranchDir, name: bytes) -> int:
+    def _open_child(self, parent: BranchDir, bd: BranchDir, name: bytes) -> None:
         try:
-            fd = self._open_dir(parent_fd, name)
+            fd = self._open_dir(parent, name)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):   # something else took its name: never follow
                 raise OSError(errno.ESTALE, "directory replaced in its branch", os.fsdecode(name)) from None
@@ -160,18 +225,18 @@ class DirFds:
         bd.used = 0
         self._open[bd] = None
         self._trim(bd)
-        return fd
 
-    def _open_dir(self, parent_fd: int, name: bytes) -> int:
+    def _open_dir(self, parent: BranchDir, name: bytes) -> int:
         try:
-            return open_dir_at(parent_fd, name)
+            return open_dir_at(parent.fd, name)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-        # Files users hold open took the room: give back half of ours and try once more.
+        # Files users hold open took the room: give back half of ours (never the parent's) and
+        # try once more.
         log.info("out of file descriptors: closing %d cached directories", len(self._open) // 2)
-        self._trim(None, len(self._open) // 2)
-        return open_dir_at(parent_fd, name)
+        self._trim(parent, len(self._open) // 2)
+        return open_dir_at(parent.fd, name)
 
     def _trim(self, keep: BranchDir | None, target: int | None = None) -> None:
         """Close least recently used fds down to *target* (default: the capacity), sparing *keep*

@@ -310,7 +310,9 @@ class Union:
         """The writable branch's directory for *d*, copying it (and its parents) up first.
 
         The ancestors still missing there are gathered walking up and copied walking down, so a
-        tree of any depth is copied up without recursion.
+        tree of any depth is copied up without recursion, holding a few fds: once a level is
+        made, the fds the walk began to use for it are released, but its new directory's, which
+        the next level is made in (and the caller gets, at the end).
         """
         self.check_writable()
         fd = self.table.dirfd_or_none(d, 0)
@@ -321,8 +323,10 @@ class Union:
         while parent.branch_dir(0) is None:
             missing.append(parent)
             parent = parent.name_in()[0]
-        for node in reversed(missing):
-            self._copy_up_dir(node)
+        with self.table.fds.pins() as pins:
+            for node in reversed(missing):
+                self._copy_up_dir(node)
+                pins.release(keep=node.dirs[0])
         return self.table.dirfd(d, 0)
 
     def _copy_up_dir(self, d: Node) -> None:
