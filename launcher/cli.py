@@ -82,6 +82,9 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--security-opt", "security_opt", multiple=True, metavar="OPT",
               help="no-new-privileges (setuid programs no longer elevate), or seccomp=unconfined. "
                    "Repeatable.")
+@click.option("--runtime", metavar="runc|crun|PATH",
+              help="Start the container with this OCI runtime (as root), from a bundle whose root is the "
+                   "union, instead of unionfs run's own set-up.")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -111,6 +114,7 @@ def run_command(
     cap_add: tuple[str, ...],
     cap_drop: tuple[str, ...],
     security_opt: tuple[str, ...],
+    runtime: str | None,
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -144,7 +148,7 @@ def run_command(
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout, policy=policy, tty=tty)
+                    stop_timeout=stop_timeout, policy=policy, tty=tty, runtime=runtime)
     log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)

@@ -88,6 +88,7 @@ class RunConfig(NamedTuple):
     stop_timeout: float = 10.0  # after SIGTERM to PID 1, seconds until SIGKILL
     policy: security.Policy = security.Policy()  # capabilities, no-new-privileges, seccomp, masks
     tty: bool = False  # a pty of the container's own, relayed to ours (also when our stdin is a terminal)
+    runtime: str | None = None  # an OCI runtime (runc, crun, a path) to start the container instead of ours
 
 
 def describe(exc: OSError) -> str:
@@ -534,6 +535,8 @@ def run(cfg: RunConfig) -> int:
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
     if not rootless and os.geteuid() != 0:
         raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace", 2)
+    if cfg.runtime is not None:
+        _check_runtime_request(cfg, rootless)
     container_id = cfg.container_id or os.urandom(6).hex()
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
@@ -598,6 +601,9 @@ def _run(
             if unmapped is not None:
                 _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
                                            f".unionfs-run-probe-{container_id}")
+            if cfg.runtime is not None:
+                return _run_with_runtime(cfg, handle, base, root, container_id, hostname, env, workdir, user,
+                                         init_path, init_files, volumes, tmpfs)
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
                                            read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
                                            privileged=cfg.policy.privileged)
@@ -610,6 +616,55 @@ def _run(
             syscalls.umount2(base, syscalls.MNT_DETACH)
         except OSError as exc:
             log.debug("umount %s: %s", base, exc)
+
+
+def _check_runtime_request(cfg: RunConfig, rootless: bool) -> None:
+    """``--runtime``: the runtime is an executable, and nothing was asked that only our own set-up does."""
+    from launcher import bundle  # json and subprocess: only for a runtime
+
+    bundle.find_runtime(cfg.runtime or "")
+    if rootless:
+        raise LaunchError("--runtime needs root (a rootless runtime is not set up by unionfs run)", 2)
+    if cfg.init:
+        raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", 2)
+    if cfg.tty and not os.isatty(0):
+        raise LaunchError("-t with --runtime needs a terminal on stdin (the runtime relays its own pty)", 2)
+
+
+def _run_with_runtime(
+    cfg: RunConfig,
+    handle: UnionHandle,
+    base: str,
+    root: str,
+    container_id: str,
+    hostname: str,
+    env: dict[str, str],
+    workdir: str,
+    user: users.User | None,
+    init_path: str,
+    init_files: Sequence[str],
+    volumes: Sequence[rootfs.Volume],
+    tmpfs: Sequence[rootfs.TmpfsMount],
+) -> int:
+    """Start the container with the OCI runtime ``cfg.runtime`` on the union mounted at *root*."""
+    from launcher import bundle
+
+    mount_list = bundle.mounts(init_layer=init_path, init_files=init_files, volumes=volumes, tmpfs=tmpfs,
+                               privileged=cfg.policy.privileged)
+    config = bundle.config(root=root, args=cfg.command, env=env, cwd=workdir, hostname=hostname, user=user,
+                           policy=cfg.policy, terminal=os.isatty(0), read_only=cfg.read_only,
+                           net=cfg.net, mount_list=mount_list)
+    path = os.path.join(base, "bundle")
+    bundle.write(path, config)
+    log.debug("OCI bundle %s for %s", path, cfg.runtime)
+    code = bundle.run(bundle.find_runtime(cfg.runtime or ""), path, container_id, cfg.stop_timeout)
+    server = handle.poll()
+    if server is not None:
+        how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
+        raise LaunchError(f"the union's FUSE server {how} while the command ran")
+    if cfg.keep_mounted:
+        _wait_for_release(root, code)
+    return code
 
 
 def _write_init_layer(
