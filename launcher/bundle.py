@@ -22,7 +22,8 @@ configuration from what the built-in set-up would do (``rootfs.container_steps``
 
 ``run()`` starts the runtime with our stdio, forwards signals to it (runc passes them on
 to the container's PID 1), SIGKILLs the container with ``RUNTIME kill`` when SIGTERM's
-``--stop-timeout`` runs out, and always ends with ``RUNTIME delete --force``.
+``--stop-timeout`` runs out, and always ends with ``RUNTIME delete --force``: the launcher
+does, or, when it was SIGKILLed, a small watchdog process does (``RUNTIME kill`` first).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def mounts(
     result: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+         "options": ["nosuid", "strictatime", "mode=755", "size=64k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
@@ -225,6 +226,32 @@ def _spawn(argv: Sequence[str], old_mask: set[int | signal.Signals]) -> int:
     return pid
 
 
+def _watchdog(base: Sequence[str], container_id: str) -> tuple[int, int]:
+    """A process that kills and deletes the container if the launcher dies before it has (SIGKILL).
+
+    The runtime dies with the launcher (its parent-death signal), but the container's
+    processes would live on with the union gone from under them.  The watchdog waits on a
+    pipe whose write end only the launcher holds: a byte means "done, just exit"; EOF
+    without one means the launcher is gone.  Returns (its pid, the write end).
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, r)  # the launcher's locks and the union's fds are not ours to hold
+            os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+            if os.read(r, 1) == b"":
+                for verb in (["kill", container_id, "KILL"], ["delete", "--force", container_id]):
+                    os.waitpid(os.posix_spawn(base[0], [*base, *verb], {}), 0)
+        finally:
+            os._exit(0)
+    os.close(r)
+    return pid, w
+
+
 def _runtime(argv: Sequence[str]) -> None:
     """Run a runtime subcommand (kill, delete) to completion; its output is logged, not shown."""
     r = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -242,6 +269,7 @@ def run(runtime: str, bundle: str, container_id: str, stop_timeout: float) -> in
     base = [runtime, "--root", os.path.join(bundle, "state")]
     waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    watchdog, done = _watchdog(base, container_id)
     try:
         pid = _spawn([*base, "run", "--bundle", bundle, container_id], old_mask)
         deadline: float | None = None
@@ -270,4 +298,7 @@ def run(runtime: str, bundle: str, container_id: str, stop_timeout: float) -> in
                 return 128 - code if code < 0 else code
     finally:
         _runtime([*base, "delete", "--force", container_id])
+        os.write(done, b"x")
+        os.close(done)
+        os.waitpid(watchdog, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
