@@ -17,7 +17,6 @@ import pytest
 from launcher_util import (
     build_busybox_layer,
     mounts_mentioning,
-    once_ready,
     run_launcher,
     start_launcher,
     tree_snapshot,
@@ -182,18 +181,33 @@ def _wait_for_comm(launcher: int, comm: str, timeout: float = 10) -> None:
     raise AssertionError(f"no {comm} under {launcher}")
 
 
+@contextlib.contextmanager
+def _ready(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The command has printed "ready"; on the way out, nothing the launcher started is left (runc's
+    children hang off its Go threads, where ``launcher_util.kill_tree`` does not look)."""
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        _wait_for_comm(proc.pid, "sleep")
+        yield proc
+    finally:
+        pids = [proc.pid, *_descendants(proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_gone(pids)
+
+
 def test_sigterm_reaches_pid_1_and_the_stop_timeout_kills_it(box: Box) -> None:
     proc = start_launcher(f"{box.upper()}:{box.image}",
                           ["/bin/sh", "-c", 'trap "exit 7" TERM; echo ready; while :; do sleep 0.05; done'], RUNC)
-    with once_ready(proc):
-        _wait_for_comm(proc.pid, "sleep")
+    with _ready(proc):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 7
     script = 'trap "echo term" TERM; echo ready; while :; do sleep 0.05; done'
     proc = start_launcher(f"{box.upper()}:{box.image}", ["/bin/sh", "-c", script],
                           [*RUNC, "--stop-timeout", "1"])
-    with once_ready(proc):
-        _wait_for_comm(proc.pid, "sleep")
+    with _ready(proc):
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.stdout is not None and proc.stdout.readline() == "term\n"
@@ -205,19 +219,11 @@ def test_a_killed_launcher_takes_the_container_with_it(box: Box) -> None:
     """SIGKILL to the launcher: runc dies with it, and the container's processes are killed too."""
     proc = start_launcher(f"{box.upper()}:{box.image}",
                           ["/bin/sh", "-c", "echo ready; while :; do sleep 0.05; done"], RUNC)
-    pids: list[int] = []
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        _wait_for_comm(proc.pid, "sleep")
+    with _ready(proc):
         pids = _descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=10)
         assert wait_gone(pids, timeout=20) == []
-    finally:
-        for pid in [proc.pid, *pids, *_descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize(("runtime", "path", "message"), [
