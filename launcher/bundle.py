@@ -88,20 +88,32 @@ def mounts(
     volumes: Sequence[rootfs.Volume],
     tmpfs: Sequence[rootfs.TmpfsMount],
     privileged: bool,
+    rootless: bool = False,
+    net: str = "host",
 ) -> list[dict[str, Any]]:
-    """The ``mounts`` of config.json, in the built-in set-up's order (``rootfs.container_steps``)."""
+    """The ``mounts`` of config.json, in the built-in set-up's order (``rootfs.container_steps``).
+
+    *rootless* (the runtime runs as root of the launcher's user namespace): devpts without
+    gid=5, which may not be mapped, and with ``--net host`` a bind of the host's /sys, since
+    the kernel refuses a sysfs to a user namespace that does not own the network namespace.
+    """
     sys_options = ["nosuid", "noexec", "nodev"] + ([] if privileged else ["ro"])
+    devpts = ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+    if not rootless:
+        devpts.append("gid=5")
+    sys_mount = {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}
+    if rootless and net != "none":
+        sys_mount.update(type="bind", source="/sys", options=["rbind", *sys_options])
     result: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=64k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": devpts},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "nodev", "mode=1777"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
          "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options},
+        sys_mount,
     ]
     result += [{"destination": path, "type": "bind", "source": os.path.join(init_layer, path.lstrip("/")),
                 "options": ["bind"]} for path in init_files]

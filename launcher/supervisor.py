@@ -536,7 +536,7 @@ def run(cfg: RunConfig) -> int:
     if not rootless and os.geteuid() != 0:
         raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace", 2)
     if cfg.runtime is not None:
-        _check_runtime_request(cfg, rootless)
+        _check_runtime_request(cfg)
     container_id = cfg.container_id or os.urandom(6).hex()
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
@@ -602,8 +602,8 @@ def _run(
                 _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
                                            f".unionfs-run-probe-{container_id}")
             if cfg.runtime is not None:
-                return _run_with_runtime(cfg, handle, base, root, container_id, hostname, env, workdir, user,
-                                         init_path, init_files, volumes, tmpfs)
+                return _run_with_runtime(cfg, handle, rootless, base, root, container_id, hostname, env,
+                                         workdir, user, init_path, init_files, volumes, tmpfs)
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
                                            read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
                                            privileged=cfg.policy.privileged)
@@ -618,13 +618,11 @@ def _run(
             log.debug("umount %s: %s", base, exc)
 
 
-def _check_runtime_request(cfg: RunConfig, rootless: bool) -> None:
+def _check_runtime_request(cfg: RunConfig) -> None:
     """``--runtime``: the runtime is an executable, and nothing was asked that only our own set-up does."""
     from launcher import bundle  # json and subprocess: only for a runtime
 
     bundle.find_runtime(cfg.runtime or "")
-    if rootless:
-        raise LaunchError("--runtime needs root (a rootless runtime is not set up by unionfs run)", 2)
     if cfg.init:
         raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", 2)
     if cfg.tty and not os.isatty(0):
@@ -634,6 +632,7 @@ def _check_runtime_request(cfg: RunConfig, rootless: bool) -> None:
 def _run_with_runtime(
     cfg: RunConfig,
     handle: UnionHandle,
+    rootless: bool,
     base: str,
     root: str,
     container_id: str,
@@ -650,7 +649,7 @@ def _run_with_runtime(
     from launcher import bundle
 
     mount_list = bundle.mounts(init_layer=init_path, init_files=init_files, volumes=volumes, tmpfs=tmpfs,
-                               privileged=cfg.policy.privileged)
+                               privileged=cfg.policy.privileged, rootless=rootless, net=cfg.net)
     config = bundle.config(root=root, args=cfg.command, env=env, cwd=workdir, hostname=hostname, user=user,
                            policy=cfg.policy, terminal=os.isatty(0), read_only=cfg.read_only,
                            net=cfg.net, mount_list=mount_list)

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 from launcher_util import (
+    UnprivUser,
     build_busybox_layer,
+    dev_fuse_mode,
     mounts_mentioning,
     run_launcher,
     start_launcher,
     tree_snapshot,
+    unprivileged_user,
     wait_gone,
     world_readable_tempdir,
 )
@@ -38,8 +41,9 @@ RUNC = ("--runtime", "runc")
 class Box:
     """A busybox image and fresh container layers for it."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, user: UnprivUser | None = None) -> None:
         self.base = base
+        self.user = user
         self.image = base / "image"
         build_busybox_layer(self.image, base)
         (self.image / "etc" / "passwd").write_text(PASSWD)
@@ -49,17 +53,27 @@ class Box:
         (self.image / "tmp").mkdir(mode=0o1777)
         os.chmod(self.image / "tmp", 0o1777)
         self.uppers = 0
+        self.own(self.image)
+        for path in self.image.rglob("*"):
+            self.own(path)
+
+    def own(self, path: Path) -> None:
+        """Rootless: *path* belongs to the user (uid 0 in the container)."""
+        if self.user:
+            os.lchown(path, self.user.uid, self.user.gid)
 
     def upper(self) -> Path:
         self.uppers += 1
         up = self.base / f"upper{self.uppers}"
         up.mkdir()
+        self.own(up)
         return up
 
     def run(self, script: str, *options: str, upper: Path | None = None,
             stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
         up = upper or self.upper()
-        return run_launcher(f"{up}:{self.image}", ["/bin/sh", "-c", script], options, stdin=stdin)
+        return run_launcher(f"{up}:{self.image}", ["/bin/sh", "-c", script], options, stdin=stdin,
+                            user=self.user)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +82,20 @@ def box() -> Iterator[Box]:
         yield Box(base)
 
 
+@pytest.fixture(scope="module")
+def rootless_box() -> Iterator[Box]:
+    if shutil.which("newuidmap") is None:
+        pytest.skip("needs newuidmap (apt-get install uidmap)")
+    with unprivileged_user(subids=True) as user, dev_fuse_mode(0o666), \
+            world_readable_tempdir("unionfs-run-runtime-rootless-") as base:
+        yield Box(base, user)
+
+
 @pytest.fixture(autouse=True)
-def no_leftovers(box: Box) -> Iterator[None]:
-    before = mounts_mentioning(str(box.base), ".unionfs-run-")
+def no_leftovers() -> Iterator[None]:
+    before = mounts_mentioning(".unionfs-run-", "unionfs-run-runtime-")
     yield
-    assert mounts_mentioning(str(box.base), ".unionfs-run-") == before, "a mount was left behind"
+    assert mounts_mentioning(".unionfs-run-", "unionfs-run-runtime-") == before, "a mount was left behind"
 
 
 def test_the_union_is_the_root_and_the_exit_status_comes_back(box: Box) -> None:
@@ -114,9 +137,25 @@ def test_the_command_sees_what_the_built_in_set_up_gives(box: Box, options: tupl
     """-e, -w, -u, -v, --hostname, --read-only, --net and the capability options: the same output,
     capability sets, masked paths and the seccomp filter's answers included, with runc as without it
     (``swapoff`` says EPERM under the filter even with every capability, ENOENT without it)."""
+    _same_both_ways(box, options)
+
+
+@pytest.mark.parametrize("options", [
+    (),
+    ("-e", "FOO=bar", "-w", "/work/dir", "-u", "nobody:staff", "VOL:ro", "--read-only"),
+    ("VOL", "--net", "none", "--cap-drop", "NET_RAW"),
+], ids=["defaults", "user-workdir-env-readonly", "net-none-cap-drop"])
+def test_rootless_runc_in_the_launchers_user_namespace(rootless_box: Box, options: tuple[str, ...]) -> None:
+    """Rootless, runc runs as root of the launcher's user namespace (where the union is mounted) and
+    gives the command what the built-in set-up gives."""
+    _same_both_ways(rootless_box, options)
+
+
+def _same_both_ways(box: Box, options: tuple[str, ...]) -> None:
     vol = box.base / "vol"
     vol.mkdir(exist_ok=True)
     (vol / "in-volume").write_text("v\n")
+    box.own(vol)
     opts: list[str] = []
     for o in options:
         opts += ["-v", f"{vol}:/data" + o.removeprefix("VOL")] if o.startswith("VOL") else [o]
