@@ -83,8 +83,8 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="no-new-privileges (setuid programs no longer elevate), or seccomp=unconfined. "
                    "Repeatable.")
 @click.option("--runtime", metavar="runc|crun|PATH",
-              help="Start the container with this OCI runtime (as root), from a bundle whose root is the "
-                   "union, instead of unionfs run's own set-up.")
+              help="Start the container with this OCI runtime, from a bundle whose root is the union, "
+                   "instead of unionfs run's own set-up (rootless: runc as root of our user namespace).")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")

@@ -662,6 +662,7 @@ def _run_with_runtime(
         how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
         raise LaunchError(f"the union's FUSE server {how} while the command ran")
     if cfg.keep_mounted:
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)  # for sigwaitinfo, as without a runtime
         _wait_for_release(root, code)
     return code
 
