@@ -238,13 +238,14 @@ def _spawn(argv: Sequence[str], old_mask: set[int | signal.Signals]) -> int:
     return pid
 
 
-def _watchdog(base: Sequence[str], container_id: str) -> tuple[int, int]:
+def _watchdog(base: Sequence[str], container_id: str, keep: Sequence[int]) -> tuple[int, int]:
     """A process that kills and deletes the container if the launcher dies before it has (SIGKILL).
 
     The runtime dies with the launcher (its parent-death signal), but the container's
     processes would live on with the union gone from under them.  The watchdog waits on a
     pipe whose write end only the launcher holds: a byte means "done, just exit"; EOF
-    without one means the launcher is gone.  Returns (its pid, the write end).
+    without one means the launcher is gone.  It keeps the fds *keep* (the launch's locks) open
+    until it is done, and no other.  Returns (its pid, the write end).
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -253,8 +254,9 @@ def _watchdog(base: Sequence[str], container_id: str) -> tuple[int, int]:
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            os.closerange(3, r)  # the launcher's locks and the union's fds are not ours to hold
-            os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+            kept = sorted({r, *keep})
+            for low, high in zip([2, *kept], [*kept, os.sysconf("SC_OPEN_MAX")], strict=True):
+                os.closerange(low + 1, high)  # nothing else: the union's fds are not ours to hold
             if os.read(r, 1) == b"":
                 for verb in (["kill", container_id, "KILL"], ["delete", "--force", container_id]):
                     os.waitpid(os.posix_spawn(base[0], [*base, *verb], {}), 0)
@@ -270,18 +272,18 @@ def _runtime(argv: Sequence[str]) -> None:
     log.debug("%s: status %d %s", " ".join(argv), r.returncode, r.stderr.strip())
 
 
-def run(runtime: str, bundle: str, container_id: str, stop_timeout: float) -> int:
+def run(runtime: str, bundle: str, container_id: str, stop_timeout: float, locks: Sequence[int] = ()) -> int:
     """``RUNTIME run --bundle BUNDLE ID`` in the foreground; its status (the command's).
 
     The runtime's state lives in *bundle*/state.  Signals reach the runtime, which passes
     them on to the container's PID 1; after SIGTERM, a container still running when
     *stop_timeout* seconds have passed gets SIGKILL (status 137), as ``docker stop`` does.
-    The container is deleted in any case.
+    The container is deleted in any case; a watchdog process holds the fds *locks* until it is.
     """
     base = [runtime, "--root", os.path.join(bundle, "state")]
     waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    watchdog, done = _watchdog(base, container_id)
+    watchdog, done = _watchdog(base, container_id, locks)
     try:
         pid = _spawn([*base, "run", "--bundle", bundle, container_id], old_mask)
         deadline: float | None = None

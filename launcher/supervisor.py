@@ -546,8 +546,9 @@ def run(cfg: RunConfig) -> int:
     layer_lock = None if cfg.tmp_upper else state.lock_container_layer(branches[0].path)
     run_dir = state.RunDir(host_ids[0], container_id)
     try:
+        locks = (run_dir.lock_fd, *(() if layer_lock is None else (layer_lock,)))
         return _run(cfg, branches, rootless, run_dir.path, container_id, hostname, env, workdir, volumes,
-                    tmpfs, unmapped, host_ids)
+                    tmpfs, unmapped, host_ids, locks)
     finally:
         run_dir.remove()
         if layer_lock is not None:
@@ -567,6 +568,7 @@ def _run(
     tmpfs: list[rootfs.TmpfsMount],
     unmapped: tuple[int, int] | None,
     host_ids: tuple[int, int],
+    locks: tuple[int, ...] = (),
 ) -> int:
     try:
         was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
@@ -603,7 +605,7 @@ def _run(
                                            f".unionfs-run-probe-{container_id}")
             if cfg.runtime is not None:
                 return _run_with_runtime(cfg, handle, rootless, base, root, container_id, hostname, env,
-                                         workdir, user, init_path, init_files, volumes, tmpfs)
+                                         workdir, user, init_path, init_files, volumes, tmpfs, locks)
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
                                            read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
                                            privileged=cfg.policy.privileged)
@@ -644,8 +646,15 @@ def _run_with_runtime(
     init_files: Sequence[str],
     volumes: Sequence[rootfs.Volume],
     tmpfs: Sequence[rootfs.TmpfsMount],
+    locks: tuple[int, ...],
 ) -> int:
-    """Start the container with the OCI runtime ``cfg.runtime`` on the union mounted at *root*."""
+    """Start the container with the OCI runtime ``cfg.runtime`` on the union mounted at *root*.
+
+    *locks* (the per-run directory's and the container layer's) stay held until the container is
+    deleted, also by the watchdog that deletes it after a SIGKILL of the launcher: until then no
+    other launch may sweep the per-run directory (which would unmount the runtime's state) or use
+    the container layer.
+    """
     from launcher import bundle
 
     mount_list = bundle.mounts(init_layer=init_path, init_files=init_files, volumes=volumes, tmpfs=tmpfs,
@@ -656,7 +665,7 @@ def _run_with_runtime(
     path = os.path.join(base, "bundle")
     bundle.write(path, config)
     log.debug("OCI bundle %s for %s", path, cfg.runtime)
-    code = bundle.run(bundle.find_runtime(cfg.runtime or ""), path, container_id, cfg.stop_timeout)
+    code = bundle.run(bundle.find_runtime(cfg.runtime or ""), path, container_id, cfg.stop_timeout, locks)
     server = handle.poll()
     if server is not None:
         how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"

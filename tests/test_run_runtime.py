@@ -27,6 +27,8 @@ from launcher_util import (
     world_readable_tempdir,
 )
 
+from launcher import state
+
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="--runtime runs as root"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc (apt-get install runc)"),
@@ -259,13 +261,16 @@ def test_sigterm_reaches_pid_1_and_the_stop_timeout_kills_it(box: Box) -> None:
 
 
 def test_a_killed_launcher_takes_the_container_with_it(box: Box) -> None:
-    """SIGKILL to the launcher: runc dies with it, and the container's processes are killed too."""
+    """SIGKILL to the launcher: runc dies with it, and the container's processes are killed too, even
+    when the next launch at once sweeps per-run directories whose launcher is gone (removing the
+    directory would unmount the runtime's state under the watchdog)."""
     proc = start_launcher(f"{box.upper()}:{box.image}",
                           ["/bin/sh", "-c", "echo ready; while :; do sleep 0.05; done"], RUNC)
     with _ready(proc):
         pids = _descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=10)
+        state.sweep_stale(os.getuid(), "/tmp")  # what any launch does first
         assert wait_gone(pids, timeout=20) == []
 
 
