@@ -1,6 +1,7 @@
 """``unionfs run --runtime runc``: the same container as the built-in set-up gives, started by runc from
 an OCI bundle whose root is the union.  Each check runs a busybox command both ways and compares what
-the command sees; runc is Debian's, and runs as root."""
+the command sees; runc is Debian's, run by root and (in the launcher's user namespace) by a rootless
+user."""
 
 from __future__ import annotations
 
