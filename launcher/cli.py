@@ -91,6 +91,9 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="At most N processes and threads in the container (0 or -1: no limit).")
 @click.option("--cpus", type=float, metavar="CPUS",
               help="CPU time as a number of CPUs (0.5: half of one), through the CFS quota.")
+@click.option("--runtime", metavar="runc|crun|PATH",
+              help="Start the container with this OCI runtime, from a bundle whose root is the union, "
+                   "instead of unionfs run's own set-up (rootless: runc as root of our user namespace).")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
 @click.argument("branches")
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -124,6 +127,7 @@ def run_command(
     memory_swap: str | None,
     pids_limit: int | None,
     cpus: float | None,
+    runtime: str | None,
 ) -> None:
     """Run COMMAND with the union of BRANCHES as its root filesystem.
 
@@ -161,7 +165,8 @@ def run_command(
     cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
                     tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
-                    stop_timeout=stop_timeout, policy=policy, tty=tty, limits=limits)
+                    stop_timeout=stop_timeout, policy=policy, tty=tty, limits=limits,
+                    runtime=runtime)
     log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)

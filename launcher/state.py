@@ -98,6 +98,11 @@ class RunDir:
             os.close(fd)
         raise LaunchError(f"could not make a run directory in {base}")
 
+    @property
+    def lock_fd(self) -> int:
+        """The fd that holds the directory's flock (a process that must keep it locked inherits it)."""
+        return self._fd
+
     def remove(self) -> None:
         """Remove the directory (its tmpfs unmounted first); never raises."""
         try:

@@ -91,6 +91,7 @@ class RunConfig(NamedTuple):
     policy: security.Policy = security.Policy()  # capabilities, no-new-privileges, seccomp, masks
     tty: bool = False  # a pty of the container's own, relayed to ours (also when our stdin is a terminal)
     limits: cgroups.Limits = cgroups.Limits()  # --memory, --pids-limit, --cpus: a cgroup of the run's own
+    runtime: str | None = None  # an OCI runtime (runc, crun, a path) to start the container instead of ours
 
 
 def describe(exc: OSError) -> str:
@@ -540,6 +541,8 @@ def run(cfg: RunConfig) -> int:
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
     if not rootless and os.geteuid() != 0:
         raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace", 2)
+    if cfg.runtime is not None:
+        _check_runtime_request(cfg)
     container_id = cfg.container_id or os.urandom(6).hex()
     hostname = cfg.hostname or container_id
     env = container_env(cfg, hostname)
@@ -550,10 +553,11 @@ def run(cfg: RunConfig) -> int:
     run_dir = state.RunDir(host_ids[0], container_id)
     cgroup = None
     try:
+        locks = (run_dir.lock_fd, *(() if layer_lock is None else (layer_lock,)))
         cgroups.sweep_all()
         cgroup = cgroups.RunCgroup(cfg.limits, container_id) if cfg.limits.any() else None
         return _run(cfg, branches, rootless, run_dir.path, container_id, hostname, env, workdir, volumes,
-                    tmpfs, unmapped, host_ids, cgroup)
+                    tmpfs, unmapped, host_ids, cgroup, locks)
     finally:
         if cgroup is not None:
             cgroup.remove()
@@ -576,6 +580,7 @@ def _run(
     unmapped: tuple[int, int] | None,
     host_ids: tuple[int, int],
     cgroup: cgroups.RunCgroup | None,
+    locks: tuple[int, ...] = (),
 ) -> int:
     try:
         was_foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
@@ -610,6 +615,9 @@ def _run(
             if unmapped is not None:
                 _warn_if_root_not_writable(root, branches[0].path, unmapped, host_ids,
                                            f".unionfs-run-probe-{container_id}")
+            if cfg.runtime is not None:
+                return _run_with_runtime(cfg, handle, rootless, base, root, container_id, hostname, env,
+                                         workdir, user, init_path, init_files, volumes, tmpfs, locks)
             steps = rootfs.container_steps(rootless=rootless, init_layer=init_path, init_files=init_files,
                                            read_only=cfg.read_only, volumes=volumes, tmpfs=tmpfs,
                                            privileged=cfg.policy.privileged)
@@ -622,6 +630,65 @@ def _run(
             syscalls.umount2(base, syscalls.MNT_DETACH)
         except OSError as exc:
             log.debug("umount %s: %s", base, exc)
+
+
+def _check_runtime_request(cfg: RunConfig) -> None:
+    """``--runtime``: the runtime is an executable, and nothing was asked that only our own set-up does."""
+    from launcher import bundle  # json and subprocess: only for a runtime
+
+    bundle.find_runtime(cfg.runtime or "")
+    if cfg.init:
+        raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", 2)
+    if cfg.tty and not os.isatty(0):
+        raise LaunchError("-t with --runtime needs a terminal on stdin (the runtime relays its own pty)", 2)
+    if cfg.limits.any():
+        raise LaunchError(f"{cfg.limits.flags()} not available with --runtime yet (the runtime makes its own "
+                          "cgroup): use unionfs run's own set-up for limits", 2)
+
+
+def _run_with_runtime(
+    cfg: RunConfig,
+    handle: UnionHandle,
+    rootless: bool,
+    base: str,
+    root: str,
+    container_id: str,
+    hostname: str,
+    env: dict[str, str],
+    workdir: str,
+    user: users.User | None,
+    init_path: str,
+    init_files: Sequence[str],
+    volumes: Sequence[rootfs.Volume],
+    tmpfs: Sequence[rootfs.TmpfsMount],
+    locks: tuple[int, ...],
+) -> int:
+    """Start the container with the OCI runtime ``cfg.runtime`` on the union mounted at *root*.
+
+    *locks* (the per-run directory's and the container layer's) stay held until the container is
+    deleted, also by the watchdog that deletes it after a SIGKILL of the launcher: until then no
+    other launch may sweep the per-run directory (which would unmount the runtime's state) or use
+    the container layer.
+    """
+    from launcher import bundle
+
+    mount_list = bundle.mounts(init_layer=init_path, init_files=init_files, volumes=volumes, tmpfs=tmpfs,
+                               privileged=cfg.policy.privileged, rootless=rootless, net=cfg.net)
+    config = bundle.config(root=root, args=cfg.command, env=env, cwd=workdir, hostname=hostname, user=user,
+                           policy=cfg.policy, terminal=os.isatty(0), read_only=cfg.read_only,
+                           net=cfg.net, mount_list=mount_list)
+    path = os.path.join(base, "bundle")
+    bundle.write(path, config)
+    log.debug("OCI bundle %s for %s", path, cfg.runtime)
+    code = bundle.run(bundle.find_runtime(cfg.runtime or ""), path, container_id, cfg.stop_timeout, locks)
+    server = handle.poll()
+    if server is not None:
+        how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
+        raise LaunchError(f"the union's FUSE server {how} while the command ran")
+    if cfg.keep_mounted:
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)  # for sigwaitinfo, as without a runtime
+        _wait_for_release(root, code)
+    return code
 
 
 def _write_init_layer(
