@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from launcher import rootfs, security, syscalls
+from launcher.cgroups import CPU_PERIOD_US, Limits
 from launcher.imageview import components
 from launcher.union import LaunchError
 from launcher.users import User
@@ -174,6 +175,7 @@ def config(
     read_only: bool,
     net: str,
     mount_list: list[dict[str, Any]],
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
     """The config.json of a bundle whose root is the union at *root*."""
     own = _own_bounding_set()  # a runtime refuses what it cannot grant; the built-in path drops the rest
@@ -196,6 +198,8 @@ def config(
     if net == "none":
         namespaces.append({"type": "network"})
     linux: dict[str, Any] = {"namespaces": namespaces}
+    if limits is not None and limits.any():
+        linux["resources"] = resources(limits)
     if not policy.privileged:
         linux["maskedPaths"] = list(rootfs.MASKED_PATHS)
         linux["readonlyPaths"] = list(rootfs.READ_ONLY_PATHS)
@@ -212,6 +216,20 @@ def config(
         "mounts": mount_list,
         "linux": linux,
     }
+
+
+def resources(limits: Limits) -> dict[str, Any]:
+    """``linux.resources`` for --memory, --memory-swap, --pids-limit and --cpus, as the built-in
+    set-up writes them into its own cgroup (the runtime makes the cgroup and applies them)."""
+    out: dict[str, Any] = {}
+    if limits.memory is not None:
+        swap = limits.memory_swap if limits.memory_swap is not None else 2 * limits.memory
+        out["memory"] = {"limit": limits.memory, "swap": swap}
+    if limits.pids is not None:
+        out["pids"] = {"limit": limits.pids}
+    if limits.cpus is not None:
+        out["cpu"] = {"quota": round(limits.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+    return out
 
 
 def write(bundle: str, cfg: dict[str, Any]) -> None:

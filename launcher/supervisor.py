@@ -555,6 +555,8 @@ def run(cfg: RunConfig) -> int:
     try:
         locks = (run_dir.lock_fd, *(() if layer_lock is None else (layer_lock,)))
         cgroups.sweep_all()
+        # With a runtime, the runtime makes the cgroup from config.json; the check that limits can be
+        # had at all (root, or a delegated subtree) is the same.
         cgroup = cgroups.RunCgroup(cfg.limits, container_id) if cfg.limits.any() else None
         return _run(cfg, branches, rootless, run_dir.path, container_id, hostname, env, workdir, volumes,
                     tmpfs, unmapped, host_ids, cgroup, locks)
@@ -641,9 +643,6 @@ def _check_runtime_request(cfg: RunConfig) -> None:
         raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", 2)
     if cfg.tty and not os.isatty(0):
         raise LaunchError("-t with --runtime needs a terminal on stdin (the runtime relays its own pty)", 2)
-    if cfg.limits.any():
-        raise LaunchError(f"{cfg.limits.flags()} not available with --runtime yet (the runtime makes its own "
-                          "cgroup): use unionfs run's own set-up for limits", 2)
 
 
 def _run_with_runtime(
@@ -676,7 +675,7 @@ def _run_with_runtime(
                                privileged=cfg.policy.privileged, rootless=rootless, net=cfg.net)
     config = bundle.config(root=root, args=cfg.command, env=env, cwd=workdir, hostname=hostname, user=user,
                            policy=cfg.policy, terminal=os.isatty(0), read_only=cfg.read_only,
-                           net=cfg.net, mount_list=mount_list)
+                           net=cfg.net, mount_list=mount_list, limits=cfg.limits)
     path = os.path.join(base, "bundle")
     bundle.write(path, config)
     log.debug("OCI bundle %s for %s", path, cfg.runtime)

@@ -267,3 +267,17 @@ def test_a_v2_run_goes_under_the_highest_cgroup_we_may_write(tmp_path: Path) -> 
     (tmp_path / "cgroup.procs").write_text("")
     assert cgroups._delegated_base(h) == str(tmp_path)  # root: the top
     assert cgroups._delegated_base(cgroups.Hierarchy(2, str(tmp_path), str(tmp_path / "nowhere"))) == str(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc (apt-get install runc)")
+def test_limits_reach_an_oci_runtime(image: Path) -> None:
+    """With --runtime runc the limits travel in config.json: the runtime's cgroup enforces them."""
+    limited = _run(image, ["forks"], "--runtime", "runc", "--pids-limit", "20")
+    assert limited.returncode == 0, limited.stderr
+    forked = int(limited.stdout.split()[1])
+    assert 10 <= forked < 20, limited.stdout
+    small = _run(image, ["alloc", "8"], "--runtime", "runc", "--memory", "32m")
+    assert (small.returncode, small.stdout) == (0, "allocated 8 MiB\n"), small.stderr
+    large = _run(image, ["alloc", "100"], "--runtime", "runc", "--memory", "32m")
+    assert large.returncode == 128 + signal.SIGKILL, (large.stdout, large.stderr)
+

@@ -288,14 +288,3 @@ def test_a_runtime_that_is_not_there_is_one_line(box: Box, tmp_path: Path, runti
     assert r.returncode in (2, 125)
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert list(upper.iterdir()) == []
-
-
-def test_limits_with_a_runtime_are_refused_in_one_line(tmp_path: Path) -> None:
-    """Resource limits go through unionfs run's own cgroup; with --runtime they are refused, never
-    silently dropped."""
-    (tmp_path / "up").mkdir()
-    (tmp_path / "img").mkdir()
-    r = run_launcher(f"{tmp_path}/up:{tmp_path}/img", ["/bin/true"], [*RUNC, "--memory", "64m"])
-    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
-    assert "--memory" in r.stderr and "--runtime" in r.stderr
-    assert os.listdir(tmp_path / "up") == []
