@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from launcher import state
 from launcher.union import LaunchError
 from unionfs import mountinfo
 
@@ -203,19 +204,7 @@ def sweep_stale(parent: str) -> None:
     except OSError:
         return
     for name in names:
-        path = os.path.join(parent, name)
-        try:
-            fd = os.open(path, _DIR_FLAGS)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rmdir(path)
-            log.debug("removed cgroup %s, left by a launcher that was killed", path)
-        except OSError as exc:  # held by a live launcher, or processes still in it
-            log.debug("kept cgroup %s: %s", path, os.strerror(exc.errno or 0))
-        finally:
-            os.close(fd)
+        state.remove_unheld(os.path.join(parent, name))
 
 
 def sweep_all() -> None:

@@ -54,21 +54,26 @@ def sweep_stale(uid: int, base: str | None = None) -> None:
     except OSError:
         return
     for name in entries:
-        path = os.path.join(base, name)
-        try:
-            fd = os.open(path, _DIR_FLAGS)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid != uid:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rmdir(path)
-            log.debug("removed %s, left by a launcher that was killed", path)
-        except OSError as exc:  # held by a live launcher, or not empty: not ours to remove
-            log.debug("kept %s: %s", path, os.strerror(exc.errno or 0))
-        finally:
-            os.close(fd)
+        remove_unheld(os.path.join(base, name), uid)
+
+
+def remove_unheld(path: str, uid: int | None = None) -> None:
+    """Remove the empty directory *path* unless a live launcher holds its flock (or, with *uid*, it
+    belongs to someone else): what a SIGKILLed launcher left.  Never follows a symlink."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        if uid is not None and os.fstat(fd).st_uid != uid:
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rmdir(path)
+        log.debug("removed %s, left by a launcher that was killed", path)
+    except OSError as exc:  # held by a live launcher, or not empty: not ours to remove
+        log.debug("kept %s: %s", path, os.strerror(exc.errno or 0))
+    finally:
+        os.close(fd)
 
 
 class RunDir:

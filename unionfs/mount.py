@@ -211,8 +211,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         ops.use_shim()
 
         def release_branches() -> None:
-            if shim is not None:
-                shim.stop_watching()   # its thread may be letting go of them too: let it finish
             branches.close()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
