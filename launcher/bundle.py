@@ -36,13 +36,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from launcher import rootfs, security, syscalls
 from launcher.cgroups import CPU_PERIOD_US, Limits
 from launcher.imageview import components
+from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import LaunchError
 from launcher.users import User
 
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 
 OCI_VERSION = "1.0.2"
 KNOWN_RUNTIMES = ("runc", "crun")
-FORWARDED_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-)
 MOUNT_OPTIONS = (
     (syscalls.MS_RDONLY, "ro"), (syscalls.MS_NOSUID, "nosuid"), (syscalls.MS_NODEV, "nodev"),
     (syscalls.MS_NOEXEC, "noexec"), (syscalls.MS_STRICTATIME, "strictatime"),
@@ -304,21 +301,16 @@ def run(runtime: str, bundle: str, container_id: str, stop_timeout: float, locks
     watchdog, done = _watchdog(base, container_id, locks)
     try:
         pid = _spawn([*base, "run", "--bundle", bundle, container_id], old_mask)
-        deadline: float | None = None
-        killed = False
+        clock = StopClock(stop_timeout)
         while True:
-            if deadline is None:
-                info: signal.struct_siginfo | None = signal.sigwaitinfo(waited)
-            else:
-                info = signal.sigtimedwait(waited, max(0.0, deadline - time.monotonic()))
+            info = clock.wait(waited)
             if info is None:
                 log.debug("the container still runs %.1fs after SIGTERM: SIGKILL", stop_timeout)
-                _runtime([*base, "kill", container_id, "KILL"])
-                deadline, killed = None, True  # only the runtime's exit is left to wait for
+                _runtime([*base, "kill", container_id, "KILL"])  # only the runtime's exit is left
                 continue
             if info.si_signo != signal.SIGCHLD:
-                if info.si_signo == signal.SIGTERM and deadline is None and not killed:
-                    deadline = time.monotonic() + stop_timeout
+                if info.si_signo == signal.SIGTERM:
+                    clock.start()
                 try:
                     os.kill(pid, info.si_signo)
                 except ProcessLookupError:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from launcher import cgroups, namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.imageview import ImageView, components
+from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
 
 if TYPE_CHECKING:
@@ -50,9 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-FORWARDED_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-)
 INIT_MOUNTPOINTS = ("/proc", "/dev", "/sys")
 """Mount points the container needs (/sys as Docker's init layer has it); made where the image lacks them."""
 TMP_MODE = 0o1777  # /tmp where the image has none
@@ -432,25 +430,19 @@ def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0,
     """
     waited = {signal.SIGCHLD, *FORWARDED_SIGNALS, *((signal.SIGWINCH,) if resize else ())}
     emulated: int | None = None
-    deadline: float | None = None
-    killed = False
+    clock = StopClock(stop_timeout)
     while True:
-        if deadline is None:
-            info: signal.struct_siginfo | None = signal.sigwaitinfo(waited)
-        else:
-            info = signal.sigtimedwait(waited, max(0.0, deadline - time.monotonic()))
+        info = clock.wait(waited)
         if info is None:
             log.debug("PID 1 (%d) still runs %.1fs after SIGTERM: SIGKILL", pid, stop_timeout)
-            _kill(pid, signal.SIGKILL)
-            deadline, killed = None, True  # only its SIGCHLD is left to wait for
+            _kill(pid, signal.SIGKILL)  # only its SIGCHLD is left to wait for
             continue
         if info.si_signo == signal.SIGWINCH and resize is not None:
             resize()
             continue
         if info.si_signo == signal.SIGTERM:
             _stop(pid)
-            if deadline is None and not killed:
-                deadline = time.monotonic() + stop_timeout
+            clock.start()
             continue
         if info.si_signo != signal.SIGCHLD:
             emulated = _forward(pid, info) or emulated
