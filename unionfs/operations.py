@@ -35,7 +35,7 @@ from .attrs import Stat
 from .caller import in_group_or_capable
 from .inodes import Node
 from .layers import ACL_ACCESS
-from .offload import BIG_IO
+from .offload import BIG_IO, FREE_BIG
 from .sysx import fallocate
 from .union import Creds, Handle, Union
 
@@ -357,7 +357,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         h = self.union.handles[fh]
-        if h.node.links:
+        if h.node.links or os.fstat(h.fd).st_blocks * 512 < FREE_BIG:
             self.union.release(h)
             return
         # Its names are all gone: this may be the last reference, and freeing a big file's blocks
