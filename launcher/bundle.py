@@ -41,10 +41,10 @@ from typing import Any
 
 from launcher import rootfs, security, syscalls
 from launcher.cgroups import CPU_PERIOD_US, Limits
-from launcher.imageview import components
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import LaunchError
 from launcher.users import User
+from unionfs.branchview import components
 
 log = logging.getLogger(__name__)
 

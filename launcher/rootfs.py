@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from launcher import syscalls
-from launcher.imageview import ImageView, components
+from unionfs.branchview import BranchView, components
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class InitLayer:
     is put under it.  *view* is the union of the branches around the init layer.
     """
 
-    def __init__(self, path: str, view: ImageView) -> None:
+    def __init__(self, path: str, view: BranchView) -> None:
         self.path = path
         self.view = view
         self._times: dict[str, os.stat_result] = {}

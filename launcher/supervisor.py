@@ -41,9 +41,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from launcher import cgroups, namespaces, rootfs, security, state, syscalls, timing, users
-from launcher.imageview import ImageView, components
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+from unionfs.branchview import BranchView, components
 
 if TYPE_CHECKING:
     from launcher import terminal
@@ -589,7 +589,7 @@ def _run(
     try:
         init_path, root = os.path.join(base, "init"), os.path.join(base, "root")
         os.mkdir(root, 0o755)
-        with ImageView([b.path for b in branches]) as view:
+        with BranchView([b.path for b in branches]) as view:
             init_files, tmpfs = _write_init_layer(cfg, view, init_path, hostname, workdir, volumes, tmpfs)
             user = users.resolve(cfg.user, view.read_file("/etc/passwd"), view.read_file("/etc/group")) \
                 if cfg.user is not None else None
@@ -684,7 +684,7 @@ def _run_with_runtime(
 
 def _write_init_layer(
     cfg: RunConfig,
-    view: ImageView,
+    view: BranchView,
     path: str,
     hostname: str,
     workdir: str,

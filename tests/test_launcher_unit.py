@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from launcher import namespaces, prefork, rootfs, supervisor, syscalls
 from launcher.cli import run_command
-from launcher.imageview import ImageView
 from launcher.union import Branch, LaunchError, branch_spec, parse_branches
+from unionfs.branchview import BranchView
 
 
 def test_parse_branches_top_first_with_and_without_modes(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_rootless_devpts_has_no_tty_gid() -> None:
 def test_init_layer_has_the_container_files(tmp_path: Path) -> None:
     layer = tmp_path / "init"
     (tmp_path / "image").mkdir()
-    with ImageView([str(tmp_path / "image")]) as view:
+    with BranchView([str(tmp_path / "image")]) as view:
         init = rootfs.InitLayer(str(layer), view)
         rootfs.write_init_layer(init, "box", b"nameserver 9.9.9.9\n")
         assert init.directory("/proc") and init.directory("/dev")

@@ -17,11 +17,11 @@ import stat
 import tarfile
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..branchview import BranchView
 from ..layers import fd_path, listdir, lstat_at, open_dir_at, open_root
 from ..whiteout import (
     WH_META_PREFIX,
@@ -30,7 +30,6 @@ from ..whiteout import (
     dir_is_opaque,
     is_private_xattr,
     is_whiteout_stat,
-    whiteouts_at,
 )
 from .store import Store, hexof, normalize_name
 from .unpack import CHUNK, XATTR_PAX, ImageError, decompressed
@@ -53,58 +52,6 @@ def _skipped(name: bytes) -> bool:
     return name.startswith(WH_META_PREFIX)
 
 
-class Lowers:
-    """The read-only layers under an upper (top first), asked one path at a time."""
-
-    def __init__(self, dirs: Sequence[os.PathLike[str] | str]) -> None:
-        self.fds: list[int] = []
-        try:
-            for d in dirs:
-                self.fds.append(open_root(os.fspath(d)))
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-    def lstat(self, parts: list[bytes]) -> os.stat_result | None:
-        """What the union of the lower layers shows at *parts*, or None."""
-        for top in self.fds:
-            found, stop = self._in_layer(top, parts)
-            if found is not None or stop:
-                return found
-        return None
-
-    @staticmethod
-    def _in_layer(top: int, parts: list[bytes]) -> tuple[os.stat_result | None, bool]:
-        """(what this layer has at *parts*, whether layers below are hidden from it)."""
-        with ExitStack() as stack:
-            cur = top
-            for i, comp in enumerate(parts):
-                device, aufs = whiteouts_at(cur, comp)
-                if aufs:
-                    return None, True
-                try:
-                    st = lstat_at(cur, comp)
-                except FileNotFoundError:
-                    return None, False
-                if is_whiteout_stat(st) or device:
-                    return None, True
-                if i == len(parts) - 1:
-                    return st, True
-                if not stat.S_ISDIR(st.st_mode):
-                    return None, True
-                cur = open_dir_at(cur, comp)
-                stack.callback(os.close, cur)
-                if dir_is_opaque(cur):
-                    found, _ = Lowers._in_layer(cur, parts[i + 1:])
-                    return found, True
-        return None, False
-
-
 def container_diff(upper: os.PathLike[str] | str, lowers: Sequence[os.PathLike[str] | str]) -> list[Change]:
     """What `docker diff` prints for the container layer *upper* over *lowers* (top first).
 
@@ -118,7 +65,7 @@ def container_diff(upper: os.PathLike[str] | str, lowers: Sequence[os.PathLike[s
     """
     out: list[Change] = []
     listed: set[str] = set()
-    low = Lowers(lowers)
+    low = BranchView(lowers)
     root = open_root(os.fspath(upper))
     try:
         _walk(root, [], False, low, out, listed)
@@ -128,7 +75,7 @@ def container_diff(upper: os.PathLike[str] | str, lowers: Sequence[os.PathLike[s
     return out
 
 
-def _walk(dfd: int, parts: list[bytes], hidden: bool, low: Lowers, out: list[Change],
+def _walk(dfd: int, parts: list[bytes], hidden: bool, low: BranchView, out: list[Change],
           listed: set[str]) -> None:
     for name in sorted(listdir(dfd)):
         if _skipped(name):
@@ -139,7 +86,7 @@ def _walk(dfd: int, parts: list[bytes], hidden: bool, low: Lowers, out: list[Cha
             _record(out, listed, Change("D", _path([*parts, gone])))
             continue
         path = [*parts, name]
-        below = None if hidden else low.lstat(path)
+        below = None if hidden else low.lstat_names(path)
         is_dir = stat.S_ISDIR(st.st_mode)
         sub = open_dir_at(dfd, name) if is_dir else -1
         try:

@@ -1,8 +1,9 @@
-"""The image branches seen as one read-only tree, looked up without following a symlink.
+"""Read-only branches seen as one tree, looked up without following a symlink, without a mount.
 
 The launcher needs a few answers about the image before the union is mounted: is
 ``/tmp`` a directory, and with which mode, owner and times; is ``/var/run`` a
-symlink; what do ``/etc/passwd`` and ``/etc/group`` say.  ``ImageView`` answers
+symlink; what do ``/etc/passwd`` and ``/etc/group`` say.  ``unionfs diff`` asks what
+the image layers show at each path the container layer holds.  ``BranchView`` answers
 them from the branches directly, top first, with the union's rules: the topmost
 branch that has a name decides what it is, a whiteout hides the name below, an
 opaque directory hides the directories below it.  Every lookup is relative to a
@@ -17,6 +18,7 @@ import os
 import stat
 from collections.abc import Sequence
 
+from unionfs.layers import open_root
 from unionfs.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,17 @@ def components(path: str) -> list[str]:
     return names
 
 
-class ImageView:
-    """Read-only lookups in the union of *branches* (top first).  Close it, or use it as a context."""
+class BranchView:
+    """Read-only lookups in the union of *branches* (top first).  Close it, or use it as a context.
 
-    def __init__(self, branches: Sequence[str]) -> None:
+    A branch's own path is the user's to resolve (as the union's branches are: see
+    ``layers.open_root``); below it nothing is followed."""
+
+    def __init__(self, branches: Sequence[str | os.PathLike[str]]) -> None:
         self._roots: list[int] = []
         try:
             for path in branches:
-                self._roots.append(os.open(path, _DIR_FLAGS))
+                self._roots.append(open_root(os.fspath(path)))
         except BaseException:
             self.close()
             raise
@@ -50,7 +55,7 @@ class ImageView:
             os.close(fd)
         self._roots = []
 
-    def __enter__(self) -> ImageView:
+    def __enter__(self) -> BranchView:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -63,12 +68,22 @@ class ImageView:
         after the first that is not a directory (a symlink included, which is never
         followed).  So ``len(walk(p)) == len(components(p))`` when *p* exists.
         """
+        return self.walk_names([os.fsencode(name) for name in components(path)])
+
+    def lstat_names(self, names: Sequence[bytes]) -> os.stat_result | None:
+        """The stat of the path made of *names* (bytes, one per component), None when it is
+        missing or a parent is not a directory."""
+        found = self.walk_names(names)
+        return found[-1] if names and len(found) == len(names) else None
+
+    def walk_names(self, names: Sequence[bytes]) -> list[os.stat_result]:
+        """`walk` of the path made of *names* (bytes, one per component)."""
         found: list[os.stat_result] = []
         dirs = list(self._roots)
         opened: list[int] = []
         try:
-            for name in components(path):
-                st, dirs = self._step(dirs, os.fsencode(name), opened)
+            for name in names:
+                st, dirs = self._step(dirs, name, opened)
                 if st is None:
                     break
                 found.append(st)
