@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from launcher import state
+from launcher import namespaces, state
 from launcher.union import LaunchError
 from unionfs import mountinfo
 
@@ -185,11 +185,7 @@ def _delegated_base(h: Hierarchy) -> str | None:
 
 
 def _write(path: str, value: str) -> None:
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(value)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cgroup: write {value.strip()!r} to", path) from None
+    namespaces.write_control(path, value, "cgroup: write")
 
 
 def _read(path: str) -> str:

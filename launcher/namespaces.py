@@ -68,12 +68,14 @@ def make_mounts_private(step: str = "make / private") -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE, step=step)
 
 
-def _write(path: str, text: str) -> None:
+def write_control(path: str, text: str, step: str = "write") -> None:
+    """Write *text* to the kernel control file *path* (an id map, a cgroup file) in one write; an
+    OSError names the step, the text and the path."""
     try:
         with open(path, "w", encoding="ascii") as f:
             f.write(text)
     except OSError as exc:
-        raise OSError(exc.errno, f"write {text.strip()!r} to", path) from None
+        raise OSError(exc.errno, f"{step} {text.strip()!r} to", path) from None
 
 
 class _IdMapHelper:
@@ -164,9 +166,9 @@ def enter_launcher_namespaces(rootless: bool) -> None:
     if helper is None or not helper.run():
         if helper is not None:
             log.warning("newuidmap/newgidmap failed; mapping only uid %d and gid %d", uid, gid)
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"0 {uid} 1\n")
-        _write("/proc/self/gid_map", f"0 {gid} 1\n")
+        write_control("/proc/self/setgroups", "deny")
+        write_control("/proc/self/uid_map", f"0 {uid} 1\n")
+        write_control("/proc/self/gid_map", f"0 {gid} 1\n")
     else:
         log.debug("mapped uid %d + %s and gid %d + %s", uid, subuid, gid, subgid)
     make_mounts_private()
