@@ -12,15 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import conftest
 import pytest
 import util
 from images_util import M, cli, docker_archive, layer_tar
-from test_podman import Podman, static_busybox_problem
+from test_podman import Podman, private_podman
 
 pytestmark = pytest.mark.fuse
 
@@ -47,26 +45,10 @@ CHANGES = ("rm /base/victim.txt && rm -rf /base/tree2 && echo new > /base/new &&
 PODMAN_OWN = ("/etc", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/run", "/run/.containerenv")
 
 
-def requirement_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "the podman tests run as root (CI does)"
-    missing = [p for p in ("podman", "runc", "tar") if shutil.which(p) is None]
-    if missing:
-        return f"needs podman: {' '.join(missing)} not on PATH (apt-get install podman runc)"
-    return conftest.fuse_problem() or static_busybox_problem()
-
-
 @pytest.fixture(scope="module")
 def pm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
-    why = requirement_problem()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the podman image tests cannot run: {why}")
-        pytest.skip(why)
     base = tmp_path_factory.mktemp("podman-images")
-    made = [d for d in (Path("/var/lib/containers"), Path("/var/lib/containers/cache")) if not d.exists()]
-    p = Podman(base, None)
-    try:
+    with private_podman(base, None, "the podman image tests") as p:
         rootfs = p.rootfs_tar()
         docker_archive(base / "base.tar", [([rootfs, layer_tar(XATTR_LAYER)], [BASE])])
         p("load", "-i", str(base / "base.tar"))
@@ -77,12 +59,6 @@ def pm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         p("save", "-o", str(base / "docker.tar"), BUILT)
         p("save", "--format", "oci-archive", "-o", str(base / "oci.tar"), BUILT)
         yield p
-    finally:
-        problems = p.close()
-        shutil.rmtree(base, ignore_errors=True)
-        if made:
-            shutil.rmtree(made[0], ignore_errors=True)
-        assert not problems, problems
 
 
 def podman_tree(p: Podman, image: str) -> dict[bytes, dict[str, object]]:

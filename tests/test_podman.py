@@ -23,6 +23,7 @@ Needs root, podman, runc and a static busybox (``apt-get install podman runc bus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -285,15 +286,39 @@ def static_busybox_problem() -> str | None:
     return None
 
 
-def requirement_problem() -> str | None:
+def requirement_problem(mount_program: str | None = MOUNT_PROGRAM) -> str | None:
     if os.geteuid() != 0:
         return "the podman tests run as root (CI does)"
     missing = [p for p in ("podman", "runc", "tar") if shutil.which(p) is None]
     if missing:
         return f"needs podman: {' '.join(missing)} not on PATH (apt-get install podman runc)"
-    if not os.access(MOUNT_PROGRAM, os.X_OK):
-        return f"needs FUSE: mount program {MOUNT_PROGRAM} is missing"
+    if mount_program is not None and not os.access(mount_program, os.X_OK):
+        return f"needs FUSE: mount program {mount_program} is missing"
     return conftest.fuse_problem() or static_busybox_problem()
+
+
+@contextlib.contextmanager
+def private_podman(base: Path, mount_program: str | None, what: str) -> Iterator[Podman]:
+    """podman with a store of its own under *base* (and *mount_program* as its overlay mount
+    program, or the kernel's overlay), skipped where the machine lacks what it needs (a failure
+    under CI); everything it made is gone afterwards, and the test fails if it left anything."""
+    why = requirement_problem(mount_program)
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {what} cannot run: {why}")
+        pytest.skip(why)
+    # podman as root keeps a blob-info cache in /var/lib/containers/cache whatever the store; when
+    # that directory is not there before, it goes again afterwards.
+    made = [d for d in (Path("/var/lib/containers"), BLOB_CACHE_DIR) if not d.exists()]
+    pm = Podman(base, mount_program)
+    try:
+        yield pm
+    finally:
+        problems = pm.close()
+        shutil.rmtree(base, ignore_errors=True)
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        assert not problems, problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,29 +327,13 @@ def requirement_problem() -> str | None:
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
-    why = requirement_problem()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the podman tests cannot run: {why}")
-        pytest.skip(why)
-    base = tmp_path_factory.mktemp("podman-unionfs")
-    # podman as root keeps a blob-info cache in /var/lib/containers/cache whatever the store; when
-    # that directory is not there before, it goes again afterwards.
-    made = [d for d in (Path("/var/lib/containers"), BLOB_CACHE_DIR) if not d.exists()]
-    pm = Podman(base, MOUNT_PROGRAM)
-    try:
+    with private_podman(tmp_path_factory.mktemp("podman-unionfs"), MOUNT_PROGRAM, "the podman tests") as pm:
         opts = pm.graph_options()
         prog = opts.get("overlay.mount_program")
         assert isinstance(prog, dict) and prog.get("Executable") == MOUNT_PROGRAM, (
             f"podman does not use {MOUNT_PROGRAM} as its overlay mount_program: {opts}")
         pm.import_base()
         yield pm
-    finally:
-        problems = pm.close()
-        shutil.rmtree(base, ignore_errors=True)
-        if made:
-            shutil.rmtree(made[0], ignore_errors=True)
-        assert not problems, problems
 
 
 @pytest.fixture(scope="module")
