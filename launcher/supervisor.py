@@ -48,6 +48,7 @@ from unionfs.branchview import BranchView, components
 if TYPE_CHECKING:
     from launcher import terminal
 
+DEAD_UNION_GRACE = 0.5  # seconds a command whose union died has to end by itself before SIGKILL
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -454,7 +455,9 @@ def _supervise(pid: int, handle: UnionHandle, stop_timeout: float = 10.0,
             # server has finished exiting: the connection is gone, so its exit is near.
             server = _wait_server(handle)
         if server is not None:
-            if wpid != pid:
+            # Its root is gone, so the command fails at its next step: a moment to end on its own lets
+            # what it says about that end whole, before our line (else SIGKILL cuts it mid-line).
+            if wpid != pid and not _exits_within(pid, DEAD_UNION_GRACE):
                 _kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             how = f"was killed by signal {-server}" if server < 0 else f"exited with status {server}"
@@ -477,6 +480,17 @@ def _union_alive(mountpoint: str) -> bool:
     except OSError as exc:
         return exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED)
     return True
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Whether child *pid* exits (and is reaped) within *seconds*."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def _wait_server(handle: UnionHandle, timeout: float = 5.0) -> int | None:
