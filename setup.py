@@ -1,4 +1,4 @@
-"""Builds unionfs' one native piece, the libfuse shim in front of pyfuse3 (unionfs/_fuse_shim.c).
+"""Builds unionfs' one native piece, the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c).
 
 Everything else is declared in pyproject.toml.
 """
@@ -22,8 +22,8 @@ libs = fuse3_flags("--libs")
 setup(
     ext_modules=[
         Extension(
-            "unionfs._fuse_shim",
-            sources=["unionfs/_fuse_shim.c"],
+            "unionfs.server._fuse_shim",
+            sources=["unionfs/server/_fuse_shim.c"],
             include_dirs=[f[2:] for f in cflags if f.startswith("-I")],
             extra_compile_args=[f for f in cflags if not f.startswith("-I")] + ["-Wall", "-Wextra"],
             libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],

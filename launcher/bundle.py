@@ -44,7 +44,7 @@ from launcher.cgroups import CPU_PERIOD_US, Limits
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import LaunchError
 from launcher.users import User
-from unionfs.branchview import components
+from unionfs.core.branchview import components
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from launcher import namespaces, state
 from launcher.union import LaunchError
-from unionfs import mountinfo
+from unionfs.core import mountinfo
 
 log = logging.getLogger(__name__)
 

@@ -132,15 +132,15 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         os.close(null)
         held = _HeldRecords()  # what the imports log (a missing shim, say) waits for the log file
         logging.getLogger().handlers[:] = [held]
-        # unionfs.operations first: it loads the core's libfuse shim, which must precede pyfuse3.
+        # unionfs.server.operations first: it loads the core's libfuse shim, which must precede pyfuse3.
         # These imports are the launch's critical path.  Cyclic-GC passes over the modules'
         # objects, which live as long as the server, cost them ~10% and free nothing; so the
         # GC is off while they load, and freezing them afterwards (gc.freeze: never scanned
         # again) keeps the first collection after them from scanning them all at once.
         gc.disable()
-        import unionfs.operations  # noqa: F401
-        from unionfs.config import build_config
-        from unionfs.mount import serve
+        import unionfs.server.operations  # noqa: F401
+        from unionfs.core.config import build_config
+        from unionfs.server.daemon import serve
 
         gc.freeze()
         gc.enable()

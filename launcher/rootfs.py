@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from launcher import syscalls
-from unionfs.branchview import BranchView, components
+from unionfs.core.branchview import BranchView, components
 
 log = logging.getLogger(__name__)
 

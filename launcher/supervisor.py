@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from launcher import cgroups, namespaces, rootfs, security, state, syscalls, timing, users
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
 from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
-from unionfs.branchview import BranchView, components
+from unionfs.core.branchview import BranchView, components
 
 if TYPE_CHECKING:
     from launcher import terminal

@@ -52,7 +52,7 @@ MODES = ("rw", "ro", "rr", "ro+wh", "rr+wh")
 
 def _split_escaped(spec: str) -> list[str]:
     """Split on ``:`` where a backslash escapes the next character, as ``unionfs mount`` does."""
-    from unionfs.config import split_escaped  # light: no trio or pyfuse3 behind it
+    from unionfs.core.config import split_escaped  # light: no trio or pyfuse3 behind it
 
     return split_escaped(spec, ":")
 
@@ -151,7 +151,7 @@ def _private_pid_dir(
     target = pid_dir if os.path.isdir(pid_dir) else os.path.dirname(pid_dir)
     if holds_branch(target):
         return
-    # /run/unionfs itself must be 0700 for the server to use it (unionfs.statedir); /run stays 0755.
+    # /run/unionfs itself must be 0700 for the server to use it (unionfs.server.statedir); /run stays 0755.
     mode = "mode=0700" if target == pid_dir else "mode=0755"
     syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, mode,
                    step="mount tmpfs for the server's pidfile")

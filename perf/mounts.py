@@ -19,7 +19,7 @@ from pathlib import Path
 
 from spec import BASE_DIR
 
-from unionfs import mountinfo
+from unionfs.core import mountinfo
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 IMPLEMENTATIONS = ("native", "kernel", "fuse-overlayfs", "unionfs")

@@ -70,7 +70,7 @@ AREAS = (
     ("_pyfuse3", "pyfuse3 dispatch and replies"),
     ("trio/", "trio scheduler and epoll"),
 )
-OUTER_FRAMES = ("unionfs/mount.py", "unionfs/cli.py")
+OUTER_FRAMES = ("unionfs/server/daemon.py", "unionfs/cli.py")
 
 
 def area_of(frame: str) -> str:

@@ -172,7 +172,7 @@ def world_readable_tempdir(prefix: str) -> Iterator[Path]:
 
 
 _user_python: dict[int, tuple[str, str]] = {}
-_IMPORTS = "import launcher.cli, launcher.supervisor, unionfs.config, unionfs.mount, unionfs.operations, pyfuse3, trio"
+_IMPORTS = "import launcher.cli, launcher.supervisor, unionfs.core.config, unionfs.server.daemon, unionfs.server.operations, pyfuse3, trio"
 
 
 def _can_import(user: UnprivUser, python: str, pythonpath: str) -> bool:

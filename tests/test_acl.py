@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from util import D, F, Pair, Side, layer_digest, walk
 
-from unionfs.caller import in_group_or_capable
+from unionfs.core.caller import in_group_or_capable
 
 pytestmark = pytest.mark.fuse
 

@@ -28,8 +28,8 @@ import pytest
 import util
 from util import D, F, Pair, Side, call
 
-from unionfs.layers import clear_dir
-from unionfs.whiteout import escape_xattr, unescape_xattr
+from unionfs.core.branches import clear_dir
+from unionfs.core.whiteout import escape_xattr, unescape_xattr
 
 pytestmark = pytest.mark.fuse
 

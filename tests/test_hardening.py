@@ -1176,7 +1176,8 @@ def test_full_upper_filesystem(tmp_path: Path, need_fuse: None, need_overlay: No
 
 FAULTY_DAEMON = r"""
 import sys
-from unionfs import config, mount, union
+from unionfs.core import config, union
+from unionfs.server import daemon as mount
 
 mp, lower, upper, work, log_file = sys.argv[1:6]
 orig_lookup = union.Union.lookup
@@ -1434,7 +1435,7 @@ def test_bad_input_matrix(bad_area: Path) -> None:
     """Each case: exactly one line on stderr, no traceback, a non-zero exit, nothing mounted, no
     daemon left, and the area (names, types, modes, content, mtimes, ctimes, inode numbers)
     unchanged. The failures are collected, so one run shows them all."""
-    from unionfs.mount import pidfile_for
+    from unionfs.server.daemon import pidfile_for
 
     cases = _bad_cases(bad_area)
     assert len(cases) >= 60

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from launcher import namespaces, prefork, rootfs, supervisor, syscalls
 from launcher.cli import run_command
 from launcher.union import Branch, LaunchError, branch_spec, parse_branches
-from unionfs.branchview import BranchView
+from unionfs.core.branchview import BranchView
 
 
 def test_parse_branches_top_first_with_and_without_modes(tmp_path: Path) -> None:

@@ -349,7 +349,7 @@ def test_fallocate_modes_small_and_large(tmp_path: Path) -> None:
 def test_offloaded_call_keeps_its_file_when_the_fd_is_closed_and_reused(tmp_path: Path) -> None:
     import trio
 
-    from unionfs.offload import Offload
+    from unionfs.server.offload import Offload
 
     (tmp_path / "a").write_bytes(b"file a")
     (tmp_path / "b").write_bytes(b"file b")
@@ -386,7 +386,7 @@ def big_files_story(mnt: Path) -> list[object]:
     """Free big files' blocks (off the loop) by unlink, by a rename over them, by closing the last
     open file of an unlinked one, by truncating and by opening with O_TRUNC; what is visible after
     each step."""
-    from unionfs.offload import FREE_BIG
+    from unionfs.server.offload import FREE_BIG
 
     big = pattern(FREE_BIG + (1 << 20), 7)
     seen: list[object] = []

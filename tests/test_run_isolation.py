@@ -23,7 +23,7 @@ from launcher_util import (
 )
 
 from launcher import namespaces
-from unionfs import mountinfo
+from unionfs.core import mountinfo
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the launcher tests run as root (CI does)"),

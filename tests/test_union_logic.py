@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.config import build_config, parse_branch_spec, split_escaped
-from unionfs.errors import QuietError
-from unionfs.layers import open_stack
-from unionfs.merge import build_listing
-from unionfs.union import Creds, Union
-from unionfs.whiteout import Dialect, escape_xattr, is_private_xattr, unescape_xattr
+from unionfs.core.branches import open_stack
+from unionfs.core.config import build_config, parse_branch_spec, split_escaped
+from unionfs.core.errors import QuietError
+from unionfs.core.merge import build_listing
+from unionfs.core.union import Creds, Union
+from unionfs.core.whiteout import Dialect, escape_xattr, is_private_xattr, unescape_xattr
 
 ROOT = Creds(0, 0)
 
@@ -236,7 +236,7 @@ async def test_read_only_union_refuses_changes(branches: tuple[Path, ...]) -> No
 def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Path, ...]) -> None:
     """With zero-message opendir, READDIRPLUS names no open directory: a read from offset 0 takes a
     snapshot, and an offset handed out from it continues in it however the directory changed."""
-    from unionfs.operations import SNAPSHOTS_KEPT, Operations
+    from unionfs.server.operations import SNAPSHOTS_KEPT, Operations
 
     upper, lower, work, _ = branches
     make(lower, {"a": "1", "b": "2", "c": "3"})
@@ -268,13 +268,13 @@ def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:
     used, and the daemon says so rather than failing."""
     import subprocess
     import sys
-    code = ("import sys, unionfs.fusebind as fb; print(fb.shim is not None, 'pyfuse3' in sys.modules)")
+    code = ("import sys, unionfs.server.fusebind as fb; print(fb.shim is not None, 'pyfuse3' in sys.modules)")
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert first.stdout.split() == ["True", "True"]
     late = subprocess.run([sys.executable, "-c", "import pyfuse3; " + code], capture_output=True, text=True,
                           check=True)
     assert late.stdout.split() == ["False", "True"]
-    assert "imported before unionfs.fusebind" in late.stderr
+    assert "imported before unionfs.server.fusebind" in late.stderr
 
 
 def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
@@ -283,7 +283,7 @@ def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
     import importlib.metadata
     import subprocess
     import sys
-    code = ("import sys, unionfs.fusebind as fb\n"
+    code = ("import sys, unionfs.server.fusebind as fb\n"
             "print(fb.pyfuse3.__version__, 'importlib.metadata' in sys.modules, 'email' in sys.modules)\n"
             "import importlib.metadata as md\n"
             "print(md.version('pyfuse3'), md.distribution('pyfuse3').metadata['Name'])\n")
@@ -291,7 +291,7 @@ def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
     installed = importlib.metadata.version("pyfuse3")
     assert out.splitlines() == [f"{installed} False False", f"{installed} pyfuse3"]
     # anything but version() asked of the stand-in is answered by the real module
-    inside = ("import sys, unionfs.fusebind as fb\n"
+    inside = ("import sys, unionfs.server.fusebind as fb\n"
               "with fb._version_only():\n"
               "    from importlib.metadata import version, distribution\n"
               "    print(version('pyfuse3'), distribution('pyfuse3').metadata['Name'])\n"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unionfs import mountinfo
+from unionfs.core import mountinfo
 
 # --------------------------------------------------------------------------------------------------
 # Programs

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .errors import QuietError
+from unionfs.core.errors import QuietError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -94,9 +94,9 @@ def mount(options: tuple[str, ...], foreground: bool, debug: bool, log_file: str
     Example:
         unionfs mount ./A:./B /mnt/union && ls /mnt/union && unionfs umount /mnt/union
     """
-    from .config import build_config
-    from .mount import flag_notes
-    from .mount import mount as do_mount
+    from unionfs.core.config import build_config
+    from unionfs.server.daemon import flag_notes
+    from unionfs.server.daemon import mount as do_mount
 
     if len(args) == 1:
         if not any(part.startswith("lowerdir=") for o in options for part in o.split(",")):
@@ -130,7 +130,7 @@ def umount(mountpoint: str) -> None:
     Example:
         unionfs umount /mnt/union
     """
-    from .mount import umount as do_umount
+    from unionfs.server.daemon import umount as do_umount
 
     try:
         do_umount(mountpoint)
@@ -168,9 +168,9 @@ def overlay_main(argv: list[str] | None = None) -> None:
 
     A malformed command line exits 2, any other error 1, each with one line on stderr.
     """
-    from .config import build_config
-    from .mount import flag_notes
-    from .mount import mount as do_mount
+    from unionfs.core.config import build_config
+    from unionfs.server.daemon import flag_notes
+    from unionfs.server.daemon import mount as do_mount
 
     args = list(sys.argv[1:] if argv is None else argv)
     options: list[str] = []

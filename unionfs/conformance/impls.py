@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 
-from unionfs import mountinfo
+from unionfs.core import mountinfo
 
 log = logging.getLogger(__name__)
 

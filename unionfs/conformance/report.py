@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import ops as ops_mod
+from unionfs.conformance import ops as ops_mod
+
 from .impls import make_impl
 from .layers import Layers, Oct
 from .machine import Case, Failure, Runner, ScriptCase, Trace

@@ -3,7 +3,7 @@
 The upper is walked; the image below it is never walked.  Telling an addition from a change needs
 one look-up of that path in the lower layers (component by component, never following a symlink,
 honouring their whiteouts), and only for paths the upper holds.  Whiteouts are read in every
-dialect through unionfs.whiteout: AUFS ``.wh.NAME`` and ``.wh..wh..opq``, overlay 0/0 character
+dialect through unionfs.core.whiteout: AUFS ``.wh.NAME`` and ``.wh..wh..opq``, overlay 0/0 character
 devices and the opaque xattrs.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..branchview import BranchView
-from ..layers import fd_path, listdir, lstat_at, open_dir_at, open_root
-from ..whiteout import (
+from unionfs.core.branches import fd_path, listdir, lstat_at, open_dir_at, open_root
+from unionfs.core.branchview import BranchView
+from unionfs.core.whiteout import (
     WH_META_PREFIX,
     WH_OPQ,
     WH_PREFIX,
@@ -31,6 +31,7 @@ from ..whiteout import (
     is_private_xattr,
     is_whiteout_stat,
 )
+
 from .store import Store, hexof, normalize_name
 from .unpack import CHUNK, XATTR_PAX, ImageError, decompressed
 

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import QuietError
+from unionfs.core.errors import QuietError
+
 from .store import Store, hexof
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..layers import DIR_FLAGS
+from unionfs.core.branches import DIR_FLAGS
+
 from .sources import DIGEST_RE, SourceImage, blob_name, open_source
 from .unpack import GZIP_MAGIC, ZSTD_MAGIC, ImageError, remove_tree, unpack_stream
 

@@ -22,8 +22,8 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from ..errors import QuietError
-from ..layers import DIR_FLAGS, clear_dir, fd_path, lstat_at
+from unionfs.core.branches import DIR_FLAGS, clear_dir, fd_path, lstat_at
+from unionfs.core.errors import QuietError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .errors import QuietError
+from unionfs.core.errors import QuietError
 
 log = logging.getLogger(__name__)
 

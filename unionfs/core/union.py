@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import trio
 
+from unionfs.server.offload import FREE_BIG, Offload
+
 from .attrs import Stat
-from .caller import in_group_or_capable
-from .copyup import CopyUp
-from .inodes import Key, Node, NodeTable
-from .layers import (
+from .branches import (
     ACL_ACCESS,
     ACL_DEFAULT,
     LayerStack,
@@ -30,9 +29,11 @@ from .layers import (
     open_dir_at,
     open_file_at,
 )
+from .caller import in_group_or_capable
+from .copyup import CopyUp
 from .listings import DEFAULT_MAX_ENTRIES
 from .merge import Entry, build_listing, open_dir_layers
-from .offload import FREE_BIG, Offload
+from .nodes import Key, Node, NodeTable
 from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .whiteout import (
     WH_PREFIX,

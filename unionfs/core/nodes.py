@@ -30,7 +30,7 @@ from .merge import Entry
 if TYPE_CHECKING:
     import trio
 
-    from .layers import LayerStack
+    from .branches import LayerStack
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `mount()` returns once the kernel has the mount and a daemon serves it (or serves in the foreground).
 `umount()` unmounts and waits for that daemon to exit.  The daemon records its pid in a small file
-keyed by the mount point, in a state directory that `unionfs.statedir` checks before use.
+keyed by the mount point, in a state directory that `unionfs.server.statedir` checks before use.
 """
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from . import mountinfo, statedir
-from .config import MountConfig
-from .errors import QuietError
+from unionfs.core import mountinfo
+from unionfs.core.config import MountConfig
+from unionfs.core.errors import QuietError
+
+from . import statedir
 from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
-    from .layers import LayerStack
+    from unionfs.core.branches import LayerStack
+
     from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ FUSE_DEVICE = "/dev/fuse"
 
 
 def pidfile_for(mountpoint: str) -> str:
-    """Where the daemon serving *mountpoint* records its pid (see `unionfs.statedir`)."""
+    """Where the daemon serving *mountpoint* records its pid (see `unionfs.server.statedir`)."""
     return os.path.join(statedir.state_dir(), _pid_name(mountpoint))
 
 
@@ -186,10 +189,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     """
     import trio
 
+    from unionfs.core.branches import open_stack, raise_nofile_limit
+    from unionfs.core.union import Union
+
     from .fusebind import pyfuse3, shim
-    from .layers import open_stack, raise_nofile_limit
     from .operations import Operations
-    from .union import Union
 
     os.umask(0)
     raise_nofile_limit()

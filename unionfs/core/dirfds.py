@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .layers import open_dir_at
+from .branches import open_dir_at
 
 if TYPE_CHECKING:
-    from .inodes import Node
+    from .nodes import Node
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,14 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .attrs import Stat
-from .caller import in_group_or_capable
-from .inodes import Node
-from .layers import ACL_ACCESS
+from unionfs.core.attrs import Stat
+from unionfs.core.branches import ACL_ACCESS
+from unionfs.core.caller import in_group_or_capable
+from unionfs.core.nodes import Node
+from unionfs.core.sysx import fallocate
+from unionfs.core.union import Creds, Handle, Union
+
 from .offload import BIG_IO, FREE_BIG
-from .sysx import fallocate
-from .union import Creds, Handle, Union
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .layers import DIR_FLAGS, copy_data, fd_path, lstat_at, open_file_at
+from .branches import DIR_FLAGS, copy_data, fd_path, lstat_at, open_file_at
 from .whiteout import is_private_xattr
 
 if TYPE_CHECKING:
-    from .inodes import Node
+    from .nodes import Node
     from .union import Union
 
 log = logging.getLogger(__name__)

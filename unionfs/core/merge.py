@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 
-from .layers import open_dir_at
+from .branches import open_dir_at
 from .whiteout import WH_META_PREFIX, WH_OPQ, WH_PREFIX, dir_is_opaque, is_whiteout_stat
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """pyfuse3, loaded behind unionfs' libfuse shim.
 
-The shim (`unionfs/_fuse_shim.c`) adds what pyfuse3 3.5 cannot ask libfuse for: fallocate(2) and
+The shim (`unionfs/server/_fuse_shim.c`) adds what pyfuse3 3.5 cannot ask libfuse for: fallocate(2) and
 lseek(2) (SEEK_DATA, SEEK_HOLE) handlers, cached directory listings, and new objects' modes without
 the umask applied (so that a default ACL can replace it).  It works by being the
 ``fuse_session_new`` that pyfuse3 binds to, so it must be loaded, into the global symbol scope,
@@ -32,12 +32,12 @@ _WITHOUT = "no fallocate, no SEEK_DATA/SEEK_HOLE, no cached listings, umask appl
 
 def _load_shim() -> ModuleType | None:
     if "pyfuse3" in sys.modules:
-        log.warning("pyfuse3 was imported before unionfs.fusebind: %s", _WITHOUT)
+        log.warning("pyfuse3 was imported before unionfs.server.fusebind: %s", _WITHOUT)
         return None
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
-        from . import _fuse_shim
+        from unionfs.server import _fuse_shim
     except ImportError as e:
         log.warning("libfuse shim not built (%s): %s", e, _WITHOUT)
         return None
@@ -104,7 +104,7 @@ def _version_only() -> Iterator[None]:
     if "importlib.metadata" in sys.modules:
         yield
         return
-    standin = ModuleType("importlib.metadata", "unionfs.fusebind's stand-in: version() alone")
+    standin = ModuleType("importlib.metadata", "unionfs.server.fusebind's stand-in: version() alone")
     vars(standin).update(PackageNotFoundError=_NotFound, version=_dist_info_version,
                          __getattr__=_real_metadata)
     sys.modules["importlib.metadata"] = standin

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .inodes import Node
+    from .nodes import Node
 
 log = logging.getLogger(__name__)
 

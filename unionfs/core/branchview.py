@@ -18,8 +18,8 @@ import os
 import stat
 from collections.abc import Sequence
 
-from unionfs.layers import open_root
-from unionfs.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
+from unionfs.core.branches import open_root
+from unionfs.core.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
 
 log = logging.getLogger(__name__)
 

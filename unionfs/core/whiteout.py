@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 
-from .layers import exists_at, lstat_at
+from .branches import exists_at, lstat_at
 
 log = logging.getLogger(__name__)
 
