@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     from .entry import start_server_early
 
     start_server_early(sys.argv[1:] if argv is None else argv)  # when not done by the console script
+    args = mount_helper_form(list(sys.argv[1:] if argv is None else argv))
     try:
-        cli.main(args=argv, prog_name="unionfs", standalone_mode=False)
+        cli.main(args=args, prog_name="unionfs", standalone_mode=False)
     except click.exceptions.Abort:
         print("unionfs: aborted", file=sys.stderr)
         sys.exit(1)
@@ -153,6 +154,45 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+def mount_helper_form(args: list[str]) -> list[str]:
+    """The command line mount.fuse3 gives a ``fuse.unionfs`` mount, as a ``unionfs`` command.
+
+    ``mount -t fuse.unionfs A:B MNT`` runs ``unionfs A:B MNT -o rw,dev,suid``: that is
+    ``unionfs mount -o rw,dev,suid A:B MNT``; with ``remount`` among the options (``mount -o
+    remount,ro MNT``) it is a remount.  Any other command line is left as it is.
+    """
+    if len(args) < 4 or args[0].startswith("-") or args[0] in cli.commands or args[0] in LAZY_COMMANDS:
+        return args
+    positional = [a for i, a in enumerate(args) if a != "-o" and (i == 0 or args[i - 1] != "-o")]
+    options = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-o"]
+    if len(positional) != 2 or not options or len(options) * 2 + 2 != len(args):
+        return args
+    from unionfs.remount import asked
+
+    if asked(options):
+        return ["remount", *(x for o in options for x in ("-o", o)), positional[1]]
+    return ["mount", *(x for o in options for x in ("-o", o)), *positional]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-o", "options", multiple=True, metavar="OPTS",
+              help="ro or rw, and mount flags (nosuid, noexec, ...).")
+@click.argument("mountpoint", type=click.Path())
+def remount(options: tuple[str, ...], mountpoint: str) -> None:
+    """Remount MOUNTPOINT read-only or read-write, as `mount -o remount,ro MOUNTPOINT` does.
+
+    \b
+    Example:
+        unionfs remount -o ro /mnt/union && unionfs remount -o rw /mnt/union
+    """
+    from unionfs.remount import remount as do_remount
+
+    try:
+        do_remount(mountpoint, options)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
 
 
 OVERLAY_USAGE = """\
@@ -209,7 +249,12 @@ def overlay_main(argv: list[str] | None = None) -> None:
     if len(positional) > 2:
         _fail(f"too many arguments: {' '.join(map(repr, positional))} (want [SOURCE] MERGED)", 2)
     mp = positional[-1]   # mount.fuse3 passes the source first; fuse-overlayfs ignores it too
+    from unionfs.remount import asked, remount
+
     try:
+        if asked(options):   # mount -o remount,ro MNT, through mount.fuse3
+            remount(mp, options)
+            sys.exit(0)
         cfg = build_config(None, mp, options, strict=False)
         notes = [f"unionfs-overlay: ignoring unsupported option {opt}" for opt in cfg.ignored]
         notes += [f"unionfs-overlay: {n}" for n in flag_notes(cfg)]

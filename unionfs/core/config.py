@@ -173,7 +173,9 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         specs = parse_branch_spec(branch_spec)
         branches = []
         for i, (path, mode) in enumerate(specs):
-            writable = (i == 0) if mode is None else BRANCH_MODES[mode]
+            # Under -o ro the top is writable only when asked for (A=rw): then it is opened for
+            # writing, for a later remount read-write; a branch merely left at the default is not.
+            writable = (i == 0 and "ro" not in values) if mode is None else BRANCH_MODES[mode]
             if writable and i != 0:
                 raise QuietError(f"branch {path!r}: only the top branch can be writable")
             branches.append((_abs(path), writable))

@@ -200,15 +200,25 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     faults = frozenset(f for f in os.environ.get("UNIONFS_FAULT", "").split(",") if f)
     with contextlib.ExitStack() as stack:
         not_ours = _open_fds()   # the log's, inherited ones
+        # A writable top is opened for writing even under -o ro (the kernel's mount is then
+        # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
+        # an upper on a read-only filesystem is served read-only.
+        writable = bool(cfg.branches) and cfg.branches[0][1]
+        read_only = [(p, False) for p, _ in cfg.branches]
         try:
-            layers = open_stack(cfg.branches if cfg.writable else [(p, False) for p, _ in cfg.branches],
-                                cfg.workdir, cfg.style == "aufs")
+            try:
+                layers = open_stack(cfg.branches if writable else read_only, cfg.workdir, cfg.style == "aufs")
+            except OSError as e:
+                if not (writable and cfg.readonly and e.errno == errno.EROFS):
+                    raise
+                writable = False
+                layers = open_stack(read_only, cfg.workdir, cfg.style == "aufs")
         except OSError as e:
             where = os.fsdecode(e.filename) if e.filename is not None else "?"
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
-        union = Union(layers, cfg.dialect, readonly=not cfg.writable, faults=faults,
+        union = Union(layers, cfg.dialect, readonly=not writable, faults=faults,
                       max_listed=cfg.max_cached_entries)
         branches.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
