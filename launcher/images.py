@@ -29,6 +29,9 @@ def run_image(cfg: RunConfig, store: Store, image_ref: str, args: Sequence[str],
     """
     from unionfs.images.containers import Containers, command_for
 
+    if cfg.tmp_upper:
+        raise LaunchError("--tmp-upper is for BRANCHES: a container of an IMAGE has a layer of its own "
+                          "(--rm removes it)", 2)
     image = store.image(image_ref)
     config = image.config.get("config") or {}
     argv = command_for(config, args, entrypoint)
