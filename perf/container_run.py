@@ -69,8 +69,8 @@ def main() -> None:
             rows: dict[str, list[float]] = {"unionfs run": []}
             rows.update({name: [] for name in pods})
             argv = {"unionfs run": ([unionfs(), "run", "--rm", "--store", str(store), IMAGE, *cmd], None)}
-            argv.update({name: (["podman", "run", "--rm", "--pull=never", "--network=none", IMAGE, *cmd], pm.env)
-                         for name, pm in pods.items()})
+            podman = ["podman", "run", "--rm", "--pull=never", "--network=none", IMAGE, *cmd]
+            argv.update({name: (podman, pm.env) for name, pm in pods.items()})
             for a, env in argv.values():     # warm-up
                 timed(a, env)
             for _ in range(opts.runs):
