@@ -25,6 +25,8 @@ LAZY_COMMANDS = {
     "image": ("unionfs.images.cli", "image_group"),
     "diff": ("unionfs.images.cli", "diff_command"),
     "commit": ("unionfs.images.cli", "commit_command"),
+    "ps": ("unionfs.images.cli", "ps_command"),
+    "rm": ("unionfs.images.cli", "container_rm_command"),
 }
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -15,7 +17,8 @@ import click
 
 from unionfs.core.errors import QuietError
 
-from .store import Store, hexof
+from .containers import Containers, ago
+from .store import Store, default_store, hexof
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,6 +41,21 @@ def quiet(fn: F) -> F:
         except OSError as e:
             raise click.ClickException(str(e)) from None
     return wrapper  # type: ignore[return-value]
+
+
+def open_store(store_dir: str | None) -> Store:
+    """The store, for a command that writes or reads layers and container layers: rootless with
+    subordinate ids, from inside the user namespace that maps them (so that the files keep their
+    image owners, shifted into your range, as rootless podman stores them)."""
+    root = store_dir if store_dir is not None else str(default_store())   # before we become root
+    if os.geteuid() != 0:
+        try:
+            from launcher.namespaces import enter_subordinate_namespace
+        except ModuleNotFoundError:
+            pass
+        else:
+            enter_subordinate_namespace()
+    return Store(root)
 
 
 @contextmanager
@@ -104,10 +122,10 @@ def import_command(store_dir: str | None, source: str, name: str | None) -> None
     Example:
         podman save -o busybox.tar busybox && unionfs image import busybox.tar
     """
-    store = Store(store_dir)
-    if not store.privileged:
+    store = open_store(store_dir)
+    if not store.keep_owners:
         click.echo("unionfs: rootless import: files will belong to you (owners in the image are not "
-                   "kept) and device nodes are refused", err=True)
+                   "kept: no /etc/subuid range, or no newuidmap) and device nodes are refused", err=True)
     with progress_bar("importing") as (advance, total):
         done = store.import_archive(source, name, progress=advance, on_total=total)
     for image_id, names in done:
@@ -143,7 +161,7 @@ def rm_command(store_dir: str | None, names: tuple[str, ...]) -> None:
     Example:
         unionfs image rm busybox
     """
-    store = Store(store_dir)
+    store = open_store(store_dir)
     for name in names:
         image_id, layers = store.remove(name)
         click.echo(f"{hexof(image_id)[:12]} removed {name} ({len(layers)} layers freed)")
@@ -159,7 +177,7 @@ def prune_command(store_dir: str | None) -> None:
     Example:
         unionfs image prune
     """
-    tmp, images, layers = Store(store_dir).prune()
+    tmp, images, layers = open_store(store_dir).prune()
     click.echo(f"removed {len(tmp)} temporary, {len(images)} unnamed images, {len(layers)} layers")
 
 
@@ -187,37 +205,115 @@ def export_command(store_dir: str | None, name: str, output: str, fmt: str) -> N
 @click.option("--image", "base", help="The image under the upper (its layers are the lowers).")
 @click.option("--lower", "lowers", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="A lower layer directory (repeat, top first) instead of --image.")
-@click.argument("upper", type=click.Path(file_okay=False, exists=True))
+@click.argument("target", metavar="CONTAINER|UPPER_DIR")
 @quiet
-def diff_command(store_dir: str | None, base: str | None, lowers: tuple[str, ...], upper: str) -> None:
-    """Print what `docker diff` prints (A added, C changed, D deleted) for the container layer UPPER,
-    reading only UPPER and one look-up below per path it holds.
+def diff_command(store_dir: str | None, base: str | None, lowers: tuple[str, ...], target: str) -> None:
+    """Print what `docker diff` prints (A added, C changed, D deleted) for a container of the store,
+    or for the container layer UPPER_DIR over --image or --lower, reading only the container layer and
+    one look-up below per path it holds.
 
     \b
     Example:
+        unionfs diff my_container
         unionfs diff --image busybox ./upper
     """
     from .changes import container_diff
 
-    dirs = list(lowers) + ([str(p) for p in Store(store_dir).layer_dirs(base)] if base else [])
+    store = open_store(store_dir)
+    if base is None and not lowers:
+        c = Containers(store).get(target)
+        upper, dirs = str(c.upper), [str(p) for p in store.layer_dirs(c.image)]
+    else:
+        upper = _existing_dir(target)
+        dirs = list(lowers) + ([str(p) for p in store.layer_dirs(base)] if base else [])
     for change in container_diff(upper, dirs):
         click.echo(str(change))
 
 
+def _existing_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{path!r} is not a directory", param_hint="UPPER_DIR")
+    return path
+
+
 @click.command("commit", context_settings=CONTEXT)
 @store_option
-@click.option("--image", "base", required=True, help="The image the upper was made on.")
-@click.argument("upper", type=click.Path(file_okay=False, exists=True))
+@click.option("--image", "base", help="With UPPER_DIR: the image the upper was made on.")
+@click.argument("target", metavar="CONTAINER|UPPER_DIR")
 @click.argument("name")
 @quiet
-def commit_command(store_dir: str | None, base: str, upper: str, name: str) -> None:
-    """Make image NAME: the layers of --image plus UPPER as one new layer.
+def commit_command(store_dir: str | None, base: str | None, target: str, name: str) -> None:
+    """Make image NAME: the layers of the container's image plus its container layer as one new
+    layer (the init layer is never in it); or, with --image BASE, BASE's layers plus UPPER_DIR.
 
     \b
     Example:
+        unionfs commit my_container mine
         unionfs commit --image busybox ./upper mine
     """
     from .changes import commit
 
-    image_id = commit(Store(store_dir), base, upper, name)
+    store = open_store(store_dir)
+    if base is None:
+        c = Containers(store).get(target)
+        image_id = commit(store, c.image, c.upper, name)
+    else:
+        image_id = commit(store, base, _existing_dir(target), name)
     click.echo(hexof(image_id)[:12])
+
+
+@click.command("ps", context_settings=CONTEXT)
+@store_option
+@click.option("-a", "--all", "show_all", is_flag=True, help="All containers, not only the running ones.")
+@click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the container ids.")
+@quiet
+def ps_command(store_dir: str | None, show_all: bool, ids_only: bool) -> None:
+    """List the containers (-a: also those not running), as `podman ps`.
+
+    \b
+    Example:
+        unionfs ps -a
+    """
+    now = time.time()
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    for c in Containers(Store(store_dir)).list():
+        status = c.status(now)
+        if not show_all and not status.startswith("Up"):
+            continue
+        if ids_only:
+            click.echo(c.id[:12])
+            continue
+        command = " ".join(c.command)
+        command = command if len(command) <= 20 else command[:17] + "..."
+        rows.append((c.id[:12], c.image_name, command, ago(now - c.created), status, c.name))
+    if ids_only:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(col.ljust(w) for col, w in zip(r, widths, strict=True)).rstrip())
+
+
+@click.command("rm", context_settings=CONTEXT)
+@store_option
+@click.option("-f", "--force", is_flag=True, help="Remove a running container too (its run is killed).")
+@click.argument("containers", nargs=-1, required=True)
+@quiet
+def container_rm_command(store_dir: str | None, force: bool, containers: tuple[str, ...]) -> None:
+    """Remove containers (by name, id or id prefix) and their container layers.
+
+    \b
+    Example:
+        unionfs rm my_container
+    """
+    store = Containers(open_store(store_dir))
+    failed = None
+    for ref in containers:
+        try:
+            store.remove(ref, force)
+        except QuietError as e:
+            click.echo(f"unionfs: {e.message}", err=True)
+            failed = e
+            continue
+        click.echo(ref)
+    if failed is not None:
+        sys.exit(failed.exitcode)

@@ -50,6 +50,15 @@ def default_store() -> Path:
     return Path(base) / "unionfs"
 
 
+def initial_user_namespace() -> bool:
+    """Whether this process is in the host's user namespace (its uid map is the identity)."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
 def normalize_name(name: str) -> str:
     """What podman would call *name*: ``busybox`` is ``localhost/busybox:latest``."""
     last = name.rsplit("/", 1)[-1]
@@ -81,7 +90,10 @@ class Image:
 class Store:
     def __init__(self, root: os.PathLike[str] | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_store()
-        self.privileged = os.geteuid() == 0
+        # Root of a user namespace (rootless, the subordinate ids mapped) keeps the image's owners, as
+        # root does; only root of the initial namespace may make device nodes.
+        self.keep_owners = os.geteuid() == 0
+        self.privileged = self.keep_owners and initial_user_namespace()
 
     # ------------------------------------------------------------------ layout and locks
 
@@ -279,7 +291,8 @@ class Store:
         root_fd = os.open(work / h, DIR_FLAGS)
         try:
             with src.open(ref.blob) as raw, open(work / f"{h}.blob", "xb") as tee:
-                digest, unpacked = unpack_stream(raw, root_fd, privileged=self.privileged,
+                digest, unpacked = unpack_stream(raw, root_fd, privileged=self.keep_owners,
+                                                 devices=self.privileged,
                                                  what=f"layer {ref.diff_id[:19]}", progress=progress, tee=tee)
                 size = tee.tell()
         finally:
@@ -368,9 +381,19 @@ class Store:
             if by_name is not None and len(mine) > 1:
                 self._update_names(lambda n: _drop(n, [by_name]))
                 return image_id, []
+            user = self._containers_using().get(image_id)
+            if user is not None:
+                raise ImageError(f"{ref}: image is in use by container {user} (remove it first: "
+                                 f"unionfs rm {user})")
             self._update_names(lambda n: _drop(n, mine))
             self._remove(self.root / "images", hexof(image_id))
             return image_id, self._remove_unused_layers()
+
+    def _containers_using(self) -> dict[str, str]:
+        """Image id -> the name of a container made from it (such an image is never removed)."""
+        from .containers import Containers
+
+        return {image_id: c.name for image_id, c in Containers(self).used_images().items()}
 
     def _used_layers(self) -> set[str]:
         used: set[str] = set()
@@ -407,7 +430,7 @@ class Store:
         """Remove tmp leftovers, unnamed images and unused layers: (tmp entries, images, layers)."""
         with self.lock("store.lock", exclusive=True):
             tmp = self.clean_tmp()
-            named = set(self.names().values())
+            named = set(self.names().values()) | set(self._containers_using())
             dangling = [i for i in self.image_ids() if i not in named]
             for image_id in dangling:
                 self._remove(self.root / "images", hexof(image_id))
