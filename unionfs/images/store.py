@@ -85,7 +85,7 @@ class Store:
     # ------------------------------------------------------------------ layout and locks
 
     def ensure(self) -> None:
-        for d in ("layers", "images", "tmp", "locks"):
+        for d in ("layers", "images", "tmp", "locks", "partial"):
             (self.root / d).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @contextmanager
@@ -153,9 +153,8 @@ class Store:
 
     def partial_dir(self) -> Path:
         """Where pulls keep blobs being downloaded, so that a pull run again resumes them."""
-        d = self.root / "partial"
-        d.mkdir(exist_ok=True, mode=0o700)
-        return d
+        self.ensure()
+        return self.root / "partial"
 
     def clean_partial(self) -> list[str]:
         """Forget the downloads interrupted pulls left (called with the store locked exclusively)."""
