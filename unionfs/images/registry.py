@@ -25,7 +25,6 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import httpx
 
 from .auth import Reference, find_credentials
 from .sources import INDEX_TYPES, LayerRef, check_digest
-from .store import CONFIG_TYPE, MANIFEST_TYPE, Store, hexof
+from .store import CONFIG_TYPE, MANIFEST_TYPE, FileSource, Store, hexof
 from .unpack import CHUNK, ImageError
 
 log = logging.getLogger(__name__)
@@ -516,7 +515,7 @@ def _pull_with(reg: Registry, store: Store, ref: Reference, platform: tuple[str,
                 resumed.append(diff_id)
             blob = work / f"{hexof(diff_id)}.blob"
             os.replace(dest, blob)
-            store._unpack_layer(_BlobFile(), LayerRef(str(blob), layer.digest, layer.size, diff_id,
+            store._unpack_layer(FileSource(), LayerRef(str(blob), layer.digest, layer.size, diff_id,
                                                       layer.media_type), work, None)
 
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -527,13 +526,6 @@ def _pull_with(reg: Registry, store: Store, ref: Reference, platform: tuple[str,
     for diff_id in layers:
         store.note_source(diff_id, ref.repo_path())
     return PullResult(image_id, name, len(todo), len(layers) - len(todo), len(resumed))
-
-
-class _BlobFile:
-    @contextmanager
-    def open(self, name: str) -> Iterator[Any]:
-        with open(name, "rb") as f:
-            yield f
 
 
 def _json(data: bytes, what: str) -> Any:

@@ -390,7 +390,7 @@ class Store:
             if self.has_layer(diff_id):
                 return diff_id
             with self.tmpdir() as work:
-                self._unpack_layer(_FileSource(), ref, work, progress)
+                self._unpack_layer(FileSource(), ref, work, progress)
                 self._install_layer(work, diff_id)
         return diff_id
 
@@ -464,7 +464,9 @@ def _drop(names: dict[str, str], gone: list[str]) -> None:
         names.pop(n, None)
 
 
-class _FileSource:
+class FileSource:
+    """Blobs that are files, opened by path."""
+
     @contextmanager
     def open(self, name: str) -> Iterator[Any]:
         with open(name, "rb") as f:
