@@ -27,6 +27,10 @@ LAZY_COMMANDS = {
     "commit": ("unionfs.images.cli", "commit_command"),
     "ps": ("unionfs.images.cli", "ps_command"),
     "rm": ("unionfs.images.cli", "container_rm_command"),
+    "pull": ("unionfs.images.cli", "pull_command"),
+    "push": ("unionfs.images.cli", "push_command"),
+    "login": ("unionfs.images.cli", "login_command"),
+    "logout": ("unionfs.images.cli", "logout_command"),
 }
 
 

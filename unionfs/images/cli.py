@@ -317,3 +317,160 @@ def container_rm_command(store_dir: str | None, force: bool, containers: tuple[s
         click.echo(ref)
     if failed is not None:
         sys.exit(failed.exitcode)
+# ---------------------------------------------------------------------- registries
+
+
+def registry_options(fn: F) -> F:
+    """--tls-verify, --cert-dir, --creds, --authfile: as podman spells them."""
+    for opt in reversed([
+        click.option("--tls-verify", type=click.BOOL, default=True, show_default=True,
+                     help="Verify the registry's TLS certificate; false also allows plain HTTP for "
+                          "this registry (as podman)."),
+        click.option("--cert-dir", type=click.Path(file_okay=False), default=None,
+                     help="CA certificates (*.crt) and client keys (*.cert, *.key) for the registry "
+                          "(default /etc/containers/certs.d/HOST:PORT)."),
+        click.option("--creds", default=None, metavar="USER:PASSWORD",
+                     help="Credentials to use instead of those of `unionfs login`."),
+        click.option("--authfile", type=click.Path(dir_okay=False), default=None,
+                     help="Credentials file (default: podman's auth.json, then ~/.docker/config.json; "
+                          "or $REGISTRY_AUTH_FILE)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _options(tls_verify: bool, cert_dir: str | None, creds: str | None, authfile: str | None) -> Any:
+    from .auth import parse_creds
+    from .registry import Options
+
+    return Options(tls_verify=tls_verify, cert_dir=cert_dir, creds=parse_creds(creds) if creds else None,
+                   authfile=authfile)
+
+
+@contextmanager
+def layer_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """One byte progress bar per layer (bytes, rate) on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda _what, _total: (lambda _n: None)
+        return
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def bar(what: str, total: int) -> Callable[[int], None]:
+        b = tqdm(desc=what, total=total or None, unit="B", unit_scale=True, unit_divisor=1024,
+                 position=len(bars), leave=True)
+        bars.append(b)
+        return b.update  # type: ignore[no-any-return]
+
+    try:
+        yield bar
+    finally:
+        for b in bars:
+            b.close()
+
+
+@click.command("pull", context_settings=CONTEXT)
+@store_option
+@registry_options
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+              help="The image to take from a multi-platform index (default: this machine's).")
+@click.argument("ref")
+@quiet
+def pull_command(store_dir: str | None, tls_verify: bool, cert_dir: str | None, creds: str | None,
+                 authfile: str | None, platform: str | None, ref: str) -> None:
+    """Fetch image REF (registry/repository:tag or @sha256:...) from its registry into the store,
+    layers the store has already skipped.  A name without a registry is docker.io's.
+
+    \b
+    Example:
+        unionfs pull registry.example.com/team/app:1.2
+    """
+    from .auth import parse_reference
+    from .registry import pull
+
+    store = open_store(store_dir)
+    with layer_bars() as bars:
+        r = pull(store, parse_reference(ref), _options(tls_verify, cert_dir, creds, authfile), platform, bars)
+    resumed = f", {r.resumed} resumed" if r.resumed else ""
+    click.echo(f"{hexof(r.image_id)[:12]} {r.name} ({r.fetched} layers fetched, "
+               f"{r.stored} already stored{resumed})")
+
+
+@click.command("push", context_settings=CONTEXT)
+@store_option
+@registry_options
+@click.option("--chunk-size", type=int, default=0, show_default=True, metavar="BYTES",
+              help="Upload blobs in chunks of this many bytes (0: each blob in one request).")
+@click.argument("image")
+@click.argument("ref")
+@quiet
+def push_command(store_dir: str | None, tls_verify: bool, cert_dir: str | None, creds: str | None,
+                 authfile: str | None, chunk_size: int, image: str, ref: str) -> None:
+    """Upload IMAGE from the store to REF (registry/repository:tag); blobs the registry has are
+    skipped, and mounted from another repository of it when the store knows one that holds them.
+
+    \b
+    Example:
+        unionfs push mine registry.example.com/team/mine:1
+    """
+    from .auth import parse_reference
+    from .registry import push
+
+    with layer_bars() as bars:
+        opts = _options(tls_verify, cert_dir, creds, authfile)
+        r = push(open_store(store_dir), image, parse_reference(ref), opts, chunk_size, bars)
+    click.echo(f"{r.digest} ({r.uploaded} blobs uploaded, {r.present} present, {r.mounted} mounted)")
+
+
+@click.command("login", context_settings=CONTEXT)
+@registry_options
+@click.option("-u", "--username", default=None)
+@click.option("-p", "--password", default=None, help="Better: --password-stdin or the prompt.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.argument("registry")
+@quiet
+def login_command(tls_verify: bool, cert_dir: str | None, creds: str | None, authfile: str | None,
+                  username: str | None, password: str | None, password_stdin: bool, registry: str) -> None:
+    """Check credentials against REGISTRY (host[:port]) and keep them where podman does
+    ($XDG_RUNTIME_DIR/containers/auth.json, or --authfile).
+
+    \b
+    Example:
+        printf %s "$TOKEN" | unionfs login -u me --password-stdin registry.example.com
+    """
+    from .auth import DOCKER_HUB, DOCKER_HUB_API, parse_creds, store_credentials
+    from .registry import login
+
+    if creds:
+        username, password = parse_creds(creds)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    if username is None:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    registry = registry.removeprefix("https://").removeprefix("http://").rstrip("/")
+    opts = _options(tls_verify, cert_dir, None, authfile)
+    opts.creds = (username, password)
+    login(DOCKER_HUB_API if registry == DOCKER_HUB else registry, opts)
+    store_credentials(registry, username, password, authfile)
+    click.echo("Login Succeeded!")
+
+
+@click.command("logout", context_settings=CONTEXT)
+@click.option("--authfile", type=click.Path(dir_okay=False), default=None)
+@click.argument("registry")
+@quiet
+def logout_command(authfile: str | None, registry: str) -> None:
+    """Forget the credentials of REGISTRY that `unionfs login` kept.
+
+    \b
+    Example:
+        unionfs logout registry.example.com
+    """
+    from .auth import remove_credentials
+
+    if remove_credentials(registry, authfile) is None:
+        raise click.ClickException(f"not logged in to {registry}")
+    click.echo(f"Removed login credentials for {registry}")
