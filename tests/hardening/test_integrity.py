@@ -174,6 +174,7 @@ sys.exit(mount.mount(cfg, foreground=True, log_file=log_file))
 """
 
 
+@pytest.mark.daemon_log_ok(r"unexpected error in (lookup|setattr)", r"RuntimeError: planted fault")
 def test_unexpected_exception_is_eio_and_the_mount_keeps_serving(layers: Layers) -> None:
     (layers.lowers[0] / "boom").write_bytes(b"never shown\n")
     (layers.lowers[0] / "boom-attr").write_bytes(b"attr\n")
