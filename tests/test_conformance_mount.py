@@ -4,8 +4,8 @@
 - kernel against kernel with ``redirect_dir=on``: a known difference is found, shrunk to a step or
   two, and the repro script reproduces it;
 - unionfs against the kernel on fixed seeds, both whiteout dialects: the bounded CI run;
-- unionfs with a planted bug (``UNIONFS_FAULT=skip-whiteout-on-unlink``): found, with a minimal
-  sequence of a few steps;
+- unionfs with a planted bug (``--fault skip-whiteout-on-unlink``, planted by
+  ``unionfs.conformance.faults``): found, with a minimal sequence of a few steps;
 - the long soaks behind ``@pytest.mark.slow`` (``--runslow``).
 """
 
