@@ -121,7 +121,7 @@ def test_planted_bug_is_found_with_a_minimal_sequence(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("need_fuse")
 @pytest.mark.parametrize("whiteout", ["overlay", "aufs"])
 def test_soak_500x50(tmp_path: Path, whiteout: str) -> None:
-    """The issue's acceptance run: 500 sequences of 50 steps, zero differences."""
+    """The acceptance run: 500 sequences of 50 steps, zero differences."""
     result, passed, failed = conformance(tmp_path, "--whiteout", whiteout, "--seed", "500",
                                          "--sequences", "500", "--steps", "50")
     assert failed == 0, result.output

@@ -1,4 +1,4 @@
-"""Issue 7: hardening. Hostile layers, crashes, concurrency, data integrity, odd names and sizes,
+"""Hardening. Hostile layers, crashes, concurrency, data integrity, odd names and sizes,
 daemon errors and bad input — nothing lost, nothing escapes.
 
 Each item has a bounded version in the default suite and a long one behind ``@pytest.mark.slow``
