@@ -44,7 +44,7 @@ def serve(tmp_path: Path, need_fuse: None) -> Iterator[Callable[..., Served]]:
     Python *prelude* in the daemon's process; yields while mounted, unmounts after."""
     procs: list[tuple[Path, subprocess.Popen[bytes]]] = []
 
-    def start(prelude: str = "") -> Served:
+    def start(prelude: str = "", foreground: bool = True) -> Served:
         lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
         for d in (lower, upper, work, mnt):
             d.mkdir(exist_ok=True)
@@ -53,7 +53,7 @@ def serve(tmp_path: Path, need_fuse: None) -> Iterator[Callable[..., Served]]:
             os.link(lower / "a", lower / "b")
         code = textwrap.dedent(prelude) + "\nfrom unionfs.entry import main\nmain()\n"
         log = tmp_path / "daemon.log"
-        cmd = [sys.executable, "-c", code, "mount", "-f", "-o",
+        cmd = [sys.executable, "-c", code, "mount", *(["-f"] if foreground else []), "-o",
                f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -90,6 +90,34 @@ def test_a_normal_start_reports_every_patch_in_force(serve: Callable[..., Served
     text = s.log_text()
     assert ALL_ACTIVE in text and f"pyfuse3 {compat.pyfuse3.__version__} on libfuse " in text, text
     assert "WARNING" not in text, text
+
+
+def _default_log_after_umount(s: Served) -> str | None:
+    """What the background daemon of *s* left in its default log (None: no log)."""
+    from unionfs.server.statedir import key_for, state_dir
+
+    subprocess.run([util.program("unionfs"), "umount", str(s.mnt)], check=True)  # waits for the daemon
+    log = Path(state_dir()) / f"{key_for(str(s.mnt))}.log"
+    if not log.exists():
+        return None
+    text = log.read_text()
+    log.unlink()
+    return text
+
+
+def test_a_background_mount_keeps_no_log_for_its_start_up_report(serve: Callable[..., Served]) -> None:
+    """The default log beside the pidfile is for warnings and errors: the INFO report leaves none."""
+    s = serve(foreground=False)
+    assert _hard_links_agree(s)
+    assert _default_log_after_umount(s) is None
+
+
+def test_a_background_mount_keeps_the_log_of_a_bypassed_patch(serve: Callable[..., Served]) -> None:
+    s = serve("from unionfs.server import compat; compat._SHOWN_INO_OFFSET = None", foreground=False)
+    assert not _hard_links_agree(s)
+    text = _default_log_after_umount(s)
+    assert text is not None and "WARNING patch bypassed: st_ino in replies" in text
+    assert " INFO " not in text, text
 
 
 def test_pyfuse3_imported_first_bypasses_the_shim_and_says_so(serve: Callable[..., Served]) -> None:

@@ -175,6 +175,9 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    if log_file is not None and log_file.in_state_dir and not debug:
+        # The default log is for warnings and errors: with nothing of the kind it goes at exit.
+        handler.setLevel(logging.WARNING)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
