@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the long hardening tests (issue 7) and print the figures for the README's "Reliability and
+"""Run the long hardening tests and print the figures for the README's "Reliability and
 security" section.
 
     .venv/bin/python scripts/hardening_report.py            # the long (slow) versions

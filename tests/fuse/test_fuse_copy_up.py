@@ -168,7 +168,7 @@ def test_o_trunc_copies_no_data(tmp_path: Path, need_fuse: None, style: str) -> 
 
 @pytest.mark.skipif(IMPL != "unionfs", reason="kernel overlayfs and fuse-overlayfs update lower atimes")
 def test_reads_leave_lower_atime_alone(tmp_path: Path, need_fuse: None) -> None:
-    """Issue 3 item 5: lower branches are not written, "not atime where avoidable" (O_NOATIME)."""
+    """Lower branches are not written, not even their atimes where avoidable (O_NOATIME)."""
     lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
     util.render_layer(lower, [F("f", b"data"), F("d/x", b"x"), L("link", "f")], "overlay")
     upper.mkdir()

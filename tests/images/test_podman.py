@@ -1,4 +1,4 @@
-"""podman with ``unionfs-overlay`` as its overlay ``mount_program`` (issue 3, item 6).
+"""podman with ``unionfs-overlay`` as its overlay ``mount_program``.
 
 What a podman user sees, end to end, with every container and build step running on a unionfs
 mount (the tests check that the container's root really is ``fuse.unionfs``, so a podman that

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Mapping
 
 from . import harness
@@ -105,37 +103,44 @@ class FuseOverlayfs(ForegroundFuse):
 
 
 class Unionfs(ForegroundFuse):
-    """Our unionfs: ``unionfs mount -f -o lowerdir=...,upperdir=...,workdir=...,whiteout=W MNT``."""
+    """Our unionfs: ``unionfs mount -f -o lowerdir=...,upperdir=...,workdir=...,whiteout=W MNT``;
+    with *fault*, the same through `unionfs.conformance.faults`, with those bugs planted."""
 
     name = "unionfs"
 
     def __init__(self, whiteout: str = "overlay", extra_options: str = "",
-                 env: Mapping[str, str] | None = None, lower_dialect: str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, lower_dialect: str | None = None,
+                 fault: str = "") -> None:
         super().__init__(env)
         self.whiteout = whiteout
         self.dialect = lower_dialect or whiteout
         self.extra_options = extra_options
-        self.exe = self._find_exe()
+        self.fault = fault
+        # Imported here, not at the top: `python -m unionfs.conformance.faults` must find that
+        # module not yet imported by this package.
+        from .faults import parse
 
-    @staticmethod
-    def _find_exe() -> str:
-        here = os.path.join(os.path.dirname(sys.executable), "unionfs")
-        return here if os.path.exists(here) else (shutil.which("unionfs") or "unionfs")
+        parse(fault)   # an unknown fault is refused before anything is mounted
 
     def command(self, lowers: list[str], upper: str, work: str, mnt: str) -> list[str]:
         opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},whiteout={self.whiteout}"
         if self.extra_options:
             opts += "," + self.extra_options
-        return [self.exe, "mount", "-f", "-o", opts, mnt]
+        from .faults import command
+
+        return command(self.fault, ["mount", "-f", "-o", opts, mnt])
 
 
 def make_impl(name: str, whiteout: str = "overlay", env: Mapping[str, str] | None = None,
-              lower_dialect: str | None = None, options: str = "") -> Impl:
-    """An implementation by name: kernel, fuse-overlayfs or unionfs."""
+              lower_dialect: str | None = None, options: str = "", fault: str | None = None) -> Impl:
+    """An implementation by name: kernel, fuse-overlayfs or unionfs (*fault*: planted bugs, see
+    `unionfs.conformance.faults`)."""
+    if fault and name != "unionfs":
+        raise ValueError(f"faults are planted in unionfs only, not in {name}")
     if name == "kernel":
         return KernelOverlay(options)
     if name == "fuse-overlayfs":
         return FuseOverlayfs(env)
     if name == "unionfs":
-        return Unionfs(whiteout, options, env, lower_dialect)
+        return Unionfs(whiteout, options, env, lower_dialect, fault or "")
     raise ValueError(f"unknown implementation {name!r} (kernel, fuse-overlayfs, unionfs)")
