@@ -13,8 +13,10 @@ import sys
 
 import click
 
-from launcher.union import BACKENDS, DEFAULT_BACKEND, LaunchError
+from launcher.errors import EXIT_LAUNCH_FAILED
+from launcher.union import BACKENDS, DEFAULT_BACKEND
 from unionfs.cli import one_line
+from unionfs.core.errors import QuietError, describe
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ def run_command(
     else:
         logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
     from launcher import cgroups, security
-    from launcher.supervisor import RunConfig, describe, run
+    from launcher.supervisor import RunConfig, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
         command = command[1:]
@@ -170,12 +172,12 @@ def run_command(
     log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
         code = run(cfg)
-    except LaunchError as exc:
-        click.echo(f"unionfs run: {one_line(str(exc))}", err=True)
+    except QuietError as exc:
+        click.echo(f"unionfs run: {one_line(exc.message)}", err=True)
         sys.exit(exc.exitcode)
     except OSError as exc:
         click.echo(f"unionfs run: {one_line(describe(exc))}", err=True)
-        sys.exit(125)
+        sys.exit(EXIT_LAUNCH_FAILED)
     sys.exit(code)
 
 
@@ -207,10 +209,8 @@ def unshare_command(command: tuple[str, ...]) -> None:
         try:
             namespaces.enter_launcher_namespaces(rootless=True)
         except OSError as exc:
-            from launcher.supervisor import describe
-
             click.echo(f"unionfs unshare: {describe(exc)}", err=True)
-            sys.exit(125)
+            sys.exit(EXIT_LAUNCH_FAILED)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
