@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,14 +181,15 @@ def _error_line(command: list[str], code: int, stderr: bytes) -> str:
 
 
 def _wait_mounted(mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not is_mounted(mnt):
-        if process is not None and process.poll() is not None:
-            stderr = process.stderr.read() if process.stderr else b""
-            raise MountError(_error_line([str(process.args[0]), "-f"], process.returncode, stderr))  # type: ignore[index]
-        if time.monotonic() > deadline:
-            raise MountError(f"{mnt} did not appear in /proc/self/mountinfo within {MOUNT_TIMEOUT:.0f} s")
-        time.sleep(0.005)
+    try:
+        mountinfo.wait_for_mount(mnt, MOUNT_TIMEOUT, exited=None if process is None else process.poll)
+    except ChildProcessError:
+        assert process is not None
+        stderr = process.stderr.read() if process.stderr else b""
+        raise MountError(_error_line([str(process.args[0]), "-f"], process.returncode, stderr)) from None  # type: ignore[index]
+    except TimeoutError:
+        raise MountError(f"{mnt} did not appear in /proc/self/mountinfo within {MOUNT_TIMEOUT:.0f} s"
+                         ) from None
 
 
 def _daemon_pid(impl: str, process: subprocess.Popen[bytes] | None, mnt: Path) -> int | None:

@@ -8,7 +8,6 @@ one copy and the implementation under test on the other, and compares what each 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unionfs.core import mountinfo
+from unionfs.core import mountinfo, sysx
 
 # --------------------------------------------------------------------------------------------------
 # Programs
@@ -91,16 +90,7 @@ def wait_for_mount(path: os.PathLike[str] | str, proc: subprocess.Popen[bytes] |
                    timeout: float = MOUNT_TIMEOUT, fstype_prefix: str = "fuse") -> None:
     """Wait (bounded) until a filesystem whose type starts with ``fstype_prefix`` is mounted at
     ``path``. Raises if ``proc`` exits first or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        t = mount_fstype(path)
-        if t is not None and t.startswith(fstype_prefix):
-            return
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before {path} was mounted")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} not mounted after {timeout}s")
-        time.sleep(0.02)
+    mountinfo.wait_for_mount(path, timeout, exited=None if proc is None else proc.poll, fstype=fstype_prefix)
 
 
 def umount(path: os.PathLike[str] | str, proc: subprocess.Popen[bytes] | None = None,
@@ -184,24 +174,18 @@ def err(name: str) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# renameat2 via ctypes
+# renameat2
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = sysx.RENAME_NOREPLACE, sysx.RENAME_EXCHANGE, sysx.RENAME_WHITEOUT
 
 
 def renameat2(old: os.PathLike[str] | str | bytes, new: os.PathLike[str] | str | bytes, flags: int) -> None:
-    fn = _libc.renameat2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    """renameat2(2) on two paths (`unionfs.core.sysx.renameat2`); OSError(errno, reason, old, None, new)."""
     o, n = os.fsencode(old), os.fsencode(new)
-    if fn(AT_FDCWD, o, AT_FDCWD, n, flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), os.fsdecode(o), None, os.fsdecode(n))
+    try:
+        sysx.renameat2(sysx.AT_FDCWD, o, sysx.AT_FDCWD, n, flags)
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno or 0), os.fsdecode(o), None, os.fsdecode(n)) from None
 
 
 # --------------------------------------------------------------------------------------------------

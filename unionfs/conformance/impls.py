@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 
 from unionfs.core import mountinfo
@@ -74,13 +73,10 @@ def _run(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 
 
 
 def _wait_mounted(mnt: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not is_mounted(mnt):
-        if proc is not None and proc.poll() is not None:
-            raise MountError(f"daemon exited with {proc.returncode} before {mnt} was mounted")
-        if time.monotonic() > deadline:
-            raise MountError(f"{mnt}: not mounted after {MOUNT_TIMEOUT}s")
-        time.sleep(0.01)
+    try:
+        mountinfo.wait_for_mount(mnt, MOUNT_TIMEOUT, exited=None if proc is None else proc.poll)
+    except (ChildProcessError, TimeoutError) as e:
+        raise MountError(str(e)) from None
 
 
 class Impl:
