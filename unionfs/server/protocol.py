@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from unionfs.core.config import MountConfig
 from unionfs.core.errors import QuietError, describe
@@ -28,8 +28,7 @@ ERROR = b"error: "
 DIED = "the daemon exited before the mount was ready"
 
 
-@dataclasses.dataclass(frozen=True)
-class Order:
+class Order(NamedTuple):
     """What a server is to serve, and where it logs (None: where it was started) at which level."""
 
     config: MountConfig
