@@ -260,7 +260,7 @@ def preload() -> None:
     gc.disable()
     try:
         from . import operations  # noqa: F401 - first: it loads the shim, which must precede pyfuse3
-        from .fusebind import pyfuse3  # noqa: F401
+        from .compat import pyfuse3  # noqa: F401
     finally:
         gc.freeze()
         gc.enable()
