@@ -23,12 +23,9 @@ import resource
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .branches import open_dir_at
-
-if TYPE_CHECKING:
-    from .nodes import Node
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +38,23 @@ FIXED = -1
 ORPHAN = -2
 
 
+class Named(Protocol):
+    """What a branch directory needs of its union directory (`nodes.Node`) to be opened again."""
+
+    @property
+    def id(self) -> int: ...
+
+    def name_in(self) -> tuple[Named, bytes]: ...
+
+    def branch_dir(self, layer: int) -> BranchDir | None: ...
+
+
 class BranchDir:
     """One branch's directory of a union directory: its identity and, while cached, an open fd."""
 
     __slots__ = ("node", "layer", "dev", "ino", "fd", "used")
 
-    def __init__(self, node: Node, layer: int, dev: int, ino: int, fd: int, used: int) -> None:
+    def __init__(self, node: Named, layer: int, dev: int, ino: int, fd: int, used: int) -> None:
         self.node = node
         self.layer = layer
         self.dev = dev
@@ -130,12 +138,12 @@ class DirFds:
         if self._pins is not None:
             self._pins.bds.append(bd)
 
-    def fixed(self, node: Node, layer: int, fd: int) -> BranchDir:
+    def fixed(self, node: Named, layer: int, fd: int) -> BranchDir:
         """A branch root, owned by its LayerStack: always open, never closed here."""
         st = os.fstat(fd)
         return BranchDir(node, layer, st.st_dev, st.st_ino, fd, FIXED)
 
-    def adopt(self, node: Node, layer: int, fd: int, in_use: bool = False) -> BranchDir:
+    def adopt(self, node: Named, layer: int, fd: int, in_use: bool = False) -> BranchDir:
         """Take over the open directory *fd*; with *in_use*, the caller goes on using it."""
         try:
             st = os.fstat(fd)

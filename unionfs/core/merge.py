@@ -6,6 +6,7 @@ any branch below the writable top still has the name (so that removing it needs 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -122,7 +123,7 @@ def open_dir_layers(parent_fd: Callable[[int], int | None], name: bytes, layers:
             except (FileNotFoundError, NotADirectoryError):
                 break
             except OSError as e:
-                if e.errno == 40:  # ELOOP: a symlink was swapped in; never follow it
+                if e.errno == errno.ELOOP:  # a symlink was swapped in; never follow it
                     break
                 raise
             out.append((layer, fd))
