@@ -11,7 +11,7 @@ import os
 import stat
 
 from .attrs import Stat
-from .branches import ACL_ACCESS, ACL_DEFAULT, fd_path, lstat_at, open_file_at
+from .branches import ACL_ACCESS, ACL_DEFAULT
 from .interfaces import FREE_BIG
 from .nodes import Node
 from .resolve import Handle, Resolver, err
@@ -100,6 +100,7 @@ class Attributes:
             size = None
         if node.is_dir or not node.links:
             # A directory, or a file whose last name is gone but is still open: work on the fd.
+            fd: int
             if node.is_dir:
                 fd = res.table.dirfd(node, 0)
             else:
@@ -117,19 +118,13 @@ class Attributes:
             return Stat.of(os.fstat(fd))
         pfd, name = res.table.real_parent_fd(node)
         if owner is not None:
-            os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
+            pfd.chown(name, *owner)
         if mode is not None:
-            # chmod has no no-follow form: go through an O_PATH fd of the object itself.
-            pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-            try:
-                if not stat.S_ISLNK(os.fstat(pf).st_mode):
-                    os.chmod(fd_path(pf), stat.S_IMODE(mode))
-            finally:
-                os.close(pf)
+            pfd.chmod(name, mode)
         if times is not None:
-            st = lstat_at(pfd, name) if None in times else None
-            os.utime(name, ns=_fill_times(times, st), dir_fd=pfd, follow_symlinks=False)
-        cached = res.table.remember(node, lstat_at(pfd, name))
+            st = pfd.lstat(name) if None in times else None
+            pfd.utime(name, _fill_times(times, st))
+        cached = res.table.remember(node, pfd.lstat(name))
         return cached
 
     async def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
@@ -144,7 +139,7 @@ class Attributes:
             fd = handle.fd
         else:
             pfd, name = res.table.real_parent_fd(node)
-            fd = own = open_file_at(pfd, name, os.O_WRONLY)
+            fd = own = pfd.open_file(name, os.O_WRONLY)
         try:
             if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:
                 await res.executor.on_fd(fd, os.ftruncate, size, bulk=True)

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .attrs import Stat
-from .branches import ACL_DEFAULT, clear_dir, fd_path, lstat_at, open_dir_at, open_file_at
+from .branches import ACL_DEFAULT, DirFd
 from .caller import in_group_or_capable
 from .interfaces import FREE_BIG
 from .merge import Entry
 from .nodes import Node
 from .resolve import OPEN_STRIP, Handle, Resolver, err
-from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from .sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from .whiteout import WH_PREFIX, Dialect, dir_is_opaque, is_reserved_name, whiteouts_at
 
 
@@ -53,12 +53,12 @@ class Namespace:
         if name in self.res.listing(parent):
             raise err(errno.EEXIST, name=name)
 
-    def _owner(self, parent_fd: int, creds: Creds) -> tuple[int, int]:
+    def _owner(self, parent_fd: DirFd, creds: Creds) -> tuple[int, int]:
         pst = os.fstat(parent_fd)
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else creds.gid
         return creds.uid, gid
 
-    def _chown_new(self, dirfd: int, name: bytes, owner: tuple[int, int], mode: int = 0) -> None:
+    def _chown_new(self, dirfd: DirFd, name: bytes, owner: tuple[int, int], mode: int = 0) -> None:
         """Give the new object *name* its caller's owner.
 
         chown(2) clears the set-id bits of a non-directory; overlayfs, which creates with the
@@ -67,22 +67,16 @@ class Namespace:
         if owner == (os.geteuid(), os.getegid()):
             return
         try:
-            os.chown(name, owner[0], owner[1], dir_fd=dirfd, follow_symlinks=False)
+            dirfd.chown(name, owner[0], owner[1])
         except PermissionError:
             if self.res.privileged:
                 raise
             return
         setid = mode & (stat.S_ISUID | stat.S_ISGID)
         if setid:
-            # chmod has no no-follow form: go through an O_PATH fd of the object itself.  Only the
-            # set-id bits are added: the permission bits stay as made (a default ACL's mask among them).
-            pf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-            try:
-                st = os.fstat(pf)
-                if not stat.S_ISLNK(st.st_mode):
-                    os.chmod(fd_path(pf), stat.S_IMODE(st.st_mode) | setid)
-            finally:
-                os.close(pf)
+            # Only the set-id bits are added: the permission bits stay as made (a default ACL's
+            # mask among them).
+            dirfd.chmod(name, setid, add=True)
 
     def _new_mode(self, parent: Node, mode: int, creds: Creds) -> tuple[int, bool]:
         """The mode to make a new object in *parent* with, and whether it inherits a default ACL.
@@ -101,7 +95,7 @@ class Namespace:
         return (mode, True) if inherit else (mode & ~creds.umask, False)
 
     @contextlib.contextmanager
-    def _assembly_dir(self, pfd: int, inherit: bool) -> Iterator[int]:
+    def _assembly_dir(self, pfd: DirFd, inherit: bool) -> Iterator[DirFd]:
         """Where an object that is to replace a whiteout in the upper directory *pfd* is made: the
         work dir, or, when it must inherit *pfd*'s default ACL, a new directory inside the work dir
         carrying that ACL, so that the upper filesystem applies it just as it would in *pfd*."""
@@ -111,20 +105,20 @@ class Namespace:
             yield work
             return
         sub = self.res.writer.temp_name()
-        os.mkdir(sub, 0o700, dir_fd=work)
+        work.mkdir(sub, 0o700)
         try:
-            fd = open_dir_at(work, sub)
+            fd = work.open_dir(sub)
             try:
                 os.setxattr(fd, ACL_DEFAULT, os.getxattr(pfd, ACL_DEFAULT))
                 yield fd
             finally:
-                clear_dir(fd)   # empty unless making the object failed
+                fd.clear()   # empty unless making the object failed
                 os.close(fd)
         finally:
-            os.rmdir(sub, dir_fd=work)
+            work.rmdir(sub)
 
     def _place_new(self, parent: Node, name: bytes, is_dir: bool,
-                   make: Callable[[int, bytes, bool], None], inherit: bool = False) -> tuple[int, bool]:
+                   make: Callable[[DirFd, bytes, bool], None], inherit: bool = False) -> tuple[DirFd, bool]:
         """Create a new object *name* in the upper directory of *parent* with *make*(dirfd, name, opaque).
 
         A whiteout left there for the name is replaced atomically (overlay dialect: the object is
@@ -141,10 +135,10 @@ class Namespace:
                 make(adir, tmp, had)
                 try:
                     if is_dir:
-                        renameat2(adir, tmp, pfd, name, RENAME_EXCHANGE)
-                        os.unlink(tmp, dir_fd=adir)
+                        adir.rename(tmp, pfd, name, RENAME_EXCHANGE)
+                        adir.unlink(tmp)
                     else:
-                        os.rename(tmp, name, src_dir_fd=adir, dst_dir_fd=pfd)
+                        adir.rename(tmp, pfd, name)
                 except BaseException:
                     if adir == self.res.work_fd:
                         self.res.copyup.discard(tmp)
@@ -152,19 +146,19 @@ class Namespace:
         else:
             make(pfd, name, had)
         if aufs_wh:
-            os.unlink(WH_PREFIX + name, dir_fd=pfd)
+            pfd.unlink(WH_PREFIX + name)
         return pfd, had
 
-    def _new_node(self, parent: Node, name: bytes, pfd: int, is_dir: bool, had_lower: bool
+    def _new_node(self, parent: Node, name: bytes, pfd: DirFd, is_dir: bool, had_lower: bool
                   ) -> tuple[Node, Stat]:
         self.res.listing(parent)[name] = Entry(0, is_dir, had_lower)
         self.res.touch(parent)
-        st = lstat_at(pfd, name)
+        st = pfd.lstat(name)
         node = self.res.table.find((st.st_dev, st.st_ino))
         if node is None or node.is_dir != is_dir:
             node = self.res.table.new(is_dir, 0, (st.st_dev, st.st_ino), st)
             if is_dir:
-                self.res.table.set_dirs(node, [(0, open_dir_at(pfd, name))])
+                self.res.table.set_dirs(node, [(0, pfd.open_dir(name))])
                 node.listing = {}
         self.res.table.add_link(node, parent, name)
         return node, self.res.table.remember(node, st)
@@ -177,8 +171,8 @@ class Namespace:
         mode, inherit = self._new_mode(parent, mode, creds)
         mode = _strip_sgid(mode, owner, creds)
 
-        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
-            fd = open_file_at(dirfd, n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+        def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
+            fd = dirfd.open_file(n, (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL, mode & 0o7777)
             fds.append(fd)
             self._chown_new(dirfd, n, owner, mode)
 
@@ -195,14 +189,13 @@ class Namespace:
         # (over a whiteout) must be given the bit by hand.
         setgid = os.fstat(upper).st_mode & stat.S_ISGID
 
-        def make(dirfd: int, n: bytes, opaque: bool) -> None:
-            os.mkdir(n, mode & 0o7777, dir_fd=dirfd)
+        def make(dirfd: DirFd, n: bytes, opaque: bool) -> None:
+            dirfd.mkdir(n, mode & 0o7777)
             self._chown_new(dirfd, n, owner)
             if setgid and dirfd != upper:
-                made = stat.S_IMODE(lstat_at(dirfd, n).st_mode)   # what a default ACL left of mode
-                os.chmod(n, made | stat.S_ISGID, dir_fd=dirfd)
+                dirfd.chmod(n, stat.S_ISGID, add=True)     # to what a default ACL left of mode
             if opaque:
-                fd = open_dir_at(dirfd, n)
+                fd = dirfd.open_dir(n)
                 try:
                     self.res.writer.make_opaque(fd)
                 finally:
@@ -220,8 +213,8 @@ class Namespace:
         mode, inherit = self._new_mode(parent, mode, creds)
         mode = _strip_sgid(mode, owner, creds)
 
-        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
-            os.mknod(n, mode, rdev, dir_fd=dirfd)
+        def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
+            dirfd.mknod(n, mode, rdev)
             self._chown_new(dirfd, n, owner, mode)
 
         pfd, had = self._place_new(parent, name, False, make, inherit)
@@ -231,8 +224,8 @@ class Namespace:
         self._check_new_name(parent, name)
         owner = self._owner(self.res.upper_dir(parent), creds)
 
-        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
-            os.symlink(target, n, dir_fd=dirfd)
+        def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
+            dirfd.symlink(target, n)
             self._chown_new(dirfd, n, owner)
 
         pfd, had = self._place_new(parent, name, False, make)
@@ -246,18 +239,18 @@ class Namespace:
         self._check_new_name(parent, name)   # the copy-up may have awaited
         spfd, sname = self.res.table.real_parent_fd(node)
 
-        def make(dirfd: int, n: bytes, _opaque: bool) -> None:
-            os.link(sname, n, src_dir_fd=spfd, dst_dir_fd=dirfd, follow_symlinks=False)
+        def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
+            spfd.link(sname, dirfd, n)
 
         pfd, had = self._place_new(parent, name, False, make)
         return self._new_node(parent, name, pfd, False, had)
 
     # ------------------------------------------------------------------ removing names
 
-    def _whiteout(self, dirfd: int, name: bytes, replace: bool) -> None:
+    def _whiteout(self, dirfd: DirFd, name: bytes, replace: bool) -> None:
         if "skip-whiteout-on-unlink" in self.res.faults:
             if replace:
-                os.unlink(name, dir_fd=dirfd)
+                dirfd.unlink(name)
             return
         self.res.writer.write(dirfd, name, replace)
 
@@ -283,10 +276,10 @@ class Namespace:
             return None
         known = parent.children.get(name)
         try:
-            st = known.st if known is not None and known.st is not None else lstat_at(pfd, name)
+            st = known.st if known is not None and known.st is not None else pfd.lstat(name)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_blocks * 512 < FREE_BIG:
                 return None
-            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            return pfd.open_path(name)
         except OSError:
             return None     # the unlink or rename says what is wrong
 
@@ -297,7 +290,7 @@ class Namespace:
             if e.has_lower:
                 self._whiteout(pfd, name, replace=True)
             else:
-                os.unlink(name, dir_fd=pfd)
+                pfd.unlink(name)
         else:
             self._whiteout(self.res.upper_dir(parent), name, replace=False)
         del listing[name]
@@ -309,12 +302,12 @@ class Namespace:
         if self.res.listing(node):
             raise err(errno.ENOTEMPTY, name=name)
         if e.layer == 0:
-            clear_dir(self.res.table.dirfd(node, 0))   # only whiteouts and markers are left in it
+            self.res.table.dirfd(node, 0).clear()   # only whiteouts and markers are left in it
             pfd = self.res.table.dirfd(parent, 0)
             if e.has_lower:
                 self.res.writer.write(pfd, name, replace=True)
             else:
-                os.rmdir(name, dir_fd=pfd)
+                pfd.rmdir(name)
         else:
             self.res.writer.write(self.res.upper_dir(parent), name, replace=False)
         del listing[name]
@@ -378,7 +371,7 @@ class Namespace:
         self.res.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None
-            renameat2(spfd, on, dpfd, nn, RENAME_EXCHANGE)
+            spfd.rename(on, dpfd, nn, RENAME_EXCHANGE)
             self._after_exchange(op, on, es, src, np, nn, ed, dst)
             return
         dst_lower = False
@@ -386,7 +379,7 @@ class Namespace:
             dst_lower = ed.has_lower or ed.layer != 0
             if ed.is_dir and ed.layer == 0:
                 assert dst is not None
-                clear_dir(self.res.table.dirfd(dst, 0))
+                self.res.table.dirfd(dst, 0).clear()
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
         self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
@@ -415,7 +408,8 @@ class Namespace:
             self.res.table.close_dirs(moved, keep=1)
             moved.listing = None
 
-    def _rename_leaving_whiteout(self, spfd: int, on: bytes, dpfd: int, nn: bytes, whiteout: bool) -> None:
+    def _rename_leaving_whiteout(self, spfd: DirFd, on: bytes, dpfd: DirFd, nn: bytes, whiteout: bool
+                                 ) -> None:
         """Rename in the writable branch; with *whiteout*, leave one at the old name.
 
         In the overlay dialect the kernel does both at once (RENAME_WHITEOUT), so no crash can let
@@ -425,22 +419,22 @@ class Namespace:
         atomic = res.writer.dialect is Dialect.OVERLAY and "skip-whiteout-on-unlink" not in res.faults
         if whiteout and atomic:
             try:
-                renameat2(spfd, on, dpfd, nn, RENAME_WHITEOUT)
+                spfd.rename(on, dpfd, nn, RENAME_WHITEOUT)
                 return
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
                     raise
-        os.rename(on, nn, src_dir_fd=spfd, dst_dir_fd=dpfd)
+        spfd.rename(on, dpfd, nn)
         if whiteout:
             self._whiteout(spfd, on, replace=False)
 
-    def _clear_whiteout_for(self, dirfd: int, name: bytes, is_dir: bool) -> bool:
+    def _clear_whiteout_for(self, dirfd: DirFd, name: bytes, is_dir: bool) -> bool:
         """Before renaming onto *name*, remove a whiteout a rename cannot replace; True if one was there."""
         chr_wh, aufs = whiteouts_at(dirfd, name)
         if chr_wh and is_dir:
-            os.unlink(name, dir_fd=dirfd)
+            dirfd.unlink(name)
         if aufs:
-            os.unlink(WH_PREFIX + name, dir_fd=dirfd)
+            dirfd.unlink(WH_PREFIX + name)
         return chr_wh or aufs
 
     def _after_exchange(self, op: Node, on: bytes, es: Entry, src: Node,

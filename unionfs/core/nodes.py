@@ -30,7 +30,7 @@ from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside, Listings
 from .merge import Entry
 
 if TYPE_CHECKING:
-    from .branches import LayerStack
+    from .branches import DirFd, LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -153,39 +153,39 @@ class NodeTable:
     # ------------------------------------------------------------------ branch directory fds
     # Valid until the next request starts: use them at once, never across an await.
 
-    def dirfd(self, node: Node, layer: int) -> int:
+    def dirfd(self, node: Node, layer: int) -> DirFd:
         """The fd of directory *node*'s directory in branch *layer* (ESTALE when it has none)."""
         for bd in node.dirs:
             if bd.layer == layer:
                 return self.fds.fd(bd)
         raise OSError(errno.ESTALE, "directory not in that branch", str(node.id))
 
-    def dirfd_or_none(self, node: Node, layer: int) -> int | None:
+    def dirfd_or_none(self, node: Node, layer: int) -> DirFd | None:
         bd = node.branch_dir(layer)
         return None if bd is None else self.fds.fd(bd)
 
-    def top_dirfd(self, node: Node) -> int:
+    def top_dirfd(self, node: Node) -> DirFd:
         """The fd of directory *node*'s topmost branch directory (ENOENT when it has none)."""
         if not node.dirs:
             raise OSError(errno.ENOENT, "directory has no branch left", str(node.id))
         return self.fds.fd(node.dirs[0])
 
-    def branch_fds(self, node: Node) -> Iterator[tuple[int, int]]:
+    def branch_fds(self, node: Node) -> Iterator[tuple[int, DirFd]]:
         """(layer, fd) of each branch directory of *node*, top first, each opened as it is reached."""
         for bd in node.dirs:
             yield bd.layer, self.fds.fd(bd)
 
-    def real_parent_fd(self, node: Node) -> tuple[int, bytes]:
+    def real_parent_fd(self, node: Node) -> tuple[DirFd, bytes]:
         """(fd of the branch directory holding *node*'s object, its name there)."""
         parent, name = node.name_in()
         return self.dirfd(parent, node.layer), name
 
-    def set_dirs(self, node: Node, fds: list[tuple[int, int]], in_use: bool = False) -> None:
+    def set_dirs(self, node: Node, fds: list[tuple[int, DirFd]], in_use: bool = False) -> None:
         """Give directory *node* the branch directories *fds* ((layer, open fd), top first)."""
         self.close_dirs(node, keep=0)
         node.dirs = [self.fds.adopt(node, layer, fd, in_use) for layer, fd in fds]
 
-    def add_upper_dir(self, node: Node, fd: int) -> None:
+    def add_upper_dir(self, node: Node, fd: DirFd) -> None:
         """*node* now has a directory in the writable branch, open as *fd* (in use by the caller)."""
         node.dirs.insert(0, self.fds.adopt(node, 0, fd, in_use=True))
         node.layer = 0

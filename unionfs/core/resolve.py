@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 
 from .attrs import Stat
-from .branches import LayerStack, fd_path, lstat_at, open_file_at
+from .branches import DirFd, LayerStack
 from .copyup import CopyUp
 from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Invalidator
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
@@ -125,7 +125,7 @@ class Resolver:
         if known is not None and known.st is not None and known.layer == e.layer:
             return known, known.st
         try:
-            st = lstat_at(self.table.dirfd(parent, e.layer), name)
+            st = self.table.dirfd(parent, e.layer).lstat(name)
         except FileNotFoundError:
             return self._read_again(parent, name, fresh)
         if stat.S_ISDIR(st.st_mode) != e.is_dir:
@@ -169,7 +169,7 @@ class Resolver:
             st = os.fstat(self.table.top_dirfd(node))
         elif node.links:
             pfd, name = self.table.real_parent_fd(node)
-            st = lstat_at(pfd, name)
+            st = pfd.lstat(name)
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
             return Stat.of(os.fstat(h.fd))
@@ -192,7 +192,7 @@ class Resolver:
 
     def readlink(self, node: Node) -> bytes:
         pfd, name = self.table.real_parent_fd(node)
-        return os.readlink(name, dir_fd=pfd)
+        return pfd.readlink(name)
 
     def xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
         """``fn(target)``, *target* naming *node*'s real object (an fd, or a path of an O_PATH fd)."""
@@ -206,11 +206,7 @@ class Resolver:
                     return fn(h.fd)
             raise err(errno.ENOENT)
         pfd, name = self.table.real_parent_fd(node)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        try:
-            return fn(fd_path(fd))
-        finally:
-            os.close(fd)
+        return pfd.on_path(name, fn)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         """The names of *node*'s real xattrs (as stored in the branch), cached on the node."""
@@ -231,7 +227,7 @@ class Resolver:
         if self.readonly:
             raise err(errno.EROFS)
 
-    def upper_dir(self, d: Node) -> int:
+    def upper_dir(self, d: Node) -> DirFd:
         """The writable branch's directory for *d*, copying it (and its parents) up first.
 
         The ancestors still missing there are gathered walking up and copied walking down, so a
@@ -298,7 +294,7 @@ class Resolver:
         except BaseException:
             self.copyup.discard(made.tmp)
             raise
-        new = lstat_at(upper_pfd, name)
+        new = upper_pfd.lstat(name)
         self._moved_up(node, parent, name, (new.st_dev, new.st_ino), made.st.st_nlink)
 
     def _moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int], lower_nlink: int
@@ -344,16 +340,16 @@ class Resolver:
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
         pfd, name = self.table.real_parent_fd(node)
-        if trunc and flags & os.O_ACCMODE != os.O_RDONLY and lstat_at(pfd, name).st_blocks * 512 >= FREE_BIG:
+        if trunc and flags & os.O_ACCMODE != os.O_RDONLY and pfd.lstat(name).st_blocks * 512 >= FREE_BIG:
             # Truncating a big file frees its blocks, which takes long: on a worker thread.
-            fd = open_file_at(pfd, name, flags & ~OPEN_STRIP)
+            fd = pfd.open_file(name, flags & ~OPEN_STRIP)
             try:
                 await self.executor.on_fd(fd, os.ftruncate, 0, bulk=True)
             except BaseException:
                 os.close(fd)
                 raise
         else:
-            fd = open_file_at(pfd, name, (flags & ~OPEN_STRIP) | trunc)
+            fd = pfd.open_file(name, (flags & ~OPEN_STRIP) | trunc)
         if trunc:
             self.touch(node)
         return self.new_handle(node, fd, flags)
@@ -362,7 +358,7 @@ class Resolver:
         """A handle opened before its node was copied up reads the upper copy from then on."""
         if h.layer != h.node.layer and h.node.links:
             pfd, name = self.table.real_parent_fd(h.node)
-            fd = open_file_at(pfd, name, h.flags & ~OPEN_STRIP)
+            fd = pfd.open_file(name, h.flags & ~OPEN_STRIP)
             os.close(h.fd)
             h.fd = fd
             h.layer = h.node.layer
