@@ -25,6 +25,12 @@ LAZY_COMMANDS = {
     "image": ("unionfs.images.cli", "image_group"),
     "diff": ("unionfs.images.cli", "diff_command"),
     "commit": ("unionfs.images.cli", "commit_command"),
+    "ps": ("unionfs.images.cli", "ps_command"),
+    "rm": ("unionfs.images.cli", "container_rm_command"),
+    "pull": ("unionfs.images.cli", "pull_command"),
+    "push": ("unionfs.images.cli", "push_command"),
+    "login": ("unionfs.images.cli", "login_command"),
+    "logout": ("unionfs.images.cli", "logout_command"),
 }
 
 
@@ -139,12 +145,14 @@ def umount(mountpoint: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error."""
-    from .entry import start_server_early
+    """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error.
 
-    start_server_early(sys.argv[1:] if argv is None else argv)  # when not done by the console script
+    The console script and ``python -m unionfs`` come through ``unionfs.entry.main``, which forks
+    ``unionfs run``'s server before this module loads.
+    """
+    args = mount_helper_form(list(sys.argv[1:] if argv is None else argv))
     try:
-        cli.main(args=argv, prog_name="unionfs", standalone_mode=False)
+        cli.main(args=args, prog_name="unionfs", standalone_mode=False)
     except click.exceptions.Abort:
         print("unionfs: aborted", file=sys.stderr)
         sys.exit(1)
@@ -153,6 +161,45 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+def mount_helper_form(args: list[str]) -> list[str]:
+    """The command line mount.fuse3 gives a ``fuse.unionfs`` mount, as a ``unionfs`` command.
+
+    ``mount -t fuse.unionfs A:B MNT`` runs ``unionfs A:B MNT -o rw,dev,suid``: that is
+    ``unionfs mount -o rw,dev,suid A:B MNT``; with ``remount`` among the options (``mount -o
+    remount,ro MNT``) it is a remount.  Any other command line is left as it is.
+    """
+    if len(args) < 4 or args[0].startswith("-") or args[0] in cli.commands or args[0] in LAZY_COMMANDS:
+        return args
+    positional = [a for i, a in enumerate(args) if a != "-o" and (i == 0 or args[i - 1] != "-o")]
+    options = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-o"]
+    if len(positional) != 2 or not options or len(options) * 2 + 2 != len(args):
+        return args
+    from unionfs.remount import asked
+
+    if asked(options):
+        return ["remount", *(x for o in options for x in ("-o", o)), positional[1]]
+    return ["mount", *(x for o in options for x in ("-o", o)), *positional]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-o", "options", multiple=True, metavar="OPTS",
+              help="ro or rw, and mount flags (nosuid, noexec, ...).")
+@click.argument("mountpoint", type=click.Path())
+def remount(options: tuple[str, ...], mountpoint: str) -> None:
+    """Remount MOUNTPOINT read-only or read-write, as `mount -o remount,ro MOUNTPOINT` does.
+
+    \b
+    Example:
+        unionfs remount -o ro /mnt/union && unionfs remount -o rw /mnt/union
+    """
+    from unionfs.remount import remount as do_remount
+
+    try:
+        do_remount(mountpoint, options)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
 
 
 OVERLAY_USAGE = """\
@@ -209,7 +256,12 @@ def overlay_main(argv: list[str] | None = None) -> None:
     if len(positional) > 2:
         _fail(f"too many arguments: {' '.join(map(repr, positional))} (want [SOURCE] MERGED)", 2)
     mp = positional[-1]   # mount.fuse3 passes the source first; fuse-overlayfs ignores it too
+    from unionfs.remount import asked, remount
+
     try:
+        if asked(options):   # mount -o remount,ro MNT, through mount.fuse3
+            remount(mp, options)
+            sys.exit(0)
         cfg = build_config(None, mp, options, strict=False)
         notes = [f"unionfs-overlay: ignoring unsupported option {opt}" for opt in cfg.ignored]
         notes += [f"unionfs-overlay: {n}" for n in flag_notes(cfg)]

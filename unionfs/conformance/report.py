@@ -13,6 +13,7 @@ import argparse
 import ast
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,9 +122,12 @@ def _short(outcome: Outcome) -> str:
 
 
 def exit_on_sigterm() -> None:
-    from .cli import exit_on_sigterm as install
+    """Turn SIGTERM (``timeout``, CI cancelling a job) into SystemExit, so that the finally blocks
+    unmount and remove the scratch dirs instead of leaving mounts behind."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
 
-    install()
+    signal.signal(signal.SIGTERM, handler)
 
 
 def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[str], *,
@@ -135,16 +139,16 @@ def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[
     parser.add_argument("--impl-a", default=impl_a)
     parser.add_argument("--impl-b", default=impl_b)
     parser.add_argument("--whiteout", default=whiteout, choices=("overlay", "aufs"))
-    parser.add_argument("--fault", default=fault, help="UNIONFS_FAULT for the unionfs daemon")
+    parser.add_argument("--fault", default=fault,
+                        help="a bug planted in unionfs (see unionfs.conformance.faults)")
     parser.add_argument("--options-a", default=options_a, help="extra mount options for A")
     parser.add_argument("--options-b", default=options_b, help="extra mount options for B")
     parser.add_argument("--base", default="/var/tmp", help="where scratch dirs go")
     args = parser.parse_args(argv)
     exit_on_sigterm()
-    env = {"UNIONFS_FAULT": args.fault} if args.fault else {}
     a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout, options=args.options_a)
-    b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout,
-                  options=args.options_b)
+    b = make_impl(args.impl_b, args.whiteout, lower_dialect=lower_whiteout, options=args.options_b,
+                  fault=args.fault)
     runner = Runner(a, b, args.base, ignore=frozenset(ignore))
     case = ScriptCase(n_layers, layers, [parse_step(src) for src in steps])
     trace, failure = runner.replay(case)

@@ -248,10 +248,6 @@ class Namespace:
     # ------------------------------------------------------------------ removing names
 
     def _whiteout(self, dirfd: DirFd, name: bytes, replace: bool) -> None:
-        if "skip-whiteout-on-unlink" in self.res.faults:
-            if replace:
-                dirfd.unlink(name)
-            return
         self.res.writer.write(dirfd, name, replace)
 
     def _to_remove(self, parent: Node, name: bytes, is_dir: bool) -> tuple[dict[bytes, Entry], Entry, Node]:
@@ -415,8 +411,7 @@ class Namespace:
         In the overlay dialect the kernel does both at once (RENAME_WHITEOUT), so no crash can let
         the lower object show again; elsewhere the whiteout follows the rename.
         """
-        res = self.res
-        atomic = res.writer.dialect is Dialect.OVERLAY and "skip-whiteout-on-unlink" not in res.faults
+        atomic = self.res.writer.dialect is Dialect.OVERLAY
         if whiteout and atomic:
             try:
                 spfd.rename(on, dpfd, nn, RENAME_WHITEOUT)

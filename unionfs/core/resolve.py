@@ -64,9 +64,8 @@ class Resolver:
     """
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
-                 faults: frozenset[str] = frozenset(), max_listed: int = DEFAULT_MAX_ENTRIES,
-                 executor: Executor = INLINE, invalidator: Invalidator = NO_KERNEL_CACHE,
-                 beside: Beside = NOTHING_BESIDE) -> None:
+                 max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed, beside)
         self.readonly = readonly or stack.upper is None
@@ -76,7 +75,6 @@ class Resolver:
         self.executor = executor
         self.invalidator = invalidator
         self.copyup = CopyUp(stack.work_fd, self.writer, executor)
-        self.faults = faults
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}

@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import os
 
+AT_FDCWD = -100  # a dirfd meaning "relative to the working directory" (not in the os module)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
@@ -37,3 +38,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fallocate: {os.strerror(err)}")
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME, MS_NOSYMFOLLOW = 1024, 2048, 1 << 21, 1 << 24, 256
+_mount = _libc.mount
+_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_mount.restype = ctypes.c_int
+
+
+def remount(target: bytes, flags: int) -> None:
+    """mount(2) with MS_REMOUNT: the per-mount and superblock flags of the mount at *target*."""
+    if _mount(None, target, None, MS_REMOUNT | flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"remount: {os.strerror(err)}", os.fsdecode(target))

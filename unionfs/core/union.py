@@ -31,10 +31,9 @@ class Union(Resolver):
     """
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
-                 faults: frozenset[str] = frozenset(), max_listed: int = DEFAULT_MAX_ENTRIES,
-                 executor: Executor = INLINE, invalidator: Invalidator = NO_KERNEL_CACHE,
-                 beside: Beside = NOTHING_BESIDE) -> None:
-        super().__init__(stack, dialect, readonly, faults, max_listed, executor, invalidator, beside)
+                 max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
+        super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside)
         self.names = Namespace(self)
         self.attrs = Attributes(self)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -15,14 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from unionfs.core import mountinfo
 from unionfs.core.config import MountConfig
 from unionfs.core.errors import QuietError
 
-from . import statedir
+from . import protocol, statedir
 from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
@@ -134,7 +134,8 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
             os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
             code = serve(cfg, w, debug, on_ready=on_ready)
         except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
-            _report(w, f"error: {e}")
+            if not ready:  # once ready, w is closed (and its number may be another file's)
+                protocol.report_error(w, e)
         finally:
             if log_ is not None:
                 log_.tidy() if ready else log_.discard()
@@ -142,30 +143,16 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     os.close(w)
     if log_ is not None:
         os.close(log_.fd)
-    chunks = []
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    msg = os.fsdecode(b"".join(chunks))
-    if msg == "ready":
+    try:
+        protocol.wait_ready(r)
+    except QuietError:
+        os.waitpid(pid, 0)
         if state is not None:
-            state.close()
-        return 0
-    os.waitpid(pid, 0)
+            state.discard()
+        raise
     if state is not None:
-        state.discard()
-    raise QuietError(msg.removeprefix("error: ") or "the daemon exited before the mount was ready")
-
-
-def _report(fd: int | None, msg: str) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, os.fsencode(msg))  # a path in it may hold any bytes
-        os.close(fd)
+        state.close()
+    return 0
 
 
 def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
@@ -176,6 +163,9 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    if log_file is not None and log_file.in_state_dir and not debug:
+        # The default log is for warnings and errors: with nothing of the kind it goes at exit.
+        handler.setLevel(logging.WARNING)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -185,30 +175,40 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           on_ready: Callable[[], None] | None = None) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
-    *on_ready* is called once the mount is ready (after "ready" went to *ready_fd*).
+    *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
+    then closed; see `protocol`).  Call `preload` first where the imports' time matters.
     """
     import trio
 
     from unionfs.core.branches import open_stack, raise_nofile_limit
 
-    from .fusebind import pyfuse3, shim
+    from .compat import pyfuse3
     from .operations import Operations
 
     os.umask(0)
     raise_nofile_limit()
-    faults = frozenset(f for f in os.environ.get("UNIONFS_FAULT", "").split(",") if f)
     with contextlib.ExitStack() as stack:
         not_ours = _open_fds()   # the log's, inherited ones
+        # A writable top is opened for writing even under -o ro (the kernel's mount is then
+        # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
+        # an upper on a read-only filesystem is served read-only.
+        writable = bool(cfg.branches) and cfg.branches[0][1]
+        read_only = [(p, False) for p, _ in cfg.branches]
         try:
-            layers = open_stack(cfg.branches if cfg.writable else [(p, False) for p, _ in cfg.branches],
-                                cfg.workdir, cfg.style == "aufs")
+            try:
+                layers = open_stack(cfg.branches if writable else read_only, cfg.workdir, cfg.style == "aufs")
+            except OSError as e:
+                if not (writable and cfg.readonly and e.errno == errno.EROFS):
+                    raise
+                writable = False
+                layers = open_stack(read_only, cfg.workdir, cfg.style == "aufs")
         except OSError as e:
             where = os.fsdecode(e.filename) if e.filename is not None else "?"
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
-        ops = Operations.over(layers, cfg.dialect, readonly=not cfg.writable, faults=faults,
-                              max_listed=cfg.max_cached_entries, timeout=cfg.timeout, debug=debug)
+        ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
+                              timeout=cfg.timeout, debug=debug)
         branches.callback(ops.union.close)
         ops.use_shim()
 
@@ -223,8 +223,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             stack.callback(state.close)
             undo.callback(state.discard)
             not_ours.add(state.fd)
-        if shim is not None:
-            _release_at_session_end(shim, layers, not_ours)
+        _release_at_session_end(layers, not_ours)
         with _stderr_captured() as said:
             try:
                 pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
@@ -236,22 +235,34 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         stack.callback(release_branches)   # before the session is closed
-        if shim is not None and not shim.sessions():
-            log.warning("the libfuse shim was bypassed: no fallocate, SEEK_DATA/SEEK_HOLE or cached "
-                        "listings, umask applied by the kernel")
         if state is not None:
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())
-        if faults:
-            log.warning("fault injection active: %s", ",".join(sorted(faults)))
         if ready_fd is not None:
-            _report(ready_fd, "ready")
+            protocol.report_ready(ready_fd)
             _detach_stdio()
         undo.pop_all()
         if on_ready is not None:
             on_ready()
         trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches)
     return 0
+
+
+def preload() -> None:
+    """Import all that `serve` needs (pyfuse3 behind the libfuse shim, trio, the union): about 100 ms,
+    which a starter that forks its server early (``unionfs run``) spends on another core.  Starts no
+    thread: a server that joins namespaces afterwards must be single-threaded.
+    """
+    # Cyclic-GC passes over the modules' objects, which live as long as the server, cost these
+    # imports ~10% and free nothing; so the GC is off while they load, and freezing them afterwards
+    # (gc.freeze: never scanned again) keeps the first collection from scanning them all at once.
+    gc.disable()
+    try:
+        from . import operations  # noqa: F401 - first: it loads the shim, which must precede pyfuse3
+        from .compat import pyfuse3  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _open_fds() -> set[int]:
@@ -264,12 +275,14 @@ def _open_fds() -> set[int]:
     return found
 
 
-def _release_at_session_end(shim: ModuleType, layers: LayerStack, not_ours: set[int]) -> None:
+def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
     """Have the shim let go of the branches the moment the kernel ends the session, so that whoever
     unmounted the union can unmount the filesystem under them next (see _fuse_shim.c): every fd on
     their filesystems but those in *not_ours* (the log's, the state directory's, inherited ones),
     and but the upper root's when an AUFS-style work dir is still to be removed through it (that
     one goes when serving ends)."""
+    from . import compat
+
     devs = {os.fstat(layer.fd).st_dev for layer in layers.layers}
     if layers.work_fd is not None:
         devs.add(os.fstat(layers.work_fd).st_dev)
@@ -277,7 +290,7 @@ def _release_at_session_end(shim: ModuleType, layers: LayerStack, not_ours: set[
     if layers.remove_work is not None:
         keep.add(layers.layers[0].fd)
     try:
-        shim.release_on_session_end(sorted(devs), sorted(keep))
+        compat.release_on_session_end(sorted(devs), sorted(keep))
     except ValueError as e:   # more filesystems than the shim keeps: released when serving ends
         log.debug("branches not released by the shim: %s", e)
 
