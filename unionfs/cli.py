@@ -144,6 +144,33 @@ def umount(mountpoint: str) -> None:
         raise click.ClickException(e.message) from None
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.argument("path", type=click.Path())
+def explain(as_json: bool, path: str) -> None:
+    """Say where PATH, on a mounted union, comes from: the branch that serves it, what each branch
+    below holds and what hides it (a whiteout, an opaque directory, a non-directory above), whether
+    it was copied up, and which branches a directory's listing merges.
+
+    \b
+    Example:
+        unionfs explain /mnt/union/etc/passwd
+    """
+    import json
+
+    from unionfs import explain as explaining
+
+    try:
+        report = explaining.explain_path(path)
+    except QuietError as e:
+        raise click.ClickException(one_line(e.message)) from None
+    if as_json:
+        click.echo(json.dumps(explaining.as_json(report), indent=2))
+    else:
+        for line in explaining.as_text(report):
+            click.echo(one_line(line))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error.
 

@@ -13,7 +13,8 @@ import stat
 from .attrs import Stat
 from .branches import ACL_ACCESS, ACL_DEFAULT
 from .interfaces import FREE_BIG
-from .nodes import Node
+from .nodes import ROOT_ID, Node
+from .provenance import BRANCH_XATTR, LAYOUT_XATTR, VIRTUAL_XATTRS, at_name, holders
 from .resolve import Handle, Resolver, err
 from .whiteout import escape_xattr, missing_xattr_errno, unescape_xattr
 
@@ -27,6 +28,8 @@ class Attributes:
     # ------------------------------------------------------------------ xattrs and statfs
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
+        if name in VIRTUAL_XATTRS:
+            return self._provenance(node, name)
         real = escape_xattr(name)
         try:
             names = self.res.xattr_names(node)
@@ -48,6 +51,7 @@ class Attributes:
         """Set xattr *name*; with *kill_sgid*, first clear the setgid bit (see `_kill_sgid`)."""
         res = self.res
         res.check_writable()
+        _refuse_virtual(name)
         real = escape_xattr(name)
         await res.ensure_upper(node)
         if kill_sgid:
@@ -59,6 +63,7 @@ class Attributes:
     async def removexattr(self, node: Node, name: bytes, kill_sgid: bool = False) -> None:
         res = self.res
         res.check_writable()
+        _refuse_virtual(name)
         real = escape_xattr(name)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
         await res.ensure_upper(node)
@@ -67,6 +72,23 @@ class Attributes:
         node.xattrs = None
         res.touch(node)
         res.xattr_target(node, lambda p: os.removexattr(p, real))
+
+    def _provenance(self, node: Node, name: bytes) -> bytes:
+        """The read-only xattr *name* of `provenance.VIRTUAL_XATTRS`: where *node* comes from."""
+        layers = self.res.stack.layers
+        if name == LAYOUT_XATTR:
+            if node.id != ROOT_ID:
+                raise err(errno.ENODATA)
+            return b"\0".join(b"%s:%s" % (b"rw" if layer.writable and not self.res.readonly else b"ro",
+                                           os.fsencode(layer.path)) for layer in layers)
+        if name == BRANCH_XATTR:
+            return os.fsencode(layers[node.layer].path)
+        if node.id == ROOT_ID or not node.links:
+            found = [node.layer] if not node.is_dir else [bd.layer for bd in node.dirs]
+        else:
+            parent, child = node.name_in()
+            found = list(holders(at_name(list(self.res.table.branch_fds(parent)), child)))
+        return b"\n".join(os.fsencode(layers[i].path) for i in found)
 
     async def _kill_sgid(self, node: Node) -> None:
         """Clear *node*'s setgid bit: overlayfs does so before a change of the access ACL by a
@@ -149,6 +171,13 @@ class Attributes:
             if own is not None:
                 os.close(own)
         res.touch(node)
+
+
+def _refuse_virtual(name: bytes) -> None:
+    """The union's own read-only xattrs cannot be set or removed: EPERM, as the kernel answers for
+    an xattr the caller may not change (``trusted.*`` without the capability)."""
+    if name in VIRTUAL_XATTRS:
+        raise err(errno.EPERM)
 
 
 def _fill_times(times: tuple[int | None, int | None], st: os.stat_result | None) -> tuple[int, int]:

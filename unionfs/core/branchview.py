@@ -19,6 +19,7 @@ import stat
 from collections.abc import Sequence
 
 from unionfs.core.branches import DirFd, open_root
+from unionfs.core.provenance import Explanation, explain
 from unionfs.core.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class BranchView:
             for fd in opened:
                 os.close(fd)
         return found
+
+    def explain(self, names: Sequence[bytes]) -> Explanation:
+        """Where the path made of *names* comes from, branch by branch (see `provenance.explain`)."""
+        return explain(self._roots, names)
 
     def lstat(self, path: str) -> os.stat_result | None:
         """The stat of *path* itself, None when it is missing or a parent is not a directory."""

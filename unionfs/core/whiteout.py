@@ -110,6 +110,12 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 
 def dir_is_opaque(fd: int) -> bool:
     """Whether the branch directory open as *fd* is opaque in any dialect."""
+    return opaque_marker(fd) is not None
+
+
+def opaque_marker(fd: int) -> str | None:
+    """What makes the branch directory open as *fd* opaque: the xattr's name, or ``.wh..wh..opq``
+    (AUFS); None when it is not opaque."""
     try:
         names = os.listxattr(fd)
     except OSError:
@@ -118,10 +124,10 @@ def dir_is_opaque(fd: int) -> bool:
         if attr in names:
             try:
                 if os.getxattr(fd, attr) == b"y":
-                    return True
+                    return attr
             except OSError:
                 pass
-    return DirFd(fd).exists(WH_OPQ)
+    return os.fsdecode(WH_OPQ) if DirFd(fd).exists(WH_OPQ) else None
 
 
 def whiteouts_at(dirfd: DirFd, name: bytes) -> tuple[bool, bool]:
