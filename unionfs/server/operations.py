@@ -425,7 +425,24 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.union.write(fh, off, buf)
+        written = await self.union.write(fh, off, buf)
+        h = self.union.handles[fh]
+        if h.flags & os.O_DIRECT:
+            await self._drop_cached_data(h.node.id)
+        return written
+
+    async def _drop_cached_data(self, node_id: int) -> None:
+        """Drop the kernel's cached pages of a file after a direct write, before answering it.
+
+        The kernel drops them itself around a synchronous direct write, but not when an
+        asynchronous one completes: a buffered read that raced with the write may have cached
+        what was there before, for every later reader (files keep their cache across opens).  On a
+        worker thread: the kernel waits for pages a read has locked, and that read may need this
+        loop to be answered."""
+        try:
+            await self.offload.run(pyfuse3.invalidate_inode, node_id, False)
+        except OSError:
+            log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
 
     def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
