@@ -53,6 +53,10 @@ STATELESS_DIR = 1 << 63
 REPLIES_KEPT = 4096
 #: Listing snapshots kept per directory for readers without a handle (see Operations._snapshot).
 SNAPSHOTS_KEPT = 4
+#: The largest snapshot generation (the high half of a stateless directory offset).
+MAX_GEN = (1 << 31) - 1
+#: The index half of a stateless directory offset.
+INDEX_MASK = 0xFFFF_FFFF
 
 
 def _errno_for(e: Exception, name: str, args: tuple[Any, ...], debug: bool) -> int:
@@ -105,12 +109,30 @@ class KernelCache:
 class Snapshots:
     """Listing snapshots for readers without a directory handle (see `Operations._snapshot`): by
     directory node id, generation -> names.  The union's listings count them against their ceiling
-    and drop them with the listing or the node (`unionfs.core.listings.Beside`)."""
+    and drop them with the listing or the node (`unionfs.core.listings.Beside`).
 
-    __slots__ = ("by_node",)
+    Generations are numbered for all directories together (*last*), so a generation above *last*
+    was never handed out, and one at most *last* that a directory does not keep was dropped (or
+    is another directory's).  *wrapped*: the numbering started again (see `next_gen`), so a
+    generation above *last* may be one from before.
+    """
+
+    __slots__ = ("by_node", "last", "wrapped")
 
     def __init__(self) -> None:
         self.by_node: dict[int, dict[int, list[bytes]]] = {}
+        self.last = 0
+        self.wrapped = False
+
+    def next_gen(self) -> int:
+        """A new generation; past MAX_GEN every snapshot is dropped and the numbering starts again
+        (the offset's high half must stay positive)."""
+        if self.last >= MAX_GEN:
+            self.by_node.clear()
+            self.last = 0
+            self.wrapped = True
+        self.last += 1
+        return self.last
 
     def entries(self, node: Listed) -> int:
         snaps = self.by_node.get(node.id)
@@ -310,28 +332,39 @@ class Operations(pyfuse3.Operations):
         """Listing, start index and offset tag for a READDIRPLUS without an open directory handle.
 
         Reading from offset 0 takes a new snapshot of the listing; each entry's offset names the
-        snapshot (high 32 bits) and the position in it, so a reader that goes on later continues in
+        snapshot (high half) and the position in it, so a reader that goes on later continues in
         what it started with, however the directory changed meanwhile.  The last few snapshots of
         a directory are kept (there is no releasedir to say a reader is done).
+
+        Any other offset goes on at the next entry, as on ext4 and overlayfs: entry *i* of
+        snapshot *g* stands at ``g << 32 | i`` (the first at 0), so an offset below every
+        snapshot's starts the newest at its second entry, one inside a snapshot at its index, and
+        one above the newest snapshot of the directory, never handed out for it, is past the end.
+        A reader whose snapshot was dropped goes on at the same position in a new one.
         """
-        by_node = self.snapshots.by_node
-        snaps = by_node.get(node.id)
-        if offset and snaps is not None:
-            entries = snaps.get(offset >> 32)
+        snapshots = self.snapshots
+        snaps = snapshots.by_node.get(node.id)
+        gen, index = offset >> 32, max(offset & INDEX_MASK, 1)
+        if offset and snaps:
+            entries = snaps.get(gen)
             if entries is not None:
-                return entries, offset & 0xFFFF_FFFF, offset & ~0xFFFF_FFFF
+                return entries, index, gen << 32
+            newest = max(snaps)
+            if gen == 0:                    # below every offset but 0: the next entry is the 2nd
+                return snaps[newest], 1, newest << 32
+            if gen > newest:                # above the directory's last offset: nothing more
+                return [], 0, 0
+        elif offset and gen > snapshots.last and not snapshots.wrapped:
+            return [], 0, 0                 # never handed out: past the end
         if snaps is None:
-            snaps = by_node[node.id] = {}
-        gen = max(snaps, default=0) + 1
-        if gen >= 1 << 30:      # the offset's high half must stay positive: start again
-            snaps.clear()
-            gen = 1
+            snaps = snapshots.by_node[node.id] = {}
         elif len(snaps) >= SNAPSHOTS_KEPT:
             del snaps[min(snaps)]
+        gen = snapshots.next_gen()
         entries = snaps[gen] = self._entries(node)
         self.union.table.listings.use(node, grown=True)     # snapshots count against the ceiling
         # a reader whose snapshot was dropped goes on at the same position in the new one
-        return entries, offset & 0xFFFF_FFFF, gen << 32
+        return entries, index if offset else 0, gen << 32
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -392,7 +425,24 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.union.write(fh, off, buf)
+        written = await self.union.write(fh, off, buf)
+        h = self.union.handles[fh]
+        if h.flags & os.O_DIRECT:
+            await self._drop_cached_data(h.node.id)
+        return written
+
+    async def _drop_cached_data(self, node_id: int) -> None:
+        """Drop the kernel's cached pages of a file after a direct write, before answering it.
+
+        The kernel drops them itself around a synchronous direct write, but not when an
+        asynchronous one completes: a buffered read that raced with the write may have cached
+        what was there before, for every later reader (files keep their cache across opens).  On a
+        worker thread: the kernel waits for pages a read has locked, and that read may need this
+        loop to be answered."""
+        try:
+            await self.offload.run(pyfuse3.invalidate_inode, node_id, False)
+        except OSError:
+            log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
 
     def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
