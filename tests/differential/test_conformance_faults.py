@@ -1,6 +1,6 @@
 """The conformance harness's planted bugs (unionfs.conformance.faults): planted only in the daemon it
 starts for them, refused by name when unknown.  That the oracle finds a planted bug is
-tests/test_conformance_mount.py's."""
+tests/differential/test_conformance_mount.py's."""
 from __future__ import annotations
 
 import subprocess

@@ -34,7 +34,7 @@ def _bad_cases(a: Path) -> dict[str, list[str | bytes]]:
     x = os.fsencode(str(a))    # non-UTF-8 names below: bytes arguments
     ok = f"lowerdir={A},upperdir={U},workdir={W}"
     return {
-        # unionfs mount (cases beyond tests/test_cli.py)
+        # unionfs mount (cases beyond tests/fuse/test_cli.py)
         "mount-empty-branch": [UNIONFS, "mount", f"{A}::{B}", M],
         "mount-two-writable": [UNIONFS, "mount", f"{A}=rw:{B}=rw", M],
         "mount-mountpoint-symlink-to-file": [UNIONFS, "mount", f"{A}:{B}", str(a / "linkfile")],
