@@ -73,6 +73,14 @@ class MountConfig:
         return bool(self.branches) and self.branches[0][1] and not self.readonly
 
 
+def flag_notes(cfg: MountConfig) -> list[str]:
+    """What the user asked for that this mount cannot give, one line each (said by the CLI)."""
+    wanted = [f for f in cfg.flags if f in ("suid", "dev")]
+    if os.geteuid() != 0 and wanted:
+        return [f"-o {','.join(wanted)} ignored: fusermount3 mounts nosuid,nodev for users other than root"]
+    return []
+
+
 def split_escaped(text: str, sep: str, keep_escapes: bool = False) -> list[str]:
     """Split on *sep*, where a backslash escapes the next character (as overlayfs' options do).
 

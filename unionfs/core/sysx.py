@@ -51,3 +51,22 @@ def remount(target: bytes, flags: int) -> None:
     if _mount(None, target, None, MS_REMOUNT | flags, None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"remount: {os.strerror(err)}", os.fsdecode(target))
+
+
+def mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:
+    """mount(2) of a new filesystem (a FUSE mount over an open /dev/fuse fd, as libfuse does it)."""
+    if _mount(source, target, fstype, flags, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount: {os.strerror(err)}", os.fsdecode(target))
+
+
+MNT_DETACH = 2
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+
+
+def umount2(target: bytes, flags: int) -> None:
+    if _umount2(target, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount: {os.strerror(err)}", os.fsdecode(target))
