@@ -7,6 +7,7 @@
   overlayfs") only when the machine truly lacks them; when the environment variable ``CI`` is set, any
   such skip fails the session.
 - At the end of the session no mount may remain below pytest's temporary directory.
+- ``UNIONFS_SERVER`` is ``off`` unless set: mounts take the normal path, not a resident server.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import util  # noqa: E402
+
+# The suite finds a mount's daemon by its command line, which a resident server's worker does not
+# carry: mounts take the normal path unless a test (tests/test_resident.py) or the caller asks.
+os.environ.setdefault("UNIONFS_SERVER", "off")
 
 NEEDS_FUSE = "needs FUSE"
 NEEDS_OVERLAY = "needs overlayfs"
