@@ -17,9 +17,9 @@ returns once a server listens.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -103,10 +103,10 @@ class Server:
             return True
         data, fds = request
         try:
-            cfg = config_from(json.loads(data))
+            cfg = config_from(ast.literal_eval(data.decode()))
             if len(fds) != 1 + len(cfg.branches) + (cfg.workdir is not None):
                 raise ValueError(f"{len(fds)} fds")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
             log.warning("pid %d: bad request: %s", pid, e)
             _send(conn, "refused: bad request")
             _close(fds)
