@@ -300,3 +300,18 @@ def test_another_user_cannot_use_my_server(users: tuple[UnprivUser, UnprivUser],
         os.chmod(state, mode)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "b''", "the server answered another user"
+
+
+@pytest.mark.parametrize("xdg", [None, "/nonexistent", "relative", "{tmp}"])
+def test_client_finds_the_state_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          xdg: str | None) -> None:
+    """The client's copy of the state directory rule agrees with statedir's, for root and others."""
+    from unionfs.server import fastmount, statedir
+
+    if xdg is None:
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    else:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", xdg.format(tmp=tmp_path))
+    for euid in (0, 1000):
+        monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
+        assert fastmount.socket_path() == os.path.join(statedir.state_dir(), fastmount.SOCKET_NAME)

@@ -25,13 +25,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .config import DEFAULT_MAX_ENTRIES as DEFAULT_MAX_ENTRIES  # (the default of -o max_cached_entries)
+
 if TYPE_CHECKING:
     from .nodes import Node
 
 log = logging.getLogger(__name__)
-
-#: Default ceiling on the entries of all kept listings and snapshots (about 200 bytes each).
-DEFAULT_MAX_ENTRIES = 1_000_000
 
 
 def _size(node: Node) -> int:

@@ -322,34 +322,34 @@ def unmount(mountpoint: str) -> None:
 
 # The server's socket
 
+def socket_path() -> str:
+    """The server's socket, in the state directory of `unionfs.server.statedir.state_dir` (whose
+    rule this repeats: that module's imports, logging and dataclasses, are half this path's cost).
+
+    The client trusts the socket only after the kernel says who listens on it (`_connect_to`): a
+    directory someone else made first can hand it nothing but a refusal."""
+    if os.geteuid() == 0:
+        return f"/run/unionfs/{SOCKET_NAME}"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base) and os.path.isdir(base):
+        return os.path.join(base, "unionfs", SOCKET_NAME)
+    return f"/tmp/unionfs-{os.getuid()}/{SOCKET_NAME}"
+
+
 def connect(start: bool) -> socket.socket | None:
     """A connection to this user's resident server (with *start*, started first when there is
     none); None when there is none to be had."""
-    from .statedir import StateDir
-
-    try:
-        state = StateDir.open(create=False)
-    except QuietError as e:
-        _say(str(e))
-        return None
-    if state is not None:
-        try:
-            sock = _connect_in(state.fd)
-        finally:
-            state.close()
-        if sock is not None:
-            return sock
-    if not start:
-        return None
+    sock = _connect_to(socket_path())
+    if sock is not None or not start:
+        return sock
     return _start_and_connect()
 
 
-def _connect_in(dir_fd: int) -> socket.socket | None:
-    """Connect to the socket in the checked state directory open as *dir_fd*, and check that the
-    server is of our user (or root)."""
+def _connect_to(path: str) -> socket.socket | None:
+    """Connect to the server at *path* and check that it runs as our user (or root)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}")
+        sock.connect(path)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         uid = int.from_bytes(creds[4:8], sys.byteorder)
         if uid not in (os.geteuid(), 0):

@@ -29,9 +29,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from unionfs.core.config import MountConfig
+from unionfs.core.config import Dialect, MountConfig
 from unionfs.core.errors import QuietError
-from unionfs.core.whiteout import Dialect
 
 from .fastmount import MAX_FDS, SOCKET_NAME, build_id, connect
 from .statedir import StateDir
