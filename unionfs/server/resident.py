@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "server.lock"
 LOG_NAME = "server.log"
 DEFAULT_IDLE = 600.0
+CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mount is in between)
 
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
@@ -78,6 +79,7 @@ class Server:
                 log.info("idle for %.0f s: exiting", self.idle)
                 return
             with conn:
+                conn.settimeout(CLIENT_TIMEOUT)
                 if not self.take(conn):
                     return
 
@@ -110,7 +112,13 @@ class Server:
             _send(conn, "refused: bad request")
             _close(fds)
             return True
-        worker = os.fork()
+        try:
+            worker = os.fork()
+        except OSError as e:
+            log.warning("cannot fork a worker: %s", e.strerror)
+            _send(conn, "refused: no worker")
+            _close(fds)
+            return True
         if worker == 0:
             self._worker(conn, cfg, fds)   # never returns
         self.workers.add(worker)
@@ -120,12 +128,16 @@ class Server:
         return True
 
     def reap(self) -> None:
-        for worker in list(self.workers):
-            with contextlib.suppress(ChildProcessError):
-                done, status = os.waitpid(worker, os.WNOHANG)
-                if done:
-                    self.workers.discard(worker)
-                    log.debug("worker %d exited with %d", worker, os.waitstatus_to_exitcode(status))
+        """Collect every worker that has exited (the server has no other children)."""
+        while True:
+            try:
+                done, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not done:
+                return
+            self.workers.discard(done)
+            log.debug("worker %d exited with %d", done, os.waitstatus_to_exitcode(status))
 
     def _worker(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> None:
         """The forked worker: serve *cfg* on the FUSE fd ``fds[0]`` as a background daemon would."""
@@ -171,6 +183,7 @@ def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
         given.clear()
         return stack
 
+    conn.settimeout(None)   # blocking again: the reply is written to a plain fd
     reply = os.dup(conn.fileno())
     conn.close()
     return serve_handed_over(cfg, reply, opener, fuse_fd)
