@@ -10,11 +10,18 @@ import logging
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from launcher.union import BACKENDS, DEFAULT_BACKEND, LaunchError
 from unionfs.cli import one_line
+from unionfs.core.errors import QuietError
+
+if TYPE_CHECKING:
+    from unionfs.images.store import Store
+
+EXIT_LAUNCH_FAILED = 125
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +59,23 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Give COMMAND a terminal of the container's own (/dev/pts/0), relayed to ours; "
                    "the default when stdin is a terminal.")
 @click.option("--rm", is_flag=True,
-              help="Accepted for docker's habit: the container layer is the given branch and is kept; use "
-                   "--tmp-upper for a throwaway one.")
-@click.option("--name", help="Accepted for docker's habit (there is no container registry to name it in).")
+              help="IMAGE: remove the container when it exits.  BRANCHES: accepted for docker's habit (the "
+                   "container layer is the given branch and is kept; --tmp-upper gives a throwaway one).")
+@click.option("--name", help="IMAGE: the container's name (default: a generated adjective_noun).  "
+                             "BRANCHES: accepted for docker's habit.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="IMAGE: the image store (default /var/lib/unionfs; rootless: $XDG_DATA_HOME/unionfs).")
+@click.option("--entrypoint", metavar="CMD|JSON",
+              help="IMAGE: replace the image's Entrypoint (a program, or a JSON array as podman takes it; "
+                   "\"\" clears it); the image's Cmd is then dropped.")
+@click.option("--env-file", "env_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Read KEY=VALUE lines (# comments) into the environment, before -e. Repeatable.")
 @click.option("--hostname", callback=_hostname, help="Host name inside the container (default: a random id).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
               help="Set an environment variable; KEY alone passes the launcher's value. Repeatable.")
-@click.option("-w", "--workdir", default="/", show_default=True,
-              help="Working directory inside the container; made (in the init layer) when missing.")
+@click.option("-w", "--workdir", default=None,
+              help="Working directory inside the container (default: the image's WorkingDir, or /); made "
+                   "(in the init layer) when missing.")
 @click.option("--net", type=click.Choice(["none", "host"]), default="host", show_default=True,
               help="none: a new network namespace with only loopback up; host: share the host's network.")
 @click.option("--tmp-upper", is_flag=True,
@@ -95,14 +111,14 @@ def _hostname(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Start the container with this OCI runtime, from a bundle whose root is the union, "
                    "instead of unionfs run's own set-up (rootless: runc as root of our user namespace).")
 @click.option("--verbose", is_flag=True, help="Log each setup step to stderr.")
-@click.argument("branches")
-@click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
+@click.argument("branches", metavar="BRANCHES|IMAGE")
+@click.argument("command", nargs=-1, metavar="[--] COMMAND [ARGS]...")
 def run_command(
     branches: str,
     command: tuple[str, ...],
     hostname: str | None,
     env: tuple[str, ...],
-    workdir: str,
+    workdir: str | None,
     net: str,
     tmp_upper: bool,
     rootless: bool | None,
@@ -128,19 +144,26 @@ def run_command(
     pids_limit: int | None,
     cpus: float | None,
     runtime: str | None,
+    store_dir: str | None,
+    entrypoint: str | None,
+    env_files: tuple[str, ...],
 ) -> None:
-    """Run COMMAND with the union of BRANCHES as its root filesystem.
+    """Run COMMAND with the union of BRANCHES, or a new container of IMAGE, as its root filesystem.
 
     BRANCHES are top first, as for `unionfs mount`: the first is the
     container's writable layer, the rest are image layers that are never
-    changed.  COMMAND runs as PID 1 of new PID, mount, UTS and IPC namespaces
-    (and a user namespace when rootless), sees only the union plus /proc and a
-    minimal /dev, and its exit status is ours (128+N when killed by signal N).
-    Every mount is gone when it ends.
+    changed.  IMAGE is an image of the store (`unionfs images`), taken when
+    no file or directory by that name exists: a new container (`unionfs ps -a`)
+    gets a layer of its own over the image's, and the image's Entrypoint, Cmd,
+    Env, WorkingDir and User apply unless overridden.  COMMAND runs as PID 1 of
+    new PID, mount, UTS and IPC namespaces (and a user namespace when rootless),
+    sees only the union plus /proc and a minimal /dev, and its exit status is
+    ours (128+N when killed by signal N).  Every mount is gone when it ends.
 
     Example:
 
         unionfs run --hostname box -v ./data:/data -u nobody ./upper:./busybox -- /bin/sh
+        unionfs run --rm -e GREETING=hi busybox sh -c 'echo $GREETING'
     """
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="unionfs run: %(name)s: %(message)s")
@@ -151,7 +174,8 @@ def run_command(
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
         command = command[1:]
-    if not command:
+    image = _image_store(branches, store_dir)
+    if image is None and not command:
         raise click.UsageError("no COMMAND after BRANCHES --")
 
     try:
@@ -162,14 +186,27 @@ def run_command(
         limits = cgroups.make_limits(memory, memory_swap, pids_limit, cpus)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir, net=net,
-                    tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
+    try:
+        env = (*_env_files(env_files), *env)
+    except QuietError as exc:
+        raise click.UsageError(exc.message) from None
+    cfg = RunConfig(branches=branches, command=command, hostname=hostname, env=env, workdir=workdir or "/",
+                    net=net, tmp_upper=tmp_upper, rootless=rootless, keep_mounted=keep_mounted, init=init,
                     backend=backend, volumes=volumes, tmpfs=tmpfs, user=user, read_only=read_only,
                     stop_timeout=stop_timeout, policy=policy, tty=tty, limits=limits,
                     runtime=runtime)
-    log.debug("accepted for docker's habit: interactive=%s rm=%s name=%s", interactive, rm, name)
+    log.debug("interactive=%s rm=%s name=%s", interactive, rm, name)
     try:
-        code = run(cfg)
+        if image is not None:
+            from launcher.images import run_image
+
+            code = run_image(cfg, image[0], image[1], command, name=name, auto_remove=rm,
+                             entrypoint=entrypoint, workdir=workdir, user=user)
+        else:
+            code = run(cfg)
+    except QuietError as exc:
+        click.echo(f"unionfs run: {one_line(exc.message)}", err=True)
+        sys.exit(EXIT_LAUNCH_FAILED)
     except LaunchError as exc:
         click.echo(f"unionfs run: {one_line(str(exc))}", err=True)
         sys.exit(exc.exitcode)
@@ -177,6 +214,34 @@ def run_command(
         click.echo(f"unionfs run: {one_line(describe(exc))}", err=True)
         sys.exit(125)
     sys.exit(code)
+
+
+def _env_files(paths: tuple[str, ...]) -> list[str]:
+    if not paths:
+        return []
+    from unionfs.images.containers import read_env_file
+
+    return [item for path in paths for item in read_env_file(path)]
+
+
+def _image_store(arg: str, store_dir: str | None) -> tuple[Store, str] | None:
+    """(store, image) when *arg* names an image of the store and no file or directory: the rule that
+    tells ``unionfs run IMAGE`` from ``unionfs run BRANCHES``; None for BRANCHES."""
+    from unionfs.core.config import split_escaped
+
+    parts = [p for p in split_escaped(arg, ":") if p]
+    if any(os.path.lexists(p) or os.path.lexists(p.rpartition("=")[0]) for p in [arg, *parts]):
+        return None
+    from unionfs.images.store import Store
+
+    store = Store(store_dir)
+    try:
+        store.resolve(arg)
+    except QuietError:
+        click.echo(f"unionfs run: {one_line(arg)}: no such image in {store.root}, and no directory of that "
+                   "name", err=True)
+        sys.exit(EXIT_LAUNCH_FAILED)
+    return store, arg
 
 
 @click.command(

@@ -174,6 +174,21 @@ def enter_launcher_namespaces(rootless: bool) -> None:
     make_mounts_private()
 
 
+def enter_subordinate_namespace() -> bool:
+    """Rootless with /etc/subuid and /etc/subgid ranges and newuidmap: become root of a user (and
+    mount) namespace that maps them, as rootless podman does for its store; whether it did.  For root,
+    or a user without ranges, nothing happens."""
+    import shutil
+
+    uid = os.getuid()
+    if uid == 0 or not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+        return False
+    if subordinate_range("/etc/subuid", uid) is None or subordinate_range("/etc/subgid", uid) is None:
+        return False
+    enter_launcher_namespaces(rootless=True)
+    return True
+
+
 def bring_loopback_up() -> None:
     """Set IFF_UP on ``lo`` in the current network namespace (SIOCGIFFLAGS/SIOCSIFFLAGS)."""
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1

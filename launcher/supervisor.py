@@ -91,6 +91,7 @@ class RunConfig(NamedTuple):
     tty: bool = False  # a pty of the container's own, relayed to ours (also when our stdin is a terminal)
     limits: cgroups.Limits = cgroups.Limits()  # --memory, --pids-limit, --cpus: a cgroup of the run's own
     runtime: str | None = None  # an OCI runtime (runc, crun, a path) to start the container instead of ours
+    image_env: Sequence[str] = ()  # the image's Env (KEY=VALUE): over the defaults, under -e
 
 
 def describe(exc: OSError) -> str:
@@ -102,12 +103,17 @@ def describe(exc: OSError) -> str:
 
 
 def container_env(cfg: RunConfig, hostname: str) -> dict[str, str]:
-    """A clean environment, as Docker gives: PATH, HOSTNAME, HOME, TERM for a terminal, then -e."""
+    """A clean environment, as Docker gives: PATH, HOSTNAME, HOME, TERM for a terminal, then the
+    image's Env, then -e."""
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
     if os.isatty(0) and "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]
     elif cfg.tty:
         env["TERM"] = "xterm"  # as docker run -t sets it
+    for item in cfg.image_env:
+        key, sep, value = item.partition("=")
+        if key and sep:
+            env[key] = value
     for item in cfg.env:
         key, sep, value = item.partition("=")
         if not key:
@@ -607,7 +613,7 @@ def _run(
             init_files, tmpfs = _write_init_layer(cfg, view, init_path, hostname, workdir, volumes, tmpfs)
             user = users.resolve(cfg.user, view.read_file("/etc/passwd"), view.read_file("/etc/group")) \
                 if cfg.user is not None else None
-        if user is not None and not any(e.partition("=")[0] == "HOME" for e in cfg.env):
+        if user is not None and not any(e.partition("=")[0] == "HOME" for e in (*cfg.image_env, *cfg.env)):
             env["HOME"] = user.home
         if cfg.tmp_upper:
             upper = os.path.join(base, "upper")

@@ -1,4 +1,4 @@
-"""unionfs side by side with a native directory, kernel overlayfs and fuse-overlayfs (issue 6).
+"""unionfs side by side with a native directory, kernel overlayfs and fuse-overlayfs.
 
 Usage (as root):
     .venv/bin/python perf/bench.py [--quick] [--only W1,W3] [--impls ...] [--reps 3] [--out perf/results]

@@ -1,4 +1,4 @@
-"""Launch latency of ``unionfs run`` beside ``unshare --root`` and bubblewrap (issue 5, item 7).
+"""Launch latency of ``unionfs run`` beside ``unshare --root`` and bubblewrap.
 
 Measures, on one busybox root filesystem, the time from starting the launcher to the exec of
 ``/bin/true`` inside the container ("to exec"), and to the launcher's exit once everything is

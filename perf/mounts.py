@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,16 +17,22 @@ from pathlib import Path
 
 from spec import BASE_DIR
 
+from unionfs.conformance import harness
 from unionfs.core import mountinfo
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 IMPLEMENTATIONS = ("native", "kernel", "fuse-overlayfs", "unionfs")
-MOUNT_TIMEOUT = 30.0
+MOUNT_TIMEOUT = harness.MOUNT_TIMEOUT
 UNMOUNT_TIMEOUT = 30.0
 
 
 class MountError(Exception):
     """The implementation could not be mounted; the message is one line for the report."""
+
+
+def _one_line(e: Exception) -> MountError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["(no message)"]
+    return MountError(f"{lines[0]} {lines[-1]}" if len(lines) > 1 else lines[0])
 
 
 @dataclass
@@ -79,11 +83,7 @@ def stop_stuck_server(view: Mounted) -> None:
 
 def abort_fuse_connection(point: Path) -> None:
     """Abort the FUSE connection behind `point` (only ever one of our own mounts), unblocking any waiter."""
-    found = mountinfo.mount_at(os.fsencode(point))
-    if found is not None:
-        abort = Path(f"/sys/fs/fuse/connections/{found.dev.split(':')[1]}/abort")
-        if abort.exists():
-            abort.write_text("1")
+    harness.abort_fuse(point)
 
 
 def fresh_run_dir(impl: str, upper_template: Path | None) -> tuple[Path, Path, Path]:
@@ -105,8 +105,7 @@ def fresh_run_dir(impl: str, upper_template: Path | None) -> tuple[Path, Path, P
 
 
 def overlay_options(lowers: list[Path], upper: Path, work: Path) -> str:
-    lowerdir = ":".join(str(p) for p in lowers)
-    return f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+    return ",".join(harness.overlay_options(lowers, upper, work))
 
 
 @contextmanager
@@ -130,7 +129,10 @@ def mount(
     ready = False
     try:
         process = starter(options, mnt)
-        _wait_mounted(mnt, process)
+        try:
+            harness.wait_mounted(mnt, process)
+        except harness.MountError as e:
+            raise _one_line(e) from None
         ready = True
         yield Mounted(impl, mnt, upper, _daemon_pid(impl, process, mnt))
     finally:
@@ -144,7 +146,10 @@ def _mount_kernel(options: str, mnt: Path) -> None:
 def _mount_fuse_overlayfs(options: str, mnt: Path) -> subprocess.Popen[bytes]:
     # Foreground (-f) as our own child: we know its pid, and we wait for it after unmounting.
     return subprocess.Popen(
-        ["fuse-overlayfs", "-f", "-o", options, str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ["fuse-overlayfs", "-f", "-o", options, str(mnt)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -153,43 +158,10 @@ def _mount_unionfs(options: str, mnt: Path) -> None:
 
 
 def _run_mount_command(command: list[str]) -> None:
-    # stderr goes to a file, not a pipe: a daemon forked by the command inherits it, and reading a pipe to
-    # EOF would wait for the daemon to exit rather than for the command.
-    with tempfile.TemporaryFile() as stderr:
-        try:
-            code = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                timeout=MOUNT_TIMEOUT,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            raise MountError(
-                f"{Path(command[0]).name} {command[1]} did not return within {MOUNT_TIMEOUT:.0f} s"
-            ) from None
-        except OSError as exc:
-            raise MountError(f"{Path(command[0]).name}: {exc}") from exc
-        stderr.seek(0)
-        if code != 0:
-            raise MountError(_error_line(command, code, stderr.read()))
-
-
-def _error_line(command: list[str], code: int, stderr: bytes) -> str:
-    lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    detail = lines[-1].strip() if lines else "(no message)"
-    return f"{Path(command[0]).name} {command[1]} exited {code}: {detail}"
-
-
-def _wait_mounted(mnt: Path, process: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not is_mounted(mnt):
-        if process is not None and process.poll() is not None:
-            stderr = process.stderr.read() if process.stderr else b""
-            raise MountError(_error_line([str(process.args[0]), "-f"], process.returncode, stderr))  # type: ignore[index]
-        if time.monotonic() > deadline:
-            raise MountError(f"{mnt} did not appear in /proc/self/mountinfo within {MOUNT_TIMEOUT:.0f} s")
-        time.sleep(0.005)
+    try:
+        harness.run_helper(command, timeout=MOUNT_TIMEOUT)
+    except harness.MountError as e:
+        raise _one_line(e) from None
 
 
 def _daemon_pid(impl: str, process: subprocess.Popen[bytes] | None, mnt: Path) -> int | None:
@@ -248,5 +220,3 @@ def _unmount(impl: str, mnt: Path, process: subprocess.Popen[bytes] | None, stuc
         except subprocess.TimeoutExpired:
             process.kill()  # our own child only
             process.wait()
-        if process.stderr:
-            process.stderr.close()

@@ -208,7 +208,7 @@ def error_lines(summary: Summary) -> list[str]:
 
 
 def target_lines(summary: Summary) -> list[str]:
-    return ["", "Targets (issue 6):"] + [
+    return ["", "Targets:"] + [
         f"  {VERDICTS[ok]}  {name}: {detail}" for name, ok, detail in summary.targets
     ]
 

@@ -1,6 +1,6 @@
 """``unionfs run`` where container users spend time, beside bubblewrap and podman, on one Debian root.
 
-Two workloads on a Debian bookworm minbase root filesystem (the one ``tests/test_run_debian.py``
+Two workloads on a Debian bookworm minbase root filesystem (the one ``tests/launcher/test_run_debian.py``
 builds with mmdebstrap and caches under /var/tmp/unionfs-test-cache; built here when missing):
 
   launch   the time from starting the launcher to its exit, running ``/bin/true`` with a fresh,
@@ -99,10 +99,10 @@ class Sample:
 # -- the root filesystem --------------------------------------------------------------------------------
 
 def debian_rootfs() -> Path:
-    """Debian bookworm minbase, as tests/test_run_debian.py builds and caches it."""
+    """Debian bookworm minbase, as tests/launcher/test_run_debian.py builds and caches it."""
     if ROOTFS.is_dir():
         return ROOTFS
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "launcher")]
     import test_run_debian
 
     return Path(test_run_debian.debian_rootfs())

@@ -26,7 +26,7 @@ TOP_EXTRA_BYTES = 123
 
 @dataclass(frozen=True)
 class Sizes:
-    """The sizes of one benchmark mode; the defaults are the issue's full sizes."""
+    """The sizes of one benchmark mode; the defaults are the full sizes."""
 
     name: str = "full"
     tree_files: int = 20_000

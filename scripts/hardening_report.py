@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Run the long hardening tests (issue 7) and print the figures for the README's "Reliability and
+"""Run the long hardening tests and print the figures for the README's "Reliability and
 security" section.
 
     .venv/bin/python scripts/hardening_report.py            # the long (slow) versions
     .venv/bin/python scripts/hardening_report.py --quick    # the bounded default-suite versions
 
-Each test in tests/test_hardening.py prints one ``FIGURE name key=value ...`` line; this script runs
+Each test in tests/hardening/ prints one ``FIGURE name key=value ...`` line; this script runs
 pytest with output capture off, collects those lines and the pass/xfail outcome of every test, and
 prints them as a table. Exit status: pytest's.
 """
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--basetemp", default="/var/tmp/unionfs-hard-report")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_hardening.py"), "-s", "-rA",
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "hardening"), "-s", "-rA",
            "-p", "no:warnings", f"--basetemp={args.basetemp}"]
     if not args.quick:
         cmd += ["--runslow", "-m", "slow"]

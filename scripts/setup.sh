@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for p in fuse3 libfuse3-dev pkg-config attr acl fuse-overlayfs busybox-static python3-venv python3-dev podman runc bubblewrap uidmap mmdebstrap; do
+for p in fuse3 libfuse3-dev pkg-config attr acl fuse-overlayfs busybox-static python3-venv python3-dev podman runc bubblewrap uidmap mmdebstrap docker-registry apache2-utils skopeo openssl; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -11,6 +11,10 @@ if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # docker-registry ships a service on port 5000: the tests start registries of their own.
+    if [[ " ${need[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 fi
 # The venv is made from Debian's own python3 when it is 3.11 or newer: Debian builds it with
 # profile-guided optimisation and LTO into a statically linked binary, and on it the FUSE server
@@ -39,7 +43,7 @@ shim=$(ls unionfs/server/_fuse_shim.*.so 2>/dev/null | head -n1 || true)
 if [ -z "$shim" ] || [ unionfs/server/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$shim" ] ||
    [ pyproject.toml -nt .venv/bin/unionfs ] ||
    compgen -G '.venv/lib/python3*/site-packages/__editable___unionfs_*_finder.py' >/dev/null ||
-   ! .venv/bin/python -c 'import unionfs.server._fuse_shim, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm' 2>/dev/null; then
+   ! .venv/bin/python -c 'import unionfs.server._fuse_shim, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm, httpx' 2>/dev/null; then
     # pip's and setuptools' chatter (the compat-mode notice among it) is shown only on failure.
     log=$(mktemp)
     if ! { .venv/bin/pip install -q --upgrade pip &&

@@ -3,21 +3,24 @@
 - ``--runslow`` runs tests marked ``@pytest.mark.slow`` (skipped otherwise).
 - ``--network`` runs tests marked ``@pytest.mark.network``: they fetch from Debian's mirror (skipped
   otherwise; CI does not pass it).
-- Tests that need FUSE or kernel overlayfs skip (with a reason starting "needs FUSE" / "needs
-  overlayfs") only when the machine truly lacks them; when the environment variable ``CI`` is set, any
-  such skip fails the session.
+- Tests that need FUSE, kernel overlayfs or podman skip (with a reason starting "needs FUSE" /
+  "needs overlayfs" / "needs podman") only when the machine truly lacks them; when the environment
+  variable ``CI`` is set, such a skip is a failure of that test.
+- The log checker: a test fails when a daemon it started through the harness
+  (`unionfs.conformance.harness.start_daemon`: the ``pair`` fixture, ``util.mount_impl``, the
+  hardening daemons, the oracle's FUSE implementations) logged a warning, an error or a traceback, or
+  when the union's code logged one in the test process itself (the handler tests) — unless the test
+  declares it: ``@pytest.mark.daemon_log_ok("regex", ...)`` allows the lines matching any of them.
 - At the end of the session no mount may remain below pytest's temporary directory.
 - ``UNIONFS_SERVER`` is ``off`` unless set: mounts take the normal path, not a resident server.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
-import shutil
-import subprocess
+import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +30,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import util  # noqa: E402
 
+from unionfs.conformance import harness  # noqa: E402
+
 # The suite finds a mount's daemon by its command line, which a resident server's worker does not
-# carry: mounts take the normal path unless a test (tests/test_resident.py) or the caller asks.
+# carry: mounts take the normal path unless a test (tests/fuse/test_resident.py) or the caller asks.
 os.environ.setdefault("UNIONFS_SERVER", "off")
 
-NEEDS_FUSE = "needs FUSE"
-NEEDS_OVERLAY = "needs overlayfs"
-_env_skips: list[str] = []
+#: Skips that say the machine lacks what the test is about: a failure under CI.
+ENV_SKIP = re.compile(rf"\b({harness.NEEDS_FUSE}|{harness.NEEDS_OVERLAY}|needs podman)\b")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long soaks and stress runs (run with --runslow)")
     config.addinivalue_line("markers", "fuse: needs /dev/fuse and fusermount3")
     config.addinivalue_line("markers", "network: fetches from the network (run with --network)")
+    config.addinivalue_line("markers", "daemon_log_ok(*patterns): the daemon may log warnings, errors or "
+                            "tracebacks matching these regular expressions")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,18 +65,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_network)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+def ci_failure(reason: str, ci: str | None) -> str | None:
+    """Under CI (*ci* set and not "false"/"0"), the failure a skip for *reason* becomes, else None."""
+    if not ci or ci.lower() in ("0", "false") or not ENV_SKIP.search(reason):
+        return None
+    return f"CI is set, but this test was skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
     if report.skipped and isinstance(report.longrepr, tuple):
-        reason = str(report.longrepr[2])
-        if NEEDS_FUSE in reason or NEEDS_OVERLAY in reason:
-            _env_skips.append(f"{report.nodeid}: {reason}")
+        failure = ci_failure(str(report.longrepr[2]), os.environ.get("CI"))
+        if failure is not None:
+            report.outcome = "failed"
+            report.longrepr = failure
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     problems = []
-    if os.environ.get("CI") and _env_skips:
-        problems.append("CI is set but tests needing FUSE/overlayfs were skipped:\n  "
-                        + "\n  ".join(_env_skips))
     basetemp = session.config._tmp_path_factory.getbasetemp() if hasattr(  # type: ignore[attr-defined]
         session.config, "_tmp_path_factory") else None
     if basetemp is not None:
@@ -109,44 +123,55 @@ def _fuse_watchdog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[N
         pytest.fail(f"test ran longer than {limit:.0f}s; aborted the FUSE connections of {fired}")
 
 
-@functools.cache
-def fuse_problem() -> str | None:
-    """None when this machine can serve FUSE mounts, else why not."""
+class _Records(logging.Handler):
+    """Keeps the union's own log records of WARNING and above emitted in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{record.name} {record.levelname} {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            line += f" (traceback: {type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+        self.lines.append(line)
+
+
+@pytest.fixture(autouse=True)
+def _log_checker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test when a daemon it started, or the union's code in this process, logged a
+    warning, an error or a traceback it did not declare with ``@pytest.mark.daemon_log_ok``.
+    Runs after every other fixture of the test has been torn down (daemons unmounted)."""
+    harness.started_logs.clear()
+    records = _Records()
+    logger = logging.getLogger("unionfs")
+    logger.addHandler(records)
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-        os.close(fd)
-    except OSError as e:
-        return f"{NEEDS_FUSE}: cannot open /dev/fuse: {e.strerror}"
-    if shutil.which("fusermount3") is None:
-        return f"{NEEDS_FUSE}: fusermount3 not on PATH (apt-get install fuse3)"
-    return None
-
-
-@functools.cache
-def overlay_problem() -> str | None:
-    """None when kernel overlayfs can be mounted here (tried for real, once), else why not."""
-    with tempfile.TemporaryDirectory(prefix="ovl-probe-", dir="/var/tmp") as d:
-        for n in ("l", "u", "w", "m"):
-            os.mkdir(os.path.join(d, n))
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={d}/l,upperdir={d}/u,workdir={d}/w", f"{d}/m"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"{NEEDS_OVERLAY}: mount -t overlay failed: {r.stderr.strip()}"
-        util.umount(f"{d}/m")
-    return None
+        yield
+    finally:
+        logger.removeHandler(records)
+    allowed = [p for m in request.node.iter_markers("daemon_log_ok") for p in m.args]
+    problems = [f"in this process: {line}" for line in records.lines
+                if not any(re.search(p, line) for p in allowed)]
+    for path in dict.fromkeys(harness.started_logs):
+        problems += [f"{path}: {line}" for line in harness.log_problems(harness.read_log(path), allowed)]
+    harness.started_logs.clear()
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        pytest.fail(f"unexpected warnings, errors or tracebacks in the daemon's log (declare expected ones "
+                    f"with @pytest.mark.daemon_log_ok):\n  {shown}", pytrace=False)
 
 
 @pytest.fixture
 def need_fuse() -> None:
-    why = fuse_problem()
+    why = util.fuse_problem()
     if why:
         pytest.skip(why)
 
 
 @pytest.fixture
 def need_overlay() -> None:
-    why = overlay_problem()
+    why = util.overlay_problem()
     if why:
         pytest.skip(why)
 

@@ -26,6 +26,12 @@ LAZY_COMMANDS = {
     "image": ("unionfs.images.cli", "image_group"),
     "diff": ("unionfs.images.cli", "diff_command"),
     "commit": ("unionfs.images.cli", "commit_command"),
+    "ps": ("unionfs.images.cli", "ps_command"),
+    "rm": ("unionfs.images.cli", "container_rm_command"),
+    "pull": ("unionfs.images.cli", "pull_command"),
+    "push": ("unionfs.images.cli", "push_command"),
+    "login": ("unionfs.images.cli", "login_command"),
+    "logout": ("unionfs.images.cli", "logout_command"),
 }
 
 

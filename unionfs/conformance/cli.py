@@ -83,7 +83,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 @click.option("--impl-b", type=IMPLS, default="unionfs", show_default=True, help="Under test.")
 @click.option("--options-a", default="", help="Extra mount options for implementation A.")
 @click.option("--options-b", default="", help="Extra mount options for implementation B.")
-@click.option("--fault", default=None, help="Set UNIONFS_FAULT for the unionfs daemon (planted bugs).")
+@click.option("--fault", default=None,
+              help="Plant a bug in the unionfs under test (skip-whiteout-on-unlink): the oracle must "
+                   "find it.")
 @click.option("--ops", "allow", default=None, callback=_ops,
               help="Comma-separated operations to draw from (default: all).")
 @click.option("--layer-kinds", "entry_kinds", default=None, callback=_kinds,
@@ -135,9 +137,11 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if os.geteuid() != 0:
         raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
     exit_on_sigterm()
-    env = {"UNIONFS_FAULT": fault} if fault else {}
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
-    b = make_impl(impl_b, whiteout, env=env, lower_dialect=lower_whiteout, options=options_b)
+    try:
+        b = make_impl(impl_b, whiteout, lower_dialect=lower_whiteout, options=options_b, fault=fault)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--fault") from None
     runner = Runner(a, b, base, ignore=frozenset(ignore))
     if run_cmd is not None:
         _run_program(runner, run_cmd, lowers, run_timeout)

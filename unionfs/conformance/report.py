@@ -135,16 +135,16 @@ def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[
     parser.add_argument("--impl-a", default=impl_a)
     parser.add_argument("--impl-b", default=impl_b)
     parser.add_argument("--whiteout", default=whiteout, choices=("overlay", "aufs"))
-    parser.add_argument("--fault", default=fault, help="UNIONFS_FAULT for the unionfs daemon")
+    parser.add_argument("--fault", default=fault,
+                        help="a bug planted in unionfs (see unionfs.conformance.faults)")
     parser.add_argument("--options-a", default=options_a, help="extra mount options for A")
     parser.add_argument("--options-b", default=options_b, help="extra mount options for B")
     parser.add_argument("--base", default="/var/tmp", help="where scratch dirs go")
     args = parser.parse_args(argv)
     exit_on_sigterm()
-    env = {"UNIONFS_FAULT": args.fault} if args.fault else {}
     a = make_impl(args.impl_a, args.whiteout, lower_dialect=lower_whiteout, options=args.options_a)
-    b = make_impl(args.impl_b, args.whiteout, env=env, lower_dialect=lower_whiteout,
-                  options=args.options_b)
+    b = make_impl(args.impl_b, args.whiteout, lower_dialect=lower_whiteout, options=args.options_b,
+                  fault=args.fault)
     runner = Runner(a, b, args.base, ignore=frozenset(ignore))
     case = ScriptCase(n_layers, layers, [parse_step(src) for src in steps])
     trace, failure = runner.replay(case)

@@ -59,9 +59,10 @@ Fields = dict[str, Any]
 
 KNOWN_DIFFERENCES: dict[str, frozenset[str]] = {
     "kernel": frozenset(),
-    # unionfs: st_ino is reported differently on purpose (issue 4 names st_ino/st_dev reporting as
-    # a deliberate difference), including over time: a parent directory's st_ino changes when it is
-    # copied up, where the kernel keeps the lower origin's number. Drop "ino" here to enforce it.
+    # unionfs: st_ino is reported differently on purpose (the differences table names st_ino/st_dev
+    # reporting as a deliberate difference), including over time: a parent directory's st_ino
+    # changes when it is copied up, where the kernel keeps the lower origin's number. Drop "ino"
+    # here to enforce it.
     "unionfs": frozenset({"ino"}),
     # fuse-overlayfs counts subdirectories for a merged directory's st_nlink; the kernel reports 1.
     "fuse-overlayfs": frozenset({"dir-nlink"}),

@@ -89,7 +89,7 @@ class Union:
     """A union of branches: the node table, the merged listings and every change."""
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
-                 faults: frozenset[str] = frozenset(), max_listed: int = DEFAULT_MAX_ENTRIES) -> None:
+                 max_listed: int = DEFAULT_MAX_ENTRIES) -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed)
         self.readonly = readonly or stack.upper is None
@@ -97,7 +97,6 @@ class Union:
         self.writer = WhiteoutWriter(dialect, stack.work_fd, os.geteuid() == 0)
         self.copyup = CopyUp(self)
         self.offload = Offload()   # long syscalls: on worker threads
-        self.faults = faults
         self.privileged = os.geteuid() == 0
         self.handles: dict[int, Handle] = {}
         # Tells the kernel to drop a cached name (parent id, name); set by the FUSE layer.
@@ -599,10 +598,6 @@ class Union:
     # ------------------------------------------------------------------ removing names
 
     def _whiteout(self, dirfd: int, name: bytes, replace: bool) -> None:
-        if "skip-whiteout-on-unlink" in self.faults:
-            if replace:
-                os.unlink(name, dir_fd=dirfd)
-            return
         self.writer.write(dirfd, name, replace)
 
     def _to_remove(self, parent: Node, name: bytes, is_dir: bool) -> tuple[dict[bytes, Entry], Entry, Node]:
@@ -765,7 +760,7 @@ class Union:
         In the overlay dialect the kernel does both at once (RENAME_WHITEOUT), so no crash can let
         the lower object show again; elsewhere the whiteout follows the rename.
         """
-        atomic = self.writer.dialect is Dialect.OVERLAY and "skip-whiteout-on-unlink" not in self.faults
+        atomic = self.writer.dialect is Dialect.OVERLAY
         if whiteout and atomic:
             try:
                 renameat2(spfd, on, dpfd, nn, RENAME_WHITEOUT)

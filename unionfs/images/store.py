@@ -31,7 +31,7 @@ from typing import Any
 
 from unionfs.core.branches import DIR_FLAGS
 
-from .sources import DIGEST_RE, SourceImage, blob_name, open_source
+from .sources import DIGEST_RE, LayerRef, SourceImage, blob_name, open_source
 from .unpack import GZIP_MAGIC, ZSTD_MAGIC, ImageError, remove_tree, unpack_stream
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def default_store() -> Path:
         return Path("/var/lib/unionfs")
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(base) / "unionfs"
+
+
+def initial_user_namespace() -> bool:
+    """Whether this process is in the host's user namespace (its uid map is the identity)."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
 
 
 def normalize_name(name: str) -> str:
@@ -81,12 +90,15 @@ class Image:
 class Store:
     def __init__(self, root: os.PathLike[str] | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_store()
-        self.privileged = os.geteuid() == 0
+        # Root of a user namespace (rootless, the subordinate ids mapped) keeps the image's owners, as
+        # root does; only root of the initial namespace may make device nodes.
+        self.keep_owners = os.geteuid() == 0
+        self.privileged = self.keep_owners and initial_user_namespace()
 
     # ------------------------------------------------------------------ layout and locks
 
     def ensure(self) -> None:
-        for d in ("layers", "images", "tmp", "locks"):
+        for d in ("layers", "images", "tmp", "locks", "partial"):
             (self.root / d).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @contextmanager
@@ -151,6 +163,19 @@ class Store:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def partial_dir(self) -> Path:
+        """Where pulls keep blobs being downloaded, so that a pull run again resumes them."""
+        self.ensure()
+        return self.root / "partial"
+
+    def clean_partial(self) -> list[str]:
+        """Forget the downloads interrupted pulls left (called with the store locked exclusively)."""
+        d = self.root / "partial"
+        gone = sorted(os.listdir(d)) if d.is_dir() else []
+        for name in gone:
+            self._remove(d, name)
+        return gone
 
     # ------------------------------------------------------------------ names
 
@@ -228,32 +253,44 @@ class Store:
         src, found = open_source(path)
         try:
             chosen = self._choose(found, name, path)
-            layers: dict[str, tuple[SourceImage, int]] = {}
+            layers: dict[str, LayerRef] = {}
             for img in chosen:
-                for i, ref in enumerate(img.layers):
-                    layers.setdefault(ref.diff_id, (img, i))
-            with self.lock("store.lock", exclusive=False):
-                self.clean_tmp()
-                with ExitStack() as stack:
-                    for diff_id in sorted(layers):      # one order for everybody: no deadlock
-                        stack.enter_context(self.lock(hexof(diff_id) + ".lock", exclusive=True))
-                    todo = {d: v for d, v in layers.items() if not self.has_layer(d)}
-                    if on_total is not None:
-                        on_total(sum(img.layers[i].size or src_size(src, img.layers[i].blob)
-                                     for img, i in todo.values()))
-                    work = stack.enter_context(self.tmpdir())
-                    made = [self._unpack_layer(src, img.layers[i], work, progress)
-                            for img, i in todo.values()]
-                    for diff_id in made:
-                        self._install_layer(work, diff_id)
-                    for img in chosen:
-                        self._install_image(work, img.image_id, img.config,
-                                            manifest_for(self, img.config))
-            self._update_names(lambda names: names.update(
-                {n: img.image_id for img in chosen for n in img.names}))
+                for ref in img.layers:
+                    layers.setdefault(ref.diff_id, ref)
+
+            def make(todo: list[str], work: Path) -> None:
+                if on_total is not None:
+                    on_total(sum(layers[d].size or src_size(src, layers[d].blob) for d in todo))
+                for d in todo:
+                    self._unpack_layer(src, layers[d], work, progress)
+
+            self.add_images(list(layers), make, [(img.image_id, img.config, img.names) for img in chosen])
             return [(img.image_id, img.names) for img in chosen]
         finally:
             src.close()
+
+    def add_images(self, diff_ids: list[str], make: Callable[[list[str], Path], None],
+                   images: list[tuple[str, bytes, list[str]]]) -> list[str]:
+        """The one way images come into the store (import, pull): under the store's shared lock and
+        the locks of *diff_ids* (taken in sorted order: no deadlock), ``make(todo, work)`` must leave
+        each layer of *todo* (those not stored yet) verified in *work* as _unpack_layer does; then the
+        layers, the images (id, config, names) and their names are moved into place.  Whatever
+        *make* raises leaves the store as it was.  Returns the layers that were made."""
+        with self.lock("store.lock", exclusive=False):
+            self.clean_tmp()
+            with ExitStack() as stack:
+                for diff_id in sorted(set(diff_ids)):
+                    stack.enter_context(self.lock(hexof(diff_id) + ".lock", exclusive=True))
+                todo = [d for d in dict.fromkeys(diff_ids) if not self.has_layer(d)]
+                work = stack.enter_context(self.tmpdir())
+                make(todo, work)
+                for diff_id in todo:
+                    self._install_layer(work, diff_id)
+                for image_id, config, _names in images:
+                    self._install_image(work, image_id, config, manifest_for(self, config))
+        self._update_names(lambda names: names.update(
+            {n: image_id for image_id, _config, img_names in images for n in img_names}))
+        return todo
 
     def _choose(self, found: list[SourceImage], name: str | None, path: str) -> list[SourceImage]:
         for img in found:
@@ -272,16 +309,20 @@ class Store:
         return chosen[:1]
 
     def _unpack_layer(self, src: Any, ref: Any, work: Path, progress: Progress | None) -> str:
-        """Unpack one layer blob into work/<hex>/ and keep the blob as work/<hex>.blob, verifying the
-        blob's digest and size and the diff_id; returns the diff_id."""
+        """Unpack one layer blob into work/<hex>/ and keep the blob as work/<hex>.blob (unless the blob
+        is that file already, as a pull leaves it), verifying the blob's digest and size and the
+        diff_id; returns the diff_id."""
         h = hexof(ref.diff_id)
         os.mkdir(work / h, 0o755)
         root_fd = os.open(work / h, DIR_FLAGS)
         try:
-            with src.open(ref.blob) as raw, open(work / f"{h}.blob", "xb") as tee:
-                digest, unpacked = unpack_stream(raw, root_fd, privileged=self.privileged,
+            kept = work / f"{h}.blob"
+            with src.open(ref.blob) as raw, ExitStack() as stack:
+                tee = None if os.path.exists(kept) else stack.enter_context(open(kept, "xb"))
+                digest, unpacked = unpack_stream(raw, root_fd, privileged=self.keep_owners,
+                                                 devices=self.privileged,
                                                  what=f"layer {ref.diff_id[:19]}", progress=progress, tee=tee)
-                size = tee.tell()
+            size = os.path.getsize(kept)
         finally:
             os.close(root_fd)
         if ref.digest is not None and digest != ref.digest:
@@ -325,15 +366,29 @@ class Store:
         import hashlib
 
         image_id = "sha256:" + hashlib.sha256(config).hexdigest()
-        with self.lock("store.lock", exclusive=False), self.tmpdir() as work:
-            cfg = json.loads(config)
-            for d in cfg["rootfs"]["diff_ids"]:
-                if not self.has_layer(d):
-                    raise ImageError(f"layer {d} is missing from the store")
-            self._install_image(work, image_id, config, manifest_for(self, config))
+
+        def make(todo: list[str], work: Path) -> None:
+            if todo:
+                raise ImageError(f"layer {todo[0]} is missing from the store")
+
         norm = [normalize_name(n) for n in names]
-        self._update_names(lambda n: n.update({x: image_id for x in norm}))
+        self.add_images(list(json.loads(config)["rootfs"]["diff_ids"]), make, [(image_id, config, norm)])
         return image_id
+
+    def manifest_bytes(self, image_id: str) -> bytes:
+        return (self.root / "images" / hexof(image_id) / "manifest.json").read_bytes()
+
+    def note_source(self, diff_id: str, where: str) -> None:
+        """Remember that registry repository *where* (host/repo) holds the layer's blob: a push to
+        another repository of that registry can then mount it instead of uploading it."""
+        with self.lock(hexof(diff_id) + ".lock", exclusive=True):
+            info = self.layer_info(diff_id)
+            sources = list(info.get("sources", []))
+            if where in sources:
+                return
+            info["sources"] = (sources + [where])[-8:]
+            write_atomic(self.root / "layers" / f"{hexof(diff_id)}.json",
+                         json.dumps(info, sort_keys=True).encode())
 
     def add_layer_from_tar(self, tar_path: Path, progress: Progress | None = None) -> str:
         """Store an uncompressed layer tar (a commit's new layer); its diff_id."""
@@ -344,14 +399,12 @@ class Store:
             while chunk := f.read(1 << 20):
                 sha.update(chunk)
         diff_id = "sha256:" + sha.hexdigest()
-        from .sources import LayerRef
-
         ref = LayerRef(str(tar_path), diff_id, os.path.getsize(tar_path), diff_id, LAYER_TAR)
         with self.lock("store.lock", exclusive=False), self.lock(hexof(diff_id) + ".lock", exclusive=True):
             if self.has_layer(diff_id):
                 return diff_id
             with self.tmpdir() as work:
-                self._unpack_layer(_FileSource(), ref, work, progress)
+                self._unpack_layer(FileSource(), ref, work, progress)
                 self._install_layer(work, diff_id)
         return diff_id
 
@@ -368,9 +421,19 @@ class Store:
             if by_name is not None and len(mine) > 1:
                 self._update_names(lambda n: _drop(n, [by_name]))
                 return image_id, []
+            user = self._containers_using().get(image_id)
+            if user is not None:
+                raise ImageError(f"{ref}: image is in use by container {user} (remove it first: "
+                                 f"unionfs rm {user})")
             self._update_names(lambda n: _drop(n, mine))
             self._remove(self.root / "images", hexof(image_id))
             return image_id, self._remove_unused_layers()
+
+    def _containers_using(self) -> dict[str, str]:
+        """Image id -> the name of a container made from it (such an image is never removed)."""
+        from .containers import Containers
+
+        return {image_id: c.name for image_id, c in Containers(self).used_images().items()}
 
     def _used_layers(self) -> set[str]:
         used: set[str] = set()
@@ -406,8 +469,8 @@ class Store:
     def prune(self) -> tuple[list[str], list[str], list[str]]:
         """Remove tmp leftovers, unnamed images and unused layers: (tmp entries, images, layers)."""
         with self.lock("store.lock", exclusive=True):
-            tmp = self.clean_tmp()
-            named = set(self.names().values())
+            tmp = self.clean_tmp() + self.clean_partial()
+            named = set(self.names().values()) | set(self._containers_using())
             dangling = [i for i in self.image_ids() if i not in named]
             for image_id in dangling:
                 self._remove(self.root / "images", hexof(image_id))
@@ -425,7 +488,9 @@ def _drop(names: dict[str, str], gone: list[str]) -> None:
         names.pop(n, None)
 
 
-class _FileSource:
+class FileSource:
+    """Blobs that are files, opened by path."""
+
     @contextmanager
     def open(self, name: str) -> Iterator[Any]:
         with open(name, "rb") as f:

@@ -103,8 +103,11 @@ class Unpacked:
 
 def unpack_stream(raw: IO[bytes], root_fd: int, *, privileged: bool, what: str,
                   progress: Callable[[int], None] | None = None,
-                  tee: IO[bytes] | None = None) -> tuple[str, Unpacked]:
+                  tee: IO[bytes] | None = None, devices: bool | None = None) -> tuple[str, Unpacked]:
     """Unpack the (possibly compressed) layer tar read from *raw* into the directory *root_fd*.
+
+    *privileged*: owners are kept (root, or root of a user namespace mapping the user's subordinate
+    ids); *devices* (default: *privileged*): device nodes may be made (root of the host only).
 
     Returns (digest of the bytes read from *raw*, the uncompressed tar's diff_id and size).  *tee*
     receives a copy of the raw bytes.  Raises ImageError naming *what* for a corrupt, truncated or
@@ -115,7 +118,7 @@ def unpack_stream(raw: IO[bytes], root_fd: int, *, privileged: bool, what: str,
     try:
         plain = HashingReader(decompressed(buffered))
         with tarfile.open(fileobj=plain, mode="r|", encoding="utf-8") as tf:
-            LayerWriter(root_fd, privileged, what).unpack(tf)
+            LayerWriter(root_fd, privileged, what, privileged if devices is None else devices).unpack(tf)
         plain.drain()      # the tar's end-of-archive padding counts in the diff_id
         while buffered.read(CHUNK):
             pass
@@ -141,6 +144,7 @@ class LayerWriter:
     root_fd: int
     privileged: bool
     what: str
+    devices: bool = True
     dir_times: list[tuple[list[bytes], int, int]] = field(default_factory=list)   # (parts, mtime, mode)
 
     def unpack(self, tf: tarfile.TarFile) -> None:
@@ -202,7 +206,7 @@ class LayerWriter:
             self.hardlink(m, pfd, name)
             return       # a hard link shares its target's inode and metadata
         elif m.ischr() or m.isblk() or m.isfifo():
-            if not m.isfifo() and not self.privileged:
+            if not m.isfifo() and not (self.privileged and self.devices):
                 raise ImageError(f"{self.what}: device node {m.name!r}: only root can import it")
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
             os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
@@ -232,7 +236,13 @@ class LayerWriter:
         path: Any = fd_path(pfd) if name is None else name
         kw: dict[str, Any] = {} if name is None else {"dir_fd": pfd}
         if self.privileged:
-            os.chown(path, m.uid, m.gid, follow_symlinks=False, **kw)
+            try:
+                os.chown(path, m.uid, m.gid, follow_symlinks=False, **kw)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                raise ImageError(f"{self.what}: {m.name!r} belongs to {m.uid}:{m.gid}, outside the ids this "
+                                 "user namespace maps (your /etc/subuid and /etc/subgid ranges)") from None
         if not link:
             mode = stat.S_IMODE(m.mode)
             if m.isdir() and not self.privileged:

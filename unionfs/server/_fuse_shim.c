@@ -1,5 +1,5 @@
 /*
- * unionfs._fuse_shim: what pyfuse3 3.5 cannot ask libfuse for, added in front of it.
+ * unionfs.server._fuse_shim: what pyfuse3 3.5 cannot ask libfuse for, added in front of it.
  *
  *  - fallocate(2): pyfuse3 registers no fallocate handler, so the kernel answers EOPNOTSUPP to
  *    every mode (punch hole, keep size, zero range).  The shim registers one that calls a Python
@@ -39,8 +39,8 @@
  * end).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
  * binds to.  It copies pyfuse3's operation table, puts its own entries in front, and hands the
  * copy to libfuse's own fuse_session_new.  If pyfuse3 was imported first, or a libfuse renames the
- * entry point, nothing is interposed: sessions() stays 0 and unionfs serves as before without
- * these features.
+ * entry points, nothing is interposed: sessions() stays 0 (or received() False) and unionfs serves
+ * without these features.  unionfs.server.compat loads this module and checks both at start-up.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -81,6 +81,7 @@ static int want_dont_mask;
 static int dont_mask; /* the kernel agreed: new objects' modes arrive with the umask not applied */
 static int stateless_dirs; /* the kernel agreed: no OPENDIR/RELEASEDIR, fh 0 in READDIRPLUS */
 static int sessions;
+static int received; /* the session loop's read came through the shim (see fuse_session_receive_buf) */
 
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -255,6 +256,7 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
             return -ENOSYS;
     }
     int res = real(se, buf);
+    received = 1;
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
         released = 1;
         release_branch_fds();
@@ -388,6 +390,11 @@ static PyObject *py_sessions(PyObject *self, PyObject *unused)
     return PyLong_FromLong(sessions);
 }
 
+static PyObject *py_received(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(received);
+}
+
 static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
 {
     return PyBool_FromLong(dont_mask);
@@ -407,11 +414,13 @@ static PyMethodDef methods[] = {
      "every fd on those filesystems (st_dev), but 0-2 and those in keep, at a private sink."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
+    {"received", py_received, METH_NOARGS,
+     "Whether the session loop has read a request through the shim (False: it bypassed it)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "unionfs._fuse_shim",
+    PyModuleDef_HEAD_INIT, "unionfs.server._fuse_shim",
     "fallocate, lseek, cached directory listings and unmasked modes for pyfuse3 (see the C "
     "source's header)",
     -1, methods,

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from unionfs.core import mountinfo
@@ -196,6 +195,9 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    if log_file is not None and log_file.in_state_dir and not debug:
+        # The default log is for warnings and errors: with nothing of the kind it goes at exit.
+        handler.setLevel(logging.WARNING)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -216,12 +218,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     from unionfs.core.branches import open_stack, raise_nofile_limit
     from unionfs.core.union import Union
 
-    from .fusebind import pyfuse3, shim
+    from .compat import pyfuse3
     from .operations import Operations
 
     os.umask(0)
     raise_nofile_limit()
-    faults = frozenset(f for f in os.environ.get("UNIONFS_FAULT", "").split(",") if f)
     with contextlib.ExitStack() as stack:
         not_ours = _open_fds()   # the log's, inherited ones
         # A writable top is opened for writing even under -o ro (the kernel's mount is then
@@ -246,8 +247,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
-        union = Union(layers, cfg.dialect, readonly=not writable, faults=faults,
-                      max_listed=cfg.max_cached_entries)
+        union = Union(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries)
         branches.callback(union.close)
         ops = Operations(union, timeout=cfg.timeout, debug=debug)
         ops.use_shim()
@@ -263,8 +263,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             stack.callback(state.close)
             undo.callback(state.discard)
             not_ours.add(state.fd)
-        if shim is not None:
-            _release_at_session_end(shim, layers, not_ours)
+        _release_at_session_end(layers, not_ours)
         with _stderr_captured() as said:
             try:
                 where = cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
@@ -277,14 +276,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         stack.callback(release_branches)   # before the session is closed
-        if shim is not None and not shim.sessions():
-            log.warning("the libfuse shim was bypassed: no fallocate, SEEK_DATA/SEEK_HOLE or cached "
-                        "listings, umask applied by the kernel")
         if state is not None:
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())
-        if faults:
-            log.warning("fault injection active: %s", ",".join(sorted(faults)))
         if ready_fd is not None:
             _report(ready_fd, "ready")
             _detach_stdio()
@@ -305,12 +299,14 @@ def _open_fds() -> set[int]:
     return found
 
 
-def _release_at_session_end(shim: ModuleType, layers: LayerStack, not_ours: set[int]) -> None:
+def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
     """Have the shim let go of the branches the moment the kernel ends the session, so that whoever
     unmounted the union can unmount the filesystem under them next (see _fuse_shim.c): every fd on
     their filesystems but those in *not_ours* (the log's, the state directory's, inherited ones),
     and but the upper root's when an AUFS-style work dir is still to be removed through it (that
     one goes when serving ends)."""
+    from . import compat
+
     devs = {os.fstat(layer.fd).st_dev for layer in layers.layers}
     if layers.work_fd is not None:
         devs.add(os.fstat(layers.work_fd).st_dev)
@@ -318,7 +314,7 @@ def _release_at_session_end(shim: ModuleType, layers: LayerStack, not_ours: set[
     if layers.remove_work is not None:
         keep.add(layers.layers[0].fd)
     try:
-        shim.release_on_session_end(sorted(devs), sorted(keep))
+        compat.release_on_session_end(sorted(devs), sorted(keep))
     except ValueError as e:   # more filesystems than the shim keeps: released when serving ends
         log.debug("branches not released by the shim: %s", e)
 

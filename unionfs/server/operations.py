@@ -15,18 +15,15 @@ writes and fallocates, and the freeing of a big file's blocks by unlink, rename 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import logging
 import os
 import stat
-import struct
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from .fusebind import shim  # isort: skip - loads the libfuse shim before pyfuse3 (see fusebind)
+from . import compat  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads (see compat)
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
@@ -51,40 +48,6 @@ STATELESS_DIR = 1 << 63
 REPLIES_KEPT = 4096
 #: Listing snapshots kept per directory for readers without a handle (see Operations._snapshot).
 SNAPSHOTS_KEPT = 4
-
-
-def _find_shown_ino_offset() -> int | None:
-    """Where, inside a pyfuse3 EntryAttributes, the st_ino of the reply's stat lives.
-
-    The kernel shows ``attr.ino`` as st_ino and uses the entry's node id as identity; pyfuse3 sets
-    both from `st_ino`.  To show a lower file's real inode number (hard links of it then agree, as on
-    overlayfs) while giving each name its own node, we write ``attr.st_ino`` directly.  The offset is
-    found by probing, and verified; if the layout is not the one expected, st_ino stays the node id.
-    """
-    marker, other = 0x5A5A_1234_ABCD_7777, 0x0123_4567_89AB_CDEF
-    probe = pyfuse3.EntryAttributes()
-    probe.st_ino = marker
-    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
-    hits = [i for i in range(0, len(raw) - 7, 8) if struct.unpack_from("=Q", raw, i)[0] == marker]
-    # fuse_entry_param: ino, generation, then struct stat {st_dev, st_ino, ...}
-    if len(hits) != 2 or hits[1] - hits[0] != 24:
-        return None
-    ctypes.c_uint64.from_address(id(probe) + hits[1]).value = other
-    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
-    if struct.unpack_from("=Q", raw, hits[0])[0] != marker or probe.st_ino != marker:
-        return None
-    if struct.unpack_from("=Q", raw, hits[1])[0] != other:
-        return None
-    return hits[1]
-
-
-_SHOWN_INO_OFFSET = _find_shown_ino_offset()
-
-
-def set_shown_ino(attr: pyfuse3.EntryAttributes, ino: int) -> None:
-    """Make stat show *ino* for *attr*, whose node id stays ``attr.st_ino``."""
-    if _SHOWN_INO_OFFSET is not None:
-        ctypes.c_uint64.from_address(id(attr) + _SHOWN_INO_OFFSET).value = ino
 
 
 def _errno_for(e: Exception, name: str, args: tuple[Any, ...], debug: bool) -> int:
@@ -169,9 +132,7 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         try:
-            if shim is not None and shim.sessions() and not shim.dont_mask():
-                log.warning("the kernel applies the umask itself: new objects under a default ACL "
-                            "get both")
+            compat.report()   # the INIT request came through the session loop: the patches can tell
             self.on_init()
         except Exception:
             log.exception("init hook failed")
@@ -197,7 +158,7 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         if node.ino != node.id:
-            set_shown_ino(a, node.ino)
+            compat.set_shown_ino(a, node.ino)
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
@@ -435,7 +396,6 @@ class Operations(pyfuse3.Operations):
 
     async def _fallocate_later(self, req: int, h: Handle, fd: int, args: tuple[int, int, int, int, int]
                                ) -> None:
-        assert shim is not None
         err = errno.EINTR       # cancelled: the mount is going away
         try:
             await self.union.offload.on_fd(fd, fallocate, *args[2:])
@@ -445,7 +405,7 @@ class Operations(pyfuse3.Operations):
         finally:
             os.close(fd)
             h.node.st = None
-            shim.reply_err(req, err)
+            compat.reply_err(req, err)
 
     def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
         """FUSE_LSEEK (SEEK_DATA, SEEK_HOLE), called synchronously by the libfuse shim: the new
@@ -461,9 +421,7 @@ class Operations(pyfuse3.Operations):
     def use_shim(self) -> None:
         """Hand the next FUSE session fallocate, lseek, modes without the umask applied (the union
         applies it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
-        if shim is not None:
-            shim.configure(cache_dirs=self.timeout > 0, fallocate=self.fallocate, stateless_dirs=True,
-                           dont_mask=True, lseek=self.lseek)
+        compat.configure_session(cache_dirs=self.timeout > 0, fallocate=self.fallocate, lseek=self.lseek)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -245,7 +245,7 @@ def run(idle: float = DEFAULT_IDLE, foreground: bool = False) -> int:
     import unionfs.server.daemon  # noqa: F401 - what every worker needs, imported once here
     from unionfs.core import union  # noqa: F401
 
-    from . import fusebind, operations  # noqa: F401
+    from . import compat, operations  # noqa: F401
 
     if foreground:
         return _serve_here(idle, None)

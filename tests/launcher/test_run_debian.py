@@ -3,7 +3,7 @@ what kernel overlayfs leaves for the same commands (run there with bwrap), as ro
 
 The Debian tests fetch from Debian's mirror and run only with ``--network``::
 
-    .venv/bin/pytest -q -p no:cacheprovider --network tests/test_run_debian.py
+    .venv/bin/pytest -q -p no:cacheprovider --network tests/launcher/test_run_debian.py
 
 The busybox tests check the same rules offline: a non-root user writing /tmp, a sandbox user that a
 root process drops to (as apt's ``_apt``), dpkg's way of replacing a file, a removal.

@@ -263,43 +263,6 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
         assert late is not first and start == 3 and tag4 not in (tag, tag3)
 
 
-def test_fusebind_loads_the_shim_only_before_pyfuse3() -> None:
-    """The libfuse shim must be in place before pyfuse3 binds libfuse; imported after, it is not
-    used, and the daemon says so rather than failing."""
-    import subprocess
-    import sys
-    code = ("import sys, unionfs.server.fusebind as fb; print(fb.shim is not None, 'pyfuse3' in sys.modules)")
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert first.stdout.split() == ["True", "True"]
-    late = subprocess.run([sys.executable, "-c", "import pyfuse3; " + code], capture_output=True, text=True,
-                          check=True)
-    assert late.stdout.split() == ["False", "True"]
-    assert "imported before unionfs.server.fusebind" in late.stderr
-
-
-def test_fusebind_imports_pyfuse3_without_importlib_metadata() -> None:
-    """pyfuse3 reads its version through a stand-in while the server starts (fusebind._version_only):
-    the version is still the installed one, and importlib.metadata afterwards is the real module."""
-    import importlib.metadata
-    import subprocess
-    import sys
-    code = ("import sys, unionfs.server.fusebind as fb\n"
-            "print(fb.pyfuse3.__version__, 'importlib.metadata' in sys.modules, 'email' in sys.modules)\n"
-            "import importlib.metadata as md\n"
-            "print(md.version('pyfuse3'), md.distribution('pyfuse3').metadata['Name'])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    installed = importlib.metadata.version("pyfuse3")
-    assert out.splitlines() == [f"{installed} False False", f"{installed} pyfuse3"]
-    # anything but version() asked of the stand-in is answered by the real module
-    inside = ("import sys, unionfs.server.fusebind as fb\n"
-              "with fb._version_only():\n"
-              "    from importlib.metadata import version, distribution\n"
-              "    print(version('pyfuse3'), distribution('pyfuse3').metadata['Name'])\n"
-              "print(sys.modules['importlib.metadata'].distribution is distribution)\n")
-    out = subprocess.run([sys.executable, "-c", inside], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == [f"{installed} pyfuse3", "True"]
-
-
 async def test_new_file_keeps_setgid_only_for_members_of_its_group(branches: tuple[Path, ...]) -> None:
     """A file made in a setgid directory of a group the caller is not in loses S_ISGID, as the
     kernel's inode_init_owner decides (kernels before 6.0 leave that to the filesystem)."""

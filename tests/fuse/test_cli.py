@@ -1,6 +1,6 @@
-"""The command line (issue 2 items 2, 4 and 5): bad input gets one clear line naming the culprit, a
-non-zero exit, nothing mounted, no daemon and no traceback; help for every command; the background
-and foreground mount lifecycles; ``unionfs-overlay`` with fuse-overlayfs' command line, also through
+"""The command line: bad input gets one clear line naming the culprit, a non-zero exit, nothing
+mounted, no daemon and no traceback; help for every command; the background and foreground mount
+lifecycles; ``unionfs-overlay`` with fuse-overlayfs' command line, also through
 ``mount -t fuse.unionfs-overlay``."""
 
 from __future__ import annotations

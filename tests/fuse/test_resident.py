@@ -5,7 +5,7 @@ pidfile names it, is the server's child); a user error says the same line with t
 without; with no server to be had (``UNIONFS_SERVER=off``, a stale socket file, a server that
 answers nonsense) the mount still works, on the normal path; a server killed with SIGKILL leaves its
 mounts served; another user cannot use my server; an unprivileged user's mounts (fusermount3) go
-through that user's own server.
+through that user's own server.  (podman: tests/images/test_resident_podman.py.)
 """
 
 from __future__ import annotations
@@ -316,17 +316,3 @@ def test_client_finds_the_state_directory(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
         assert fastmount.socket_path() == os.path.join(statedir.state_dir(), fastmount.SOCKET_NAME)
 
-
-def test_podman_mounts_through_the_server(root_server: Path, tmp_path: Path) -> None:
-    """podman with unionfs-overlay as its mount_program: the container's root is served by a worker."""
-    import test_podman
-
-    base = tmp_path / "podman"
-    with test_podman.private_podman(base, OVERLAY, "podman with a resident server") as pm:
-        pm.env["UNIONFS_SERVER"] = "auto"
-        pm.import_base()
-        fstype, tree = pm.snapshot(test_podman.BASE_IMAGE)
-        assert fstype == "fuse.unionfs" and tree == test_podman.BASE_FILES
-        handed = [ln for ln in (root_server / "server.log").read_text().splitlines()
-                  if f" on {base}/root/overlay/" in ln]
-        assert handed, "podman's mounts did not go through the server"

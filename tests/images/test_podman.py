@@ -1,4 +1,4 @@
-"""podman with ``unionfs-overlay`` as its overlay ``mount_program`` (issue 3, item 6).
+"""podman with ``unionfs-overlay`` as its overlay ``mount_program``.
 
 What a podman user sees, end to end, with every container and build step running on a unionfs
 mount (the tests check that the container's root really is ``fuse.unionfs``, so a podman that
@@ -39,7 +39,6 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import conftest
 import pytest
 import util
 
@@ -294,7 +293,7 @@ def requirement_problem(mount_program: str | None = MOUNT_PROGRAM) -> str | None
         return f"needs podman: {' '.join(missing)} not on PATH (apt-get install podman runc)"
     if mount_program is not None and not os.access(mount_program, os.X_OK):
         return f"needs FUSE: mount program {mount_program} is missing"
-    return conftest.fuse_problem() or static_busybox_problem()
+    return util.fuse_problem() or static_busybox_problem()
 
 
 @contextlib.contextmanager
@@ -449,7 +448,7 @@ def test_build_matches_kernel_overlay(podman: Podman, built: Path,
     """The same build on podman's native kernel overlayfs gives the same tree."""
     if util.IMPL != "unionfs":
         pytest.skip("compares unionfs with the kernel")
-    why = conftest.overlay_problem()
+    why = util.overlay_problem()
     if why:
         pytest.skip(why)
     base = tmp_path_factory.mktemp("podman-kernel")

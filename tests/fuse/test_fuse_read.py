@@ -1,4 +1,4 @@
-"""Issue 2, the merged read path, through real mounts: every test builds the same layers twice and
+"""The merged read path, through real mounts: every test builds the same layers twice and
 compares unionfs with kernel overlayfs (the oracle). Differences normalised away: st_ino/st_dev, and
 directory st_size/st_nlink (documented)."""
 

@@ -4,8 +4,8 @@
 - kernel against kernel with ``redirect_dir=on``: a known difference is found, shrunk to a step or
   two, and the repro script reproduces it;
 - unionfs against the kernel on fixed seeds, both whiteout dialects: the bounded CI run;
-- unionfs with a planted bug (``UNIONFS_FAULT=skip-whiteout-on-unlink``): found, with a minimal
-  sequence of a few steps;
+- unionfs with a planted bug (``--fault skip-whiteout-on-unlink``, planted by
+  ``unionfs.conformance.faults``): found, with a minimal sequence of a few steps;
 - the long soaks behind ``@pytest.mark.slow`` (``--runslow``).
 """
 
@@ -121,7 +121,7 @@ def test_planted_bug_is_found_with_a_minimal_sequence(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("need_fuse")
 @pytest.mark.parametrize("whiteout", ["overlay", "aufs"])
 def test_soak_500x50(tmp_path: Path, whiteout: str) -> None:
-    """The issue's acceptance run: 500 sequences of 50 steps, zero differences."""
+    """The acceptance run: 500 sequences of 50 steps, zero differences."""
     result, passed, failed = conformance(tmp_path, "--whiteout", whiteout, "--seed", "500",
                                          "--sequences", "500", "--steps", "50")
     assert failed == 0, result.output

@@ -1,0 +1,334 @@
+"""Every patch unionfs makes to third-party code (pyfuse3 and libfuse), in one module.
+
+Import pyfuse3 in the server only after this module (``from . import compat`` first): two of the
+patches must be in place before pyfuse3 is loaded.
+
+The patches (docs/architecture.md, "Patches to third-party code", says what upstream would need for
+each to go away):
+
+- **The libfuse shim** (``_fuse_shim.c``): fallocate(2) and lseek(2) (SEEK_DATA, SEEK_HOLE)
+  handlers, kernel-cached directory listings (cache_readdir, no OPENDIR at all where the kernel
+  allows), modes of new objects without the umask applied (FUSE_CAP_DONT_MASK, so that a default
+  ACL can replace it), and letting go of the branches the moment the session ends.  It works by
+  being the ``fuse_session_new`` and ``fuse_session_receive_buf`` that pyfuse3 binds to, so it is
+  loaded here, into the global symbol scope, before pyfuse3 is imported.
+- **st_ino in replies** (`set_shown_ino`): pyfuse3 sets a reply's node id and the st_ino the
+  kernel shows from one field; the second is written directly into pyfuse3's reply object, at an
+  offset found by probing (`_find_shown_ino_offset`), so that a lower file's hard links show one
+  inode number as on overlayfs while each name keeps its own node.
+- **importlib.metadata stand-in** (`_version_only`): pyfuse3 reads its ``__version__`` through
+  importlib.metadata as it is imported, 12-19 ms of every server's start-up; a stand-in answers
+  version() alone.
+
+Each patch is checked where it can be seen to work: the shim by its own record of having been
+called, the st_ino offset by the probe finding exactly one, the stand-in by having answered
+pyfuse3's version.  `report()`, called when the kernel's INIT request has come through the session
+loop, logs one INFO line with the versions and the patches in force, or a WARNING for each one
+bypassed (the union then serves without what it gives), and a WARNING when pyfuse3 or libfuse is
+not a version listed in `VERIFIED`.
+
+Attributes:
+    pyfuse3: the pyfuse3 module, imported behind the patches.
+    VERIFIED: the pyfuse3 and libfuse versions (major.minor) the patches were verified on.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+VERIFIED = {"pyfuse3": ("3.5",), "libfuse": ("3.14",)}
+
+SHIM = "libfuse shim"
+SHOWN_INO = "st_ino in replies"
+STANDIN = "importlib.metadata stand-in"
+_WITHOUT_SHIM = ("no fallocate, no SEEK_DATA/SEEK_HOLE, no kernel-cached listings, umask applied by "
+                 "the kernel")
+
+
+# ------------------------------------------------------------------ the libfuse shim
+
+def _load_shim() -> tuple[ModuleType | None, str | None]:
+    """The shim, loaded into the global symbol scope; or None and why not."""
+    if "pyfuse3" in sys.modules:
+        return None, "pyfuse3 was imported before unionfs.server.compat"
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+    try:
+        from unionfs.server import _fuse_shim
+    except ImportError as e:
+        return None, f"not built ({e})"
+    finally:
+        sys.setdlopenflags(flags)
+    return _fuse_shim, None
+
+
+def _shim_problem(shim: ModuleType | None, not_loaded: str | None) -> str | None:
+    """Why *shim* is not in force in this server's session (None: it is).  Valid once a request has
+    come through the session loop."""
+    if shim is None:
+        return not_loaded or "not loaded"
+    if not shim.sessions():
+        return "pyfuse3's fuse_session_new did not go through it"
+    if not shim.received():
+        return "pyfuse3's fuse_session_receive_buf did not go through it"
+    return None
+
+
+def configure_session(cache_dirs: bool, fallocate: Callable[[int, int, int, int, int, int], int | None],
+                      lseek: Callable[[int, int, int, int], int]) -> None:
+    """What the next FUSE session gets from the shim: these fallocate and lseek handlers, modes
+    without the umask applied, kernel-cached listings when *cache_dirs*.  Nothing without the shim."""
+    if _shim is not None:
+        _shim.configure(cache_dirs=cache_dirs, fallocate=fallocate, stateless_dirs=True,
+                        dont_mask=True, lseek=lseek)
+
+
+def reply_err(req: int, err: int) -> None:
+    """Answer a fallocate request that its handler took (returned None for)."""
+    assert _shim is not None, "fallocate requests come through the shim only"
+    _shim.reply_err(req, err)
+
+
+def release_on_session_end(devices: Sequence[int], keep: Sequence[int]) -> None:
+    """Have the shim point every fd on *devices* (but 0-2 and *keep*) at a sink of its own as soon
+    as the session loop finds the session ended.  ValueError: more filesystems than it keeps."""
+    if _shim is not None:
+        _shim.release_on_session_end(devices, keep)
+
+
+def libfuse_version() -> str:
+    """The version of the libfuse pyfuse3 runs on, as libfuse says (``fuse_pkgversion()``)."""
+    try:
+        lib = ctypes.CDLL("libfuse3.so.3", mode=os.RTLD_NOW | os.RTLD_NOLOAD)
+        pkgversion = lib.fuse_pkgversion
+    except (OSError, AttributeError):
+        return "unknown"
+    pkgversion.restype = ctypes.c_char_p
+    pkgversion.argtypes = []
+    answer = pkgversion()
+    return answer.decode(errors="replace") if isinstance(answer, bytes) else "unknown"
+
+
+# ------------------------------------------------------------------ importlib.metadata stand-in
+
+class _NotFound(ModuleNotFoundError):
+    """The stand-in's PackageNotFoundError (the real one is a ModuleNotFoundError too)."""
+
+
+class _StandIn:
+    """What the stand-in was asked while it stood in.
+
+    Attributes:
+        preloaded: importlib.metadata was loaded before: no stand-in was needed.
+        answered: the versions it answered, by distribution name.
+        fell_back: the first attribute it could not answer (the real module was loaded for it).
+    """
+
+    def __init__(self) -> None:
+        self.preloaded = False
+        self.answered: dict[str, str | None] = {}
+        self.fell_back: str | None = None
+
+    def problem(self, name: str, version: str) -> str | None:
+        """Why the stand-in did not spare *name*'s import the real importlib.metadata, which gave it
+        *version* (None: it did, or it was not needed)."""
+        if self.preloaded:
+            return None
+        if self.fell_back is not None:
+            return f"{name} asked it for {self.fell_back}: the real module was loaded"
+        if name not in self.answered:
+            return f"{name} did not ask it for its version"
+        if self.answered[name] != version:
+            return f"no {name}-*.dist-info found beside {name}: its version is {version!r}"
+        return None
+
+
+def _dist_info_version(name: str) -> str:
+    """The version of the installed package *name*, read off the ``NAME-VERSION.dist-info``
+    directory beside it; _NotFound when there is none (a source tree, an egg).
+
+    Enough for pyfuse3, whose distribution and package have one name; unlike importlib.metadata
+    it does not normalise distribution names.
+    """
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    locations: list[str] = list(getattr(spec, "submodule_search_locations", None) or [])
+    prefix = name + "-"
+    for location in locations:
+        site = os.path.dirname(os.path.abspath(location))
+        try:
+            entries = os.listdir(site)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.startswith(prefix) and entry.endswith(".dist-info"):
+                return entry[len(prefix) : -len(".dist-info")]
+    raise _NotFound(name)
+
+
+def _real_metadata(attr: str) -> object:
+    """Any other attribute of the stand-in: the real importlib.metadata takes its place, and answers.
+
+    Dunder names are not looked up (the import system probes ``__path__`` and the like)."""
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    if "importlib.metadata" in sys.modules and sys.modules["importlib.metadata"].__dict__.get(
+        "__getattr__"
+    ) is _real_metadata:
+        del sys.modules["importlib.metadata"]
+    if _standing_in is not None and _standing_in.fell_back is None:
+        _standing_in.fell_back = attr
+    import importlib.metadata
+
+    return getattr(importlib.metadata, attr)
+
+
+_standing_in: _StandIn | None = None
+
+
+@contextlib.contextmanager
+def _version_only() -> Iterator[_StandIn]:
+    """While the block runs (pyfuse3 being imported), a stand-in for importlib.metadata that answers
+    version() itself; yields the record of what it was asked.
+
+    Loading importlib.metadata (with the email package it parses METADATA with) and searching
+    sys.path for the distribution costs 12-19 ms, a tenth of the FUSE server's start-up, for a
+    string unionfs never reads.  trio is imported before, so what loads meanwhile is pyfuse3's own
+    modules and the standard library's; should one of them ask the stand-in for anything but
+    version(), the real module is loaded and answers.  The stand-in is gone from sys.modules
+    afterwards: a later ``import importlib.metadata`` gets the real one.  When the real one is
+    loaded already, it is used.
+    """
+    global _standing_in
+    record = _StandIn()
+    if "importlib.metadata" in sys.modules:
+        record.preloaded = True
+        yield record
+        return
+
+    def version(name: str) -> str:
+        try:
+            found = _dist_info_version(name)
+        except _NotFound:
+            record.answered[name] = None
+            raise
+        record.answered[name] = found
+        return found
+
+    standin = ModuleType("importlib.metadata", "unionfs.server.compat's stand-in: version() alone")
+    vars(standin).update(PackageNotFoundError=_NotFound, version=version, __getattr__=_real_metadata)
+    sys.modules["importlib.metadata"] = standin
+    _standing_in = record
+    try:
+        yield record
+    finally:
+        _standing_in = None
+        if sys.modules.get("importlib.metadata") is standin:
+            del sys.modules["importlib.metadata"]
+        import importlib
+
+        if vars(importlib).get("metadata") is standin:
+            del importlib.metadata
+
+
+# ------------------------------------------------------------------ st_ino in replies
+
+def _find_shown_ino_offset(cls: type) -> int | None:
+    """Where, inside a *cls* (pyfuse3's EntryAttributes), the st_ino of the reply's stat lives;
+    None unless the probe finds exactly one such place.
+
+    The kernel shows ``attr.ino`` as st_ino and uses the entry's node id as identity; pyfuse3 sets
+    both from `st_ino`.  To show a lower file's real inode number (hard links of it then agree, as on
+    overlayfs) while giving each name its own node, we write ``attr.st_ino`` directly.  The offset is
+    found by probing, and verified; if the layout is not the one expected, st_ino stays the node id.
+    """
+    marker, other = 0x5A5A_1234_ABCD_7777, 0x0123_4567_89AB_CDEF
+    probe = cls()
+    probe.st_ino = marker
+    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
+    hits = [i for i in range(0, len(raw) - 7, 8) if struct.unpack_from("=Q", raw, i)[0] == marker]
+    # fuse_entry_param: ino, generation, then struct stat {st_dev, st_ino, ...}
+    if len(hits) != 2 or hits[1] - hits[0] != 24:
+        return None
+    ctypes.c_uint64.from_address(id(probe) + hits[1]).value = other
+    raw = ctypes.string_at(id(probe), sys.getsizeof(probe))
+    if struct.unpack_from("=Q", raw, hits[0])[0] != marker or probe.st_ino != marker:
+        return None
+    if struct.unpack_from("=Q", raw, hits[1])[0] != other:
+        return None
+    return hits[1]
+
+
+def set_shown_ino(attr: object, ino: int) -> None:
+    """Make stat show *ino* for *attr* (a pyfuse3 EntryAttributes), whose node id stays
+    ``attr.st_ino``.  Nothing when pyfuse3's layout was not recognised."""
+    if _SHOWN_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(attr) + _SHOWN_INO_OFFSET).value = ino
+
+
+# ------------------------------------------------------------------ the start-up report
+
+def _unverified(name: str, version: str) -> str | None:
+    verified = VERIFIED[name]
+    if any(version == v or version.startswith(v + ".") for v in verified):
+        return None
+    return f"{name} {version} ({', '.join(v + '.x' for v in verified)} verified)"
+
+
+def problems() -> dict[str, str]:
+    """The patches not in force in this process, with why (valid once a FUSE session has read a
+    request)."""
+    found = {}
+    shim = _shim_problem(_shim, _shim_not_loaded)
+    if shim is not None:
+        found[SHIM] = f"{shim}: {_WITHOUT_SHIM}"
+    if _SHOWN_INO_OFFSET is None:
+        found[SHOWN_INO] = ("pyfuse3's EntryAttributes layout not recognised: hard links of a lower "
+                            "file show one inode number per name")
+    standin = _standin.problem("pyfuse3", pyfuse3.__version__)
+    if standin is not None:
+        found[STANDIN] = f"{standin} (12-19 ms more per start-up)"
+    return found
+
+
+def report() -> dict[str, str]:
+    """Log the start-up report (see the module's docstring); return `problems()`.
+
+    Call it once the session has read a request (the server's init handler)."""
+    versions = {"pyfuse3": pyfuse3.__version__, "libfuse": libfuse_version()}
+    unverified = [u for u in (_unverified(k, v) for k, v in versions.items()) if u is not None]
+    bypassed = problems()
+    if unverified:
+        log.warning("unverified %s: the patches to them are used as far as their self-checks pass",
+                    " and ".join(unverified))
+    for name, why in bypassed.items():
+        log.warning("patch bypassed: %s: %s", name, why)
+    active = [name for name in (SHIM, SHOWN_INO, STANDIN) if name not in bypassed]
+    if _standin.preloaded:
+        active.remove(STANDIN)
+    if _shim is not None and SHIM not in bypassed and not _shim.dont_mask():
+        log.warning("the kernel applies the umask itself: new objects under a default ACL get both")
+    log.info("pyfuse3 %s on libfuse %s, patched: %s", versions["pyfuse3"], versions["libfuse"],
+             ", ".join(active) or "nothing")
+    return bypassed
+
+
+_shim, _shim_not_loaded = _load_shim()
+
+import trio  # noqa: E402, F401 - pyfuse3 imports it: outside the stand-in's window
+
+with _version_only() as _standin:
+    import pyfuse3  # noqa: E402 - must come after the shim
+
+_SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
+
+__all__ = ["VERIFIED", "configure_session", "libfuse_version", "problems", "pyfuse3",
+           "release_on_session_end", "reply_err", "report", "set_shown_ino"]
