@@ -292,6 +292,8 @@ def _detach(ready_fd: int, msg: str) -> None:
         from .daemon import _setup_logging
 
         _setup_logging(False, state.open_log(LOG_NAME))
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.INFO)   # the server's log records every mount handed over
         state.close()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
