@@ -242,11 +242,7 @@ def listening(idle: float) -> Iterator[Server | None]:
 
 def run(idle: float = DEFAULT_IDLE, foreground: bool = False) -> int:
     """Start this user's server: in the foreground, or in the background once it listens."""
-    import unionfs.server.daemon  # noqa: F401 - what every worker needs, imported once here
-    from unionfs.core import union  # noqa: F401
-
-    from . import compat, operations  # noqa: F401
-
+    _warm_up()
     if foreground:
         return _serve_here(idle, None)
     r, w = os.pipe()
@@ -266,6 +262,24 @@ def run(idle: float = DEFAULT_IDLE, foreground: bool = False) -> int:
         print(f"unionfs server: {said or 'exited before listening'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warm_up() -> None:
+    """Do once here what every worker would do first: import what serving needs, run trio once (its
+    first run sets up what later ones reuse), and freeze what exists into the permanent generation,
+    so that a worker's garbage collections do not touch (and copy) every page it shares with us."""
+    import gc
+
+    import trio
+
+    import unionfs.server.daemon  # noqa: F401
+    from unionfs.core import union  # noqa: F401
+
+    from . import compat, operations  # noqa: F401
+
+    trio.run(trio.sleep, 0)
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_here(idle: float, ready_fd: int | None) -> int:
