@@ -49,9 +49,12 @@ def server_pid(state: Path) -> int | None:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
 
 
+def state_key(mountpoint: Path) -> str:
+    return hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+
+
 def daemon_of(state: Path, mountpoint: Path) -> int:
-    key = hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
-    return int((state / f"{key}.pid").read_text())
+    return int((state / f"{state_key(mountpoint)}.pid").read_text())
 
 
 def parent_of(pid: int) -> int:
@@ -116,6 +119,8 @@ def test_mount_is_handed_to_the_server(root_server: Path, area: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert wait_gone(daemon) and not util.is_mounted(area / "M")
     assert not (area / "A" / ".wh..wh.unionfs.work").exists(), "the worker did not clean up"
+    log = root_server / f"{state_key(area / 'M')}.log"
+    assert not log.exists(), f"the worker logged warnings or errors: {log.read_text()}"
     # A second mount goes to the same server.
     r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0, r.stderr
@@ -316,3 +321,14 @@ def test_client_finds_the_state_directory(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
         assert fastmount.socket_path() == os.path.join(statedir.state_dir(), fastmount.SOCKET_NAME)
 
+
+
+def test_a_server_whose_socket_is_removed_exits(root_server: Path) -> None:
+    """A state directory cleared under a running server (by hand, by a reboot's tmpfiles) leaves it
+    unreachable: it exits by itself instead of idling on."""
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    os.unlink(root_server / "server.sock")
+    assert wait_gone(server), "the server outlived its socket"

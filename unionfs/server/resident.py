@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "server.lock"
 LOG_NAME = "server.log"
 DEFAULT_IDLE = 600.0
+CHECK_EVERY = 5.0       # seconds between checks that the socket is still ours
 CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mount is in between)
 
 
@@ -64,24 +65,40 @@ class Server:
         self.idle = idle
         self.build = build_id()
         self.workers: set[int] = set()
+        self.bound = (-1, -1)   # the socket file's (device, inode)
         self.handed = 0
 
     def serve_forever(self) -> None:
-        """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, or asked to give way
-        to another build."""
+        """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
+        another build, or left without a way in (the socket or its directory removed)."""
         signal.signal(signal.SIGCHLD, lambda *_: self.reap())
-        self.listener.settimeout(self.idle or None)
+        self.listener.settimeout(min(self.idle, CHECK_EVERY) if self.idle else CHECK_EVERY)
         log.info("listening (pid %d, build %s)", os.getpid(), self.build)
+        last = time.monotonic()
         while True:
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
-                log.info("idle for %.0f s: exiting", self.idle)
-                return
+                if self.idle and time.monotonic() - last >= self.idle:
+                    log.info("idle for %.0f s: exiting", self.idle)
+                    return
+                if not self.reachable():
+                    log.info("the socket is gone: exiting")
+                    return
+                continue
+            last = time.monotonic()
             with conn:
                 conn.settimeout(CLIENT_TIMEOUT)
                 if not self.take(conn):
                     return
+
+    def reachable(self) -> bool:
+        """Whether the socket we listen on is still the one in the state directory."""
+        try:
+            named = os.stat(SOCKET_NAME, dir_fd=self.state.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == self.bound and os.fstat(self.state.fd).st_nlink > 0
 
     def take(self, conn: socket.socket) -> bool:
         """Serve one client's request; False when the server must give way."""
@@ -234,6 +251,8 @@ def listening(idle: float) -> Iterator[Server | None]:
     listener.bind(f"/proc/self/fd/{state.fd}/{SOCKET_NAME}")   # in a 0700 directory
     listener.listen(64)
     server = Server(state, lock_fd, listener, idle)
+    named = os.stat(SOCKET_NAME, dir_fd=state.fd, follow_symlinks=False)
+    server.bound = (named.st_dev, named.st_ino)
     try:
         yield server
     finally:
