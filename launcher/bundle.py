@@ -41,8 +41,8 @@ from typing import Any
 
 from launcher import rootfs, security, syscalls
 from launcher.cgroups import CPU_PERIOD_US, Limits
+from launcher.errors import EXIT_LAUNCH_FAILED, EXIT_USAGE, LaunchError
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
-from launcher.union import LaunchError
 from launcher.users import User
 from unionfs.core.branchview import components
 
@@ -55,7 +55,6 @@ MOUNT_OPTIONS = (
     (syscalls.MS_NOEXEC, "noexec"), (syscalls.MS_STRICTATIME, "strictatime"),
 )
 """Mount flags as the runtime spec's mount options spell them."""
-EXIT_LAUNCH_FAILED = 125
 
 
 def find_runtime(name: str) -> str:
@@ -69,7 +68,8 @@ def find_runtime(name: str) -> str:
             raise LaunchError(f"--runtime {name}: not found on PATH (apt-get install {name})")
         return path
     if not os.path.isabs(name):
-        raise LaunchError(f"--runtime {name}: give runc, crun or an absolute path to an OCI runtime", 2)
+        raise LaunchError(f"--runtime {name}: give runc, crun or an absolute path to an OCI runtime",
+                          EXIT_USAGE)
     if not os.path.isfile(name) or not os.access(name, os.X_OK):
         raise LaunchError(f"--runtime {name}: not an executable file")
     return name

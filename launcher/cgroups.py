@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from launcher import namespaces, state
-from launcher.union import LaunchError
+from launcher.errors import LaunchError
 from unionfs.core import mountinfo
 
 log = logging.getLogger(__name__)

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from launcher.union import BACKENDS, DEFAULT_BACKEND, LaunchError
+from launcher.errors import EXIT_LAUNCH_FAILED, LaunchError
+from launcher.union import BACKENDS, DEFAULT_BACKEND
 from unionfs.cli import one_line
-from unionfs.core.errors import QuietError
+from unionfs.core.errors import QuietError, describe
 
 if TYPE_CHECKING:
     from unionfs.images.store import Store
-
-EXIT_LAUNCH_FAILED = 125
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def run_command(
     else:
         logging.basicConfig(level=logging.WARNING, format="unionfs run: %(levelname)s: %(message)s")
     from launcher import cgroups, security
-    from launcher.supervisor import RunConfig, describe, run
+    from launcher.supervisor import RunConfig, run
 
     if command and command[0] == "--":  # options stop at BRANCHES, so click hands us the separator
         command = command[1:]
@@ -206,13 +205,11 @@ def run_command(
             code = run(cfg)
     except QuietError as exc:
         click.echo(f"unionfs run: {one_line(exc.message)}", err=True)
-        sys.exit(EXIT_LAUNCH_FAILED)
-    except LaunchError as exc:
-        click.echo(f"unionfs run: {one_line(str(exc))}", err=True)
-        sys.exit(exc.exitcode)
+        # The store's own errors (no such image, a name taken) are a launch that failed, as docker's.
+        sys.exit(exc.exitcode if image is None or isinstance(exc, LaunchError) else EXIT_LAUNCH_FAILED)
     except OSError as exc:
         click.echo(f"unionfs run: {one_line(describe(exc))}", err=True)
-        sys.exit(125)
+        sys.exit(EXIT_LAUNCH_FAILED)
     sys.exit(code)
 
 
@@ -272,10 +269,8 @@ def unshare_command(command: tuple[str, ...]) -> None:
         try:
             namespaces.enter_launcher_namespaces(rootless=True)
         except OSError as exc:
-            from launcher.supervisor import describe
-
             click.echo(f"unionfs unshare: {describe(exc)}", err=True)
-            sys.exit(125)
+            sys.exit(EXIT_LAUNCH_FAILED)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from launcher.supervisor import EXIT_LAUNCH_FAILED, RunConfig, run
-from launcher.union import Branch, LaunchError, branch_spec
+from launcher.errors import EXIT_LAUNCH_FAILED, LaunchError
+from launcher.supervisor import RunConfig, run
+from unionfs.core.config import BranchSpec, format_branch_spec
 
 if TYPE_CHECKING:
     from unionfs.images.store import Store
@@ -35,11 +36,11 @@ def run_image(cfg: RunConfig, store: Store, image_ref: str, args: Sequence[str],
     image = store.image(image_ref)
     config = image.config.get("config") or {}
     argv = command_for(config, args, entrypoint)
-    layers = [Branch(str(p), "ro") for p in store.layer_dirs(image.id)]
+    layers = [BranchSpec(str(p), "ro") for p in store.layer_dirs(image.id)]
     containers = Containers(store)
     with containers.create(image_ref, name, argv, auto_remove) as container:
         cfg = cfg._replace(
-            branches=branch_spec([Branch(str(container.upper), "rw"), *layers]),
+            branches=format_branch_spec([BranchSpec(str(container.upper), "rw"), *layers]),
             command=argv,
             container_id=container.id[:12],
             image_env=[str(e) for e in config.get("Env") or []],

@@ -19,13 +19,16 @@ command) and dies with the launcher (PR_SET_PDEATHSIG); before its order it hold
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from launcher import syscalls, timing
+
+if TYPE_CHECKING:
+    from unionfs.core.config import MountConfig
 
 # The namespaces the launcher may have entered after the fork, in the order they must be joined:
 # the user namespace first, which gives the rights to join the mount namespace it owns.
@@ -35,8 +38,8 @@ NAMESPACES = (("user", syscalls.CLONE_NEWUSER), ("mnt", syscalls.CLONE_NEWNS))
 class ServerProcess:
     """A forked server child waiting for its order: ``serve()`` sends one, ``cancel()`` ends it.
 
-    After ``serve()``, ``ready`` is the read end of the child's answer: ``ready``, ``error: ...``
-    or EOF (it died) once the union is mounted or has failed.
+    After ``serve()``, ``wait_ready()`` returns once the union is mounted, or raises the
+    ``QuietError`` the child answered (or that it died).
     """
 
     def __init__(self) -> None:
@@ -51,21 +54,23 @@ class ServerProcess:
         os.close(order_r)
         os.close(ready_w)
 
-    def serve(self, spec: str, mountpoint: str, options: str, logfile: str) -> None:
-        """Order the child to mount the union *spec* at *mountpoint* and serve it, logging to *logfile*.
+    def serve(self, config: MountConfig, logfile: str) -> None:
+        """Order the child to serve *config*, logging to *logfile*.
 
-        Call from the process (and namespaces) the union is for; the strings may hold any
-        character but NUL.  The server logs at the level the caller's root logger has (DEBUG
-        under ``unionfs run -v``), as a child forked at this point would.
+        Call from the process (and namespaces) the union is for.  The server logs at the level
+        the caller's root logger has (DEBUG under ``unionfs run --verbose``), as a child forked
+        at this point would.
         """
-        level = str(logging.getLogger().level)
-        order = b"\0".join(os.fsencode(x) for x in (spec, mountpoint, options, logfile, level))
-        try:
-            os.write(self._order_w, order)  # a blocking pipe: all of it, as the child reads
-        except BrokenPipeError:
-            pass  # the child is gone (it could not import the server): its answer says why
-        finally:
-            os.close(self._order_w)
+        from unionfs.server import protocol
+
+        order = protocol.Order(config, logfile, logging.getLogger().level)
+        protocol.send_order(self._order_w, order)
+
+    def wait_ready(self) -> None:
+        """Wait for the child's answer to ``serve()``: see ``unionfs.server.protocol.wait_ready``."""
+        from unionfs.server import protocol
+
+        protocol.wait_ready(self.ready)
 
     def cancel(self) -> None:
         """End a child that has had no order (it holds no mount yet) and reap it."""
@@ -84,15 +89,14 @@ _started: ServerProcess | None = None
 def start(argv: Sequence[str]) -> None:
     """Fork the server child now, unless the command line *argv* (``unionfs run``'s own) will not need it.
 
-    It will not when the server is to be an exec'd command (``UNIONFS_RUN_SERVER``) or the union
-    kernel overlayfs (``--backend overlay`` before ``--``, or ``UNIONFS_RUN_BACKEND=overlay``); for
+    It will not when the union is kernel overlayfs (``--backend overlay`` before ``--``); for
     anything subtler (a usage error, ``--help``) the unused child simply ends with the launcher.
     """
     global _started
-    if _started is not None or os.environ.get("UNIONFS_RUN_SERVER"):
+    if _started is not None:
         return
     options = list(argv[: argv.index("--")] if "--" in argv else argv)
-    backend = os.environ.get("UNIONFS_RUN_BACKEND", "fuse")
+    backend = "fuse"
     for i, arg in enumerate(options):
         if arg == "--backend" and i + 1 < len(options):
             backend = options[i + 1]
@@ -120,6 +124,12 @@ def take() -> ServerProcess:
 def _child(parent: int, order_r: int, ready_w: int) -> None:
     """The server: import, wait for the order, join the launcher's namespaces, serve.  Never returns."""
     code = 1
+    ready = False
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready = True
+
     timing.stamp("server-forked")
     try:
         syscalls.set_pdeathsig(signal.SIGKILL)
@@ -132,51 +142,34 @@ def _child(parent: int, order_r: int, ready_w: int) -> None:
         os.close(null)
         held = _HeldRecords()  # what the imports log (a missing shim, say) waits for the log file
         logging.getLogger().handlers[:] = [held]
-        # unionfs.server.operations first: it loads the core's libfuse shim, which must precede pyfuse3.
-        # These imports are the launch's critical path.  Cyclic-GC passes over the modules'
-        # objects, which live as long as the server, cost them ~10% and free nothing; so the
-        # GC is off while they load, and freezing them afterwards (gc.freeze: never scanned
-        # again) keeps the first collection after them from scanning them all at once.
-        gc.disable()
-        import unionfs.server.operations  # noqa: F401
-        from unionfs.core.config import build_config
-        from unionfs.server.daemon import serve
+        from unionfs.server import daemon, protocol
 
-        gc.freeze()
-        gc.enable()
+        daemon.preload()  # the launch's critical path
         timing.stamp("server-imported")
 
-        order = b""
-        while chunk := os.read(order_r, 65536):
-            order += chunk
-        os.close(order_r)
-        if not order:  # the launcher needs no FUSE server, or is gone
+        order = protocol.read_order(order_r)
+        if order is None:  # the launcher needs no FUSE server, or is gone
             os._exit(0)
-        spec, mountpoint, options, logfile, level = (os.fsdecode(x) for x in order.split(b"\0"))
         timing.stamp("server-ordered")
         _join_namespaces(parent)
-        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        assert order.log_file is not None
+        fd = os.open(order.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        handler = logging.FileHandler(logfile)  # a file handler survives serve() detaching stdio
+        handler = logging.FileHandler(order.log_file)  # a file handler survives serve() detaching stdio
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger().handlers[:] = [handler]
-        logging.getLogger().setLevel(int(level))
+        logging.getLogger().setLevel(order.log_level)
         for record in held.records:
             handler.handle(record)
-        code = serve(build_config(spec, mountpoint, [options]), ready_w)
+        code = daemon.serve(order.config, ready_w, on_ready=on_ready)
     except BaseException as exc:  # noqa: B036 - a forked child reports and exits, whatever happened
-        if isinstance(exc, OSError):
-            from launcher.supervisor import describe
+        if not ready:  # once ready, ready_w is closed (and its number may be another file's)
+            from unionfs.server import protocol
 
-            message = describe(exc)
-        else:
-            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        try:
-            os.write(ready_w, f"error: {message}".encode(errors="replace"))
-        except OSError:
-            pass
+            protocol.report_error(ready_w, exc)
     finally:
         os._exit(code)
 

@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 
-from launcher.union import LaunchError
+from launcher.errors import LaunchError
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from launcher import cgroups, namespaces, rootfs, security, state, syscalls, timing, users
+from launcher.errors import EXIT_LAUNCH_FAILED, EXIT_USAGE, LaunchError
 from launcher.stopping import FORWARDED_SIGNALS, StopClock
-from launcher.union import DEFAULT_BACKEND, Branch, LaunchError, UnionHandle, mount_union, parse_branches
+from launcher.union import DEFAULT_BACKEND, UnionHandle, mount_union
+from unionfs.core import config
 from unionfs.core.branchview import BranchView, components
+from unionfs.core.config import BranchSpec
+from unionfs.core.errors import QuietError, describe
 
 if TYPE_CHECKING:
     from launcher import terminal
@@ -62,7 +66,6 @@ TMPFS_FLAGS = {
     "noexec": (syscalls.MS_NOEXEC, True), "exec": (syscalls.MS_NOEXEC, False),
 }
 SI_KERNEL = 0x80
-EXIT_LAUNCH_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
@@ -94,14 +97,6 @@ class RunConfig(NamedTuple):
     image_env: Sequence[str] = ()  # the image's Env (KEY=VALUE): over the defaults, under -e
 
 
-def describe(exc: OSError) -> str:
-    """One line for an OSError: ``step path: reason`` for ours, ``path: reason`` for the stdlib's."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    step = exc.strerror if exc.strerror and exc.strerror != reason else ""
-    where = " ".join(str(x) for x in (step, exc.filename) if x)
-    return f"{where}: {reason}" if where else reason
-
-
 def container_env(cfg: RunConfig, hostname: str) -> dict[str, str]:
     """A clean environment, as Docker gives: PATH, HOSTNAME, HOME, TERM for a terminal, then the
     image's Env, then -e."""
@@ -117,7 +112,7 @@ def container_env(cfg: RunConfig, hostname: str) -> dict[str, str]:
     for item in cfg.env:
         key, sep, value = item.partition("=")
         if not key:
-            raise LaunchError(f"bad environment variable {item!r} (want KEY=VALUE or KEY)", 2)
+            raise LaunchError(f"bad environment variable {item!r} (want KEY=VALUE or KEY)", EXIT_USAGE)
         if sep:
             env[key] = value
         elif key in os.environ:
@@ -141,11 +136,11 @@ def _check_fuse_access(rootless: bool, backend: str) -> None:
 
 def _container_path(value: str, what: str) -> str:
     if not value.startswith("/"):
-        raise LaunchError(f"{what} must be an absolute path inside the container: {value}", 2)
+        raise LaunchError(f"{what} must be an absolute path inside the container: {value}", EXIT_USAGE)
     try:
         names = components(value)
     except ValueError:
-        raise LaunchError(f"{what} must not contain '..': {value}", 2) from None
+        raise LaunchError(f"{what} must not contain '..': {value}", EXIT_USAGE) from None
     return "/" + "/".join(names)
 
 
@@ -156,10 +151,10 @@ def parse_volume(spec: str) -> rootfs.Volume:
     if len(parts) == 3 and parts[2] in ("ro", "rw"):
         readonly = parts.pop() == "ro"
     if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise LaunchError(f"bad --volume {spec!r} (want HOST:CONTAINER[:ro])", 2)
+        raise LaunchError(f"bad --volume {spec!r} (want HOST:CONTAINER[:ro])", EXIT_USAGE)
     source = os.path.abspath(parts[0])
     if not os.path.exists(source):
-        raise LaunchError(f"--volume source does not exist: {source}", 2)
+        raise LaunchError(f"--volume source does not exist: {source}", EXIT_USAGE)
     return rootfs.Volume(source, _container_path(parts[1], "--volume destination"), readonly)
 
 
@@ -176,7 +171,7 @@ def parse_tmpfs(spec: str) -> rootfs.TmpfsMount:
         elif sep and key in ("size", "mode", "nr_inodes", "uid", "gid"):
             data[key] = value
         else:
-            raise LaunchError(f"bad --tmpfs option {opt!r} in {spec!r}", 2)
+            raise LaunchError(f"bad --tmpfs option {opt!r} in {spec!r}", EXIT_USAGE)
     options_data = ",".join(f"{k}={v}" for k, v in data.items())
     return rootfs.TmpfsMount(_container_path(path, "--tmpfs"), flags, options_data)
 
@@ -543,16 +538,20 @@ def run(cfg: RunConfig) -> int:
     """
     timing.stamp("run")
     if not cfg.command:
-        raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", 2)
+        raise LaunchError("no command given (usage: unionfs run BRANCHES -- COMMAND [ARGS...])", EXIT_USAGE)
     workdir = _container_path(cfg.workdir, "--workdir")
     volumes = [parse_volume(v) for v in cfg.volumes]
     tmpfs = [parse_tmpfs(t) for t in cfg.tmpfs]
     if cfg.stop_timeout < 0:
-        raise LaunchError(f"--stop-timeout must not be negative: {cfg.stop_timeout}", 2)
-    branches = parse_branches(cfg.branches)
+        raise LaunchError(f"--stop-timeout must not be negative: {cfg.stop_timeout}", EXIT_USAGE)
+    try:
+        branches = config.parse_branches(cfg.branches, top=not cfg.tmp_upper)
+    except QuietError as exc:  # the command line's fault: exit 2, as for any bad option
+        raise LaunchError(exc.message, EXIT_USAGE) from None
     rootless = cfg.rootless if cfg.rootless is not None else os.getuid() != 0
     if not rootless and os.geteuid() != 0:
-        raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace", 2)
+        raise LaunchError("--no-rootless needs root; without it unionfs run uses a user namespace",
+                          EXIT_USAGE)
     if cfg.runtime is not None:
         _check_runtime_request(cfg)
     container_id = cfg.container_id or os.urandom(6).hex()
@@ -582,7 +581,7 @@ def run(cfg: RunConfig) -> int:
 
 def _run(
     cfg: RunConfig,
-    branches: list[Branch],
+    branches: list[BranchSpec],
     rootless: bool,
     base: str,
     container_id: str,
@@ -618,9 +617,9 @@ def _run(
         if cfg.tmp_upper:
             upper = os.path.join(base, "upper")
             os.mkdir(upper, 0o755)
-            layers = [Branch(upper, "rw"), Branch(init_path, "ro"), *branches]
+            layers = [BranchSpec(upper, "rw"), BranchSpec(init_path, "ro"), *branches]
         else:
-            layers = [branches[0], Branch(init_path, "ro"), *branches[1:]]
+            layers = [branches[0], BranchSpec(init_path, "ro"), *branches[1:]]
         timing.stamp("mount")
         handle = mount_union(layers, root, rootless=rootless, logfile=os.path.join(base, "server.log"),
                              backend=cfg.backend, keep=[v.source for v in volumes])
@@ -652,9 +651,10 @@ def _check_runtime_request(cfg: RunConfig) -> None:
 
     bundle.find_runtime(cfg.runtime or "")
     if cfg.init:
-        raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", 2)
+        raise LaunchError("--init is not available with --runtime (the runtime starts PID 1)", EXIT_USAGE)
     if cfg.tty and not os.isatty(0):
-        raise LaunchError("-t with --runtime needs a terminal on stdin (the runtime relays its own pty)", 2)
+        raise LaunchError("-t with --runtime needs a terminal on stdin (the runtime relays its own pty)",
+                          EXIT_USAGE)
 
 
 def _run_with_runtime(
@@ -726,11 +726,11 @@ def _write_init_layer(
         made = layer.directory(vol.dest) if os.path.isdir(vol.source) else layer.mount_file(vol.dest)
         if not made:
             raise LaunchError(f"--volume destination {vol.dest}: the image has a file, a directory or a "
-                              "symlink in the way (give the path a symlink points to)", 2)
+                              "symlink in the way (give the path a symlink points to)", EXIT_USAGE)
     mounts = list(tmpfs)
     for t in tmpfs:
         if not layer.directory(t.dest):
-            raise LaunchError(f"--tmpfs {t.dest}: the image has a file or a symlink in the way", 2)
+            raise LaunchError(f"--tmpfs {t.dest}: the image has a file or a symlink in the way", EXIT_USAGE)
     if cfg.read_only:
         for dest, mode in rootfs.READ_ONLY_TMPFS:
             if dest not in {t.dest for t in tmpfs} and layer.directory(dest, mode):

@@ -1,12 +1,14 @@
 """Mounting the union that becomes the container's root: one function, two backends.
 
 ``mount_union(branches, mountpoint, ...)`` returns a handle whose ``close()``
-unmounts and waits for the server.  The ``fuse`` backend serves the union from a
-child of the launcher (forked as the launcher starts, see ``launcher.prefork``, to
-call the core's ``serve()``; or ``unionfs mount -f``), in the launcher's own mount
-(and user) namespace, with PR_SET_PDEATHSIG so that it dies with the launcher.
-The ``overlay`` backend mounts kernel overlayfs instead; it was the stand-in while
-the filesystem core was written and stays as a reference for benchmarks.
+unmounts and waits for the server.  The ``fuse`` backend builds the union's
+``MountConfig`` through the core's config (the rules and messages of ``unionfs
+mount``) and hands it to a child of the launcher (forked as the launcher starts, see
+``launcher.prefork``) that serves it with the server's ``serve()``, in the launcher's
+own mount (and user) namespace, with PR_SET_PDEATHSIG so that it dies with the
+launcher.  The ``overlay`` backend mounts kernel overlayfs instead; it was the
+stand-in while the filesystem core was written and stays as a reference for
+benchmarks.
 """
 
 from __future__ import annotations
@@ -15,72 +17,19 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from launcher import prefork, syscalls
+from launcher.errors import EXIT_USAGE, LaunchError
+from unionfs.core.config import BranchSpec, MountConfig, build_config
+from unionfs.core.errors import QuietError
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("fuse", "overlay")
-DEFAULT_BACKEND = os.environ.get("UNIONFS_RUN_BACKEND", "fuse")
-MOUNT_TIMEOUT = 20.0
-
-
-class LaunchError(Exception):
-    """A user-facing failure: one line, and the exit status the launcher should return."""
-
-    def __init__(self, message: str, exitcode: int = 125) -> None:
-        super().__init__(message)
-        self.exitcode = exitcode
-
-
-class Branch(NamedTuple):
-    path: str
-    mode: str | None = None  # "rw", "ro", ... as written by the user; None when not given
-
-    def spec(self, default_mode: str) -> str:
-        """``PATH=MODE`` for ``unionfs mount``, with ``\\`` and ``:`` in the path escaped."""
-        path = self.path.replace("\\", "\\\\").replace(":", "\\:")
-        return f"{path}={self.mode or default_mode}"
-
-
-MODES = ("rw", "ro", "rr", "ro+wh", "rr+wh")
-
-
-def _split_escaped(spec: str) -> list[str]:
-    """Split on ``:`` where a backslash escapes the next character, as ``unionfs mount`` does."""
-    from unionfs.core.config import split_escaped  # light: no trio or pyfuse3 behind it
-
-    return split_escaped(spec, ":")
-
-
-def parse_branches(spec: str) -> list[Branch]:
-    """Parse an AUFS-style branch list, top first: ``UPPER:L2:L1`` or ``A=rw:B=ro``.
-
-    ``\\:`` escapes a colon in a path.  Paths become absolute; each must be an existing directory.
-    """
-    branches: list[Branch] = []
-    for item in _split_escaped(spec):
-        if not item:
-            raise LaunchError(f"empty branch in {spec!r}", 2)
-        path, sep, mode = item.rpartition("=")
-        if not sep:
-            path, mode = item, ""
-        if sep and mode not in MODES:
-            path, mode = item, ""
-        path = os.path.abspath(path)
-        if not os.path.isdir(path):
-            raise LaunchError(f"branch is not a directory: {path}", 2)
-        branches.append(Branch(path, mode or None))
-    return branches
-
-
-def branch_spec(branches: Sequence[Branch]) -> str:
-    """The ``unionfs mount`` spec for *branches*: the first writable, the rest read-only unless told."""
-    return ":".join(b.spec("rw" if i == 0 else "ro") for i, b in enumerate(branches))
+DEFAULT_BACKEND = "fuse"
 
 
 class UnionHandle(Protocol):
@@ -93,47 +42,8 @@ class UnionHandle(Protocol):
         """Unmount and wait for the server to exit; idempotent, never raises."""
 
 
-def _wait_mounted(mountpoint: str, alive: Poll, timeout: float = MOUNT_TIMEOUT) -> None:
-    """Wait until *mountpoint* is a mount point of its own (its st_dev differs from its parent's)."""
-    parent_dev = os.stat(os.path.dirname(mountpoint)).st_dev
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while True:
-        try:
-            if os.stat(mountpoint).st_dev != parent_dev:
-                return
-        except OSError:
-            pass
-        status = alive()
-        if status is not None:
-            raise LaunchError(f"the union's FUSE server exited with status {status} before mounting")
-        if time.monotonic() > deadline:
-            raise LaunchError(f"the union did not appear at {mountpoint} within {timeout:.0f}s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-
-
-class Poll(Protocol):
-    def __call__(self) -> int | None: ...
-
-
-def _server_preexec(parent: int) -> None:
-    """In the server child before exec: die with the launcher, and leave the terminal's signals alone."""
-    syscalls.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:  # the launcher died before prctl took effect
-        os._exit(1)
-
-
-def unionfs_command() -> list[str]:
-    """The filesystem core's command: ``UNIONFS_RUN_SERVER`` (split on spaces), or ``python -m unionfs``."""
-    override = os.environ.get("UNIONFS_RUN_SERVER")
-    if override:
-        return override.split()
-    return [sys.executable, "-m", "unionfs"]
-
-
 def _private_pid_dir(
-    branches: Sequence[Branch], keep: Sequence[str] = (), pid_dir: str = "/run/unionfs"
+    branches: Sequence[BranchSpec], keep: Sequence[str] = (), pid_dir: str = "/run/unionfs"
 ) -> None:
     """Give the server a /run/unionfs of its own: a tmpfs in the launcher's private mount namespace.
 
@@ -188,62 +98,43 @@ class _ForkedServer:
 class FuseUnion:
     """The unionfs FUSE server as a child of the launcher, serving the union at *mountpoint*.
 
-    By default the server is the child ``launcher.prefork`` forked when the launcher
-    started (its imports done by now), told here what to serve; it answers on a pipe
-    once mounted, so nothing polls.  With ``UNIONFS_RUN_SERVER`` it is that command,
-    run as ``unionfs mount -f``.  Either way it dies with the launcher
-    (PR_SET_PDEATHSIG), and ``close()`` unmounts and waits for it to exit.
+    The server is the child ``launcher.prefork`` forked when the launcher started (its
+    imports done by now), told here what to serve; it answers on a pipe once mounted, so
+    nothing polls.  It dies with the launcher (PR_SET_PDEATHSIG), and ``close()``
+    unmounts and waits for it to exit.
     """
 
-    proc: subprocess.Popen[bytes] | _ForkedServer
+    proc: _ForkedServer
 
-    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool, logfile: str,
+    def __init__(self, branches: Sequence[BranchSpec], mountpoint: str, *, rootless: bool, logfile: str,
                  keep: Sequence[str] = ()) -> None:
         self.mountpoint = mountpoint
         self.logfile = logfile
         self._closed = False
         # suid as podman mounts a container root (a user namespace honours only the ids it maps)
         options = "allow_other,suid,whiteout=aufs" if rootless else "allow_other,suid"
-        _private_pid_dir(branches, keep)
-        spec = branch_spec(branches)
         try:
-            if os.environ.get("UNIONFS_RUN_SERVER"):
-                self._exec(spec, options)
-            else:
-                self._fork(spec, options)
+            config = build_config(branches, mountpoint, [options])
+        except QuietError as exc:
+            raise LaunchError(exc.message) from None
+        _private_pid_dir(branches, keep)
+        try:
+            self._serve(config)
         except BaseException as exc:
             self.close()
             if isinstance(exc, LaunchError):
                 raise LaunchError(f"{exc}{self._log_tail()}") from None
             raise
 
-    def _fork(self, spec: str, options: str) -> None:
-        log.debug("FUSE server for %s on %s", spec, self.mountpoint)
+    def _serve(self, config: MountConfig) -> None:
+        log.debug("FUSE server for %s on %s", config.branches, self.mountpoint)
         server = prefork.take()
         self.proc = _ForkedServer(server.pid)
-        server.serve(spec, self.mountpoint, options, self.logfile)
-        answer = b""
-        while chunk := os.read(server.ready, 4096):  # "ready", "error: ...", or EOF if it died
-            answer += chunk
-        os.close(server.ready)
-        if answer != b"ready":
-            message = answer.decode(errors="replace").removeprefix("error: ")
-            raise LaunchError(f"the union's FUSE server failed: {message or 'it exited before mounting'}")
-
-    def _exec(self, spec: str, options: str) -> None:
-        argv = [*unionfs_command(), "mount", "-f", "-o", options, spec, self.mountpoint]
-        log.debug("starting FUSE server: %s", argv)
-        parent = os.getpid()
-        with open(self.logfile, "ab") as err:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=lambda: _server_preexec(parent),
-            )
-        _wait_mounted(self.mountpoint, self.proc.poll)
+        server.serve(config, self.logfile)
+        try:
+            server.wait_ready()
+        except QuietError as exc:
+            raise LaunchError(f"the union's FUSE server failed: {exc.message}") from None
 
     def _log_tail(self) -> str:
         try:
@@ -285,13 +176,13 @@ class FuseUnion:
 class OverlayUnion:
     """Kernel overlayfs with the same branch order; the upper's work dir is a sibling temp dir."""
 
-    def __init__(self, branches: Sequence[Branch], mountpoint: str, *, rootless: bool) -> None:
+    def __init__(self, branches: Sequence[BranchSpec], mountpoint: str, *, rootless: bool) -> None:
         import tempfile
 
         self.mountpoint = mountpoint
         upper, lowers = branches[0], branches[1:]
         if not lowers:
-            raise LaunchError("the overlay backend needs at least one lower branch", 2)
+            raise LaunchError("the overlay backend needs at least one lower branch", EXIT_USAGE)
         self.workdir = tempfile.mkdtemp(prefix=".unionfs-work-", dir=os.path.dirname(upper.path))
         def esc(path: str) -> str:
             return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
@@ -324,7 +215,7 @@ class OverlayUnion:
 
 
 def mount_union(
-    branches: Sequence[Branch],
+    branches: Sequence[BranchSpec],
     mountpoint: str,
     *,
     rootless: bool,
@@ -343,4 +234,4 @@ def mount_union(
         return OverlayUnion(branches, mountpoint, rootless=rootless)
     if backend == "fuse":
         return FuseUnion(branches, mountpoint, rootless=rootless, logfile=logfile, keep=keep)
-    raise LaunchError(f"unknown union backend {backend!r} (choose from {', '.join(BACKENDS)})", 2)
+    raise LaunchError(f"unknown union backend {backend!r} (choose from {', '.join(BACKENDS)})", EXIT_USAGE)

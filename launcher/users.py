@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from launcher.union import LaunchError
+from launcher.errors import EXIT_USAGE, LaunchError
 
 
 class User(NamedTuple):
@@ -42,7 +42,7 @@ def resolve(spec: str, passwd: bytes | None, group: bytes | None) -> User:
     """The ids for *spec* from the image's *passwd* and *group* contents (None: the file is missing)."""
     who, sep, grp = spec.partition(":")
     if not who or (sep and not grp):
-        raise LaunchError(f"bad --user {spec!r} (want UID[:GID] or NAME[:GROUP])", 2)
+        raise LaunchError(f"bad --user {spec!r} (want UID[:GID] or NAME[:GROUP])", EXIT_USAGE)
     users = _rows(passwd, 7)
     groups = _rows(group, 4)
     entry = next((row for row in users if row[0] == who), None)

@@ -21,7 +21,6 @@ Rows:
   python -c pass          the floor: starting this interpreter and nothing else
   unionfs run (fuse)      the launcher with the unionfs FUSE server as the union (the default),
                           the server forked as the launcher starts and calling the core's serve()
-  ... exec'd server       the same, the server started as `python -m unionfs mount -f` instead
   unionfs run (overlay)   the same launcher over kernel overlayfs: the launcher's own cost
   unionfs run --rootless  FUSE union mounted inside a user namespace
   unshare --root          util-linux unshare with new mount/PID/UTS/IPC namespaces, rootfs = the image dir
@@ -123,21 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[tuple[str, list[str]]] = [("python -c pass", [py, "-c", "pass"])]
         if not args.no_fuse:
             rows.append(("unionfs run (fuse)", [*launcher, "--backend", "fuse", branches, "--", "/bin/true"]))
-            rows.append(
-                (
-                    "unionfs run (fuse, exec'd server)",
-                    [
-                        "env",
-                        f"UNIONFS_RUN_SERVER={py} -m unionfs",
-                        *launcher,
-                        "--backend",
-                        "fuse",
-                        branches,
-                        "--",
-                        "/bin/true",
-                    ],
-                )
-            )
         rows.append(
             ("unionfs run (overlay)", [*launcher, "--backend", "overlay", branches, "--", "/bin/true"])
         )

@@ -55,6 +55,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from unionfs.core import mountinfo
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 CACHE = Path(os.environ.get("UNIONFS_TEST_CACHE", "/var/tmp/unionfs-test-cache"))
@@ -111,17 +113,12 @@ def debian_rootfs() -> Path:
 # -- mounts ---------------------------------------------------------------------------------------------
 
 def mounted_under(prefix: Path) -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point.startswith(str(prefix) + "/"):
-                points.append(point)
-    return points
+    inside = os.fsencode(str(prefix)) + b"/"
+    return [os.fsdecode(m.point) for m in mountinfo.mounts() if m.point.startswith(inside)]
 
 
 def is_mounted(path: Path) -> bool:
-    return str(path) in mounted_under(path.parent)
+    return mountinfo.mount_at(os.fsencode(str(path))) is not None
 
 
 def cleanup_stale() -> None:
@@ -187,14 +184,13 @@ def fuse_overlayfs(layer: Layer, rootfs: Path, daemons: list[int], group: CpuGro
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=group.join)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(layer.merged):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                raise RunError(f"fuse-overlayfs exited {proc.returncode}: {err}")
-            if time.monotonic() > deadline:
-                raise RunError("fuse-overlayfs did not mount")
-            time.sleep(0.001)
+        try:
+            mountinfo.wait_for_mount(layer.merged, MOUNT_TIMEOUT, exited=proc.poll)
+        except ChildProcessError:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise RunError(f"fuse-overlayfs exited {proc.returncode}: {err}") from None
+        except TimeoutError:
+            raise RunError("fuse-overlayfs did not mount") from None
         daemons.append(proc.pid)
         yield
     finally:

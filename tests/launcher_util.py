@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionfs.core import mountinfo
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -70,10 +72,12 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
     return out
 
 
-def mounts_mentioning(*needles: str) -> list[str]:
-    """Lines of our own /proc/self/mountinfo that mention any of *needles* (other engineers mount too)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return [line for line in f if any(n in line for n in needles)]
+def mounts_mentioning(*needles: str) -> list[mountinfo.Mount]:
+    """Our own mounts whose mount point, root or source mentions any of *needles* (other engineers
+    mount too)."""
+    wanted = [os.fsencode(n) for n in needles]
+    return [m for m in mountinfo.mounts()
+            if any(n in m.point or n in m.root or n in os.fsencode(m.source) for n in wanted)]
 
 
 def children_of(pid: int) -> list[int]:

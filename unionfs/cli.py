@@ -189,10 +189,11 @@ def stop() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error."""
-    from .entry import start_server_early
+    """Run the CLI; a usage error is one line on stderr (exit 2), like every other user error.
 
-    start_server_early(sys.argv[1:] if argv is None else argv)  # when not done by the console script
+    The console script and ``python -m unionfs`` come through ``unionfs.entry.main``, which forks
+    ``unionfs run``'s server before this module loads.
+    """
     args = mount_helper_form(list(sys.argv[1:] if argv is None else argv))
     try:
         cli.main(args=args, prog_name="unionfs", standalone_mode=False)

@@ -227,6 +227,7 @@ def test_the_stand_in_check_says_when_it_was_bypassed(tmp_path: Path, source: st
     assert out.strip() == problem
 
 
+@pytest.mark.daemon_log_ok("patch bypassed")
 def test_the_report_lists_what_is_bypassed(monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """Outside a FUSE session the shim has not been called: the report says so, as it would for a

@@ -131,6 +131,8 @@ def _bad_cases(a: Path) -> dict[str, list[str | bytes]]:
         # unionfs run
         "run-no-arguments": [*R],
         "run-bad-backend": [*R, "--backend", "zfs", f"{U}:{A}", "--", "/bin/true"],
+        "run-bad-branch-mode": [*R, f"{U}=rx:{A}", "--", "/bin/true"],
+        "run-branch-twice": [*R, f"{U}:{A}:{U}", "--", "/bin/true"],
         "run-nonutf8-branch-missing": [*R, f"{U}:".encode() + x + b"/n\xff", "--", "/bin/true"],
         "run-nonutf8-upper-missing": [*R, x + b"/U\xff:" + A.encode(), "--", "/bin/true"],
         "run-nonutf8-branch-is-a-file": [*R, f"{U}:".encode() + x + b"/f\xff", "--", "/bin/true"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -15,21 +14,12 @@ from .layers import ENTRY_KINDS, CopiedLayers
 from .machine import Case, Runner, parse_layers, run_sequence
 from .machine import shrink as shrink_case
 from .ops import WEIGHTS, Op
-from .report import format_trace, script, write_script
+from .report import exit_on_sigterm, format_trace, script, write_script
 from .snapshot import IGNORABLE
 
 log = logging.getLogger(__name__)
 
 IMPLS = click.Choice(["kernel", "unionfs", "fuse-overlayfs"])
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM (``timeout``, CI cancelling a job) into SystemExit, so that the finally blocks
-    unmount and remove the scratch dirs instead of leaving mounts behind."""
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _layers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 
 from unionfs.core import mountinfo
@@ -99,16 +98,14 @@ def wait_mounted(mnt: PathLike, proc: subprocess.Popen[bytes] | None = None, tim
                  fstype_prefix: str = "") -> None:
     """Wait (bounded) until a filesystem whose type starts with *fstype_prefix* is mounted at
     *mnt*; raise `MountError` if *proc* exits first or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        t = mount_type(mnt)
-        if t is not None and t.startswith(fstype_prefix):
-            return
-        if proc is not None and proc.poll() is not None:
-            raise MountError(f"daemon exited with {proc.returncode} before {_path(mnt)} was mounted")
-        if time.monotonic() > deadline:
-            raise MountError(f"{_path(mnt)}: not mounted after {timeout:.0f}s")
-        time.sleep(0.005)
+    try:
+        mountinfo.wait_for_mount(mnt, timeout, exited=None if proc is None else proc.poll,
+                                 fstype=fstype_prefix)
+    except ChildProcessError:
+        assert proc is not None
+        raise MountError(f"daemon exited with {proc.returncode} before {_path(mnt)} was mounted") from None
+    except TimeoutError:
+        raise MountError(f"{_path(mnt)}: not mounted after {timeout:.0f}s") from None
 
 
 def read_log(path: PathLike, start: int = 0) -> str:

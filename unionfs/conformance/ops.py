@@ -9,7 +9,6 @@ repro script makes — so the script runs exactly what the oracle ran.
 
 from __future__ import annotations
 
-import ctypes
 import errno as errno_mod
 import logging
 import os
@@ -19,18 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from unionfs.core.sysx import AT_FDCWD, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
 from .layers import NAMES, Oct, Rep
 
 log = logging.getLogger(__name__)
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = _libc.renameat2
-_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_renameat2.restype = ctypes.c_int
 
 MAX_READ = 1 << 16
 
@@ -130,9 +123,10 @@ def rmdir(s: Session, path: str) -> None:
 def rename(s: Session, src: str, dst: str, flags: str = "") -> None:
     """renameat2(2); ``flags`` is '', 'RENAME_NOREPLACE' or 'RENAME_EXCHANGE'."""
     value = {"": 0, "RENAME_NOREPLACE": RENAME_NOREPLACE, "RENAME_EXCHANGE": RENAME_EXCHANGE}[flags]
-    if _renameat2(AT_FDCWD, os.fsencode(s.path(src)), AT_FDCWD, os.fsencode(s.path(dst)), value) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), src)
+    try:
+        renameat2(AT_FDCWD, os.fsencode(s.path(src)), AT_FDCWD, os.fsencode(s.path(dst)), value)
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno or 0), src) from None
 
 
 def link(s: Session, src: str, dst: str) -> None:

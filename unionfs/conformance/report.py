@@ -13,6 +13,7 @@ import argparse
 import ast
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,9 +122,12 @@ def _short(outcome: Outcome) -> str:
 
 
 def exit_on_sigterm() -> None:
-    from .cli import exit_on_sigterm as install
+    """Turn SIGTERM (``timeout``, CI cancelling a job) into SystemExit, so that the finally blocks
+    unmount and remove the scratch dirs instead of leaving mounts behind."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
 
-    install()
+    signal.signal(signal.SIGTERM, handler)
 
 
 def repro_main(n_layers: int, layers: Callable[[Layers], None], steps: Sequence[str], *,

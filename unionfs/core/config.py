@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import os
 import stat
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .errors import QuietError
 
@@ -143,25 +145,72 @@ def parse_options(opts: list[str] | tuple[str, ...]) -> list[tuple[str, str | No
     return out
 
 
-def parse_branch_spec(spec: str) -> list[tuple[str, str | None]]:
-    """``A=rw:B:C=ro`` -> [(A, 'rw'), (B, None), (C, 'ro')]."""
-    out: list[tuple[str, str | None]] = []
+class BranchSpec(NamedTuple):
+    """One branch of a branch list as written: its path and its mode (None: by its place)."""
+
+    path: str
+    mode: str | None = None
+
+
+def parse_branch_spec(spec: str) -> list[BranchSpec]:
+    """``A=rw:B:C=ro`` -> [(A, 'rw'), (B, None), (C, 'ro')].
+
+    ``\\:`` escapes a colon in a path; ``=MODE`` is a mode only when MODE has no ``/`` (``/a=b/c``
+    is a path).
+    """
+    out: list[BranchSpec] = []
     for part in split_escaped(spec, ":"):
         if not part:
             raise QuietError(f"empty branch in {spec!r}")
         path, eq, mode = part.rpartition("=")
         if eq and mode in BRANCH_MODES:
-            out.append((path, mode))
+            out.append(BranchSpec(path, mode))
         elif eq and "/" not in mode and mode:
             raise QuietError(f"unknown branch mode {mode!r} in {part!r} (use rw, ro or rr)")
         else:
-            out.append((part, None))
+            out.append(BranchSpec(part))
     return out
 
 
-def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | tuple[str, ...],
-                 strict: bool = True) -> MountConfig:
-    """Parse and check.  With *strict* false (unionfs-overlay), unknown options are only listed."""
+def format_branch_spec(specs: Sequence[BranchSpec]) -> str:
+    """The branch list `parse_branch_spec` reads back as *specs* (``\\`` and ``:`` escaped)."""
+    def one(b: BranchSpec) -> str:
+        path = b.path.replace("\\", "\\\\").replace(":", "\\:")
+        return f"{path}={b.mode}" if b.mode else path
+    return ":".join(one(b) for b in specs)
+
+
+def writable_branches(specs: Sequence[BranchSpec], top: bool = True,
+                      readonly: bool = False) -> list[tuple[str, bool]]:
+    """(absolute path, writable) for each of *specs*: without a mode, the first is writable and the
+    rest read-only.  *top*: whether the first of *specs* is the union's top branch (only that one
+    can be writable).  *readonly* (``-o ro``): the top is writable only when asked for (``A=rw``),
+    and is then opened for writing, for a later remount read-write; a branch merely left at the
+    default is not."""
+    branches = []
+    for i, (path, mode) in enumerate(specs):
+        first = top and i == 0
+        writable = (first and not readonly) if mode is None else BRANCH_MODES[mode]
+        if writable and not first:
+            raise QuietError(f"branch {path!r}: only the top branch can be writable")
+        branches.append((_abs(path), writable))
+    return branches
+
+
+def parse_branches(spec: str, top: bool = True) -> list[BranchSpec]:
+    """Parse and check a branch list before anything is mounted (``unionfs run``'s own): each an
+    existing directory, none given twice or inside another, only the top one writable (*top*: as in
+    `writable_branches`).  Paths come back absolute."""
+    specs = parse_branch_spec(spec)
+    branches = writable_branches(specs, top)
+    _check_branches(branches, "aufs")
+    return [BranchSpec(path, mode) for (path, _), (_, mode) in zip(branches, specs, strict=True)]
+
+
+def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str,
+                 options: list[str] | tuple[str, ...], strict: bool = True) -> MountConfig:
+    """Parse and check.  *branch_spec*: ``A:B`` as `parse_branch_spec` reads it, or its result.
+    With *strict* false (unionfs-overlay), unknown options are only listed."""
     parsed = parse_options(options)
     values: dict[str, str | None] = {}
     ignored: list[str] = []
@@ -205,15 +254,8 @@ def build_config(branch_spec: str | None, mountpoint: str, options: list[str] | 
         style, dialect = "overlay", Dialect.OVERLAY
     else:
         assert branch_spec is not None
-        specs = parse_branch_spec(branch_spec)
-        branches = []
-        for i, (path, mode) in enumerate(specs):
-            # Under -o ro the top is writable only when asked for (A=rw): then it is opened for
-            # writing, for a later remount read-write; a branch merely left at the default is not.
-            writable = (i == 0 and "ro" not in values) if mode is None else BRANCH_MODES[mode]
-            if writable and i != 0:
-                raise QuietError(f"branch {path!r}: only the top branch can be writable")
-            branches.append((_abs(path), writable))
+        specs = parse_branch_spec(branch_spec) if isinstance(branch_spec, str) else branch_spec
+        branches = writable_branches(specs, readonly="ro" in values)
         style, dialect = "aufs", Dialect.AUFS
 
     if "whiteout" in values:
@@ -273,13 +315,15 @@ def _inside(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def check(cfg: MountConfig) -> None:
-    """Check the branches, work dir and mount point exist, are distinct and do not nest."""
+def _check_branches(branches: list[tuple[str, bool]], style: str
+                    ) -> tuple[dict[tuple[int, int], str], list[tuple[str, str]]]:
+    """Check the branches exist, are directories, are distinct and do not nest; their (dev, ino)
+    and their (path, real path)."""
     seen: dict[tuple[int, int], str] = {}
     real: list[tuple[str, str]] = []
-    for path, writable in cfg.branches:
-        what = "upperdir" if (cfg.style == "overlay" and writable) else \
-            ("lowerdir" if cfg.style == "overlay" else "branch")
+    for path, writable in branches:
+        what = "upperdir" if (style == "overlay" and writable) else \
+            ("lowerdir" if style == "overlay" else "branch")
         st = _dir_stat(what, path)
         key = (st.st_dev, st.st_ino)
         if key in seen:
@@ -290,6 +334,12 @@ def check(cfg: MountConfig) -> None:
         for b, rb in real:
             if a != b and _inside(ra, rb):
                 raise QuietError(f"branch {a!r} is inside branch {b!r}")
+    return seen, real
+
+
+def check(cfg: MountConfig) -> None:
+    """Check the branches, work dir and mount point exist, are distinct and do not nest."""
+    seen, real = _check_branches(cfg.branches, cfg.style)
     if cfg.workdir is not None:
         wst = _dir_stat("workdir", cfg.workdir)
         upper = cfg.branches[0][0]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 
@@ -60,3 +61,29 @@ def mount_at(point: str | bytes) -> Mount | None:
 def is_mounted(point: str | bytes | os.PathLike[str]) -> bool:
     """Whether something is mounted at *point* (its real path)."""
     return mount_at(os.path.realpath(os.fsencode(point))) is not None
+
+
+def wait_for_mount(point: str | bytes | os.PathLike[str], timeout: float, *,
+                   exited: Callable[[], int | None] | None = None, fstype: str = "") -> Mount:
+    """Wait (bounded) until a filesystem whose type starts with *fstype* is mounted at *point*; its mount.
+
+    Only mountinfo is read, never the mount point (a daemon still starting could not answer for it);
+    *point*'s parent is resolved, not *point*.  Raises `ChildProcessError` once *exited* (a daemon's
+    ``poll``) gives an exit status, and `TimeoutError` after *timeout* seconds.
+    """
+    path = os.path.abspath(os.fsencode(point))
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        found = mount_at(target)
+        if found is not None and found.fstype.startswith(fstype):
+            return found
+        status = exited() if exited is not None else None
+        if status is not None:
+            raise ChildProcessError(f"the daemon exited with status {status} before {os.fsdecode(target)} "
+                                    "was mounted")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{os.fsdecode(target)} not mounted after {timeout:g}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+AT_FDCWD = -100  # a dirfd meaning "relative to the working directory" (not in the os module)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from unionfs.core import mountinfo
 from unionfs.core.config import MountConfig
 from unionfs.core.errors import QuietError
 
-from . import statedir
+from . import protocol, statedir
 from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
@@ -120,22 +121,16 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     os.close(w)
     if log_ is not None:
         os.close(log_.fd)
-    chunks = []
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    msg = os.fsdecode(b"".join(chunks))
-    if msg == "ready":
+    try:
+        protocol.wait_ready(r)
+    except QuietError:
+        os.waitpid(pid, 0)
         if state is not None:
-            state.close()
-        return 0
-    os.waitpid(pid, 0)
+            state.discard()
+        raise
     if state is not None:
-        state.discard()
-    raise QuietError(msg.removeprefix("error: ") or "the daemon exited before the mount was ready")
+        state.close()
+    return 0
 
 
 def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, **serve_args: Any) -> int:
@@ -154,7 +149,8 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
         os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
         code = serve(cfg, ready_fd, debug, on_ready=on_ready, **serve_args)
     except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
-        _report(ready_fd, f"error: {e}")
+        if not ready:  # once ready, the fd is closed (and its number may be another file's)
+            protocol.report_error(ready_fd, e)
     finally:
         if log_ is not None:
             log_.tidy() if ready else log_.discard()
@@ -179,13 +175,6 @@ def _log_name(mountpoint: str, resolved: bool = False) -> str:
     return _pid_name(mountpoint, resolved).removesuffix(".pid") + ".log"
 
 
-def _report(fd: int | None, msg: str) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, os.fsencode(msg))  # a path in it may hold any bytes
-        os.close(fd)
-
 
 def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     handler: logging.Handler
@@ -209,9 +198,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           fuse_fd: int | None = None) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
-    *on_ready* is called once the mount is ready (after "ready" went to *ready_fd*).  A resident
-    server's worker gives *opener* (the branches it was handed open, by writability) and *fuse_fd*,
-    a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
+    *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
+    then closed; see `protocol`).  Call `preload` first where the imports' time matters.  A
+    resident server's worker gives *opener* (the branches it was handed open, by writability) and
+    *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
     """
     import trio
 
@@ -280,13 +270,30 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())
         if ready_fd is not None:
-            _report(ready_fd, "ready")
+            protocol.report_ready(ready_fd)
             _detach_stdio()
         undo.pop_all()
         if on_ready is not None:
             on_ready()
         trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches)
     return 0
+
+
+def preload() -> None:
+    """Import all that `serve` needs (pyfuse3 behind the libfuse shim, trio, the union): about 100 ms,
+    which a starter that forks its server early (``unionfs run``) spends on another core.  Starts no
+    thread: a server that joins namespaces afterwards must be single-threaded.
+    """
+    # Cyclic-GC passes over the modules' objects, which live as long as the server, cost these
+    # imports ~10% and free nothing; so the GC is off while they load, and freezing them afterwards
+    # (gc.freeze: never scanned again) keeps the first collection from scanning them all at once.
+    gc.disable()
+    try:
+        from . import operations  # noqa: F401 - first: it loads the shim, which must precede pyfuse3
+        from .compat import pyfuse3  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _open_fds() -> set[int]:

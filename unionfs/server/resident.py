@@ -284,18 +284,19 @@ def run(idle: float = DEFAULT_IDLE, foreground: bool = False) -> int:
 
 
 def _warm_up() -> None:
-    """Do once here what every worker would do first: import what serving needs, run trio once (its
-    first run sets up what later ones reuse), and freeze what exists into the permanent generation,
-    so that a worker's garbage collections do not touch (and copy) every page it shares with us."""
+    """Do once here what every worker would do first: import what serving needs (`preload`, which
+    also freezes what it loaded out of the garbage collector's scans, so that a worker's collections
+    do not touch, and copy, the pages it shares with us), and run trio once (its first run sets up
+    what later ones reuse)."""
     import gc
 
     import trio
 
-    import unionfs.server.daemon  # noqa: F401
     from unionfs.core import union  # noqa: F401
 
-    from . import compat, operations  # noqa: F401
+    from .daemon import preload
 
+    preload()
     trio.run(trio.sleep, 0)
     gc.collect()
     gc.freeze()
