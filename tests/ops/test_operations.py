@@ -22,7 +22,6 @@ import pytest
 from pyfuse3 import FUSEError
 
 from unionfs.core.branches import open_stack
-from unionfs.core.union import Union
 from unionfs.core.whiteout import Dialect
 from unionfs.server.operations import Operations
 
@@ -87,11 +86,11 @@ def _build(upper: Path, lower: Path, work: Path, writable: bool = True) -> Itera
     branches = [(str(upper), True), (str(lower), False)] if writable else [(str(lower), False)]
     stack = open_stack(branches, str(work) if writable else None, aufs_work=False)
     try:
-        union = Union(stack, Dialect.OVERLAY, readonly=not writable)
+        ops = Operations.over(stack, Dialect.OVERLAY, readonly=not writable, timeout=0)
         try:
-            yield Operations(union, timeout=0)
+            yield ops
         finally:
-            union.close()
+            ops.union.close()
     finally:
         stack.close()
 

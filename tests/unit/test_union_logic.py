@@ -240,8 +240,10 @@ def test_readers_without_a_handle_continue_in_their_snapshot(branches: tuple[Pat
 
     upper, lower, work, _ = branches
     make(lower, {"a": "1", "b": "2", "c": "3"})
-    with open_union(upper, lower, work) as u:
-        ops = Operations(u)
+    stack = open_stack([(str(upper), True), (str(lower), False)], str(work), aufs_work=False)
+    ops = Operations.over(stack, Dialect.OVERLAY)
+    u = ops.union
+    with contextlib.closing(stack), contextlib.closing(u):
         root = u.table.root
         first, start, tag = ops._snapshot(root, 0)
         assert start == 0 and tag != 0

@@ -1,9 +1,11 @@
 """Branches held open as directory fds; every access is relative to an fd, one name at a time.
 
-Nothing outside this module opens a branch by path.  Names are bytes.  No call here follows a
-symlink inside a branch: directories are opened with O_NOFOLLOW|O_DIRECTORY relative to their
-parent's fd, and every stat, open and xattr call works on a single name under an fd or on the fd
-itself.
+Nothing outside this module opens a branch by path, and nothing outside it resolves a name under a
+branch directory: a directory of a branch (or the work directory) is a `DirFd`, and every system
+call on one of its names is a `DirFd` method (a unit test holds the rest of the core to it).  Names
+are bytes.  No call here follows a symlink inside a branch: directories are opened with
+O_NOFOLLOW|O_DIRECTORY relative to their parent's fd, and every stat, open, change and xattr call
+works on a single name under an fd (without following it) or on the fd itself.
 """
 from __future__ import annotations
 
@@ -11,9 +13,16 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .sysx import renameat2
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 WORK_NAME = "unionfs-work"            # inside an overlay-style workdir
@@ -22,13 +31,136 @@ ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 
 
+class DirFd(int):
+    """An open directory of a branch (or the work directory): the one way to a name inside it.
+
+    Each method is one system call (or a short fixed sequence) on one name relative to this
+    directory, never following a symlink: `*at` calls with AT_SYMLINK_NOFOLLOW, opens with
+    O_NOFOLLOW, and what has no no-follow form (chmod, xattrs of a name) through an O_PATH fd of
+    the object itself.  The value is the fd: calls on the directory itself (fstat, fsync, its
+    own xattrs) take it as any int.
+    """
+
+    __slots__ = ()
+
+    # ---------------------------------------------------------------- looking
+
+    def lstat(self, name: bytes) -> os.stat_result:
+        return os.stat(name, dir_fd=self, follow_symlinks=False)
+
+    def exists(self, name: bytes) -> bool:
+        try:
+            self.lstat(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def readlink(self, name: bytes) -> bytes:
+        return os.readlink(name, dir_fd=self)
+
+    def listdir(self) -> list[bytes]:
+        """The names in this directory, as bytes."""
+        return listdir(self)
+
+    # ---------------------------------------------------------------- opening
+
+    def open_dir(self, name: bytes) -> DirFd:
+        """The directory *name*, opened without following a symlink (ELOOP or ENOTDIR then)."""
+        return DirFd(_open_noatime(name, DIR_FLAGS, 0, self))
+
+    def open_file(self, name: bytes, flags: int, mode: int = 0o777) -> int:
+        """The regular file *name*, opened with *flags* (see `open_file_at`)."""
+        return open_file_at(self, name, flags, mode)
+
+    def open_path(self, name: bytes) -> int:
+        """An O_PATH fd of the object *name* itself (a symlink is not followed)."""
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self)
+
+    @contextmanager
+    def path_of(self, name: bytes) -> Iterator[str]:
+        """A path naming exactly the object *name* (not followed), valid inside the block: for the
+        calls that have no fd or no-follow form (xattrs of a name, chmod)."""
+        fd = self.open_path(name)
+        try:
+            yield fd_path(fd)
+        finally:
+            os.close(fd)
+
+    # ---------------------------------------------------------------- making and removing
+
+    def mkdir(self, name: bytes, mode: int) -> None:
+        os.mkdir(name, mode, dir_fd=self)
+
+    def mknod(self, name: bytes, mode: int, device: int = 0) -> None:
+        os.mknod(name, mode, device, dir_fd=self)
+
+    def symlink(self, target: bytes, name: bytes) -> None:
+        os.symlink(target, name, dir_fd=self)
+
+    def touch(self, name: bytes, mode: int) -> None:
+        """Create the empty file *name* (an AUFS whiteout or marker); an existing one is kept."""
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=self))
+
+    def link(self, name: bytes, dst: DirFd, dst_name: bytes) -> None:
+        """A hard link *dst*/*dst_name* to the object *name* (a symlink itself, not its target)."""
+        os.link(name, dst_name, src_dir_fd=self, dst_dir_fd=dst, follow_symlinks=False)
+
+    def rename(self, name: bytes, dst: DirFd, dst_name: bytes, flags: int = 0) -> None:
+        """rename(2), or renameat2(2) with *flags* (RENAME_EXCHANGE, RENAME_WHITEOUT...)."""
+        if flags:
+            renameat2(self, name, dst, dst_name, flags)
+        else:
+            os.rename(name, dst_name, src_dir_fd=self, dst_dir_fd=dst)
+
+    def unlink(self, name: bytes) -> None:
+        os.unlink(name, dir_fd=self)
+
+    def rmdir(self, name: bytes) -> None:
+        os.rmdir(name, dir_fd=self)
+
+    def clear(self) -> None:
+        """Remove everything inside this directory (see `clear_dir`)."""
+        clear_dir(self)
+
+    def remove(self, name: bytes) -> None:
+        """Remove *name*, an empty directory or anything else."""
+        if stat.S_ISDIR(self.lstat(name).st_mode):
+            self.rmdir(name)
+        else:
+            self.unlink(name)
+
+    # ---------------------------------------------------------------- changing
+
+    def chown(self, name: bytes, uid: int, gid: int) -> None:
+        os.chown(name, uid, gid, dir_fd=self, follow_symlinks=False)
+
+    def chmod(self, name: bytes, mode: int, add: bool = False) -> None:
+        """Set *name*'s permission bits to *mode* (with *add*, add them to its own); a symlink
+        is left alone (Linux has no mode for one, and chmod has no no-follow form)."""
+        fd = self.open_path(name)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(fd_path(fd), stat.S_IMODE(st.st_mode) | mode if add else stat.S_IMODE(mode))
+        finally:
+            os.close(fd)
+
+    def utime(self, name: bytes, ns: tuple[int, int]) -> None:
+        os.utime(name, ns=ns, dir_fd=self, follow_symlinks=False)
+
+    def on_path(self, name: bytes, fn: Callable[[str], T]) -> T:
+        """``fn(path)``, *path* naming exactly the object *name* (see `path_of`)."""
+        with self.path_of(name) as path:
+            return fn(path)
+
+
 @dataclass(eq=False)
 class Layer:
     """One branch: its root held open, whether it may be written, and the device it lives on."""
 
     index: int
     path: str
-    fd: int
+    fd: DirFd
     writable: bool
     dev: int
 
@@ -38,7 +170,7 @@ class LayerStack:
     """The ordered branches (top first) and, for a writable union, the work directory."""
 
     layers: list[Layer]
-    work_fd: int | None = None
+    work_fd: DirFd | None = None
     fsindex: dict[int, int] = field(default_factory=dict)
     remove_work: bytes | None = None   # AUFS style: the hidden work dir is removed at unmount
 
@@ -50,7 +182,7 @@ class LayerStack:
     def close(self) -> None:
         if self.remove_work is not None and self.layers:
             try:
-                os.rmdir(self.remove_work, dir_fd=self.layers[0].fd)
+                self.layers[0].fd.rmdir(self.remove_work)
             except OSError as e:
                 log.debug("leaving the work dir in place: %s", e)
             self.remove_work = None
@@ -75,13 +207,13 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def open_root(path: str) -> int:
+def open_root(path: str) -> DirFd:
     """Open a branch root.  The path itself is the user's to resolve; below it we never follow."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
-        return os.open(path, flags | os.O_NOATIME)
+        return DirFd(os.open(path, flags | os.O_NOATIME))
     except PermissionError:
-        return os.open(path, flags)
+        return DirFd(os.open(path, flags))
 
 
 def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work: bool) -> LayerStack:
@@ -115,7 +247,7 @@ def stack_from_fds(branches: list[tuple[str, int, bool]], work_root: int | None,
     stack = LayerStack(layers)
     try:
         for i, (path, fd, writable) in enumerate(branches):
-            layers.append(Layer(i, path, fd, writable, -1))
+            layers.append(Layer(i, path, DirFd(fd), writable, -1))
         for layer in layers:
             layer.dev = os.fstat(layer.fd).st_dev
             stack.fs_index(layer.dev)
@@ -126,7 +258,7 @@ def stack_from_fds(branches: list[tuple[str, int, bool]], work_root: int | None,
             try:
                 if overlay_work:
                     assert work_root is not None
-                    stack.work_fd = _fresh_dir(work_root, WORK_NAME.encode())
+                    stack.work_fd = _fresh_dir(DirFd(work_root), WORK_NAME.encode())
                 else:
                     stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
                     stack.remove_work = AUFS_WORK_NAME
@@ -144,22 +276,22 @@ def stack_from_fds(branches: list[tuple[str, int, bool]], work_root: int | None,
     return stack
 
 
-def _fresh_dir(parent_fd: int, name: bytes) -> int:
+def _fresh_dir(parent_fd: DirFd, name: bytes) -> DirFd:
     """Create (or empty) *name* under *parent_fd* and return it open; it holds only our temporaries.
 
     It carries no ACL, whatever its parent's default ACL gave it (overlayfs strips its work dir
     alike): a copy assembled in it gets the ACLs of its original and no others.
     """
     try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        st: os.stat_result | None = parent_fd.lstat(name)
     except FileNotFoundError:
         st = None
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=parent_fd)
+        parent_fd.unlink(name)
         st = None
     if st is None:
-        os.mkdir(name, 0o700, dir_fd=parent_fd)
-    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        parent_fd.mkdir(name, 0o700)
+    fd = DirFd(os.open(name, DIR_FLAGS, dir_fd=parent_fd))
     try:
         if st is not None:
             clear_dir(fd)
@@ -241,8 +373,8 @@ def _open_noatime(name: bytes, flags: int, mode: int, dirfd: int) -> int:
         return os.open(name, flags, mode, dir_fd=dirfd)
 
 
-def open_dir_at(dirfd: int, name: bytes) -> int:
-    return _open_noatime(name, DIR_FLAGS, 0, dirfd)
+def open_dir_at(dirfd: int, name: bytes) -> DirFd:
+    return DirFd(_open_noatime(name, DIR_FLAGS, 0, dirfd))
 
 
 def open_file_at(dirfd: int, name: bytes, flags: int, mode: int = 0o777) -> int:
@@ -358,7 +490,7 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
 
 
 __all__ = [
-    "ACL_ACCESS", "ACL_DEFAULT", "Layer", "LayerStack", "open_stack", "stack_from_fds", "listdir", "lstat_at",
-    "exists_at",
-    "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data", "raise_nofile_limit",
+    "ACL_ACCESS", "ACL_DEFAULT", "DirFd", "Layer", "LayerStack", "open_stack", "stack_from_fds", "listdir",
+    "lstat_at", "exists_at", "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data",
+    "raise_nofile_limit",
 ]

@@ -18,12 +18,11 @@ import os
 import stat
 from collections.abc import Sequence
 
-from unionfs.core.branches import open_root
+from unionfs.core.branches import DirFd, open_root
 from unionfs.core.whiteout import dir_is_opaque, is_whiteout_stat, whiteouts_at
 
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_FILE = 1 << 20  # /etc/passwd and /etc/group of any real image are far smaller
 
 
@@ -42,7 +41,7 @@ class BranchView:
     ``layers.open_root``); below it nothing is followed."""
 
     def __init__(self, branches: Sequence[str | os.PathLike[str]]) -> None:
-        self._roots: list[int] = []
+        self._roots: list[DirFd] = []
         try:
             for path in branches:
                 self._roots.append(open_root(os.fspath(path)))
@@ -80,7 +79,7 @@ class BranchView:
         """`walk` of the path made of *names* (bytes, one per component)."""
         found: list[os.stat_result] = []
         dirs = list(self._roots)
-        opened: list[int] = []
+        opened: list[DirFd] = []
         try:
             for name in names:
                 st, dirs = self._step(dirs, name, opened)
@@ -108,7 +107,7 @@ class BranchView:
         if not names:
             return None
         dirs = list(self._roots)
-        opened: list[int] = []
+        opened: list[DirFd] = []
         try:
             for name in names[:-1]:
                 st, dirs = self._step(dirs, os.fsencode(name), opened)
@@ -120,15 +119,13 @@ class BranchView:
                 if device or aufs:
                     return None
                 try:
-                    f = os.open(last, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+                    f = fd.open_file(last, os.O_RDONLY)     # ESTALE when not a regular file
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
                     log.debug("image file %s: %s", path, os.strerror(exc.errno or 0))
                     return None
                 try:
-                    if not stat.S_ISREG(os.fstat(f).st_mode):
-                        return None
                     return os.read(f, MAX_FILE)
                 finally:
                     os.close(f)
@@ -138,20 +135,21 @@ class BranchView:
                 os.close(fd)
 
     @staticmethod
-    def _step(dirs: list[int], name: bytes, opened: list[int]) -> tuple[os.stat_result | None, list[int]]:
+    def _step(dirs: list[DirFd], name: bytes, opened: list[DirFd]
+              ) -> tuple[os.stat_result | None, list[DirFd]]:
         """Look *name* up in the directories *dirs* (one per branch that has the parent, top first).
 
         Returns the topmost stat and the directories to look in for the next name: every
         branch's directory of that name down to the first opaque one or a whiteout.
         """
         top: os.stat_result | None = None
-        below: list[int] = []
+        below: list[DirFd] = []
         for fd in dirs:
             device, aufs = whiteouts_at(fd, name)
             if aufs:
                 break
             try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                st = fd.lstat(name)
             except FileNotFoundError:
                 continue
             if device or is_whiteout_stat(st):
@@ -161,7 +159,7 @@ class BranchView:
             if not (stat.S_ISDIR(top.st_mode) and stat.S_ISDIR(st.st_mode)):
                 break
             try:
-                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                sub = fd.open_dir(name)
             except OSError:
                 break
             opened.append(sub)

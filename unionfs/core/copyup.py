@@ -1,10 +1,15 @@
 """Copy-up: bring a lower object into the writable branch before its first change.
 
 One entry point per kind: `CopyUp.dir` for a directory (sync: small), `CopyUp.file` for anything else
-(async: data may be large and is copied on a worker thread).  Parents first; each object is
-assembled under a temporary name in the work directory — data, owner, mode, xattrs, times — and
-renamed into place, so no reader and no crash ever sees a partial copy.  The temporary is removed on
-any failure.  The parent directory's times are restored after the rename, as overlayfs does.
+(async: data may be large and is copied on a worker thread).  Each object is assembled under a
+temporary name in the work directory — data, owner, mode, xattrs, times — and renamed into place, so
+no reader and no crash ever sees a partial copy.  The temporary is removed on any failure.  The
+parent directory's times are restored after the rename, as overlayfs does.
+
+Copy-up knows branch fds and names, not nodes: the caller (`Resolver`) copies parents first, hands
+the fds, and records what was made (the directory's new fd; a file's `Copied` temporary, which it
+places with `CopyUp.place` once it has checked, after the await, that the name still stands for the
+node).
 """
 from __future__ import annotations
 
@@ -13,18 +18,15 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from .branches import DIR_FLAGS, copy_data, fd_path, lstat_at, open_file_at
-from .whiteout import is_private_xattr
-
-if TYPE_CHECKING:
-    from .nodes import Node
-    from .union import Union
+from .branches import DirFd, copy_data, fd_path
+from .interfaces import Executor
+from .whiteout import WhiteoutWriter, is_private_xattr
 
 log = logging.getLogger(__name__)
 
-# Copies up to this size stay on the trio thread; larger ones go to a worker thread.
+# Copies up to this size stay on the caller's thread; larger ones go to the executor (a worker thread).
 INLINE_COPY_MAX = 1 << 20
 
 
@@ -59,65 +61,68 @@ def _chown_tolerant(chown: Callable[[], None]) -> None:
         log.debug("copy-up keeps the daemon's owner: %s", e)
 
 
-def _with_path_fd(dirfd: int, name: bytes, fn: Callable[[str], None]) -> None:
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        fn(fd_path(fd))
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class Copied:
+    """A complete copy of a non-directory, under the temporary name *tmp* in the work directory."""
+
+    tmp: bytes
+    st: os.stat_result      # the original's
 
 
 class CopyUp:
-    """Copies nodes into the writable branch of *union*."""
+    """Copies objects into the writable branch, assembling them in *work_fd* (None: read-only
+    union) under the writer's temporary names; big data is copied by *executor*."""
 
-    def __init__(self, union: Union) -> None:
-        self.union = union
+    def __init__(self, work_fd: DirFd | None, writer: WhiteoutWriter, executor: Executor) -> None:
+        self.work_fd = work_fd
+        self.writer = writer
+        self.executor = executor
 
     def _temp(self) -> bytes:
-        return self.union.writer.temp_name()
+        return self.writer.temp_name()
 
     @property
-    def work(self) -> int:
-        work = self.union.work_fd
+    def work(self) -> DirFd:
+        work = self.work_fd
         if work is None:
             raise OSError(errno.EROFS, "no work directory", "")
         return work
 
-    def _place(self, tmp: bytes, upper_parent_fd: int, name: bytes) -> None:
+    def place(self, tmp: bytes, upper_parent_fd: DirFd, name: bytes) -> None:
         """Rename the finished temporary into place, keeping the parent's times."""
         work = self.work
         pst = os.fstat(upper_parent_fd)
-        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=upper_parent_fd)
+        work.rename(tmp, upper_parent_fd, name)
         os.utime(upper_parent_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def discard(self, tmp: bytes) -> None:
         work = self.work
         try:
-            st = lstat_at(work, tmp)
+            st = work.lstat(tmp)
         except OSError:
             return
         try:
             if stat.S_ISDIR(st.st_mode):
-                os.rmdir(tmp, dir_fd=work)
+                work.rmdir(tmp)
             else:
-                os.unlink(tmp, dir_fd=work)
+                work.unlink(tmp)
         except OSError as e:
             log.warning("copy-up: could not remove temporary %r: %s", tmp, e)
 
-    def dir(self, node: Node, parent_upper_fd: int, name: bytes) -> int:
-        """Create the upper directory for *node* (a lower directory); return it open."""
-        src_fd = self.union.table.top_dirfd(node)
+    def dir(self, src_fd: DirFd, parent_upper_fd: DirFd, name: bytes) -> DirFd:
+        """Copy the lower directory open as *src_fd* up, as *name* in *parent_upper_fd*; return
+        the copy open."""
         st = os.fstat(src_fd)
         work = self.work
         tmp = self._temp()
-        os.mkdir(tmp, 0o700, dir_fd=work)
+        work.mkdir(tmp, 0o700)
         try:
-            fd = os.open(tmp, DIR_FLAGS, dir_fd=work)
+            fd = work.open_dir(tmp)
             try:
                 self._own(fd, st)
                 copy_xattrs(fd_path(src_fd), fd_path(fd))
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                self._place(tmp, parent_upper_fd, name)
+                self.place(tmp, parent_upper_fd, name)
             except BaseException:
                 os.close(fd)
                 raise
@@ -131,45 +136,37 @@ class CopyUp:
         _chown_tolerant(lambda: os.chown(fd, st.st_uid, st.st_gid))
         os.chmod(fd, stat.S_IMODE(st.st_mode))
 
-    async def file(self, node: Node, keep: int | None = None) -> None:
-        """Copy the non-directory *node* up; *keep* limits the data copied (O_TRUNC copies none)."""
-        union = self.union
-        parent, name = node.name_in()
-        upper_pfd = union.upper_dir(parent)
-        src_pfd = union.table.dirfd(parent, node.layer)
-        st = lstat_at(src_pfd, name)
+    async def file(self, src_pfd: DirFd, name: bytes, keep: int | None = None) -> Copied:
+        """Copy the non-directory *name* of the branch directory *src_pfd* into a temporary of the
+        work directory; *keep* limits the data copied (O_TRUNC copies none).  *src_pfd* is used
+        before the first await only.  The caller places the copy (`place`) or discards it."""
+        st = src_pfd.lstat(name)
         work = self.work
         tmp = self._temp()
         try:
             if stat.S_ISREG(st.st_mode):
                 await self._copy_regular(src_pfd, name, tmp, st, keep)
             elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(name, dir_fd=src_pfd), tmp, dir_fd=work)
+                work.symlink(src_pfd.readlink(name), tmp)
                 self._finish_special(src_pfd, name, tmp, st)
             else:
-                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+                work.mknod(tmp, st.st_mode, st.st_rdev)
                 self._finish_special(src_pfd, name, tmp, st)
-            # The copy may have awaited: make sure the name still stands for this node.
-            if node.layer == 0 or (parent, name) not in node.links:
-                raise OSError(errno.ENOENT, "copy-up: object went away", os.fsdecode(name))
-            upper_pfd = union.upper_dir(parent)
-            self._place(tmp, upper_pfd, name)
         except BaseException:
             self.discard(tmp)
             raise
-        new = lstat_at(upper_pfd, name)
-        union.moved_up(node, parent, name, (new.st_dev, new.st_ino), st.st_nlink)
+        return Copied(tmp, st)
 
-    async def _copy_regular(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result,
+    async def _copy_regular(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result,
                             keep: int | None) -> None:
         work = self.work
-        src = open_file_at(src_pfd, name, os.O_RDONLY)
+        src = src_pfd.open_file(name, os.O_RDONLY)
         try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+            dst = work.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 length = st.st_size if keep is None else min(keep, st.st_size)
                 if length > INLINE_COPY_MAX:
-                    await self.union.offload.run(copy_data, src, dst, length)
+                    await self.executor.run(copy_data, src, dst, length)
                 elif length:
                     copy_data(src, dst, length)
                 self._own(dst, st)
@@ -180,14 +177,11 @@ class CopyUp:
         finally:
             os.close(src)
 
-    def _finish_special(self, src_pfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
+    def _finish_special(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result) -> None:
         work = self.work
-        _chown_tolerant(lambda: os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False))
+        _chown_tolerant(lambda: work.chown(tmp, st.st_uid, st.st_gid))
         if not stat.S_ISLNK(st.st_mode):
-            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work)
-
-        def xattrs(src: str) -> None:
-            _with_path_fd(work, tmp, lambda dst: copy_xattrs(src, dst))
-
-        _with_path_fd(src_pfd, name, xattrs)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
+            work.chmod(tmp, st.st_mode)
+        with src_pfd.path_of(name) as src, work.path_of(tmp) as dst:
+            copy_xattrs(src, dst)
+        work.utime(tmp, (st.st_atime_ns, st.st_mtime_ns))

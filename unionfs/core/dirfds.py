@@ -23,12 +23,9 @@ import resource
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .branches import open_dir_at
-
-if TYPE_CHECKING:
-    from .nodes import Node
+from .branches import DirFd
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +38,32 @@ FIXED = -1
 ORPHAN = -2
 
 
+class Named(Protocol):
+    """What a branch directory needs of its union directory (`nodes.Node`) to be opened again."""
+
+    @property
+    def id(self) -> int: ...
+
+    def name_in(self) -> tuple[Named, bytes]: ...
+
+    def branch_dir(self, layer: int) -> BranchDir | None: ...
+
+
+#: The fd of a branch directory not open at the moment.
+CLOSED = DirFd(-1)
+
+
 class BranchDir:
     """One branch's directory of a union directory: its identity and, while cached, an open fd."""
 
     __slots__ = ("node", "layer", "dev", "ino", "fd", "used")
 
-    def __init__(self, node: Node, layer: int, dev: int, ino: int, fd: int, used: int) -> None:
+    def __init__(self, node: Named, layer: int, dev: int, ino: int, fd: DirFd, used: int) -> None:
         self.node = node
         self.layer = layer
         self.dev = dev
         self.ino = ino
-        self.fd = fd            # -1 while closed
+        self.fd = fd            # CLOSED (-1) while closed
         self.used = used        # request that last used it, or FIXED / ORPHAN
 
     def __repr__(self) -> str:
@@ -130,12 +142,12 @@ class DirFds:
         if self._pins is not None:
             self._pins.bds.append(bd)
 
-    def fixed(self, node: Node, layer: int, fd: int) -> BranchDir:
+    def fixed(self, node: Named, layer: int, fd: DirFd) -> BranchDir:
         """A branch root, owned by its LayerStack: always open, never closed here."""
         st = os.fstat(fd)
         return BranchDir(node, layer, st.st_dev, st.st_ino, fd, FIXED)
 
-    def adopt(self, node: Node, layer: int, fd: int, in_use: bool = False) -> BranchDir:
+    def adopt(self, node: Named, layer: int, fd: DirFd, in_use: bool = False) -> BranchDir:
         """Take over the open directory *fd*; with *in_use*, the caller goes on using it."""
         try:
             st = os.fstat(fd)
@@ -149,7 +161,7 @@ class DirFds:
         self._trim(bd)
         return bd
 
-    def fd(self, bd: BranchDir) -> int:
+    def fd(self, bd: BranchDir) -> DirFd:
         """An open fd of *bd*, opened again if it was closed; valid until the next request."""
         if bd.fd >= 0:
             if bd.used != self.request and bd.used >= 0:
@@ -171,7 +183,7 @@ class DirFds:
         if bd.fd >= 0 and bd.used != FIXED:
             self._open.pop(bd, None)
             _close_quietly(bd.fd)
-        bd.fd = -1
+        bd.fd = CLOSED
 
     def orphan(self, bd: BranchDir) -> None:
         """*bd*'s node lost its last name: keep its fd (if open) until the node is dropped."""
@@ -187,7 +199,7 @@ class DirFds:
                 self._open[bd] = None
                 self._trim(bd)
 
-    def _reopen(self, bd: BranchDir) -> int:
+    def _reopen(self, bd: BranchDir) -> DirFd:
         # Walk up to the nearest ancestor whose directory in this branch is open, then down again.
         # The ancestors are used only here, one step at a time: none is kept in use (else a walk
         # down a deep tree would hold every level), each is only spared while its child opens.
@@ -226,9 +238,9 @@ class DirFds:
         self._open[bd] = None
         self._trim(bd)
 
-    def _open_dir(self, parent: BranchDir, name: bytes) -> int:
+    def _open_dir(self, parent: BranchDir, name: bytes) -> DirFd:
         try:
-            return open_dir_at(parent.fd, name)
+            return parent.fd.open_dir(name)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
@@ -236,7 +248,7 @@ class DirFds:
         # try once more.
         log.info("out of file descriptors: closing %d cached directories", len(self._open) // 2)
         self._trim(parent, len(self._open) // 2)
-        return open_dir_at(parent.fd, name)
+        return parent.fd.open_dir(name)
 
     def _trim(self, keep: BranchDir | None, target: int | None = None) -> None:
         """Close least recently used fds down to *target* (default: the capacity), sparing *keep*
@@ -251,12 +263,12 @@ class DirFds:
                 continue
             del self._open[bd]
             _close_quietly(bd.fd)
-            bd.fd = -1
+            bd.fd = CLOSED
 
     def close_all(self) -> None:
         for bd in self._open:
             _close_quietly(bd.fd)
-            bd.fd = -1
+            bd.fd = CLOSED
         self._open.clear()
 
 

@@ -1,7 +1,8 @@
 """Merged directory listings, kept under one ceiling on the entries they hold together.
 
-A directory's merged listing (`Node.listing`) and its listing snapshots (`Node.snaps`) are a cache
-of what its branches hold: `Union.listing` builds the listing again from the branches whenever it
+A directory's merged listing (`Node.listing`) and what the floor above keeps beside it (the server's
+listing snapshots for readers without a directory handle: a `Beside`) are a cache of what its
+branches hold: `Union.listing` builds the listing again from the branches whenever it
 is missing.  `Listings` keeps the directories that have one, least recently used first, and drops
 the listings and snapshots of the oldest when their entries together pass `Listings.capacity`, so
 the daemon's memory for listings is bounded however many large directories the kernel keeps.
@@ -13,7 +14,7 @@ What is never dropped:
   directories may still hold what it showed before, so it could not be rebuilt.
 
 A listing snapshot dropped with its directory's listing is the only loss a reader can see: a
-reader part-way through it goes on at the same position in a new snapshot (see
+reader part-way through it goes on at the same position in a new snapshot (see the server's
 `Operations._snapshot`).  Listings are dropped least recently used first, so this happens only to
 a reader that paused while more than the whole ceiling of entries was listed elsewhere.
 """
@@ -23,34 +24,58 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .config import DEFAULT_MAX_ENTRIES as DEFAULT_MAX_ENTRIES  # (the default of -o max_cached_entries)
-
-if TYPE_CHECKING:
-    from .nodes import Node
+from .merge import Entry
 
 log = logging.getLogger(__name__)
 
 
-def _size(node: Node) -> int:
-    n = 0 if node.listing is None else len(node.listing)
-    if node.snaps:
-        n += sum(len(s) for s in node.snaps.values())
-    return n
+class Listed(Protocol):
+    """What `Listings` needs of a directory node (`nodes.Node`)."""
+
+    listing: dict[bytes, Entry] | None
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def links(self) -> tuple[object, ...]: ...
+
+
+class Beside(Protocol):
+    """Entries a floor above keeps per directory beside its listing: counted against the ceiling,
+    dropped with the listing and when the directory's node goes."""
+
+    def entries(self, node: Listed) -> int: ...
+
+    def drop(self, node: Listed) -> None: ...
+
+
+class NothingBeside:
+    def entries(self, node: Listed) -> int:
+        return 0
+
+    def drop(self, node: Listed) -> None:
+        return None
+
+
+NOTHING_BESIDE = NothingBeside()
 
 
 class Listings:
     """The directories with a listing, least recently used first, holding at most *capacity*
     entries together (plus those the current request uses or pins)."""
 
-    def __init__(self, capacity: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, capacity: int = DEFAULT_MAX_ENTRIES, beside: Beside = NOTHING_BESIDE) -> None:
         self.capacity = capacity
+        self.beside = beside
         self.total = 0
         self.request = 1
-        self._kept: OrderedDict[Node, tuple[int, int]] = OrderedDict()  # node -> (entries, request)
-        self._pins: dict[Node, int] = {}
-        self.root: Node | None = None   # has no name, yet its listing can always be rebuilt
+        self._kept: OrderedDict[Listed, tuple[int, int]] = OrderedDict()  # node -> (entries, request)
+        self._pins: dict[Listed, int] = {}
+        self.root: Listed | None = None   # has no name, yet its listing can always be rebuilt
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -59,7 +84,11 @@ class Listings:
         """A new request starts: listings used before may be dropped from now on."""
         self.request += 1
 
-    def use(self, node: Node, grown: bool = False) -> None:
+    def _size(self, node: Listed) -> int:
+        listing = node.listing
+        return (0 if listing is None else len(listing)) + self.beside.entries(node)
+
+    def use(self, node: Listed, grown: bool = False) -> None:
         """*node*'s listing was read (or, with *grown*, built or given more entries or snapshots):
         make it the most recently used, and drop the oldest listings if the ceiling is passed."""
         kept = self._kept.get(node)
@@ -67,7 +96,7 @@ class Listings:
             return
         if not node.links and node is not self.root:
             return      # no name left: its (empty) listing cannot be rebuilt, and is never dropped
-        size = _size(node)
+        size = self._size(node)
         if kept is None:
             self.total += size
         else:
@@ -77,14 +106,19 @@ class Listings:
         if self.total > self.capacity:
             self._trim()
 
-    def drop(self, node: Node) -> None:
-        """*node* is gone: forget it (its listing is dropped with it)."""
+    def drop(self, node: Listed) -> None:
+        """*node*'s listing is gone: forget it."""
         kept = self._kept.pop(node, None)
         if kept is not None:
             self.total -= kept[0]
 
+    def forget(self, node: Listed) -> None:
+        """*node* is gone: forget it, and what was kept beside its listing."""
+        self.drop(node)
+        self.beside.drop(node)
+
     @contextlib.contextmanager
-    def pinned(self, *nodes: Node) -> Iterator[None]:
+    def pinned(self, *nodes: Listed) -> Iterator[None]:
         """Keep the listings of *nodes* while a request awaits between uses of them."""
         for n in nodes:
             self._pins[n] = self._pins.get(n, 0) + 1
@@ -114,7 +148,7 @@ class Listings:
             if not node.links and node is not self.root:
                 continue    # lost its name meanwhile: keep its (empty) listing
             node.listing = None
-            node.snaps = None
+            self.beside.drop(node)
             dropped += 1
         if dropped:
             log.debug("dropped %d directory listings: %d entries kept in %d", dropped, self.total, len(kept))

@@ -6,11 +6,12 @@ any branch below the writable top still has the name (so that removing it needs 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
 
-from .branches import open_dir_at
+from .branches import DirFd
 from .whiteout import WH_META_PREFIX, WH_OPQ, WH_PREFIX, dir_is_opaque, is_whiteout_stat
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _is_device_whiteout(de: os.DirEntry[str]) -> bool:
         return False
 
 
-def build_listing(dirfds: Iterable[tuple[int, int]]) -> dict[bytes, Entry]:
+def build_listing(dirfds: Iterable[tuple[int, DirFd]]) -> dict[bytes, Entry]:
     """Merge the branch directories *dirfds* ((layer, fd), top first) into one listing.
 
     A higher branch wins; a non-directory stops the stack for its name; a whiteout in a branch hides
@@ -103,26 +104,26 @@ def build_listing(dirfds: Iterable[tuple[int, int]]) -> dict[bytes, Entry]:
     return entries
 
 
-def open_dir_layers(parent_fd: Callable[[int], int | None], name: bytes, layers: tuple[int, ...]
-                    ) -> list[tuple[int, int]]:
+def open_dir_layers(parent_fd: Callable[[int], DirFd | None], name: bytes, layers: tuple[int, ...]
+                    ) -> list[tuple[int, DirFd]]:
     """Open the branch directories *name* in *layers* (top first) under the parent's fds
     (*parent_fd*(layer), None where the parent has no directory in that branch).
 
     Stops after an opaque one.  A branch whose entry is no longer a directory ends the stack.
     Returns (layer, fd) pairs; the caller owns the fds.
     """
-    out: list[tuple[int, int]] = []
+    out: list[tuple[int, DirFd]] = []
     try:
         for i, layer in enumerate(layers):
             pfd = parent_fd(layer)
             if pfd is None:
                 break
             try:
-                fd = open_dir_at(pfd, name)
+                fd = pfd.open_dir(name)
             except (FileNotFoundError, NotADirectoryError):
                 break
             except OSError as e:
-                if e.errno == 40:  # ELOOP: a symlink was swapped in; never follow it
+                if e.errno == errno.ELOOP:  # a symlink was swapped in; never follow it
                     break
                 raise
             out.append((layer, fd))

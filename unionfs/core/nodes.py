@@ -16,6 +16,7 @@ forgotten it, no child refers to it and no handle is open on it.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -24,13 +25,12 @@ from typing import TYPE_CHECKING, cast
 
 from .attrs import Stat
 from .dirfds import BranchDir, DirFds, default_capacity
-from .listings import DEFAULT_MAX_ENTRIES, Listings
+from .interfaces import Lock
+from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside, Listings
 from .merge import Entry
 
 if TYPE_CHECKING:
-    import trio
-
-    from .branches import LayerStack
+    from .branches import DirFd, LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children",
-                 "snaps")
+                 "dirs", "listing", "lock", "xattrs", "st", "children")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -72,7 +71,7 @@ class Node:
         # directories: the branch directories, top first (others share one empty, immutable value)
         self.dirs: list[BranchDir] = [] if is_dir else _NO_DIRS
         self.listing: dict[bytes, Entry] | None = None  # directories: merged listing, built on demand
-        self.lock: trio.Lock | None = None       # serialises copy-up of this node
+        self.lock: Lock | None = None            # serialises copy-up of this node
         # Names of the real object's xattrs, cached on first use: most getxattr calls (ls asks every
         # file for security.selinux) are for names that are not there and need no syscall.
         self.xattrs: frozenset[bytes] | None = None
@@ -81,8 +80,6 @@ class Node:
         self.st: Stat | None = None
         # directories: the node behind each linked name
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
-        # directories: listing snapshots for readers without a directory handle (Operations._snapshot)
-        self.snaps: dict[int, list[bytes]] | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -98,7 +95,7 @@ class Node:
     def name_in(self) -> tuple[Node, bytes]:
         """One name of this node (the most recent).  Raises FileNotFoundError when it has none."""
         if not self.links:
-            raise FileNotFoundError(2, "no name left for node", str(self.id))
+            raise FileNotFoundError(errno.ENOENT, "no name left for node", str(self.id))
         return self.links[-1]
 
 
@@ -106,13 +103,14 @@ class Node:
 class NodeTable:
     """All nodes the kernel may ask about, by number and by real identity."""
 
-    def __init__(self, stack: LayerStack, max_listed: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, stack: LayerStack, max_listed: int = DEFAULT_MAX_ENTRIES,
+                 beside: Beside = NOTHING_BESIDE) -> None:
         self.stack = stack
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[Key, Node] = {}
         self._fallback = FALLBACK_BASE
         self.fds = DirFds(default_capacity(len(stack.layers)))
-        self.listings = Listings(max_listed)
+        self.listings = Listings(max_listed, beside)
         self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
         top = stack.layers[0]
         st = os.fstat(top.fd)
@@ -149,45 +147,45 @@ class NodeTable:
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
         if node is None:
-            raise OSError(116, "unknown inode", str(node_id))  # ESTALE
+            raise OSError(errno.ESTALE, "unknown inode", str(node_id))
         return node
 
     # ------------------------------------------------------------------ branch directory fds
     # Valid until the next request starts: use them at once, never across an await.
 
-    def dirfd(self, node: Node, layer: int) -> int:
+    def dirfd(self, node: Node, layer: int) -> DirFd:
         """The fd of directory *node*'s directory in branch *layer* (ESTALE when it has none)."""
         for bd in node.dirs:
             if bd.layer == layer:
                 return self.fds.fd(bd)
-        raise OSError(116, "directory not in that branch", str(node.id))  # ESTALE
+        raise OSError(errno.ESTALE, "directory not in that branch", str(node.id))
 
-    def dirfd_or_none(self, node: Node, layer: int) -> int | None:
+    def dirfd_or_none(self, node: Node, layer: int) -> DirFd | None:
         bd = node.branch_dir(layer)
         return None if bd is None else self.fds.fd(bd)
 
-    def top_dirfd(self, node: Node) -> int:
+    def top_dirfd(self, node: Node) -> DirFd:
         """The fd of directory *node*'s topmost branch directory (ENOENT when it has none)."""
         if not node.dirs:
-            raise OSError(2, "directory has no branch left", str(node.id))  # ENOENT
+            raise OSError(errno.ENOENT, "directory has no branch left", str(node.id))
         return self.fds.fd(node.dirs[0])
 
-    def branch_fds(self, node: Node) -> Iterator[tuple[int, int]]:
+    def branch_fds(self, node: Node) -> Iterator[tuple[int, DirFd]]:
         """(layer, fd) of each branch directory of *node*, top first, each opened as it is reached."""
         for bd in node.dirs:
             yield bd.layer, self.fds.fd(bd)
 
-    def real_parent_fd(self, node: Node) -> tuple[int, bytes]:
+    def real_parent_fd(self, node: Node) -> tuple[DirFd, bytes]:
         """(fd of the branch directory holding *node*'s object, its name there)."""
         parent, name = node.name_in()
         return self.dirfd(parent, node.layer), name
 
-    def set_dirs(self, node: Node, fds: list[tuple[int, int]], in_use: bool = False) -> None:
+    def set_dirs(self, node: Node, fds: list[tuple[int, DirFd]], in_use: bool = False) -> None:
         """Give directory *node* the branch directories *fds* ((layer, open fd), top first)."""
         self.close_dirs(node, keep=0)
         node.dirs = [self.fds.adopt(node, layer, fd, in_use) for layer, fd in fds]
 
-    def add_upper_dir(self, node: Node, fd: int) -> None:
+    def add_upper_dir(self, node: Node, fd: DirFd) -> None:
         """*node* now has a directory in the writable branch, open as *fd* (in use by the caller)."""
         node.dirs.insert(0, self.fds.adopt(node, 0, fd, in_use=True))
         node.layer = 0
@@ -283,9 +281,8 @@ class NodeTable:
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
             self.close_dirs(n, keep=0)
-            self.listings.drop(n)
+            self.listings.forget(n)
             n.listing = None
-            n.snaps = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]

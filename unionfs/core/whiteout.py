@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 
-from .branches import exists_at, lstat_at
+from .branches import DirFd
 from .config import Dialect as Dialect  # (defined there, for the mount's fast path)
 
 log = logging.getLogger(__name__)
@@ -116,17 +116,17 @@ def dir_is_opaque(fd: int) -> bool:
                     return True
             except OSError:
                 pass
-    return exists_at(fd, WH_OPQ)
+    return DirFd(fd).exists(WH_OPQ)
 
 
-def whiteouts_at(dirfd: int, name: bytes) -> tuple[bool, bool]:
+def whiteouts_at(dirfd: DirFd, name: bytes) -> tuple[bool, bool]:
     """Which whiteouts for *name* the branch directory *dirfd* holds: (0/0 device, .wh.NAME)."""
     try:
-        device = is_whiteout_stat(lstat_at(dirfd, name))
+        device = is_whiteout_stat(dirfd.lstat(name))
     except FileNotFoundError:
         device = False
     # A name of more than 251 bytes has no room for an AUFS whiteout.
-    return device, len(name) <= 255 - len(WH_PREFIX) and exists_at(dirfd, WH_PREFIX + name)
+    return device, len(name) <= 255 - len(WH_PREFIX) and dirfd.exists(WH_PREFIX + name)
 
 
 class WhiteoutWriter:
@@ -136,7 +136,7 @@ class WhiteoutWriter:
     existing entry atomically (overlay dialect).
     """
 
-    def __init__(self, dialect: Dialect, work_fd: int | None, privileged: bool) -> None:
+    def __init__(self, dialect: Dialect, work_fd: DirFd | None, privileged: bool) -> None:
         self.dialect = dialect
         self.work_fd = work_fd
         self.opaque_xattr = "trusted.overlay.opaque" if privileged else "user.overlay.opaque"
@@ -146,40 +146,37 @@ class WhiteoutWriter:
         self._seq += 1
         return b"wh.%d.%d" % (os.getpid(), self._seq)
 
-    def write(self, dirfd: int, name: bytes, replace: bool) -> None:
+    def write(self, dirfd: DirFd, name: bytes, replace: bool) -> None:
         """Leave a whiteout for *name* in *dirfd*; with *replace*, atomically over an existing entry."""
         if self.dialect is Dialect.AUFS:
-            _touch(dirfd, WH_PREFIX + name)
+            dirfd.touch(WH_PREFIX + name, 0o444)
             if replace:
-                st = lstat_at(dirfd, name)
-                if stat.S_ISDIR(st.st_mode):
-                    os.rmdir(name, dir_fd=dirfd)
-                else:
-                    os.unlink(name, dir_fd=dirfd)
+                dirfd.remove(name)
             return
         if not replace:
             try:
-                os.mknod(name, stat.S_IFCHR, WHITEOUT_DEV, dir_fd=dirfd)
+                dirfd.mknod(name, stat.S_IFCHR, WHITEOUT_DEV)
                 return
             except PermissionError:
                 self._fall_back()
                 return self.write(dirfd, name, replace)
-        assert self.work_fd is not None
+        work = self.work_fd
+        assert work is not None
         tmp = self.temp_name()
         try:
-            os.mknod(tmp, stat.S_IFCHR, WHITEOUT_DEV, dir_fd=self.work_fd)
+            work.mknod(tmp, stat.S_IFCHR, WHITEOUT_DEV)
         except PermissionError:
             self._fall_back()
             return self.write(dirfd, name, replace)
         try:
-            st = lstat_at(dirfd, name)
+            st = dirfd.lstat(name)
             if stat.S_ISDIR(st.st_mode):
                 # rename() cannot put a non-directory over a directory: the emptied directory goes first.
-                os.rmdir(name, dir_fd=dirfd)
-            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=dirfd)
+                dirfd.rmdir(name)
+            work.rename(tmp, dirfd, name)
         except BaseException:
             try:
-                os.unlink(tmp, dir_fd=self.work_fd)
+                work.unlink(tmp)
             except OSError:
                 pass
             raise
@@ -188,7 +185,7 @@ class WhiteoutWriter:
         log.warning("cannot create 0/0 character devices here; writing AUFS-style whiteouts instead")
         self.dialect = Dialect.AUFS
 
-    def make_opaque(self, fd: int) -> None:
+    def make_opaque(self, fd: DirFd) -> None:
         """Mark the branch directory open as *fd* opaque (its times stay as they were)."""
         if self.dialect is Dialect.AUFS:
             _touch_keeping_times(fd, WH_OPQ)
@@ -205,13 +202,8 @@ class WhiteoutWriter:
         _touch_keeping_times(fd, WH_OPQ)
 
 
-def _touch(dirfd: int, name: bytes) -> None:
-    """Create an empty, read-only marker file (an AUFS whiteout or opaque marker)."""
-    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444, dir_fd=dirfd))
-
-
-def _touch_keeping_times(dirfd: int, name: bytes) -> None:
+def _touch_keeping_times(dirfd: DirFd, name: bytes) -> None:
     """A marker inside a directory is bookkeeping: the directory's own times must not change."""
     st = os.fstat(dirfd)
-    _touch(dirfd, name)
+    dirfd.touch(name, 0o444)
     os.utime(dirfd, ns=(st.st_atime_ns, st.st_mtime_ns))

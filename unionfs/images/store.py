@@ -430,10 +430,19 @@ class Store:
             return image_id, self._remove_unused_layers()
 
     def _containers_using(self) -> dict[str, str]:
-        """Image id -> the name of a container made from it (such an image is never removed)."""
-        from .containers import Containers
+        """Image id -> the name of a container made from it (such an image is never removed).
 
-        return {image_id: c.name for image_id, c in Containers(self).used_images().items()}
+        Read from the records `containers.Containers` writes (``containers/ID/container.json``):
+        the store knows containers only as users of its images."""
+        found: dict[str, str] = {}
+        root = self.root / "containers"
+        for entry in sorted(os.listdir(root)) if root.is_dir() else []:
+            try:
+                doc = json.loads((root / entry / "container.json").read_bytes())
+            except (OSError, ValueError):
+                continue    # being made or removed
+            found.setdefault(doc["Image"], doc["Name"])
+        return found
 
     def _used_layers(self) -> set[str]:
         used: set[str] = set()

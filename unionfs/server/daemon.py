@@ -206,7 +206,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     import trio
 
     from unionfs.core.branches import open_stack, raise_nofile_limit
-    from unionfs.core.union import Union
 
     from .compat import pyfuse3
     from .operations import Operations
@@ -237,9 +236,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
-        union = Union(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries)
-        branches.callback(union.close)
-        ops = Operations(union, timeout=cfg.timeout, debug=debug)
+        ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
+                              timeout=cfg.timeout, debug=debug)
+        branches.callback(ops.union.close)
         ops.use_shim()
 
         def release_branches() -> None:

@@ -13,7 +13,6 @@ call runs to the end.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Callable
@@ -21,22 +20,21 @@ from typing import TypeVar
 
 import trio
 
+from unionfs.core.interfaces import BIG_IO, FREE_BIG
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Reads and writes of at least this many bytes go to a worker thread (reads only when they would
-#: wait for the disk: see `Offload.pread`).
-BIG_IO = 256 << 10
-#: Dropping the last reference to a file with this many bytes allocated happens on a worker thread
-#: (ext4 frees 1.5 GiB in about 0.45 s).
-FREE_BIG = 64 << 20
+__all__ = ["BIG_IO", "FREE_BIG", "WORKERS", "Offload"]
+
 #: Worker threads at most, for each of the two kinds of offloaded call of one union.
 WORKERS = 4
 
 
 class Offload:
-    """Runs blocking calls on at most *workers* threads at a time for each kind (I/O and bulk)."""
+    """Runs blocking calls on at most *workers* threads at a time for each kind (I/O and bulk): the
+    union's `Executor` (see `unionfs.core.interfaces`), with the locks of its copy-ups."""
 
     def __init__(self, workers: int = WORKERS) -> None:
         self.workers = workers
@@ -48,6 +46,9 @@ class Offload:
         if lim is None:
             lim = self._limiters[bulk] = trio.CapacityLimiter(self.workers)
         return lim
+
+    def lock(self) -> trio.Lock:
+        return trio.Lock()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on a bulk worker thread; the caller keeps whatever it passes alive until then."""
@@ -105,29 +106,3 @@ class Offload:
             await self.close(fd)
         except OSError as e:    # an error of the branch's filesystem: nobody left to tell but the log
             log.warning("closing a released file: %s", e)
-
-    async def pread(self, fd: int, size: int, offset: int) -> bytes:
-        """pread(2) of *size* bytes at *offset* of *fd* that does not stall the loop on the disk.
-
-        Small reads are served inline, and so are large ones whose first and last bytes the page
-        cache holds (asked with `os.RWF_NOWAIT`, which also starts reading them when it does not):
-        a read that has to wait for the disk goes to a worker thread (see `on_fd` for why *fd* may
-        be closed meanwhile).  A page missing in the middle of a range cached at both ends is
-        possible but rare (the kernel reads ahead in whole windows); it only costs a wait inline.
-        """
-        if size < BIG_IO or (_cached(fd, offset) and _cached(fd, offset + size - 1)):
-            return os.pread(fd, size, offset)
-        return await self.on_fd(fd, os.pread, size, offset)
-
-
-def _cached(fd: int, offset: int) -> bool:
-    """Whether reading the byte at *offset* of *fd* needs no disk (past the end of the file: yes)."""
-    try:
-        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return False    # no RWF_NOWAIT here: any large read may wait
-        raise
-    return True

@@ -1,7 +1,9 @@
 """The FUSE request handlers: thin wrappers over `Union`.
 
 Attributes:
-    union: the union's logic (node table, listings, changes).
+    union: the union's logic (node table, listings, changes, reads and writes).
+    offload: the worker threads the union's long calls run on (its executor), and the server's.
+    snapshots: listing snapshots for readers without a directory handle, by directory node id.
     timeout: entry and attribute cache time handed to the kernel, in seconds.
     dirs: open directory handles -> the listing snapshot taken at their first readdir.
 
@@ -29,13 +31,16 @@ import trio
 from pyfuse3 import FUSEError
 
 from unionfs.core.attrs import Stat
-from unionfs.core.branches import ACL_ACCESS
+from unionfs.core.branches import ACL_ACCESS, LayerStack
 from unionfs.core.caller import in_group_or_capable
+from unionfs.core.interfaces import BIG_IO, FREE_BIG
+from unionfs.core.listings import DEFAULT_MAX_ENTRIES, Listed
 from unionfs.core.nodes import Node
 from unionfs.core.sysx import fallocate
 from unionfs.core.union import Creds, Handle, Union
+from unionfs.core.whiteout import Dialect
 
-from .offload import BIG_IO, FREE_BIG
+from .offload import Offload
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,42 @@ def _handler(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class KernelCache:
+    """The union's `Invalidator`: drops what the kernel cached of a node or a name, through pyfuse3."""
+
+    @staticmethod
+    def invalidate_attr(node_id: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(node_id, attr_only=True)
+        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
+            log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
+
+    @staticmethod
+    def invalidate_entry(parent_id: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
+        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
+            log.debug("invalidate_entry(%d, %r) failed", parent_id, name, exc_info=True)
+
+
+class Snapshots:
+    """Listing snapshots for readers without a directory handle (see `Operations._snapshot`): by
+    directory node id, generation -> names.  The union's listings count them against their ceiling
+    and drop them with the listing or the node (`unionfs.core.listings.Beside`)."""
+
+    __slots__ = ("by_node",)
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, dict[int, list[bytes]]] = {}
+
+    def entries(self, node: Listed) -> int:
+        snaps = self.by_node.get(node.id)
+        return sum(len(s) for s in snaps.values()) if snaps else 0
+
+    def drop(self, node: Listed) -> None:
+        self.by_node.pop(node.id, None)
+
+
 class DirHandle:
     """An open directory; *entries* is its listing as of the first readdir (None until then: with
     listings cached by the kernel, most opens of a directory read nothing from us)."""
@@ -93,6 +134,8 @@ class Operations(pyfuse3.Operations):
     """unionfs as pyfuse3 sees it."""
 
     union: Union
+    offload: Offload
+    snapshots: Snapshots
     timeout: float
     debug: bool
     dirs: dict[int, DirHandle]
@@ -104,31 +147,31 @@ class Operations(pyfuse3.Operations):
     # parent's default ACL from the upper filesystem (see Union._new_mode).
     enable_acl = True
 
-    def __init__(self, union: Union, timeout: float = 1.0, debug: bool = False) -> None:
+    def __init__(self, union: Union, offload: Offload, snapshots: Snapshots, timeout: float = 1.0,
+                 debug: bool = False) -> None:
+        """Serve *union*, which runs its long calls on *offload* and keeps *snapshots* beside its
+        listings (`Operations.over` makes the three together)."""
         super().__init__()
         self.union = union
+        self.offload = offload
+        self.snapshots = snapshots
         self.timeout = timeout
         self.debug = debug
         self.dirs = {}
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
-        union.invalidate_entry = self._invalidate_entry
         self.on_init: Callable[[], None] = lambda: None
-        union.invalidate_attr = self._invalidate_attr
 
-    @staticmethod
-    def _invalidate_attr(node_id: int) -> None:
-        try:
-            pyfuse3.invalidate_inode(node_id, attr_only=True)
-        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
-            log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
-
-    @staticmethod
-    def _invalidate_entry(parent: int, name: bytes) -> None:
-        try:
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
-            log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
+    @classmethod
+    def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
+             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False
+             ) -> Operations:
+        """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
+        changes the kernel's cache is told of."""
+        offload, snapshots = Offload(), Snapshots()
+        union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
+                      executor=offload, invalidator=KernelCache(), beside=snapshots)
+        return cls(union, offload, snapshots, timeout=timeout, debug=debug)
 
     def init(self) -> None:
         try:
@@ -271,13 +314,14 @@ class Operations(pyfuse3.Operations):
         what it started with, however the directory changed meanwhile.  The last few snapshots of
         a directory are kept (there is no releasedir to say a reader is done).
         """
-        snaps = node.snaps
+        by_node = self.snapshots.by_node
+        snaps = by_node.get(node.id)
         if offset and snaps is not None:
             entries = snaps.get(offset >> 32)
             if entries is not None:
                 return entries, offset & 0xFFFF_FFFF, offset & ~0xFFFF_FFFF
         if snaps is None:
-            snaps = node.snaps = {}
+            snaps = by_node[node.id] = {}
         gen = max(snaps, default=0) + 1
         if gen >= 1 << 30:      # the offset's high half must stay positive: start again
             snaps.clear()
@@ -298,9 +342,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._node(fh & ~STATELESS_DIR) if fh & STATELESS_DIR else self.dirs[fh].node
-        fd = self.union.table.dirfd_or_none(node, 0)
-        if fd is not None:
-            await self.union.offload.on_fd(fd, os.fsync)
+        await self.union.fsyncdir(node)
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -309,12 +351,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self.union.handles[fh]
-        if h.layer != h.node.layer:
-            self.union.refresh(h)
-        if h.layer == 0:
-            h.node.st = None   # a read may move the atime of a file in the writable branch
-        return await self.union.offload.pread(h.fd, size, off)
+        return await self.union.read(fh, off, size)
 
     @_handler
     async def release(self, fh: int) -> None:
@@ -327,7 +364,7 @@ class Operations(pyfuse3.Operations):
         # (the kernel does not wait for a release: an answer after the unmount would fail).
         last = os.dup(h.fd)
         self.union.release(h)
-        self.union.offload.close_soon(last)
+        self.offload.close_soon(last)
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -355,15 +392,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        h = self.union.handles[fh]
-        if h.layer != h.node.layer:
-            self.union.refresh(h)
-        h.node.st = None
-        if len(buf) < BIG_IO:
-            return os.pwrite(h.fd, buf, off)
-        written = await self.union.offload.on_fd(h.fd, os.pwrite, buf, off)
-        h.node.st = None   # a getattr answered meanwhile saw the old size
-        return written
+        return await self.union.write(fh, off, buf)
 
     def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
@@ -398,7 +427,7 @@ class Operations(pyfuse3.Operations):
                                ) -> None:
         err = errno.EINTR       # cancelled: the mount is going away
         try:
-            await self.union.offload.on_fd(fd, fallocate, *args[2:])
+            await self.offload.on_fd(fd, fallocate, *args[2:])
             err = 0
         except Exception as e:
             err = _errno_for(e, "fallocate", args, self.debug)
@@ -425,8 +454,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        h = self.union.handles[fh]
-        await self.union.offload.on_fd(h.fd, os.fdatasync if datasync else os.fsync)
+        await self.union.fsync(fh, datasync)
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -465,7 +493,7 @@ class Operations(pyfuse3.Operations):
             self.union.unlink(parent, name)
         finally:
             if pin is not None:
-                await self.union.offload.close(pin)   # frees the blocks off the loop
+                await self.offload.close(pin)   # frees the blocks off the loop
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -480,7 +508,7 @@ class Operations(pyfuse3.Operations):
             await self.union.rename(self._node(parent_inode_old), name_old, new_parent, name_new, flags)
         finally:
             if pin is not None:
-                await self.union.offload.close(pin)
+                await self.offload.close(pin)
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
