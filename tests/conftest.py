@@ -12,6 +12,7 @@
   when the union's code logged one in the test process itself (the handler tests) — unless the test
   declares it: ``@pytest.mark.daemon_log_ok("regex", ...)`` allows the lines matching any of them.
 - At the end of the session no mount may remain below pytest's temporary directory.
+- ``UNIONFS_SERVER`` is ``off`` unless set: mounts take the normal path, not a resident server.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import util  # noqa: E402
 
 from unionfs.conformance import harness  # noqa: E402
+
+# The suite finds a mount's daemon by its command line, which a resident server's worker does not
+# carry: mounts take the normal path unless a test (tests/fuse/test_resident.py) or the caller asks.
+os.environ.setdefault("UNIONFS_SERVER", "off")
 
 #: Skips that say the machine lacks what the test is about: a failure under CI.
 ENV_SKIP = re.compile(rf"\b({harness.NEEDS_FUSE}|{harness.NEEDS_OVERLAY}|needs podman)\b")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import re
 import sys
 from typing import Any
@@ -100,8 +101,7 @@ def mount(options: tuple[str, ...], foreground: bool, debug: bool, log_file: str
     Example:
         unionfs mount ./A:./B /mnt/union && ls /mnt/union && unionfs umount /mnt/union
     """
-    from unionfs.core.config import build_config
-    from unionfs.server.daemon import flag_notes
+    from unionfs.core.config import build_config, flag_notes
     from unionfs.server.daemon import mount as do_mount
 
     if len(args) == 1:
@@ -169,6 +169,50 @@ def explain(as_json: bool, path: str) -> None:
     else:
         for line in explaining.as_text(report):
             click.echo(one_line(line))
+
+
+@cli.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground (logging to stderr).")
+@click.option("--idle", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Exit after this many seconds without a mount handed over (0: never).")
+@click.pass_context
+def server(ctx: click.Context, foreground: bool, idle: float) -> None:
+    """Start this user's resident server, which makes `unionfs mount` and `unionfs-overlay` fast.
+
+    \b
+    The first mount that finds none starts one (UNIONFS_SERVER=off: never). It serves
+    each mount in a worker of its own; stopping it leaves the mounts served.
+    Example:
+        unionfs server && unionfs mount A:B /mnt/union && unionfs server stop
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from unionfs.server import resident
+
+    if foreground:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        code = resident.run(idle=idle, foreground=foreground)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
+    sys.exit(code)
+
+
+@server.command(context_settings=CONTEXT)
+def stop() -> None:
+    """Stop this user's resident server; the mounts it started keep being served.
+
+    \b
+    Example:
+        unionfs server stop
+    """
+    from unionfs.server import resident
+
+    try:
+        if not resident.stop():
+            print("unionfs: no server was running", file=sys.stderr)
+    except QuietError as e:
+        raise click.ClickException(e.message) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,8 +286,7 @@ def overlay_main(argv: list[str] | None = None) -> None:
 
     A malformed command line exits 2, any other error 1, each with one line on stderr.
     """
-    from unionfs.core.config import build_config
-    from unionfs.server.daemon import flag_notes
+    from unionfs.core.config import build_config, flag_notes
     from unionfs.server.daemon import mount as do_mount
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,5 @@
-"""The ``unionfs`` console script's entry point: ``unionfs run`` forks its FUSE server before the CLI loads.
+"""The console scripts' entry points: ``unionfs run`` forks its FUSE server before the CLI loads, and
+``unionfs mount`` and ``unionfs-overlay`` try a resident server before it (`unionfs.server.fastmount`).
 
 ``unionfs run`` imports its FUSE server (trio, pyfuse3: about 100 ms) in a child that
 ``launcher.prefork`` forks; the CLI's own imports (click and the command group, about 20 ms) are
@@ -27,8 +28,25 @@ def start_server_early(args: Sequence[str]) -> bool:
     return True
 
 
+def fast_mount(args: list[str]) -> int | None:
+    """``unionfs mount ...`` (or mount.fuse3's ``unionfs SRC MNT -o OPTS``) through a resident
+    server, without loading the CLI: its exit status, or None when the CLI must do it."""
+    if args[:1] != ["mount"] and not (len(args) == 4 and args[2] == "-o"):
+        return None
+    from unionfs.server import fastmount
+
+    parsed = fastmount.unionfs_args(args)
+    if parsed is None:
+        return None
+    spec, mountpoint, options = parsed
+    return fastmount.try_mount("unionfs", spec, mountpoint, options, strict=True)
+
+
 def main() -> None:
     """``unionfs``: the click group in ``unionfs.cli``."""
+    code = fast_mount(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
     run = start_server_early(sys.argv[1:])
     from unionfs.cli import main as cli_main
 
@@ -37,3 +55,17 @@ def main() -> None:
 
         timing.stamp("imported")  # the CLI is loaded (UNIONFS_RUN_TIMING)
     cli_main()
+
+
+def overlay_main() -> None:
+    """``unionfs-overlay``: through a resident server when it can, else ``unionfs.cli.overlay_main``."""
+    from unionfs.server import fastmount
+
+    parsed = fastmount.overlay_args(sys.argv[1:])
+    if parsed is not None:
+        code = fastmount.try_mount("unionfs-overlay", None, parsed[0], parsed[1], strict=False)
+        if code is not None:
+            sys.exit(code)
+    from unionfs.cli import overlay_main as cli_overlay_main
+
+    cli_overlay_main()

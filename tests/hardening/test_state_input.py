@@ -95,7 +95,8 @@ def as_user(user: UnprivUser, *args: str | bytes) -> subprocess.CompletedProcess
     python, path = python_for(user)
     if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
         os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": path, "HOME": "/", "LC_ALL": "C.UTF-8"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": path, "HOME": "/", "LC_ALL": "C.UTF-8",
+           "UNIONFS_SERVER": os.environ.get("UNIONFS_SERVER", "off")}
     return subprocess.run([python, "-m", "unionfs", *args], capture_output=True, text=True, timeout=60,
                           cwd="/", stdin=subprocess.DEVNULL, env=env, user=user.uid, group=user.gid,
                           extra_groups=[])

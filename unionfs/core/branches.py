@@ -222,32 +222,57 @@ def open_stack(branches: list[tuple[str, bool]], workdir: str | None, aufs_work:
     *workdir* is the overlay-style work dir; with *aufs_work* the temporaries live in a hidden
     directory inside the writable branch instead.  Leftovers of an earlier crash are removed.
     """
+    opened: list[tuple[str, int, bool]] = []
+    work_fd: int | None = None
+    try:
+        for path, writable in branches:
+            opened.append((path, open_root(path), writable))
+        if workdir is not None and not aufs_work and opened and opened[0][2]:
+            work_fd = open_root(workdir)
+    except BaseException:
+        for _, fd, _ in opened:
+            _close_quietly(fd)
+        raise
+    return stack_from_fds(opened, work_fd, workdir, aufs_work)
+
+
+def stack_from_fds(branches: list[tuple[str, int, bool]], work_root: int | None, workdir: str | None,
+                   aufs_work: bool) -> LayerStack:
+    """The stack of branches already open as (path, root fd, writable), top first, as `open_stack`
+    makes it; *work_root* is the overlay-style work dir (*workdir*) open.  The stack owns every fd
+    given, *work_root* included (closed here once the work directory inside it is made), also when
+    this raises.  The paths only name the branches in messages.
+    """
     layers: list[Layer] = []
     stack = LayerStack(layers)
     try:
-        for i, (path, writable) in enumerate(branches):
-            fd = open_root(path)
-            layers.append(Layer(i, path, fd, writable, os.fstat(fd).st_dev))
-            stack.fs_index(layers[-1].dev)
+        for i, (path, fd, writable) in enumerate(branches):
+            layers.append(Layer(i, path, DirFd(fd), writable, -1))
+        for layer in layers:
+            layer.dev = os.fstat(layer.fd).st_dev
+            stack.fs_index(layer.dev)
         upper = stack.upper
         if upper is not None:
-            where = upper.path if aufs_work or workdir is None else workdir
+            overlay_work = not aufs_work and work_root is not None
+            where = workdir if overlay_work and workdir is not None else upper.path
             try:
-                if aufs_work or workdir is None:
+                if overlay_work:
+                    assert work_root is not None
+                    stack.work_fd = _fresh_dir(DirFd(work_root), WORK_NAME.encode())
+                else:
                     stack.work_fd = _fresh_dir(upper.fd, AUFS_WORK_NAME)
                     stack.remove_work = AUFS_WORK_NAME
-                else:
-                    wfd = open_root(workdir)
-                    try:
-                        stack.work_fd = _fresh_dir(wfd, WORK_NAME.encode())
-                    finally:
-                        os.close(wfd)
             except OSError as e:
                 # Name the directory the user gave, not our work dir inside it.
                 raise OSError(e.errno, e.strerror, where) from None
     except BaseException:
         stack.close()
         raise
+    finally:
+        if work_root is not None:
+            _close_quietly(work_root)
+        for _, fd, _ in branches[len(layers):]:
+            _close_quietly(fd)
     return stack
 
 
@@ -465,6 +490,7 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
 
 
 __all__ = [
-    "ACL_ACCESS", "ACL_DEFAULT", "DirFd", "Layer", "LayerStack", "open_stack", "listdir", "lstat_at",
-    "exists_at", "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data", "raise_nofile_limit",
+    "ACL_ACCESS", "ACL_DEFAULT", "DirFd", "Layer", "LayerStack", "open_stack", "stack_from_fds", "listdir",
+    "lstat_at", "exists_at", "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data",
+    "raise_nofile_limit",
 ]

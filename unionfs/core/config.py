@@ -10,15 +10,27 @@ Every problem is a `QuietError` naming the culprit in one line.
 """
 from __future__ import annotations
 
+import enum
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import QuietError
-from .listings import DEFAULT_MAX_ENTRIES
-from .whiteout import Dialect
+
+# This module is imported by `unionfs mount`'s fast path (`unionfs.server.fastmount`) before
+# anything else: it keeps to the modules every start-up loads anyway (no logging, no dataclasses).
+
+
+class Dialect(enum.Enum):
+    """How whiteouts and opaque directories are written (see `unionfs.core.whiteout`)."""
+
+    AUFS = "aufs"
+    OVERLAY = "overlay"
+
+
+#: Default ceiling on the entries of all kept listings and snapshots (about 200 bytes each).
+DEFAULT_MAX_ENTRIES = 1_000_000
 
 # mount(8) and FUSE options that make no difference to the union; accepted and ignored.
 GENERIC_OPTIONS = frozenset({
@@ -51,28 +63,51 @@ MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in pract
 BRANCH_MODES = {"rw": True, "ro": False, "rr": False, "ro+wh": False, "rr+wh": False}
 
 
-@dataclass
 class MountConfig:
-    """Everything `serve` needs.  *branches* are (absolute path, writable), top first."""
+    """Everything `serve` needs.  *branches* are (absolute path, writable), top first.
 
-    branches: list[tuple[str, bool]]
-    mountpoint: str
-    workdir: str | None = None
-    style: str = "aufs"
-    dialect: Dialect = Dialect.AUFS
-    readonly: bool = False
-    allow_other: bool = False
-    timeout: float = 60.0
-    fsname: str = "unionfs"
-    max_cached_entries: int = DEFAULT_MAX_ENTRIES
-    """Ceiling on the entries of the directory listings the daemon keeps (see `listings`)."""
-    ignored: list[str] = field(default_factory=list)
-    flags: list[str] = field(default_factory=list)
-    """suid/nosuid, dev/nodev, exec/noexec as asked, the last of each pair only (default nosuid,nodev)."""
+    *max_cached_entries* is the ceiling on the entries of the directory listings the daemon keeps
+    (see `listings`); *flags* are suid/nosuid, dev/nodev, exec/noexec as asked, the last of each pair
+    only (default nosuid,nodev).
+    """
+
+    def __init__(self, branches: list[tuple[str, bool]], mountpoint: str, workdir: str | None = None,
+                 style: str = "aufs", dialect: Dialect = Dialect.AUFS, readonly: bool = False,
+                 allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
+                 max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
+                 flags: list[str] | None = None) -> None:
+        self.branches = branches
+        self.mountpoint = mountpoint
+        self.workdir = workdir
+        self.style = style
+        self.dialect = dialect
+        self.readonly = readonly
+        self.allow_other = allow_other
+        self.timeout = timeout
+        self.fsname = fsname
+        self.max_cached_entries = max_cached_entries
+        self.ignored = [] if ignored is None else ignored
+        self.flags = [] if flags is None else flags
+
+    def __repr__(self) -> str:
+        return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MountConfig) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def writable(self) -> bool:
         return bool(self.branches) and self.branches[0][1] and not self.readonly
+
+
+def flag_notes(cfg: MountConfig) -> list[str]:
+    """What the user asked for that this mount cannot give, one line each (said by the CLI)."""
+    wanted = [f for f in cfg.flags if f in ("suid", "dev")]
+    if os.geteuid() != 0 and wanted:
+        return [f"-o {','.join(wanted)} ignored: fusermount3 mounts nosuid,nodev for users other than root"]
+    return []
 
 
 def split_escaped(text: str, sep: str, keep_escapes: bool = False) -> list[str]:

@@ -26,12 +26,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
+from .config import DEFAULT_MAX_ENTRIES as DEFAULT_MAX_ENTRIES  # (the default of -o max_cached_entries)
 from .merge import Entry
 
 log = logging.getLogger(__name__)
-
-#: Default ceiling on the entries of all kept listings and snapshots (about 200 bytes each).
-DEFAULT_MAX_ENTRIES = 1_000_000
 
 
 class Listed(Protocol):

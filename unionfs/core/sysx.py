@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 AT_FDCWD = -100  # a dirfd meaning "relative to the working directory" (not in the os module)
@@ -15,7 +14,9 @@ def _load_libc() -> ctypes.CDLL:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library  # (shutil, subprocess, tempfile: not on every start-up)
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()
@@ -52,3 +53,22 @@ def remount(target: bytes, flags: int) -> None:
     if _mount(None, target, None, MS_REMOUNT | flags, None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"remount: {os.strerror(err)}", os.fsdecode(target))
+
+
+def mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:
+    """mount(2) of a new filesystem (a FUSE mount over an open /dev/fuse fd, as libfuse does it)."""
+    if _mount(source, target, fstype, flags, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount: {os.strerror(err)}", os.fsdecode(target))
+
+
+MNT_DETACH = 2
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+
+
+def umount2(target: bytes, flags: int) -> None:
+    if _umount2(target, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount: {os.strerror(err)}", os.fsdecode(target))

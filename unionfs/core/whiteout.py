@@ -9,13 +9,13 @@ Dialects read, in any branch:
 """
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import stat
 
 from .branches import DirFd
+from .config import Dialect as Dialect  # (defined there, for the mount's fast path)
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,6 @@ WH_OPQ = b".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.", b"user.unionfs.")
 WHITEOUT_DEV = os.makedev(0, 0)
-
-
-class Dialect(enum.Enum):
-    AUFS = "aufs"
-    OVERLAY = "overlay"
 
 
 # Every bookkeeping namespace is escaped the way overlayfs escapes its own, so a program may set any

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unionfs.core import mountinfo
 from unionfs.core.config import MountConfig
@@ -40,8 +40,8 @@ def pidfile_for(mountpoint: str) -> str:
     return os.path.join(statedir.state_dir(), _pid_name(mountpoint))
 
 
-def _pid_name(mountpoint: str) -> str:
-    return f"{statedir.key_for(mountpoint)}.pid"
+def _pid_name(mountpoint: str, resolved: bool = False) -> str:
+    return f"{statedir.key_for(mountpoint, resolved)}.pid"
 
 
 def check_fuse_device() -> None:
@@ -80,14 +80,6 @@ def mount_type(mountpoint: str) -> str | None:
     return found[1] if found else None
 
 
-def flag_notes(cfg: MountConfig) -> list[str]:
-    """What the user asked for that this mount cannot give, one line each (said by the CLI)."""
-    wanted = [f for f in cfg.flags if f in ("suid", "dev")]
-    if os.geteuid() != 0 and wanted:
-        return [f"-o {','.join(wanted)} ignored: fusermount3 mounts nosuid,nodev for users other than root"]
-    return []
-
-
 def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
           log_file: str | None = None) -> int:
     """Mount *cfg*; return an exit status.  In the background, return once the mount is ready.
@@ -110,7 +102,7 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
         if log_file is not None:
             log_ = LogFile.open_user(log_file)
         else:
-            log_ = state.open_log(_pid_name(cfg.mountpoint).removesuffix(".pid") + ".log") if state else None
+            log_ = state.open_log(_log_name(cfg.mountpoint)) if state else None
     except BaseException:
         if state is not None:
             state.discard()
@@ -122,23 +114,9 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
         if state is not None:
             state.close()
         code = 1
-        ready = False
-
-        def on_ready() -> None:
-            nonlocal ready
-            ready = True
-
         try:
-            os.setsid()
-            _setup_logging(debug, log_)
-            os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
-            code = serve(cfg, w, debug, on_ready=on_ready)
-        except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
-            if not ready:  # once ready, w is closed (and its number may be another file's)
-                protocol.report_error(w, e)
+            code = _daemon(cfg, w, debug, log_)
         finally:
-            if log_ is not None:
-                log_.tidy() if ready else log_.discard()
             os._exit(code)
     os.close(w)
     if log_ is not None:
@@ -153,6 +131,49 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
     if state is not None:
         state.close()
     return 0
+
+
+def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, **serve_args: Any) -> int:
+    """A background daemon's life, in the child forked for it: its exit status.  What goes wrong
+    before the mount is ready goes to *ready_fd* as one "error: ..." line."""
+    code = 1
+    ready = False
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready = True
+
+    try:
+        os.setsid()
+        _setup_logging(debug, log_)
+        os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
+        code = serve(cfg, ready_fd, debug, on_ready=on_ready, **serve_args)
+    except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
+        if not ready:  # once ready, the fd is closed (and its number may be another file's)
+            protocol.report_error(ready_fd, e)
+    finally:
+        if log_ is not None:
+            log_.tidy() if ready else log_.discard()
+    return code
+
+
+def serve_handed_over(cfg: MountConfig, ready_fd: int, opener: Callable[[list[tuple[str, bool]]], LayerStack],
+                      fuse_fd: int) -> int:
+    """A resident server's worker (`unionfs.server.resident`): serve the FUSE fd *fuse_fd* a client
+    mounted (on *cfg.mountpoint*, a real path), on the branches *opener* gives, as a background
+    daemon with its log beside its pidfile; its exit status."""
+    state = StateDir.open(create=True)
+    try:
+        log_ = state.open_log(_log_name(cfg.mountpoint, resolved=True)) if state else None
+    finally:
+        if state is not None:
+            state.close()
+    return _daemon(cfg, ready_fd, False, log_, opener=opener, fuse_fd=fuse_fd)
+
+
+def _log_name(mountpoint: str, resolved: bool = False) -> str:
+    return _pid_name(mountpoint, resolved).removesuffix(".pid") + ".log"
+
 
 
 def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
@@ -172,11 +193,15 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
 
 
 def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
-          on_ready: Callable[[], None] | None = None) -> int:
+          on_ready: Callable[[], None] | None = None,
+          opener: Callable[[list[tuple[str, bool]]], LayerStack] | None = None,
+          fuse_fd: int | None = None) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
     *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
-    then closed; see `protocol`).  Call `preload` first where the imports' time matters.
+    then closed; see `protocol`).  Call `preload` first where the imports' time matters.  A
+    resident server's worker gives *opener* (the branches it was handed open, by writability) and
+    *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
     """
     import trio
 
@@ -194,14 +219,18 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # an upper on a read-only filesystem is served read-only.
         writable = bool(cfg.branches) and cfg.branches[0][1]
         read_only = [(p, False) for p, _ in cfg.branches]
+
+        def open_paths(branches: list[tuple[str, bool]]) -> LayerStack:
+            return open_stack(branches, cfg.workdir, cfg.style == "aufs")
+        open_branches = opener or open_paths
         try:
             try:
-                layers = open_stack(cfg.branches if writable else read_only, cfg.workdir, cfg.style == "aufs")
+                layers = open_branches(cfg.branches if writable else read_only)
             except OSError as e:
                 if not (writable and cfg.readonly and e.errno == errno.EROFS):
                     raise
                 writable = False
-                layers = open_stack(read_only, cfg.workdir, cfg.style == "aufs")
+                layers = open_branches(read_only)
         except OSError as e:
             where = os.fsdecode(e.filename) if e.filename is not None else "?"
             raise QuietError(f"cannot open branches: {e.strerror}: {where}") from None
@@ -216,7 +245,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             branches.close()
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
-        pidfile = _pid_name(cfg.mountpoint)
+        pidfile = _pid_name(cfg.mountpoint, resolved=fuse_fd is not None)   # mounted already: not looked at
         state = StateDir.open(create=True)
         undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
         if state is not None:
@@ -226,7 +255,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         _release_at_session_end(layers, not_ours)
         with _stderr_captured() as said:
             try:
-                pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+                where = cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
+                pyfuse3.init(ops, where, fuse_options(cfg))
             except RuntimeError as e:
                 why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr
                 raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {why[0]}") from None

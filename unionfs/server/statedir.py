@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -35,9 +34,13 @@ def state_dir() -> str:
     return f"/tmp/unionfs-{os.getuid()}"
 
 
-def key_for(mountpoint: str) -> str:
-    """The file name stem for *mountpoint* (any bytes: a str as os.fsdecode gives it)."""
-    return hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+def key_for(mountpoint: str, resolved: bool = False) -> str:
+    """The file name stem for *mountpoint* (any bytes: a str as os.fsdecode gives it); *resolved*
+    when it is a real path already (and may not be looked at: mounted, and served by this thread)."""
+    import hashlib  # (not on the resident server's client's path)
+
+    real = mountpoint if resolved else os.path.realpath(mountpoint)
+    return hashlib.sha1(os.fsencode(real)).hexdigest()[:16]
 
 
 def unsafe_reason(st: os.stat_result) -> str | None:

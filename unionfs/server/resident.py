@@ -1,0 +1,382 @@
+"""The resident server: trio, pyfuse3 and the union already imported, a worker forked per mount.
+
+A client (`unionfs.server.fastmount`) mounts FUSE itself and hands the server, over a unix socket
+in the state directory (``server.sock``, beside the pidfiles; see `unionfs.server.statedir`), the
+config and the /dev/fuse and branch fds.  The server checks the peer (its own user, or root) and the
+client's build, forks a worker and goes back to accepting; the worker builds the union from the
+fds, answers "ready" (or one "error: ..." line) and serves as a background daemon does, with its
+pidfile and log in the state directory, until the kernel ends the session.
+
+The accept loop is plain blocking sockets: trio runs only in the workers, each started after the
+fork.  A worker keeps neither the listening socket nor the lock, and lives on when the server is
+stopped or killed.  The server reaps its workers, and exits by itself after ``--idle`` seconds
+without a mount handed over (default ten minutes).
+
+``python -m unionfs.server.resident start`` is what a client runs when it finds no server: it
+returns once a server listens.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from unionfs.core.config import Dialect, MountConfig
+from unionfs.core.errors import QuietError
+
+from .fastmount import MAX_FDS, SOCKET_NAME, build_id, connect
+from .statedir import StateDir
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "server.lock"
+LOG_NAME = "server.log"
+DEFAULT_IDLE = 600.0
+CHECK_EVERY = 5.0       # seconds between checks that the socket is still ours
+CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mount is in between)
+
+
+def config_from(fields: dict[str, Any]) -> MountConfig:
+    """The `MountConfig` a client sent (`unionfs.server.fastmount.message`)."""
+    return MountConfig(
+        branches=[(str(p), bool(w)) for p, w in fields["branches"]], mountpoint=str(fields["mountpoint"]),
+        workdir=fields["workdir"], style=str(fields["style"]), dialect=Dialect(fields["dialect"]),
+        readonly=bool(fields["readonly"]), allow_other=bool(fields["allow_other"]),
+        timeout=float(fields["timeout"]), fsname=str(fields["fsname"]),
+        max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
+    )
+
+
+class Server:
+    """The listening socket in the state directory, held under an exclusive lock."""
+
+    def __init__(self, state: StateDir, lock_fd: int, listener: socket.socket, idle: float) -> None:
+        self.state = state
+        self.lock_fd = lock_fd
+        self.listener = listener
+        self.idle = idle
+        self.build = build_id()
+        self.workers: set[int] = set()
+        self.bound = (-1, -1)   # the socket file's (device, inode)
+        self.handed = 0
+
+    def serve_forever(self) -> None:
+        """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
+        another build, or left without a way in (the socket or its directory removed)."""
+        signal.signal(signal.SIGCHLD, lambda *_: self.reap())
+        self.listener.settimeout(min(self.idle, CHECK_EVERY) if self.idle else CHECK_EVERY)
+        log.info("listening (pid %d, build %s)", os.getpid(), self.build)
+        last = time.monotonic()
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                if self.idle and time.monotonic() - last >= self.idle:
+                    log.info("idle for %.0f s: exiting", self.idle)
+                    return
+                if not self.reachable():
+                    log.info("the socket is gone: exiting")
+                    return
+                continue
+            last = time.monotonic()
+            with conn:
+                conn.settimeout(CLIENT_TIMEOUT)
+                if not self.take(conn):
+                    return
+
+    def reachable(self) -> bool:
+        """Whether the socket we listen on is still the one in the state directory."""
+        try:
+            named = os.stat(SOCKET_NAME, dir_fd=self.state.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == self.bound and os.fstat(self.state.fd).st_nlink > 0
+
+    def take(self, conn: socket.socket) -> bool:
+        """Serve one client's request; False when the server must give way."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid, uid = (int.from_bytes(creds[i:i + 4], sys.byteorder) for i in (0, 4))
+        if uid not in (os.geteuid(), 0):
+            log.warning("refused pid %d of uid %d", pid, uid)
+            return True
+        hello = _receive(conn, pid)
+        if hello is None:   # a client that only looked
+            return True
+        if hello[0] != self.build.encode():
+            log.info("pid %d runs another build: giving way", pid)
+            self.close()    # before the answer: the client starts a server of its build next
+            _send(conn, "refused: another build")
+            return False
+        _send(conn, "ok")
+        request = _receive(conn, pid)
+        if request is None:
+            return True
+        data, fds = request
+        try:
+            cfg = config_from(ast.literal_eval(data.decode()))
+            if len(fds) != 1 + len(cfg.branches) + (cfg.workdir is not None):
+                raise ValueError(f"{len(fds)} fds")
+        except (ValueError, KeyError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+            log.warning("pid %d: bad request: %s", pid, e)
+            _send(conn, "refused: bad request")
+            _close(fds)
+            return True
+        try:
+            worker = os.fork()
+        except OSError as e:
+            log.warning("cannot fork a worker: %s", e.strerror)
+            _send(conn, "refused: no worker")
+            _close(fds)
+            return True
+        if worker == 0:
+            self._worker(conn, cfg, fds)   # never returns
+        self.workers.add(worker)
+        self.handed += 1
+        log.info("mount %d for pid %d on %s: worker %d", self.handed, pid, cfg.mountpoint, worker)
+        _close(fds)
+        return True
+
+    def reap(self) -> None:
+        """Collect every worker that has exited (the server has no other children)."""
+        while True:
+            try:
+                done, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not done:
+                return
+            self.workers.discard(done)
+            log.debug("worker %d exited with %d", done, os.waitstatus_to_exitcode(status))
+
+    def _worker(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> None:
+        """The forked worker: serve *cfg* on the FUSE fd ``fds[0]`` as a background daemon would."""
+        code = 1
+        try:
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            self.listener.close()
+            os.close(self.lock_fd)
+            self.state.close()
+            code = _serve_worker(conn, cfg, fds)
+        except BaseException as e:  # noqa: B036 - a forked worker reports, never raises past fork
+            _send(conn, f"error: {e}")
+        finally:
+            os._exit(code)
+
+    def close(self) -> None:
+        """Stop listening and let go of the lock (again: nothing)."""
+        if self.lock_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(SOCKET_NAME, dir_fd=self.state.fd)
+        self.listener.close()
+        os.close(self.lock_fd)
+        self.lock_fd = -1
+        self.state.close()
+
+
+def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
+    from unionfs.core.branches import LayerStack, stack_from_fds
+
+    from .daemon import serve_handed_over
+
+    fuse_fd, given = fds[0], fds[1:]
+    work_root = given[len(cfg.branches)] if cfg.workdir is not None else None
+
+    def opener(branches: list[tuple[str, bool]]) -> LayerStack:
+        """The stack over copies of the fds given: a retry read-only gets fresh ones."""
+        opened = [(path, os.dup(fd), w) for (path, w), fd in zip(branches, given, strict=False)]
+        work = os.dup(work_root) if work_root is not None else None
+        stack = stack_from_fds(opened, work, cfg.workdir, cfg.style == "aufs")
+        _close(given)
+        given.clear()
+        return stack
+
+    conn.settimeout(None)   # blocking again: the reply is written to a plain fd
+    reply = os.dup(conn.fileno())
+    conn.close()
+    return serve_handed_over(cfg, reply, opener, fuse_fd)
+
+
+def _receive(conn: socket.socket, pid: int) -> tuple[bytes, list[int]] | None:
+    """One message and the fds it carried; None at the end (the fds that came with it closed)."""
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
+    except OSError as e:
+        log.warning("pid %d: %s", pid, e.strerror)
+        return None
+    if not data:
+        _close(fds)
+        return None
+    return data, fds
+
+
+def _send(conn: socket.socket, msg: str) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(os.fsencode(msg))
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def listening(idle: float) -> Iterator[Server | None]:
+    """This user's server, listening; None when one runs already (the lock is held)."""
+    state = StateDir.open(create=True)
+    if state is None:
+        raise QuietError("no state directory for the server's socket")
+    lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    lock_fd = os.open(LOCK_NAME, lock_flags, 0o600, dir_fd=state.fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        state.close()
+        yield None
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SOCKET_NAME, dir_fd=state.fd)   # a stale one: the lock says no server has it
+    listener.bind(f"/proc/self/fd/{state.fd}/{SOCKET_NAME}")   # in a 0700 directory
+    listener.listen(64)
+    server = Server(state, lock_fd, listener, idle)
+    named = os.stat(SOCKET_NAME, dir_fd=state.fd, follow_symlinks=False)
+    server.bound = (named.st_dev, named.st_ino)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def run(idle: float = DEFAULT_IDLE, foreground: bool = False) -> int:
+    """Start this user's server: in the foreground, or in the background once it listens."""
+    _warm_up()
+    if foreground:
+        return _serve_here(idle, None)
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.close(r)
+        os.setsid()
+        os.chdir("/")
+        code = 1
+        try:
+            code = _serve_here(idle, w)
+        finally:
+            os._exit(code)
+    os.close(w)
+    said = os.read(r, 4096).decode(errors="replace")
+    os.close(r)
+    if said not in ("listening", "running"):
+        print(f"unionfs server: {said or 'exited before listening'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _warm_up() -> None:
+    """Do once here what every worker would do first: import what serving needs (`preload`, which
+    also freezes what it loaded out of the garbage collector's scans, so that a worker's collections
+    do not touch, and copy, the pages it shares with us), and run trio once (its first run sets up
+    what later ones reuse)."""
+    import gc
+
+    import trio
+
+    from unionfs.core import union  # noqa: F401
+
+    from .daemon import preload
+
+    preload()
+    trio.run(trio.sleep, 0)
+    gc.collect()
+    gc.freeze()
+
+
+def _serve_here(idle: float, ready_fd: int | None) -> int:
+    try:
+        with listening(idle) as server:
+            if ready_fd is not None:
+                _detach(ready_fd, "listening" if server is not None else "running")
+            if server is not None:
+                signal.signal(signal.SIGTERM, _stop)
+                with contextlib.suppress(KeyboardInterrupt):
+                    server.serve_forever()
+        return 0
+    except (QuietError, OSError) as e:
+        if ready_fd is None:
+            raise
+        os.write(ready_fd, str(e).encode())
+        return 1
+
+
+def _detach(ready_fd: int, msg: str) -> None:
+    """Tell the starter and let go of its stdio; log to the state directory."""
+    state = StateDir.open(create=True)
+    if state is not None:
+        from .daemon import _setup_logging
+
+        _setup_logging(False, state.open_log(LOG_NAME))
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.INFO)   # the server's log records every mount handed over
+        state.close()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.write(ready_fd, msg.encode())
+    os.close(ready_fd)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop(timeout: float = 10.0) -> bool:
+    """Stop this user's server (its workers keep serving); whether one was running."""
+    sock = connect(start=False)
+    if sock is None:
+        return False
+    with sock:
+        pid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.01)
+    raise QuietError(f"the server (pid {pid}) has not stopped after {timeout:.0f}s")
+
+
+def main(argv: list[str]) -> int:
+    """``python -m unionfs.server.resident start|stop``: what a client runs to start one."""
+    try:
+        if argv == ["start"]:
+            return run()
+        if argv == ["stop"]:
+            stop()
+            return 0
+    except QuietError as e:
+        print(f"unionfs server: {e.message}", file=sys.stderr)
+        return 1
+    print("usage: python -m unionfs.server.resident start|stop", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["Server", "config_from", "listening", "run", "stop"]
