@@ -332,3 +332,24 @@ def test_a_server_whose_socket_is_removed_exits(root_server: Path) -> None:
     assert server is not None
     os.unlink(root_server / "server.sock")
     assert wait_gone(server), "the server outlived its socket"
+
+
+def test_a_client_in_another_pid_namespace_mounts_on_its_own(root_server: Path, area: Path) -> None:
+    """The kernel names a request's caller in the mounter's PID namespace: a server elsewhere would
+    look up the wrong process for its groups, so a client in another PID namespace never uses it."""
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    script = f"{UNIONFS} mount {area}/A:{area}/B {area}/M && cat {area}/M/b"
+    r = run(["unshare", "--pid", "--fork", "sh", "-c", script])
+    assert r.returncode == 0 and r.stdout == "from B\n", r.stderr
+    workers = [p for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), server)]
+    assert workers == [], "a client in another PID namespace handed its mount to the server"
+
+
+def _alive_child(pid: int, parent: int) -> bool:
+    try:
+        return parent_of(pid) == parent
+    except OSError:
+        return False
