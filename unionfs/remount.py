@@ -21,12 +21,6 @@ from unionfs.core import mountinfo, sysx
 from unionfs.core.errors import QuietError
 
 FSTYPES = ("fuse.unionfs", "fuse.unionfs-overlay")
-# mountinfo's per-mount words and the flags they stand for.
-FLAGS = {
-    "ro": sysx.MS_RDONLY, "nosuid": sysx.MS_NOSUID, "nodev": sysx.MS_NODEV, "noexec": sysx.MS_NOEXEC,
-    "noatime": sysx.MS_NOATIME, "nodiratime": sysx.MS_NODIRATIME, "relatime": sysx.MS_RELATIME,
-    "nosymfollow": sysx.MS_NOSYMFOLLOW,
-}
 ATIME = sysx.MS_NOATIME | sysx.MS_RELATIME | sysx.MS_STRICTATIME
 # What an asked-for option does to the flags: (flags to clear, flags to set).
 CHANGES = {
@@ -54,7 +48,7 @@ def flags_for(current: str, options: list[str]) -> int:
     """The mount flags for a remount: *current* (mountinfo's per-mount options) changed by *options*."""
     flags = 0
     for word in current.split(","):
-        flags |= FLAGS.get(word, 0)
+        flags |= sysx.FLAG_WORDS.get(word, 0)
     for word in options:
         clear, add = CHANGES.get(word, (0, 0))
         flags = (flags & ~clear) | add

@@ -48,18 +48,24 @@ _mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_u
 _mount.restype = ctypes.c_int
 
 
-def remount(target: bytes, flags: int) -> None:
-    """mount(2) with MS_REMOUNT: the per-mount and superblock flags of the mount at *target*."""
-    if _mount(None, target, None, MS_REMOUNT | flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"remount: {os.strerror(err)}", os.fsdecode(target))
+# mountinfo's per-mount words and the flags they stand for (a remount keeps them; a new mount asks for them).
+FLAG_WORDS = {
+    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "nosymfollow": MS_NOSYMFOLLOW,
+}
 
 
-def mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:
-    """mount(2) of a new filesystem (a FUSE mount over an open /dev/fuse fd, as libfuse does it)."""
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None,
+          step: str = "mount") -> None:
+    """mount(2): a new filesystem (a FUSE mount over an open /dev/fuse fd, as libfuse does it)."""
     if _mount(source, target, fstype, flags, data) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount: {os.strerror(err)}", os.fsdecode(target))
+        raise OSError(err, f"{step}: {os.strerror(err)}", os.fsdecode(target))
+
+
+def remount(target: bytes, flags: int) -> None:
+    """mount(2) with MS_REMOUNT: the per-mount and superblock flags of the mount at *target*."""
+    mount(None, target, None, MS_REMOUNT | flags, None, step="remount")
 
 
 MNT_DETACH = 2

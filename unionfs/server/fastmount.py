@@ -244,10 +244,9 @@ def _kernel_options(cfg: MountConfig) -> list[str]:
 def _mount_as_root(cfg: MountConfig) -> int:
     from unionfs.core import sysx
 
-    bits = {"ro": sysx.MS_RDONLY, "nosuid": sysx.MS_NOSUID, "nodev": sysx.MS_NODEV, "noexec": sysx.MS_NOEXEC}
     flags = 0
     for word in _flag_words(cfg):
-        flags |= bits.get(word, 0)
+        flags |= sysx.FLAG_WORDS.get(word, 0)
     try:
         fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
