@@ -35,11 +35,8 @@ def fast_mount(args: list[str]) -> int | None:
         return None
     from unionfs.server import fastmount
 
-    parsed = fastmount.unionfs_args(args)
-    if parsed is None:
-        return None
-    spec, mountpoint, options = parsed
-    return fastmount.try_mount("unionfs", spec, mountpoint, options, strict=True)
+    parsed = fastmount.command("unionfs", args)
+    return None if parsed is None else fastmount.try_mount("unionfs", *parsed)
 
 
 def main() -> None:
@@ -61,9 +58,9 @@ def overlay_main() -> None:
     """``unionfs-overlay``: through a resident server when it can, else ``unionfs.cli.overlay_main``."""
     from unionfs.server import fastmount
 
-    parsed = fastmount.overlay_args(sys.argv[1:])
+    parsed = fastmount.command("unionfs-overlay", sys.argv[1:])
     if parsed is not None:
-        code = fastmount.try_mount("unionfs-overlay", None, parsed[0], parsed[1], strict=False)
+        code = fastmount.try_mount("unionfs-overlay", *parsed)
         if code is not None:
             sys.exit(code)
     from unionfs.cli import overlay_main as cli_overlay_main

@@ -86,6 +86,16 @@ def overlay_args(args: list[str]) -> tuple[str, list[str]] | None:
     return positional[-1], options
 
 
+def command(prog: str, args: list[str]) -> tuple[str | None, str, list[str], bool] | None:
+    """The command line of *prog* (``unionfs`` or ``unionfs-overlay``) after the program name as
+    (branches, mountpoint, options, strict), or None when the CLI must take it."""
+    if prog == "unionfs-overlay":
+        over = overlay_args(args)
+        return None if over is None else (None, over[0], over[1], False)
+    parsed = unionfs_args(args)
+    return None if parsed is None else (*parsed, True)
+
+
 def _split(args: list[str]) -> tuple[list[str] | None, list[str]]:
     options: list[str] = []
     positional: list[str] = []
@@ -131,11 +141,16 @@ def try_mount(prog: str, spec: str | None, mountpoint: str, options: list[str], 
     with sock:
         if not _mount_and_hand_over(sock, cfg):
             return None
-    notes = [f"{prog}: ignoring unsupported option {opt}" for opt in cfg.ignored] if not strict else []
-    notes += [f"{prog}: {n}" for n in flag_notes(cfg)]
+    notes = mount_notes(prog, cfg, strict)
     if notes:
         print(*notes, sep="\n", file=sys.stderr)
     return 0
+
+
+def mount_notes(prog: str, cfg: MountConfig, strict: bool) -> list[str]:
+    """The lines the normal path says on stderr about a mount that succeeded."""
+    notes = [f"{prog}: ignoring unsupported option {opt}" for opt in cfg.ignored] if not strict else []
+    return notes + [f"{prog}: {n}" for n in flag_notes(cfg)]
 
 
 def _mount_and_hand_over(sock: socket.socket, cfg: MountConfig) -> bool:
@@ -234,19 +249,33 @@ def _flag_words(cfg: MountConfig) -> list[str]:
     return ["ro" if not cfg.writable else "rw", *words.values()]
 
 
-def _kernel_options(cfg: MountConfig) -> list[str]:
+def kernel_options(cfg: MountConfig) -> list[str]:
+    """The FUSE mount's own options after ``fd=,rootmode=,user_id=,group_id=``."""
     opts = ["default_permissions"]
     if cfg.allow_other or os.geteuid() == 0:
         opts.append("allow_other")
     return opts
 
 
-def _mount_as_root(cfg: MountConfig) -> int:
+def root_mount_flags(cfg: MountConfig) -> int:
+    """mount(2)'s flags for root's mount."""
     from unionfs.core import sysx
 
     flags = 0
     for word in _flag_words(cfg):
         flags |= sysx.FLAG_WORDS.get(word, 0)
+    return flags
+
+
+def fusermount_options(cfg: MountConfig) -> list[str]:
+    """fusermount3's ``-o`` words for a user's mount."""
+    return [*_flag_words(cfg), *kernel_options(cfg), f"fsname={cfg.fsname}", "subtype=unionfs"]
+
+
+def _mount_as_root(cfg: MountConfig) -> int:
+    from unionfs.core import sysx
+
+    flags = root_mount_flags(cfg)
     try:
         fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -255,7 +284,7 @@ def _mount_as_root(cfg: MountConfig) -> int:
     try:
         rootmode = stat.S_IFMT(os.stat(cfg.mountpoint).st_mode)
         data = f"fd={fd},rootmode={rootmode:o},user_id={os.getuid()},group_id={os.getgid()}"
-        data = ",".join([data, *_kernel_options(cfg)])
+        data = ",".join([data, *kernel_options(cfg)])
         sysx.mount(cfg.fsname.encode(), os.fsencode(cfg.mountpoint), FSTYPE.encode(), flags, data.encode())
     except OSError as e:
         _say(f"mount: {e.strerror}")
@@ -266,7 +295,7 @@ def _mount_as_root(cfg: MountConfig) -> int:
 
 def _mount_with_fusermount(cfg: MountConfig) -> int:
     """libfuse's protocol: fusermount3 mounts and sends the fd back over the socket _FUSE_COMMFD."""
-    opts = [*_flag_words(cfg), *_kernel_options(cfg), f"fsname={cfg.fsname}", "subtype=unionfs"]
+    opts = fusermount_options(cfg)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours:
         try:

@@ -29,10 +29,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from unionfs.core.config import Dialect, MountConfig
+from unionfs.core.config import Dialect, MountConfig, build_config
 from unionfs.core.errors import QuietError
 
-from .fastmount import MAX_FDS, SOCKET_NAME, build_id, connect
+from .fastmount import (
+    MAX_FDS,
+    SOCKET_NAME,
+    build_id,
+    command,
+    connect,
+    fusermount_options,
+    kernel_options,
+    message,
+    mount_notes,
+    root_mount_flags,
+)
 from .statedir import StateDir
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,7 @@ LOG_NAME = "server.log"
 DEFAULT_IDLE = 600.0
 CHECK_EVERY = 5.0       # seconds between checks that the socket is still ours
 CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mount is in between)
+ARGV_HELLO = b"argv1\0"  # a C client's first message (fastclient.c)
 
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
@@ -110,6 +122,8 @@ class Server:
         hello = _receive(conn, pid)
         if hello is None:   # a client that only looked
             return True
+        if hello[0].startswith(ARGV_HELLO):
+            return self.take_argv(conn, pid, uid, hello[0], hello[1])
         if hello[0] != self.build.encode():
             log.info("pid %d runs another build: giving way", pid)
             self.close()    # before the answer: the client starts a server of its build next
@@ -129,6 +143,47 @@ class Server:
             _send(conn, "refused: bad request")
             _close(fds)
             return True
+        return self.start_worker(conn, pid, cfg, fds)
+
+    def take_argv(self, conn: socket.socket, pid: int, uid: int, data: bytes, fds: list[int]) -> bool:
+        """A client that is not Python (``unionfs/server/fastclient.c``): it sends its build (the
+        directory of the Python console scripts it would fall back to), its command line and its
+        working directory; the command line is parsed and checked here, exactly as the Python
+        client does it, and the answer says what to open and how to mount (`plan`).  Then come the
+        fds, as from the Python client.  Anything unusual is answered "fallback", and the client
+        runs the Python command instead, which says any error in its own words."""
+        fields = data.split(b"\0")
+        if len(fields) < 3 or os.fsdecode(fields[1]) != _bin_dir() or build_id() != self.build:
+            log.info("pid %d runs another build: giving way", pid)
+            self.close()
+            _send(conn, "refused: another build")
+            _close(fds)
+            return False
+        prog, args = os.fsdecode(fields[2]), [os.fsdecode(a) for a in fields[3:]]
+        try:
+            planned = plan(pid, uid, prog, args, fds)
+        finally:
+            _close(fds)
+        if planned is None:
+            _send(conn, "fallback")
+            return True
+        cfg, answer = planned
+        try:
+            conn.send(answer)
+        except OSError:
+            return True
+        request = _receive(conn, pid)
+        if request is None:
+            return True
+        if request[0] != b"fds" or len(request[1]) != 1 + len(cfg.branches) + (cfg.workdir is not None):
+            log.warning("pid %d: bad request: %d fds", pid, len(request[1]))
+            _send(conn, "refused: bad request")
+            _close(request[1])
+            return True
+        return self.start_worker(conn, pid, cfg, request[1])
+
+    def start_worker(self, conn: socket.socket, pid: int, cfg: MountConfig, fds: list[int]) -> bool:
+        """Fork the worker that serves *cfg* on *fds* (the FUSE fd first) and answers *conn*."""
         try:
             worker = os.fork()
         except OSError as e:
@@ -181,6 +236,53 @@ class Server:
         os.close(self.lock_fd)
         self.lock_fd = -1
         self.state.close()
+
+
+def _bin_dir() -> str:
+    """Where this interpreter's console scripts are (what a C client falls back to)."""
+    return os.path.realpath(os.path.dirname(sys.executable))
+
+
+def _same_view(pid: int) -> bool:
+    """Whether *pid* sees the files as we do: same PID, user and mount namespaces, same root."""
+    try:
+        for ns in ("pid", "user", "mnt"):
+            if os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino:
+                return False
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def plan(pid: int, uid: int, prog: str, args: list[str], fds: list[int]) -> tuple[MountConfig, bytes] | None:
+    """Parse and check a C client's command line in its working directory (``fds[0]``): the config
+    and the answer (NUL-separated: "plan", mount point, fsname, mount(2) flags, the FUSE mount's
+    options, fusermount3's options, the notes to print, the number of directories to open and
+    their paths); None for the Python command to take it."""
+    parsed = command(prog, args) if prog in ("unionfs", "unionfs-overlay") else None
+    if parsed is None or len(fds) != 1 or uid != os.geteuid() or not _same_view(pid):
+        return None
+    if any(a.startswith("~") or "=~" in a for a in args):
+        return None   # the caller's HOME, not ours
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fchdir(fds[0])
+        cfg = build_config(*parsed)
+        if len(cfg.branches) + 2 > MAX_FDS:
+            return None
+        fields = message(cfg)
+    except (QuietError, OSError, ValueError) as e:
+        log.debug("pid %d: %s: the Python command says it", pid, e)
+        return None
+    finally:
+        os.fchdir(here)
+        os.close(here)
+    paths = [p for p, _ in cfg.branches] + ([cfg.workdir] if cfg.workdir is not None else [])
+    words = ["plan", cfg.mountpoint, cfg.fsname, str(root_mount_flags(cfg)), ",".join(kernel_options(cfg)),
+             ",".join(fusermount_options(cfg)), "\n".join(mount_notes(prog, cfg, parsed[3])), str(len(paths)),
+             *paths]
+    return config_from(fields), b"\0".join(os.fsencode(w) for w in words)
 
 
 def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
