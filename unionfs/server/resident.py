@@ -143,7 +143,7 @@ class Server:
             _send(conn, "refused: bad request")
             _close(fds)
             return True
-        return self.start_worker(conn, pid, cfg, fds)
+        return self.start_worker(conn, pid, cfg, fds, "Python")
 
     def take_argv(self, conn: socket.socket, pid: int, uid: int, data: bytes, fds: list[int]) -> bool:
         """A client that is not Python (``unionfs/server/fastclient.c``): it sends its build (the
@@ -180,10 +180,11 @@ class Server:
             _send(conn, "refused: bad request")
             _close(request[1])
             return True
-        return self.start_worker(conn, pid, cfg, request[1])
+        return self.start_worker(conn, pid, cfg, request[1], "C")
 
-    def start_worker(self, conn: socket.socket, pid: int, cfg: MountConfig, fds: list[int]) -> bool:
-        """Fork the worker that serves *cfg* on *fds* (the FUSE fd first) and answers *conn*."""
+    def start_worker(self, conn: socket.socket, pid: int, cfg: MountConfig, fds: list[int], via: str) -> bool:
+        """Fork the worker that serves *cfg* on *fds* (the FUSE fd first) and answers *conn*, the
+        client (*via*: its language, for the log)."""
         try:
             worker = os.fork()
         except OSError as e:
@@ -195,7 +196,8 @@ class Server:
             self._worker(conn, cfg, fds)   # never returns
         self.workers.add(worker)
         self.handed += 1
-        log.info("mount %d for pid %d on %s: worker %d", self.handed, pid, cfg.mountpoint, worker)
+        log.info("mount %d for pid %d (%s client) on %s: worker %d",
+                 self.handed, pid, via, cfg.mountpoint, worker)
         _close(fds)
         return True
 
