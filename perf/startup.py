@@ -9,12 +9,16 @@ machine whose speed drifts (other work on it) moves both sides alike.  Medians a
     sudo .venv/bin/python perf/startup.py --runs 50 --no-rootless
 
 Rows (A; B is the same mount by fuse-overlayfs):
-  unionfs mount           ``unionfs mount A:B MNT`` through the resident server (started before)
-  unionfs mount (off)     the same with ``UNIONFS_SERVER=off``: today's path, the whole server started
-  unionfs-overlay         ``unionfs-overlay -o lowerdir=,upperdir=,workdir= MNT``, as podman calls it
-  unionfs-overlay (off)   the same with ``UNIONFS_SERVER=off``
-  mount -t fuse           mount(8) and mount.fuse3 running unionfs-overlay (``PROGRAM#SOURCE``)
+  unionfs mount (C)       ``unionfs mount A:B MNT`` by the C client (unionfs/server/fastclient.c, as
+                          /usr/local/bin has it after scripts/setup.sh) through the resident server
+  unionfs mount (Python)  the same by the Python console script (its client: unionfs.server.fastmount)
+  unionfs mount (off)     the same with ``UNIONFS_SERVER=off``: no server, the whole FUSE server started
+  unionfs-overlay (...)   ``unionfs-overlay -o lowerdir=,upperdir=,workdir= MNT``, as podman calls it
+  mount -t fuse (...)     mount(8) and mount.fuse3 running unionfs-overlay (``PROGRAM#SOURCE``)
   ... rootless            the same as a user made for the run (fusermount3; /dev/fuse 0666 meanwhile)
+The server is started by the first (warm-up) mount.  ``--private-state`` runs the whole in a mount
+namespace of its own with a tmpfs on /run/unionfs, so that root's server of another checkout (which
+a mount of this one asks to give way) is not in the way.
 
 The commands get a private bytecode cache (PYTHONPYCACHEPREFIX in the work dir, filled by warm-up
 runs), as an installed unionfs has one.
@@ -88,29 +92,41 @@ def layout(base: Path, owner: int | None) -> dict[str, Path]:
     return dirs
 
 
-def rows(d: dict[str, Path], env: dict[str, str], user: int | None,
-         suffix: str) -> list[tuple[str, Side, Side]]:
+def c_client(work: Path) -> Path | None:
+    """A directory with ``unionfs`` and ``unionfs-overlay`` linked to the C client (built by
+    scripts/setup.sh beside the Python commands), as /usr/local/bin has them; None without one."""
+    binary = BIN / "unionfs-fastclient"
+    if not binary.exists():
+        return None
+    links = work / "cbin"
+    links.mkdir()
+    for name in ("unionfs", "unionfs-overlay"):
+        (links / name).symlink_to(binary)
+    return links
+
+
+def rows(d: dict[str, Path], env: dict[str, str], user: int | None, suffix: str,
+         cbin: Path | None) -> list[tuple[str, Side, Side]]:
     off = dict(env, UNIONFS_SERVER="off")
     opts = f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}"
     fopts = f"lowerdir={d['lower']},upperdir={d['upper2']},workdir={d['work2']}"
     fuse_overlayfs = Side(["fuse-overlayfs", "-o", fopts, str(d["mnt2"])], d["mnt2"], env, user)
+    branches = [f"{d['upper']}=rw:{d['lower']}", str(d["mnt"])]
+    mnt = d["mnt"]
+    out: list[tuple[str, Side]] = []
+    for kind, bindir in ([("C", cbin)] if cbin is not None else []) + [("Python", BIN)]:
+        unionfs, overlay = str(bindir / "unionfs"), str(bindir / "unionfs-overlay")
+        out += [(f"unionfs mount ({kind})", Side([unionfs, "mount", *branches], mnt, env, user)),
+                (f"unionfs-overlay ({kind})", Side([overlay, "-o", opts, str(mnt)], mnt, env, user))]
+        if user is None:   # mount(8) for a user needs an fstab entry
+            m8 = Side(["mount", "-t", "fuse", f"{overlay}#overlay", "-o", opts, str(mnt)], mnt, env, None)
+            out.append((f"mount -t fuse ({kind})", m8))
     unionfs, overlay = str(BIN / "unionfs"), str(BIN / "unionfs-overlay")
-    out = [
-        ("unionfs mount", Side([unionfs, "mount", f"{d['upper']}=rw:{d['lower']}", str(d["mnt"])],
-                               d["mnt"], env, user)),
-        ("unionfs mount (off)", Side([unionfs, "mount", f"{d['upper']}=rw:{d['lower']}", str(d["mnt"])],
-                                     d["mnt"], off, user)),
-        ("unionfs-overlay", Side([overlay, "-o", opts, str(d["mnt"])], d["mnt"], env, user)),
-        ("unionfs-overlay (off)", Side([overlay, "-o", opts, str(d["mnt"])], d["mnt"], off, user)),
-    ]
-    result = [(name + suffix, a, fuse_overlayfs) for name, a in out]
-    if user is None:   # mount(8) for a user needs an fstab entry
-        m8 = Side(["mount", "-t", "fuse", f"{overlay}#overlay", "-o", opts, str(d["mnt"])],
-                  d["mnt"], env, None)
-        m8b = Side(["mount", "-t", "fuse.fuse-overlayfs", "-o", fopts, "overlay", str(d["mnt2"])],
-                   d["mnt2"], env, None)
-        result.append(("mount -t fuse" + suffix, m8, m8b))
-    return result
+    out += [("unionfs mount (off)", Side([unionfs, "mount", *branches], mnt, off, user)),
+            ("unionfs-overlay (off)", Side([overlay, "-o", opts, str(mnt)], mnt, off, user))]
+    m8b = Side(["mount", "-t", "fuse.fuse-overlayfs", "-o", fopts, "overlay", str(d["mnt2"])], d["mnt2"], env,
+               None)
+    return [(name + suffix, a, m8b if name.startswith("mount") else fuse_overlayfs) for name, a in out]
 
 
 @contextlib.contextmanager
@@ -131,13 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--no-rootless", action="store_true", help="skip the rows of a user other than root")
+    ap.add_argument("--private-state", action="store_true",
+                    help="in a mount namespace of its own, with a tmpfs on /run/unionfs")
     args = ap.parse_args(argv)
+    if args.private_state:
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--private-state"]
+        script = 'mkdir -p /run/unionfs && mount -t tmpfs -o mode=0700 tmpfs /run/unionfs && exec "$@"'
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", sys.executable,
+               str(Path(__file__).resolve()), *argv]
+        return subprocess.run(cmd).returncode
     if os.geteuid() != 0 or shutil.which("fuse-overlayfs") is None:
         print("startup: run as root, with fuse-overlayfs installed", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="unionfs-startup-", dir="/tmp"))
     os.chmod(work, 0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "UNIONFS_SERVER")}
+    cbin = c_client(work)
     print(f"{'mount command':30} {'unionfs ms':>10} {'fuse-overlayfs ms':>18} {'ratio':>7}")
     try:
         todo = [(None, "")] if args.no_rootless else [(None, ""), (-1, " rootless")]
@@ -154,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 e = dict(env, PYTHONPYCACHEPREFIX=str(cache), HOME="/")
                 e.pop("XDG_RUNTIME_DIR", None)
                 try:
-                    for name, a, b in rows(d, e, user, suffix):
+                    for name, a, b in rows(d, e, user, suffix, cbin):
                         ma, mb, ratio = pairs(a, b, args.runs)
                         print(f"{name:30} {ma:10.1f} {mb:18.1f} {ratio:7.1f}x", flush=True)
                 finally:
