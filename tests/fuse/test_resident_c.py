@@ -21,17 +21,15 @@ import util
 from launcher_util import (
     PYTHON,
     UnprivUser,
-    dev_fuse_mode,
     python_for,
-    unprivileged_user,
     world_readable_tempdir,
 )
-from test_resident import ENV, area, assert_served_by, root_server, run, server_pid
+from test_resident import ENV, area, assert_served_by, root_server, run, server_pid, user_area, users
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 
 SOURCE = Path(__file__).resolve().parents[2] / "unionfs" / "server" / "fastclient.c"
-__all__ = ["area", "root_server"]   # fixtures used here
+__all__ = ["area", "root_server", "user_area", "users"]   # fixtures used here
 
 
 @pytest.fixture(scope="module")
@@ -181,49 +179,31 @@ def test_the_c_client_without_its_python_command(tmp_path: Path) -> None:
 # A user other than root: fusermount3 and the user's own server
 
 
-@pytest.fixture(scope="module")
-def user(client: Path) -> Iterator[UnprivUser]:
-    if os.geteuid() != 0:
-        pytest.skip("making the test user needs root (CI runs as root)")
-    with unprivileged_user() as me, dev_fuse_mode(0o666):
-        if python_for(me)[0] != PYTHON:
-            pytest.skip("the user cannot run this checkout's venv")
-        yield me
-
-
-def test_user_mount_through_the_c_client(user: UnprivUser, client: Path) -> None:
-    state = Path(f"/tmp/unionfs-{user.uid}")
+def test_user_mount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], user_area: tuple[Path, Path],
+                                         client: Path) -> None:
+    me, _ = users
+    base, state = user_area
+    if python_for(me)[0] != PYTHON:
+        pytest.skip("the user cannot run this checkout's venv")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C.UTF-8", "UNIONFS_SERVER": "auto"}
 
     def as_user(*args: str) -> subprocess.CompletedProcess[str]:
         if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
             os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
         return subprocess.run(list(args), capture_output=True, text=True, timeout=60, cwd="/",
-                              stdin=subprocess.DEVNULL, env=env, user=user.uid, group=user.gid, extra_groups=[])
+                              stdin=subprocess.DEVNULL, env=env, user=me.uid, group=me.gid, extra_groups=[])
 
-    with world_readable_tempdir("unionfs-resident-c-") as base:
-        for name in ("A", "B", "M"):
-            (base / name).mkdir()
-        (base / "B" / "b").write_text("from B\n")
-        for p in [base, *base.rglob("*")]:
-            os.lchown(p, user.uid, user.gid)
-        try:
-            for via in ("Python", "C"):   # the first starts the user's server
-                r = as_user(str(client / "unionfs"), "mount", "-o", "suid", f"{base}/A:{base}/B", f"{base}/M")
-                assert r.returncode == 0, r.stderr
-                assert r.stderr == ("unionfs: -o suid ignored: fusermount3 mounts nosuid,nodev for users "
-                                    "other than root\n")
-                assert handed_by(state, base / "M") == via
-                server = server_pid(state)
-                assert server is not None and os.stat(f"/proc/{server}").st_uid == user.uid
-                daemon = assert_served_by(state, base / "M", server)
-                assert os.stat(f"/proc/{daemon}").st_uid == user.uid
-                assert util.mount_fstype(base / "M") == "fuse.unionfs"
-                r = as_user("cat", f"{base}/M/b")
-                assert r.stdout == "from B\n", r.stderr
-                r = as_user("fusermount3", "-u", f"{base}/M")
-                assert r.returncode == 0, r.stderr
-        finally:
-            while util.is_mounted(base / "M"):
-                util.umount(base / "M")
-            as_user(util.program("unionfs"), "server", "stop")
+    for via in ("Python", "C"):   # the first starts the user's server
+        r = as_user(str(client / "unionfs"), "mount", "-o", "suid", f"{base}/A:{base}/B", f"{base}/M")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == "unionfs: -o suid ignored: fusermount3 mounts nosuid,nodev for users other than root\n"
+        assert handed_by(state, base / "M") == via
+        server = server_pid(state)
+        assert server is not None and os.stat(f"/proc/{server}").st_uid == me.uid
+        daemon = assert_served_by(state, base / "M", server)
+        assert os.stat(f"/proc/{daemon}").st_uid == me.uid
+        assert util.mount_fstype(base / "M") == "fuse.unionfs"
+        r = as_user("cat", f"{base}/M/b")
+        assert r.stdout == "from B\n", r.stderr
+        r = as_user("fusermount3", "-u", f"{base}/M")
+        assert r.returncode == 0, r.stderr
