@@ -3,8 +3,9 @@ process that starts a server and the server (`unionfs mount`'s background daemon
 server forked before the launcher knows its union).
 
 - The order, on a pipe the starter writes whole and closes: the `MountConfig`'s fields with where to
-  log and at what level, as JSON (paths of any bytes survive: their surrogate escapes are written
-  as ``\\udcXX``).  No bytes at all: no order, the server is not needed.
+  log and at what level, as a Python literal in ASCII (paths of any bytes survive: their surrogate
+  escapes are written as ``\\udcXX``; `ast`, unlike json, both sides have imported already).  No
+  bytes at all: no order, the server is not needed.
 - The answer, on the ready fd the server writes once and closes: ``ready`` once the kernel has the
   mount and it is served, or ``error: MESSAGE`` (one line).  EOF without either: the server died.
 
@@ -12,8 +13,8 @@ Light to import (no trio, no pyfuse3): the starter's side runs on the launcher's
 """
 from __future__ import annotations
 
+import ast
 import contextlib
-import json
 import logging
 import os
 from typing import Any, NamedTuple
@@ -39,12 +40,12 @@ def encode_order(order: Order) -> bytes:
     fields = dict(vars(order.config))   # (a plain class: the mount's fast path does without dataclasses)
     fields["dialect"] = order.config.dialect.value
     data = {"config": fields, "log_file": order.log_file, "log_level": order.log_level}
-    return json.dumps(data, ensure_ascii=True).encode("ascii")
+    return ascii(data).encode("ascii")
 
 
 def decode_order(data: bytes) -> Order:
     """The order in *data*, as `encode_order` wrote it."""
-    raw: dict[str, Any] = json.loads(data)
+    raw: dict[str, Any] = ast.literal_eval(data.decode("ascii"))
     fields = raw["config"]
     fields["branches"] = [(path, writable) for path, writable in fields["branches"]]
     fields["dialect"] = Dialect(fields["dialect"])
