@@ -146,7 +146,7 @@ def expected_check(impl: str, apt: bool, rootfs: Path) -> dict[str, str]:
     else:
         block = "0" * 4000
         digest = hashlib.md5()
-        for path, (d, f) in sorted((f"/srv/data-renamed/d{d}/f{f}", (d, f)) for d, f in SMALL_FILES):
+        for _path, (d, f) in sorted((f"/srv/data-renamed/d{d}/f{f}", (d, f)) for d, f in SMALL_FILES):
             digest.update(f"{d}/{f} {block}\n".encode())
         want.update({"files": str(len(SMALL_FILES)), "sum": digest.hexdigest(),
                      "big": f"{BIG_SIZE} {'00' * 16}"})
@@ -164,10 +164,15 @@ def parse_check(out: str) -> dict[str, str]:
 def check_build(pm: Podman, impl: str, apt: bool, rootfs: Path) -> None:
     _, out = podman(pm, ["run", "--rm", "--pull=never", "--network=none", BUILT, "sh", "/opt/perf/check.sh"],
                     RUN_TIMEOUT)
-    got, want = parse_check(out), expected_check(impl, apt, rootfs)
-    wrong = [f"{k}: {got.get(k, '(missing)')!r} != {v!r}" for k, v in want.items() if got.get(k, "") != v]
+    wrong = wrong_lines(out, expected_check(impl, apt, rootfs))
     if wrong:
         raise RunError("the built image is wrong: " + "; ".join(wrong))
+
+
+def wrong_lines(out: str, want: dict[str, str]) -> list[str]:
+    """What in check.sh's output *out* differs from *want*."""
+    got = parse_check(out)
+    return [f"{k}: {got.get(k, '(missing)')!r} != {v!r}" for k, v in want.items() if got.get(k, "") != v]
 
 
 def check_root(pm: Podman, impl: str) -> None:
@@ -229,12 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", type=int, default=10, help="podman run --rm per implementation and repetition")
-    ap.add_argument("--only", default="", help=",".join(GROUPS) + " (default build,run; build-apt with --network)")
+    ap.add_argument("--only", default="",
+                    help=",".join(GROUPS) + " (default build,run; build-apt with --network)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=",".join(IMPLS))
     ap.add_argument("--network", action="store_true", help="also the build-apt group (Debian's mirror)")
     ap.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     args = ap.parse_args(argv)
-    groups = [g for g in args.only.split(",") if g] or [*DEFAULT_GROUPS, *(["build-apt"] if args.network else [])]
+    groups = ([g for g in args.only.split(",") if g]
+              or [*DEFAULT_GROUPS, *(["build-apt"] if args.network else [])])
     impls = [i for i in args.impls.split(",") if i]
     unknown = [g for g in groups if g not in GROUPS] + [i for i in impls if i not in IMPLS]
     if unknown:
