@@ -45,8 +45,10 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -117,6 +119,54 @@ def podman(pm: Podman, argv: Sequence[str], timeout: float) -> tuple[float, str]
     return seconds, r.stdout
 
 
+def podman_build(pm: Podman, argv: Sequence[str], timeout: float) -> tuple[float, list[tuple[str, float]]]:
+    """``podman build ARGV``: (seconds, [(step, seconds)]), each step timed from its "STEP i/n:" line
+    to the next (the last one to the end: it includes the commit of the image)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["podman", "build", *argv], env=pm.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, cwd="/")
+    killer = threading.Timer(timeout, proc.kill)  # our own child
+    killer.start()
+    marks: list[tuple[str, float]] = []
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("STEP "):
+            marks.append((line.split(":", 1)[-1].strip()[:48], time.monotonic()))
+        tail = [*tail[-20:], line.rstrip()]
+    proc.wait()
+    killer.cancel()
+    end = time.monotonic()
+    if proc.returncode != 0:
+        lines = [line for line in tail if line.strip()]
+        raise RunError(f"podman build exited {proc.returncode}: {lines[-1] if lines else ''}")
+    steps = [(label, (marks[i + 1][1] if i + 1 < len(marks) else end) - t)
+             for i, (label, t) in enumerate(marks)]
+    return end - t0, steps
+
+
+def step_table(steps: dict[tuple[str, str, int], list[tuple[str, float]]], group: str,
+               impls: Sequence[str]) -> str:
+    """Median seconds of each build step, per implementation (valid builds only)."""
+    per: dict[str, dict[str, list[float]]] = {}
+    labels: list[str] = []
+    for (g, impl, _rep), got in steps.items():
+        if g != group:
+            continue
+        for label, seconds in got:
+            per.setdefault(impl, {}).setdefault(label, []).append(seconds)
+            if label not in labels:
+                labels.append(label)
+    if not per:
+        return ""
+    shown = [i for i in impls if i in per]
+    lines = [f"  build steps (s, medians): {'':24s}" + "".join(f"{i:>17s}" for i in shown)]
+    for label in labels:
+        lines.append(f"  {label:50s}" + "".join(
+            f"{statistics.median(per[i][label]):17.2f}" if label in per[i] else f"{'-':>17s}" for i in shown))
+    return "\n".join(lines)
+
+
 def open_store(impl: str, tarball: Path) -> Podman:
     """A private podman store for *impl* with the base image imported."""
     pm = Podman(BASE / impl, mount_program(impl))
@@ -184,13 +234,17 @@ def check_root(pm: Podman, impl: str) -> None:
 
 # -- one run --------------------------------------------------------------------------------------------
 
-def build_once(pm: Podman, impl: str, apt: bool, rootfs: Path) -> float:
+STEPS: dict[tuple[str, str, int], list[tuple[str, float]]] = {}
+
+
+def build_once(pm: Podman, impl: str, apt: bool, rootfs: Path, rep: int) -> float:
     containerfile = CONTEXT / ("Containerfile.apt" if apt else "Containerfile")
-    argv = ["build", "--pull=never", "--no-cache", f"--network={'host' if apt else 'none'}",
+    argv = ["--pull=never", "--no-cache", f"--network={'host' if apt else 'none'}",
             "-f", str(containerfile), "-t", BUILT, str(CONTEXT)]
     try:
-        seconds, _ = podman(pm, argv, BUILD_TIMEOUT)
+        seconds, steps = podman_build(pm, argv, BUILD_TIMEOUT)
         check_build(pm, impl, apt, rootfs)
+        STEPS[("build-apt" if apt else "build", impl, rep)] = steps
         return seconds
     finally:
         for argv in (["rmi", "-f", BUILT], ["image", "prune", "-f"]):
@@ -219,7 +273,7 @@ def run_group(group: str, impl: str, rep: int, pm: Podman, rootfs: Path, runs: i
         for _ in range(runs):
             measure(samples, group, impl, rep, lambda: run_true(pm))
     else:
-        measure(samples, group, impl, rep, lambda: build_once(pm, impl, group == "build-apt", rootfs))
+        measure(samples, group, impl, rep, lambda: build_once(pm, impl, group == "build-apt", rootfs, rep))
     mine = [s for s in samples if (s.group, s.impl, s.rep) == (group, impl, rep)]
     ok = sorted(s.seconds for s in mine if s.seconds is not None)
     errors = [s.error for s in mine if s.seconds is None]
@@ -292,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = []
     for group in groups:
         text, v = report(samples, group, TITLES[group], impls, args.reps, TARGETS[group])
-        parts += [text, ""]
+        parts += [text, step_table(STEPS, group, impls), ""] if group != "run" else [text, ""]
         verdicts += v
     parts += [f"skipped {impl}: {why}" for impl, why in skipped.items()]
     parts += [f"left behind (cleaned up): {p}" for p in problems]
@@ -300,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + text)
     txt = write_results(args.out, "podman-workloads", text,
                         {"machine": info, "reps": args.reps, "runs": args.runs, "groups": groups,
-                         "skipped": skipped, "targets": verdicts}, samples)
+                         "skipped": skipped, "targets": verdicts,
+                         "steps": [{"group": g, "impl": i, "rep": r, "steps": st}
+                                   for (g, i, r), st in STEPS.items()]},
+                        samples)
     print(f"wrote {txt} and .json")
     return 0
 
