@@ -10,13 +10,14 @@ kept with its error, shown as n/a, and never enters a median.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -116,6 +117,17 @@ def report(samples: Sequence[Sample], group: str, title: str, impls: Sequence[st
         lines.append(f"  target {name}: {'----' if met is None else 'PASS' if met else 'FAIL'}"
                      f"{f' ({statistics.median(rs):.2f}x)' if rs else ''}")
     return "\n".join(lines), verdicts
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One run at a time of a script that owns a work directory (it cleans it up at start)."""
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another run holds {lock}: wait for it to finish") from None
+        yield
 
 
 def cpu_pressure_total() -> float | None:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from groups import REPO, VENV_BIN, Sample, Target, header, machine, report, rotated, write_results  # noqa: E402
+from groups import REPO, VENV_BIN, Sample, Target, exclusive, header, machine, report, rotated, write_results  # noqa: E402
 
 BASE = Path("/var/tmp/unionfs-mountloop")
 GROUP = "mount-loop"
@@ -259,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0 or shutil.which("fuse-overlayfs") is None or shutil.which("fusermount3") is None:
         print("mount_loop: run as root, with fuse-overlayfs and fusermount3 installed", file=sys.stderr)
         return 2
+    with exclusive(Path(f"{BASE}.lock")):
+        return measure_all(args)
+
+
+def measure_all(args: argparse.Namespace) -> int:
     info = machine([("fuse-overlayfs", "fuse-overlayfs")])
     cleanup_stale()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "UNIONFS_SERVER",

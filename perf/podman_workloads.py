@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / p) for p in ("tests", "tests/images", "perf")]
 
-from groups import REPO, VENV_BIN, Sample, Target, header, machine, report, rotated, write_results  # noqa: E402
+from groups import REPO, VENV_BIN, Sample, Target, exclusive, header, machine, report, rotated, write_results  # noqa: E402
 from run_workloads import debian_rootfs, mounted_under  # noqa: E402
 from test_podman import BLOB_CACHE_DIR, Podman  # noqa: E402
 
@@ -285,6 +285,14 @@ def run_group(group: str, impl: str, rep: int, pm: Podman, rootfs: Path, runs: i
 # -- main -----------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.geteuid() != 0:
+        print("podman_workloads: run as root (podman with private stores, mounts)", file=sys.stderr)
+        return 2
+    with exclusive(Path(f"{BASE}.lock")):
+        return measure_all(argv)
+
+
+def measure_all(argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", type=int, default=10, help="podman run --rm per implementation and repetition")
@@ -302,9 +310,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown: {', '.join(unknown)}")
     if "build-apt" in groups and not args.network:
         ap.error("build-apt needs Debian's mirror: add --network")
-    if os.geteuid() != 0:
-        print("podman_workloads: run as root (podman with private stores, mounts)", file=sys.stderr)
-        return 2
     missing = [t for t in ("podman", "runc", "tar") if shutil.which(t) is None]
     if missing:
         print(f"podman_workloads: not installed: {', '.join(missing)}", file=sys.stderr)
