@@ -13,9 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -138,32 +136,14 @@ def cpu_pressure_total() -> float | None:
     return None
 
 
-def machine(tools: Sequence[tuple[str, str]]) -> dict[str, object]:
-    """The machine, the date, the load, the commit and the versions of *tools* ((command, word in
-    its --version line))."""
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "load_start": os.getloadavg()[0], "started": time.monotonic(),
-            "pressure_start": cpu_pressure_total(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True).stdout.strip(),
-            "python": platform.python_version(),
-            "versions": {tool: _version(tool, needle) for tool, needle in tools}}
+def machine() -> dict[str, object]:
+    """The machine, the date, the load, the commit and the versions of the tools (run_workloads'), with
+    the start time and the CPU pressure so far, for `header`."""
+    import run_workloads
 
-
-def _version(tool: str, needle: str) -> str:
-    try:
-        r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30)
-    except OSError:
-        return "not installed"
-    lines = [line.strip() for line in (r.stdout + r.stderr).splitlines() if needle in line]
-    return lines[0] if lines else ""
+    info = run_workloads.machine()
+    info.update(load_start=os.getloadavg()[0], started=time.monotonic(), pressure_start=cpu_pressure_total())
+    return info
 
 
 def header(info: dict[str, object]) -> str:

@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_all(args: argparse.Namespace) -> int:
-    info = machine([("fuse-overlayfs", "fuse-overlayfs")])
+    info = machine()
     cleanup_stale()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "UNIONFS_SERVER",
                                                              "XDG_RUNTIME_DIR")}

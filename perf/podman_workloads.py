@@ -314,7 +314,7 @@ def measure_all(argv: Sequence[str] | None) -> int:
     if missing:
         print(f"podman_workloads: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
-    info = machine([("podman", "podman"), ("runc", "runc"), ("fuse-overlayfs", "fuse-overlayfs")])
+    info = machine()
     rootfs = debian_rootfs()
     cleanup_stale()
     made = [d for d in (Path("/var/lib/containers"), BLOB_CACHE_DIR) if not d.exists()]
