@@ -133,12 +133,13 @@ def test_a_snapshot_of_another_version_is_refused() -> None:
         stats.format_snapshot({"version": 2})
 
 
-def test_histogram_buckets_are_powers_of_four_microseconds() -> None:
-    assert [stats.bucket(ns) for ns in (0, 999, 1000, 3999, 4000, 15_999, 16_000, 1 << 63)] == \
-        [0, 0, 1, 1, 2, 2, 3, 27]
-    assert stats.bucket_bounds_us()[:4] == [1, 4, 16, 64]
-    hist = [0, 98, 0, 1, 1]      # 98 requests of 1-4 µs, one of 16-64 µs, one of 64-256 µs
-    assert stats.quantile_ns(hist, 200_000, 0.5) == 4000
-    assert stats.quantile_ns(hist, 200_000, 0.99) == 64_000
+def test_histogram_buckets_are_powers_of_four_nanoseconds() -> None:
+    assert [stats.bucket(ns) for ns in (0, 1, 3, 4, 1023, 1024, 4095, 4096, (1 << 64) - 1)] == \
+        [0, 1, 1, 2, 5, 6, 6, 7, 32]
+    assert len(stats.Requests().hist) == stats.BUCKETS == 33
+    assert stats.bucket_bounds_ns()[5:8] == [1024, 4096, 16384]
+    hist = [0] * 6 + [98, 0, 1, 1]      # 98 requests of 1-4 µs, one of 16-64 µs, one of 64-256 µs
+    assert stats.quantile_ns(hist, 200_000, 0.5) == 4096
+    assert stats.quantile_ns(hist, 200_000, 0.99) == 65536
     assert stats.quantile_ns(hist, 200_000, 1.0) == 200_000    # no more than the longest
     assert stats.quantile_ns([], 0, 0.5) == 0

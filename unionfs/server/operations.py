@@ -86,23 +86,22 @@ def _handler(fn: F) -> F:
         if self.debug:
             log.debug("%s%r", name, args)
         self.union.table.next_request()
+        r = self.stats.requests[at]
         started = perf_counter_ns()
         try:
             return await fn(self, *args)
         except FUSEError:
-            self.stats.requests[at].errors += 1
+            r.errors += 1
             raise
         except Exception as e:
-            self.stats.requests[at].errors += 1
+            r.errors += 1
             raise FUSEError(_errno_for(e, name, args, self.debug)) from None
         finally:
             took = perf_counter_ns() - started
-            r = self.stats.requests[at]
-            r.count += 1
             r.total_ns += took
             if took > r.max_ns:
                 r.max_ns = took
-            r.hist[((took // 1000).bit_length() + 1) >> 1] += 1
+            r.hist[(took.bit_length() + 1) >> 1] += 1     # stats.bucket(took), inline
 
     return wrapper  # type: ignore[return-value]
 
@@ -671,7 +670,7 @@ class Operations(pyfuse3.Operations):
                 "max_cached_entries": listings.capacity,
             },
             "requests": st.requests_dict(),
-            "histogram_bounds_us": stats.bucket_bounds_us(),
+            "histogram_bounds_ns": stats.bucket_bounds_ns(),
             "copy_ups": {"files": tally.files, "dirs": tally.dirs, "bytes": tally.bytes,
                          "total_ns": tally.ns, "max_ns": tally.max_ns},
             "lookups": {

@@ -8,8 +8,9 @@ handles, fds, memory).  Requests the kernel or the libfuse shim answer without P
 entries and attributes, cached listings, zero-message opendir) are not seen here.
 
 A snapshot (`Operations.stats_snapshot`) is a JSON-serialisable dict, ``{"version": 1, ...}``;
-`format_snapshot` renders one as text.  Durations are in nanoseconds; a histogram's bucket 0 counts
-requests under 1 µs, and bucket *b* > 0 those of [4^(b-1), 4^b) µs (`bucket_bounds_us`).
+`format_snapshot` renders one as text.  Durations are in nanoseconds; a histogram's bucket *b*
+counts the requests that took [4^(b-1), 4^b) ns (bucket 0: none; bucket 5 ends at 1.02 µs, 6 at
+4.1 µs, 7 at 16 µs...): powers of four, found with one `int.bit_length` (`bucket`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 #: The version of the snapshot's layout; a reader should refuse a newer one.
 VERSION = 1
 #: Histogram buckets: enough for any duration that fits 64 bits of nanoseconds (see `bucket`).
-BUCKETS = 28
+BUCKETS = 33
 #: The request types, in the order their records are kept (`slot`).
 NAMES: list[str] = []
 
@@ -34,35 +35,39 @@ def slot(name: str) -> int:
 
 
 def bucket(ns: int) -> int:
-    """The histogram bucket of a duration of *ns* nanoseconds (as `_handler` computes it inline)."""
-    return ((ns // 1000).bit_length() + 1) >> 1
+    """The histogram bucket of a duration of *ns* nanoseconds (as `_handler` computes it inline):
+    the *b* with 4^(b-1) <= *ns* < 4^b."""
+    return (ns.bit_length() + 1) >> 1
 
 
-def bucket_bounds_us() -> list[int]:
-    """The upper bound of each bucket, in microseconds: 1, 4, 16, ..."""
-    return [4 ** b for b in range(BUCKETS)]
+def bucket_bounds_ns() -> list[int]:
+    """The (exclusive) upper bound of each bucket, in nanoseconds: 1, 4, 16, ..."""
+    return [1 << 2 * b for b in range(BUCKETS)]
 
 
 class Requests:
-    """One request type: how many were answered (*errors* of them with an error), their total and
-    longest time, and how many fell in each histogram bucket."""
+    """One request type: how many fell in each histogram bucket (their sum is the count; one
+    counter less per request), *errors* of them answered with an error, their total and longest
+    time."""
 
-    __slots__ = ("count", "errors", "total_ns", "max_ns", "hist")
+    __slots__ = ("errors", "total_ns", "max_ns", "hist")
 
     def __init__(self) -> None:
-        self.count = 0
         self.errors = 0
         self.total_ns = 0
         self.max_ns = 0
         self.hist = [0] * BUCKETS
 
+    @property
+    def count(self) -> int:
+        return sum(self.hist)
+
     def add(self, ns: int) -> None:
         """One more request that took *ns* (for handlers outside `_handler`)."""
-        self.count += 1
         self.total_ns += ns
         if ns > self.max_ns:
             self.max_ns = ns
-        self.hist[((ns // 1000).bit_length() + 1) >> 1] += 1
+        self.hist[(ns.bit_length() + 1) >> 1] += 1
 
     def as_dict(self) -> dict[str, Any]:
         last = max((i for i, n in enumerate(self.hist) if n), default=-1)
@@ -147,7 +152,7 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def quantile_ns(hist: list[int], max_ns: int, q: float) -> float:
+def quantile_ns(hist: list[int], max_ns: int, q: float) -> int:
     """An upper bound on the *q* quantile from a histogram: the end of the bucket it falls in (but
     no more than the longest request)."""
     total = sum(hist)
@@ -158,7 +163,7 @@ def quantile_ns(hist: list[int], max_ns: int, q: float) -> float:
     for b, n in enumerate(hist):
         seen += n
         if seen >= need:
-            return min(1000 * 4.0 ** b, max_ns)
+            return min(1 << 2 * b, max_ns)
     return max_ns
 
 
