@@ -15,7 +15,6 @@ counts the requests that took [4^(b-1), 4^b) ns (bucket 0: none; bucket 5 ends a
 from __future__ import annotations
 
 import os
-import resource
 import time
 from typing import Any
 
@@ -110,13 +109,18 @@ def process() -> dict[str, Any]:
         fds = len(os.listdir("/proc/self/fd")) - 1     # less the one that listed them
     except OSError:
         fds = -1
+    # VmHWM, not getrusage's ru_maxrss, which a process keeps across exec from its parent's
+    mem = {"VmRSS:": -1, "VmHWM:": -1}
     try:
-        with open("/proc/self/statm", "rb") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                words = line.split()        # b"VmRSS:", b"28436", b"kB"
+                key = words[0].decode("ascii", "replace") if words else ""
+                if key in mem:
+                    mem[key] = int(words[1]) * 1024
     except (OSError, ValueError, IndexError):
-        rss = -1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # updated lazily: may lag
-    return {"fds": fds, "rss_bytes": rss, "peak_rss_bytes": max(peak, rss)}
+        pass
+    return {"fds": fds, "rss_bytes": mem["VmRSS:"], "peak_rss_bytes": mem["VmHWM:"]}
 
 
 # ---------------------------------------------------------------------- the table
@@ -174,6 +178,13 @@ def _table(rows: list[list[str]], right_from: int = 1) -> list[str]:
                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
 
 
+def _n(count: int, what: str) -> str:
+    """*count* *what*s: 1 file, 2 files, 1 directory, 0 directories."""
+    if count == 1:
+        return f"1 {what}"
+    return f"{count} {what[:-1]}ies" if what.endswith("y") else f"{count} {what}s"
+
+
 def _hit_rate(hits: int, misses: int) -> str:
     return f"{100 * hits / (hits + misses):.0f}%" if hits + misses else "-"
 
@@ -205,8 +216,8 @@ def format_snapshot(snap: dict[str, Any]) -> str:
     c = snap["copy_ups"]
     out.append("")
     if c["files"] or c["dirs"]:
-        out.append(f"copy-ups: {c['files']} files, {c['dirs']} directories, {_size(c['bytes'])} in "
-                   f"{_dur(c['total_ns'])} (longest {_dur(c['max_ns'])})")
+        out.append(f"copy-ups: {_n(c['files'], 'file')}, {_n(c['dirs'], 'directory')}, "
+                   f"{_size(c['bytes'])} in {_dur(c['total_ns'])} (longest {_dur(c['max_ns'])})")
     else:
         out.append("copy-ups: none")
     lk = snap["lookups"]
@@ -228,12 +239,14 @@ def format_snapshot(snap: dict[str, Any]) -> str:
                      str(e.get(kept, "")), str(e.get(ceiling, ""))])
     out += _table(rows)
     s = k["snapshots"]
-    out.append(f"listing snapshots: {s['taken']} taken, {s['continued']} read on, {s['dirs']} directories "
-               f"keep some; listings dropped under the ceiling: {k['listings']['dropped']}")
+    out.append(f"listing snapshots: {s['taken']} taken, {s['continued']} read on, kept for "
+               f"{_n(s['dirs'], 'directory')}; listings dropped under the ceiling: "
+               f"{k['listings']['dropped']}")
 
     h, f, mem = snap["handles"], snap["fds"], snap["memory"]
     out.append("")
-    out.append(f"open: {h['files']} files, {h['dirs']} directories; nodes known: {snap['nodes']}")
-    out.append(f"fds: {f['total']} ({f['branch_dirs']} branch directories cached, {f['files']} open files)")
+    out.append(f"open: {_n(h['files'], 'file')}, {_n(h['dirs'], 'directory')}; nodes known: {snap['nodes']}")
+    out.append(f"fds: {f['total']} ({_n(f['branch_dirs'], 'branch directory')} held, "
+               f"{_n(f['files'], 'open file')})")
     out.append(f"memory: {_size(mem['rss_bytes'])} resident (peak {_size(mem['peak_rss_bytes'])})")
     return "\n".join(out) + "\n"
