@@ -204,8 +204,7 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.debug = debug
         self.dirs = {}
-        self.stats = stats.Stats()
-        self.stats.lookups = [0] * len(union.stack.layers)
+        self.stats = stats.Stats(len(union.stack.layers))
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None

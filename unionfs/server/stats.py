@@ -82,11 +82,11 @@ class Stats:
     __slots__ = ("started", "started_mono", "requests", "lookups", "negative", "replies_hit",
                  "replies_built")
 
-    def __init__(self) -> None:
+    def __init__(self, branches: int = 0) -> None:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.requests = [Requests() for _ in NAMES]
-        self.lookups: list[int] = []    # by branch index
+        self.lookups = [0] * branches   # by branch index (grows if branches are added)
         self.negative = 0
         self.replies_hit = 0
         self.replies_built = 0
