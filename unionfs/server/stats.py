@@ -1,7 +1,7 @@
 """Live statistics of a mount: the counters its daemon keeps, and the table `unionfs stats` prints.
 
 Cheap enough to leave on: per request, `_handler` (operations.py) reads the clock twice and updates
-one `Requests` record in place (a count, a total, a maximum and one bucket of a coarse histogram),
+one `Requests` record in place (a total, a maximum and one bucket of a coarse histogram),
 and each lookup adds one to its branch's count; the other figures are counted where work is done
 anyway (a system call, a copy, a listing built) or read only when a snapshot is taken (open
 handles, fds, memory).  Requests the kernel or the libfuse shim answer without Python (cached
@@ -76,8 +76,9 @@ class Requests:
 
 class Stats:
     """The counters the server keeps itself: requests by type (`requests`, indexed by `slot`),
-    lookups by the branch that served the name and negative ones, and its own caches' hits (reply
-    attributes, listing snapshots).  What the union counts (copy-ups, its caches) it keeps."""
+    lookups by the branch that served the name and negative ones, and the hits of the reply
+    attributes it keeps.  The listing snapshots (`operations.Snapshots`) and the union (copy-ups, its
+    caches) keep their own counts."""
 
     __slots__ = ("started", "started_mono", "requests", "lookups", "negative", "replies_hit",
                  "replies_built")
@@ -100,7 +101,7 @@ class Stats:
             self.lookups[layer] += 1
 
     def requests_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: r.as_dict() for name, r in zip(NAMES, self.requests, strict=True) if r.count}
+        return {name: r.as_dict() for name, r in zip(NAMES, self.requests, strict=False) if r.count}
 
 
 def process() -> dict[str, Any]:
