@@ -112,6 +112,8 @@ class NodeTable:
         self.fds = DirFds(default_capacity(len(stack.layers)))
         self.listings = Listings(max_listed, beside)
         self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
+        self.stat_hits = 0            # stats answered from a node's cached one (see Resolver)
+        self.stat_reads = 0           # stats read from a branch and cached (`remember`)
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
@@ -142,7 +144,12 @@ class NodeTable:
             recent.clear()
         cached = node.st = Stat.of(st)
         recent.append(node.id)
+        self.stat_reads += 1
         return cached
+
+    def stats_kept(self) -> int:
+        """How many nodes have had their stat cached since the cache was last emptied."""
+        return len(self._stats)
 
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)

@@ -78,6 +78,8 @@ class Resolver:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
+        self.xattr_hits = 0     # xattr name sets answered from the node (`xattr_names`)
+        self.xattr_lists = 0    # ... and listed from the branch
 
     def close(self) -> None:
         """Close every fd this union holds on its branches (open files, then nodes)."""
@@ -95,11 +97,14 @@ class Resolver:
         if not d.is_dir:
             raise err(errno.ENOTDIR)
         listing = d.listing
+        listings = self.table.listings
         if listing is None:
             listing = d.listing = build_listing(self.table.branch_fds(d))
-            self.table.listings.use(d, grown=True)
+            listings.built += 1
+            listings.use(d, grown=True)
         else:
-            self.table.listings.use(d)
+            listings.hits += 1
+            listings.use(d)
         return listing
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, Stat] | None:
@@ -121,6 +126,7 @@ class Resolver:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
         known = parent.children.get(name)
         if known is not None and known.st is not None and known.layer == e.layer:
+            self.table.stat_hits += 1
             return known, known.st
         try:
             st = self.table.dirfd(parent, e.layer).lstat(name)
@@ -162,6 +168,7 @@ class Resolver:
 
     def stat(self, node: Node) -> Stat:
         if node.st is not None:
+            self.table.stat_hits += 1
             return node.st
         if node.is_dir:
             st = os.fstat(self.table.top_dirfd(node))
@@ -209,6 +216,7 @@ class Resolver:
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         """The names of *node*'s real xattrs (as stored in the branch), cached on the node."""
         if node.xattrs is None:
+            self.xattr_lists += 1
             names = self.xattr_target(node, os.listxattr)
             found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
             # Most objects share a handful of name sets (none at all, or security.selinux): keep
@@ -217,6 +225,8 @@ class Resolver:
             if shared is None and len(self._xattr_sets) < XATTR_SETS_SHARED:
                 self._xattr_sets[found] = shared = found
             node.xattrs = found if shared is None else shared
+        else:
+            self.xattr_hits += 1
         return node.xattrs
 
     # ------------------------------------------------------------------ copy-up
