@@ -2,10 +2,10 @@
 AUFS spellings of `unionfs remount -o add:...,del:...,mod:...`.
 
 The daemon is found from the mount point: the socket ``<key>.ctl`` in this user's state directory
-(for root asking about another user's mount, in that user's), else the abstract name a daemon
-with no state directory listens on.  The peer must run as us, root, or the mount's user
-(``SO_PEERCRED``), and must say it serves this mount point.  Every directory named is opened here,
-in the caller's namespaces, and passed as an fd.
+(for another user's mount, in that user's: its daemon answers only that user and root), else the
+abstract name a daemon with no state directory listens on.  The peer must run as us, root, or the
+mount's user (``SO_PEERCRED``), and must say it serves this mount point.  Every directory named is
+opened here, in the caller's namespaces, and passed as an fd.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _owner(m: mountinfo.Mount) -> int | None:
 def _addresses(point: str, owner: int | None) -> Iterator[str]:
     key = statedir.key_for(point, resolved=True)
     yield os.path.join(statedir.state_dir(), key + SUFFIX)
-    if os.geteuid() == 0 and owner not in (None, 0):
+    if owner not in (None, 0, os.geteuid()):     # another user's mount: its daemon says if we may
         yield os.path.join(f"/run/user/{owner}/unionfs", key + SUFFIX)
         yield os.path.join(f"/tmp/unionfs-{owner}", key + SUFFIX)
     for uid in dict.fromkeys((os.geteuid(), *(() if owner is None else (owner,)))):
@@ -76,6 +76,8 @@ def request(mountpoint: str, req: dict[str, Any], fds: list[int] | None = None) 
             data = sock.recv(MAX_MESSAGE)
         except TimeoutError:
             raise QuietError(f"the daemon of {mountpoint!r} did not answer in {TIMEOUT:.0f}s") from None
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""      # closed on us without an answer: a refusal
         except OSError as e:
             raise QuietError(f"talking to the daemon of {mountpoint!r}: {e.strerror}") from None
         finally:
@@ -115,8 +117,9 @@ def change(mountpoint: str, changes: list[tuple[str, str, int | str | None, str 
             fds.append(fd)
             items.append({"op": op, "fd": len(fds) - 1, "path": os.path.abspath(path), "index": index,
                           "mode": mode})
-        point, _ = _mount_of(mountpoint)
-        mnt_dev = os.stat(point).st_dev
+        _, found = _mount_of(mountpoint)
+        major, _, minor = found.dev.partition(":")
+        mnt_dev = os.makedev(int(major), int(minor))    # (a stat of it may be refused to root)
         for fd, item in zip(fds, items, strict=True):
             if item["op"] == "add" and os.fstat(fd).st_dev == mnt_dev:
                 raise QuietError(f"{item['path']} is on the union {mountpoint} itself")
