@@ -24,13 +24,16 @@ from unionfs.server.statedir import CONTROL_MAX as MAX_MESSAGE
 from unionfs.server.statedir import CONTROL_SUFFIX as SUFFIX
 from unionfs.server.statedir import control_abstract as abstract_name
 
-FSTYPES = ("fuse.unionfs", "fuse.unionfs-overlay")
 #: The remount options that change branches, as AUFS spells them (ins: is AUFS's add:).
 AUFS_WORDS = ("add", "ins", "del", "mod", "append", "prepend")
 TIMEOUT = 60.0
 
 
-def _mount_of(mountpoint: str) -> tuple[str, mountinfo.Mount]:
+FSTYPES = ("fuse.unionfs", "fuse.unionfs-overlay")
+
+
+def union_mount(mountpoint: str) -> tuple[str, mountinfo.Mount]:
+    """(real path, mount) of the unionfs mount at *mountpoint*; QuietError if it is none."""
     point = os.path.realpath(mountpoint)
     found = mountinfo.mount_at(point)
     if found is None:
@@ -57,7 +60,7 @@ def _addresses(point: str, owner: int | None) -> Iterator[str]:
 
 def request(mountpoint: str, req: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
     """Send *req* (with *fds*) to the daemon of *mountpoint*; its reply, or QuietError with its one line."""
-    point, found = _mount_of(mountpoint)
+    point, found = union_mount(mountpoint)
     owner = _owner(found)
     trusted = {os.geteuid(), 0, *(() if owner is None else (owner,))}
     for address in _addresses(point, owner):
@@ -117,7 +120,7 @@ def change(mountpoint: str, changes: list[tuple[str, str, int | str | None, str 
             fds.append(fd)
             items.append({"op": op, "fd": len(fds) - 1, "path": os.path.abspath(path), "index": index,
                           "mode": mode})
-        _, found = _mount_of(mountpoint)
+        _, found = union_mount(mountpoint)
         major, _, minor = found.dev.partition(":")
         mnt_dev = os.makedev(int(major), int(minor))    # (a stat of it may be refused to root)
         for fd, item in zip(fds, items, strict=True):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import util
-from launcher_util import UnprivUser, dev_fuse_mode, python_for, unprivileged_user, world_readable_tempdir
+from launcher_util import UnprivUser, two_users, unionfs_as, world_readable_tempdir
 
 from unionfs.server import statedir
 
@@ -26,21 +26,11 @@ UNIONFS = util.program("unionfs")
 
 @pytest.fixture(scope="module")
 def users() -> Iterator[tuple[UnprivUser, UnprivUser]]:
-    if os.geteuid() != 0:
-        pytest.skip("making the test users needs root (CI runs as root)")
-    with unprivileged_user() as me, unprivileged_user(subids=True) as other, dev_fuse_mode(0o666):
-        yield me, other
+    with two_users() as both:
+        yield both
 
 
-def as_user(user: UnprivUser, *args: str, server: str = "auto") -> subprocess.CompletedProcess[str]:
-    python, path = python_for(user)
-    if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
-        os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": path, "HOME": "/", "LC_ALL": "C.UTF-8",
-           "UNIONFS_SERVER": server}
-    return subprocess.run([python, "-m", "unionfs", *args], capture_output=True, text=True, timeout=60,
-                          cwd="/", stdin=subprocess.DEVNULL, env=env, user=user.uid, group=user.gid,
-                          extra_groups=[])
+as_user = unionfs_as
 
 
 def as_root(*args: str) -> subprocess.CompletedProcess[str]:
