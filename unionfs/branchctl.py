@@ -110,22 +110,27 @@ def format_list(reply: dict[str, Any]) -> str:
 def change(mountpoint: str, changes: list[tuple[str, str, int | str | None, str | None]]) -> dict[str, Any]:
     """Apply (op, dir, index, mode) changes together: every dir opened here and sent as an fd."""
     fds: list[int] = []
-    items = []
+    items: list[dict[str, Any]] = []
     try:
         for op, path, index, mode in changes:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError as e:
+                if op == "add":
+                    raise QuietError(f"{path}: {e.strerror}") from None
+                at: int | None = None   # a branch whose directory is gone: named by its path
             except OSError as e:
                 raise QuietError(f"{path}: {e.strerror}") from None
-            fds.append(fd)
-            items.append({"op": op, "fd": len(fds) - 1, "path": os.path.abspath(path), "index": index,
-                          "mode": mode})
+            else:
+                fds.append(fd)
+                at = len(fds) - 1
+            items.append({"op": op, "fd": at, "path": os.path.abspath(path), "index": index, "mode": mode})
         _, found = union_mount(mountpoint)
         major, _, minor = found.dev.partition(":")
         mnt_dev = os.makedev(int(major), int(minor))    # (a stat of it may be refused to root)
-        for fd, item in zip(fds, items, strict=True):
-            if item["op"] == "add" and os.fstat(fd).st_dev == mnt_dev:
-                raise QuietError(f"{item['path']} is on the union {mountpoint} itself")
+        for (op, path, _, _), item in zip(changes, items, strict=True):
+            if op == "add" and os.fstat(fds[item["fd"]]).st_dev == mnt_dev:
+                raise QuietError(f"{path} is on the union {mountpoint} itself")
         return request(mountpoint, {"cmd": "change", "changes": items}, fds)
     finally:
         for fd in fds:

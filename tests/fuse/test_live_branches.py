@@ -236,3 +236,16 @@ def test_overlay_style_changes_only_lower_branches(area: Path) -> None:
 
 def test_not_a_union(tmp_path: Path) -> None:
     assert "not a mount point" in refused("branch", "list", str(tmp_path))
+
+
+def test_del_of_a_branch_whose_directory_is_gone(area: Path) -> None:
+    """Removed from the host while a branch: named by the path it was added as."""
+    t = area
+    mnt = mount(t, "{t}/U=rw:{t}/N:{t}/L")
+    assert (mnt / "new").read_text() == "N\n"
+    subprocess.run(["rm", "-rf", str(t / "N")], check=True)
+    ok("branch", "del", str(mnt), str(t / "N"))
+    assert branches(mnt) == [("U", "rw"), ("L", "ro")]
+    assert not (mnt / "new").exists()
+    assert "not a branch" in refused("branch", "del", str(mnt), str(t / "N"))
+    assert "No such file" in refused("branch", "add", str(mnt), str(t / "N"))

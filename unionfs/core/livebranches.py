@@ -41,7 +41,8 @@ class BranchError(OSError):
 @dataclass
 class Change:
     """One asked change.  *fd* is the caller's directory, open: for ``add`` the union keeps it
-    (when the change is applied), for ``del`` and ``mode`` it only names the branch by identity."""
+    (when the change is applied), for ``del`` and ``mode`` it only names the branch by identity
+    (-1: the caller could not open it, and the branch is the one its path was given as)."""
 
     op: str                 # add, del, mode
     fd: int
@@ -95,6 +96,11 @@ def plan(stack: LayerStack, changes: list[Change], overlay: bool) -> list[_Slot]
         return got
 
     def find(c: Change) -> int:
+        if c.fd < 0:    # a directory the caller cannot open (gone): by the path it was given as
+            for i, s in enumerate(slots):
+                if s.path == c.path:
+                    return i
+            raise _fail(errno.ENOENT, f"{c.path} is not a branch of this union")
         ident = c.ident or identity(c.fd)
         for i, s in enumerate(slots):
             if s.ident == ident:
@@ -102,6 +108,8 @@ def plan(stack: LayerStack, changes: list[Change], overlay: bool) -> list[_Slot]
         raise _fail(errno.ENOENT, f"{c.path} is not a branch of this union")
 
     for c in changes:
+        if c.fd < 0 and c.op == "add":
+            raise _fail(errno.EBADF, f"{c.path}: no directory given")
         if c.mode is not None and c.mode not in MODES:
             raise _fail(errno.EINVAL, f"unknown branch mode {c.mode!r} (rw, ro or rr)")
         if c.op == "add":

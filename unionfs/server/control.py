@@ -188,18 +188,20 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     applied together or not at all."""
     changes = []
     for item in req["changes"]:
-        fd = fds[int(item["fd"])]
+        fd = -1 if item.get("fd") is None else fds[int(item["fd"])]
         index = item.get("index")
         changes.append(Change(str(item["op"]), fd, str(item["path"]),
                               BOTTOM if index == "bottom" else None if index is None else int(index),
                               None if item.get("mode") is None else str(item["mode"])))
     # What the given directories are, looked at on a worker thread: one on this very mount would
     # otherwise wait for an answer only this thread can give.
-    known = await trio.to_thread.run_sync(_look_at, [c.fd for c in changes], ctl.mountpoint)
+    known, here = await trio.to_thread.run_sync(_look_at, [c.fd for c in changes if c.fd >= 0],
+                                                ctl.mountpoint)
     for c in changes:
-        c.ident, c.above = known[c.fd]
-        if c.op == "add" and c.ident[0] == known[-1][0][0]:
-            raise BranchError(errno.EINVAL, f"{c.path} is on this union itself")
+        if c.fd >= 0:
+            c.ident, c.above = known[c.fd]
+            if c.op == "add" and c.ident[0] == here:
+                raise BranchError(errno.EINVAL, f"{c.path} is on this union itself")
     union = ctl.ops.union
     with trio.move_on_after(BUSY_WAIT):
         while copy_ups_running(union):
@@ -221,15 +223,14 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     return {"branches": describe(union.stack), "readonly": union.readonly}
 
 
-def _look_at(fds: list[int], mountpoint: str) -> dict[int, tuple[tuple[int, int], set[tuple[int, int]]]]:
-    """Each fd's identity and its ancestors'; under -1, the mount's own (device, inode)."""
+def _look_at(fds: list[int], mountpoint: str
+             ) -> tuple[dict[int, tuple[tuple[int, int], set[tuple[int, int]]]], int]:
+    """Each fd's identity and its ancestors', and the mount's own device (-1 if not to be had)."""
     out = {fd: (identity(fd), ancestors(fd)) for fd in fds}
     try:
-        st = os.stat(mountpoint)
-        out[-1] = ((st.st_dev, st.st_ino), set())
+        return out, os.stat(mountpoint).st_dev
     except OSError:
-        out[-1] = ((-1, -1), set())
-    return out
+        return out, -1
 
 
 def _invalidate(stale: Stale) -> None:
