@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import util
-from launcher_util import UnprivUser, two_users, unionfs_as, world_readable_tempdir
+from launcher_util import UnprivUser, python_for, two_users, unionfs_as, world_readable_tempdir
 
 from unionfs.server import statedir
 
@@ -100,3 +100,30 @@ def test_owner_and_root_may_others_may_not(users: tuple[UnprivUser, UnprivUser],
     assert r.returncode != 0 and "refused" in r.stderr, r.stderr
     assert listed(as_user(me, "branch", "list", "--json", mnt)) == ["U", "A"]
     assert cat_as(me, base / "M" / "b") is None
+
+
+def test_a_daemon_with_no_state_directory(users: tuple[UnprivUser, UnprivUser], area: Path) -> None:
+    """Root only in a user namespace, with a /run it cannot write (a read-only tmpfs here), the daemon
+    has no state directory: its channel is an abstract socket, which a client in the same
+    namespaces finds."""
+    me, _ = users
+    base = area
+    python, path = python_for(me)
+    u = f"{python} -m unionfs"
+    script = (f"set -e; export UNIONFS_SERVER=off PYTHONPATH={path} HOME=/ XDG_RUNTIME_DIR=; "
+              "mount -t tmpfs -o ro tmpfs /run; "
+              f"{u} mount {base}/U=rw:{base}/A {base}/M; "
+              f"{u} branch add {base}/M {base}/B; cat {base}/M/b; "
+              f"{u} branch list {base}/M; "
+              f"{u} umount {base}/M")
+    if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
+        os.chmod("/dev/fuse", 0o666)
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd="/", user=me.uid, group=me.gid, extra_groups=[], stdin=subprocess.DEVNULL)
+    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "fusermount" in r.stderr
+                              or "cannot mount" in r.stderr):
+        pytest.skip(f"no FUSE mount in a user namespace here: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "B"
+    assert [ln.split("\t")[2] for ln in lines[1:4]] == [f"{base}/U", f"{base}/B", f"{base}/A"]
