@@ -251,6 +251,30 @@ def branch_mode(mountpoint: str, directory: str, mode: str) -> None:
     _branch_call(lambda: change(mountpoint, [("mode", directory, None, mode)]))
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="The snapshot as one JSON object, for scripts.")
+@click.argument("mountpoint", type=click.Path())
+def stats(as_json: bool, mountpoint: str) -> None:
+    """Show what the daemon of MOUNTPOINT is doing: requests by type (count, errors, mean, p50/p99,
+    max), copy-ups, lookups per branch, cache hits, open files, fds and memory. Only the mount's
+    owner or root may ask.
+
+    \b
+    Example:
+        unionfs stats /mnt/union
+    """
+    import json
+
+    from unionfs.branchctl import request
+    from unionfs.server.stats import format_snapshot
+
+    try:
+        snap = request(mountpoint, {"cmd": "stats"})["stats"]
+    except QuietError as e:
+        raise click.ClickException(one_line(e.message)) from None
+    click.echo(json.dumps(snap, indent=1) if as_json else format_snapshot(snap))
+
+
 @cli.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground (logging to stderr).")
 @click.option("--idle", type=click.FloatRange(min=0), default=600.0, show_default=True,

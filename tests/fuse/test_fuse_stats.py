@@ -1,64 +1,58 @@
-"""Live statistics of a real mount: work done through the mount moves the counters a snapshot
-shows.  The server (`stats_server.py`) answers its snapshot on a pipe, standing in for the mount's
-control channel; `unionfs stats MNT` itself is tested with the channel."""
+"""Live statistics of a real mount: work done through the mount moves the counters that
+``unionfs stats MNT`` (the table) and ``unionfs stats --json MNT`` (the snapshot) show, asked over the
+mount's control channel as a user asks."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import stats_server
 import util
 
-from unionfs.conformance import harness
 from unionfs.server import stats
 
 pytestmark = pytest.mark.fuse
 
+UNIONFS = util.program("unionfs")
+
 
 @contextmanager
-def stats_mount(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]:
+def stats_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """Mount a union of an empty upper over a lower with ``a`` (10 bytes) and ``d/x``, ``d/y``;
-    yield (its mount point, its lower, the server); unmount."""
-    upper, lower, work, mnt = (tmp_path / n for n in ("upper", "lower", "work", "mnt"))
-    for d in (upper, lower, work, mnt, lower / "d"):
+    yield (its mount point, its lower); unmount."""
+    upper, lower, mnt = (tmp_path / n for n in ("upper", "lower", "mnt"))
+    for d in (upper, lower, mnt, lower / "d"):
         d.mkdir()
     (lower / "a").write_bytes(b"0123456789")
     for n in ("x", "y"):
         (lower / "d" / n).write_bytes(n.encode())
-    log = tmp_path / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, stats_server.__file__, str(upper), str(lower), str(work),
-                                 str(mnt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-    harness.started_logs.append(str(log))     # the log checker reads it after the test
+    subprocess.run([UNIONFS, "mount", f"{upper}:{lower}", str(mnt)], check=True, timeout=60)
     try:
-        util.wait_for_mount(mnt, proc)
-        yield mnt, lower, proc
+        yield mnt, lower
     finally:
-        util.umount(mnt, proc if proc.poll() is None else None)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        subprocess.run([UNIONFS, "umount", str(mnt)], check=True, timeout=60)
 
 
-def snapshot(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(b"stats\n")
-    proc.stdin.flush()
-    snap: dict[str, Any] = json.loads(proc.stdout.readline())
+def unionfs_stats(mnt: Path, *args: str) -> str:
+    r = subprocess.run([UNIONFS, "stats", *args, str(mnt)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def snapshot(mnt: Path) -> dict[str, Any]:
+    snap: dict[str, Any] = json.loads(unionfs_stats(mnt, "--json"))
     return snap
 
 
 def test_work_through_a_mount_shows_in_its_statistics(tmp_path: Path, need_fuse: None) -> None:
-    with stats_mount(tmp_path) as (mnt, lower, proc):
-        first = snapshot(proc)
+    with stats_mount(tmp_path) as (mnt, lower):
+        first = snapshot(mnt)
         assert first["version"] == stats.VERSION and first["copy_ups"]["files"] == 0
         assert sorted(os.listdir(mnt / "d")) == ["x", "y"]
         assert (mnt / "a").read_bytes() == b"0123456789"
@@ -68,10 +62,10 @@ def test_work_through_a_mount_shows_in_its_statistics(tmp_path: Path, need_fuse:
         (mnt / "new").write_bytes(b"n" * 5000)
         held = open(mnt / "new", "rb")              # noqa: SIM115 - held open across the snapshot
         try:
-            snap = snapshot(proc)
+            snap = snapshot(mnt)
         finally:
             held.close()
-        text = stats.format_snapshot(snap)
+        text = unionfs_stats(mnt)
 
     copied = snap["copy_ups"]
     assert (copied["files"], copied["bytes"]) == (1, 10)
@@ -90,3 +84,8 @@ def test_work_through_a_mount_shows_in_its_statistics(tmp_path: Path, need_fuse:
     assert snap["uptime_s"] > first["uptime_s"]
     assert "copy-ups: 1 file, 0 directories, 10 B in " in text
     assert next(line for line in text.splitlines() if line.startswith("request ")).split()[1] == "count"
+
+
+def test_stats_of_a_path_that_is_not_a_union(tmp_path: Path) -> None:
+    r = subprocess.run([UNIONFS, "stats", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr

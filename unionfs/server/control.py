@@ -177,6 +177,11 @@ async def _run(ctl: Control, msg: bytes, fds: list[int]) -> Reply:
     return {"ok": True, "mountpoint": ctl.mountpoint, **reply}
 
 
+@command("stats")
+async def _stats(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
+    return {"ok": True, "stats": ctl.ops.stats_snapshot()}
+
+
 @command("list")
 async def _list(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     return {"branches": describe(ctl.ops.union.stack), "readonly": ctl.ops.union.readonly}

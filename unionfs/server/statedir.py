@@ -24,7 +24,7 @@ STATE_MODE = 0o700
 #: A mount's control socket is its key and this (see `unionfs.server.control`).
 CONTROL_SUFFIX = ".ctl"
 #: The largest control request or reply.
-CONTROL_MAX = 1 << 16
+CONTROL_MAX = 1 << 17
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
