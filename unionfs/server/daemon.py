@@ -237,8 +237,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
-                              timeout=cfg.timeout, debug=debug)
+                              timeout=cfg.timeout, debug=debug, udba=cfg.udba,
+                              max_watches=cfg.udba_max_watches)
         branches.callback(ops.union.close)
+        if ops.watcher is not None:
+            branches.callback(ops.watcher.close)
         ops.use_shim()
 
         def release_branches() -> None:
@@ -396,6 +399,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         nursery.start_soon(after_init)
+        if ops.watcher is not None:
+            nursery.start_soon(ops.watcher.run)
         try:
             await pyfuse3.main()  # type: ignore[attr-defined]
         finally:
