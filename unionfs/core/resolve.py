@@ -182,12 +182,20 @@ class Resolver:
                     self.udba.restamp(n)
 
     def unsure(self, node: Node) -> bool:
-        """Whether *node*'s cached stat must be checked against its branch before it answers
-        (-o udba=reval, or notify where its directory is not watched)."""
+        """Whether what is cached of *node* must be checked against its branches before it answers
+        (-o udba=reval, or notify where it is not watched: a directory by its own marks, anything
+        else by its directory's)."""
         if not self.revalidate:
             return False
-        where = node.links[-1][0] if node.links else node
+        where = node if node.is_dir or not node.links else node.links[-1][0]
         return where.stamp is not WATCHED
+
+    def recheck(self, node: Node) -> None:
+        """Forget *node*'s cached stat, and for a directory its listing if a branch changed (see
+        `unsure`)."""
+        node.st = None
+        if node.is_dir and node.listing is not None and node.stamp is not WATCHED:
+            self.udba.fresh(node)
 
     def stat(self, node: Node) -> Stat:
         if node.st is not None:

@@ -18,8 +18,8 @@ added, removed or changed directly in a branch is seen:
   trusted (its stamp is `WATCHED`) and the watcher drops what changed when it is told.  One it
   could not watch (its limit reached) is re-checked as under ``reval``.
 
-Changes made by the union itself re-stamp the directories it changed (`Udba.restamp`), so they do
-not cost a rebuild.
+Changes made by the union itself have the directories they change stamped again at their next check
+(`Udba.restamp`), so they cost no rebuild.
 """
 from __future__ import annotations
 
@@ -128,10 +128,13 @@ class Udba:
             child.st = None
             child.xattrs = None
 
-    def restamp(self, d: Node) -> None:
-        """The union itself changed directory *d*: what it sees now is what it knows."""
+    @staticmethod
+    def restamp(d: Node) -> None:
+        """The union itself changes directory *d* (or just did): its next check takes a new stamp
+        and keeps the listing, which the union keeps up to date itself.  (A change made directly in
+        a branch between the union's own and that check goes unseen until the next one.)"""
         if d.stamp:     # neither None nor WATCHED
-            d.stamp = self.stamp_of(d)
+            d.stamp = None
 
     def freed(self, d: Node) -> None:
         """Directory *d* is being dropped: its watches go with it."""

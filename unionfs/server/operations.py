@@ -261,12 +261,16 @@ class Operations(pyfuse3.Operations):
         node.nlookup += 1
         return self._attr(node, st)
 
-    def _timed(self, a: pyfuse3.EntryAttributes, where: Node) -> pyfuse3.EntryAttributes:
-        """*a* with the timeouts of a name in directory *where*: under -o udba=notify, zero where
-        the directory is not watched (it is re-checked at each access instead)."""
-        t = self.timeout if where.stamp is WATCHED else 0.0
-        a.entry_timeout = t
-        a.attr_timeout = t
+    def _timed(self, a: pyfuse3.EntryAttributes, where: Node, node: Node | None) -> pyfuse3.EntryAttributes:
+        """*a* with the timeouts of *node* (None: no such name) in directory *where* under
+        -o udba=notify: zero for what is not watched, which is re-checked at each access instead
+        (a name: its directory; a directory's attributes, which tell the kernel whether its cached
+        listing holds: the directory itself; a file's attributes: its directory)."""
+        watched = where.stamp is WATCHED
+        a.entry_timeout = self.timeout if watched else 0.0
+        if node is not None and node.is_dir:
+            watched = node.stamp is WATCHED
+        a.attr_timeout = self.timeout if watched else 0.0
         return a
 
     def _node(self, inode: int) -> Node:
@@ -287,9 +291,9 @@ class Operations(pyfuse3.Operations):
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = self.timeout
-            return self._timed(neg, parent) if self._per_dir_timeouts else neg
+            return self._timed(neg, parent, None) if self._per_dir_timeouts else neg
         a = self._looked_up(*found)
-        return self._timed(a, parent) if self._per_dir_timeouts else a
+        return self._timed(a, parent, found[0]) if self._per_dir_timeouts else a
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -302,10 +306,10 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if self.union.revalidate and self.union.unsure(node):
-            node.st = None      # -o udba=reval: changes made directly in a branch show at once
+            self.union.recheck(node)    # -o udba=reval: changes made directly in a branch show at once
         a = self._attr(node, self.union.stat(node))
         if self._per_dir_timeouts:
-            return self._timed(a, node.links[-1][0] if node.links else node)
+            return self._timed(a, node.links[-1][0] if node.links else node, node)
         return a
 
     @_handler
@@ -353,7 +357,7 @@ class Operations(pyfuse3.Operations):
                 continue
             a = self._attr(child, st)
             if timed:
-                self._timed(a, node)
+                self._timed(a, node, child)
             if not pyfuse3.readdir_reply(token, name, a, gen | (i + 1)):
                 union.table.maybe_free(child)
                 return

@@ -228,7 +228,13 @@ class Watcher:
                 pass    # gone from its branch: the kernel dropped the mark with the directory
 
     def stale(self, node: Node) -> None:
-        self._send.send_nowait(node.id)
+        """A directory not watched was found changed (at a request: its getattr, which the kernel
+        sends before it reads a listing it cached, or a lookup in it): drop the listing the kernel
+        cached, now, before the answer.  No read waits on the pages of a cached listing."""
+        try:
+            pyfuse3.invalidate_inode(node.id, False)
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ the loop
 
