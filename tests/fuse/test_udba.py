@@ -165,6 +165,22 @@ def test_notify_sees_a_directory_appear_in_a_lower_branch(union: Union) -> None:
     assert (union.mnt / "only-up" / "l").read_text() == "l"
 
 
+@pytest.mark.parametrize("mode", ["reval", "notify"])
+def test_a_directory_copied_up_is_watched_in_its_new_branch(union: Union, mode: str) -> None:
+    """A lower directory copied up by a create through the mount, then changed directly in the
+    upper branch."""
+    (union.lower / "lonely").mkdir()
+    (union.lower / "lonely" / "l").write_text("l")
+    union.mount(f"udba={mode}", LONG)
+    union.warm()
+    (union.mnt / "lonely" / "made").write_text("m")
+    assert (union.upper / "lonely" / "made").exists()
+    (union.upper / "lonely" / "direct").write_text("d")
+    _seen(lambda: _names(union.mnt / "lonely") == {"l", "made", "direct"}, NOTIFY_WITHIN)
+    (union.upper / "lonely" / "made").write_text("rewritten")
+    _seen(lambda: (union.mnt / "lonely" / "made").read_text() == "rewritten", NOTIFY_WITHIN)
+
+
 def test_reval_sees_a_directory_appear_in_a_lower_branch(union: Union) -> None:
     (union.upper / "only-up").mkdir()
     (union.upper / "only-up" / "u").write_text("u")

@@ -116,6 +116,8 @@ class NodeTable:
         self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
         #: called with a directory that had a stamp (see udba) as it is dropped, before its fds close
         self.on_free: Callable[[Node], None] | None = None
+        #: called as the next request starts, then forgotten (see udba)
+        self.on_next_request: Callable[[], None] | None = None
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
@@ -132,6 +134,8 @@ class NodeTable:
         """A new request starts: the directory fds and listings handed out before may go."""
         self.fds.next_request()
         self.listings.next_request()
+        if self.on_next_request is not None:
+            self.on_next_request()
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
         """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""

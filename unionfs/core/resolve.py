@@ -291,6 +291,8 @@ class Resolver:
         fd = self.copyup.dir(self.table.top_dirfd(d), self.table.dirfd(parent, 0), name)
         self.table.add_upper_dir(d, fd)
         d.xattrs = None
+        if self.revalidate:
+            self.udba.grew(d)
         self.touch(d, parent)
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))

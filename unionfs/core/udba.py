@@ -18,8 +18,8 @@ added, removed or changed directly in a branch is seen:
   trusted (its stamp is `WATCHED`) and the watcher drops what changed when it is told.  One it
   could not watch (its limit reached) is re-checked as under ``reval``.
 
-Changes made by the union itself have the directories they change stamped again at their next check
-(`Udba.restamp`), so they cost no rebuild.
+Changes made by the union itself have the directories they change stamped again as the next
+request starts (`Udba.restamp`), so they cost no rebuild.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ class Udba:
         if mode not in MODES:
             raise ValueError(f"udba={mode}: use one of {', '.join(MODES)}")
         self.table = table
+        self.changing: set[Node] = set()  # directories the union changed in this request
         self.mode = mode
         self.active = mode != NONE
         self.watches = watches
@@ -109,6 +110,8 @@ class Udba:
         """Whether *d*'s cached listing still holds (call only when not `trusted`).  When it does
         not, the listing and the stats of *d* and its known children are dropped, and the kernel's
         cached listing with them."""
+        if d in self.changing:
+            return True
         old = d.stamp
         now = self.stamp_of(d)
         d.stamp = now
@@ -128,12 +131,33 @@ class Udba:
             child.st = None
             child.xattrs = None
 
-    @staticmethod
-    def restamp(d: Node) -> None:
-        """The union itself changes directory *d* (or just did): its next check takes a new stamp
-        and keeps the listing, which the union keeps up to date itself.  (A change made directly in
-        a branch between the union's own and that check goes unseen until the next one.)"""
+    def restamp(self, d: Node) -> None:
+        """The union itself changes directory *d* (or just did): until this request ends its listing
+        is trusted (the union keeps it up to date itself), and the next request starts by stamping
+        it again.  (A change made directly in a branch in between goes unseen until the next one.)"""
         if d.stamp:     # neither None nor WATCHED
+            self.changing.add(d)
+            self.table.on_next_request = self.flush
+
+    def flush(self) -> None:
+        """A new request starts: stamp again the directories the union changed in the last ones."""
+        self.table.on_next_request = None
+        changing, self.changing = self.changing, set()
+        for d in changing:
+            if d.stamp:
+                try:
+                    d.stamp = self.stamp_of(d)
+                except OSError:
+                    d.stamp = None
+
+    def grew(self, d: Node) -> None:
+        """Directory *d* was just given a directory in the writable branch (copied up): watch that
+        one too."""
+        if d.stamp is WATCHED:
+            self.watches.unwatch(d)
+            d.stamp = None
+            self.listed(d)
+        elif d.stamp:
             d.stamp = None
 
     def freed(self, d: Node) -> None:

@@ -198,11 +198,9 @@ class Watcher:
     def _undo(self, node: Node, marked: int) -> None:
         union = self._union
         assert union is not None
-        for i, (_layer, fd) in enumerate(union.table.branch_fds(node)):
-            if i > marked:
-                break
+        for bd in node.dirs[:marked + 1]:
             try:
-                fan_mark(self.fan, FAN_MARK_REMOVE, fd)
+                fan_mark(self.fan, FAN_MARK_REMOVE, union.table.fds.fd(bd))
             except OSError:
                 pass
 
@@ -221,11 +219,11 @@ class Watcher:
             if self.by_handle.get(k) == node.id:
                 del self.by_handle[k]
         if self._union is not None and self.fan >= 0:
-            try:
-                for _layer, fd in self._union.table.branch_fds(node):
-                    fan_mark(self.fan, FAN_MARK_REMOVE, fd)
-            except OSError:
-                pass    # gone from its branch: the kernel dropped the mark with the directory
+            for bd in node.dirs:
+                try:
+                    fan_mark(self.fan, FAN_MARK_REMOVE, self._union.table.fds.fd(bd))
+                except OSError:
+                    pass    # gone from its branch (the kernel dropped the mark with it), or never marked
 
     def stale(self, node: Node) -> None:
         """A directory not watched was found changed (at a request: its getattr, which the kernel
