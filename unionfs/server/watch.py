@@ -31,6 +31,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from . import compat  # noqa: F401  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads
 import pyfuse3
 import trio
 
