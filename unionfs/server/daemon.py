@@ -242,8 +242,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
-                              timeout=cfg.timeout, debug=debug)
+                              timeout=cfg.timeout, debug=debug, udba=cfg.udba,
+                              max_watches=cfg.udba_max_watches)
         branches.callback(ops.union.close)
+        if ops.watcher is not None:
+            branches.callback(ops.watcher.close)
         ops.use_shim()
 
         def release_branches() -> None:
@@ -413,6 +416,9 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
         if ctl is not None and listener is not None:
             from . import control
             nursery.start_soon(control.serve, ctl, listener)
+
+        if ops.watcher is not None:
+            nursery.start_soon(ops.watcher.run)
         try:
             await pyfuse3.main()  # type: ignore[attr-defined]
         finally:

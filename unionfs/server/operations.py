@@ -40,11 +40,13 @@ from unionfs.core.interfaces import BIG_IO, FREE_BIG
 from unionfs.core.listings import DEFAULT_MAX_ENTRIES, Listed
 from unionfs.core.nodes import STATS_KEPT, Node
 from unionfs.core.sysx import fallocate
+from unionfs.core.udba import NO_WATCHES, NONE, NOTIFY, REVAL, WATCHED
 from unionfs.core.union import Creds, Handle, Union
 from unionfs.core.whiteout import Dialect
 
 from . import stats
 from .offload import Offload
+from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,7 @@ class Operations(pyfuse3.Operations):
     debug: bool
     dirs: dict[int, DirHandle]
     stats: stats.Stats
+    watcher: Watcher | None
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -208,17 +211,30 @@ class Operations(pyfuse3.Operations):
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None
+        self.watcher = None
+        # -o udba=notify: names and attributes under a directory not watched get zero timeouts
+        self._per_dir_timeouts = union.udba.mode == NOTIFY and timeout > 0
 
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
-             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False
-             ) -> Operations:
+             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
+             udba: str = NONE, max_watches: int = 0) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
-        changes the kernel's cache is told of."""
+        changes the kernel's cache is told of; *udba* says how changes made directly in the branches
+        are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
+        timeouts: it would not ask), under ``notify`` a `Watcher` keeps up to *max_watches* marks."""
         offload, snapshots = Offload(), Snapshots()
+        watcher = Watcher(max_watches) if udba == NOTIFY else None
+        if udba == REVAL:
+            timeout = 0.0
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
-                      executor=offload, invalidator=KernelCache(), beside=snapshots)
-        return cls(union, offload, snapshots, timeout=timeout, debug=debug)
+                      executor=offload, invalidator=KernelCache(), beside=snapshots,
+                      udba=udba, watches=watcher or NO_WATCHES)
+        ops = cls(union, offload, snapshots, timeout=timeout, debug=debug)
+        if watcher is not None:
+            watcher.attach(union, offload)
+            ops.watcher = watcher
+        return ops
 
     def init(self) -> None:
         try:
@@ -272,6 +288,18 @@ class Operations(pyfuse3.Operations):
         node.nlookup += 1
         return self._attr(node, st)
 
+    def _timed(self, a: pyfuse3.EntryAttributes, where: Node, node: Node | None) -> pyfuse3.EntryAttributes:
+        """*a* with the timeouts of *node* (None: no such name) in directory *where* under
+        -o udba=notify: zero for what is not watched, which is re-checked at each access instead
+        (a name: its directory; a directory's attributes, which tell the kernel whether its cached
+        listing holds: the directory itself; a file's attributes: its directory)."""
+        watched = where.stamp is WATCHED
+        a.entry_timeout = self.timeout if watched else 0.0
+        if node is not None and node.is_dir:
+            watched = node.stamp is WATCHED
+        a.attr_timeout = self.timeout if watched else 0.0
+        return a
+
     def _node(self, inode: int) -> Node:
         return self.union.table.get(inode)
 
@@ -284,15 +312,17 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        found = self.union.lookup(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        found = self.union.lookup(parent, name)
         if found is None:
             self.stats.negative += 1
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = self.timeout
-            return neg
+            return self._timed(neg, parent, None) if self._per_dir_timeouts else neg
         self.stats.looked_up(found[0].layer)
-        return self._looked_up(*found)
+        a = self._looked_up(*found)
+        return self._timed(a, parent, found[0]) if self._per_dir_timeouts else a
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         started = perf_counter_ns()
@@ -306,7 +336,12 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        return self._attr(node, self.union.stat(node))
+        if self.union.revalidate and self.union.unsure(node):
+            self.union.recheck(node)    # -o udba=reval: changes made directly in a branch show at once
+        a = self._attr(node, self.union.stat(node))
+        if self._per_dir_timeouts:
+            return self._timed(a, node.links[-1][0] if node.links else node, node)
+        return a
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -335,6 +370,7 @@ class Operations(pyfuse3.Operations):
             entries, start, gen = dh.entries, start_id, 0
         union = self.union
         listing = union.listing(node)
+        timed = self._per_dir_timeouts
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
@@ -350,7 +386,10 @@ class Operations(pyfuse3.Operations):
                 child, st = union.node_for(node, name, cur)
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(child, st), gen | (i + 1)):
+            a = self._attr(child, st)
+            if timed:
+                self._timed(a, node, child)
+            if not pyfuse3.readdir_reply(token, name, a, gen | (i + 1)):
                 union.table.maybe_free(child)
                 return
             child.nlookup += 1
@@ -412,8 +451,24 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        h = await self.union.open(self._node(inode), flags)
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+        node = self._node(inode)
+        keep = True
+        if self.union.revalidate and self.union.unsure(node):
+            keep = self._unchanged(node)
+        h = await self.union.open(node, flags)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
+
+    def _unchanged(self, node: Node) -> bool:
+        """Whether *node*'s file is as the daemon last saw it (-o udba=reval, at open: a file
+        rewritten directly in its branch must not be read from the kernel's cached pages)."""
+        old = node.st
+        node.st = None
+        try:
+            new = self.union.stat(node)
+        except OSError:
+            return False
+        return old is not None and (old.st_ino, old.st_size, old.st_mtime_ns, old.st_ctime_ns) == (
+            new.st_ino, new.st_size, new.st_mtime_ns, new.st_ctime_ns)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
