@@ -140,7 +140,7 @@ def umount(mountpoint: str) -> None:
     Example:
         unionfs umount /mnt/union
     """
-    from unionfs.server.daemon import umount as do_umount
+    from unionfs.server.unmount import umount as do_umount
 
     try:
         do_umount(mountpoint)

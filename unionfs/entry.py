@@ -39,9 +39,27 @@ def fast_mount(args: list[str]) -> int | None:
     return None if parsed is None else fastmount.try_mount("unionfs", *parsed)
 
 
+def fast_umount(args: list[str]) -> int | None:
+    """``unionfs umount MNT`` without loading the CLI: its exit status, or None when the CLI must do
+    it (options, help, other arguments).  Errors read as the CLI's do."""
+    if len(args) != 2 or args[0] != "umount" or args[1].startswith("-"):
+        return None
+    from unionfs.core.errors import QuietError
+    from unionfs.server.unmount import umount
+
+    try:
+        umount(args[1])
+    except QuietError as e:
+        print(f"Error: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> None:
     """``unionfs``: the click group in ``unionfs.cli``."""
     code = fast_mount(sys.argv[1:])
+    if code is None:
+        code = fast_umount(sys.argv[1:])
     if code is not None:
         sys.exit(code)
     run = start_server_early(sys.argv[1:])

@@ -13,9 +13,7 @@ import gc
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +42,7 @@ def pidfile_for(mountpoint: str) -> str:
     return os.path.join(statedir.state_dir(), _pid_name(mountpoint))
 
 
-def _pid_name(mountpoint: str, resolved: bool = False) -> str:
-    return f"{statedir.key_for(mountpoint, resolved)}.pid"
+_pid_name = statedir.pid_name
 
 
 def check_fuse_device() -> None:
@@ -446,47 +443,3 @@ def _write_pidfile(state: StateDir, name: str) -> None:
         state.write_pid(name, os.getpid())
     except OSError as e:
         log.debug("no pidfile: %s", e)
-
-
-def umount(mountpoint: str, timeout: float = 60.0) -> None:
-    """Unmount a unionfs mount and wait for its daemon to exit."""
-    mp = os.path.realpath(mountpoint)
-    kind = mount_type(mp)
-    if kind is None:
-        raise QuietError(f"{mountpoint!r} is not mounted")
-    if kind != "fuse.unionfs":
-        raise QuietError(f"{mountpoint!r} is not a unionfs mount (it is {kind})")
-    pid = None
-    try:
-        state = StateDir.open(create=False)
-    except QuietError as e:
-        log.debug("not waiting for the daemon: %s", e)
-        state = None
-    if state is not None:
-        pid = state.read_pid(_pid_name(mp))
-        state.close()
-    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True, errors="surrogateescape")
-    if proc.returncode != 0:
-        err = proc.stderr.strip().splitlines()
-        raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")
-    if pid is not None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    return
-                raise
-            if _is_zombie(pid):
-                return
-            time.sleep(0.01)
-        raise QuietError(f"unmounted, but the daemon (pid {pid}) has not exited after {timeout:.0f}s")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True

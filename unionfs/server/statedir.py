@@ -38,6 +38,11 @@ def state_dir() -> str:
     return f"/tmp/unionfs-{os.getuid()}"
 
 
+def pid_name(mountpoint: str, resolved: bool = False) -> str:
+    """The pidfile's name for the daemon of *mountpoint* (see `key_for`)."""
+    return f"{key_for(mountpoint, resolved)}.pid"
+
+
 def key_for(mountpoint: str, resolved: bool = False) -> str:
     """The file name stem for *mountpoint* (any bytes: a str as os.fsdecode gives it); *resolved*
     when it is a real path already (and may not be looked at: mounted, and served by this thread)."""

@@ -1,0 +1,65 @@
+"""``unionfs umount MNT``: unmount and wait for the mount's daemon to exit.
+
+Kept apart from the daemon's module so that the console script can run it without loading the
+CLI or the server (`unionfs.entry`): an unmount is in the loop of every container start and stop.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import time
+
+from unionfs.core import mountinfo
+from unionfs.core.errors import QuietError
+
+from . import statedir
+from .statedir import StateDir
+
+log = logging.getLogger(__name__)
+
+
+def umount(mountpoint: str, timeout: float = 60.0) -> None:
+    """Unmount a unionfs mount and wait for its daemon to exit."""
+    mp = os.path.realpath(mountpoint)
+    found = mountinfo.mount_at(mp)
+    kind = found.fstype if found else None
+    if kind is None:
+        raise QuietError(f"{mountpoint!r} is not mounted")
+    if kind != "fuse.unionfs":
+        raise QuietError(f"{mountpoint!r} is not a unionfs mount (it is {kind})")
+    pid = None
+    try:
+        state = StateDir.open(create=False)
+    except QuietError as e:
+        log.debug("not waiting for the daemon: %s", e)
+        state = None
+    if state is not None:
+        pid = state.read_pid(statedir.pid_name(mp))
+        state.close()
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True, errors="surrogateescape")
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    return
+                raise
+            if _is_zombie(pid):
+                return
+            time.sleep(0.01)
+        raise QuietError(f"unmounted, but the daemon (pid {pid}) has not exited after {timeout:.0f}s")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
