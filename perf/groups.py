@@ -22,6 +22,17 @@ from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
+
+
+def program(name: str) -> str:
+    """The ``unionfs``/``unionfs-overlay`` a user runs: the one on PATH when it is this checkout's (as
+    scripts/setup.sh links it: the C client when it was built), else the venv's Python script."""
+    import shutil
+
+    found = shutil.which(name)
+    if found and os.path.realpath(found).startswith(str(VENV_BIN) + os.sep):
+        return found
+    return str(VENV_BIN / name)
 T = TypeVar("T")
 
 

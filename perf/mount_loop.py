@@ -45,7 +45,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from groups import REPO, VENV_BIN, Sample, Target, exclusive, header, machine, report, rotated, write_results  # noqa: E402
+from groups import (  # noqa: E402
+    REPO,
+    VENV_BIN,
+    Sample,
+    Target,
+    exclusive,
+    header,
+    machine,
+    program,
+    report,
+    rotated,
+    write_results,
+)
 
 BASE = Path("/var/tmp/unionfs-mountloop")
 GROUP = "mount-loop"
@@ -67,7 +79,7 @@ class LoopError(Exception):
 def commands(impl: str, lower: Path, upper: Path, work: Path, mnt: Path) -> tuple[list[str], list[str]]:
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     if impl == "unionfs":
-        unionfs = str(VENV_BIN / "unionfs")
+        unionfs = program("unionfs")
         return [unionfs, "mount", "-o", opts, str(mnt)], [unionfs, "umount", str(mnt)]
     if impl == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, str(mnt)], ["fusermount3", "-u", str(mnt)]

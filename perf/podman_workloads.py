@@ -4,7 +4,7 @@ podman's overlay driver three ways, each with a private store of its own (graph 
 /var/tmp/unionfs-wlperf/<impl>/, run root a short directory in /run, its own storage.conf and
 containers.conf: the set-up of tests/images/test_podman.py, nothing of the host's storage touched):
 
-  unionfs-overlay   overlay driver, ``mount_program = .venv/bin/unionfs-overlay``
+  unionfs-overlay   overlay driver, ``mount_program`` = the installed ``unionfs-overlay`` (C client if built)
   fuse-overlayfs    overlay driver, ``mount_program = fuse-overlayfs``
   kernel            overlay driver, the kernel's overlayfs
 
@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / p) for p in ("tests", "tests/images", "perf")]
 
-from groups import REPO, VENV_BIN, Sample, Target, exclusive, header, machine, report, rotated, write_results  # noqa: E402
+from groups import REPO, Sample, Target, exclusive, header, machine, program, report, rotated, write_results  # noqa: E402
 from run_workloads import debian_rootfs, mounted_under  # noqa: E402
 from test_podman import BLOB_CACHE_DIR, Podman  # noqa: E402
 
@@ -91,7 +91,7 @@ class RunError(Exception):
 
 def mount_program(impl: str) -> str | None:
     if impl == "unionfs-overlay":
-        return str(VENV_BIN / "unionfs-overlay")
+        return program("unionfs-overlay")
     if impl == "fuse-overlayfs":
         return shutil.which("fuse-overlayfs") or "/usr/bin/fuse-overlayfs"
     return None
