@@ -56,7 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "lowerdata")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -80,6 +80,9 @@ class Node:
         self.st: Stat | None = None
         # directories: the node behind each linked name
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
+        # -o metacopy: the branch holding a metadata-only copy's data (see `metacopy`); 0 when the
+        # object holds its own, None until looked at
+        self.lowerdata: int | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]

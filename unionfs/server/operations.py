@@ -186,13 +186,13 @@ class Operations(pyfuse3.Operations):
 
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
-             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False
-             ) -> Operations:
+             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
+             metacopy: bool = False) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of."""
         offload, snapshots = Offload(), Snapshots()
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
-                      executor=offload, invalidator=KernelCache(), beside=snapshots)
+                      executor=offload, invalidator=KernelCache(), beside=snapshots, metacopy=metacopy)
         return cls(union, offload, snapshots, timeout=timeout, debug=debug)
 
     def init(self) -> None:
@@ -235,7 +235,7 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = rdev
         a.st_size = size
         a.st_blksize = blksize
-        a.st_blocks = blocks
+        a.st_blocks = self.union.shown_blocks(node, mode, blocks)
         a.st_atime_ns = atime
         a.st_mtime_ns = mtime
         a.st_ctime_ns = ctime
