@@ -82,7 +82,8 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
-                   "entries kept, default 1000000); suid, dev, noexec (default nosuid,nodev; "
+                   "entries kept, default 1000000), metacopy=on (a chmod or chown copies no data, "
+                   "as overlayfs); suid, dev, noexec (default nosuid,nodev; "
                    "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")
