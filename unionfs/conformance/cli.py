@@ -73,6 +73,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 @click.option("--impl-b", type=IMPLS, default="unionfs", show_default=True, help="Under test.")
 @click.option("--options-a", default="", help="Extra mount options for implementation A.")
 @click.option("--options-b", default="", help="Extra mount options for implementation B.")
+@click.option("--metacopy", is_flag=True,
+              help="Both mounted with metadata-only copy-up (-o metacopy=on; the kernel's with "
+                   "redirect_dir=on, which metacopy needs).")
 @click.option("--fault", default=None,
               help="Plant a bug in the unionfs under test (skip-whiteout-on-unlink): the oracle must "
                    "find it.")
@@ -103,7 +106,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 def conformance_command(seed: int, sequences: int, first: int, steps: int, layers: tuple[int, int],
                         whiteout: str,
                         lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
-                        options_b: str, fault: str | None,
+                        options_b: str, metacopy: bool, fault: str | None,
                         allow: set[str] | None, entry_kinds: set[str] | None, ignore: tuple[str, ...],
                         keep_going: bool, shrink: bool, shrink_runs: int,
                         shrink_seconds: float, out_dir: str, base: str, run_cmd: str | None,
@@ -127,6 +130,9 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if os.geteuid() != 0:
         raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
     exit_on_sigterm()
+    if metacopy:
+        options_a = _with_metacopy(impl_a, options_a)
+        options_b = _with_metacopy(impl_b, options_b)
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
     try:
         b = make_impl(impl_b, whiteout, lower_dialect=lower_whiteout, options=options_b, fault=fault)
@@ -186,6 +192,16 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     sys.stdout.flush()
     if failed:
         sys.exit(1)
+
+
+METACOPY_OPTIONS = {"kernel": "redirect_dir=on,metacopy=on", "unionfs": "metacopy=on"}
+
+
+def _with_metacopy(impl: str, options: str) -> str:
+    """*options* with metadata-only copy-up asked of *impl* (later options win)."""
+    if impl not in METACOPY_OPTIONS:
+        raise click.BadParameter(f"{impl} has no metadata-only copy-up", param_hint="--metacopy")
+    return ",".join(o for o in (options, METACOPY_OPTIONS[impl]) if o)
 
 
 def _run_program(runner: Runner, command: str, lowers: tuple[str, ...], timeout: float) -> None:

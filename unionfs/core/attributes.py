@@ -53,7 +53,7 @@ class Attributes:
         res.check_writable()
         _refuse_virtual(name)
         real = escape_xattr(name)
-        await res.ensure_upper(node)
+        await res.ensure_upper(node, meta=True)
         if kill_sgid:
             await self._kill_sgid(node)
         node.xattrs = None
@@ -66,7 +66,7 @@ class Attributes:
         _refuse_virtual(name)
         real = escape_xattr(name)
         self.getxattr(node, name)  # ENODATA before a needless copy-up
-        await res.ensure_upper(node)
+        await res.ensure_upper(node, meta=True)
         if kill_sgid:
             await self._kill_sgid(node)
         node.xattrs = None
@@ -110,7 +110,7 @@ class Attributes:
         """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
         res = self.res
         res.check_writable()
-        await res.ensure_upper(node, keep=size)
+        await res.ensure_upper(node, keep=size, meta=size is None)
         owner = None
         if uid is not None or gid is not None:
             owner = (-1 if uid is None else uid, -1 if gid is None else gid)

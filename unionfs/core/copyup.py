@@ -165,18 +165,25 @@ class CopyUp:
         _chown_tolerant(lambda: os.chown(fd, st.st_uid, st.st_gid))
         os.chmod(fd, stat.S_IMODE(st.st_mode))
 
-    async def file(self, src_pfd: DirFd, name: bytes, keep: int | None = None) -> Copied:
+    async def file(self, src_pfd: DirFd, name: bytes, keep: int | None = None,
+                   data: int | None = None, meta_xattr: str | None = None) -> Copied:
         """Copy the non-directory *name* of the branch directory *src_pfd* into a temporary of the
-        work directory; *keep* limits the data copied (O_TRUNC copies none).  *src_pfd* is used
-        before the first await only.  The caller places the copy (`place`) or discards it."""
+        work directory; *keep* limits the data copied (O_TRUNC copies none).  A regular file's data
+        comes from the open file *data* when given (a metadata-only copy below keeps it elsewhere;
+        closed here); with *meta_xattr*, none is copied: the copy is sparse, of the same size, and
+        carries that xattr (a metadata-only copy, see `metacopy`).  *src_pfd* is used before the
+        first await only.  The caller places the copy (`place`) or discards it."""
         started = time.perf_counter_ns()
+        if data is not None and not stat.S_ISREG(src_pfd.lstat(name).st_mode):
+            os.close(data)
+            data = None
         st = src_pfd.lstat(name)
         work = self.work
         tmp = self._temp()
         size = 0
         try:
             if stat.S_ISREG(st.st_mode):
-                size = await self._copy_regular(src_pfd, name, tmp, st, keep)
+                size = await self._copy_regular(src_pfd, name, tmp, st, keep, data, meta_xattr)
             elif stat.S_ISLNK(st.st_mode):
                 work.symlink(src_pfd.readlink(name), tmp)
                 self._finish_special(src_pfd, name, tmp, st)
@@ -190,26 +197,34 @@ class CopyUp:
         return Copied(tmp, st)
 
     async def _copy_regular(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result,
-                            keep: int | None) -> int:
+                            keep: int | None, data: int | None, meta_xattr: str | None) -> int:
         """Copy the data (and owner, xattrs, times); the bytes of data copied."""
         work = self.work
-        src = src_pfd.open_file(name, os.O_RDONLY)
+        src = src_pfd.open_file(name, os.O_RDONLY) if data is None else data
         try:
             dst = work.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 length = st.st_size if keep is None else min(keep, st.st_size)
-                if length > INLINE_COPY_MAX:
+                if meta_xattr is not None:
+                    os.ftruncate(dst, st.st_size)
+                elif length > INLINE_COPY_MAX:
                     await self.executor.run(copy_data, src, dst, length)
                 elif length:
                     copy_data(src, dst, length)
                 self._own(dst, st)
-                copy_xattrs(fd_path(src), fd_path(dst))
+                if data is None:
+                    copy_xattrs(fd_path(src), fd_path(dst))
+                else:
+                    with src_pfd.path_of(name) as path:
+                        copy_xattrs(path, fd_path(dst))
+                if meta_xattr is not None:
+                    os.setxattr(dst, meta_xattr, b"")
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(dst)
         finally:
             os.close(src)
-        return length
+        return 0 if meta_xattr is not None else length
 
     def _finish_special(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result) -> None:
         work = self.work

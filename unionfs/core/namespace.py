@@ -188,13 +188,16 @@ class Namespace:
         # A directory made in a setgid directory is setgid too; one assembled in the work dir
         # (over a whiteout) must be given the bit by hand.
         setgid = os.fstat(upper).st_mode & stat.S_ISGID
+        # overlayfs with metacopy (which allows no offline change of the lower branches) marks
+        # every directory made in a merged one opaque, whether or not the name is found below.
+        always_opaque = self.res.metacopy and len(parent.dirs) > 1
 
         def make(dirfd: DirFd, n: bytes, opaque: bool) -> None:
             dirfd.mkdir(n, mode & 0o7777)
             self._chown_new(dirfd, n, owner)
             if setgid and dirfd != upper:
                 dirfd.chmod(n, stat.S_ISGID, add=True)     # to what a default ACL left of mode
-            if opaque:
+            if opaque or always_opaque:
                 fd = dirfd.open_dir(n)
                 try:
                     self.res.writer.make_opaque(fd)
@@ -235,8 +238,10 @@ class Namespace:
         if node.is_dir:
             raise err(errno.EPERM)
         self._check_new_name(parent, name)
-        await self.res.ensure_upper(node)
+        await self.res.ensure_upper(node, meta=True)
         self._check_new_name(parent, name)   # the copy-up may have awaited
+        old_parent, old_name = node.name_in()
+        self.res.set_move_redirect(node, old_parent, old_name, samedir=False, absolute=True)
         spfd, sname = self.res.table.real_parent_fd(node)
 
         def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
@@ -351,9 +356,9 @@ class Namespace:
                 raise err(errno.ENOTEMPTY, name=nn)
         with self.res.table.listings.pinned(op, np):    # not dropped while awaiting: es, ed stay theirs
             if not es.is_dir:
-                await self.res.ensure_upper(src)
+                await self.res.ensure_upper(src, meta=True)
             if exchange and dst is not None and not dst.is_dir:
-                await self.res.ensure_upper(dst)
+                await self.res.ensure_upper(dst, meta=True)
             # Re-read after the awaits: another request may have changed either name meanwhile.
             if self.res.listing(op).get(on) is not es or self.res.listing(np).get(nn) is not ed:
                 raise err(errno.EAGAIN, "rename raced with another change", on)
@@ -364,6 +369,9 @@ class Namespace:
         for moving in (src, dst):
             if moving is not None and moving.is_dir:
                 self.res.table.dirfd_or_none(moving, 0)   # opened (under its old name) for after the move
+        self.res.set_move_redirect(src, op, on, samedir=op is np)
+        if exchange and dst is not None:
+            self.res.set_move_redirect(dst, np, nn, samedir=op is np)
         self.res.touch(op, np, src, dst)
         if exchange:
             assert ed is not None and dst is not None

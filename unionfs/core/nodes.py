@@ -56,7 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -82,6 +82,9 @@ class Node:
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
         # directories under -o udba=reval|notify: their branch directories' stamp or WATCHED (see udba)
         self.stamp: tuple[int, ...] | None = None
+        # -o metacopy: the branch holding a metadata-only copy's data (see `metacopy`); 0 when the
+        # object holds its own, None until looked at
+        self.lowerdata: int | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]

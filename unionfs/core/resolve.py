@@ -24,6 +24,7 @@ from .copyup import CopyUp
 from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Invalidator
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
+from .metacopy import copy_data_up, data_blocks, data_layer, meta_xattr, open_data, set_move_redirect
 from .nodes import Key, Node, NodeTable
 from .udba import NO_WATCHES, NONE, WATCHED, Udba, Watches
 from .whiteout import Dialect, WhiteoutWriter
@@ -67,7 +68,7 @@ class Resolver:
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
                  invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
-                 udba: str = NONE, watches: Watches = NO_WATCHES) -> None:
+                 udba: str = NONE, watches: Watches = NO_WATCHES, metacopy: bool = False) -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed, beside)
         self.udba = Udba(self.table, udba, watches)
@@ -81,6 +82,7 @@ class Resolver:
         self.executor = executor
         self.invalidator = invalidator
         self.copyup = CopyUp(stack.work_fd, self.writer, executor)
+        self.metacopy = metacopy
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
@@ -266,6 +268,29 @@ class Resolver:
             self.xattr_hits += 1
         return node.xattrs
 
+    def data_layer(self, node: Node) -> int:
+        """The branch that holds *node*'s data: its own, but for a metadata-only copy (-o metacopy)."""
+        layer = node.lowerdata
+        if layer is None:
+            if not self.metacopy or node.is_dir:
+                return node.layer
+            layer = node.lowerdata = data_layer(self, node, self.stat(node).st_mode)
+        return layer or node.layer
+
+    def set_move_redirect(self, node: Node, parent: Node, name: bytes, samedir: bool,
+                          absolute: bool = False) -> None:
+        """Before a rename or link of *node*: see `metacopy.set_move_redirect`."""
+        if self.metacopy and not node.is_dir:
+            set_move_redirect(self, node, parent, name, samedir, absolute)
+
+    def shown_blocks(self, node: Node, mode: int, blocks: int) -> int:
+        """st_blocks as overlayfs shows it: a metadata-only copy shows its data's."""
+        if not self.metacopy or not stat.S_ISREG(mode):
+            return blocks
+        if self.data_layer(node) == node.layer:
+            return blocks
+        return data_blocks(self, node)
+
     # ------------------------------------------------------------------ copy-up
 
     def check_writable(self) -> None:
@@ -312,26 +337,37 @@ class Resolver:
             e.layer = 0
             e.dir_layers = (0, *e.dir_layers)
 
-    async def ensure_upper(self, node: Node, keep: int | None = None) -> None:
-        """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied."""
+    async def ensure_upper(self, node: Node, keep: int | None = None, meta: bool = False) -> None:
+        """Make sure *node* lives in the writable branch (copy-up); *keep* bounds the data copied.
+
+        *meta*: the caller changes metadata only, so with -o metacopy a regular file's data may
+        stay below (see `metacopy`); otherwise the data of a metadata-only copy is copied up now."""
         self.check_writable()
         if node.is_dir:
             self.upper_dir(node)
             return
-        if node.layer == 0:
+        if node.layer == 0 and (meta or self.data_layer(node) == 0):
             return
         if node.lock is None:
             node.lock = self.executor.lock()
         async with node.lock:
             if node.layer != 0:
-                await self._copy_up_file(node, keep)
+                await self._copy_up_file(node, keep, meta and self.metacopy)
+            if not meta and self.data_layer(node) != 0:
+                await copy_data_up(self, node, keep)
 
-    async def _copy_up_file(self, node: Node, keep: int | None) -> None:
+    async def _copy_up_file(self, node: Node, keep: int | None, meta: bool = False) -> None:
         """Copy the non-directory *node* up: parents first, then a complete copy made in the work
-        directory, placed under its name once the name is known to still stand for *node*."""
+        directory, placed under its name once the name is known to still stand for *node* (with
+        *meta*, of a regular file, a metadata-only copy, its data left where it is)."""
         parent, name = node.name_in()
         self.upper_dir(parent)
-        made = await self.copyup.file(self.table.dirfd(parent, node.layer), name, keep)
+        data = self.data_layer(node)
+        meta = meta and stat.S_ISREG(self.stat(node).st_mode)
+        made = await self.copyup.file(
+            self.table.dirfd(parent, node.layer), name, keep,
+            data=None if data == node.layer or meta else open_data(self, node, os.O_RDONLY),
+            meta_xattr=meta_xattr(self.privileged) if meta else None)
         try:
             # The copy may have awaited: make sure the name still stands for this node.
             if node.layer == 0 or (parent, name) not in node.links:
@@ -342,6 +378,7 @@ class Resolver:
             self.copyup.discard(made.tmp)
             raise
         new = upper_pfd.lstat(name)
+        node.lowerdata = data if meta else 0
         self._moved_up(node, parent, name, (new.st_dev, new.st_ino), made.st.st_nlink)
 
     def _moved_up(self, node: Node, parent: Node, name: bytes, key: tuple[int, int], lower_nlink: int
@@ -374,10 +411,12 @@ class Resolver:
 
     # ------------------------------------------------------------------ open files
 
-    def new_handle(self, node: Node, fd: int, flags: int) -> Handle:
+    def new_handle(self, node: Node, fd: int, flags: int, layer: int | None = None) -> Handle:
+        """A handle of *node* open as *fd* in branch *layer* (default: the node's)."""
         node.handles += 1
         self._next_fh += 1
-        h = self.handles[self._next_fh] = Handle(self._next_fh, node, fd, node.layer, flags)
+        layer = node.layer if layer is None else layer
+        h = self.handles[self._next_fh] = Handle(self._next_fh, node, fd, layer, flags)
         return h
 
     async def open(self, node: Node, flags: int) -> Handle:
@@ -386,6 +425,9 @@ class Resolver:
         trunc = flags & os.O_TRUNC   # libfuse asks for atomic O_TRUNC: it arrives here
         if flags & os.O_ACCMODE != os.O_RDONLY or trunc:
             await self.ensure_upper(node, keep=0 if trunc else None)
+        layer = self.data_layer(node)
+        if layer != node.layer:    # a metadata-only copy opened for reading: its data below
+            return self.new_handle(node, open_data(self, node, flags & ~OPEN_STRIP), flags, layer)
         pfd, name = self.table.real_parent_fd(node)
         if trunc and flags & os.O_ACCMODE != os.O_RDONLY and pfd.lstat(name).st_blocks * 512 >= FREE_BIG:
             # Truncating a big file frees its blocks, which takes long: on a worker thread.
@@ -402,13 +444,18 @@ class Resolver:
         return self.new_handle(node, fd, flags)
 
     def refresh(self, h: Handle) -> None:
-        """A handle opened before its node was copied up reads the upper copy from then on."""
-        if h.layer != h.node.layer and h.node.links:
-            pfd, name = self.table.real_parent_fd(h.node)
-            fd = pfd.open_file(name, h.flags & ~OPEN_STRIP)
+        """A handle opened before its node was copied up reads the upper copy from then on (the
+        copy's data: below, for a metadata-only copy, until it is copied up too)."""
+        layer = self.data_layer(h.node) if h.node.links else h.layer
+        if h.layer != layer:
+            if layer == h.node.layer:
+                pfd, name = self.table.real_parent_fd(h.node)
+                fd = pfd.open_file(name, h.flags & ~OPEN_STRIP)
+            else:
+                fd = open_data(self, h.node, h.flags & ~OPEN_STRIP)
             os.close(h.fd)
             h.fd = fd
-            h.layer = h.node.layer
+            h.layer = layer
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         """pread(2) of the open file *fh* that does not stall the caller's loop on the disk.
@@ -420,7 +467,7 @@ class Resolver:
         it only costs a wait inline.
         """
         h = self.handles[fh]
-        if h.layer != h.node.layer:
+        if h.layer != (h.node.lowerdata or h.node.layer):
             self.refresh(h)
         if h.layer == 0:
             h.node.st = None   # a read may move the atime of a file in the writable branch
@@ -433,7 +480,7 @@ class Resolver:
         """pwrite(2) to the open file *fh* (the upper copy: it was opened for writing); a big
         write on the executor."""
         h = self.handles[fh]
-        if h.layer != h.node.layer:
+        if h.layer != (h.node.lowerdata or h.node.layer):
             self.refresh(h)
         h.node.st = None
         if len(buf) < BIG_IO:

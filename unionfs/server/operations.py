@@ -218,7 +218,7 @@ class Operations(pyfuse3.Operations):
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
              max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
-             udba: str = NONE, max_watches: int = 0) -> Operations:
+             udba: str = NONE, max_watches: int = 0, metacopy: bool = False) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of; *udba* says how changes made directly in the branches
         are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
@@ -229,7 +229,7 @@ class Operations(pyfuse3.Operations):
             timeout = 0.0
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
                       executor=offload, invalidator=KernelCache(), beside=snapshots,
-                      udba=udba, watches=watcher or NO_WATCHES)
+                      udba=udba, watches=watcher or NO_WATCHES, metacopy=metacopy)
         ops = cls(union, offload, snapshots, timeout=timeout, debug=debug)
         if watcher is not None:
             watcher.attach(union, offload)
@@ -278,7 +278,7 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = rdev
         a.st_size = size
         a.st_blksize = blksize
-        a.st_blocks = blocks
+        a.st_blocks = self.union.shown_blocks(node, mode, blocks)
         a.st_atime_ns = atime
         a.st_mtime_ns = mtime
         a.st_ctime_ns = ctime
