@@ -45,18 +45,22 @@ MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
 FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
-    "fsname", "subtype", "debug", "max_cached_entries",
+    "fsname", "subtype", "debug", "max_cached_entries", "redirect_dir",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
     "squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs", "xattr_permissions",
-    "fast_ino", "redirect_dir", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
+    "fast_ino", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
     "metacopy", "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
     "threaded", "writeback", "auto_unmount",
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
-                           "max_cached_entries"})
+                           "max_cached_entries", "redirect_dir"})
+#: ``-o redirect_dir=``, as overlayfs spells it: on (renamed merged directories get a redirect, and
+#: redirects are followed), follow (followed, never made), nofollow (a redirect met in a lookup is
+#: refused with EPERM, as overlayfs does), off (the default: none made, none followed).
+REDIRECT_DIR_VALUES = ("on", "follow", "nofollow", "off")
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
@@ -75,7 +79,7 @@ class MountConfig:
                  style: str = "aufs", dialect: Dialect = Dialect.AUFS, readonly: bool = False,
                  allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
-                 flags: list[str] | None = None) -> None:
+                 flags: list[str] | None = None, redirect_dir: str = "off") -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -88,6 +92,7 @@ class MountConfig:
         self.max_cached_entries = max_cached_entries
         self.ignored = [] if ignored is None else ignored
         self.flags = [] if flags is None else flags
+        self.redirect_dir = redirect_dir
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -285,11 +290,14 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
+    redirect_dir = values.get("redirect_dir") or "off"
+    if redirect_dir not in REDIRECT_DIR_VALUES:
+        raise QuietError(f"redirect_dir={redirect_dir}: use one of {', '.join(REDIRECT_DIR_VALUES)}")
     cfg = MountConfig(
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
-        flags=list(flags.values()),
+        flags=list(flags.values()), redirect_dir=redirect_dir,
     )
     check(cfg)
     return cfg

@@ -25,6 +25,7 @@ from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Inv
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
 from .nodes import Key, Node, NodeTable
+from .redirect import Redirects
 from .whiteout import Dialect, WhiteoutWriter
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class Resolver:
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
-                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
+                 redirect_dir: str = "off") -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed, beside)
         self.readonly = readonly or stack.upper is None
@@ -75,6 +77,7 @@ class Resolver:
         self.executor = executor
         self.invalidator = invalidator
         self.copyup = CopyUp(stack.work_fd, self.writer, executor)
+        self.redirects = Redirects(redirect_dir, self.table, self.writer)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
@@ -131,6 +134,8 @@ class Resolver:
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
+            if e.is_dir and self.redirects.active:
+                return self._new_dir_following_redirects(parent, name, e, key, st, fresh)
             dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
                                      e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
@@ -138,6 +143,23 @@ class Resolver:
             node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
                 self.table.set_dirs(node, dirfds)
+        self.table.add_link(node, parent, name)
+        return node, self.table.remember(node, st)
+
+    def _new_dir_following_redirects(self, parent: Node, name: bytes, e: Entry, key: Key,
+                                     st: os.stat_result, fresh: bool) -> tuple[Node, Stat]:
+        """`node_for` for a directory not known yet, its lower directories found through the
+        redirects (see `redirect.Redirects.open_stack`)."""
+        stack, own = self.redirects.open_stack(parent, name, e.layer)
+        if not stack or stack[0][0] != e.layer:
+            for _, fd, _ in stack:
+                os.close(fd)
+            return self._read_again(parent, name, fresh)
+        node = self.table.new(True, e.layer, key, st)
+        self.table.set_dirs(node, [(layer, fd) for layer, fd, _ in stack])
+        for bd, (_, _, route) in zip(node.dirs, stack, strict=True):
+            bd.route = route
+        node.redirect = own
         self.table.add_link(node, parent, name)
         return node, self.table.remember(node, st)
 

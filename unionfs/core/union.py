@@ -32,8 +32,9 @@ class Union(Resolver):
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
-                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
-        super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside)
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
+                 redirect_dir: str = "off") -> None:
+        super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside, redirect_dir)
         self.names = Namespace(self)
         self.attrs = Attributes(self)
 

@@ -186,13 +186,14 @@ class Operations(pyfuse3.Operations):
 
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
-             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False
-             ) -> Operations:
+             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
+             redirect_dir: str = "off") -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of."""
         offload, snapshots = Offload(), Snapshots()
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
-                      executor=offload, invalidator=KernelCache(), beside=snapshots)
+                      executor=offload, invalidator=KernelCache(), beside=snapshots,
+                      redirect_dir=redirect_dir)
         return cls(union, offload, snapshots, timeout=timeout, debug=debug)
 
     def init(self) -> None:
