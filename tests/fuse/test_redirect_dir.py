@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from util import IMPL, D, F, Pair, Side, W, err, mount_impl, mount_kernel, snapshot, unmount
+from util import IMPL, D, F, Pair, Side, err, mount_impl, mount_kernel, snapshot, unmount
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(IMPL != "unionfs", reason="unionfs option")]
 

@@ -188,13 +188,16 @@ class Namespace:
         # A directory made in a setgid directory is setgid too; one assembled in the work dir
         # (over a whiteout) must be given the bit by hand.
         setgid = os.fstat(upper).st_mode & stat.S_ISGID
+        # overlayfs with redirect_dir=on makes a new directory in a merged one opaque (nothing
+        # below can show through it once renamed elsewhere, or change underneath).
+        in_merged = self.res.redirects.create and len(parent.dirs) > 1
 
         def make(dirfd: DirFd, n: bytes, opaque: bool) -> None:
             dirfd.mkdir(n, mode & 0o7777)
             self._chown_new(dirfd, n, owner)
             if setgid and dirfd != upper:
                 dirfd.chmod(n, stat.S_ISGID, add=True)     # to what a default ACL left of mode
-            if opaque:
+            if opaque or in_merged:
                 fd = dirfd.open_dir(n)
                 try:
                     self.res.writer.make_opaque(fd)
