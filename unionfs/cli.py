@@ -82,7 +82,9 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
-                   "entries kept, default 1000000); suid, dev, noexec (default nosuid,nodev; "
+                   "entries kept, default 1000000); redirect_dir=on|follow|nofollow|off (on: "
+                   "rename merged directories in place, as overlayfs; default off); suid, dev, "
+                   "noexec (default nosuid,nodev; "
                    "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")

@@ -228,9 +228,10 @@ class DirFds:
 
     def _open_route(self, bd: BranchDir) -> None:
         """Open *bd* by its route from its branch's root, one name at a time."""
-        fd = self.roots[bd.layer]
+        root = fd = self.roots[bd.layer]
+        route = bd.route or ()
         try:
-            for name in bd.route or ():
+            for name in route:
                 try:
                     nfd = fd.open_dir(name)
                 except OSError as e:
@@ -238,20 +239,16 @@ class DirFds:
                         raise OSError(errno.ESTALE, "directory moved in its branch",
                                       os.fsdecode(name)) from None
                     raise
-                if fd != self.roots[bd.layer]:
+                if fd != root:
                     os.close(fd)
                 fd = nfd
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (bd.dev, bd.ino):
-                raise OSError(errno.ESTALE, "directory replaced in its branch", str(bd.node.id))
         except BaseException:
-            if fd != self.roots[bd.layer]:
+            if fd != root:
                 os.close(fd)
             raise
-        bd.fd = fd
-        bd.used = 0
-        self._open[bd] = None
-        self._trim(bd)
+        if fd == root:
+            raise OSError(errno.ESTALE, "no route to the directory", str(bd.node.id))
+        self._reopened(bd, fd, route[-1])
 
     def _open_child(self, parent: BranchDir, bd: BranchDir, name: bytes) -> None:
         try:
@@ -260,6 +257,10 @@ class DirFds:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):   # something else took its name: never follow
                 raise OSError(errno.ESTALE, "directory replaced in its branch", os.fsdecode(name)) from None
             raise
+        self._reopened(bd, fd, name)
+
+    def _reopened(self, bd: BranchDir, fd: DirFd, name: bytes) -> None:
+        """*fd*, opened again as *bd*: cached if it is the directory recorded (ESTALE otherwise)."""
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (bd.dev, bd.ino):
