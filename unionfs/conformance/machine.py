@@ -460,7 +460,7 @@ def run_sequence(runner: Runner, seed: int, index: int, steps: int, layers: tupl
     """Sequence ``index`` of campaign ``seed``: fully determined by (seed, index), the reference
     and *dir_renames* (`Chooser`)."""
     rng = random.Random(f"unionfs-conformance:{seed}:{index}")
-    spec = random_layers(rng, rng.randint(*layers), entry_kinds)
+    spec = random_layers(rng, rng.randint(*layers), entry_kinds, redirects=dir_renames)
     chooser = Chooser(rng, allow, dir_renames)
 
     def next_op(i: int, snap: Snapshot) -> Op | None:

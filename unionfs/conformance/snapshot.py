@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers import AUFS_OPQ, AUFS_WH, SYNTHETIC_EPOCH
+from .layers import AUFS_OPQ, AUFS_REDIRECT, AUFS_WH, SYNTHETIC_EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ assert SYNTHETIC_EPOCH * 1_000_000_000 < NOW_THRESHOLD_NS
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
-AUFS_REDIRECT = ".wh..wh..redirect"
 
 
 def mtime_class(ns: int) -> int | str:
