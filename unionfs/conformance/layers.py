@@ -149,6 +149,7 @@ def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = No
     spec = LayerSpec(n_layers)
     kinds = ["file"] * 10 + ["dir"] * 5 + ["symlink"] * 2 + ["hardlink"] * 2 + ["whiteout"] * 2 + [
         "opaque"] * 2 + ["fifo"]
+    sources: set[str] = set()     # where redirects point
     for layer in range(n_layers):
         files: list[str] = []
         for _ in range(rng.randint(2, 8)):
@@ -164,13 +165,11 @@ def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = No
                                                rng.choice(DATAS), xattrs=xattrs))
             elif kind == "dir" and redirects and rng.random() < 0.4:
                 target = rng.choice(NAMES) if rng.random() < 0.5 else "/" + random_path(rng)
-                spec.entries.append(LayerEntry(layer, path, "redirect", rng.choice(DIR_MODES), owner,
-                                               target=target, xattrs=xattrs))
-                # Where the content came from is whited out in the same layer, as a rename left it
-                # (else two names would reach one lower object, which overlayfs never makes).
-                moved_from = target[1:] if target.startswith("/") else \
-                    "/".join(filter(None, (os.path.dirname(path), target)))
-                spec.entries.append(LayerEntry(layer, moved_from, "whiteout"))
+                source = _redirect_source(path, target)
+                kind = "dir" if source in sources else "redirect"     # one name per lower object
+                sources.add(source)
+                spec.entries.append(LayerEntry(layer, path, kind, rng.choice(DIR_MODES), owner,
+                                               target=target if kind == "redirect" else "", xattrs=xattrs))
             elif kind in ("dir", "opaque"):
                 spec.entries.append(LayerEntry(layer, path, kind, rng.choice(DIR_MODES), owner,
                                                xattrs=xattrs))
@@ -259,11 +258,16 @@ def lay_opaque_dir(L: Layers, layer: int, path: str, mode: int, owner: tuple[int
     if full is None:
         return
     os.mkdir(full)
+    _make_opaque(L, full)
+    _meta(full, mode, owner, xattrs)
+
+
+def _make_opaque(L: Layers, full: str) -> None:
     if L.dialect == "aufs":
-        open(os.path.join(full, AUFS_OPQ), "xb").close()
+        if not os.path.lexists(os.path.join(full, AUFS_OPQ)):
+            open(os.path.join(full, AUFS_OPQ), "xb").close()
     else:
         os.setxattr(full, OVERLAY_OPAQUE, b"y")
-    _meta(full, mode, owner, xattrs)
 
 
 def lay_redirect_dir(L: Layers, layer: int, path: str, mode: int, owner: tuple[int, int],
@@ -279,6 +283,22 @@ def lay_redirect_dir(L: Layers, layer: int, path: str, mode: int, owner: tuple[i
     else:
         os.setxattr(full, OVERLAY_REDIRECT, redirect.encode())
     _meta(full, mode, owner, xattrs)
+    # Where the content came from is hidden in the same layer, as the rename that made the
+    # redirect left it: a whiteout, or an opaque directory made there since (else two names would
+    # reach one lower object, which overlayfs never makes).
+    source = _redirect_source(path, redirect)
+    there = os.path.join(L[layer], source)
+    if os.path.isdir(there) and not os.path.islink(there):
+        _make_opaque(L, there)
+    else:
+        lay_whiteout(L, layer, source)
+
+
+def _redirect_source(path: str, redirect: str) -> str:
+    """The path a directory at *path* with *redirect* came from."""
+    if redirect.startswith("/"):
+        return redirect[1:]
+    return "/".join(filter(None, (os.path.dirname(path), redirect)))
 
 
 def lay_symlink(L: Layers, layer: int, path: str, target: str, owner: tuple[int, int]) -> None:
