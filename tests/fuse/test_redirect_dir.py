@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from util import IMPL, D, F, Pair, Side, err, mount_impl, mount_kernel, snapshot, unmount
+from util import IMPL, D, F, Pair, Side, W, err, mount_impl, mount_kernel, snapshot, unmount
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(IMPL != "unionfs", reason="unionfs option")]
 
@@ -192,3 +192,26 @@ def _errno(fn: Callable[[], Any]) -> Any:
     except OSError as e:
         import errno
         return err(errno.errorcode[e.errno or 0])
+
+
+def _rd(path: str, redirect: bytes, opaque: bool = False) -> D:
+    return D(path, opaque=opaque, xattrs={REDIRECT: redirect})
+
+
+@pytest.mark.parametrize("lowers", [
+    # an opaque directory on an absolute redirect's path ends the stack after its branch
+    [[_rd("c", b"/x/a")], [D("x", opaque=True), F("x/a/mid")], [F("x/a/bottom")]],
+    # a relative redirect in a lower branch, followed by the branches below it
+    [[_rd("c", b"b")], [_rd("b", b"d"), F("b/mid")], [F("d/bottom"), F("b/no")]],
+    # an absolute redirect through a directory that has a redirect of its own
+    [[_rd("c", b"/p/q")], [_rd("p", b"/r"), F("p/q/mid")], [F("r/q/bottom"), F("p/q/no")]],
+    # a whiteout on the way ends the stack; a missing name skips a branch
+    [[_rd("c", b"/m/n")], [W("m")], [F("m/n/no")]],
+    [[_rd("c", b"/m/n")], [F("other")], [F("m/n/bottom")]],
+], ids=["opaque-on-path", "relative-chain", "redirect-on-path", "whiteout", "missing"])
+def test_redirects_in_lower_branches(pair: Pair, lowers: list[list[Any]]) -> None:
+    pair.build(lowers, [], options=ON, kernel_options=ON)
+    pair.assert_same_tree()
+    pair.same(lambda s: sorted(os.listdir(s.p("c"))))
+    _same(pair, [_mv("c", "c2"), lambda s: sorted(os.listdir(s.p("c2")))])
+    pair.assert_same_upper()

@@ -100,6 +100,7 @@ class Redirects:
                     fd, stop = _open_one(pfd, cur)
                     route: Route | None = None if cur == name else (*path_in(table, parent, layer.index), cur)
                 else:
+                    # (stop: an opaque directory on the way, unless the one found has an absolute redirect)
                     route = tuple(path)
                     fd, stop, path = self._walk(layer.fd, path)
                 if fd is None:
@@ -107,24 +108,23 @@ class Redirects:
                         break
                     continue
                 out.append((layer.index, fd, route))
-                if last:
-                    break
-                if dir_is_opaque(fd):
+                if last or dir_is_opaque(fd):
                     break
                 red = read_redirect(fd)
-                if red is None:
-                    continue
-                if layer.index == 0:
-                    own = red
-                if self.mode == "nofollow":
-                    raise OSError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)",
-                                  os.fsdecode(name))
-                if red.startswith(b"/"):
-                    path = red[1:].split(b"/")
-                elif path is None:
-                    cur = red
-                else:
-                    path[-1] = red
+                if red is not None:
+                    if layer.index == 0:
+                        own = red
+                    if self.mode == "nofollow":
+                        raise OSError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)",
+                                      os.fsdecode(name))
+                    if red.startswith(b"/"):
+                        path, stop = red[1:].split(b"/"), False
+                    elif path is None:
+                        cur = red
+                    else:
+                        path[-1] = red
+                if stop:
+                    break
         except BaseException:
             for _, fd, _ in out:
                 os.close(fd)
