@@ -85,8 +85,10 @@ def cli() -> None:
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
                    "entries kept, default 1000000); udba=none|reval|notify (changes made directly in "
                    "the branches show: once the caches let go, at the next access, within 100 ms), "
-                   "udba_max_watches=N (default 16384); metacopy=on (a chmod or chown copies no data, "
-                   "as overlayfs); suid, dev, noexec (default nosuid,nodev; "
+                   "udba_max_watches=N (default 16384); redirect_dir=on|follow|nofollow|off (on: "
+                   "rename merged directories in place, as overlayfs; default off); metacopy=on (a "
+                   "chmod or chown copies no data, as overlayfs; implies redirect_dir=on); suid, dev, "
+                   "noexec (default nosuid,nodev; "
                    "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")

@@ -76,6 +76,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 @click.option("--metacopy", is_flag=True,
               help="Both mounted with metadata-only copy-up (-o metacopy=on; the kernel's with "
                    "redirect_dir=on, which metacopy needs).")
+@click.option("--redirect-dir", is_flag=True,
+              help="Both mounted with -o redirect_dir=on (merged directories renamed in place); half "
+                   "the renames then move an existing directory.")
 @click.option("--fault", default=None,
               help="Plant a bug in the unionfs under test (skip-whiteout-on-unlink): the oracle must "
                    "find it.")
@@ -106,7 +109,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> set
 def conformance_command(seed: int, sequences: int, first: int, steps: int, layers: tuple[int, int],
                         whiteout: str,
                         lower_whiteout: str | None, impl_a: str, impl_b: str, options_a: str,
-                        options_b: str, metacopy: bool, fault: str | None,
+                        options_b: str, metacopy: bool, redirect_dir: bool, fault: str | None,
                         allow: set[str] | None, entry_kinds: set[str] | None, ignore: tuple[str, ...],
                         keep_going: bool, shrink: bool, shrink_runs: int,
                         shrink_seconds: float, out_dir: str, base: str, run_cmd: str | None,
@@ -130,12 +133,15 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if os.geteuid() != 0:
         raise click.ClickException("conformance needs root (it mounts kernel overlayfs)")
     exit_on_sigterm()
+    extra = "redirect_dir=on" if redirect_dir else ""
+    options_a, options_b = _join(options_a, extra), _join(options_b, extra)
     if metacopy:
         options_a = _with_metacopy(impl_a, options_a)
         options_b = _with_metacopy(impl_b, options_b)
     a = make_impl(impl_a, whiteout, lower_dialect=lower_whiteout, options=options_a)
     try:
-        b = make_impl(impl_b, whiteout, lower_dialect=lower_whiteout, options=options_b, fault=fault)
+        b = make_impl(impl_b, whiteout, lower_dialect=lower_whiteout, options=_join(options_b, extra),
+                      fault=fault)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--fault") from None
     runner = Runner(a, b, base, ignore=frozenset(ignore))
@@ -149,7 +155,7 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
     if ignore:
         click.echo(f"EXPLORATORY RUN, not comparing: {', '.join(IGNORABLE[i] for i in ignore)}", err=True)
     for index in range(first, first + sequences):
-        result = run_sequence(runner, seed, index, steps, layers, allow, entry_kinds)
+        result = run_sequence(runner, seed, index, steps, layers, allow, entry_kinds, redirect_dir)
         if result.failure is None:
             passed += 1
             if verbose:
@@ -172,6 +178,7 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
                       f"{layers[0]}-{layers[1]} --whiteout {whiteout} --impl-a {impl_a} --impl-b {impl_b}"
                       + (f" --options-a {options_a}" if options_a else "")
                       + (f" --options-b {options_b}" if options_b else "")
+                      + (" --redirect-dir" if redirect_dir else "")
                       + (f" --ops {','.join(sorted(allow))}" if allow else "")
                       + (f" --layer-kinds {','.join(sorted(entry_kinds))}" if entry_kinds else "")
                       + "".join(f" --ignore {i}" for i in ignore)
@@ -179,7 +186,7 @@ def conformance_command(seed: int, sequences: int, first: int, steps: int, layer
         filename = f"conformance-seed{seed}-seq{index}.py"
         text = script(Case(case.spec, case.ops), failure, impl_a=impl_a, impl_b=impl_b, whiteout=whiteout,
                       lower_whiteout=lower_whiteout, fault=fault, provenance=provenance, filename=filename,
-                      options_a=options_a, options_b=options_b, ignore=ignore)
+                      options_a=_join(options_a, extra), options_b=_join(options_b, extra), ignore=ignore)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, filename)
         write_script(path, text)
@@ -201,7 +208,11 @@ def _with_metacopy(impl: str, options: str) -> str:
     """*options* with metadata-only copy-up asked of *impl* (later options win)."""
     if impl not in METACOPY_OPTIONS:
         raise click.BadParameter(f"{impl} has no metadata-only copy-up", param_hint="--metacopy")
-    return ",".join(o for o in (options, METACOPY_OPTIONS[impl]) if o)
+    return _join(options, METACOPY_OPTIONS[impl])
+
+
+def _join(options: str, extra: str) -> str:
+    return ",".join(o for o in (options, extra) if o)
 
 
 def _run_program(runner: Runner, command: str, lowers: tuple[str, ...], timeout: float) -> None:

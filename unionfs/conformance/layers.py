@@ -33,6 +33,8 @@ SYNTHETIC_EPOCH = 1_000_000_000
 
 AUFS_WH = ".wh."
 AUFS_OPQ = ".wh..wh..opq"
+AUFS_REDIRECT = ".wh..wh..redirect"
+OVERLAY_REDIRECT = "trusted.overlay.redirect"
 OVERLAY_OPAQUE = "trusted.overlay.opaque"
 
 FILE_MODES = (0o644, 0o644, 0o600, 0o755, 0o444, 0o4755, 0o640)
@@ -73,7 +75,7 @@ class LayerEntry:
 
     layer: int
     path: str
-    kind: str  # file dir symlink hardlink whiteout opaque fifo
+    kind: str  # file dir symlink hardlink whiteout opaque fifo redirect (a directory; target: the redirect)
     mode: int = 0o644
     owner: tuple[int, int] = (0, 0)
     data: bytes = b""
@@ -89,6 +91,9 @@ class LayerEntry:
         if self.kind in ("dir", "opaque"):
             fn = "lay_dir" if self.kind == "dir" else "lay_opaque_dir"
             return f"{fn}(L, {p[0]}, {p[1]!r}, {Oct(self.mode)!r}, {self.owner!r}, {dict(self.xattrs)!r})"
+        if self.kind == "redirect":
+            return (f"lay_redirect_dir(L, {p[0]}, {p[1]!r}, {Oct(self.mode)!r}, {self.owner!r}, "
+                    f"{dict(self.xattrs)!r}, {self.target!r})")
         if self.kind == "symlink":
             return f"lay_symlink(L, {p[0]}, {p[1]!r}, {self.target!r}, {self.owner!r})"
         if self.kind == "hardlink":
@@ -132,15 +137,19 @@ def random_path(rng: random.Random) -> str:
     return "/".join(rng.choice(NAMES) for _ in range(depth))
 
 
-ENTRY_KINDS = ("file", "dir", "symlink", "hardlink", "whiteout", "opaque", "fifo")
+ENTRY_KINDS = ("file", "dir", "symlink", "hardlink", "whiteout", "opaque", "fifo", "redirect")
 
 
-def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = None) -> LayerSpec:
+def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = None,
+                  redirects: bool = False) -> LayerSpec:
     """Draw a layer spec; deterministic for a given ``rng`` state. ``allow`` limits the entry kinds
-    (the draws are the same; entries of other kinds are dropped, so sequences stay comparable)."""
+    (the draws are the same; entries of other kinds are dropped, so sequences stay comparable).
+    With *redirects* (``--redirect-dir``), some directories get a redirect (relative or absolute),
+    as an upper written with redirect_dir=on and made a lower layer has."""
     spec = LayerSpec(n_layers)
     kinds = ["file"] * 10 + ["dir"] * 5 + ["symlink"] * 2 + ["hardlink"] * 2 + ["whiteout"] * 2 + [
         "opaque"] * 2 + ["fifo"]
+    sources: set[str] = set()     # where redirects point
     for layer in range(n_layers):
         files: list[str] = []
         for _ in range(rng.randint(2, 8)):
@@ -154,6 +163,13 @@ def random_layers(rng: random.Random, n_layers: int, allow: set[str] | None = No
                 files.append(path)
                 spec.entries.append(LayerEntry(layer, path, kind, rng.choice(FILE_MODES), owner,
                                                rng.choice(DATAS), xattrs=xattrs))
+            elif kind == "dir" and redirects and rng.random() < 0.4:
+                target = rng.choice(NAMES) if rng.random() < 0.5 else "/" + random_path(rng)
+                source = _redirect_source(path, target)
+                kind = "dir" if source in sources else "redirect"     # one name per lower object
+                sources.add(source)
+                spec.entries.append(LayerEntry(layer, path, kind, rng.choice(DIR_MODES), owner,
+                                               target=target if kind == "redirect" else "", xattrs=xattrs))
             elif kind in ("dir", "opaque"):
                 spec.entries.append(LayerEntry(layer, path, kind, rng.choice(DIR_MODES), owner,
                                                xattrs=xattrs))
@@ -242,11 +258,47 @@ def lay_opaque_dir(L: Layers, layer: int, path: str, mode: int, owner: tuple[int
     if full is None:
         return
     os.mkdir(full)
+    _make_opaque(L, full)
+    _meta(full, mode, owner, xattrs)
+
+
+def _make_opaque(L: Layers, full: str) -> None:
     if L.dialect == "aufs":
-        open(os.path.join(full, AUFS_OPQ), "xb").close()
+        if not os.path.lexists(os.path.join(full, AUFS_OPQ)):
+            open(os.path.join(full, AUFS_OPQ), "xb").close()
     else:
         os.setxattr(full, OVERLAY_OPAQUE, b"y")
+
+
+def lay_redirect_dir(L: Layers, layer: int, path: str, mode: int, owner: tuple[int, int],
+                     xattrs: dict[str, bytes], redirect: str) -> None:
+    """A directory with a redirect (-o redirect_dir): the overlay xattr, or the AUFS dialect's
+    ``.wh..wh..redirect`` symlink."""
+    full = _prepare(L, layer, path)
+    if full is None:
+        return
+    os.mkdir(full)
+    if L.dialect == "aufs":
+        os.symlink(redirect, os.path.join(full, AUFS_REDIRECT))
+    else:
+        os.setxattr(full, OVERLAY_REDIRECT, redirect.encode())
     _meta(full, mode, owner, xattrs)
+    # Where the content came from is hidden in the same layer, as the rename that made the
+    # redirect left it: a whiteout, or an opaque directory made there since (else two names would
+    # reach one lower object, which overlayfs never makes).
+    source = _redirect_source(path, redirect)
+    there = os.path.join(L[layer], source)
+    if os.path.isdir(there) and not os.path.islink(there):
+        _make_opaque(L, there)
+    else:
+        lay_whiteout(L, layer, source)
+
+
+def _redirect_source(path: str, redirect: str) -> str:
+    """The path a directory at *path* with *redirect* came from."""
+    if redirect.startswith("/"):
+        return redirect[1:]
+    return "/".join(filter(None, (os.path.dirname(path), redirect)))
 
 
 def lay_symlink(L: Layers, layer: int, path: str, target: str, owner: tuple[int, int]) -> None:

@@ -455,11 +455,13 @@ class SequenceResult:
 
 
 def run_sequence(runner: Runner, seed: int, index: int, steps: int, layers: tuple[int, int],
-                 allow: set[str] | None = None, entry_kinds: set[str] | None = None) -> SequenceResult:
-    """Sequence ``index`` of campaign ``seed``: fully determined by (seed, index) and the reference."""
+                 allow: set[str] | None = None, entry_kinds: set[str] | None = None,
+                 dir_renames: bool = False) -> SequenceResult:
+    """Sequence ``index`` of campaign ``seed``: fully determined by (seed, index), the reference
+    and *dir_renames* (`Chooser`)."""
     rng = random.Random(f"unionfs-conformance:{seed}:{index}")
-    spec = random_layers(rng, rng.randint(*layers), entry_kinds)
-    chooser = Chooser(rng, allow)
+    spec = random_layers(rng, rng.randint(*layers), entry_kinds, redirects=dir_renames)
+    chooser = Chooser(rng, allow, dir_renames)
 
     def next_op(i: int, snap: Snapshot) -> Op | None:
         return chooser.next(snap.types()) if i < steps else None

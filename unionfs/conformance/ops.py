@@ -336,8 +336,10 @@ class Chooser:
     the rest are drawn from the shared name pool, or are a new name inside an existing directory.
     """
 
-    def __init__(self, rng: random.Random, allow: set[str] | None = None) -> None:
+    def __init__(self, rng: random.Random, allow: set[str] | None = None, dir_renames: bool = False) -> None:
         self.rng = rng
+        # --redirect-dir: half the renames move a directory that exists (merged ones among them)
+        self.dir_renames = dir_renames
         names = [n for n in WEIGHTS if allow is None or n in allow]
         self.names = names
         self.weights = [WEIGHTS[n] for n in names]
@@ -381,6 +383,8 @@ class Chooser:
             return Op(name, (p("d"),))
         if name == "rename":
             flags = rng.choice(("", "", "", "RENAME_NOREPLACE", "RENAME_EXCHANGE"))
+            if self.dir_renames and rng.random() < 0.5:
+                return Op(name, (p("d"), p(), flags))
             return Op(name, (p(), p(), flags))
         if name == "link":
             return Op(name, (p("f"), p()))

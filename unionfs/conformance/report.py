@@ -41,7 +41,7 @@ It prints every step's outcome on both sides and exits 1 while they still differ
 """
 
 from unionfs.conformance.layers import (  # noqa: F401
-    lay_dir, lay_fifo, lay_file, lay_hardlink, lay_opaque_dir, lay_symlink, lay_whiteout)
+    lay_dir, lay_fifo, lay_file, lay_hardlink, lay_opaque_dir, lay_redirect_dir, lay_symlink, lay_whiteout)
 from unionfs.conformance.report import repro_main
 
 N_LAYERS = {n_layers}

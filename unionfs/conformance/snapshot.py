@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers import AUFS_OPQ, AUFS_WH, SYNTHETIC_EPOCH
+from .layers import AUFS_OPQ, AUFS_REDIRECT, AUFS_WH, SYNTHETIC_EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ Fields = dict[str, Any]
 # 4. In the upper layer, whiteouts and opaque markers are read in every dialect and compared in
 #    one: a 0/0 character device or a ``.wh.NAME`` file is "whiteout"; ``trusted.overlay.opaque=y``,
 #    ``user.overlay.opaque=y`` or a ``.wh..wh..opq`` file is "opaque". A whiteout's own metadata
-#    (the kernel shares one whiteout inode, so its nlink grows) is not compared.
+#    (the kernel shares one whiteout inode, so its nlink grows) is not compared.  A directory's
+#    redirect (-o redirect_dir) is compared the same way: the ``trusted.overlay.redirect`` or
+#    ``user.overlay.redirect`` xattr, or the AUFS dialect's ``.wh..wh..redirect`` symlink.
 # 5. Private bookkeeping of each implementation is ignored: xattrs ``trusted.overlay.*`` and
-#    ``user.overlay.*`` other than opaque (kernel origin/impure/...), ``user.fuseoverlayfs.*``
+#    ``user.overlay.*`` other than opaque and redirect (kernel origin/impure/...), ``user.fuseoverlayfs.*``
 #    (fuse-overlayfs only), AUFS's private ``.wh..wh.*`` entries at the branch root, and the work dir.
 # 6. ``readdir_while`` leaves out of its result the one name it changed mid-listing: whether such a
 #    name shows up is unspecified by POSIX (the step's errno is still compared).
@@ -73,6 +75,7 @@ assert SYNTHETIC_EPOCH * 1_000_000_000 < NOW_THRESHOLD_NS
 
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 
 
 def mtime_class(ns: int) -> int | str:
@@ -232,6 +235,9 @@ def upper_tree(upper: str) -> Snapshot:
             names.remove(AUFS_OPQ)
             opaque = True
         f["opaque"] = opaque
+        redirect = _redirect(full, names)
+        if redirect is not None:
+            f["redirect"] = redirect
         assert isinstance(xattrs, dict)
         for name in names:
             child = os.path.join(rel, name) if rel else name
@@ -251,6 +257,20 @@ def upper_tree(upper: str) -> Snapshot:
     walk("")
     snap.links = _link_groups(inodes)
     return snap
+
+
+def _redirect(path: str, names: list[str]) -> bytes | None:
+    """The redirect of an upper directory (-o redirect_dir) in either dialect: the xattr, or the
+    AUFS dialect's ``.wh..wh..redirect`` symlink (taken out of *names*)."""
+    if AUFS_REDIRECT in names:
+        names.remove(AUFS_REDIRECT)
+        return os.fsencode(os.readlink(os.path.join(path, AUFS_REDIRECT)))
+    for name in REDIRECT_XATTRS:
+        try:
+            return os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+    return None
 
 
 def tree_digest(root: str) -> str:

@@ -46,21 +46,26 @@ FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
     "fsname", "subtype", "debug", "max_cached_entries", "udba", "udba_max_watches", "metacopy",
+    "redirect_dir",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
     "squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs", "xattr_permissions",
-    "fast_ino", "redirect_dir", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
+    "fast_ino", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
     "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
     "threaded", "writeback", "auto_unmount",
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
-                           "max_cached_entries", "udba", "udba_max_watches", "metacopy"})
+                           "max_cached_entries", "udba", "udba_max_watches", "metacopy", "redirect_dir"})
 UDBA_MODES = ("none", "reval", "notify")
 #: Branch directories -o udba=notify watches at most, unless told (each costs the kernel about 1 KiB).
 DEFAULT_MAX_WATCHES = 16384
 ON_OFF = {"on": True, "off": False}
+#: ``-o redirect_dir=``, as overlayfs spells it: on (renamed merged directories get a redirect, and
+#: redirects are followed), follow (followed, never made), nofollow (a redirect met in a lookup is
+#: refused with EPERM, as overlayfs does), off (the default: none made, none followed).
+REDIRECT_DIR_VALUES = ("on", "follow", "nofollow", "off")
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
@@ -80,7 +85,8 @@ class MountConfig:
                  allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
                  flags: list[str] | None = None, udba: str = "none",
-                 udba_max_watches: int = DEFAULT_MAX_WATCHES, metacopy: bool = False) -> None:
+                 udba_max_watches: int = DEFAULT_MAX_WATCHES, metacopy: bool = False,
+                 redirect_dir: str = "off") -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -96,6 +102,7 @@ class MountConfig:
         self.udba = udba
         self.udba_max_watches = udba_max_watches
         self.metacopy = metacopy
+        self.redirect_dir = redirect_dir
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -304,25 +311,31 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
+    redirect_dir = values.get("redirect_dir") or "off"
+    if redirect_dir not in REDIRECT_DIR_VALUES:
+        raise QuietError(f"redirect_dir={redirect_dir}: use one of {', '.join(REDIRECT_DIR_VALUES)}")
+    if metacopy:
+        redirect_dir = "on"     # as overlayfs: metacopy needs redirects (other values refused above)
     cfg = MountConfig(
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
         flags=list(flags.values()), udba=udba, udba_max_watches=max_watches, metacopy=metacopy,
+        redirect_dir=redirect_dir,
     )
     check(cfg)
     return cfg
 
 
 def _metacopy(value: str | None, parsed: list[tuple[str, str | None]]) -> bool:
-    """``metacopy=on|off`` as overlayfs reads it: on needs redirect_dir (which overlayfs then turns
-    on), so ``redirect_dir=off`` or ``nofollow`` given with it is a conflict."""
+    """``metacopy=on|off`` as overlayfs reads it: on needs redirect_dir=on (which overlayfs then turns
+    on), so any other ``redirect_dir=`` given with it is a conflict."""
     if value is None:
         return False
     if value not in ON_OFF:
         raise QuietError(f"metacopy={value}: use metacopy=on or metacopy=off")
     redirect = [v for k, v in parsed if k == "redirect_dir"]
-    if ON_OFF[value] and redirect and redirect[-1] in ("off", "nofollow"):
+    if ON_OFF[value] and redirect and redirect[-1] != "on":
         raise QuietError(f"conflicting options: metacopy=on,redirect_dir={redirect[-1]}")
     return ON_OFF[value]
 

@@ -56,7 +56,7 @@ CLOSED = DirFd(-1)
 class BranchDir:
     """One branch's directory of a union directory: its identity and, while cached, an open fd."""
 
-    __slots__ = ("node", "layer", "dev", "ino", "fd", "used")
+    __slots__ = ("node", "layer", "dev", "ino", "fd", "used", "route")
 
     def __init__(self, node: Named, layer: int, dev: int, ino: int, fd: DirFd, used: int) -> None:
         self.node = node
@@ -65,6 +65,9 @@ class BranchDir:
         self.ino = ino
         self.fd = fd            # CLOSED (-1) while closed
         self.used = used        # request that last used it, or FIXED / ORPHAN
+        # Its path from the branch's root when it is not its node's name in the parent's
+        # directory of that branch (a directory found through a redirect, or renamed in place).
+        self.route: tuple[bytes, ...] | None = None
 
     def __repr__(self) -> str:
         return f"BranchDir(node={self.node.id}, layer={self.layer}, fd={self.fd})"
@@ -115,6 +118,7 @@ class DirFds:
         self._open: OrderedDict[BranchDir, None] = OrderedDict()
         self._pins: Pins | None = None
         self.reopened = 0       # branch directories opened again after the cache closed them
+        self.roots: dict[int, DirFd] = {}   # each branch's root, by layer: where routes start
 
     def __len__(self) -> int:
         return len(self._open)
@@ -207,6 +211,9 @@ class DirFds:
         chain: list[tuple[BranchDir, bytes]] = []
         cur = bd
         while cur.fd < 0:
+            if cur.route is not None:
+                self._open_route(cur)
+                break
             parent, name = cur.node.name_in()
             up = parent.branch_dir(cur.layer)
             if up is None:
@@ -220,6 +227,30 @@ class DirFds:
             cur = child
         return cur.fd
 
+    def _open_route(self, bd: BranchDir) -> None:
+        """Open *bd* by its route from its branch's root, one name at a time."""
+        root = fd = self.roots[bd.layer]
+        route = bd.route or ()
+        try:
+            for name in route:
+                try:
+                    nfd = fd.open_dir(name)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                        raise OSError(errno.ESTALE, "directory moved in its branch",
+                                      os.fsdecode(name)) from None
+                    raise
+                if fd != root:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != root:
+                os.close(fd)
+            raise
+        if fd == root:
+            raise OSError(errno.ESTALE, "no route to the directory", str(bd.node.id))
+        self._reopened(bd, fd, route[-1])
+
     def _open_child(self, parent: BranchDir, bd: BranchDir, name: bytes) -> None:
         try:
             fd = self._open_dir(parent, name)
@@ -227,6 +258,10 @@ class DirFds:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):   # something else took its name: never follow
                 raise OSError(errno.ESTALE, "directory replaced in its branch", os.fsdecode(name)) from None
             raise
+        self._reopened(bd, fd, name)
+
+    def _reopened(self, bd: BranchDir, fd: DirFd, name: bytes) -> None:
+        """*fd*, opened again as *bd*: cached if it is the directory recorded (ESTALE otherwise)."""
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (bd.dev, bd.ino):

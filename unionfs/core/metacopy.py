@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .branches import DirFd, copy_data
 from .copyup import INLINE_COPY_MAX
+from .redirect import path_through_redirects
 
 if TYPE_CHECKING:
     from .nodes import Node
@@ -117,15 +118,6 @@ def data_blocks(res: Resolver, node: Node) -> int:
         return where[1].lstat(where[2]).st_blocks
 
 
-def dir_path(d: Node) -> bytes:
-    """The path of directory *d* from the union's root (``/a/b``; the root: empty)."""
-    parts: list[bytes] = []
-    while d.links:
-        d, name = d.links[-1][0], d.links[-1][1]
-        parts.append(name)
-    return b"".join(b"/" + p for p in reversed(parts))
-
-
 def set_move_redirect(res: Resolver, node: Node, parent: Node, name: bytes, samedir: bool,
                       absolute: bool = False) -> None:
     """Before the metacopy file *node* (in the writable branch) leaves *name* in *parent*, write
@@ -138,7 +130,7 @@ def set_move_redirect(res: Resolver, node: Node, parent: Node, name: bytes, same
     if old is not None and ((samedir and not absolute) or old.startswith(b"/")):
         return
     here = old if old is not None else name
-    value = here if samedir and not absolute else dir_path(parent) + b"/" + here
+    value = here if samedir and not absolute else path_through_redirects(parent, here)
     attr = REDIRECT_XATTRS[0 if res.privileged else 1]
     res.xattr_target(node, functools.partial(_setxattr, attr=attr, value=value))
     node.xattrs = None

@@ -188,16 +188,17 @@ class Namespace:
         # A directory made in a setgid directory is setgid too; one assembled in the work dir
         # (over a whiteout) must be given the bit by hand.
         setgid = os.fstat(upper).st_mode & stat.S_ISGID
-        # overlayfs with metacopy (which allows no offline change of the lower branches) marks
-        # every directory made in a merged one opaque, whether or not the name is found below.
-        always_opaque = self.res.metacopy and len(parent.dirs) > 1
+        # overlayfs with redirect_dir=on or metacopy (which allows no offline change of the lower
+        # branches) makes every new directory in a merged one opaque (nothing below can show through
+        # it once renamed elsewhere, or change underneath), whether or not the name is found below.
+        in_merged = (self.res.redirects.create or self.res.metacopy) and len(parent.dirs) > 1
 
         def make(dirfd: DirFd, n: bytes, opaque: bool) -> None:
             dirfd.mkdir(n, mode & 0o7777)
             self._chown_new(dirfd, n, owner)
             if setgid and dirfd != upper:
                 dirfd.chmod(n, stat.S_ISGID, add=True)     # to what a default ACL left of mode
-            if opaque or always_opaque:
+            if opaque or in_merged:
                 fd = dirfd.open_dir(n)
                 try:
                     self.res.writer.make_opaque(fd)
@@ -338,7 +339,10 @@ class Namespace:
         if exchange and ed is None:
             raise err(errno.ENOENT, name=nn)
         src, _ = self.res.node_for(op, on, es)
-        if es.is_dir and self._is_merged_or_lower(src):
+        # With -o redirect_dir=on, a directory with content below moves in place (a redirect).
+        in_place = self.res.redirects.create
+        moved_below = [src] if es.is_dir and self._is_merged_or_lower(src) else []
+        if moved_below and not in_place:
             raise err(errno.EXDEV, "directory has content in a lower branch", on)
         dst: Node | None = None
         if ed is not None:
@@ -347,7 +351,9 @@ class Namespace:
                 return
             if exchange:
                 if ed.is_dir and self._is_merged_or_lower(dst):
-                    raise err(errno.EXDEV, "directory has content in a lower branch", nn)
+                    if not in_place:
+                        raise err(errno.EXDEV, "directory has content in a lower branch", nn)
+                    moved_below.append(dst)
             elif ed.is_dir and not es.is_dir:
                 raise err(errno.EISDIR, name=nn)
             elif es.is_dir and not ed.is_dir:
@@ -362,10 +368,14 @@ class Namespace:
             # Re-read after the awaits: another request may have changed either name meanwhile.
             if self.res.listing(op).get(on) is not es or self.res.listing(np).get(nn) is not ed:
                 raise err(errno.EAGAIN, "rename raced with another change", on)
+        for below in moved_below:
+            self.res.upper_dir(below)
         if src.is_dir and src.branch_dir(0) is None:
             raise err(errno.EXDEV, name=on)
         spfd = self.res.upper_dir(op)
         dpfd = self.res.upper_dir(np)
+        for below in moved_below:
+            self.res.redirects.before_move(below, same_parent=op is np)
         for moving in (src, dst):
             if moving is not None and moving.is_dir:
                 self.res.table.dirfd_or_none(moving, 0)   # opened (under its old name) for after the move
@@ -376,7 +386,7 @@ class Namespace:
         if exchange:
             assert ed is not None and dst is not None
             spfd.rename(on, dpfd, nn, RENAME_EXCHANGE)
-            self._after_exchange(op, on, es, src, np, nn, ed, dst)
+            self._after_exchange(op, on, es, src, np, nn, ed, dst, moved_below)
             return
         dst_lower = False
         if ed is not None:
@@ -387,7 +397,7 @@ class Namespace:
         else:
             dst_lower = self._clear_whiteout_for(dpfd, nn, es.is_dir)
         self._rename_leaving_whiteout(spfd, on, dpfd, nn, whiteout=es.has_lower or es.layer != 0)
-        if es.is_dir:
+        if es.is_dir and src not in moved_below:
             self._opaque_after_move(src, np, dst_lower)
         del self.res.listing(op)[on]
         new = Entry(0, es.is_dir, dst_lower)
@@ -441,14 +451,14 @@ class Namespace:
         return chr_wh or aufs
 
     def _after_exchange(self, op: Node, on: bytes, es: Entry, src: Node,
-                        np: Node, nn: bytes, ed: Entry, dst: Node) -> None:
+                        np: Node, nn: bytes, ed: Entry, dst: Node, redirected: list[Node]) -> None:
         lo, ln = self.res.listing(op), self.res.listing(np)
         src_lower = es.has_lower or es.layer != 0
         dst_lower = ed.has_lower or ed.layer != 0
         lo[on] = Entry(0, ed.is_dir, src_lower)
         ln[nn] = Entry(0, es.is_dir, dst_lower)
         for node, parent, lower in ((src, np, dst_lower), (dst, op, src_lower)):
-            if node.is_dir:
+            if node.is_dir and node not in redirected:
                 self._opaque_after_move(node, parent, lower)
         self.res.table.drop_link(src, op, on)
         self.res.table.drop_link(dst, np, nn)

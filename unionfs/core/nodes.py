@@ -56,7 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -85,6 +85,8 @@ class Node:
         # -o metacopy: the branch holding a metadata-only copy's data (see `metacopy`); 0 when the
         # object holds its own, None until looked at
         self.lowerdata: int | None = None
+        # directories: the redirect of its upper directory (-o redirect_dir), as overlayfs keeps it
+        self.redirect: bytes | None = None
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -128,6 +130,7 @@ class NodeTable:
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
         root.dirs = [self.fds.fixed(root, layer.index, layer.fd) for layer in stack.layers]
+        self.fds.roots = {layer.index: layer.fd for layer in stack.layers}
         root.nlookup = 1
         self.root = self.listings.root = root
         self.nodes[ROOT_ID] = root

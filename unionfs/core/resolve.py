@@ -26,6 +26,7 @@ from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
 from .metacopy import copy_data_up, data_blocks, data_layer, meta_xattr, open_data, set_move_redirect
 from .nodes import Key, Node, NodeTable
+from .redirect import Redirects
 from .udba import NO_WATCHES, NONE, WATCHED, Udba, Watches
 from .whiteout import Dialect, WhiteoutWriter
 
@@ -68,7 +69,8 @@ class Resolver:
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
                  invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
-                 udba: str = NONE, watches: Watches = NO_WATCHES, metacopy: bool = False) -> None:
+                 udba: str = NONE, watches: Watches = NO_WATCHES, metacopy: bool = False,
+                 redirect_dir: str = "off") -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed, beside)
         self.udba = Udba(self.table, udba, watches)
@@ -83,6 +85,7 @@ class Resolver:
         self.invalidator = invalidator
         self.copyup = CopyUp(stack.work_fd, self.writer, executor)
         self.metacopy = metacopy
+        self.redirects = Redirects(redirect_dir, self.table, self.writer)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
@@ -150,6 +153,8 @@ class Resolver:
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = self.table.find(key)
         if node is None or node.is_dir != e.is_dir:
+            if e.is_dir and self.redirects.active:
+                return self._new_dir_following_redirects(parent, name, e, key, st, fresh)
             dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
                                      e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
@@ -165,6 +170,23 @@ class Resolver:
                 return self._read_again(parent, name, fresh)
             self.udba.regroup(node)
             self.table.set_dirs(node, dirfds)
+        self.table.add_link(node, parent, name)
+        return node, self.table.remember(node, st)
+
+    def _new_dir_following_redirects(self, parent: Node, name: bytes, e: Entry, key: Key,
+                                     st: os.stat_result, fresh: bool) -> tuple[Node, Stat]:
+        """`node_for` for a directory not known yet, its lower directories found through the
+        redirects (see `redirect.Redirects.open_stack`)."""
+        stack, own = self.redirects.open_stack(parent, name, e.layer)
+        if not stack or stack[0][0] != e.layer:
+            for _, fd, _ in stack:
+                os.close(fd)
+            return self._read_again(parent, name, fresh)
+        node = self.table.new(True, e.layer, key, st)
+        self.table.set_dirs(node, [(layer, fd) for layer, fd, _ in stack])
+        for bd, (_, _, route) in zip(node.dirs, stack, strict=True):
+            bd.route = route
+        node.redirect = own
         self.table.add_link(node, parent, name)
         return node, self.table.remember(node, st)
 

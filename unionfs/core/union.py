@@ -34,9 +34,10 @@ class Union(Resolver):
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
                  invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
-                 udba: str = NONE, watches: Watches = NO_WATCHES, metacopy: bool = False) -> None:
+                 udba: str = NONE, watches: Watches = NO_WATCHES, metacopy: bool = False,
+                 redirect_dir: str = "off") -> None:
         super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside, udba, watches,
-                         metacopy)
+                         metacopy, redirect_dir)
         self.names = Namespace(self)
         self.attrs = Attributes(self)
 

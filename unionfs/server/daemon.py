@@ -240,7 +240,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
                               timeout=cfg.timeout, debug=debug, udba=cfg.udba,
-                              max_watches=cfg.udba_max_watches, metacopy=cfg.metacopy)
+                              max_watches=cfg.udba_max_watches, metacopy=cfg.metacopy,
+                              redirect_dir=cfg.redirect_dir)
         branches.callback(ops.union.close)
         if ops.watcher is not None:
             branches.callback(ops.watcher.close)

@@ -218,7 +218,8 @@ class Operations(pyfuse3.Operations):
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
              max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
-             udba: str = NONE, max_watches: int = 0, metacopy: bool = False) -> Operations:
+             udba: str = NONE, max_watches: int = 0, metacopy: bool = False,
+             redirect_dir: str = "off") -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of; *udba* says how changes made directly in the branches
         are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
@@ -229,7 +230,8 @@ class Operations(pyfuse3.Operations):
             timeout = 0.0
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
                       executor=offload, invalidator=KernelCache(), beside=snapshots,
-                      udba=udba, watches=watcher or NO_WATCHES, metacopy=metacopy)
+                      udba=udba, watches=watcher or NO_WATCHES, metacopy=metacopy,
+                      redirect_dir=redirect_dir)
         ops = cls(union, offload, snapshots, timeout=timeout, debug=debug)
         if watcher is not None:
             watcher.attach(union, offload)

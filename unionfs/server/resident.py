@@ -65,7 +65,7 @@ def config_from(fields: dict[str, Any]) -> MountConfig:
         timeout=float(fields["timeout"]), fsname=str(fields["fsname"]),
         max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
         udba=str(fields.get("udba", "none")), udba_max_watches=int(fields.get("udba_max_watches", 16384)),
-        metacopy=bool(fields.get("metacopy", False)),
+        metacopy=bool(fields.get("metacopy", False)), redirect_dir=str(fields.get("redirect_dir", "off")),
     )
 
 
