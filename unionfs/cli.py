@@ -82,8 +82,9 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
-                   "entries kept, default 1000000); suid, dev, noexec (default nosuid,nodev; "
-                   "a user other than root always gets nosuid,nodev).")
+                   "entries kept, default 1000000), passthrough=off (the server reads and writes every open "
+                   "file itself; on by default where the kernel allows it, as root); suid, dev, "
+                   "noexec (default nosuid,nodev; a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Where the daemon logs.")

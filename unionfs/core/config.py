@@ -45,7 +45,7 @@ MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
 FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
-    "fsname", "subtype", "debug", "max_cached_entries",
+    "fsname", "subtype", "debug", "max_cached_entries", "passthrough",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
@@ -56,7 +56,8 @@ OVERLAY_IGNORED = frozenset({
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
-                           "max_cached_entries"})
+                           "max_cached_entries", "passthrough"})
+ON_OFF = {"on": True, "off": False}
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
@@ -75,7 +76,7 @@ class MountConfig:
                  style: str = "aufs", dialect: Dialect = Dialect.AUFS, readonly: bool = False,
                  allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
-                 flags: list[str] | None = None) -> None:
+                 flags: list[str] | None = None, passthrough: bool = True) -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -88,6 +89,7 @@ class MountConfig:
         self.max_cached_entries = max_cached_entries
         self.ignored = [] if ignored is None else ignored
         self.flags = [] if flags is None else flags
+        self.passthrough = passthrough
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -282,6 +284,9 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
             raise QuietError(f"max_cached_entries={text}: give a whole number of entries from 1 to "
                              f"{MAX_CACHED_ENTRIES}")
         max_entries = int(text)
+    passthrough = values.get("passthrough", "on")
+    if passthrough not in ON_OFF:
+        raise QuietError(f"passthrough={passthrough}: use passthrough=on or passthrough=off")
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
@@ -289,7 +294,7 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
-        flags=list(flags.values()),
+        flags=list(flags.values()), passthrough=ON_OFF[passthrough],
     )
     check(cfg)
     return cfg

@@ -56,7 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "outside")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -80,6 +80,9 @@ class Node:
         self.st: Stat | None = None
         # directories: the node behind each linked name
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
+        # The real file changes without the union seeing it (the kernel writes an open file's
+        # backing file itself, with FUSE passthrough): its stat is not cached meanwhile.
+        self.outside = False
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -130,7 +133,10 @@ class NodeTable:
         self.listings.next_request()
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
-        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""
+        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten.
+        Not that of a node whose real file changes outside the union (`Node.outside`)."""
+        if node.outside:
+            return Stat.of(st)
         recent = self._stats
         if len(recent) >= STATS_KEPT:
             # Full: forget them all at once (cheaper per stat than keeping an order).

@@ -237,7 +237,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
-                              timeout=cfg.timeout, debug=debug)
+                              timeout=cfg.timeout, debug=debug, passthrough=cfg.passthrough)
         branches.callback(ops.union.close)
         ops.use_shim()
 

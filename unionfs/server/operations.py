@@ -41,6 +41,7 @@ from unionfs.core.union import Creds, Handle, Union
 from unionfs.core.whiteout import Dialect
 
 from .offload import Offload
+from .passthrough import Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,10 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, offload: Offload, snapshots: Snapshots, timeout: float = 1.0,
-                 debug: bool = False) -> None:
+                 debug: bool = False, passthrough: bool = False) -> None:
         """Serve *union*, which runs its long calls on *offload* and keeps *snapshots* beside its
-        listings (`Operations.over` makes the three together)."""
+        listings (`Operations.over` makes the three together); with *passthrough*, let the kernel
+        read and write the open files it may itself (`unionfs.server.passthrough`)."""
         super().__init__()
         self.union = union
         self.offload = offload
@@ -180,24 +182,26 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.debug = debug
         self.dirs = {}
+        self.passthrough = Passthrough(union, passthrough)
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None
 
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
-             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False
-             ) -> Operations:
+             max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
+             passthrough: bool = False) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of."""
         offload, snapshots = Offload(), Snapshots()
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
                       executor=offload, invalidator=KernelCache(), beside=snapshots)
-        return cls(union, offload, snapshots, timeout=timeout, debug=debug)
+        return cls(union, offload, snapshots, timeout=timeout, debug=debug, passthrough=passthrough)
 
     def init(self) -> None:
         try:
             compat.report()   # the INIT request came through the session loop: the patches can tell
+            self.passthrough.start()
             self.on_init()
         except Exception:
             log.exception("init hook failed")
@@ -380,6 +384,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         h = await self.union.open(self._node(inode), flags)
+        self.passthrough.open(h)   # pyfuse3 replies right after: no await in between
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
     @_handler
@@ -389,6 +394,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         h = self.union.handles[fh]
+        self.passthrough.release(h)
         if h.node.links or os.fstat(h.fd).st_blocks * 512 < FREE_BIG:
             self.union.release(h)
             return
@@ -500,7 +506,8 @@ class Operations(pyfuse3.Operations):
     def use_shim(self) -> None:
         """Hand the next FUSE session fallocate, lseek, modes without the umask applied (the union
         applies it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
-        compat.configure_session(cache_dirs=self.timeout > 0, fallocate=self.fallocate, lseek=self.lseek)
+        compat.configure_session(cache_dirs=self.timeout > 0, fallocate=self.fallocate, lseek=self.lseek,
+                                 passthrough=self.passthrough.enabled)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -510,6 +517,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         h, node, st = self.union.create(self._node(parent_inode), name, mode, flags, self._creds(ctx))
+        self.passthrough.open(h)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), self._looked_up(node, st)
 
     @_handler
