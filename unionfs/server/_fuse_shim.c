@@ -41,7 +41,9 @@
  *    first read; (2) registers backing files with FUSE_DEV_IOC_BACKING_OPEN / _CLOSE for the
  *    server; (3) answers OPEN and CREATE itself, with FOPEN_PASSTHROUGH and the backing id, when
  *    the server said so for that file handle just before returning it (pyfuse3 replies in the same
- *    step, so one pending slot is enough); every other reply is libfuse's own.
+ *    step, so one pending slot is enough); every other reply is libfuse's own.  Every write(2) to
+ *    a passed-through file asks the server for security.capability (file_remove_privs: FUSE has no
+ *    SB_NOSEC); for the files the server lists as having none, the shim answers ENODATA itself.
  *
  * How: this module defines fuse_session_new() (and fuse_session_receive_buf(), to see the session
  * end).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
@@ -76,6 +78,7 @@ typedef void (*init_fn)(void *, struct fuse_conn_info *);
 typedef void (*opendir_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*fsyncdir_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
 
 #define STATELESS_DIR (1ULL << 63)
 
@@ -84,6 +87,7 @@ static init_fn inner_init;
 static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
+static getxattr_fn inner_getxattr;
 static PyObject *fallocate_cb; /* (req, ino, fh, mode, offset, length) -> errno, or None: later */
 static PyObject *lseek_cb;     /* (ino, fh, offset, whence) -> new offset, or -errno */
 static int cache_dirs;
@@ -393,6 +397,24 @@ __attribute__((visibility("default"))) int fuse_reply_create(fuse_req_t req,
     return real(req, e, f);
 }
 
+/* Nodes without security.capability, as the server says (a few: its passed-through files). */
+#define MAX_NOCAPS 1024
+static uint64_t nocaps[MAX_NOCAPS];
+static int n_nocaps;
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (n_nocaps > 0 && strcmp(name, "security.capability") == 0) {
+        for (int i = 0; i < n_nocaps; i++) {
+            if (nocaps[i] == ino) {
+                fuse_reply_err(req, ENODATA);
+                return;
+            }
+        }
+    }
+    inner_getxattr(req, ino, name, size);
+}
+
 /* ------------------------------------------------------------------ the end of the session */
 
 #define MAX_RELEASE 64
@@ -496,6 +518,11 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
         shim_ops.opendir = shim_opendir;
         shim_ops.readdirplus = shim_readdirplus;
         shim_ops.fsyncdir = shim_fsyncdir;
+    }
+    n_nocaps = 0;
+    if (shim_ops.getxattr != NULL) {
+        inner_getxattr = shim_ops.getxattr;
+        shim_ops.getxattr = shim_getxattr;
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
@@ -636,6 +663,27 @@ static PyObject *py_pass_through(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_no_capability(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int none;
+    if (!PyArg_ParseTuple(args, "Kp", &ino, &none))
+        return NULL;
+    for (int i = 0; i < n_nocaps; i++) {
+        if (nocaps[i] == ino) {
+            if (!none)
+                nocaps[i] = nocaps[--n_nocaps];
+            Py_RETURN_TRUE;
+        }
+    }
+    if (!none)
+        Py_RETURN_TRUE;
+    if (n_nocaps == MAX_NOCAPS)
+        Py_RETURN_FALSE;
+    nocaps[n_nocaps++] = ino;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -673,6 +721,9 @@ static PyMethodDef methods[] = {
     {"pass_through", py_pass_through, METH_VARARGS,
      "pass_through(fh, id): the OPEN or CREATE reply about to be sent for fh passes through to "
      "backing file id."},
+    {"no_capability", py_no_capability, METH_VARARGS,
+     "no_capability(ino, none) -> bool: whether the shim now answers ENODATA itself for node ino's "
+     "security.capability (none=True: it has none; False: ask the server again)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {"received", py_received, METH_NOARGS,

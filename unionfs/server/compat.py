@@ -132,6 +132,13 @@ def backing_close(backing_id: int) -> int:
     return _shim.backing_close(backing_id) if _shim is not None else -errno.EBADF
 
 
+def no_capability(node_id: int, none: bool) -> None:
+    """Whether node *node_id* has no security.capability (the shim then answers the kernel's
+    question at every write itself) or may have one (the server is asked again)."""
+    if _shim is not None:
+        _shim.no_capability(node_id, none)
+
+
 def pass_through(fh: int, backing_id: int) -> None:
     """The OPEN or CREATE reply about to be sent for file handle *fh* (in the same step: no await
     in between) tells the kernel to read and write backing file *backing_id* itself."""
@@ -379,5 +386,5 @@ with _version_only() as _standin:
 _SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
 
 __all__ = ["VERIFIED", "backing_close", "backing_open", "configure_session", "libfuse_version",
-           "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
+           "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
            "release_on_session_end", "reply_err", "report", "set_shown_ino"]

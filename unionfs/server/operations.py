@@ -587,11 +587,13 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        self.passthrough.xattr_changed(node.id, name)
         await self.union.setxattr(node, name, value, self._kills_sgid(node, name, ctx))
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        self.passthrough.xattr_changed(node.id, name)
         await self.union.removexattr(node, name, self._kills_sgid(node, name, ctx))
 
     def _kills_sgid(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bool:

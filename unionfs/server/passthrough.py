@@ -22,7 +22,10 @@ closed and not yet released), new ones get none either; while it has files on a 
 ones use the same id.  The id is dropped when the node's last such file is released.
 
 A node with files on a backing file has ``outside`` set: the kernel changes its size and times
-without the server seeing a write, so its stat is not cached meanwhile.
+without the server seeing a write, so its stat is not cached meanwhile.  The kernel asks for its
+security.capability at every write(2) (to drop it, as a write by an unprivileged user must): when
+it has none, the libfuse shim answers that itself until the node's last file on it is released or an
+xattr of that name is set through the mount.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from unionfs.core.union import Handle, Union
 from . import compat
 
 log = logging.getLogger(__name__)
+
+CAPABILITY = b"security.capability"
 
 
 class Passthrough:
@@ -73,6 +78,11 @@ class Passthrough:
             entry = self.backing[node.id] = [backing_id, 0]
             node.outside = True
             node.st = None
+            try:
+                self.union.getxattr(node, CAPABILITY)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    compat.no_capability(node.id, True)
         entry[1] += 1
         self.passed[h.fh] = node.id
         compat.pass_through(h.fh, entry[0])
@@ -88,9 +98,15 @@ class Passthrough:
             del self.backing[node_id]
             h.node.outside = False
             h.node.st = None
+            compat.no_capability(node_id, False)
             err = compat.backing_close(entry[0])
             if err < 0:
                 log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", entry[0], os.strerror(-err))
+
+    def xattr_changed(self, node_id: int, name: bytes) -> None:
+        """xattr *name* of node *node_id* is being set or removed through the mount."""
+        if name == CAPABILITY and node_id in self.backing:
+            compat.no_capability(node_id, False)
 
     def _refused_once(self, err: int) -> None:
         """A backing file was refused with *err*: EPERM turns passthrough off for the session; each
