@@ -83,7 +83,9 @@ def cli() -> None:
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
                    "entries kept, default 1000000), passthrough=off (the server reads and writes every open "
-                   "file itself; on by default where the kernel allows it, as root); suid, dev, "
+                   "file itself; on by default where the kernel allows it, as root), writeback (the "
+                   "kernel's writeback cache: small writes gathered; a same-size truncate keeps the "
+                   "mtime; no passthrough); suid, dev, "
                    "noexec (default nosuid,nodev; a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")

@@ -45,19 +45,21 @@ MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
 FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
-    "fsname", "subtype", "debug", "max_cached_entries", "passthrough",
+    "fsname", "subtype", "debug", "max_cached_entries", "passthrough", "writeback",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
     "squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs", "xattr_permissions",
     "fast_ino", "redirect_dir", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
     "metacopy", "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
-    "threaded", "writeback", "auto_unmount",
+    "threaded", "auto_unmount",
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
                            "max_cached_entries", "passthrough"})
 ON_OFF = {"on": True, "off": False}
+#: writeback alone, or fuse-overlayfs' writeback=1 and writeback=0
+WRITEBACK = {None: True, "1": True, "on": True, "0": False, "off": False}
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
@@ -76,7 +78,8 @@ class MountConfig:
                  style: str = "aufs", dialect: Dialect = Dialect.AUFS, readonly: bool = False,
                  allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
-                 flags: list[str] | None = None, passthrough: bool = True) -> None:
+                 flags: list[str] | None = None, passthrough: bool = True, writeback: bool = False
+                 ) -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -90,6 +93,7 @@ class MountConfig:
         self.ignored = [] if ignored is None else ignored
         self.flags = [] if flags is None else flags
         self.passthrough = passthrough
+        self.writeback = writeback
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -287,6 +291,8 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
     passthrough = values.get("passthrough", "on")
     if passthrough not in ON_OFF:
         raise QuietError(f"passthrough={passthrough}: use passthrough=on or passthrough=off")
+    if values.get("writeback", "0") not in WRITEBACK:
+        raise QuietError(f"writeback={values['writeback']}: use writeback, writeback=1 or writeback=0")
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
@@ -295,6 +301,7 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
         flags=list(flags.values()), passthrough=ON_OFF[passthrough],
+        writeback=WRITEBACK[values.get("writeback", "0")],
     )
     check(cfg)
     return cfg

@@ -85,22 +85,27 @@ def _shim_problem(shim: ModuleType | None, not_loaded: str | None) -> str | None
 
 
 def configure_session(cache_dirs: bool, fallocate: Callable[[int, int, int, int, int, int], int | None],
-                      lseek: Callable[[int, int, int, int], int], passthrough: bool = False) -> None:
+                      lseek: Callable[[int, int, int, int], int], passthrough: bool = False,
+                      writeback: bool = False) -> None:
     """What the next FUSE session gets from the shim: these fallocate and lseek handlers, modes
     without the umask applied, kernel-cached listings when *cache_dirs*, FUSE passthrough asked for
-    when *passthrough* and the kernel offers it.  Nothing without the shim."""
-    global _passthrough_wanted
-    _passthrough_wanted = passthrough
+    when *passthrough* and the kernel offers it (*writeback*: the kernel's writeback cache is asked
+    for, which excludes it).  Nothing without the shim."""
+    global _passthrough_wanted, _writeback
+    _passthrough_wanted, _writeback = passthrough, writeback
     if _shim is not None:
         _shim.configure(cache_dirs=cache_dirs, fallocate=fallocate, stateless_dirs=True,
                         dont_mask=True, lseek=lseek, passthrough=passthrough)
 
 
 _passthrough_wanted = False
+_writeback = False
 
 
 def _passthrough_state() -> str:
     """The start-up report's word on FUSE passthrough."""
+    if _writeback:
+        return "off (the writeback cache is on)"
     if not _passthrough_wanted:
         return "off (passthrough=off)"
     if _shim is None or _shim_problem(_shim, _shim_not_loaded) is not None:

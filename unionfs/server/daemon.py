@@ -237,7 +237,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
-                              timeout=cfg.timeout, debug=debug, passthrough=cfg.passthrough)
+                              timeout=cfg.timeout, debug=debug, passthrough=cfg.passthrough,
+                              writeback=cfg.writeback)
         branches.callback(ops.union.close)
         ops.use_shim()
 

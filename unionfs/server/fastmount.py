@@ -184,6 +184,7 @@ def message(cfg: MountConfig) -> dict[str, object]:
         "style": cfg.style, "dialect": cfg.dialect.value, "readonly": cfg.readonly,
         "allow_other": cfg.allow_other, "timeout": cfg.timeout, "fsname": cfg.fsname,
         "max_cached_entries": cfg.max_cached_entries, "flags": cfg.flags, "passthrough": cfg.passthrough,
+        "writeback": cfg.writeback,
     }
 
 

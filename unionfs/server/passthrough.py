@@ -103,9 +103,11 @@ class Passthrough:
             if err < 0:
                 log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", entry[0], os.strerror(-err))
 
-    def xattr_changed(self, node_id: int, name: bytes) -> None:
-        """xattr *name* of node *node_id* is being set or removed through the mount."""
-        if name == CAPABILITY and node_id in self.backing:
+    @staticmethod
+    def xattr_changed(node_id: int, name: bytes) -> None:
+        """xattr *name* of node *node_id* is being set or removed through the mount: the shim no
+        longer answers for its security.capability (passthrough or the writeback cache)."""
+        if name == CAPABILITY:
             compat.no_capability(node_id, False)
 
     def _refused_once(self, err: int) -> None:

@@ -52,7 +52,7 @@ def config_from(fields: dict[str, Any]) -> MountConfig:
         readonly=bool(fields["readonly"]), allow_other=bool(fields["allow_other"]),
         timeout=float(fields["timeout"]), fsname=str(fields["fsname"]),
         max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
-        passthrough=bool(fields.get("passthrough", True)),
+        passthrough=bool(fields.get("passthrough", True)), writeback=bool(fields.get("writeback", False)),
     )
 
 
