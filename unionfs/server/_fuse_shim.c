@@ -222,6 +222,8 @@ static uint64_t init_unique;   /* the INIT request, until its reply goes out */
 static uint64_t pending_fh;    /* the next OPEN/CREATE reply for this fh passes through... */
 static int32_t pending_backing; /* ...to this backing file */
 static int pending;
+static int *backing_ids;       /* registered and not yet closed: closed at the session's end */
+static size_t n_backing, cap_backing;
 
 static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 {
@@ -272,6 +274,7 @@ static void pt_install(struct fuse_session *se)
     if (!want_passthrough || io_session == se)
         return;
     io_session = se;
+    n_backing = 0;
     passthrough = passthrough_offered = 0;
     init_unique = 0;
     pending = 0;
@@ -469,6 +472,19 @@ static void release_branch_fds(void)
     close(sink);
 }
 
+/* The backing files still registered: the kernel holds them open until /dev/fuse is closed, which
+   comes later (pyfuse3 unwinds first); RELEASEs still queued at the unmount are never served. */
+static void close_backing_files(struct fuse_session *se)
+{
+    if (io_session != se)
+        return;
+    for (size_t i = 0; i < n_backing; i++) {
+        uint32_t arg = (uint32_t)backing_ids[i];
+        ioctl(fuse_session_fd(se), PT_IOC_BACKING_CLOSE, &arg);
+    }
+    n_backing = 0;
+}
+
 /* The session loop's read: when it finds the session ended (the kernel unmounted it or the
    connection was aborted; libfuse then marks the session exited), the branches are let go of
    right there, before pyfuse3 returns to Python.  Doing it here rather than in a thread of our own
@@ -491,6 +507,7 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
     received = 1;
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
         released = 1;
+        close_backing_files(se);
         release_branch_fds();
     }
     return res;
@@ -634,9 +651,20 @@ static PyObject *py_backing_open(PyObject *self, PyObject *args)
         return NULL;
     if (!passthrough || io_session == NULL)
         return PyLong_FromLong(-EPERM);
+    if (n_backing == cap_backing) {
+        size_t cap = cap_backing ? 2 * cap_backing : 64;
+        int *more = PyMem_RawRealloc(backing_ids, cap * sizeof *more);
+        if (more == NULL)
+            return PyErr_NoMemory();
+        backing_ids = more;
+        cap_backing = cap;
+    }
     struct pt_backing_map map = {.fd = fd};
     int id = ioctl(fuse_session_fd(io_session), PT_IOC_BACKING_OPEN, &map);
-    return PyLong_FromLong(id < 0 ? -errno : id);
+    if (id < 0)
+        return PyLong_FromLong(-errno);
+    backing_ids[n_backing++] = id;
+    return PyLong_FromLong(id);
 }
 
 static PyObject *py_backing_close(PyObject *self, PyObject *args)
@@ -646,6 +674,12 @@ static PyObject *py_backing_close(PyObject *self, PyObject *args)
         return NULL;
     if (io_session == NULL)
         return PyLong_FromLong(-EBADF);
+    for (size_t i = 0; i < n_backing; i++) {
+        if (backing_ids[i] == id) {
+            backing_ids[i] = backing_ids[--n_backing];
+            break;
+        }
+    }
     uint32_t arg = (uint32_t)id;
     int res = ioctl(fuse_session_fd(io_session), PT_IOC_BACKING_CLOSE, &arg);
     return PyLong_FromLong(res < 0 ? -errno : 0);
