@@ -7,6 +7,7 @@ the disk, so a layer that was built wrong or an implementation that answers wron
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -16,8 +17,9 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 
-BASE_DIR = Path("/var/tmp/unionfs-perf")
-"""All of the benchmark's files and mount points live under here (and nowhere else)."""
+BASE_DIR = Path(os.environ.get("UNIONFS_PERF_DIR", "/var/tmp/unionfs-perf"))
+"""All of the benchmark's files and mount points live under here (and nowhere else); UNIONFS_PERF_DIR
+moves them (two checkouts benchmarking at once must not share mount points)."""
 
 BLOCK_SEED = 20260601
 TOP_EXTRA_BYTES = 123

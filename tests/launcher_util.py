@@ -361,3 +361,25 @@ class Image:
 
     def branches(self, upper: Path) -> str:
         return f"{upper}:{self.l2}:{self.l1}"
+
+
+@contextlib.contextmanager
+def two_users() -> Iterator[tuple[UnprivUser, UnprivUser]]:
+    """(a user, another one) made for the test, with /dev/fuse usable by them (0666, put back after);
+    the test is skipped when not root."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("making the test users needs root (CI runs as root)")
+    with unprivileged_user() as me, unprivileged_user(subids=True) as other, dev_fuse_mode(0o666):
+        yield me, other
+
+
+def unionfs_as(user: UnprivUser, *args: str, server: str = "auto") -> subprocess.CompletedProcess[str]:
+    """``unionfs ARGS`` run as *user* (in /, a minimal environment, UNIONFS_SERVER=*server*)."""
+    python, path = python_for(user)
+    if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
+        os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": path, "HOME": "/", "LC_ALL": "C.UTF-8", "UNIONFS_SERVER": server}
+    return subprocess.run([python, "-m", "unionfs", *args], capture_output=True, text=True, timeout=60, cwd="/",
+                          stdin=subprocess.DEVNULL, env=env, user=user.uid, group=user.gid, extra_groups=[])

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -82,11 +83,14 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Comma-separated options: lowerdir=, upperdir=, workdir=, whiteout=aufs|overlay, "
                    "ro, allow_other, timeout=SECONDS, fsname=NAME, max_cached_entries=N (listing "
-                   "entries kept, default 1000000), passthrough=off (the server reads and writes every open "
-                   "file itself; on by default where the kernel allows it, as root), writeback (the "
-                   "kernel's writeback cache: small writes gathered; a same-size truncate keeps the "
-                   "mtime; no passthrough); suid, dev, "
-                   "noexec (default nosuid,nodev; a user other than root always gets nosuid,nodev).")
+                   "entries kept, default 1000000); udba=none|reval|notify (changes made directly in "
+                   "the branches show: once the caches let go, at the next access, within 100 ms), "
+                   "udba_max_watches=N (default 16384); passthrough=off (the server reads and writes "
+                   "every open file itself; on by default where the kernel allows it, as root); "
+                   "writeback (the kernel's writeback cache: small writes gathered; a same-size "
+                   "truncate keeps the mtime; no passthrough); "
+                   "suid, dev, noexec (default nosuid,nodev; "
+                   "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Where the daemon logs.")
@@ -174,6 +178,109 @@ def explain(as_json: bool, path: str) -> None:
             click.echo(one_line(line))
 
 
+@cli.group(context_settings=CONTEXT)
+def branch() -> None:
+    """List or change the branches of a mounted union, as AUFS does (also: unionfs remount -o
+    add:INDEX:DIR[=MODE],del:DIR,mod:DIR=MODE,append:DIR[=MODE],prepend:DIR[=MODE] MNT).
+
+    \b
+    Examples:
+        unionfs branch list /mnt/union
+        unionfs branch add /mnt/union /srv/patches --mode ro     (just below the top)
+        unionfs branch mode /mnt/union /srv/base rr
+        unionfs branch del /mnt/union /srv/patches
+    """
+
+
+def _branch_call(fn: Callable[[], dict[str, Any]], quiet: bool = True) -> None:
+    from unionfs.branchctl import format_list
+
+    try:
+        reply = fn()
+    except QuietError as e:
+        raise click.ClickException(one_line(e.message)) from None
+    if not quiet:
+        click.echo(format_list(reply))
+
+
+@branch.command("list", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.argument("mountpoint", type=click.Path())
+def branch_list(as_json: bool, mountpoint: str) -> None:
+    """Print the branches of MOUNTPOINT, top first: index, mode (rw, ro, rr), directory."""
+    import json
+
+    from unionfs.branchctl import list_branches
+
+    if as_json:
+        try:
+            reply = list_branches(mountpoint)
+        except QuietError as e:
+            raise click.ClickException(one_line(e.message)) from None
+        click.echo(json.dumps({"branches": reply["branches"], "readonly": reply["readonly"]}))
+        return
+    _branch_call(lambda: list_branches(mountpoint), quiet=False)
+
+
+@branch.command("add", context_settings=CONTEXT)
+@click.option("--index", type=click.IntRange(min=0), default=None,
+              help="Where: 0 is the top (default: just below the top).")
+@click.option("--mode", type=click.Choice(["ro", "rr", "rw"]), default="ro", show_default=True,
+              help="rw only for the top.")
+@click.argument("mountpoint", type=click.Path())
+@click.argument("directory", type=click.Path())
+def branch_add(index: int | None, mode: str, mountpoint: str, directory: str) -> None:
+    """Add DIRECTORY to the union at MOUNTPOINT; its names are visible at once."""
+    from unionfs.branchctl import change
+
+    _branch_call(lambda: change(mountpoint, [("add", directory, index, mode)]))
+
+
+@branch.command("del", context_settings=CONTEXT)
+@click.argument("mountpoint", type=click.Path())
+@click.argument("directory", type=click.Path())
+def branch_del(mountpoint: str, directory: str) -> None:
+    """Remove the branch DIRECTORY from the union at MOUNTPOINT (refused while files in it are open)."""
+    from unionfs.branchctl import change
+
+    _branch_call(lambda: change(mountpoint, [("del", directory, None, None)]))
+
+
+@branch.command("mode", context_settings=CONTEXT)
+@click.argument("mountpoint", type=click.Path())
+@click.argument("directory", type=click.Path())
+@click.argument("mode", type=click.Choice(["ro", "rr", "rw"]))
+def branch_mode(mountpoint: str, directory: str, mode: str) -> None:
+    """Change the mode of the branch DIRECTORY (a read-only top makes the union read-only)."""
+    from unionfs.branchctl import change
+
+    _branch_call(lambda: change(mountpoint, [("mode", directory, None, mode)]))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="The snapshot as one JSON object, for scripts.")
+@click.argument("mountpoint", type=click.Path())
+def stats(as_json: bool, mountpoint: str) -> None:
+    """Show what the daemon of MOUNTPOINT is doing: requests by type (count, errors, mean, p50/p99,
+    max), copy-ups, lookups per branch, cache hits, open files, fds and memory. Only the mount's
+    owner or root may ask.
+
+    \b
+    Example:
+        unionfs stats /mnt/union
+    """
+    import json
+
+    from unionfs.branchctl import request
+    from unionfs.server.stats import format_snapshot
+
+    try:
+        snap = request(mountpoint, {"cmd": "stats"})["stats"]
+    except QuietError as e:
+        raise click.ClickException(one_line(e.message)) from None
+    click.echo(json.dumps(snap, indent=1) if as_json else format_snapshot(snap))
+
+
 @cli.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground (logging to stderr).")
 @click.option("--idle", type=click.FloatRange(min=0), default=600.0, show_default=True,
@@ -259,7 +366,8 @@ def mount_helper_form(args: list[str]) -> list[str]:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("-o", "options", multiple=True, metavar="OPTS",
-              help="ro or rw, and mount flags (nosuid, noexec, ...).")
+              help="ro or rw, mount flags (nosuid, noexec, ...), and AUFS's branch changes "
+                   "(add:INDEX:DIR[=MODE], del:DIR, mod:DIR=MODE, append:DIR[=MODE], prepend:DIR[=MODE]).")
 @click.argument("mountpoint", type=click.Path())
 def remount(options: tuple[str, ...], mountpoint: str) -> None:
     """Remount MOUNTPOINT read-only or read-write, as `mount -o remount,ro MOUNTPOINT` does.

@@ -17,10 +17,10 @@ from __future__ import annotations
 import errno
 import os
 
-from unionfs.core import mountinfo, sysx
+from unionfs.branchctl import AUFS_WORDS, union_mount
+from unionfs.core import sysx
 from unionfs.core.errors import QuietError
 
-FSTYPES = ("fuse.unionfs", "fuse.unionfs-overlay")
 ATIME = sysx.MS_NOATIME | sysx.MS_RELATIME | sysx.MS_STRICTATIME
 # What an asked-for option does to the flags: (flags to clear, flags to set).
 CHANGES = {
@@ -55,14 +55,25 @@ def flags_for(current: str, options: list[str]) -> int:
     return flags
 
 
+def branch_words(options: list[str] | tuple[str, ...]) -> list[str]:
+    """The words of *options* that change branches (AUFS's add:, del:, mod:...)."""
+    return [w for w in words(options) if w.partition(":")[0] in AUFS_WORDS and ":" in w]
+
+
 def remount(mountpoint: str, options: list[str] | tuple[str, ...]) -> None:
-    """Remount the unionfs mount at *mountpoint* with *options* (``-o`` values); QuietError if not."""
-    point = os.path.realpath(mountpoint)
-    found = mountinfo.mount_at(point)
-    if found is None:
-        raise QuietError(f"{mountpoint!r} is not a mount point")
-    if found.fstype not in FSTYPES:
-        raise QuietError(f"{mountpoint!r} is a {found.fstype} mount, not unionfs")
+    """Remount the unionfs mount at *mountpoint* with *options* (``-o`` values); QuietError if not.
+
+    AUFS's branch words (``add:1:/dir=ro``, ``del:/dir``, ``mod:/dir=rr``...) go to the mount's daemon
+    first, all together (`unionfs.branchctl`); the mount flags change only when one is asked for
+    beside them (``rw``, which mount(8) adds to a remount, is not counted then)."""
+    branches = branch_words(options)
+    if branches:
+        from unionfs.branchctl import aufs_changes, change
+
+        change(mountpoint, aufs_changes(branches))
+        if not any(w in CHANGES and w != "rw" for w in words(options)):
+            return
+    point, found = union_mount(mountpoint)
     try:
         sysx.remount(os.fsencode(point), flags_for(found.options, words(options)))
     except OSError as e:

@@ -163,6 +163,12 @@ class Layer:
     fd: DirFd
     writable: bool
     dev: int
+    rr: bool = False    # "real read-only" (AUFS's rr): read-only, and said to change only through us
+
+    @property
+    def mode(self) -> str:
+        """The branch's mode as AUFS spells it: rw, ro or rr."""
+        return "rw" if self.writable else "rr" if self.rr else "ro"
 
 
 @dataclass(eq=False)
@@ -180,14 +186,18 @@ class LayerStack:
         return top if top.writable else None
 
     def close(self) -> None:
+        self.drop_work()
+        for layer in self.layers:
+            _close_quietly(layer.fd)
+
+    def drop_work(self) -> None:
+        """Let go of the work directory (removing an AUFS-style one from the top, where it was made)."""
         if self.remove_work is not None and self.layers:
             try:
                 self.layers[0].fd.rmdir(self.remove_work)
             except OSError as e:
                 log.debug("leaving the work dir in place: %s", e)
-            self.remove_work = None
-        for layer in self.layers:
-            _close_quietly(layer.fd)
+        self.remove_work = None
         if self.work_fd is not None:
             _close_quietly(self.work_fd)
             self.work_fd = None
@@ -274,6 +284,37 @@ def stack_from_fds(branches: list[tuple[str, int, bool]], work_root: int | None,
         for _, fd, _ in branches[len(layers):]:
             _close_quietly(fd)
     return stack
+
+
+def aufs_work_dir(top: DirFd) -> DirFd:
+    """The hidden work directory of an AUFS-style writable top, made (or emptied) and open."""
+    return _fresh_dir(top, AUFS_WORK_NAME)
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of the object open as *fd*."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def ancestors(fd: int, limit: int = 4096) -> set[tuple[int, int]]:
+    """The identities of the directories above the directory open as *fd*, up to its root (as
+    this process sees it: "..", one level at a time, never a path)."""
+    found: set[tuple[int, int]] = set()
+    here = identity(fd)
+    cur = os.open("..", DIR_FLAGS, dir_fd=fd)
+    try:
+        for _ in range(limit):
+            up = identity(cur)
+            if up == here:
+                break
+            found.add(up)
+            nxt = os.open("..", DIR_FLAGS, dir_fd=cur)
+            os.close(cur)
+            cur, here = nxt, up
+    finally:
+        os.close(cur)
+    return found
 
 
 def _fresh_dir(parent_fd: DirFd, name: bytes) -> DirFd:
@@ -490,7 +531,8 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
 
 
 __all__ = [
-    "ACL_ACCESS", "ACL_DEFAULT", "DirFd", "Layer", "LayerStack", "open_stack", "stack_from_fds", "listdir",
+    "ACL_ACCESS", "ACL_DEFAULT", "DirFd", "aufs_work_dir", "identity", "ancestors",
+    "Layer", "LayerStack", "open_stack", "stack_from_fds", "listdir",
     "lstat_at", "exists_at", "open_dir_at", "open_file_at", "fd_path", "clear_dir", "copy_data",
     "raise_nofile_limit",
 ]

@@ -45,7 +45,8 @@ MOUNT_FLAGS = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
 FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
-    "fsname", "subtype", "debug", "max_cached_entries", "passthrough", "writeback",
+    "fsname", "subtype", "debug", "max_cached_entries", "udba", "udba_max_watches", "passthrough",
+    "writeback",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
@@ -56,7 +57,11 @@ OVERLAY_IGNORED = frozenset({
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
-                           "max_cached_entries", "passthrough"})
+                           "max_cached_entries", "udba", "udba_max_watches",
+                           "passthrough"})
+UDBA_MODES = ("none", "reval", "notify")
+#: Branch directories -o udba=notify watches at most, unless told (each costs the kernel about 1 KiB).
+DEFAULT_MAX_WATCHES = 16384
 ON_OFF = {"on": True, "off": False}
 #: writeback alone, or fuse-overlayfs' writeback=1 and writeback=0
 WRITEBACK = {None: True, "1": True, "on": True, "0": False, "off": False}
@@ -78,8 +83,9 @@ class MountConfig:
                  style: str = "aufs", dialect: Dialect = Dialect.AUFS, readonly: bool = False,
                  allow_other: bool = False, timeout: float = 60.0, fsname: str = "unionfs",
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
-                 flags: list[str] | None = None, passthrough: bool = True, writeback: bool = False
-                 ) -> None:
+                 flags: list[str] | None = None, udba: str = "none",
+                 udba_max_watches: int = DEFAULT_MAX_WATCHES, passthrough: bool = True,
+                 writeback: bool = False) -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -92,6 +98,8 @@ class MountConfig:
         self.max_cached_entries = max_cached_entries
         self.ignored = [] if ignored is None else ignored
         self.flags = [] if flags is None else flags
+        self.udba = udba
+        self.udba_max_watches = udba_max_watches
         self.passthrough = passthrough
         self.writeback = writeback
 
@@ -288,6 +296,16 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
             raise QuietError(f"max_cached_entries={text}: give a whole number of entries from 1 to "
                              f"{MAX_CACHED_ENTRIES}")
         max_entries = int(text)
+    udba = values.get("udba") or "none"
+    if udba not in UDBA_MODES:
+        raise QuietError(f"udba={udba}: use udba=none, udba=reval or udba=notify")
+    max_watches = DEFAULT_MAX_WATCHES
+    if values.get("udba_max_watches") is not None:
+        text = values["udba_max_watches"] or ""
+        if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 1 << 31:
+            raise QuietError(f"udba_max_watches={text}: give a whole number of branch directories "
+                             f"from 0 to {1 << 31}")
+        max_watches = int(text)
     passthrough = values.get("passthrough", "on")
     if passthrough not in ON_OFF:
         raise QuietError(f"passthrough={passthrough}: use passthrough=on or passthrough=off")
@@ -300,8 +318,8 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
         branches=branches, mountpoint=_abs(mountpoint), workdir=workdir, style=style, dialect=dialect,
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
-        flags=list(flags.values()), passthrough=ON_OFF[passthrough],
-        writeback=WRITEBACK[values.get("writeback", "0")],
+        flags=list(flags.values()), udba=udba, udba_max_watches=max_watches,
+        passthrough=ON_OFF[passthrough], writeback=WRITEBACK[values.get("writeback", "0")],
     )
     check(cfg)
     return cfg

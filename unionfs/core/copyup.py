@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,14 +70,40 @@ class Copied:
     st: os.stat_result      # the original's
 
 
+class Tally:
+    """What copy-up has made since the union was made: objects, bytes of data and time (of the
+    copies into the work directory, awaits included), for the server's statistics."""
+
+    __slots__ = ("files", "dirs", "bytes", "ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.dirs = 0
+        self.bytes = 0
+        self.ns = 0
+        self.max_ns = 0
+
+    def add(self, started_ns: int, size: int = 0, is_dir: bool = False) -> None:
+        took = time.perf_counter_ns() - started_ns
+        if is_dir:
+            self.dirs += 1
+        else:
+            self.files += 1
+        self.bytes += size
+        self.ns += took
+        self.max_ns = max(self.max_ns, took)
+
+
 class CopyUp:
     """Copies objects into the writable branch, assembling them in *work_fd* (None: read-only
-    union) under the writer's temporary names; big data is copied by *executor*."""
+    union) under the writer's temporary names; big data is copied by *executor*.  *tally* counts
+    the copies made."""
 
     def __init__(self, work_fd: DirFd | None, writer: WhiteoutWriter, executor: Executor) -> None:
         self.work_fd = work_fd
         self.writer = writer
         self.executor = executor
+        self.tally = Tally()
 
     def _temp(self) -> bytes:
         return self.writer.temp_name()
@@ -112,6 +139,7 @@ class CopyUp:
     def dir(self, src_fd: DirFd, parent_upper_fd: DirFd, name: bytes) -> DirFd:
         """Copy the lower directory open as *src_fd* up, as *name* in *parent_upper_fd*; return
         the copy open."""
+        started = time.perf_counter_ns()
         st = os.fstat(src_fd)
         work = self.work
         tmp = self._temp()
@@ -129,6 +157,7 @@ class CopyUp:
         except BaseException:
             self.discard(tmp)
             raise
+        self.tally.add(started, is_dir=True)
         return fd
 
     @staticmethod
@@ -140,12 +169,14 @@ class CopyUp:
         """Copy the non-directory *name* of the branch directory *src_pfd* into a temporary of the
         work directory; *keep* limits the data copied (O_TRUNC copies none).  *src_pfd* is used
         before the first await only.  The caller places the copy (`place`) or discards it."""
+        started = time.perf_counter_ns()
         st = src_pfd.lstat(name)
         work = self.work
         tmp = self._temp()
+        size = 0
         try:
             if stat.S_ISREG(st.st_mode):
-                await self._copy_regular(src_pfd, name, tmp, st, keep)
+                size = await self._copy_regular(src_pfd, name, tmp, st, keep)
             elif stat.S_ISLNK(st.st_mode):
                 work.symlink(src_pfd.readlink(name), tmp)
                 self._finish_special(src_pfd, name, tmp, st)
@@ -155,10 +186,12 @@ class CopyUp:
         except BaseException:
             self.discard(tmp)
             raise
+        self.tally.add(started, size)
         return Copied(tmp, st)
 
     async def _copy_regular(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result,
-                            keep: int | None) -> None:
+                            keep: int | None) -> int:
+        """Copy the data (and owner, xattrs, times); the bytes of data copied."""
         work = self.work
         src = src_pfd.open_file(name, os.O_RDONLY)
         try:
@@ -176,6 +209,7 @@ class CopyUp:
                 os.close(dst)
         finally:
             os.close(src)
+        return length
 
     def _finish_special(self, src_pfd: DirFd, name: bytes, tmp: bytes, st: os.stat_result) -> None:
         work = self.work

@@ -114,6 +114,7 @@ class DirFds:
         self.request = 1
         self._open: OrderedDict[BranchDir, None] = OrderedDict()
         self._pins: Pins | None = None
+        self.reopened = 0       # branch directories opened again after the cache closed them
 
     def __len__(self) -> int:
         return len(self._open)
@@ -235,6 +236,7 @@ class DirFds:
             raise
         bd.fd = fd
         bd.used = 0
+        self.reopened += 1
         self._open[bd] = None
         self._trim(bd)
 

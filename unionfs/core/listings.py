@@ -76,6 +76,10 @@ class Listings:
         self._kept: OrderedDict[Listed, tuple[int, int]] = OrderedDict()  # node -> (entries, request)
         self._pins: dict[Listed, int] = {}
         self.root: Listed | None = None   # has no name, yet its listing can always be rebuilt
+        # for statistics: listings read from memory, built from the branches, dropped under the ceiling
+        self.hits = 0
+        self.built = 0
+        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -150,5 +154,6 @@ class Listings:
             node.listing = None
             self.beside.drop(node)
             dropped += 1
+        self.dropped += dropped
         if dropped:
             log.debug("dropped %d directory listings: %d entries kept in %d", dropped, self.total, len(kept))

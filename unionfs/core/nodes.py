@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
 
@@ -56,7 +56,7 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children", "outside")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "outside")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -80,6 +80,8 @@ class Node:
         self.st: Stat | None = None
         # directories: the node behind each linked name
         self.children: dict[bytes, Node] = {} if is_dir else _NO_CHILDREN
+        # directories under -o udba=reval|notify: their branch directories' stamp or WATCHED (see udba)
+        self.stamp: tuple[int, ...] | None = None
         # The real file changes without the union seeing it (the kernel writes an open file's
         # backing file itself, with FUSE passthrough): its stat is not cached meanwhile.
         self.outside = False
@@ -115,6 +117,13 @@ class NodeTable:
         self.fds = DirFds(default_capacity(len(stack.layers)))
         self.listings = Listings(max_listed, beside)
         self._stats: list[int] = []   # ids of the nodes whose stat was cached since the last flush
+        self.stat_hits = 0            # stats answered from a node's cached one (see Resolver)
+        self.stat_reads = 0           # stats read from a branch and cached (`remember`)
+
+        #: called with a directory that had a stamp (see udba) as it is dropped, before its fds close
+        self.on_free: Callable[[Node], None] | None = None
+        #: called as the next request starts, then forgotten (see udba)
+        self.on_next_request: Callable[[], None] | None = None
         top = stack.layers[0]
         st = os.fstat(top.fd)
         root = Node(ROOT_ID, True, 0, (st.st_dev, st.st_ino), self.ino_for(st))
@@ -131,6 +140,8 @@ class NodeTable:
         """A new request starts: the directory fds and listings handed out before may go."""
         self.fds.next_request()
         self.listings.next_request()
+        if self.on_next_request is not None:
+            self.on_next_request()
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
         """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten.
@@ -148,7 +159,12 @@ class NodeTable:
             recent.clear()
         cached = node.st = Stat.of(st)
         recent.append(node.id)
+        self.stat_reads += 1
         return cached
+
+    def stats_kept(self) -> int:
+        """How many nodes have had their stat cached since the cache was last emptied."""
+        return len(self._stats)
 
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
@@ -286,6 +302,8 @@ class NodeTable:
             del self.nodes[n.id]
             if self.by_key.get(n.key) is n:
                 del self.by_key[n.key]
+            if n.stamp is not None and self.on_free is not None:
+                self.on_free(n)
             self.close_dirs(n, keep=0)
             self.listings.forget(n)
             n.listing = None

@@ -25,6 +25,7 @@ from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Inv
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
 from .nodes import Key, Node, NodeTable
+from .udba import NO_WATCHES, NONE, WATCHED, Udba, Watches
 from .whiteout import Dialect, WhiteoutWriter
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,14 @@ class Resolver:
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
-                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
+                 udba: str = NONE, watches: Watches = NO_WATCHES) -> None:
         self.stack = stack
         self.table = NodeTable(stack, max_listed, beside)
+        self.udba = Udba(self.table, udba, watches)
+        self.revalidate = self.udba.active
+        if self.revalidate:
+            self.table.on_free = self.udba.freed
         self.readonly = readonly or stack.upper is None
         self.work_fd = stack.work_fd
         self.privileged = os.geteuid() == 0
@@ -78,6 +84,8 @@ class Resolver:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 0
         self._xattr_sets: dict[frozenset[bytes], frozenset[bytes]] = {}
+        self.xattr_hits = 0     # xattr name sets answered from the node (`xattr_names`)
+        self.xattr_lists = 0    # ... and listed from the branch
 
     def close(self) -> None:
         """Close every fd this union holds on its branches (open files, then nodes)."""
@@ -95,11 +103,18 @@ class Resolver:
         if not d.is_dir:
             raise err(errno.ENOTDIR)
         listing = d.listing
+        listings = self.table.listings
+        if listing is not None and self.revalidate and d.stamp is not WATCHED and not self.udba.fresh(d):
+            listing = None
         if listing is None:
             listing = d.listing = build_listing(self.table.branch_fds(d))
-            self.table.listings.use(d, grown=True)
+            listings.built += 1
+            listings.use(d, grown=True)
+            if self.revalidate:
+                self.udba.listed(d)
         else:
-            self.table.listings.use(d)
+            listings.hits += 1
+            listings.use(d)
         return listing
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, Stat] | None:
@@ -120,7 +135,9 @@ class Resolver:
                  ) -> tuple[Node, Stat]:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
         known = parent.children.get(name)
-        if known is not None and known.st is not None and known.layer == e.layer:
+        if known is not None and known.st is not None and known.layer == e.layer and (
+                not self.revalidate or parent.stamp is WATCHED):
+            self.table.stat_hits += 1
             return known, known.st
         try:
             st = self.table.dirfd(parent, e.layer).lstat(name)
@@ -138,6 +155,14 @@ class Resolver:
             node = self.table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
                 self.table.set_dirs(node, dirfds)
+        elif self.revalidate and e.is_dir and tuple(bd.layer for bd in node.dirs) != e.dir_layers:
+            # A directory of this name appeared or went in a branch below the top one, directly.
+            dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
+                                     e.dir_layers)
+            if not dirfds:
+                return self._read_again(parent, name, fresh)
+            self.udba.regroup(node)
+            self.table.set_dirs(node, dirfds)
         self.table.add_link(node, parent, name)
         return node, self.table.remember(node, st)
 
@@ -153,15 +178,34 @@ class Resolver:
             raise err(errno.ENOENT, name=name)
         return self.node_for(parent, name, again, fresh=True)
 
-    @staticmethod
-    def touch(*nodes: Node | None) -> None:
-        """These nodes changed through the union: forget their cached stat."""
+    def touch(self, *nodes: Node | None) -> None:
+        """These nodes changed through the union: forget their cached stat (and, for a directory
+        re-checked under -o udba=reval, take its new stamp: the change is not news)."""
         for n in nodes:
             if n is not None:
                 n.st = None
+                if n.stamp:
+                    self.udba.restamp(n)
+
+    def unsure(self, node: Node) -> bool:
+        """Whether what is cached of *node* must be checked against its branches before it answers
+        (-o udba=reval, or notify where it is not watched: a directory by its own marks, anything
+        else by its directory's)."""
+        if not self.revalidate:
+            return False
+        where = node if node.is_dir or not node.links else node.links[-1][0]
+        return where.stamp is not WATCHED
+
+    def recheck(self, node: Node) -> None:
+        """Forget *node*'s cached stat, and for a directory its listing if a branch changed (see
+        `unsure`)."""
+        node.st = None
+        if node.is_dir and node.listing is not None and node.stamp is not WATCHED:
+            self.udba.fresh(node)
 
     def stat(self, node: Node) -> Stat:
         if node.st is not None:
+            self.table.stat_hits += 1
             return node.st
         if node.is_dir:
             st = os.fstat(self.table.top_dirfd(node))
@@ -209,6 +253,7 @@ class Resolver:
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         """The names of *node*'s real xattrs (as stored in the branch), cached on the node."""
         if node.xattrs is None:
+            self.xattr_lists += 1
             names = self.xattr_target(node, os.listxattr)
             found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
             # Most objects share a handful of name sets (none at all, or security.selinux): keep
@@ -217,6 +262,8 @@ class Resolver:
             if shared is None and len(self._xattr_sets) < XATTR_SETS_SHARED:
                 self._xattr_sets[found] = shared = found
             node.xattrs = found if shared is None else shared
+        else:
+            self.xattr_hits += 1
         return node.xattrs
 
     # ------------------------------------------------------------------ copy-up
@@ -254,6 +301,8 @@ class Resolver:
         fd = self.copyup.dir(self.table.top_dirfd(d), self.table.dirfd(parent, 0), name)
         self.table.add_upper_dir(d, fd)
         d.xattrs = None
+        if self.revalidate:
+            self.udba.grew(d)
         self.touch(d, parent)
         st = os.fstat(fd)
         self.table.rekey(d, (st.st_dev, st.st_ino))

@@ -18,6 +18,7 @@ from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .namespace import Creds, Namespace
 from .nodes import Node
 from .resolve import Handle, Resolver
+from .udba import NO_WATCHES, NONE, Watches
 from .whiteout import Dialect
 
 __all__ = ["Creds", "Handle", "Union"]
@@ -32,8 +33,9 @@ class Union(Resolver):
 
     def __init__(self, stack: LayerStack, dialect: Dialect, readonly: bool = False,
                  max_listed: int = DEFAULT_MAX_ENTRIES, executor: Executor = INLINE,
-                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE) -> None:
-        super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside)
+                 invalidator: Invalidator = NO_KERNEL_CACHE, beside: Beside = NOTHING_BESIDE,
+                 udba: str = NONE, watches: Watches = NO_WATCHES) -> None:
+        super().__init__(stack, dialect, readonly, max_listed, executor, invalidator, beside, udba, watches)
         self.names = Namespace(self)
         self.attrs = Attributes(self)
 

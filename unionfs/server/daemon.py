@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import os
@@ -26,8 +27,11 @@ from . import protocol, statedir
 from .statedir import LogFile, StateDir
 
 if TYPE_CHECKING:
+    import socket
+
     from unionfs.core.branches import LayerStack
 
+    from . import control
     from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -207,6 +211,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
 
     from unionfs.core.branches import open_stack, raise_nofile_limit
 
+    from . import control
     from .compat import pyfuse3
     from .operations import Operations
 
@@ -237,9 +242,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         branches = stack.enter_context(contextlib.ExitStack())
         branches.callback(layers.close)
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
-                              timeout=cfg.timeout, debug=debug, passthrough=cfg.passthrough,
+                              timeout=cfg.timeout, debug=debug, udba=cfg.udba,
+                              max_watches=cfg.udba_max_watches, passthrough=cfg.passthrough,
                               writeback=cfg.writeback)
         branches.callback(ops.union.close)
+        if ops.watcher is not None:
+            branches.callback(ops.watcher.close)
         ops.use_shim()
 
         def release_branches() -> None:
@@ -247,6 +255,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # Everything that touches the mount point path happens before the mount: once mounted,
         # a stat of it from this thread would wait for a reply only this thread can give.
         pidfile = _pid_name(cfg.mountpoint, resolved=fuse_fd is not None)   # mounted already: not looked at
+        ctl = control.Control(ops, cfg.style, cfg.mountpoint if fuse_fd is not None
+                              else os.path.realpath(cfg.mountpoint))
         state = StateDir.open(create=True)
         undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
         if state is not None:
@@ -254,6 +264,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             undo.callback(state.discard)
             not_ours.add(state.fd)
         _release_at_session_end(layers, not_ours)
+        ctl.after_change = functools.partial(_release_at_session_end, layers, not_ours)
         with _stderr_captured() as said:
             try:
                 where = cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
@@ -269,13 +280,18 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if state is not None:
             _write_pidfile(state, pidfile)
             stack.callback(state.remove_pid, pidfile, os.getpid())
+        key = pidfile.removesuffix(".pid")
+        listener = control.listen(state, key)
+        if listener is not None:
+            stack.callback(control.forget, state, key)
+            stack.callback(listener.close)
         if ready_fd is not None:
             protocol.report_ready(ready_fd)
             _detach_stdio()
         undo.pop_all()
         if on_ready is not None:
             on_ready()
-        trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches)
+        trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener)
     return 0
 
 
@@ -375,7 +391,8 @@ def _close_session(pyfuse3: object) -> None:
 
 
 async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
-                release_branches: Callable[[], None]) -> None:
+                release_branches: Callable[[], None], ctl: control.Control | None = None,
+                listener: socket.socket | None = None) -> None:
     """Serve until the session ends; then let go of the branches first, before the rest winds
     down."""
     import trio
@@ -397,6 +414,12 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         nursery.start_soon(after_init)
+        if ctl is not None and listener is not None:
+            from . import control
+            nursery.start_soon(control.serve, ctl, listener)
+
+        if ops.watcher is not None:
+            nursery.start_soon(ops.watcher.run)
         try:
             await pyfuse3.main()  # type: ignore[attr-defined]
         finally:

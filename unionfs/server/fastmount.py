@@ -183,8 +183,9 @@ def message(cfg: MountConfig) -> dict[str, object]:
         "branches": cfg.branches, "mountpoint": os.path.realpath(cfg.mountpoint), "workdir": cfg.workdir,
         "style": cfg.style, "dialect": cfg.dialect.value, "readonly": cfg.readonly,
         "allow_other": cfg.allow_other, "timeout": cfg.timeout, "fsname": cfg.fsname,
-        "max_cached_entries": cfg.max_cached_entries, "flags": cfg.flags, "passthrough": cfg.passthrough,
-        "writeback": cfg.writeback,
+        "max_cached_entries": cfg.max_cached_entries, "flags": cfg.flags,
+        "udba": cfg.udba, "udba_max_watches": cfg.udba_max_watches,
+        "passthrough": cfg.passthrough, "writeback": cfg.writeback,
     }
 
 

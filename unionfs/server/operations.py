@@ -6,6 +6,7 @@ Attributes:
     snapshots: listing snapshots for readers without a directory handle, by directory node id.
     timeout: entry and attribute cache time handed to the kernel, in seconds.
     dirs: open directory handles -> the listing snapshot taken at their first readdir.
+    stats: the mount's live statistics (requests, lookups by branch; see `stats_snapshot`).
 
 Each handler converts the OSError of the syscall that failed into `FUSEError` with its errno, once,
 in `_handler` (`fallocate` and `lseek`, called synchronously by the libfuse shim, return the errno
@@ -22,7 +23,9 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from time import perf_counter_ns
 from typing import Any, TypeVar
 
 from . import compat  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads (see compat)
@@ -35,13 +38,16 @@ from unionfs.core.branches import ACL_ACCESS, LayerStack
 from unionfs.core.caller import in_group_or_capable
 from unionfs.core.interfaces import BIG_IO, FREE_BIG
 from unionfs.core.listings import DEFAULT_MAX_ENTRIES, Listed
-from unionfs.core.nodes import Node
+from unionfs.core.nodes import STATS_KEPT, Node
 from unionfs.core.sysx import fallocate
+from unionfs.core.udba import NO_WATCHES, NONE, NOTIFY, REVAL, WATCHED
 from unionfs.core.union import Creds, Handle, Union
 from unionfs.core.whiteout import Dialect
 
+from . import stats
 from .offload import Offload
 from .passthrough import CAPABILITY, Passthrough
+from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +78,38 @@ def _errno_for(e: Exception, name: str, args: tuple[Any, ...], debug: bool) -> i
 
 
 def _handler(fn: F) -> F:
+    """Wrap a handler: debug log, a new request for the union's caches, errors converted once, and
+    the request counted and timed in its `stats.Requests` (inline: a method call would cost more
+    than the counting itself)."""
     name = fn.__name__
+    at = stats.slot(name)
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         if self.debug:
             log.debug("%s%r", name, args)
         self.union.table.next_request()
+        r = self.stats.requests[at]
+        started = perf_counter_ns()
         try:
             return await fn(self, *args)
         except FUSEError:
+            r.errors += 1
             raise
         except Exception as e:
+            r.errors += 1
             raise FUSEError(_errno_for(e, name, args, self.debug)) from None
+        finally:
+            took = perf_counter_ns() - started
+            r.total_ns += took
+            if took > r.max_ns:
+                r.max_ns = took
+            r.hist[(took.bit_length() + 1) >> 1] += 1     # stats.bucket(took), inline
 
     return wrapper  # type: ignore[return-value]
+
+
+_FORGET, _FALLOCATE, _LSEEK = stats.slot("forget"), stats.slot("fallocate"), stats.slot("lseek")
 
 
 class KernelCache:
@@ -118,12 +141,14 @@ class Snapshots:
     generation above *last* may be one from before.
     """
 
-    __slots__ = ("by_node", "last", "wrapped")
+    __slots__ = ("by_node", "last", "wrapped", "taken", "continued")
 
     def __init__(self) -> None:
         self.by_node: dict[int, dict[int, list[bytes]]] = {}
         self.last = 0
         self.wrapped = False
+        self.taken = 0          # for statistics: snapshots taken, and reads that went on in one
+        self.continued = 0
 
     def next_gen(self) -> int:
         """A new generation; past MAX_GEN every snapshot is dropped and the numbering starts again
@@ -162,6 +187,8 @@ class Operations(pyfuse3.Operations):
     timeout: float
     debug: bool
     dirs: dict[int, DirHandle]
+    stats: stats.Stats
+    watcher: Watcher | None
 
     supports_dot_lookup = True
     # The kernel's writeback cache (``-o writeback``): write(2) fills the page cache and the kernel
@@ -187,23 +214,38 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.debug = debug
         self.dirs = {}
+        self.stats = stats.Stats(len(union.stack.layers))
         self.enable_writeback_cache = writeback
         self.passthrough = Passthrough(union, passthrough and not writeback)
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None
+        self.watcher = None
+        # -o udba=notify: names and attributes under a directory not watched get zero timeouts
+        self._per_dir_timeouts = union.udba.mode == NOTIFY and timeout > 0
 
     @classmethod
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
              max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
-             passthrough: bool = False, writeback: bool = False) -> Operations:
+             udba: str = NONE, max_watches: int = 0, passthrough: bool = False,
+             writeback: bool = False) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
-        changes the kernel's cache is told of."""
+        changes the kernel's cache is told of; *udba* says how changes made directly in the branches
+        are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
+        timeouts: it would not ask), under ``notify`` a `Watcher` keeps up to *max_watches* marks."""
         offload, snapshots = Offload(), Snapshots()
+        watcher = Watcher(max_watches) if udba == NOTIFY else None
+        if udba == REVAL:
+            timeout = 0.0
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
-                      executor=offload, invalidator=KernelCache(), beside=snapshots)
-        return cls(union, offload, snapshots, timeout=timeout, debug=debug, passthrough=passthrough,
-                   writeback=writeback)
+                      executor=offload, invalidator=KernelCache(), beside=snapshots,
+                      udba=udba, watches=watcher or NO_WATCHES)
+        ops = cls(union, offload, snapshots, timeout=timeout, debug=debug, passthrough=passthrough,
+                  writeback=writeback)
+        if watcher is not None:
+            watcher.attach(union, offload)
+            ops.watcher = watcher
+        return ops
 
     def init(self) -> None:
         try:
@@ -222,7 +264,9 @@ class Operations(pyfuse3.Operations):
         replies = self._replies
         cached = replies.get(node.id)
         if cached is not None and cached[0] is st:
+            self.stats.replies_hit += 1
             return cached[1]
+        self.stats.replies_built += 1
         a = self._build_attr(node, st)
         if st is node.st:   # only the attributes of a cached stat can serve again
             if len(replies) >= REPLIES_KEPT:
@@ -256,6 +300,18 @@ class Operations(pyfuse3.Operations):
         node.nlookup += 1
         return self._attr(node, st)
 
+    def _timed(self, a: pyfuse3.EntryAttributes, where: Node, node: Node | None) -> pyfuse3.EntryAttributes:
+        """*a* with the timeouts of *node* (None: no such name) in directory *where* under
+        -o udba=notify: zero for what is not watched, which is re-checked at each access instead
+        (a name: its directory; a directory's attributes, which tell the kernel whether its cached
+        listing holds: the directory itself; a file's attributes: its directory)."""
+        watched = where.stamp is WATCHED
+        a.entry_timeout = self.timeout if watched else 0.0
+        if node is not None and node.is_dir:
+            watched = node.stamp is WATCHED
+        a.attr_timeout = self.timeout if watched else 0.0
+        return a
+
     def _node(self, inode: int) -> Node:
         return self.union.table.get(inode)
 
@@ -268,15 +324,20 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        found = self.union.lookup(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        found = self.union.lookup(parent, name)
         if found is None:
+            self.stats.negative += 1
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = self.timeout
-            return neg
-        return self._looked_up(*found)
+            return self._timed(neg, parent, None) if self._per_dir_timeouts else neg
+        self.stats.looked_up(found[0].layer)
+        a = self._looked_up(*found)
+        return self._timed(a, parent, found[0]) if self._per_dir_timeouts else a
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        started = perf_counter_ns()
         try:
             for inode, n in inode_list:
                 self.union.table.forget(inode, n)
@@ -284,11 +345,17 @@ class Operations(pyfuse3.Operations):
                     compat.no_capability(inode, False)   # node ids are reused once forgotten
         except Exception:
             log.exception("forget failed")
+        self.stats.requests[_FORGET].add(perf_counter_ns() - started)
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        return self._attr(node, self.union.stat(node))
+        if self.union.revalidate and self.union.unsure(node):
+            self.union.recheck(node)    # -o udba=reval: changes made directly in a branch show at once
+        a = self._attr(node, self.union.stat(node))
+        if self._per_dir_timeouts:
+            return self._timed(a, node.links[-1][0] if node.links else node, node)
+        return a
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -317,6 +384,7 @@ class Operations(pyfuse3.Operations):
             entries, start, gen = dh.entries, start_id, 0
         union = self.union
         listing = union.listing(node)
+        timed = self._per_dir_timeouts
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
@@ -332,7 +400,10 @@ class Operations(pyfuse3.Operations):
                 child, st = union.node_for(node, name, cur)
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(child, st), gen | (i + 1)):
+            a = self._attr(child, st)
+            if timed:
+                self._timed(a, node, child)
+            if not pyfuse3.readdir_reply(token, name, a, gen | (i + 1)):
                 union.table.maybe_free(child)
                 return
             child.nlookup += 1
@@ -361,6 +432,7 @@ class Operations(pyfuse3.Operations):
         if offset and snaps:
             entries = snaps.get(gen)
             if entries is not None:
+                snapshots.continued += 1
                 return entries, index, gen << 32
             newest = max(snaps)
             if gen == 0:                    # below every offset but 0: the next entry is the 2nd
@@ -374,6 +446,7 @@ class Operations(pyfuse3.Operations):
         elif len(snaps) >= SNAPSHOTS_KEPT:
             del snaps[min(snaps)]
         gen = snapshots.next_gen()
+        snapshots.taken += 1
         entries = snaps[gen] = self._entries(node)
         self.union.table.listings.use(node, grown=True)     # snapshots count against the ceiling
         # a reader whose snapshot was dropped goes on at the same position in the new one
@@ -393,6 +466,9 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        keep = True
+        if self.union.revalidate and self.union.unsure(node):
+            keep = self._unchanged(node)
         wide = self._readable(flags)
         try:
             h = await self.union.open(node, wide)
@@ -401,7 +477,19 @@ class Operations(pyfuse3.Operations):
                 raise
             h = await self.union.open(node, flags)   # a file we may write but not read
         self.passthrough.open(h)   # pyfuse3 replies right after: no await in between
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
+
+    def _unchanged(self, node: Node) -> bool:
+        """Whether *node*'s file is as the daemon last saw it (-o udba=reval, at open: a file
+        rewritten directly in its branch must not be read from the kernel's cached pages)."""
+        old = node.st
+        node.st = None
+        try:
+            new = self.union.stat(node)
+        except OSError:
+            return False
+        return old is not None and (old.st_ino, old.st_size, old.st_mtime_ns, old.st_ctime_ns) == (
+            new.st_ino, new.st_size, new.st_mtime_ns, new.st_ctime_ns)
 
     def _readable(self, flags: int) -> int:
         """*flags* for the real file: with the writeback cache the kernel reads the rest of a page
@@ -480,9 +568,23 @@ class Operations(pyfuse3.Operations):
         except OSError:
             log.debug("invalidate_inode(%d) failed", node_id, exc_info=True)
 
+    def _sync_done(self, at: int, started: int, failed: bool) -> None:
+        """Count a request the libfuse shim called synchronously (outside `_handler`)."""
+        r = self.stats.requests[at]
+        r.add(perf_counter_ns() - started)
+        r.errors += failed
+
     def fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
         """FUSE_FALLOCATE, called synchronously by the libfuse shim: the errno to answer (0: done),
-        or None when a task answers request *req* later.
+        or None when a task answers request *req* later (counted when called: the time is of its
+        synchronous part)."""
+        started = perf_counter_ns()
+        err = self._fallocate(req, inode, fh, mode, offset, length)
+        self._sync_done(_FALLOCATE, started, bool(err))
+        return err
+
+    def _fallocate(self, req: int, inode: int, fh: int, mode: int, offset: int, length: int) -> int | None:
+        """The work of `fallocate`.
 
         A range of BIG_IO bytes or more may take long (a punched hole frees its blocks, a zeroed
         range is written back first): it is done on a worker thread by a trio system task, which
@@ -525,6 +627,12 @@ class Operations(pyfuse3.Operations):
     def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
         """FUSE_LSEEK (SEEK_DATA, SEEK_HOLE), called synchronously by the libfuse shim: the new
         offset, or the errno negated."""
+        started = perf_counter_ns()
+        found = self._lseek(inode, fh, offset, whence)
+        self._sync_done(_LSEEK, started, found < 0)
+        return found
+
+    def _lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
         args = (inode, fh, offset, whence)
         if self.debug:
             log.debug("lseek%r", args)
@@ -657,3 +765,53 @@ class Operations(pyfuse3.Operations):
             return False
         st = self.union.stat(node)
         return bool(st.st_mode & stat.S_ISGID) and not in_group_or_capable(ctx.pid, ctx.gid, st.st_gid)
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The mount's live statistics as a JSON-serialisable dict (``{"version": 1, ...}``; see
+        `unionfs.server.stats`, whose `format_snapshot` renders it)."""
+        union, table, st = self.union, self.union.table, self.stats
+        layers = union.stack.layers
+        listings, tally, proc = table.listings, union.copyup.tally, stats.process()
+        top_mode = "ro" if union.readonly else "rw"
+        return {
+            "version": stats.VERSION,
+            "started": st.started,
+            "uptime_s": time.monotonic() - st.started_mono,
+            "mount": {
+                "branches": [{"index": i, "path": layer.path, "mode": top_mode if layer.writable else "ro"}
+                             for i, layer in enumerate(layers)],
+                "whiteouts": union.writer.dialect.value,
+                "readonly": union.readonly,
+                "timeout": self.timeout,
+                "max_cached_entries": listings.capacity,
+            },
+            "requests": st.requests_dict(),
+            "histogram_bounds_ns": stats.bucket_bounds_ns(),
+            "copy_ups": {"files": tally.files, "dirs": tally.dirs, "bytes": tally.bytes,
+                         "total_ns": tally.ns, "max_ns": tally.max_ns},
+            "lookups": {
+                "by_branch": [{"index": i, "path": layers[i].path if i < len(layers) else None, "count": n}
+                              for i, n in enumerate(st.lookups) if n],
+                "negative": st.negative,
+            },
+            "caches": {
+                "stats": {"hits": table.stat_hits, "misses": table.stat_reads, "kept": table.stats_kept(),
+                          "ceiling": STATS_KEPT},
+                "listings": {"hits": listings.hits, "misses": listings.built, "dropped": listings.dropped,
+                             "entries": listings.total, "dirs": len(listings), "ceiling": listings.capacity},
+                "replies": {"hits": st.replies_hit, "misses": st.replies_built, "kept": len(self._replies),
+                            "ceiling": REPLIES_KEPT},
+                "xattr_names": {"hits": union.xattr_hits, "misses": union.xattr_lists},
+                "dir_fds": {"hits": None, "misses": table.fds.reopened, "open": len(table.fds),
+                            "ceiling": table.fds.capacity},
+                "snapshots": {"taken": self.snapshots.taken, "continued": self.snapshots.continued,
+                              "dirs": len(self.snapshots.by_node)},
+            },
+            "nodes": len(table),
+            "handles": {"files": len(union.handles), "dirs": len(self.dirs)},
+            "fds": {"total": proc["fds"], "branch_dirs": len(table.fds) + len(layers),
+                    "files": len(union.handles)},
+            "memory": {"rss_bytes": proc["rss_bytes"], "peak_rss_bytes": proc["peak_rss_bytes"]},
+        }

@@ -52,6 +52,7 @@ def config_from(fields: dict[str, Any]) -> MountConfig:
         readonly=bool(fields["readonly"]), allow_other=bool(fields["allow_other"]),
         timeout=float(fields["timeout"]), fsname=str(fields["fsname"]),
         max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
+        udba=str(fields.get("udba", "none")), udba_max_watches=int(fields.get("udba_max_watches", 16384)),
         passthrough=bool(fields.get("passthrough", True)), writeback=bool(fields.get("writeback", False)),
     )
 

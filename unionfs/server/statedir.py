@@ -21,6 +21,10 @@ from unionfs.core.errors import QuietError
 log = logging.getLogger(__name__)
 
 STATE_MODE = 0o700
+#: A mount's control socket is its key and this (see `unionfs.server.control`).
+CONTROL_SUFFIX = ".ctl"
+#: The largest control request or reply.
+CONTROL_MAX = 1 << 17
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -41,6 +45,11 @@ def key_for(mountpoint: str, resolved: bool = False) -> str:
 
     real = mountpoint if resolved else os.path.realpath(mountpoint)
     return hashlib.sha1(os.fsencode(real)).hexdigest()[:16]
+
+
+def control_abstract(uid: int, key: str) -> str:
+    """The abstract socket name of the control channel of a daemon with no state directory."""
+    return f"\0unionfs/{uid}/{key}"
 
 
 def unsafe_reason(st: os.stat_result) -> str | None:
