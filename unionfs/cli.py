@@ -87,8 +87,11 @@ def cli() -> None:
                    "the branches show: once the caches let go, at the next access, within 100 ms), "
                    "udba_max_watches=N (default 16384); redirect_dir=on|follow|nofollow|off (on: "
                    "rename merged directories in place, as overlayfs; default off); metacopy=on (a "
-                   "chmod or chown copies no data, as overlayfs; implies redirect_dir=on); suid, dev, "
-                   "noexec (default nosuid,nodev; "
+                   "chmod or chown copies no data, as overlayfs; implies redirect_dir=on); "
+                   "passthrough=off (the server reads and writes every open file itself; on by "
+                   "default where the kernel allows it, as root); writeback (the kernel's writeback "
+                   "cache: small writes gathered; a same-size truncate keeps the mtime; no "
+                   "passthrough); suid, dev, noexec (default nosuid,nodev; "
                    "a user other than root always gets nosuid,nodev).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted or Ctrl-C.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request (implies --foreground).")

@@ -46,18 +46,19 @@ FLAG_OPTIONS = frozenset({*MOUNT_FLAGS, *MOUNT_FLAGS.values()})
 KNOWN_OPTIONS = frozenset({
     "lowerdir", "upperdir", "workdir", "whiteout", "ro", "allow_other", "allow_root", "timeout",
     "fsname", "subtype", "debug", "max_cached_entries", "udba", "udba_max_watches", "metacopy",
-    "redirect_dir",
+    "redirect_dir", "passthrough", "writeback",
 })
 # fuse-overlayfs options that unionfs-overlay accepts without acting on them.
 OVERLAY_IGNORED = frozenset({
     "squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs", "xattr_permissions",
     "fast_ino", "plugins", "noacl", "uidmapping", "gidmapping", "volatile", "index",
     "userxattr", "context", "fscontext", "defcontext", "rootcontext", "max_read",
-    "threaded", "writeback", "auto_unmount",
+    "threaded", "auto_unmount",
 })
 # Options that mean nothing without a value (``upperdir`` alone would silently mount read-only).
 VALUE_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "whiteout", "timeout", "fsname", "subtype",
-                           "max_cached_entries", "udba", "udba_max_watches", "metacopy", "redirect_dir"})
+                           "max_cached_entries", "udba", "udba_max_watches", "metacopy", "redirect_dir",
+                           "passthrough"})
 UDBA_MODES = ("none", "reval", "notify")
 #: Branch directories -o udba=notify watches at most, unless told (each costs the kernel about 1 KiB).
 DEFAULT_MAX_WATCHES = 16384
@@ -66,6 +67,8 @@ ON_OFF = {"on": True, "off": False}
 #: redirects are followed), follow (followed, never made), nofollow (a redirect met in a lookup is
 #: refused with EPERM, as overlayfs does), off (the default: none made, none followed).
 REDIRECT_DIR_VALUES = ("on", "follow", "nofollow", "off")
+#: writeback alone, or fuse-overlayfs' writeback=1 and writeback=0
+WRITEBACK = {None: True, "1": True, "on": True, "0": False, "off": False}
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 1e9  # about 31 years: longer is no different, and the kernel takes seconds as integers
 MAX_CACHED_ENTRIES = 1 << 40   # more than any memory holds: no ceiling in practice
@@ -86,7 +89,7 @@ class MountConfig:
                  max_cached_entries: int = DEFAULT_MAX_ENTRIES, ignored: list[str] | None = None,
                  flags: list[str] | None = None, udba: str = "none",
                  udba_max_watches: int = DEFAULT_MAX_WATCHES, metacopy: bool = False,
-                 redirect_dir: str = "off") -> None:
+                 redirect_dir: str = "off", passthrough: bool = True, writeback: bool = False) -> None:
         self.branches = branches
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -103,6 +106,8 @@ class MountConfig:
         self.udba_max_watches = udba_max_watches
         self.metacopy = metacopy
         self.redirect_dir = redirect_dir
+        self.passthrough = passthrough
+        self.writeback = writeback
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -308,6 +313,11 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
                              f"from 0 to {1 << 31}")
         max_watches = int(text)
     metacopy = _metacopy(values.get("metacopy"), parsed)
+    passthrough = values.get("passthrough", "on")
+    if passthrough not in ON_OFF:
+        raise QuietError(f"passthrough={passthrough}: use passthrough=on or passthrough=off")
+    if values.get("writeback", "0") not in WRITEBACK:
+        raise QuietError(f"writeback={values['writeback']}: use writeback, writeback=1 or writeback=0")
     fsname = values.get("fsname") or "unionfs"
     if not fsname.isascii() or not fsname.isprintable() or any(c in fsname for c in " ,\\"):
         raise QuietError(f"fsname={fsname!r}: use printable ASCII without spaces, commas or backslashes")
@@ -321,7 +331,8 @@ def build_config(branch_spec: str | Sequence[BranchSpec] | None, mountpoint: str
         readonly="ro" in values, allow_other="allow_other" in values or "allow_root" in values,
         timeout=timeout, fsname=fsname, max_cached_entries=max_entries, ignored=ignored,
         flags=list(flags.values()), udba=udba, udba_max_watches=max_watches, metacopy=metacopy,
-        redirect_dir=redirect_dir,
+        redirect_dir=redirect_dir, passthrough=ON_OFF[passthrough],
+        writeback=WRITEBACK[values.get("writeback", "0")],
     )
     check(cfg)
     return cfg

@@ -56,7 +56,8 @@ class Node:
     the table's `DirFds` holds open while they are in use."""
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
-                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect")
+                 "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect",
+                 "outside")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -87,6 +88,9 @@ class Node:
         self.lowerdata: int | None = None
         # directories: the redirect of its upper directory (-o redirect_dir), as overlayfs keeps it
         self.redirect: bytes | None = None
+        # The real file changes without the union seeing it (the kernel writes an open file's
+        # backing file itself, with FUSE passthrough): its stat is not cached meanwhile.
+        self.outside = False
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -147,7 +151,10 @@ class NodeTable:
             self.on_next_request()
 
     def remember(self, node: Node, st: os.stat_result) -> Stat:
-        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten."""
+        """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten.
+        Not that of a node whose real file changes outside the union (`Node.outside`)."""
+        if node.outside:
+            return Stat.of(st)
         recent = self._stats
         if len(recent) >= STATS_KEPT:
             # Full: forget them all at once (cheaper per stat than keeping an order).

@@ -34,6 +34,16 @@
  *    FUSE_CAP_DONT_MASK; a parent's default ACL must then be applied to a mode the umask has
  *    already cut (a group::rwx default would give group::r-x under umask 022).  The shim asks, and
  *    the server applies the umask itself where no default ACL replaces it, as a local filesystem does.
+ *  - FUSE passthrough (Linux 6.9+): the kernel then reads and writes (and maps) an open file's
+ *    backing file itself, without a READ or WRITE request.  libfuse 3.14 knows nothing of it, so
+ *    the shim (1) sets FUSE_PASSTHROUGH and max_stack_depth in libfuse's INIT reply, seen on its way
+ *    to /dev/fuse through a custom io (fuse_session_custom_io) put in place before the session's
+ *    first read; (2) registers backing files with FUSE_DEV_IOC_BACKING_OPEN / _CLOSE for the
+ *    server; (3) answers OPEN and CREATE itself, with FOPEN_PASSTHROUGH and the backing id, when
+ *    the server said so for that file handle just before returning it (pyfuse3 replies in the same
+ *    step, so one pending slot is enough); every other reply is libfuse's own.  Every write(2) to
+ *    a passed-through file asks the server for security.capability (file_remove_privs: FUSE has no
+ *    SB_NOSEC); for the files the server lists as having none, the shim answers ENODATA itself.
  *
  * How: this module defines fuse_session_new() (and fuse_session_receive_buf(), to see the session
  * end).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
@@ -57,7 +67,10 @@
 #include <unistd.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
@@ -65,6 +78,7 @@ typedef void (*init_fn)(void *, struct fuse_conn_info *);
 typedef void (*opendir_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*fsyncdir_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
 
 #define STATELESS_DIR (1ULL << 63)
 
@@ -73,6 +87,7 @@ static init_fn inner_init;
 static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
+static getxattr_fn inner_getxattr;
 static PyObject *fallocate_cb; /* (req, ino, fh, mode, offset, length) -> errno, or None: later */
 static PyObject *lseek_cb;     /* (ino, fh, offset, whence) -> new offset, or -errno */
 static int cache_dirs;
@@ -183,6 +198,226 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
         fuse_reply_lseek(req, (off_t)res);
 }
 
+/* ------------------------------------------------------------------ passthrough */
+
+/* Newer than the <linux/fuse.h> this builds against (7.38): the values of Linux 6.9's 7.40. */
+#define PT_INIT_FLAGS2 (1u << (37 - 32)) /* FUSE_PASSTHROUGH, in fuse_init_in/out.flags2 */
+#define PT_FOPEN (1u << 7)               /* FOPEN_PASSTHROUGH */
+struct pt_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define PT_IOC_BACKING_OPEN _IOW(229, 1, struct pt_backing_map)
+#define PT_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
+/* Backing files on a filesystem of stacking depth 0 (ext4, xfs, tmpfs): the union's own depth is
+   then 1, and an overlayfs may still be stacked on it. */
+#define PT_STACK_DEPTH 1
+
+static int want_passthrough;
+static int passthrough;        /* this session's INIT reply asks for it */
+static int passthrough_offered; /* the kernel offered it in INIT */
+static struct fuse_session *io_session; /* the session our custom io is installed in */
+static uint64_t init_unique;   /* the INIT request, until its reply goes out */
+static uint64_t pending_fh;    /* the next OPEN/CREATE reply for this fh passes through... */
+static int32_t pending_backing; /* ...to this backing file */
+static int pending;
+static int *backing_ids;       /* registered and not yet closed: closed at the session's end */
+static size_t n_backing, cap_backing;
+
+static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    return read(fd, buf, len);
+}
+
+static ssize_t pt_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+                         unsigned int flags, void *userdata)
+{
+    (void)userdata;
+    return splice(fdin, offin, fdout, offout, len, flags);
+}
+
+/* Every reply libfuse writes: the INIT reply gets the passthrough flag on its way. */
+static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    struct fuse_init_out out;
+    if (init_unique != 0 && count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header) &&
+        ((struct fuse_out_header *)iov[0].iov_base)->unique == init_unique) {
+        init_unique = 0;
+        struct fuse_out_header *oh = iov[0].iov_base;
+        if (passthrough && oh->error == 0 && iov[1].iov_len == sizeof out) {
+            memcpy(&out, iov[1].iov_base, sizeof out);
+            if (out.flags & FUSE_WRITEBACK_CACHE) {
+                passthrough = 0; /* the kernel takes the two together as neither */
+            } else {
+                out.flags |= FUSE_INIT_EXT;
+                out.flags2 |= PT_INIT_FLAGS2;
+                out.unused[0] = PT_STACK_DEPTH; /* max_stack_depth */
+                iov[1].iov_base = &out;
+            }
+        } else {
+            passthrough = 0;
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+static const struct fuse_custom_io pt_io = {
+    .writev = pt_writev, .read = pt_read, .splice_receive = pt_splice, .splice_send = pt_splice,
+};
+
+/* Before the session's first read (the INIT request): our io in libfuse's place. */
+static void pt_install(struct fuse_session *se)
+{
+    if (!want_passthrough || io_session == se)
+        return;
+    io_session = se;
+    n_backing = 0;
+    passthrough = passthrough_offered = 0;
+    init_unique = 0;
+    pending = 0;
+    if (fuse_session_custom_io(se, &pt_io, fuse_session_fd(se)) != 0)
+        io_session = NULL;
+}
+
+/* After a read: the INIT request says whether the kernel offers passthrough. */
+static void pt_received(struct fuse_session *se, const struct fuse_buf *buf, int res)
+{
+    if (io_session != se || res < (int)(sizeof(struct fuse_in_header) + sizeof(struct fuse_init_in)) ||
+        (buf->flags & FUSE_BUF_IS_FD))
+        return;
+    const struct fuse_in_header *in = buf->mem;
+    if (in->opcode != FUSE_INIT)
+        return;
+    const struct fuse_init_in *arg = (const struct fuse_init_in *)(in + 1);
+    passthrough_offered = (arg->flags & FUSE_INIT_EXT) && (arg->flags2 & PT_INIT_FLAGS2);
+    passthrough = passthrough_offered;
+    init_unique = in->unique;
+}
+
+static void *next_symbol(const char *name)
+{
+    void *sym = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
+    return sym != NULL ? sym : dlsym(RTLD_NEXT, name);
+}
+
+static int take_pending(uint64_t fh, int32_t *backing)
+{
+    if (!pending || pending_fh != fh)
+        return 0;
+    pending = 0;
+    *backing = pending_backing;
+    return 1;
+}
+
+/* libfuse 3.14's fill_open, with the passthrough flag and the backing id, and only the flags the
+   kernel takes beside it (FOPEN_PASSTHROUGH_MASK: others make the open fail with EIO; keep_cache
+   means nothing for a file whose pages are the backing file's). */
+static void pt_fill_open(struct fuse_open_out *arg, const struct fuse_file_info *f, int32_t backing)
+{
+    memset(arg, 0, sizeof *arg);
+    arg->fh = f->fh;
+    arg->open_flags = PT_FOPEN;
+    if (f->direct_io)
+        arg->open_flags |= FOPEN_DIRECT_IO;
+    if (f->noflush)
+        arg->open_flags |= FOPEN_NOFLUSH;
+    arg->padding = (uint32_t)backing; /* backing_id */
+}
+
+static uint64_t timeout_sec(double t)
+{
+    return t > 1e18 ? (uint64_t)1e18 : t < 0.0 ? 0 : (uint64_t)t;
+}
+
+static uint32_t timeout_nsec(double t)
+{
+    double f = t - (double)timeout_sec(t);
+    return f < 0.0 ? 0 : f >= 0.999999999 ? 999999999 : (uint32_t)(f * 1.0e9);
+}
+
+typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
+typedef int (*reply_create_fn)(fuse_req_t, const struct fuse_entry_param *,
+                               const struct fuse_file_info *);
+
+__attribute__((visibility("default"))) int fuse_reply_open(fuse_req_t req,
+                                                           const struct fuse_file_info *f)
+{
+    static reply_open_fn real;
+    int32_t backing;
+    if (take_pending(f->fh, &backing)) {
+        struct fuse_open_out arg;
+        pt_fill_open(&arg, f, backing);
+        return fuse_reply_buf(req, (const char *)&arg, sizeof arg);
+    }
+    if (real == NULL && (real = (reply_open_fn)next_symbol("fuse_reply_open")) == NULL)
+        return fuse_reply_err(req, EIO);
+    return real(req, f);
+}
+
+__attribute__((visibility("default"))) int fuse_reply_create(fuse_req_t req,
+                                                             const struct fuse_entry_param *e,
+                                                             const struct fuse_file_info *f)
+{
+    static reply_create_fn real;
+    int32_t backing;
+    if (take_pending(f->fh, &backing)) {
+        struct {
+            struct fuse_entry_out entry;
+            struct fuse_open_out open;
+        } arg;
+        memset(&arg, 0, sizeof arg);
+        const struct stat *st = &e->attr;
+        arg.entry.nodeid = e->ino;
+        arg.entry.generation = e->generation;
+        arg.entry.entry_valid = timeout_sec(e->entry_timeout);
+        arg.entry.entry_valid_nsec = timeout_nsec(e->entry_timeout);
+        arg.entry.attr_valid = timeout_sec(e->attr_timeout);
+        arg.entry.attr_valid_nsec = timeout_nsec(e->attr_timeout);
+        struct fuse_attr *a = &arg.entry.attr;
+        a->ino = st->st_ino;
+        a->mode = st->st_mode;
+        a->nlink = (uint32_t)st->st_nlink;
+        a->uid = st->st_uid;
+        a->gid = st->st_gid;
+        a->rdev = (uint32_t)st->st_rdev;
+        a->size = (uint64_t)st->st_size;
+        a->blksize = (uint32_t)st->st_blksize;
+        a->blocks = (uint64_t)st->st_blocks;
+        a->atime = (uint64_t)st->st_atim.tv_sec;
+        a->mtime = (uint64_t)st->st_mtim.tv_sec;
+        a->ctime = (uint64_t)st->st_ctim.tv_sec;
+        a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+        a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+        a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+        pt_fill_open(&arg.open, f, backing);
+        return fuse_reply_buf(req, (const char *)&arg, sizeof arg);
+    }
+    if (real == NULL && (real = (reply_create_fn)next_symbol("fuse_reply_create")) == NULL)
+        return fuse_reply_err(req, EIO);
+    return real(req, e, f);
+}
+
+/* Nodes without security.capability, as the server says (a few: its passed-through files). */
+#define MAX_NOCAPS 1024
+static uint64_t nocaps[MAX_NOCAPS];
+static int n_nocaps;
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (n_nocaps > 0 && strcmp(name, "security.capability") == 0) {
+        for (int i = 0; i < n_nocaps; i++) {
+            if (nocaps[i] == ino) {
+                fuse_reply_err(req, ENODATA);
+                return;
+            }
+        }
+    }
+    inner_getxattr(req, ino, name, size);
+}
+
 /* ------------------------------------------------------------------ the end of the session */
 
 #define MAX_RELEASE 64
@@ -237,6 +472,19 @@ static void release_branch_fds(void)
     close(sink);
 }
 
+/* The backing files still registered: the kernel holds them open until /dev/fuse is closed, which
+   comes later (pyfuse3 unwinds first); RELEASEs still queued at the unmount are never served. */
+static void close_backing_files(struct fuse_session *se)
+{
+    if (io_session != se)
+        return;
+    for (size_t i = 0; i < n_backing; i++) {
+        uint32_t arg = (uint32_t)backing_ids[i];
+        ioctl(fuse_session_fd(se), PT_IOC_BACKING_CLOSE, &arg);
+    }
+    n_backing = 0;
+}
+
 /* The session loop's read: when it finds the session ended (the kernel unmounted it or the
    connection was aborted; libfuse then marks the session exited), the branches are let go of
    right there, before pyfuse3 returns to Python.  Doing it here rather than in a thread of our own
@@ -249,16 +497,17 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
 {
     static receive_fn real;
     if (real == NULL) {
-        real = (receive_fn)dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
-        if (real == NULL)
-            real = (receive_fn)dlsym(RTLD_NEXT, "fuse_session_receive_buf");
+        real = (receive_fn)next_symbol("fuse_session_receive_buf");
         if (real == NULL)
             return -ENOSYS;
     }
+    pt_install(se);
     int res = real(se, buf);
+    pt_received(se, buf, res);
     received = 1;
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
         released = 1;
+        close_backing_files(se);
         release_branch_fds();
     }
     return res;
@@ -268,9 +517,7 @@ __attribute__((visibility("default"))) struct fuse_session *
 fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, size_t op_size,
                  void *userdata)
 {
-    session_new_fn real = (session_new_fn)dlvsym(RTLD_NEXT, "fuse_session_new", "FUSE_3.0");
-    if (real == NULL)
-        real = (session_new_fn)dlsym(RTLD_NEXT, "fuse_session_new");
+    session_new_fn real = (session_new_fn)next_symbol("fuse_session_new");
     if (real == NULL) {
         fprintf(stderr, "unionfs: libfuse's fuse_session_new not found\n");
         return NULL;
@@ -288,6 +535,11 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
         shim_ops.opendir = shim_opendir;
         shim_ops.readdirplus = shim_readdirplus;
         shim_ops.fsyncdir = shim_fsyncdir;
+    }
+    n_nocaps = 0;
+    if (shim_ops.getxattr != NULL) {
+        inner_getxattr = shim_ops.getxattr;
+        shim_ops.getxattr = shim_getxattr;
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
@@ -311,11 +563,12 @@ static void configure_lseek(PyObject *seek)
 
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", "lseek", NULL};
-    int cache = 0, stateless = 0, nomask = 0;
+    static char *kwlist[] = {"cache_dirs", "fallocate", "stateless_dirs", "dont_mask", "lseek",
+                             "passthrough", NULL};
+    int cache = 0, stateless = 0, nomask = 0, pt = 0;
     PyObject *cb = Py_None, *seek = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOppO", kwlist, &cache, &cb, &stateless,
-                                     &nomask, &seek))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pOppOp", kwlist, &cache, &cb, &stateless,
+                                     &nomask, &seek, &pt))
         return NULL;
     if ((cb != Py_None && !PyCallable_Check(cb)) || (seek != Py_None && !PyCallable_Check(seek))) {
         PyErr_SetString(PyExc_TypeError, "fallocate and lseek must be callable or None");
@@ -325,6 +578,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kwargs)
     cache_dirs = cache;
     want_stateless_dirs = stateless;
     want_dont_mask = nomask;
+    want_passthrough = pt;
     Py_XDECREF(fallocate_cb);
     fallocate_cb = NULL;
     if (cb != Py_None) {
@@ -385,6 +639,85 @@ static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_passthrough(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(ii)", passthrough_offered, passthrough);
+}
+
+static PyObject *py_backing_open(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (!passthrough || io_session == NULL)
+        return PyLong_FromLong(-EPERM);
+    if (n_backing == cap_backing) {
+        size_t cap = cap_backing ? 2 * cap_backing : 64;
+        int *more = PyMem_RawRealloc(backing_ids, cap * sizeof *more);
+        if (more == NULL)
+            return PyErr_NoMemory();
+        backing_ids = more;
+        cap_backing = cap;
+    }
+    struct pt_backing_map map = {.fd = fd};
+    int id = ioctl(fuse_session_fd(io_session), PT_IOC_BACKING_OPEN, &map);
+    if (id < 0)
+        return PyLong_FromLong(-errno);
+    backing_ids[n_backing++] = id;
+    return PyLong_FromLong(id);
+}
+
+static PyObject *py_backing_close(PyObject *self, PyObject *args)
+{
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    if (io_session == NULL)
+        return PyLong_FromLong(-EBADF);
+    for (size_t i = 0; i < n_backing; i++) {
+        if (backing_ids[i] == id) {
+            backing_ids[i] = backing_ids[--n_backing];
+            break;
+        }
+    }
+    uint32_t arg = (uint32_t)id;
+    int res = ioctl(fuse_session_fd(io_session), PT_IOC_BACKING_CLOSE, &arg);
+    return PyLong_FromLong(res < 0 ? -errno : 0);
+}
+
+static PyObject *py_pass_through(PyObject *self, PyObject *args)
+{
+    unsigned long long fh;
+    int id;
+    if (!PyArg_ParseTuple(args, "Ki", &fh, &id))
+        return NULL;
+    pending_fh = fh;
+    pending_backing = id;
+    pending = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_no_capability(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int none;
+    if (!PyArg_ParseTuple(args, "Kp", &ino, &none))
+        return NULL;
+    for (int i = 0; i < n_nocaps; i++) {
+        if (nocaps[i] == ino) {
+            if (!none)
+                nocaps[i] = nocaps[--n_nocaps];
+            Py_RETURN_TRUE;
+        }
+    }
+    if (!none)
+        Py_RETURN_TRUE;
+    if (n_nocaps == MAX_NOCAPS)
+        Py_RETURN_FALSE;
+    nocaps[n_nocaps++] = ino;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -403,7 +736,7 @@ static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
      "configure(cache_dirs=False, fallocate=None, stateless_dirs=False, dont_mask=False, "
-     "lseek=None): what the next FUSE session gets."},
+     "lseek=None, passthrough=False): what the next FUSE session gets."},
     {"dont_mask", py_dont_mask, METH_NOARGS,
      "Whether the kernel agreed to send new objects' modes without the umask applied."},
     {"reply_err", py_reply_err, METH_VARARGS,
@@ -412,6 +745,19 @@ static PyMethodDef methods[] = {
     {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
      "release_on_session_end(devices, keep): when the session loop finds the session ended, point "
      "every fd on those filesystems (st_dev), but 0-2 and those in keep, at a private sink."},
+    {"passthrough", py_passthrough, METH_NOARGS,
+     "(offered, asked): whether the kernel offered FUSE passthrough at INIT, and whether the "
+     "session asks for it."},
+    {"backing_open", py_backing_open, METH_VARARGS,
+     "backing_open(fd) -> backing id, or -errno: register fd as a backing file (root only)."},
+    {"backing_close", py_backing_close, METH_VARARGS,
+     "backing_close(id) -> 0 or -errno: drop a backing id (open files keep their backing file)."},
+    {"pass_through", py_pass_through, METH_VARARGS,
+     "pass_through(fh, id): the OPEN or CREATE reply about to be sent for fh passes through to "
+     "backing file id."},
+    {"no_capability", py_no_capability, METH_VARARGS,
+     "no_capability(ino, none) -> bool: whether the shim now answers ENODATA itself for node ino's "
+     "security.capability (none=True: it has none; False: ask the server again)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {"received", py_received, METH_NOARGS,

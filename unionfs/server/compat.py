@@ -9,7 +9,8 @@ each to go away):
 - **The libfuse shim** (``_fuse_shim.c``): fallocate(2) and lseek(2) (SEEK_DATA, SEEK_HOLE)
   handlers, kernel-cached directory listings (cache_readdir, no OPENDIR at all where the kernel
   allows), modes of new objects without the umask applied (FUSE_CAP_DONT_MASK, so that a default
-  ACL can replace it), and letting go of the branches the moment the session ends.  It works by
+  ACL can replace it), letting go of the branches the moment the session ends, and FUSE
+  passthrough (the INIT flag, backing files, OPEN and CREATE replies naming one).  It works by
   being the ``fuse_session_new`` and ``fuse_session_receive_buf`` that pyfuse3 binds to, so it is
   loaded here, into the global symbol scope, before pyfuse3 is imported.
 - **st_ino in replies** (`set_shown_ino`): pyfuse3 sets a reply's node id and the st_ino the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import struct
@@ -83,12 +85,70 @@ def _shim_problem(shim: ModuleType | None, not_loaded: str | None) -> str | None
 
 
 def configure_session(cache_dirs: bool, fallocate: Callable[[int, int, int, int, int, int], int | None],
-                      lseek: Callable[[int, int, int, int], int]) -> None:
+                      lseek: Callable[[int, int, int, int], int], passthrough: bool = False,
+                      writeback: bool = False) -> None:
     """What the next FUSE session gets from the shim: these fallocate and lseek handlers, modes
-    without the umask applied, kernel-cached listings when *cache_dirs*.  Nothing without the shim."""
+    without the umask applied, kernel-cached listings when *cache_dirs*, FUSE passthrough asked for
+    when *passthrough* and the kernel offers it (*writeback*: the kernel's writeback cache is asked
+    for, which excludes it).  Nothing without the shim."""
+    global _passthrough_wanted, _writeback
+    _passthrough_wanted, _writeback = passthrough, writeback
     if _shim is not None:
         _shim.configure(cache_dirs=cache_dirs, fallocate=fallocate, stateless_dirs=True,
-                        dont_mask=True, lseek=lseek)
+                        dont_mask=True, lseek=lseek, passthrough=passthrough)
+
+
+_passthrough_wanted = False
+_writeback = False
+
+
+def _passthrough_state() -> str:
+    """The start-up report's word on FUSE passthrough."""
+    if _writeback:
+        return "off (the writeback cache is on)"
+    if not _passthrough_wanted:
+        return "off (passthrough=off)"
+    if _shim is None or _shim_problem(_shim, _shim_not_loaded) is not None:
+        return "off (no libfuse shim)"
+    if not passthrough_offered():
+        return "off (the kernel does not offer it: Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
+    return "asked (open files in the writable branch are read and written by the kernel)"
+
+
+def passthrough_asked() -> bool:
+    """Whether this session asks the kernel for FUSE passthrough (valid once INIT has been read)."""
+    return _shim is not None and bool(_shim.passthrough()[1])
+
+
+def passthrough_offered() -> bool:
+    """Whether the kernel offered FUSE passthrough at INIT (it does from Linux 6.9 when built with it)."""
+    return _shim is not None and bool(_shim.passthrough()[0])
+
+
+def backing_open(fd: int) -> int:
+    """Register the open file *fd* as a backing file of this session: its id, or the errno negated
+    (EPERM: passthrough not agreed, or the server lacks CAP_SYS_ADMIN in the initial user namespace;
+    ELOOP: *fd*'s filesystem is stacked too deep)."""
+    return _shim.backing_open(fd) if _shim is not None else -errno.EPERM
+
+
+def backing_close(backing_id: int) -> int:
+    """Drop a backing id (files open on it keep their backing file): 0, or the errno negated."""
+    return _shim.backing_close(backing_id) if _shim is not None else -errno.EBADF
+
+
+def no_capability(node_id: int, none: bool) -> None:
+    """Whether node *node_id* has no security.capability (the shim then answers the kernel's
+    question at every write itself) or may have one (the server is asked again)."""
+    if _shim is not None:
+        _shim.no_capability(node_id, none)
+
+
+def pass_through(fh: int, backing_id: int) -> None:
+    """The OPEN or CREATE reply about to be sent for file handle *fh* (in the same step: no await
+    in between) tells the kernel to read and write backing file *backing_id* itself."""
+    assert _shim is not None, "backing ids come from the shim only"
+    _shim.pass_through(fh, backing_id)
 
 
 def reply_err(req: int, err: int) -> None:
@@ -316,8 +376,8 @@ def report() -> dict[str, str]:
         active.remove(STANDIN)
     if _shim is not None and SHIM not in bypassed and not _shim.dont_mask():
         log.warning("the kernel applies the umask itself: new objects under a default ACL get both")
-    log.info("pyfuse3 %s on libfuse %s, patched: %s", versions["pyfuse3"], versions["libfuse"],
-             ", ".join(active) or "nothing")
+    log.info("pyfuse3 %s on libfuse %s, patched: %s; FUSE passthrough %s", versions["pyfuse3"],
+             versions["libfuse"], ", ".join(active) or "nothing", _passthrough_state())
     return bypassed
 
 
@@ -330,5 +390,6 @@ with _version_only() as _standin:
 
 _SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
 
-__all__ = ["VERIFIED", "configure_session", "libfuse_version", "problems", "pyfuse3",
+__all__ = ["VERIFIED", "backing_close", "backing_open", "configure_session", "libfuse_version",
+           "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
            "release_on_session_end", "reply_err", "report", "set_shown_ino"]

@@ -241,7 +241,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         ops = Operations.over(layers, cfg.dialect, readonly=not writable, max_listed=cfg.max_cached_entries,
                               timeout=cfg.timeout, debug=debug, udba=cfg.udba,
                               max_watches=cfg.udba_max_watches, metacopy=cfg.metacopy,
-                              redirect_dir=cfg.redirect_dir)
+                              redirect_dir=cfg.redirect_dir, passthrough=cfg.passthrough,
+                              writeback=cfg.writeback)
         branches.callback(ops.union.close)
         if ops.watcher is not None:
             branches.callback(ops.watcher.close)

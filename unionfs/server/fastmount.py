@@ -200,7 +200,7 @@ def message(cfg: MountConfig) -> dict[str, object]:
         "allow_other": cfg.allow_other, "timeout": cfg.timeout, "fsname": cfg.fsname,
         "max_cached_entries": cfg.max_cached_entries, "flags": cfg.flags,
         "udba": cfg.udba, "udba_max_watches": cfg.udba_max_watches, "metacopy": cfg.metacopy,
-        "redirect_dir": cfg.redirect_dir,
+        "redirect_dir": cfg.redirect_dir, "passthrough": cfg.passthrough, "writeback": cfg.writeback,
     }
 
 

@@ -46,6 +46,7 @@ from unionfs.core.whiteout import Dialect
 
 from . import stats
 from .offload import Offload
+from .passthrough import CAPABILITY, Passthrough
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,10 @@ class Operations(pyfuse3.Operations):
     watcher: Watcher | None
 
     supports_dot_lookup = True
+    # The kernel's writeback cache (``-o writeback``): write(2) fills the page cache and the kernel
+    # sends WRITEs of up to 1 MiB later, as with fuse-overlayfs; it keeps size, mtime and ctime itself
+    # and sends them back with SETATTR (see setattr), and reads the pages around a partial write
+    # through the writing handle (see _readable).  It excludes passthrough.
     enable_writeback_cache = False
     # POSIX ACLs: the kernel checks access with the ACL it reads as system.posix_acl_access, and
     # drops its cached attributes and ACL when one is set through the mount.  New objects get their
@@ -197,9 +202,11 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, offload: Offload, snapshots: Snapshots, timeout: float = 1.0,
-                 debug: bool = False) -> None:
+                 debug: bool = False, passthrough: bool = False, writeback: bool = False) -> None:
         """Serve *union*, which runs its long calls on *offload* and keeps *snapshots* beside its
-        listings (`Operations.over` makes the three together)."""
+        listings (`Operations.over` makes the three together); with *passthrough*, let the kernel
+        read and write the open files it may itself (`unionfs.server.passthrough`); with
+        *writeback*, let the kernel gather writes in its page cache instead."""
         super().__init__()
         self.union = union
         self.offload = offload
@@ -208,6 +215,8 @@ class Operations(pyfuse3.Operations):
         self.debug = debug
         self.dirs = {}
         self.stats = stats.Stats(len(union.stack.layers))
+        self.enable_writeback_cache = writeback
+        self.passthrough = Passthrough(union, passthrough and not writeback)
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None
@@ -219,7 +228,8 @@ class Operations(pyfuse3.Operations):
     def over(cls, stack: LayerStack, dialect: Dialect, *, readonly: bool = False,
              max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
              udba: str = NONE, max_watches: int = 0, metacopy: bool = False,
-             redirect_dir: str = "off") -> Operations:
+             redirect_dir: str = "off", passthrough: bool = False,
+             writeback: bool = False) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of; *udba* says how changes made directly in the branches
         are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
@@ -232,7 +242,8 @@ class Operations(pyfuse3.Operations):
                       executor=offload, invalidator=KernelCache(), beside=snapshots,
                       udba=udba, watches=watcher or NO_WATCHES, metacopy=metacopy,
                       redirect_dir=redirect_dir)
-        ops = cls(union, offload, snapshots, timeout=timeout, debug=debug)
+        ops = cls(union, offload, snapshots, timeout=timeout, debug=debug, passthrough=passthrough,
+                  writeback=writeback)
         if watcher is not None:
             watcher.attach(union, offload)
             ops.watcher = watcher
@@ -241,6 +252,7 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         try:
             compat.report()   # the INIT request came through the session loop: the patches can tell
+            self.passthrough.start()
             self.on_init()
         except Exception:
             log.exception("init hook failed")
@@ -331,6 +343,8 @@ class Operations(pyfuse3.Operations):
         try:
             for inode, n in inode_list:
                 self.union.table.forget(inode, n)
+                if self.enable_writeback_cache:
+                    compat.no_capability(inode, False)   # node ids are reused once forgotten
         except Exception:
             log.exception("forget failed")
         self.stats.requests[_FORGET].add(perf_counter_ns() - started)
@@ -457,7 +471,14 @@ class Operations(pyfuse3.Operations):
         keep = True
         if self.union.revalidate and self.union.unsure(node):
             keep = self._unchanged(node)
-        h = await self.union.open(node, flags)
+        wide = self._readable(flags)
+        try:
+            h = await self.union.open(node, wide)
+        except PermissionError:
+            if wide == flags:
+                raise
+            h = await self.union.open(node, flags)   # a file we may write but not read
+        self.passthrough.open(h)   # pyfuse3 replies right after: no await in between
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
 
     def _unchanged(self, node: Node) -> bool:
@@ -472,6 +493,13 @@ class Operations(pyfuse3.Operations):
         return old is not None and (old.st_ino, old.st_size, old.st_mtime_ns, old.st_ctime_ns) == (
             new.st_ino, new.st_size, new.st_mtime_ns, new.st_ctime_ns)
 
+    def _readable(self, flags: int) -> int:
+        """*flags* for the real file: with the writeback cache the kernel reads the rest of a page
+        a write covers in part through the writing handle, so a write-only open reads too."""
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            return (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.union.read(fh, off, size)
@@ -479,6 +507,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         h = self.union.handles[fh]
+        self.passthrough.release(h)
         if h.node.links or os.fstat(h.fd).st_blocks * 512 < FREE_BIG:
             self.union.release(h)
             return
@@ -500,7 +529,14 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.union.getxattr(self._node(inode), name)
+        try:
+            return self.union.getxattr(self._node(inode), name)
+        except OSError as e:
+            # With the writeback cache every write(2) asks for security.capability: the shim
+            # answers it for the nodes that have none, until one is set or the node forgotten.
+            if e.errno == errno.ENODATA and name == CAPABILITY and self.enable_writeback_cache:
+                compat.no_capability(inode, True)
+            raise
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -610,7 +646,9 @@ class Operations(pyfuse3.Operations):
     def use_shim(self) -> None:
         """Hand the next FUSE session fallocate, lseek, modes without the umask applied (the union
         applies it where no default ACL replaces it) and, with caching on, kernel-cached listings."""
-        compat.configure_session(cache_dirs=self.timeout > 0, fallocate=self.fallocate, lseek=self.lseek)
+        compat.configure_session(cache_dirs=self.timeout > 0, fallocate=self.fallocate, lseek=self.lseek,
+                                 passthrough=self.passthrough.enabled,
+                                 writeback=self.enable_writeback_cache)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -619,7 +657,9 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        h, node, st = self.union.create(self._node(parent_inode), name, mode, flags, self._creds(ctx))
+        h, node, st = self.union.create(self._node(parent_inode), name, mode, self._readable(flags),
+                                        self._creds(ctx))
+        self.passthrough.open(h)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), self._looked_up(node, st)
 
     @_handler
@@ -674,6 +714,12 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if fields.update_ctime and fields.update_mtime and not (
+                fields.update_atime or fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid):
+            kept = self._times_kept(node, attr.st_mtime_ns)
+            if kept is not None:
+                return self._attr(node, kept)
         st = await self.union.setattr(
             node,
             size=attr.st_size if fields.update_size else None,
@@ -686,14 +732,32 @@ class Operations(pyfuse3.Operations):
         )
         return self._attr(node, st)
 
+    def _times_kept(self, node: Node, mtime_ns: int) -> Stat | None:
+        """The attributes to answer a SETATTR of mtime and ctime alone with, when it changes
+        nothing we can change; None when it must be carried out.
+
+        Only the kernel's writeback cache sends ctime (with mtime: a utimensat of mtime alone; alone:
+        a chown to -1:-1, which copies up as on overlayfs).  It writes back the times it keeps after
+        a write, and after an unlink, rename or link, also of files that stayed in a lower branch
+        (the mtime it holds is theirs: copying them up for it would be wrong) or whose last name
+        is gone (no file to set it on; failing would make the kernel report EIO at the next close
+        of any descriptor of it).  ctime cannot be set, and the real one moves with any change."""
+        try:
+            st = self.union.stat(node)
+        except OSError:
+            return node.st if not node.links else None   # gone: nothing left to set a time on
+        return st if st.st_mtime_ns == mtime_ns else None
+
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        self.passthrough.xattr_changed(node.id, name)
         await self.union.setxattr(node, name, value, self._kills_sgid(node, name, ctx))
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        self.passthrough.xattr_changed(node.id, name)
         await self.union.removexattr(node, name, self._kills_sgid(node, name, ctx))
 
     def _kills_sgid(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bool:

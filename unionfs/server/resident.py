@@ -66,6 +66,7 @@ def config_from(fields: dict[str, Any]) -> MountConfig:
         max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
         udba=str(fields.get("udba", "none")), udba_max_watches=int(fields.get("udba_max_watches", 16384)),
         metacopy=bool(fields.get("metacopy", False)), redirect_dir=str(fields.get("redirect_dir", "off")),
+        passthrough=bool(fields.get("passthrough", True)), writeback=bool(fields.get("writeback", False)),
     )
 
 
