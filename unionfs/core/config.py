@@ -14,7 +14,7 @@ import enum
 import os
 import stat
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import QuietError
 
@@ -111,6 +111,22 @@ class MountConfig:
 
     def __repr__(self) -> str:
         return f"MountConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def fields(self) -> dict[str, Any]:
+        """Every attribute as plain data (JSON or a Python literal), as `from_fields` takes it back:
+        the one encoding of a config sent to a server, so a new option needs nothing here."""
+        fields = dict(vars(self))
+        fields["dialect"] = self.dialect.value
+        fields["branches"] = [[path, writable] for path, writable in self.branches]
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> MountConfig:
+        """The config `fields` made (a field a sender of an older build did not know keeps its default)."""
+        fields = dict(fields)
+        fields["dialect"] = Dialect(fields["dialect"])
+        fields["branches"] = [(str(path), bool(writable)) for path, writable in fields["branches"]]
+        return cls(**fields)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MountConfig) and vars(self) == vars(other)

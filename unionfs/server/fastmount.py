@@ -193,15 +193,9 @@ def _open_dir(path: str) -> int:
 
 
 def message(cfg: MountConfig) -> dict[str, object]:
-    """The config as the server's worker rebuilds it (`unionfs.server.resident.config_from`)."""
-    return {
-        "branches": cfg.branches, "mountpoint": os.path.realpath(cfg.mountpoint), "workdir": cfg.workdir,
-        "style": cfg.style, "dialect": cfg.dialect.value, "readonly": cfg.readonly,
-        "allow_other": cfg.allow_other, "timeout": cfg.timeout, "fsname": cfg.fsname,
-        "max_cached_entries": cfg.max_cached_entries, "flags": cfg.flags,
-        "udba": cfg.udba, "udba_max_watches": cfg.udba_max_watches, "metacopy": cfg.metacopy,
-        "redirect_dir": cfg.redirect_dir, "passthrough": cfg.passthrough, "writeback": cfg.writeback,
-    }
+    """The config as the server's worker rebuilds it (`MountConfig.from_fields`), its mount point
+    resolved here, in the caller's namespaces."""
+    return {**cfg.fields(), "mountpoint": os.path.realpath(cfg.mountpoint)}
 
 
 def _greeted(sock: socket.socket | None) -> socket.socket | None:

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 from unionfs.core.config import MountConfig
 from unionfs.core.errors import QuietError, describe
-from unionfs.core.whiteout import Dialect
 
 READY = b"ready"
 ERROR = b"error: "
@@ -37,19 +36,14 @@ class Order(NamedTuple):
 
 
 def encode_order(order: Order) -> bytes:
-    fields = dict(vars(order.config))   # (a plain class: the mount's fast path does without dataclasses)
-    fields["dialect"] = order.config.dialect.value
-    data = {"config": fields, "log_file": order.log_file, "log_level": order.log_level}
+    data = {"config": order.config.fields(), "log_file": order.log_file, "log_level": order.log_level}
     return ascii(data).encode("ascii")
 
 
 def decode_order(data: bytes) -> Order:
     """The order in *data*, as `encode_order` wrote it."""
     raw: dict[str, Any] = ast.literal_eval(data.decode("ascii"))
-    fields = raw["config"]
-    fields["branches"] = [(path, writable) for path, writable in fields["branches"]]
-    fields["dialect"] = Dialect(fields["dialect"])
-    return Order(MountConfig(**fields), raw["log_file"], raw["log_level"])
+    return Order(MountConfig.from_fields(raw["config"]), raw["log_file"], raw["log_level"])
 
 
 def send_order(fd: int, order: Order | None) -> None:

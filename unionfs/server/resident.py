@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from unionfs.core.config import Dialect, MountConfig, build_config
+from unionfs.core.config import MountConfig, build_config
 from unionfs.core.errors import QuietError
 
 from .fastmount import (
@@ -58,16 +58,7 @@ ARGV_HELLO = b"argv1\0"  # a C client's first message (fastclient.c)
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
     """The `MountConfig` a client sent (`unionfs.server.fastmount.message`)."""
-    return MountConfig(
-        branches=[(str(p), bool(w)) for p, w in fields["branches"]], mountpoint=str(fields["mountpoint"]),
-        workdir=fields["workdir"], style=str(fields["style"]), dialect=Dialect(fields["dialect"]),
-        readonly=bool(fields["readonly"]), allow_other=bool(fields["allow_other"]),
-        timeout=float(fields["timeout"]), fsname=str(fields["fsname"]),
-        max_cached_entries=int(fields["max_cached_entries"]), flags=[str(f) for f in fields["flags"]],
-        udba=str(fields.get("udba", "none")), udba_max_watches=int(fields.get("udba_max_watches", 16384)),
-        metacopy=bool(fields.get("metacopy", False)), redirect_dir=str(fields.get("redirect_dir", "off")),
-        passthrough=bool(fields.get("passthrough", True)), writeback=bool(fields.get("writeback", False)),
-    )
+    return MountConfig.from_fields(fields)
 
 
 class Server:
