@@ -222,6 +222,7 @@ def apply(union: Resolver, slots: list[_Slot]) -> Stale:
     if old_upper is not None and new_top:
         stack.drop_work()   # the old top's, removed from it while it is still layers[0]
     stack.layers[:] = layers
+    table.fds.roots = {la.index: la.fd for la in layers}     # where moved directories' routes start
     if work is not None:
         stack.work_fd, stack.remove_work = work, AUFS_WORK_NAME
     _renumber(union, remap)
@@ -250,6 +251,7 @@ def _renumber(union: Resolver, remap: dict[int, int]) -> None:
     for node in table.nodes.values():
         node.st = None
         node.xattrs = None
+        node.lowerdata = None   # -o metacopy: the branch holding the data, by index: looked up again
         if node.listing is not None:
             node.listing = None
             table.listings.drop(node)
