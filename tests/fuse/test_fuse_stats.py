@@ -32,7 +32,10 @@ def stats_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     (lower / "a").write_bytes(b"0123456789")
     for n in ("x", "y"):
         (lower / "d" / n).write_bytes(n.encode())
-    subprocess.run([UNIONFS, "mount", f"{upper}:{lower}", str(mnt)], check=True, timeout=60)
+    # Without FUSE passthrough, so that writes reach the daemon to be counted (with it, as root, the
+    # kernel writes open files of the upper branch itself).
+    subprocess.run([UNIONFS, "mount", "-o", "passthrough=off", f"{upper}:{lower}", str(mnt)], check=True,
+                   timeout=60)
     try:
         yield mnt, lower
     finally:
