@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]     # tests/unit/this file -> the checkout
 FLOORS = {"unionfs.core": 0, "unionfs.server": 1, "launcher": 2, "unionfs.cli": 2, "unionfs.entry": 3}
 #: What the core must not import from outside the tree: it knows no FUSE and no trio.
 NOT_IN_CORE = ("pyfuse3", "trio")
@@ -84,6 +84,14 @@ def test_the_checks_see_an_import_under_type_checking(tmp_path: Path) -> None:
     sample.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import trio\n"
                       "def f() -> None:\n    from pyfuse3 import FUSEError\n")
     assert _named(sample) == {"typing", "trio", "pyfuse3"}
+
+
+def test_the_checks_read_the_tree() -> None:
+    """Not vacuous: the graph holds the floors' modules and the imports known to exist."""
+    graph = _imports()
+    assert "unionfs.core.resolve" in graph["unionfs.core.union"]
+    assert "unionfs.core.union" in graph["unionfs.server.operations"]
+    assert {_floor(m) for m in graph} >= set(FLOORS.values())
 
 
 def test_no_circles() -> None:

@@ -22,16 +22,35 @@ import errno
 import functools
 import os
 import stat
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .branches import DirFd, copy_data
 from .copyup import INLINE_COPY_MAX
 from .redirect import path_through_redirects
 
 if TYPE_CHECKING:
-    from .nodes import Node
-    from .resolve import Resolver
+    from .branches import LayerStack
+    from .interfaces import Executor, Invalidator
+    from .nodes import Node, NodeTable
+
+
+class Resolver(Protocol):
+    """What this module needs of the union's resolver (`unionfs.core.resolve.Resolver`, which calls
+    it): named here, so that the two do not import each other."""
+
+    stack: LayerStack
+    table: NodeTable
+    executor: Executor
+    invalidator: Invalidator
+    privileged: bool
+
+    def touch(self, *nodes: Node | None) -> None: ...
+    def open_handles(self, node: Node) -> list[Any]: ...
+    def refresh(self, h: Any) -> None: ...
+    def xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object: ...
+    def xattr_names(self, node: Node) -> frozenset[bytes]: ...
+    def data_layer(self, node: Node) -> int: ...
 
 #: The xattrs that mark a metadata-only copy (overlayfs as root, and with userxattr).
 METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
