@@ -19,6 +19,17 @@ from unionfs.core.livebranches import Change, apply, check_busy, plan
 from unionfs.core.union import Union
 
 
+@pytest.fixture
+def tree(tmp_path: Path) -> list[Path]:
+    """U (top), B with shared/f, W (work) and P, a branch to add, with a shared/f of its own."""
+    upper, lower, work, pool = (tmp_path / n for n in ("U", "B", "W", "P"))
+    make(upper, {"./": None})
+    make(work, {"./": None})
+    make(lower, {"shared/f": "B\n"})
+    make(pool, {"shared/f": "P\n"})
+    return [upper, lower, work, pool]
+
+
 def add_branch(u: Union, path: Path) -> None:
     """Add *path* read-only just below the top, as `unionfs branch add` does."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -37,12 +48,8 @@ def lookup(u: Union, *names: bytes) -> Any:
 
 
 @pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_WRONLY | os.O_APPEND])
-async def test_open_of_a_shadowed_node_is_estale(tmp_path: Path, flags: int) -> None:
-    upper, lower, work, pool = (tmp_path / n for n in ("U", "B", "W", "P"))
-    make(upper, {"./": None})
-    make(work, {"./": None})
-    make(lower, {"shared/f": "B\n"})
-    make(pool, {"shared/f": "P\n"})
+async def test_open_of_a_shadowed_node_is_estale(tree: list[Path], flags: int) -> None:
+    upper, lower, work, pool = tree
     with open_union(upper, lower, work) as u:
         old = lookup(u, b"shared", b"f")
         add_branch(u, pool)        # shared/f is P's now
@@ -56,12 +63,8 @@ async def test_open_of_a_shadowed_node_is_estale(tmp_path: Path, flags: int) -> 
         u.release(h)
 
 
-async def test_change_during_a_copy_up_is_estale(tmp_path: Path) -> None:
-    upper, lower, work, pool = (tmp_path / n for n in ("U", "B", "W", "P"))
-    make(upper, {"./": None})
-    make(work, {"./": None})
-    make(lower, {"shared/f": "B\n"})
-    make(pool, {"shared/f": "P\n"})
+async def test_change_during_a_copy_up_is_estale(tree: list[Path]) -> None:
+    upper, lower, work, pool = tree
     with open_union(upper, lower, work) as u:
         node = lookup(u, b"shared", b"f")
         copy = u.copyup.file
