@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .branches import AUFS_WORK_NAME, DirFd, Layer, LayerStack, ancestors, aufs_work_dir, identity
 from .merge import Entry, open_dir_layers
-from .nodes import Node
+from .nodes import SUPERSEDED, Node
 from .resolve import Resolver
 
 MODES = ("rw", "ro", "rr")
@@ -291,6 +291,8 @@ def _resolve_again(union: Resolver, stale: Stale, touched: set[int], added: set[
                     todo.append(child)
                 continue
             table.drop_link(child, parent, name)
+            if not child.links:
+                child.links = SUPERSEDED    # asked for by an old path: ESTALE, not ENOENT
             stale.entries.append((parent.id, name))
         if parent.id in touched or any(bd.layer in added for bd in parent.dirs):
             stale.entries.extend((parent.id, name) for name in listing if name not in parent.children)

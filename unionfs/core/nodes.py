@@ -51,6 +51,20 @@ _NO_DIRS = cast("list[BranchDir]", ())
 _NO_CHILDREN = cast("dict[bytes, Node]", MappingProxyType({}))
 
 
+class _Superseded(tuple):  # type: ignore[type-arg]
+    """The type of `SUPERSEDED`."""
+
+    __slots__ = ()
+
+
+#: `Node.links` of a node whose names a live branch change took (`livebranches`): each now stands
+#: for another object, or for none.  The kernel may still hold the node and ask for it by a path it
+#: walked before the change; ESTALE makes it walk that path again (open, and every path call,
+#: retries once with LOOKUP_REVAL), where ENOENT would tell the caller that a name that exists
+#: does not.
+SUPERSEDED: tuple[tuple[Node, bytes], ...] = _Superseded()
+
+
 class Node:
     """One object of the union.  Directories know their branch directories (`BranchDir`), which
     the table's `DirFds` holds open while they are in use."""
@@ -104,8 +118,11 @@ class Node:
         return None
 
     def name_in(self) -> tuple[Node, bytes]:
-        """One name of this node (the most recent).  Raises FileNotFoundError when it has none."""
+        """One name of this node (the most recent).  Raises FileNotFoundError when it has none
+        (ESTALE when a branch change took them: see `SUPERSEDED`)."""
         if not self.links:
+            if self.links is SUPERSEDED:
+                raise OSError(errno.ESTALE, "names taken by a branch change", str(self.id))
             raise FileNotFoundError(errno.ENOENT, "no name left for node", str(self.id))
         return self.links[-1]
 

@@ -25,7 +25,7 @@ from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Inv
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
 from .metacopy import copy_data_up, data_blocks, data_layer, meta_xattr, open_data, set_move_redirect
-from .nodes import Key, Node, NodeTable
+from .nodes import SUPERSEDED, Key, Node, NodeTable
 from .redirect import Redirects
 from .udba import NO_WATCHES, NONE, WATCHED, Udba, Watches
 from .whiteout import Dialect, WhiteoutWriter
@@ -393,7 +393,8 @@ class Resolver:
         try:
             # The copy may have awaited: make sure the name still stands for this node.
             if node.layer == 0 or (parent, name) not in node.links:
-                raise OSError(errno.ENOENT, "copy-up: object went away", os.fsdecode(name))
+                gone = errno.ESTALE if node.links is SUPERSEDED else errno.ENOENT
+                raise OSError(gone, "copy-up: object went away", os.fsdecode(name))
             upper_pfd = self.upper_dir(parent)
             self.copyup.place(made.tmp, upper_pfd, name)
         except BaseException:
