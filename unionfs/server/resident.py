@@ -32,6 +32,7 @@ from typing import Any
 from unionfs.core.config import MountConfig, build_config
 from unionfs.core.errors import QuietError
 
+from . import statedir
 from .fastmount import (
     MAX_FDS,
     SOCKET_NAME,
@@ -448,13 +449,8 @@ def stop(timeout: float = 10.0) -> bool:
         pid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.01)
+    if statedir.wait_for_exit(pid, timeout):
+        return True
     raise QuietError(f"the server (pid {pid}) has not stopped after {timeout:.0f}s")
 
 

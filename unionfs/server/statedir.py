@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from unionfs.core.errors import QuietError
@@ -36,6 +37,29 @@ def state_dir() -> str:
     if base and os.path.isabs(base) and os.path.isdir(base):
         return os.path.join(base, "unionfs")
     return f"/tmp/unionfs-{os.getuid()}"
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether the process *pid* (a daemon or server named by a pidfile or a socket's peer) has exited
+    within *timeout* seconds: gone, or a zombie its parent has not reaped yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if _is_zombie(pid):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
 
 
 def pid_name(mountpoint: str, resolved: bool = False) -> str:

@@ -5,11 +5,9 @@ CLI or the server (`unionfs.entry`): an unmount is in the loop of every containe
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import subprocess
-import time
 
 from unionfs.core import mountinfo
 from unionfs.core.errors import QuietError
@@ -42,24 +40,5 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")
-    if pid is not None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    return
-                raise
-            if _is_zombie(pid):
-                return
-            time.sleep(0.01)
+    if pid is not None and not statedir.wait_for_exit(pid, timeout):
         raise QuietError(f"unmounted, but the daemon (pid {pid}) has not exited after {timeout:.0f}s")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
