@@ -174,11 +174,31 @@ QUICK_RUN = 32
 """Requests served in a row without trio's wait (the loop then lets other tasks run once)."""
 
 
+_before_next_read: list[Callable[[], None]] = []
+
+
+def before_next_read(fn: Callable[[], None]) -> bool:
+    """Have the quick session loop call *fn* before it reads the next request, that is once the
+    reply to the request being served has gone out (the INIT reply: the kernel sets the mount's
+    read-ahead from it).  False, and nothing done, when the quick loop is not in place."""
+    quick = getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False)
+    if quick:
+        _before_next_read.append(fn)
+    return bool(quick)
+
+
+def _quick_wanted() -> bool:
+    # UNIONFS_QUICK_LOOP=0 leaves pyfuse3's loop as it is: for measuring what the stand-in gives.
+    return os.environ.get("UNIONFS_QUICK_LOOP", "1") != "0"
+
+
 def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     """Put the stand-in for pyfuse3's ``_wait_fuse_readable`` in place, for the session made by
     ``pyfuse3.init`` (call it after that, before ``pyfuse3.main``).  False (nothing changed) without
-    the shim, or when pyfuse3 has no such function to replace."""
+    the shim, when pyfuse3 has no such function to replace, or with UNIONFS_QUICK_LOOP=0."""
     original = getattr(pyfuse3, "_wait_fuse_readable", None)
+    if not _quick_wanted():
+        return False
     if _shim is None or original is None or getattr(original, "quick", False):
         return original is not None and getattr(original, "quick", False)
     if _shim.guard_reads() < 0:
@@ -190,6 +210,8 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
         # pyfuse3's _session_loop reads right after this returns True, with no await in between;
         # a request is waiting now, or the shim makes that read return EINTR.
         nonlocal run
+        while _before_next_read:
+            _before_next_read.pop(0)()
         if run < QUICK_RUN and waiting():
             run += 1
             return True
@@ -390,7 +412,7 @@ def problems() -> dict[str, str]:
     if _SHOWN_INO_OFFSET is None:
         found[SHOWN_INO] = ("pyfuse3's EntryAttributes layout not recognised: hard links of a lower "
                             "file show one inode number per name")
-    if not getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False):
+    if _quick_wanted() and not getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False):
         found[QUICK_LOOP] = ("not in place (no shim, or pyfuse3 without _wait_fuse_readable): each "
                              "request waits through trio's epoll")
     standin = _standin.problem("pyfuse3", pyfuse3.__version__)
@@ -432,4 +454,5 @@ _SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
 
 __all__ = ["VERIFIED", "backing_close", "backing_open", "configure_session", "libfuse_version",
            "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
-           "quicken_session_loop", "release_on_session_end", "reply_err", "report", "set_shown_ino"]
+           "before_next_read", "quicken_session_loop", "release_on_session_end", "reply_err", "report",
+           "set_shown_ino"]

@@ -271,8 +271,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
                 why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr
                 raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {why[0]}") from None
             notes = said()
-        if os.environ.get("UNIONFS_QUICK_LOOP", "1") != "0":
-            compat.quicken_session_loop(pyfuse3)
+        compat.quicken_session_loop(pyfuse3)
         for line in notes:
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
@@ -397,13 +396,21 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
     down."""
     import trio
 
+    from . import compat
     initialised = trio.Event()
-    ops.on_init = initialised.set
+    raise_read_ahead = functools.partial(_raise_read_ahead, mountpoint)
+
+    def on_init() -> None:
+        # The kernel sets the read-ahead from our INIT reply, which goes out right after init():
+        # raised before the next request is read where the quick loop can, else by a task soon.
+        if not compat.before_next_read(raise_read_ahead):
+            initialised.set()
+
+    ops.on_init = on_init
 
     async def after_init() -> None:
-        # The kernel sets the read-ahead from our INIT reply, which goes out right after init().
         await initialised.wait()
-        _raise_read_ahead(mountpoint)
+        raise_read_ahead()
 
     async def on_signals() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
