@@ -505,13 +505,15 @@ static long daemon_pid(const char *mp)
     if (n < 0)
         return -1;
     text[n] = '\0';
-    /* int(bytes.strip()): plain digits; anything else Python may read in its own way */
+    /* int(bytes.strip()): plain digits are a pid; a byte that is no digit, sign or underscore is
+     * Python's ValueError (no pid); the rest Python may read in its own way */
     for (p = text; *p && strchr(" \t\n\r\v\f", *p); p++)
         ;
     for (end = p + strlen(p); end > p && strchr(" \t\n\r\v\f", end[-1]); end--)
         ;
-    if (p == end)
-        return 0;   /* ValueError: no pid */
+    *end = '\0';
+    if (p == end || strspn(p, "0123456789+-_") < (size_t)(end - p))
+        return 0;
     if (end - p > 9 || strspn(p, "0123456789") < (size_t)(end - p))
         return -1;
     pid = strtol(p, NULL, 10);
