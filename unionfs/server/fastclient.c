@@ -30,7 +30,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdint.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -520,7 +519,8 @@ static long daemon_pid(const char *mp)
     return pid > 0 ? pid : -1;
 }
 
-/* fusermount3 -u MNT: its exit status, and the last line of what it said on stderr in msg */
+/* fusermount3 -u MNT: its exit status, and the last line of what it said on stderr in msg; -1 when
+ * it did not run, -2 when it failed and said why in other than ASCII */
 static int fusermount_unmount(const char *mp, char *msg, size_t size)
 {
     static char said[1 << 16];
@@ -560,11 +560,12 @@ static int fusermount_unmount(const char *mp, char *msg, size_t size)
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR)
             return -1;
+    rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     /* err = stderr.strip().splitlines(); err[-1] */
     msg[0] = '\0';
     for (p = said; p < said + len; p++)
         if ((unsigned char)*p > 0x7e || *p == '\0')
-            return -2;   /* not ASCII: left to Python's decoding */
+            return rc == 0 ? 0 : -2;   /* not ASCII: left to Python's decoding */
     start = said, end = said + len;
     while (start < end && (*start == ' ' || (*start >= '\t' && *start <= '\r') || (*start >= 0x1c && *start <= 0x1f)))
         start++;
@@ -574,63 +575,27 @@ static int fusermount_unmount(const char *mp, char *msg, size_t size)
     for (p = end; p > start && !((p[-1] >= '\n' && p[-1] <= '\r') || (p[-1] >= 0x1c && p[-1] <= 0x1e)); p--)
         ;
     snprintf(msg, size, "%.*s", (int)(end - p), p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return rc;
 }
 
-static double now(void)
+/* statedir.wait_for_exit: whether the process of pidfd has exited (or is a zombie: its pidfd is
+ * readable from then on) within timeout seconds */
+static int wait_for_exit(int pidfd, double timeout)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-/* statedir._is_zombie */
-static int is_zombie(long pid)
-{
-    char path[64], buf[1024], *p;
-    ssize_t n;
-    int fd;
-
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 1;
-    n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 1;
-    buf[n] = '\0';
-    p = strrchr(buf, ')');
-    if (p == NULL)
-        return 1;
-    p += strspn(p + 1, " ") + 1;
-    return *p == 'Z';
-}
-
-/* statedir.wait_for_exit: whether the process has exited (or is a zombie) within timeout seconds.
- * A pidfd (taken before the unmount) is readable once it has; without one, Python's polling. */
-static int wait_for_exit(long pid, int pidfd, double timeout)
-{
-    double deadline = now() + timeout, left;
     struct pollfd pfd = { .fd = pidfd, .events = POLLIN };
+    struct timespec t;
+    double deadline;
     int rc;
 
-    while ((left = deadline - now()) > 0) {
-        if (pidfd >= 0) {
-            rc = poll(&pfd, 1, (int)(left * 1000) + 1);
-            if (rc > 0)
-                return 1;
-            if (rc < 0 && errno != EINTR)
-                pidfd = -1;
-            continue;
-        }
-        if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
-            return 1;
-        if (is_zombie(pid))
-            return 1;
-        usleep(10000);
-    }
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    deadline = t.tv_sec + t.tv_nsec / 1e9 + timeout;
+    do {
+        rc = poll(&pfd, 1, (int)(timeout * 1000) + 1);
+        if (rc >= 0 || errno != EINTR)
+            return rc > 0;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        timeout = deadline - (t.tv_sec + t.tv_nsec / 1e9);
+    } while (timeout > 0);
     return 0;
 }
 
@@ -639,7 +604,7 @@ static int do_umount(const char *given)
 {
     char mp[PATH_MAX], kind[256], msg[4096];
     long pid;
-    int pidfd = -1, gone = 0, rc;
+    int pidfd = -1, rc;
 
     if (!plain(given) || realpath(given, mp) == NULL || !plain(mp)) {
         say("umount: %s: not a plain path, or it does not resolve", given);
@@ -658,16 +623,19 @@ static int do_umount(const char *given)
         return 1;
     }
     pid = daemon_pid(mp);
-    if (pid < 0 || (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == EPERM)) {
+    if (pid < 0) {
         say("umount: the pidfile is not one this client reads");
         fallback();
     }
-    if (pid > 0) {
+    if (pid > 0) {   /* taken before the unmount: the pid cannot be another's by the time we wait */
         pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
-        gone = pidfd < 0 && errno == ESRCH;
+        if (pidfd < 0 && errno != ESRCH) {
+            say("umount: no pidfd: %s", strerror(errno));
+            fallback();   /* Python looks every 10 ms */
+        }
     }
     rc = fusermount_unmount(mp, msg, sizeof msg);
-    if (rc == -1 || rc == -2) {   /* not run, or not said in ASCII: Python runs it, and says it */
+    if (rc < 0) {   /* not run, or failed in words this client does not decode: Python runs it again */
         if (pidfd >= 0)
             close(pidfd);
         fallback();
@@ -679,7 +647,7 @@ static int do_umount(const char *given)
             fprintf(stderr, "Error: fusermount3 -u %s failed\n", mp);
         return 1;
     }
-    if (pid > 0 && !gone && !wait_for_exit(pid, pidfd, 60.0)) {
+    if (pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
         fprintf(stderr, "Error: unmounted, but the daemon (pid %ld) has not exited after 60s\n", pid);
         return 1;
     }
