@@ -10,6 +10,7 @@ back to (`alone`) shows which of these it answers by itself: a fallback there ex
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import util
 from launcher_util import PYTHON, UnprivUser, python_for, world_readable_tempdir
 from test_resident import ENV, area, root_server, run, server_pid, state_key, user_area, users
-from test_resident_c import SOURCE, client
+from test_resident_c import SOURCE, client, command_as
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 
@@ -183,17 +184,10 @@ def test_a_pidfile_that_names_no_process(root_server: Path, area: Path, alone: P
 def test_user_umount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], user_area: tuple[Path, Path],
                                           client: Path, alone: Path) -> None:
     me, _ = users
-    base, state = user_area
     if python_for(me)[0] != PYTHON:
         pytest.skip("the user cannot run this checkout's venv")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C.UTF-8", "UNIONFS_SERVER": "auto"}
-
-    def as_user(*args: str) -> subprocess.CompletedProcess[str]:
-        if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
-            os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
-        return subprocess.run(list(args), capture_output=True, text=True, timeout=60, cwd="/",
-                              stdin=subprocess.DEVNULL, env=env, user=me.uid, group=me.gid, extra_groups=[])
-
+    base, state = user_area
+    as_user = functools.partial(command_as, me)
     for _ in range(2):   # the first mount starts the user's server
         r = as_user(str(client / "unionfs"), "mount", f"{base}/A:{base}/B", f"{base}/M")
         assert r.returncode == 0, r.stderr
