@@ -70,11 +70,25 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
     assert not list(root_server.glob(f"{key}.*")), "the daemon's pidfile, log or socket is left"
     assert (area / "A" / "new").read_text() == "new\n"
     # A relative path through a symlink, from another directory.
-    mount(area, via_server)
+    daemon = mount(area, via_server)
     (area / "link").symlink_to("M")
     r = run([str(alone), "umount", "link"], cwd=area)
     assert (r.returncode, r.stderr) == (0, "")
-    assert not util.is_mounted(area / "M")
+    assert not util.is_mounted(area / "M") and exited(daemon)
+    # A mount point whose name mountinfo escapes.
+    spaced = area / "a b\\c"
+    spaced.mkdir()
+    env = dict(ENV, UNIONFS_SERVER="auto" if via_server else "off")
+    r = run([PY_UNIONFS, "mount", f"{area}/A:{area}/B", str(spaced)], env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        daemon = int((root_server / f"{state_key(spaced)}.pid").read_text())
+        r = run([str(alone), "umount", str(spaced)])
+        assert (r.returncode, r.stderr) == (0, "")
+        assert not util.is_mounted(spaced) and exited(daemon)
+    finally:
+        if util.is_mounted(spaced):
+            util.umount(spaced)
 
 
 @pytest.mark.parametrize("via_server", [True, False], ids=["worker", "daemon"])
