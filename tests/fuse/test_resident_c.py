@@ -179,19 +179,24 @@ def test_the_c_client_without_its_python_command(tmp_path: Path) -> None:
 # A user other than root: fusermount3 and the user's own server
 
 
+def command_as(user: UnprivUser, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as *user*, in a plain environment with the resident server on."""
+    if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
+        os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C.UTF-8", "UNIONFS_SERVER": "auto"}
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, cwd="/",
+                          stdin=subprocess.DEVNULL, env=env, user=user.uid, group=user.gid, extra_groups=[])
+
+
 def test_user_mount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], user_area: tuple[Path, Path],
                                          client: Path) -> None:
     me, _ = users
     base, state = user_area
     if python_for(me)[0] != PYTHON:
         pytest.skip("the user cannot run this checkout's venv")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C.UTF-8", "UNIONFS_SERVER": "auto"}
 
     def as_user(*args: str) -> subprocess.CompletedProcess[str]:
-        if os.stat("/dev/fuse").st_mode & 0o777 != 0o666:
-            os.chmod("/dev/fuse", 0o666)  # another test's dev_fuse_mode() put it back meanwhile
-        return subprocess.run(list(args), capture_output=True, text=True, timeout=60, cwd="/",
-                              stdin=subprocess.DEVNULL, env=env, user=me.uid, group=me.gid, extra_groups=[])
+        return command_as(me, *args)
 
     for via in ("Python", "C"):   # the first starts the user's server
         r = as_user(str(client / "unionfs"), "mount", "-o", "suid", f"{base}/A:{base}/B", f"{base}/M")

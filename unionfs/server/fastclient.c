@@ -15,6 +15,13 @@
  * another build, a user error (so that every error line is the Python one), a mount that fails.
  * A mount made here that the server did not take is unmounted before that.
  *
+ * `unionfs umount MNT` is done here too, as unionfs/server/unmount.py does it (the interpreter's
+ * start and that module's imports were nearly all of an unmount's time): the same checks of the
+ * mount table, the same state directory and pidfile, `fusermount3 -u` for the unmount itself, and
+ * the same wait for the daemon to exit, with the same one-line errors.  What it cannot say exactly
+ * as Python would (a path or a message that is not plain ASCII, a pidfile Python might read
+ * otherwise) it leaves to the Python command.
+ *
  * Built by scripts/setup.sh: cc -O2 -o .venv/bin/unionfs-fastclient unionfs/server/fastclient.c
  * UNIONFS_DEBUG_CLIENT=1 says on stderr why a mount took the Python path.
  */
@@ -22,6 +29,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
+#include <stdint.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,9 +39,15 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
 
 #define MAX_FDS 250         /* as fastmount.MAX_FDS: the kernel's SCM_MAX_FD is 253 */
 #define MAX_MSG (1 << 16)   /* the server reads at most this much of a message */
@@ -93,19 +108,19 @@ static int send_fds(int sock, const char *data, size_t len, const int *fds, int 
     return sendmsg(sock, &msg, MSG_NOSIGNAL) < 0 ? -1 : 0;
 }
 
-/* fastmount.socket_path */
-static int socket_path(char *out, size_t size)
+/* statedir.state_dir, and a name in it (fastmount.socket_path) */
+static int state_path(char *out, size_t size, const char *name)
 {
     const char *base = getenv("XDG_RUNTIME_DIR");
     struct stat st;
     int n;
 
     if (geteuid() == 0)
-        n = snprintf(out, size, "/run/unionfs/server.sock");
+        n = snprintf(out, size, "/run/unionfs%s%s", name[0] ? "/" : "", name);
     else if (base != NULL && base[0] == '/' && stat(base, &st) == 0 && S_ISDIR(st.st_mode))
-        n = snprintf(out, size, "%s/unionfs/server.sock", base);
+        n = snprintf(out, size, "%s/unionfs%s%s", base, name[0] ? "/" : "", name);
     else
-        n = snprintf(out, size, "/tmp/unionfs-%u/server.sock", (unsigned)getuid());
+        n = snprintf(out, size, "/tmp/unionfs-%u%s%s", (unsigned)getuid(), name[0] ? "/" : "", name);
     return n > 0 && (size_t)n < size ? 0 : -1;
 }
 
@@ -131,7 +146,7 @@ static int connect_server(void)
     socklen_t len = sizeof cred;
     int sock;
 
-    if (socket_path(addr.sun_path, sizeof addr.sun_path) != 0)
+    if (state_path(addr.sun_path, sizeof addr.sun_path, "server.sock") != 0)
         return -1;
     sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0)
@@ -275,6 +290,370 @@ static void unmount(const char *mnt)
         waitpid(pid, NULL, 0);
 }
 
+/* ---- unionfs umount MNT (unionfs/server/unmount.py) ------------------------------------------ */
+
+/* SHA-1 (FIPS 180-4), for the pidfile's name: statedir.key_for */
+struct sha1 {
+    uint32_t h[5];
+    uint64_t len;
+    unsigned char block[64];
+    size_t used;
+};
+
+static uint32_t rol(uint32_t x, int n)
+{
+    return (x << n) | (x >> (32 - n));
+}
+
+static void sha1_block(struct sha1 *c, const unsigned char *p)
+{
+    uint32_t w[80], a, b, d, e, f, k, t, cc;
+    int i;
+
+    for (i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (i = 16; i < 80; i++)
+        w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    a = c->h[0], b = c->h[1], cc = c->h[2], d = c->h[3], e = c->h[4];
+    for (i = 0; i < 80; i++) {
+        if (i < 20)
+            f = (b & cc) | (~b & d), k = 0x5a827999;
+        else if (i < 40)
+            f = b ^ cc ^ d, k = 0x6ed9eba1;
+        else if (i < 60)
+            f = (b & cc) | (b & d) | (cc & d), k = 0x8f1bbcdc;
+        else
+            f = b ^ cc ^ d, k = 0xca62c1d6;
+        t = rol(a, 5) + f + e + k + w[i];
+        e = d, d = cc, cc = rol(b, 30), b = a, a = t;
+    }
+    c->h[0] += a, c->h[1] += b, c->h[2] += cc, c->h[3] += d, c->h[4] += e;
+}
+
+static void sha1_add(struct sha1 *c, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+
+    c->len += n;
+    while (n > 0) {
+        size_t take = 64 - c->used < n ? 64 - c->used : n;
+
+        memcpy(c->block + c->used, p, take);
+        c->used += take, p += take, n -= take;
+        if (c->used == 64) {
+            sha1_block(c, c->block);
+            c->used = 0;
+        }
+    }
+}
+
+/* The first 16 hex digits of the SHA-1 of s */
+static void sha1_key(const char *s, char out[17])
+{
+    struct sha1 c = { .h = { 0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0 } };
+    uint64_t bits;
+    unsigned char pad = 0x80, zero = 0, len[8];
+    int i;
+
+    sha1_add(&c, s, strlen(s));
+    bits = c.len * 8;
+    sha1_add(&c, &pad, 1);
+    while (c.used != 56)
+        sha1_add(&c, &zero, 1);
+    for (i = 0; i < 8; i++)
+        len[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha1_add(&c, len, 8);
+    for (i = 0; i < 8; i++)
+        snprintf(out + 2 * i, 3, "%02x", (unsigned)(c.h[i / 4] >> (24 - 8 * (i % 4))) & 0xff);
+}
+
+/* Whether s is printable ASCII throughout: what Python prints as it is */
+static int plain(const char *s)
+{
+    for (; *s; s++)
+        if (*s < 0x20 || *s > 0x7e)
+            return 0;
+    return 1;
+}
+
+/* Python's repr() of a str that is plain ASCII: quoted, backslashes and quotes as Python
+ * escapes them */
+static void put_repr(FILE *f, const char *s)
+{
+    char q = strchr(s, '\'') != NULL && strchr(s, '"') == NULL ? '"' : '\'';
+
+    fputc(q, f);
+    for (; *s; s++) {
+        if (*s == '\\' || *s == q)
+            fputc('\\', f);
+        fputc(*s, f);
+    }
+    fputc(q, f);
+}
+
+/* mountinfo.mount_at: the type of the topmost mount at point, in out; 1 found, 0 not, -1 when
+ * this client cannot tell as Python would */
+static int mount_type_at(const char *point, char *out, size_t size)
+{
+    static const char *sep = " \t\v\f";
+    char *data = NULL, *line, *next, *field[64], *p, *w;
+    size_t cap = 0, len = 0;
+    ssize_t n;
+    int fd, nf, dash, found = 0, i;
+
+    fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    do {
+        if (len + 4096 + 1 > cap) {
+            char *more = realloc(data, cap = cap ? 2 * cap : 65536);
+
+            if (more == NULL) {
+                free(data);
+                close(fd);
+                return -1;
+            }
+            data = more;
+        }
+        n = read(fd, data + len, cap - len - 1);
+        if (n > 0)
+            len += (size_t)n;
+    } while (n > 0 || (n < 0 && errno == EINTR));
+    close(fd);
+    if (n < 0) {
+        free(data);
+        return -1;
+    }
+    data[len] = '\0';
+    for (line = data; line != NULL && *line; line = next) {
+        next = line + strcspn(line, "\r\n");   /* bytes.splitlines */
+        if (*next)
+            *next++ = '\0';
+        else
+            next = NULL;
+        nf = 0;
+        dash = -1;
+        for (p = strtok(line, sep); p != NULL && nf < 64; p = strtok(NULL, sep)) {
+            if (dash < 0 && strcmp(p, "-") == 0)
+                dash = nf;
+            field[nf++] = p;
+        }
+        if (dash < 6 || nf < dash + 4)
+            continue;
+        /* the mount point, its \ooo escapes undone (in place: it only shrinks) */
+        for (p = w = field[4]; *p; p++, w++) {
+            if (p[0] == '\\' && p[1] >= '0' && p[1] <= '7' && p[2] >= '0' && p[2] <= '7' &&
+                p[3] >= '0' && p[3] <= '7') {
+                i = (p[1] - '0') * 64 + (p[2] - '0') * 8 + (p[3] - '0');
+                if (i > 255) {
+                    free(data);
+                    return -1;
+                }
+                *w = (char)i;
+                p += 3;
+            } else {
+                *w = *p;
+            }
+        }
+        *w = '\0';
+        if (strcmp(field[4], point) == 0) {
+            found = 1;
+            snprintf(out, size, "%s", field[dash + 1]);
+        }
+    }
+    free(data);
+    return found;
+}
+
+/* statedir.StateDir.open(create=False) and read_pid: the daemon's pid from its pidfile, 0 when there
+ * is none to be read, -1 when Python might read something this client does not */
+static long daemon_pid(const char *mp)
+{
+    char dir[PATH_MAX], name[32], text[65], *p, *end;
+    struct stat before, after;
+    long pid;
+    ssize_t n;
+    int dfd, fd;
+
+    if (state_path(dir, sizeof dir, "") != 0)
+        return -1;
+    if (lstat(dir, &before) != 0)
+        return errno == ENOENT ? 0 : -1;
+    if (!S_ISDIR(before.st_mode) || before.st_uid != geteuid() || (before.st_mode & 07777) != 0700)
+        return 0;   /* refused: Python does not wait either */
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0)
+        return 0;
+    if (fstat(dfd, &after) != 0 || !S_ISDIR(after.st_mode) || after.st_uid != geteuid() ||
+        (after.st_mode & 07777) != 0700 || after.st_dev != before.st_dev || after.st_ino != before.st_ino) {
+        close(dfd);
+        return 0;
+    }
+    sha1_key(mp, name);
+    strcat(name, ".pid");
+    fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    close(dfd);
+    if (fd < 0)
+        return 0;
+    if (fstat(fd, &after) != 0 || !S_ISREG(after.st_mode)) {
+        close(fd);
+        return 0;
+    }
+    n = read(fd, text, 64);
+    close(fd);
+    if (n < 0)
+        return -1;
+    text[n] = '\0';
+    /* int(bytes.strip()): plain digits are a pid; a byte that is no digit, sign or underscore is
+     * Python's ValueError (no pid); the rest Python may read in its own way */
+    for (p = text; *p && strchr(" \t\n\r\v\f", *p); p++)
+        ;
+    for (end = p + strlen(p); end > p && strchr(" \t\n\r\v\f", end[-1]); end--)
+        ;
+    *end = '\0';
+    if (p == end || strspn(p, "0123456789+-_") < (size_t)(end - p))
+        return 0;
+    if (end - p > 9 || strspn(p, "0123456789") < (size_t)(end - p))
+        return -1;
+    pid = strtol(p, NULL, 10);
+    return pid > 0 ? pid : -1;
+}
+
+/* fusermount3 -u MNT: its exit status, and the last line of what it said on stderr in msg; -1 when
+ * it did not run, -2 when it failed and said why in other than ASCII */
+static int fusermount_unmount(const char *mp, char *msg, size_t size)
+{
+    static char said[1 << 16];
+    char *argv[] = { "fusermount3", "-u", (char *)mp, NULL };
+    posix_spawn_file_actions_t fa;
+    size_t len = 0;
+    ssize_t n;
+    pid_t pid;
+    int pipefd[2], rc, status;
+    char *start, *end, *p;
+
+    if (pipe2(pipefd, O_CLOEXEC) != 0)
+        return -1;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, pipefd[1], 2);
+    rc = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    close(pipefd[1]);
+    if (rc != 0) {
+        close(pipefd[0]);
+        say("%s: %s", argv[0], strerror(rc));
+        return -1;
+    }
+    for (;;) {
+        if (len == sizeof said) {   /* keep the end */
+            memmove(said, said + sizeof said / 2, sizeof said / 2);
+            len = sizeof said / 2;
+        }
+        n = read(pipefd[0], said + len, sizeof said - len);
+        if (n > 0)
+            len += (size_t)n;
+        else if (n == 0 || errno != EINTR)
+            break;
+    }
+    close(pipefd[0]);
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    /* err = stderr.strip().splitlines(); err[-1] */
+    msg[0] = '\0';
+    for (p = said; p < said + len; p++)
+        if ((unsigned char)*p > 0x7e || *p == '\0')
+            return rc == 0 ? 0 : -2;   /* not ASCII: left to Python's decoding */
+    start = said, end = said + len;
+    while (start < end && (*start == ' ' || (*start >= '\t' && *start <= '\r') || (*start >= 0x1c && *start <= 0x1f)))
+        start++;
+    while (end > start && (end[-1] == ' ' || (end[-1] >= '\t' && end[-1] <= '\r') ||
+                           (end[-1] >= 0x1c && end[-1] <= 0x1f)))
+        end--;
+    for (p = end; p > start && !((p[-1] >= '\n' && p[-1] <= '\r') || (p[-1] >= 0x1c && p[-1] <= 0x1e)); p--)
+        ;
+    snprintf(msg, size, "%.*s", (int)(end - p), p);
+    return rc;
+}
+
+/* statedir.wait_for_exit: whether the process of pidfd has exited (or is a zombie: its pidfd is
+ * readable from then on) within timeout seconds */
+static int wait_for_exit(int pidfd, double timeout)
+{
+    struct pollfd pfd = { .fd = pidfd, .events = POLLIN };
+    struct timespec t;
+    double deadline;
+    int rc;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    deadline = t.tv_sec + t.tv_nsec / 1e9 + timeout;
+    do {
+        rc = poll(&pfd, 1, (int)(timeout * 1000) + 1);
+        if (rc >= 0 || errno != EINTR)
+            return rc > 0;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        timeout = deadline - (t.tv_sec + t.tv_nsec / 1e9);
+    } while (timeout > 0);
+    return 0;
+}
+
+/* unmount.umount, and the CLI's "Error: ..." and exit status 1 */
+static int do_umount(const char *given)
+{
+    char mp[PATH_MAX], kind[256], msg[4096];
+    long pid;
+    int pidfd = -1, rc;
+
+    if (!plain(given) || realpath(given, mp) == NULL || !plain(mp)) {
+        say("umount: %s: not a plain path, or it does not resolve", given);
+        fallback();
+    }
+    rc = mount_type_at(mp, kind, sizeof kind);
+    if (rc < 0 || (rc > 0 && !plain(kind)))
+        fallback();
+    if (rc == 0 || strcmp(kind, "fuse.unionfs") != 0) {
+        fputs("Error: ", stderr);
+        put_repr(stderr, given);
+        if (rc == 0)
+            fputs(" is not mounted\n", stderr);
+        else
+            fprintf(stderr, " is not a unionfs mount (it is %s)\n", kind);
+        return 1;
+    }
+    pid = daemon_pid(mp);
+    if (pid < 0) {
+        say("umount: the pidfile is not one this client reads");
+        fallback();
+    }
+    if (pid > 0) {   /* taken before the unmount: the pid cannot be another's by the time we wait */
+        pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+        if (pidfd < 0 && errno != ESRCH) {
+            say("umount: no pidfd: %s", strerror(errno));
+            fallback();   /* Python looks every 10 ms */
+        }
+    }
+    rc = fusermount_unmount(mp, msg, sizeof msg);
+    if (rc < 0) {   /* not run, or failed in words this client does not decode: Python runs it again */
+        if (pidfd >= 0)
+            close(pidfd);
+        fallback();
+    }
+    if (rc != 0) {
+        if (msg[0] != '\0')
+            fprintf(stderr, "Error: %s\n", msg);
+        else
+            fprintf(stderr, "Error: fusermount3 -u %s failed\n", mp);
+        return 1;
+    }
+    if (pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
+        fprintf(stderr, "Error: unmounted, but the daemon (pid %ld) has not exited after 60s\n", pid);
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static char buf[MAX_MSG + 1];
@@ -303,6 +682,8 @@ int main(int argc, char **argv)
 
     if (env != NULL && strcmp(env, "off") == 0)
         fallback();
+    if (strcmp(prog, "unionfs") == 0 && argc == 3 && strcmp(argv[1], "umount") == 0 && argv[2][0] != '-')
+        return do_umount(argv[2]);   /* as entry.fast_umount takes it; options and help: the CLI's */
     if (strcmp(prog, "unionfs") == 0 && !(argc > 1 && strcmp(argv[1], "mount") == 0) &&
         !(argc == 5 && strcmp(argv[3], "-o") == 0))
         fallback();   /* not a mount: the CLI's */

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
+import select
 import stat
 import time
 from dataclasses import dataclass
@@ -41,7 +43,25 @@ def state_dir() -> str:
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
     """Whether the process *pid* (a daemon or server named by a pidfile or a socket's peer) has exited
-    within *timeout* seconds: gone, or a zombie its parent has not reaped yet."""
+    within *timeout* seconds: gone, or a zombie its parent has not reaped yet.
+
+    Woken by the kernel at the exit (a pidfd is readable from then on, zombie or not); where there
+    are no pidfds, by looking every 10 ms."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return _poll_for_exit(pid, timeout)
+    try:
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        return bool(waiter.poll(max(0, math.ceil(timeout * 1000))))
+    finally:
+        os.close(fd)
+
+
+def _poll_for_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
