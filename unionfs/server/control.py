@@ -224,7 +224,7 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     await trio.to_thread.run_sync(_invalidate, stale)
     log.info("branches now: %s (applied in %.1f ms, %d nodes; the kernel told in %.1f ms)",
              ", ".join(f"{b['path']}={b['mode']}" for b in describe(union.stack)), (applied - began) * 1e3,
-             len(stale.dirs) + len(stale.files), (time.perf_counter() - applied) * 1e3)
+             len(stale.dirs) + len(stale.rebound) + len(stale.files), (time.perf_counter() - applied) * 1e3)
     return {"branches": describe(union.stack), "readonly": union.readonly}
 
 
@@ -243,7 +243,7 @@ def _invalidate(stale: Stale) -> None:
     for parent, name in stale.entries:
         with contextlib.suppress(OSError):
             pyfuse3.invalidate_entry(parent, name)
-    for ids, attr_only in ((stale.dirs, False), (stale.files, True)):
+    for ids, attr_only in ((stale.dirs, False), (stale.rebound, False), (stale.files, True)):
         for node_id in ids:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(node_id, attr_only=attr_only)
