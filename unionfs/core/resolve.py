@@ -268,7 +268,8 @@ class Resolver:
             return other or err(errno.ENOENT)
         parent, name = taken
         try:
-            shown = self.table.nodes.get(parent.id) is parent and name in self.listing(parent)
+            # A directory dropped meanwhile cannot tell: the kernel's walk will.
+            shown = self.table.nodes.get(parent.id) is not parent or name in self.listing(parent)
         except OSError:
             shown = False
         return err(errno.ESTALE if shown else errno.ENOENT, name=name)
