@@ -3,7 +3,7 @@ node, now standing for that object (as AUFS refreshes its inode): a request the 
 way for the node, or holds the node for (an O_PATH descriptor), serves the name's new object.  A
 node that cannot follow (open, another type) or whose name is gone answers ENOENT while the name is
 gone, ESTALE once it shows an object again (the kernel then walks the path again).  Without a mount:
-what the kernel makes of it is the FUSE tests' (tests/fuse/test_live_branch_rebind.py).
+what the kernel makes of it is the FUSE tests' (tests/fuse/test_live_branches_held.py).
 """
 from __future__ import annotations
 
