@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_live_branch_stale import lookup
 from test_union_logic import make, open_union
 
 from unionfs.core.livebranches import Change, apply, check_busy, plan
@@ -42,17 +43,6 @@ def change(u: Union, op: str, path: Path) -> None:
     finally:
         if op != "add":
             os.close(fd)
-
-
-def lookup(u: Union, *names: bytes) -> Any:
-    """The node of the path *names*, looked up as the kernel does (which keeps each node)."""
-    node = u.table.root
-    for name in names:
-        found = u.lookup(node, name)
-        assert found is not None, name
-        node = found[0]
-        node.nlookup += 1
-    return node
 
 
 async def read(u: Union, node: Any, flags: int = os.O_RDONLY) -> bytes:
