@@ -47,7 +47,8 @@ from unionfs.core.livebranches import (
     plan,
 )
 
-from .compat import pyfuse3  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads (see compat)
+from . import compat  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads
+from .compat import pyfuse3  # isort: skip
 from .operations import Operations
 from .statedir import CONTROL_MAX, CONTROL_SUFFIX, StateDir, control_abstract
 
@@ -216,6 +217,8 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     slots = plan(union.stack, changes, overlay=ctl.style == "overlay")
     check_busy(union, slots)
     stale = apply(union, slots)
+    for node_id in stale.rebound:
+        compat.no_capability(node_id, False)    # what the shim knew was of the node's old file
     applied = time.perf_counter()
     ctl.after_change()
     for i, fd in enumerate(fds):
