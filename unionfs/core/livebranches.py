@@ -8,8 +8,9 @@ resolved is resolved again.  A name now served by another branch keeps its node 
 there is of the same type (a directory always: its branch directories are the new ones; a file
 named once and not open: it is rebound, as AUFS refreshes its inode), so that a request the kernel
 already has on its way for the node serves the name's new object; any other name that changed (gone,
-another type, a file open or with other names) loses its node, which answers ESTALE from then on
-and which the kernel is told to look up again.  Nodes the kernel keeps see their attributes,
+another type, a file open or with other names) loses its node, which the kernel is told to look
+up again and which answers ENOENT while the name is gone, ESTALE once it shows an object again
+(`Resolver.gone`).  Nodes the kernel keeps see their attributes,
 directories their listings and rebound files their cached pages invalidated (`Stale`): one
 notification per node known, one listing rebuilt per directory known.
 
@@ -306,7 +307,7 @@ def _resolve_again(union: Resolver, stale: Stale, touched: set[int], added: set[
                 continue
             table.drop_link(child, parent, name)
             if not child.links:
-                child.links = superseded(parent, name)    # asked for by an old path: ESTALE
+                child.links = superseded(parent, name)    # see Resolver.gone
             stale.entries.append((parent.id, name))
         if parent.id in touched or any(bd.layer in added for bd in parent.dirs):
             stale.entries.extend((parent.id, name) for name in listing if name not in parent.children)

@@ -56,8 +56,9 @@ class Superseded(tuple):  # type: ignore[type-arg]
     """`Node.links` of a node whose names a live branch change took (`livebranches`): each now
     stands for another object, or for none.  Empty, as the links of a node with no name left, and
     *was*, the name it had.  The kernel may still hold the node and ask for it by a path it walked
-    before the change: ESTALE makes it walk that path again (open, and every path call, retries once
-    with LOOKUP_REVAL), where ENOENT would tell the caller that a name that exists does not."""
+    before the change: while that name shows an object, ESTALE makes it walk the path again (open,
+    and every path call, retries once with LOOKUP_REVAL), where ENOENT would tell the caller that a
+    name that exists does not (see `resolve.Resolver.gone`)."""
 
     was: tuple[Node, bytes]
 
