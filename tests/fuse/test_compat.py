@@ -25,7 +25,7 @@ from unionfs.core.sysx import fallocate
 from unionfs.server import compat
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-ALL_ACTIVE = "patched: libfuse shim, st_ino in replies, importlib.metadata stand-in"
+ALL_ACTIVE = "patched: libfuse shim, st_ino in replies, quick session loop, importlib.metadata stand-in"
 
 
 @dataclass
@@ -133,7 +133,7 @@ def test_an_unrecognised_reply_layout_bypasses_shown_ino_and_says_so(serve: Call
     assert not _hard_links_agree(s)
     text = s.log_text()
     assert "WARNING patch bypassed: st_ino in replies: pyfuse3's EntryAttributes layout not recognised" in text
-    assert "patched: libfuse shim, importlib.metadata stand-in" in text, text
+    assert "patched: libfuse shim, quick session loop, importlib.metadata stand-in" in text, text
 
 
 def test_an_unverified_version_warns_once_and_still_serves(serve: Callable[..., Served]) -> None:

@@ -69,6 +69,7 @@
 #include <fuse_lowlevel.h>
 #include <linux/fuse.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 
@@ -492,6 +493,16 @@ static void close_backing_files(struct fuse_session *se)
    lookups 1.5-2x slower (measured). */
 typedef int (*receive_fn)(struct fuse_session *, struct fuse_buf *);
 
+static struct fuse_session *last_session; /* the session made through the shim last */
+static int guarded_reads;                 /* its reads only happen when a request waits */
+static int seen_waiting;                  /* request_waiting() said so, and no read came since */
+
+static int request_waiting(struct fuse_session *se)
+{
+    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    return poll(&p, 1, 0) > 0; /* POLLIN, or POLLERR once the session ended */
+}
+
 __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_session *se,
                                                                     struct fuse_buf *buf)
 {
@@ -502,6 +513,13 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
             return -ENOSYS;
     }
     pt_install(se);
+    if (guarded_reads && se == last_session) {
+        /* Only read when a request waits (or the session ended): the session loop may come here
+           without trio's wait (see py_guard_reads), and a blocking read would stall the loop. */
+        if (!seen_waiting && !request_waiting(se))
+            return -EINTR;
+        seen_waiting = 0;
+    }
     int res = real(se, buf);
     pt_received(se, buf, res);
     received = 1;
@@ -546,7 +564,9 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
     if (shim_ops.lseek == NULL)
         shim_ops.lseek = shim_lseek;
     sessions++;
-    return real(args, &shim_ops, sizeof shim_ops, userdata);
+    guarded_reads = 0;
+    last_session = real(args, &shim_ops, sizeof shim_ops, userdata);
+    return last_session;
 }
 
 /* ------------------------------------------------------------------ Python side */
@@ -718,6 +738,27 @@ static PyObject *py_no_capability(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* The session loop asks trio whether /dev/fuse is readable before every read: a lock, a yield and
+   an epoll registration and wait, about a quarter of what a request costs the server.  The server's
+   loop then asks request_waiting() first (unionfs.server.compat.quicken_session_loop); from here on, a read
+   finding no request returns EINTR (which pyfuse3's loop takes as "wait again") instead of
+   blocking, so a read after a stale answer can never stall the loop. */
+static PyObject *py_guard_reads(PyObject *self, PyObject *unused)
+{
+    if (last_session == NULL || sessions == 0)
+        return PyLong_FromLong(-1);
+    guarded_reads = 1;
+    return PyLong_FromLong(fuse_session_fd(last_session));
+}
+
+static PyObject *py_request_waiting(PyObject *self, PyObject *unused)
+{
+    if (!guarded_reads || last_session == NULL)
+        Py_RETURN_FALSE;
+    seen_waiting = request_waiting(last_session);
+    return PyBool_FromLong(seen_waiting);
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -758,6 +799,12 @@ static PyMethodDef methods[] = {
     {"no_capability", py_no_capability, METH_VARARGS,
      "no_capability(ino, none) -> bool: whether the shim now answers ENODATA itself for node ino's "
      "security.capability (none=True: it has none; False: ask the server again)."},
+    {"guard_reads", py_guard_reads, METH_NOARGS,
+     "guard_reads() -> fd: from now on the session loop's read returns EINTR when no request "
+     "waits; the session's /dev/fuse fd (-1: no session made through the shim)."},
+    {"request_waiting", py_request_waiting, METH_NOARGS,
+     "Whether a request waits to be read (or the session ended): the next read then needs no "
+     "second look (after guard_reads(); False before)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {"received", py_received, METH_NOARGS,

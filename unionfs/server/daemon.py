@@ -208,7 +208,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
 
     from unionfs.core.branches import open_stack, raise_nofile_limit
 
-    from . import control
+    from . import compat, control
     from .compat import pyfuse3
     from .operations import Operations
 
@@ -271,6 +271,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
                 why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr
                 raise QuietError(f"cannot mount on {cfg.mountpoint!r}: {why[0]}") from None
             notes = said()
+        if os.environ.get("UNIONFS_QUICK_LOOP", "1") != "0":
+            compat.quicken_session_loop(pyfuse3)
         for line in notes:
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
