@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +82,29 @@ def test_a_node_whose_name_went_with_its_branch_is_enoent(mnt: Path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_writeback_asks_a_rebound_file_for_its_capability(tmp_path: Path, need_fuse: None) -> None:
+    """With -o writeback the shim answers the kernel's security.capability question for a node
+    known to have none: a node rebound to a file that has one must be asked again (else a write by
+    a user would not drop the capability)."""
+    for d in ("U", "B/shared", "P/shared", "M"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "B" / "shared" / "f").write_text("B\n")
+    (tmp_path / "P" / "shared" / "f").write_text("P\n")
+    cap = struct.pack("<5I", 0x02000000, 1 << 10, 0, 0, 0)   # v2, cap_net_bind_service permitted
+    os.setxattr(tmp_path / "P" / "shared" / "f", "security.capability", cap)
+    mnt = tmp_path / "M"
+    ok("mount", "-o", "writeback", f"{tmp_path}/U=rw:{tmp_path}/B", str(mnt))
+    try:
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "shared" / "f", "security.capability")
+        assert e.value.errno == errno.ENODATA
+        fd = os.open(mnt / "shared" / "f", os.O_PATH)     # the same node throughout
+        try:
+            ok("branch", "add", str(mnt), str(tmp_path / "P"))
+            assert os.getxattr(mnt / "shared" / "f", "security.capability") == cap
+        finally:
+            os.close(fd)
+    finally:
+        util.umount(str(mnt))
