@@ -138,7 +138,7 @@ class Attributes:
                 os.utime(fd, ns=_fill_times(times, os.fstat(fd)))
             res.touch(node)
             return Stat.of(os.fstat(fd))
-        pfd, name = res.table.real_parent_fd(node)
+        pfd, name = res.real_parent_fd(node)
         if owner is not None:
             pfd.chown(name, *owner)
         if mode is not None:
@@ -160,7 +160,7 @@ class Attributes:
         elif handle is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
             fd = handle.fd
         else:
-            pfd, name = res.table.real_parent_fd(node)
+            pfd, name = res.real_parent_fd(node)
             fd = own = pfd.open_file(name, os.O_WRONLY)
         try:
             if os.fstat(fd).st_blocks * 512 - size >= FREE_BIG:

@@ -4,10 +4,15 @@ The caller hands each directory open (an fd it opened in its own namespaces): no
 a path it was given.  A batch of changes is checked as a whole against the current stack (`plan`)
 and then applied at once, between two requests (`apply`): the stack's list of branches is replaced
 in place, every node the union knows is renumbered to the new list, and every name the union had
-resolved is resolved again; a name that no longer stands for the same object (gone, or served by
-another branch) loses its node, which the kernel is told to look up again.  Nodes the kernel keeps
-see their attributes, and directories their listings, invalidated (`Stale`): one notification per
-node known, one listing rebuilt per directory known.
+resolved is resolved again.  A name now served by another branch keeps its node when the object
+there is of the same type (a directory always: its branch directories are the new ones; a file
+named once and not open: it is rebound, as AUFS refreshes its inode), so that a request the kernel
+already has on its way for the node serves the name's new object; any other name that changed (gone,
+another type, a file open or with other names) loses its node, which the kernel is told to look
+up again and which answers ENOENT while the name is gone, ESTALE once it shows an object again
+(`Resolver.gone`).  Nodes the kernel keeps see their attributes,
+directories their listings and rebound files their cached pages invalidated (`Stale`): one
+notification per node known, one listing rebuilt per directory known.
 
 Rules (AUFS's): removing a branch in which files are open, or replacing or demoting the writable
 top while files are open for writing, is EBUSY; only the top may be writable, and a read-only top
@@ -19,11 +24,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
 
 from .branches import AUFS_WORK_NAME, DirFd, Layer, LayerStack, ancestors, aufs_work_dir, identity
 from .merge import Entry, open_dir_layers
-from .nodes import SUPERSEDED, Node
+from .nodes import Node, superseded
 from .resolve import Resolver
 
 MODES = ("rw", "ro", "rr")
@@ -56,10 +62,12 @@ class Change:
 @dataclass
 class Stale:
     """What the kernel may hold that a change made stale: directories (attributes and listings),
-    other nodes (attributes), and names (entries, negative ones included) under a parent."""
+    files rebound to another object (attributes and cached pages), other nodes (attributes), and
+    names (entries, negative ones included) under a parent."""
 
     dirs: list[int] = field(default_factory=list)
     files: list[int] = field(default_factory=list)
+    rebound: list[int] = field(default_factory=list)
     entries: list[tuple[int, bytes]] = field(default_factory=list)
 
 
@@ -239,8 +247,12 @@ def apply(union: Resolver, slots: list[_Slot]) -> Stale:
     union.work_fd = union.writer.work_fd = union.copyup.work_fd = stack.work_fd
     stale = Stale()
     _resolve_again(union, stale, touched, added)
+    rebound = set(stale.rebound)
     for n in table.nodes.values():
-        (stale.dirs if n.is_dir else stale.files).append(n.id)
+        if n.is_dir:
+            stale.dirs.append(n.id)
+        elif n.id not in rebound:
+            stale.files.append(n.id)
     return stale
 
 
@@ -290,9 +302,12 @@ def _resolve_again(union: Resolver, stale: Stale, touched: set[int], added: set[
                 if child.is_dir:
                     todo.append(child)
                 continue
+            if _rebind(union, parent, name, child, listing):
+                stale.rebound.append(child.id)
+                continue
             table.drop_link(child, parent, name)
             if not child.links:
-                child.links = SUPERSEDED    # asked for by an old path: ESTALE, not ENOENT
+                child.links = superseded(parent, name)    # see Resolver.gone
             stale.entries.append((parent.id, name))
         if parent.id in touched or any(bd.layer in added for bd in parent.dirs):
             stale.entries.extend((parent.id, name) for name in listing if name not in parent.children)
@@ -322,4 +337,31 @@ def _still(union: Resolver, parent: Node, name: bytes, child: Node, listing: dic
     if child.key != key:
         table.rekey(child, key)
         child.ino = table.ino_for(st)
+    return True
+
+
+def _rebind(union: Resolver, parent: Node, name: bytes, child: Node, listing: dict[bytes, Entry]) -> bool:
+    """Whether the file *child*, whose *name* is now served by another branch, stands for the
+    object there from now on: one of the same type, when *name* is the node's only one and no file
+    of it is open (an open file keeps reading its own object; the kernel ties all of an inode's open
+    files to one object)."""
+    e = listing.get(name)
+    if e is None or e.is_dir or child.is_dir or child.handles or len(child.links) != 1:
+        return False
+    table = union.table
+    try:
+        st = table.dirfd(parent, e.layer).lstat(name)
+    except OSError:
+        return False
+    if stat.S_IFMT(st.st_mode) != child.kind:
+        return False
+    key = (st.st_dev, st.st_ino) if e.layer == 0 else (parent.id, name)
+    other = table.find(key)
+    if other is not None and other is not child:
+        return False
+    child.layer = e.layer
+    if child.key != key:
+        table.rekey(child, key)
+    child.ino = table.ino_for(st)
+    table.remember(child, st)
     return True

@@ -243,7 +243,7 @@ class Namespace:
         self._check_new_name(parent, name)   # the copy-up may have awaited
         old_parent, old_name = node.name_in()
         self.res.set_move_redirect(node, old_parent, old_name, samedir=False, absolute=True)
-        spfd, sname = self.res.table.real_parent_fd(node)
+        spfd, sname = self.res.real_parent_fd(node)
 
         def make(dirfd: DirFd, n: bytes, _opaque: bool) -> None:
             spfd.link(sname, dirfd, n)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
@@ -51,18 +52,22 @@ _NO_DIRS = cast("list[BranchDir]", ())
 _NO_CHILDREN = cast("dict[bytes, Node]", MappingProxyType({}))
 
 
-class _Superseded(tuple):  # type: ignore[type-arg]
-    """The type of `SUPERSEDED`."""
+class Superseded(tuple):  # type: ignore[type-arg]
+    """`Node.links` of a node whose names a live branch change took (`livebranches`): each now
+    stands for another object, or for none.  Empty, as the links of a node with no name left, and
+    *was*, the name it had.  The kernel may still hold the node and ask for it by a path it walked
+    before the change: while that name shows an object, ESTALE makes it walk the path again (open,
+    and every path call, retries once with LOOKUP_REVAL), where ENOENT would tell the caller that a
+    name that exists does not (see `resolve.Resolver.gone`)."""
 
-    __slots__ = ()
+    was: tuple[Node, bytes]
 
 
-#: `Node.links` of a node whose names a live branch change took (`livebranches`): each now stands
-#: for another object, or for none.  The kernel may still hold the node and ask for it by a path it
-#: walked before the change; ESTALE makes it walk that path again (open, and every path call,
-#: retries once with LOOKUP_REVAL), where ENOENT would tell the caller that a name that exists
-#: does not.
-SUPERSEDED: tuple[tuple[Node, bytes], ...] = _Superseded()
+def superseded(parent: Node, name: bytes) -> Superseded:
+    """The links of a node whose name *name* in *parent* a branch change took."""
+    links = Superseded()
+    links.was = (parent, name)
+    return links
 
 
 class Node:
@@ -71,7 +76,7 @@ class Node:
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
                  "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect",
-                 "outside")
+                 "outside", "kind")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -105,6 +110,9 @@ class Node:
         # The real file changes without the union seeing it (the kernel writes an open file's
         # backing file itself, with FUSE passthrough): its stat is not cached meanwhile.
         self.outside = False
+        # The object's type (the S_IFMT bits of its mode): the kernel's inode for the node keeps it
+        # for good, so a branch change may give the node another object only of the same type.
+        self.kind = stat.S_IFDIR if is_dir else 0
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -119,9 +127,9 @@ class Node:
 
     def name_in(self) -> tuple[Node, bytes]:
         """One name of this node (the most recent).  Raises FileNotFoundError when it has none
-        (ESTALE when a branch change took them: see `SUPERSEDED`)."""
+        (ESTALE when a branch change took them: see `Superseded`)."""
         if not self.links:
-            if self.links is SUPERSEDED:
+            if isinstance(self.links, Superseded):
                 raise OSError(errno.ESTALE, "names taken by a branch change", str(self.id))
             raise FileNotFoundError(errno.ENOENT, "no name left for node", str(self.id))
         return self.links[-1]
@@ -264,6 +272,7 @@ class NodeTable:
     def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
         ino = self.ino_for(st)
         node = Node(self._number_for(ino), is_dir, layer, key, ino)
+        node.kind = stat.S_IFMT(st.st_mode)
         self.nodes[node.id] = node
         self.by_key[key] = node
         return node

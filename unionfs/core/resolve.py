@@ -25,7 +25,7 @@ from .interfaces import BIG_IO, FREE_BIG, INLINE, NO_KERNEL_CACHE, Executor, Inv
 from .listings import DEFAULT_MAX_ENTRIES, NOTHING_BESIDE, Beside
 from .merge import Entry, build_listing, open_dir_layers
 from .metacopy import copy_data_up, data_blocks, data_layer, meta_xattr, open_data, set_move_redirect
-from .nodes import SUPERSEDED, Key, Node, NodeTable
+from .nodes import Key, Node, NodeTable, Superseded
 from .redirect import Redirects
 from .udba import NO_WATCHES, NONE, WATCHED, Udba, Watches
 from .whiteout import Dialect, WhiteoutWriter
@@ -232,9 +232,11 @@ class Resolver:
             self.table.stat_hits += 1
             return node.st
         if node.is_dir:
+            if not node.dirs and isinstance(node.links, Superseded):
+                raise self.gone(node)
             st = os.fstat(self.table.top_dirfd(node))
         elif node.links:
-            pfd, name = self.table.real_parent_fd(node)
+            pfd, name = self.real_parent_fd(node)
             st = pfd.lstat(name)
         else:
             h = self.any_handle(node)   # unlinked but open: not cached, nothing names it
@@ -244,11 +246,50 @@ class Resolver:
     def open_handles(self, node: Node) -> list[Handle]:
         return [h for h in self.handles.values() if h.node is node] if node.handles else []
 
+    def gone(self, node: Node, other: OSError | None = None) -> OSError:
+        """The error for a request on *node* that needs a name it no longer has, or that its
+        directory lost: when a branch change took the name of *node* or of an ancestor (the
+        topmost such, see `Superseded`), ESTALE if that name shows an object again (the kernel,
+        asked by a path, walks it again and finds that object), else ENOENT (gone, as after an
+        unlink or rmdir: so also for a process that holds it open or as its current directory).
+        Otherwise *other*, or ENOENT."""
+        taken: tuple[Node, bytes] | None = None
+        n = node
+        for _ in range(4096):   # a bound, should the links ever form a loop
+            links = n.links
+            if isinstance(links, Superseded):
+                taken = links.was
+                n = taken[0]
+            elif links:
+                n = links[-1][0]
+            else:
+                break
+        if taken is None:
+            return other or err(errno.ENOENT)
+        parent, name = taken
+        try:
+            # A directory dropped meanwhile cannot tell: the kernel's walk will.
+            shown = self.table.nodes.get(parent.id) is not parent or name in self.listing(parent)
+        except OSError:
+            shown = False
+        return err(errno.ESTALE if shown else errno.ENOENT, name=name)
+
+    def real_parent_fd(self, node: Node) -> tuple[DirFd, bytes]:
+        """`NodeTable.real_parent_fd`, or the error `gone` says when a branch change took the
+        node's name or its directory's."""
+        try:
+            return self.table.real_parent_fd(node)
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                raise
+            raise self.gone(node, e) from None
+
     def any_handle(self, node: Node) -> Handle:
-        """An open file of *node*, the only way left to an object whose names are all gone."""
+        """An open file of *node*, the only way left to an object whose names are all gone (else
+        `gone`)."""
         for h in self.open_handles(node):
             return h
-        raise err(errno.ENOENT)
+        raise self.gone(node)
 
     def nlink(self, node: Node, st: Stat) -> int:
         """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
@@ -257,7 +298,7 @@ class Resolver:
         return st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
-        pfd, name = self.table.real_parent_fd(node)
+        pfd, name = self.real_parent_fd(node)
         return pfd.readlink(name)
 
     def xattr_target(self, node: Node, fn: Callable[[str | int], object]) -> object:
@@ -270,8 +311,8 @@ class Resolver:
             for h in self.open_handles(node):
                 if h.layer == node.layer:
                     return fn(h.fd)
-            raise err(errno.ENOENT)
-        pfd, name = self.table.real_parent_fd(node)
+            raise self.gone(node)
+        pfd, name = self.real_parent_fd(node)
         return pfd.on_path(name, fn)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
@@ -382,19 +423,28 @@ class Resolver:
         """Copy the non-directory *node* up: parents first, then a complete copy made in the work
         directory, placed under its name once the name is known to still stand for *node* (with
         *meta*, of a regular file, a metadata-only copy, its data left where it is)."""
-        parent, name = node.name_in()
-        self.upper_dir(parent)
+        try:
+            parent, name = node.name_in()
+            self.upper_dir(parent)
+            src_pfd = self.table.dirfd(parent, node.layer)
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                raise
+            raise self.gone(node, e) from None
         data = self.data_layer(node)
         meta = meta and stat.S_ISREG(self.stat(node).st_mode)
+        source = self.stack.layers[node.layer]
         made = await self.copyup.file(
-            self.table.dirfd(parent, node.layer), name, keep,
+            src_pfd, name, keep,
             data=None if data == node.layer or meta else open_data(self, node, os.O_RDONLY),
             meta_xattr=meta_xattr(self.privileged) if meta else None)
         try:
-            # The copy may have awaited: make sure the name still stands for this node.
+            # The copy may have awaited: make sure the name still stands for this node, and the
+            # node for the object copied (a branch change may have rebound it to another branch's).
             if node.layer == 0 or (parent, name) not in node.links:
-                gone = errno.ESTALE if node.links is SUPERSEDED else errno.ENOENT
-                raise OSError(gone, "copy-up: object went away", os.fsdecode(name))
+                raise self.gone(node)
+            if node.layer < 0 or self.stack.layers[node.layer] is not source:
+                raise OSError(errno.ESTALE, "copy-up: the name's object changed branch", os.fsdecode(name))
             upper_pfd = self.upper_dir(parent)
             self.copyup.place(made.tmp, upper_pfd, name)
         except BaseException:
@@ -451,7 +501,7 @@ class Resolver:
         layer = self.data_layer(node)
         if layer != node.layer:    # a metadata-only copy opened for reading: its data below
             return self.new_handle(node, open_data(self, node, flags & ~OPEN_STRIP), flags, layer)
-        pfd, name = self.table.real_parent_fd(node)
+        pfd, name = self.real_parent_fd(node)
         if trunc and flags & os.O_ACCMODE != os.O_RDONLY and pfd.lstat(name).st_blocks * 512 >= FREE_BIG:
             # Truncating a big file frees its blocks, which takes long: on a worker thread.
             fd = pfd.open_file(name, flags & ~OPEN_STRIP)
@@ -472,7 +522,7 @@ class Resolver:
         layer = self.data_layer(h.node) if h.node.links else h.layer
         if h.layer != layer:
             if layer == h.node.layer:
-                pfd, name = self.table.real_parent_fd(h.node)
+                pfd, name = self.real_parent_fd(h.node)
                 fd = pfd.open_file(name, h.flags & ~OPEN_STRIP)
             else:
                 fd = open_data(self, h.node, h.flags & ~OPEN_STRIP)

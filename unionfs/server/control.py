@@ -47,7 +47,8 @@ from unionfs.core.livebranches import (
     plan,
 )
 
-from .compat import pyfuse3  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads (see compat)
+from . import compat  # isort: skip - patches libfuse and pyfuse3 before pyfuse3 loads
+from .compat import pyfuse3  # isort: skip
 from .operations import Operations
 from .statedir import CONTROL_MAX, CONTROL_SUFFIX, StateDir, control_abstract
 
@@ -216,6 +217,8 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     slots = plan(union.stack, changes, overlay=ctl.style == "overlay")
     check_busy(union, slots)
     stale = apply(union, slots)
+    for node_id in stale.rebound:
+        compat.no_capability(node_id, False)    # what the shim knew was of the node's old file
     applied = time.perf_counter()
     ctl.after_change()
     for i, fd in enumerate(fds):
@@ -224,7 +227,7 @@ async def _change(ctl: Control, req: dict[str, Any], fds: list[int]) -> Reply:
     await trio.to_thread.run_sync(_invalidate, stale)
     log.info("branches now: %s (applied in %.1f ms, %d nodes; the kernel told in %.1f ms)",
              ", ".join(f"{b['path']}={b['mode']}" for b in describe(union.stack)), (applied - began) * 1e3,
-             len(stale.dirs) + len(stale.files), (time.perf_counter() - applied) * 1e3)
+             len(stale.dirs) + len(stale.rebound) + len(stale.files), (time.perf_counter() - applied) * 1e3)
     return {"branches": describe(union.stack), "readonly": union.readonly}
 
 
@@ -243,7 +246,7 @@ def _invalidate(stale: Stale) -> None:
     for parent, name in stale.entries:
         with contextlib.suppress(OSError):
             pyfuse3.invalidate_entry(parent, name)
-    for ids, attr_only in ((stale.dirs, False), (stale.files, True)):
+    for ids, attr_only in ((stale.dirs, False), (stale.rebound, False), (stale.files, True)):
         for node_id in ids:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(node_id, attr_only=attr_only)

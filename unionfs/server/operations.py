@@ -390,7 +390,14 @@ class Operations(pyfuse3.Operations):
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
-                found = union.lookup(node, name)
+                try:
+                    found = union.lookup(node, name)
+                except OSError as e:
+                    if e.errno != errno.ESTALE:
+                        raise
+                    # A directory a branch change took, read through a handle opened before: gone,
+                    # as a removed directory is (getdents answers ENOENT).
+                    raise FUSEError(errno.ENOENT) from None
                 assert found is not None
                 if not pyfuse3.readdir_reply(token, name, self._attr(*found), gen | (i + 1)):
                     return
