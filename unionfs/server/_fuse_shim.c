@@ -759,6 +759,11 @@ static PyObject *py_request_waiting(PyObject *self, PyObject *unused)
     return PyBool_FromLong(seen_waiting);
 }
 
+static PyObject *py_session_exited(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(last_session == NULL || fuse_session_exited(last_session));
+}
+
 static PyObject *py_sessions(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(sessions);
@@ -805,6 +810,8 @@ static PyMethodDef methods[] = {
     {"request_waiting", py_request_waiting, METH_NOARGS,
      "Whether a request waits to be read (or the session ended): the next read then needs no "
      "second look (after guard_reads(); False before)."},
+    {"session_exited", py_session_exited, METH_NOARGS,
+     "Whether the session made through the shim last has ended (or there is none)."},
     {"sessions", py_sessions, METH_NOARGS,
      "How many FUSE sessions were created through the shim (0: pyfuse3 bypassed it)."},
     {"received", py_received, METH_NOARGS,

@@ -201,22 +201,42 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
         return False
     if _shim is None or original is None or getattr(original, "quick", False):
         return original is not None and getattr(original, "quick", False)
-    if _shim.guard_reads() < 0:
+    fd = _shim.guard_reads()
+    if fd < 0:
         return False
-    waiting = _shim.request_waiting
+    waiting, exited = _shim.request_waiting, _shim.session_exited
+    wait_readable = trio.lowlevel.wait_readable
     run = 0
+    in_wait = False
+    turn = trio.lowlevel.ParkingLot()
 
     async def _wait_fuse_readable() -> bool:
         # pyfuse3's _session_loop reads right after this returns True, with no await in between;
         # a request is waiting now, or the shim makes that read return EINTR.
-        nonlocal run
+        nonlocal run, in_wait
         while _before_next_read:
             _before_next_read.pop(0)()
         if run < QUICK_RUN and waiting():
             run += 1
             return True
         run = 0
-        return bool(await original())
+        # pyfuse3's own wait takes a trio lock (one more pass of trio's scheduler) so that one task
+        # at a time waits for the fd; a flag and a parking lot do that here.  (pyfuse3 then sees no
+        # task waiting and starts more, up to its max_tasks: each parks here, which costs nothing.)
+        while in_wait:
+            await turn.park()
+        if exited():
+            turn.unpark()
+            return False
+        in_wait = True
+        try:
+            await wait_readable(fd)
+        except trio.ClosedResourceError:
+            return False
+        finally:
+            in_wait = False
+            turn.unpark()
+        return True
 
     _wait_fuse_readable.quick = True  # type: ignore[attr-defined]
     pyfuse3._wait_fuse_readable = _wait_fuse_readable  # type: ignore[attr-defined]
