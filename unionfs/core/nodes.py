@@ -270,10 +270,13 @@ class NodeTable:
         return self._fallback
 
     def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
-        ino = self.ino_for(st)
-        node = Node(self._number_for(ino), is_dir, layer, key, ino)
+        ino = self.ino_of(st.st_dev, st.st_ino)
+        nodes = self.nodes
+        # _number_for's common answer inline: a cold readdir makes one node per entry
+        node_id = ino if ROOT_ID < ino < FALLBACK_BASE and ino not in nodes else self._number_for(ino)
+        node = Node(node_id, is_dir, layer, key, ino)
         node.kind = stat.S_IFMT(st.st_mode)
-        self.nodes[node.id] = node
+        nodes[node_id] = node
         self.by_key[key] = node
         return node
 

@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from stat import S_ISDIR
 
 from .attrs import Stat
 from .branches import DirFd, LayerStack
@@ -139,19 +140,20 @@ class Resolver:
     def node_for(self, parent: Node, name: bytes, e: Entry, fresh: bool = False
                  ) -> tuple[Node, Stat]:
         """The node behind the visible name *name* (listing entry *e*) of *parent*, and its stat."""
+        table = self.table
         known = parent.children.get(name)
         if known is not None and known.st is not None and known.layer == e.layer and (
                 not self.revalidate or parent.stamp is WATCHED):
-            self.table.stat_hits += 1
+            table.stat_hits += 1
             return known, known.st
         try:
-            st = self.table.dirfd(parent, e.layer).lstat(name)
+            st = table.dirfd(parent, e.layer).lstat(name)
         except FileNotFoundError:
             return self._read_again(parent, name, fresh)
-        if stat.S_ISDIR(st.st_mode) != e.is_dir:
+        if S_ISDIR(st.st_mode) != e.is_dir:
             return self._read_again(parent, name, fresh)
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
-        node = self.table.find(key)
+        node = table.by_key.get(key)
         if node is None or node.is_dir != e.is_dir:
             if e.is_dir and self.redirects.active:
                 return self._new_dir_following_redirects(parent, name, e, key, st, fresh)
@@ -159,9 +161,9 @@ class Resolver:
                                      e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
                 return self._read_again(parent, name, fresh)
-            node = self.table.new(e.is_dir, e.layer, key, st)
+            node = table.new(e.is_dir, e.layer, key, st)
             if e.is_dir:
-                self.table.set_dirs(node, dirfds)
+                table.set_dirs(node, dirfds)
         elif self.revalidate and e.is_dir and tuple(bd.layer for bd in node.dirs) != e.dir_layers:
             # A directory of this name appeared or went in a branch below the top one, directly.
             dirfds = open_dir_layers(lambda layer: self.table.dirfd_or_none(parent, layer), name,
@@ -169,9 +171,9 @@ class Resolver:
             if not dirfds:
                 return self._read_again(parent, name, fresh)
             self.udba.regroup(node)
-            self.table.set_dirs(node, dirfds)
-        self.table.add_link(node, parent, name)
-        return node, self.table.remember(node, st)
+            table.set_dirs(node, dirfds)
+        table.add_link(node, parent, name)
+        return node, table.remember(node, st)
 
     def _new_dir_following_redirects(self, parent: Node, name: bytes, e: Entry, key: Key,
                                      st: os.stat_result, fresh: bool) -> tuple[Node, Stat]:
@@ -291,11 +293,12 @@ class Resolver:
             return h
         raise self.gone(node)
 
-    def nlink(self, node: Node, st: Stat) -> int:
-        """overlayfs reports 1 link for a merged directory (its real count is unknowable)."""
+    def nlink(self, node: Node, nlink: int) -> int:
+        """The link count shown for *node*, whose real object has *nlink*: overlayfs reports 1 for
+        a merged directory (its real count is unknowable)."""
         if node.is_dir and len(node.dirs) > 1:
             return 1
-        return st.st_nlink
+        return nlink
 
     def readlink(self, node: Node) -> bytes:
         pfd, name = self.real_parent_fd(node)
