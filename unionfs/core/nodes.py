@@ -76,7 +76,7 @@ class Node:
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
                  "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect",
-                 "outside", "kind")
+                 "outside", "kind", "prefetched")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -113,6 +113,9 @@ class Node:
         # The object's type (the S_IFMT bits of its mode): the kernel's inode for the node keeps it
         # for good, so a branch change may give the node another object only of the same type.
         self.kind = stat.S_IFDIR if is_dir else 0
+        # A file's head was read ahead at its first open for reading (see resolve.open): the
+        # kernel keeps the pages it reads through the mount, so later opens need no read ahead.
+        self.prefetched = False
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
