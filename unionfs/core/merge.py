@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 
 from .branches import DirFd
@@ -37,9 +38,12 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
     names: list[tuple[bytes, bool]] = []
     whiteouts: set[bytes] = set()
     opaque = False
+    add = names.append
+    # Every name of every branch passes here once per listing: the per-name work is kept to
+    # method calls bound once (os.fsencode is str.encode with the filesystem's codec, in Python).
     with os.scandir(fd) as it:
         for de in it:
-            name = os.fsencode(de.name)
+            name = _encode(de.name, _FS_ENCODING, _FS_ERRORS)
             if name.startswith(WH_PREFIX):
                 if name.startswith(WH_META_PREFIX):
                     opaque = opaque or name == WH_OPQ
@@ -48,17 +52,22 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
                 continue
             try:
                 is_dir = de.is_dir(follow_symlinks=False)
+                plain = is_dir or de.is_file(follow_symlinks=False)    # from d_type: no syscall
             except OSError:
                 continue
-            if not is_dir and _is_device_whiteout(de):
+            if not plain and _is_device_whiteout(de):
                 whiteouts.add(name)
                 continue
-            names.append((name, is_dir))
+            add((name, is_dir))
     if whiteouts:
         # A branch holding both NAME and .wh.NAME (an AUFS delete cut short by a crash): the
         # whiteout wins, as in AUFS, so what was being deleted stays deleted.
         names = [(n, d) for n, d in names if n not in whiteouts]
     return names, whiteouts, opaque
+
+
+_encode = str.encode
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def _is_device_whiteout(de: os.DirEntry[str]) -> bool:

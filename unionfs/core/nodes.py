@@ -76,7 +76,7 @@ class Node:
 
     __slots__ = ("id", "ino", "is_dir", "layer", "key", "links", "nlookup", "refs", "handles",
                  "dirs", "listing", "lock", "xattrs", "st", "children", "stamp", "lowerdata", "redirect",
-                 "outside", "kind")
+                 "outside", "kind", "prefetched")
 
     def __init__(self, node_id: int, is_dir: bool, layer: int, key: Key, ino: int) -> None:
         self.id = node_id
@@ -113,6 +113,9 @@ class Node:
         # The object's type (the S_IFMT bits of its mode): the kernel's inode for the node keeps it
         # for good, so a branch change may give the node another object only of the same type.
         self.kind = stat.S_IFDIR if is_dir else 0
+        # A file's head was read ahead at its first open for reading (see resolve.open): the
+        # kernel keeps the pages it reads through the mount, so later opens need no read ahead.
+        self.prefetched = False
 
     def __repr__(self) -> str:
         names = [n for _, n in self.links]
@@ -270,10 +273,13 @@ class NodeTable:
         return self._fallback
 
     def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
-        ino = self.ino_for(st)
-        node = Node(self._number_for(ino), is_dir, layer, key, ino)
+        ino = self.ino_of(st.st_dev, st.st_ino)
+        nodes = self.nodes
+        # _number_for's common answer inline: a cold readdir makes one node per entry
+        node_id = ino if ROOT_ID < ino < FALLBACK_BASE and ino not in nodes else self._number_for(ino)
+        node = Node(node_id, is_dir, layer, key, ino)
         node.kind = stat.S_IFMT(st.st_mode)
-        self.nodes[node.id] = node
+        nodes[node_id] = node
         self.by_key[key] = node
         return node
 

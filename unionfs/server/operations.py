@@ -284,15 +284,15 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
-        _dev, _ino, _nlink, rdev, size, blocks, blksize, atime, mtime, ctime, mode, uid, gid = st.fields()
+        _dev, _ino, nlink, rdev, size, blocks, blksize, atime, mtime, ctime, mode, uid, gid = st.fields()
         a.st_mode = mode
-        a.st_nlink = self.union.nlink(node, st)
+        a.st_nlink = self.union.nlink(node, nlink)
         a.st_uid = uid
         a.st_gid = gid
         a.st_rdev = rdev
         a.st_size = size
         a.st_blksize = blksize
-        a.st_blocks = self.union.shown_blocks(node, mode, blocks)
+        a.st_blocks = self.union.shown_blocks(node, mode, blocks) if self.union.metacopy else blocks
         a.st_atime_ns = atime
         a.st_mtime_ns = mtime
         a.st_ctime_ns = ctime
@@ -387,6 +387,8 @@ class Operations(pyfuse3.Operations):
         union = self.union
         listing = union.listing(node)
         timed = self._per_dir_timeouts
+        # bound once: a cold listing makes a node and a reply per entry
+        node_for, attr, reply = union.node_for, self._attr, pyfuse3.readdir_reply
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
@@ -406,13 +408,13 @@ class Operations(pyfuse3.Operations):
             if cur is None:
                 continue        # removed since the snapshot
             try:
-                child, st = union.node_for(node, name, cur)
+                child, st = node_for(node, name, cur)
             except FileNotFoundError:
                 continue
-            a = self._attr(child, st)
+            a = attr(child, st)
             if timed:
                 self._timed(a, node, child)
-            if not pyfuse3.readdir_reply(token, name, a, gen | (i + 1)):
+            if not reply(token, name, a, gen | (i + 1)):
                 union.table.maybe_free(child)
                 return
             child.nlookup += 1
