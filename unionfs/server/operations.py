@@ -666,7 +666,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         h, node, st = self.union.create(self._node(parent_inode), name, mode, self._readable(flags),
                                         self._creds(ctx))
-        self.passthrough.open(h)
+        self.passthrough.open(h, new=True)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), self._looked_up(node, st)
 
     @_handler
