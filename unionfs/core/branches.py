@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .sysx import renameat2
+from .sysx import AT_SYMLINK_NOFOLLOW, fchmodat2, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ WORK_NAME = "unionfs-work"            # inside an overlay-style workdir
 AUFS_WORK_NAME = b".wh..wh.unionfs.work"  # inside an AUFS-style writable branch (hidden)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
+
+
+_have_fchmodat2 = True      # until the kernel says ENOSYS (before Linux 6.6)
 
 
 class DirFd(int):
@@ -136,7 +139,19 @@ class DirFd(int):
 
     def chmod(self, name: bytes, mode: int, add: bool = False) -> None:
         """Set *name*'s permission bits to *mode* (with *add*, add them to its own); a symlink
-        is left alone (Linux has no mode for one, and chmod has no no-follow form)."""
+        is left alone (Linux has no mode for one; chmod has a no-follow form from Linux 6.6,
+        fchmodat2, and before it the object is reached through an O_PATH fd)."""
+        global _have_fchmodat2
+        if not add and _have_fchmodat2:
+            try:
+                fchmodat2(self, name, stat.S_IMODE(mode), AT_SYMLINK_NOFOLLOW)
+                return
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    return      # a symlink
+                if e.errno != errno.ENOSYS:
+                    raise
+                _have_fchmodat2 = False
         fd = self.open_path(name)
         try:
             st = os.fstat(fd)
