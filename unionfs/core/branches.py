@@ -510,26 +510,37 @@ def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
-def copy_data(src: int, dst: int, length: int) -> None:
+#: A file this small whose blocks cover its size is copied whole, without looking for holes.
+DENSE_MAX = 1 << 16
+
+
+def copy_data(src: int, dst: int, length: int, dense: bool = False) -> None:
     """Copy *length* bytes from fd *src* to fd *dst* (same offsets) without reading them whole.
 
     Only the data extents are copied, so holes stay holes; *dst* is then sized to *length*.
-    copy_file_range (a reflink where the filesystem can) first, then a bounded read/write loop.
+    *dense*: the caller knows *src* has no holes (its blocks cover its size): at most DENSE_MAX
+    bytes are then copied as one range.  copy_file_range (a reflink where the filesystem can)
+    first, then a bounded read/write loop.
     """
-    for start, end in data_extents(src, length):
-        _copy_range(src, dst, start, end)
-    os.ftruncate(dst, length)
+    extents = [(0, length)] if dense and length <= DENSE_MAX else data_extents(src, length)
+    reached = 0
+    for start, end in extents:
+        reached = _copy_range(src, dst, start, end)
+    if reached != length:
+        os.ftruncate(dst, length)
 
 
-def _copy_range(src: int, dst: int, off: int, end: int) -> None:
+def _copy_range(src: int, dst: int, off: int, end: int) -> int:
+    """Copy [*off*, *end*) of *src* to *dst*; the offset reached (short of *end* when *src* ends
+    first)."""
     chunk = 1 << 30
     try:
         while off < end:
             n = os.copy_file_range(src, dst, min(chunk, end - off), off, off)
             if n == 0:
-                return
+                return off
             off += n
-        return
+        return off
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
             raise
@@ -543,6 +554,7 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
             w = os.pwrite(dst, view, off)
             off += w
             view = view[w:]
+    return off
 
 
 __all__ = [
