@@ -84,7 +84,7 @@ class Passthrough:
                 compat.no_capability(node.id, True)
             else:
                 try:
-                    self.union.getxattr(node, CAPABILITY)
+                    os.getxattr(h.fd, CAPABILITY)   # the real file's: not an escaped name
                 except OSError as e:
                     if e.errno == errno.ENODATA:
                         compat.no_capability(node.id, True)
