@@ -106,14 +106,21 @@ class Attributes:
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: Handle | None = None) -> Stat:
-        """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps)."""
+                      handle: Handle | None = None, kill_setid: bool = False) -> Stat:
+        """chmod, chown, truncate and utimes, after a copy-up (truncate copies only what it keeps).
+
+        *kill_setid*: clear the set-id bits as a write by a caller without CAP_FSETID does (the
+        set-user-ID bit, and the set-group-ID bit of a group-executable file; the file's
+        security.capability too): by chown(-1, -1) of the real file after any truncate, which the
+        upper filesystem answers just so."""
         res = self.res
         res.check_writable()
         await res.ensure_upper(node, keep=size, meta=size is None)
         owner = None
         if uid is not None or gid is not None:
             owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+        elif kill_setid and not node.is_dir:
+            owner = (-1, -1)
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
         if handle is not None:
             res.refresh(handle)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .sysx import renameat2
+from .sysx import AT_SYMLINK_NOFOLLOW, fchmodat2, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ WORK_NAME = "unionfs-work"            # inside an overlay-style workdir
 AUFS_WORK_NAME = b".wh..wh.unionfs.work"  # inside an AUFS-style writable branch (hidden)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
+
+
+_have_fchmodat2 = True      # until the kernel says ENOSYS (before Linux 6.6)
 
 
 class DirFd(int):
@@ -136,7 +139,19 @@ class DirFd(int):
 
     def chmod(self, name: bytes, mode: int, add: bool = False) -> None:
         """Set *name*'s permission bits to *mode* (with *add*, add them to its own); a symlink
-        is left alone (Linux has no mode for one, and chmod has no no-follow form)."""
+        is left alone (Linux has no mode for one; chmod has a no-follow form from Linux 6.6,
+        fchmodat2, and before it the object is reached through an O_PATH fd)."""
+        global _have_fchmodat2
+        if not add and _have_fchmodat2:
+            try:
+                fchmodat2(self, name, stat.S_IMODE(mode), AT_SYMLINK_NOFOLLOW)
+                return
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    return      # a symlink
+                if e.errno != errno.ENOSYS:
+                    raise
+                _have_fchmodat2 = False
         fd = self.open_path(name)
         try:
             st = os.fstat(fd)
@@ -495,26 +510,37 @@ def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
-def copy_data(src: int, dst: int, length: int) -> None:
+#: A file this small whose blocks cover its size is copied whole, without looking for holes.
+DENSE_MAX = 1 << 16
+
+
+def copy_data(src: int, dst: int, length: int, dense: bool = False) -> None:
     """Copy *length* bytes from fd *src* to fd *dst* (same offsets) without reading them whole.
 
     Only the data extents are copied, so holes stay holes; *dst* is then sized to *length*.
-    copy_file_range (a reflink where the filesystem can) first, then a bounded read/write loop.
+    *dense*: the caller knows *src* has no holes (its blocks cover its size): at most DENSE_MAX
+    bytes are then copied as one range.  copy_file_range (a reflink where the filesystem can)
+    first, then a bounded read/write loop.
     """
-    for start, end in data_extents(src, length):
-        _copy_range(src, dst, start, end)
-    os.ftruncate(dst, length)
+    extents = [(0, length)] if dense and length <= DENSE_MAX else data_extents(src, length)
+    reached = 0
+    for start, end in extents:
+        reached = _copy_range(src, dst, start, end)
+    if reached != length:
+        os.ftruncate(dst, length)
 
 
-def _copy_range(src: int, dst: int, off: int, end: int) -> None:
+def _copy_range(src: int, dst: int, off: int, end: int) -> int:
+    """Copy [*off*, *end*) of *src* to *dst*; the offset reached (short of *end* when *src* ends
+    first)."""
     chunk = 1 << 30
     try:
         while off < end:
             n = os.copy_file_range(src, dst, min(chunk, end - off), off, off)
             if n == 0:
-                return
+                return off
             off += n
-        return
+        return off
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
             raise
@@ -528,6 +554,7 @@ def _copy_range(src: int, dst: int, off: int, end: int) -> None:
             w = os.pwrite(dst, view, off)
             off += w
             view = view[w:]
+    return off
 
 
 __all__ = [

@@ -200,7 +200,8 @@ class CopyUp:
                             keep: int | None, data: int | None, meta_xattr: str | None) -> int:
         """Copy the data (and owner, xattrs, times); the bytes of data copied."""
         work = self.work
-        src = src_pfd.open_file(name, os.O_RDONLY) if data is None else data
+        # O_NONBLOCK kept: nothing on a regular file waits for it, and one fcntl less per copy.
+        src = src_pfd.open_file(name, os.O_RDONLY | os.O_NONBLOCK) if data is None else data
         try:
             dst = work.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -210,7 +211,7 @@ class CopyUp:
                 elif length > INLINE_COPY_MAX:
                     await self.executor.run(copy_data, src, dst, length)
                 elif length:
-                    copy_data(src, dst, length)
+                    copy_data(src, dst, length, dense=st.st_blocks * 512 >= st.st_size)
                 self._own(dst, st)
                 if data is None:
                     copy_xattrs(fd_path(src), fd_path(dst))

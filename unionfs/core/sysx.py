@@ -30,6 +30,20 @@ def renameat2(src_dirfd: int, src: bytes, dst_dirfd: int, dst: bytes, flags: int
         err = ctypes.get_errno()
         raise OSError(err, f"renameat2: {os.strerror(err)}", os.fsdecode(src))
 
+AT_SYMLINK_NOFOLLOW = 0x100
+_SYS_FCHMODAT2 = 452    # Linux 6.6+, x86-64 and the generic table alike
+_syscall = _libc.syscall     # used for fchmodat2 alone: its arguments' types are set here
+_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
+_syscall.restype = ctypes.c_long
+
+
+def fchmodat2(dirfd: int, name: bytes, mode: int, flags: int) -> None:
+    """fchmodat2(2) (Linux 6.6+): with AT_SYMLINK_NOFOLLOW, a symlink is refused (EOPNOTSUPP)
+    instead of followed; ENOSYS before 6.6."""
+    if _syscall(_SYS_FCHMODAT2, dirfd, name, mode, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fchmodat2: {os.strerror(err)}", os.fsdecode(name))
+
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int

@@ -76,9 +76,9 @@ class Union(Resolver):
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: Handle | None = None) -> Stat:
+                      handle: Handle | None = None, kill_setid: bool = False) -> Stat:
         return await self.attrs.setattr(node, size=size, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
-                                        mtime_ns=mtime_ns, handle=handle)
+                                        mtime_ns=mtime_ns, handle=handle, kill_setid=kill_setid)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         return self.attrs.getxattr(node, name)

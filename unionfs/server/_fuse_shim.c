@@ -44,6 +44,16 @@
  *    step, so one pending slot is enough); every other reply is libfuse's own.  Every write(2) to
  *    a passed-through file asks the server for security.capability (file_remove_privs: FUSE has no
  *    SB_NOSEC); for the files the server lists as having none, the shim answers ENODATA itself.
+ *  - FUSE_HANDLE_KILLPRIV_V2, asked for beside passthrough in the same INIT reply: the kernel then
+ *    leaves the clearing of set-id bits on write, truncate and chown to the server, and so (1) no
+ *    longer asks for a file's attributes (GETATTR) before each chown of a regular file to work out
+ *    the mode itself, and (2) marks the filesystem SB_NOSEC, so that a file found once without
+ *    set-id bits or security.capability is not asked for it again at every write(2) until its
+ *    attributes change (about two requests of five in an untar).  The server then clears the bits
+ *    when the kernel sends a SETATTR of nothing to a non-directory (a write or fallocate by a caller
+ *    without CAP_FSETID, or chown(f, -1, -1)) and when a truncate carries FATTR_KILL_SUIDGID, which
+ *    pyfuse3 drops: the shim hands it on as st_mode KILL_SUIDGID_MARK (an impossible file type) in
+ *    a SETATTR that does not set the mode.
  *
  * How: this module defines fuse_session_new() (and fuse_session_receive_buf(), to see the session
  * end).  Loaded with RTLD_GLOBAL before pyfuse3 is imported, it is the definition pyfuse3's call
@@ -80,6 +90,7 @@ typedef void (*opendir_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*fsyncdir_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
+typedef void (*setattr_fn)(fuse_req_t, fuse_ino_t, struct stat *, int, struct fuse_file_info *);
 
 #define STATELESS_DIR (1ULL << 63)
 
@@ -89,6 +100,7 @@ static opendir_fn inner_opendir;
 static readdir_fn inner_readdirplus;
 static fsyncdir_fn inner_fsyncdir;
 static getxattr_fn inner_getxattr;
+static setattr_fn inner_setattr;
 static PyObject *fallocate_cb; /* (req, ino, fh, mode, offset, length) -> errno, or None: later */
 static PyObject *lseek_cb;     /* (ino, fh, offset, whence) -> new offset, or -errno */
 static int cache_dirs;
@@ -220,6 +232,7 @@ static int passthrough;        /* this session's INIT reply asks for it */
 static int passthrough_offered; /* the kernel offered it in INIT */
 static struct fuse_session *io_session; /* the session our custom io is installed in */
 static uint64_t init_unique;   /* the INIT request, until its reply goes out */
+static int killpriv;           /* the kernel offered FUSE_HANDLE_KILLPRIV_V2; after INIT: agreed */
 static uint64_t pending_fh;    /* the next OPEN/CREATE reply for this fh passes through... */
 static int32_t pending_backing; /* ...to this backing file */
 static int pending;
@@ -256,11 +269,15 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
                 out.flags |= FUSE_INIT_EXT;
                 out.flags2 |= PT_INIT_FLAGS2;
                 out.unused[0] = PT_STACK_DEPTH; /* max_stack_depth */
+                if (killpriv)
+                    out.flags |= FUSE_HANDLE_KILLPRIV_V2;
                 iov[1].iov_base = &out;
             }
         } else {
             passthrough = 0;
         }
+        if (!passthrough)
+            killpriv = 0;
     }
     return writev(fd, iov, count);
 }
@@ -277,6 +294,7 @@ static void pt_install(struct fuse_session *se)
     io_session = se;
     n_backing = 0;
     passthrough = passthrough_offered = 0;
+    killpriv = 0;
     init_unique = 0;
     pending = 0;
     if (fuse_session_custom_io(se, &pt_io, fuse_session_fd(se)) != 0)
@@ -295,6 +313,7 @@ static void pt_received(struct fuse_session *se, const struct fuse_buf *buf, int
     const struct fuse_init_in *arg = (const struct fuse_init_in *)(in + 1);
     passthrough_offered = (arg->flags & FUSE_INIT_EXT) && (arg->flags2 & PT_INIT_FLAGS2);
     passthrough = passthrough_offered;
+    killpriv = (arg->flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
     init_unique = in->unique;
 }
 
@@ -503,6 +522,22 @@ static int request_waiting(struct fuse_session *se)
     return poll(&p, 1, 0) > 0; /* POLLIN, or POLLERR once the session ended */
 }
 
+/* A truncate by a caller without CAP_FSETID (FATTR_KILL_SUIDGID, libfuse's FUSE_SET_ATTR_KILL_SUID)
+   reaches the server as this st_mode in a SETATTR that does not set the mode. */
+#define KILL_SUIDGID_MARK 0170000
+
+static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                         struct fuse_file_info *fi)
+{
+    if (killpriv && (to_set & FUSE_SET_ATTR_KILL_SUID) && !(to_set & FUSE_SET_ATTR_MODE)) {
+        struct stat marked = *attr;
+        marked.st_mode = KILL_SUIDGID_MARK;
+        inner_setattr(req, ino, &marked, to_set, fi);
+        return;
+    }
+    inner_setattr(req, ino, attr, to_set, fi);
+}
+
 __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_session *se,
                                                                     struct fuse_buf *buf)
 {
@@ -555,9 +590,14 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
         shim_ops.fsyncdir = shim_fsyncdir;
     }
     n_nocaps = 0;
+    killpriv = 0;
     if (shim_ops.getxattr != NULL) {
         inner_getxattr = shim_ops.getxattr;
         shim_ops.getxattr = shim_getxattr;
+    }
+    if (shim_ops.setattr != NULL) {
+        inner_setattr = shim_ops.setattr;
+        shim_ops.setattr = shim_setattr;
     }
     if (shim_ops.fallocate == NULL)
         shim_ops.fallocate = shim_fallocate;
@@ -662,6 +702,11 @@ static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
 static PyObject *py_passthrough(PyObject *self, PyObject *unused)
 {
     return Py_BuildValue("(ii)", passthrough_offered, passthrough);
+}
+
+static PyObject *py_killpriv(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(killpriv && io_session != NULL && init_unique == 0);
 }
 
 static PyObject *py_backing_open(PyObject *self, PyObject *args)
@@ -794,6 +839,8 @@ static PyMethodDef methods[] = {
     {"passthrough", py_passthrough, METH_NOARGS,
      "(offered, asked): whether the kernel offered FUSE passthrough at INIT, and whether the "
      "session asks for it."},
+    {"killpriv", py_killpriv, METH_NOARGS,
+     "Whether the session agreed FUSE_HANDLE_KILLPRIV_V2: the server clears set-id bits itself."},
     {"backing_open", py_backing_open, METH_VARARGS,
      "backing_open(fd) -> backing id, or -errno: register fd as a backing file (root only)."},
     {"backing_close", py_backing_close, METH_VARARGS,

@@ -131,6 +131,17 @@ def passthrough_offered() -> bool:
     return _shim is not None and bool(_shim.passthrough()[0])
 
 
+#: The st_mode of a SETATTR that truncates for a caller without CAP_FSETID, when the session agreed
+#: FUSE_HANDLE_KILLPRIV_V2 (the shim's KILL_SUIDGID_MARK: no file has this type).
+KILL_SUIDGID_MARK = 0o170000
+
+
+def killpriv() -> bool:
+    """Whether this session agreed FUSE_HANDLE_KILLPRIV_V2 (valid once INIT has been answered): the
+    kernel then leaves clearing set-id bits on write, truncate and chown to the server."""
+    return _shim is not None and _shim.killpriv()
+
+
 def backing_open(fd: int) -> int:
     """Register the open file *fd* as a backing file of this session: its id, or the errno negated
     (EPERM: passthrough not agreed, or the server lacks CAP_SYS_ADMIN in the initial user namespace;

@@ -668,7 +668,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         h, node, st = self.union.create(self._node(parent_inode), name, mode, self._readable(flags),
                                         self._creds(ctx))
-        self.passthrough.open(h)
+        self.passthrough.open(h, new=True)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), self._looked_up(node, st)
 
     @_handler
@@ -731,6 +731,7 @@ class Operations(pyfuse3.Operations):
                 return self._attr(node, kept)
         st = await self.union.setattr(
             node,
+            kill_setid=self._kills_setid(node, attr, fields),
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -740,6 +741,25 @@ class Operations(pyfuse3.Operations):
             handle=self.union.handles.get(fh) if fh is not None else None,
         )
         return self._attr(node, st)
+
+    @staticmethod
+    def _kills_setid(node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> bool:
+        """Whether a SETATTR must clear the set-id bits of *node* (see `Attributes.setattr`).
+
+        With FUSE_HANDLE_KILLPRIV_V2 (asked for with passthrough, see the libfuse shim) the kernel
+        no longer reads the attributes and sends the new mode itself: a write or fallocate by a
+        caller without CAP_FSETID, and chown(f, -1, -1), send a SETATTR of nothing to a
+        non-directory; a truncate by such a caller carries FATTR_KILL_SUIDGID, which the shim hands
+        on as the st_mode `compat.KILL_SUIDGID_MARK` (and a chown with an owner clears the bits in
+        the upper filesystem itself)."""
+        if node.is_dir or not compat.killpriv():
+            return False
+        if fields.update_mode:
+            return False
+        if attr.st_mode == compat.KILL_SUIDGID_MARK:
+            return True
+        return not (fields.update_size or fields.update_uid or fields.update_gid or fields.update_atime
+                    or fields.update_mtime or fields.update_ctime)
 
     def _times_kept(self, node: Node, mtime_ns: int) -> Stat | None:
         """The attributes to answer a SETATTR of mtime and ctime alone with, when it changes

@@ -62,8 +62,10 @@ class Passthrough:
         """The session's INIT has been read: passthrough stays enabled only if it was agreed."""
         self.enabled = self.enabled and compat.passthrough_asked()
 
-    def open(self, h: Handle) -> None:
-        """Just before the OPEN or CREATE reply for *h* goes out: make it pass through if it may."""
+    def open(self, h: Handle, new: bool = False) -> None:
+        """Just before the OPEN or CREATE reply for *h* goes out: make it pass through if it may.
+        *new*: the file was just made (O_EXCL) by this request, so it has no security.capability
+        and nothing need be read to know it."""
         if not self.enabled:
             return
         node = h.node
@@ -78,11 +80,14 @@ class Passthrough:
             entry = self.backing[node.id] = [backing_id, 0]
             node.outside = True
             node.st = None
-            try:
-                self.union.getxattr(node, CAPABILITY)
-            except OSError as e:
-                if e.errno == errno.ENODATA:
-                    compat.no_capability(node.id, True)
+            if new:
+                compat.no_capability(node.id, True)
+            else:
+                try:
+                    os.getxattr(h.fd, CAPABILITY)   # the real file's: not an escaped name
+                except OSError as e:
+                    if e.errno == errno.ENODATA:
+                        compat.no_capability(node.id, True)
         entry[1] += 1
         self.passed[h.fh] = node.id
         compat.pass_through(h.fh, entry[0])
