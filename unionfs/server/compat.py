@@ -192,10 +192,15 @@ def before_next_read(fn: Callable[[], None]) -> bool:
     """Have the quick session loop call *fn* before it reads the next request, that is once the
     reply to the request being served has gone out (the INIT reply: the kernel sets the mount's
     read-ahead from it).  False, and nothing done, when the quick loop is not in place."""
-    quick = getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False)
+    quick = _quick_in_place(pyfuse3)
     if quick:
         _before_next_read.append(fn)
-    return bool(quick)
+    return quick
+
+
+def _quick_in_place(pyfuse3: ModuleType) -> bool:
+    """Whether pyfuse3's session loop waits through the stand-in (`quicken_session_loop`)."""
+    return bool(getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False))
 
 
 def _quick_wanted() -> bool:
@@ -210,8 +215,8 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     original = getattr(pyfuse3, "_wait_fuse_readable", None)
     if not _quick_wanted():
         return False
-    if _shim is None or original is None or getattr(original, "quick", False):
-        return original is not None and getattr(original, "quick", False)
+    if _shim is None or original is None or _quick_in_place(pyfuse3):
+        return _quick_in_place(pyfuse3)
     fd = _shim.guard_reads()
     if fd < 0:
         return False
@@ -443,7 +448,7 @@ def problems() -> dict[str, str]:
     if _SHOWN_INO_OFFSET is None:
         found[SHOWN_INO] = ("pyfuse3's EntryAttributes layout not recognised: hard links of a lower "
                             "file show one inode number per name")
-    if _quick_wanted() and not getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False):
+    if _quick_wanted() and not _quick_in_place(pyfuse3):
         found[QUICK_LOOP] = ("not in place (no shim, or pyfuse3 without _wait_fuse_readable): each "
                              "request waits through trio's epoll")
     standin = _standin.problem("pyfuse3", pyfuse3.__version__)
