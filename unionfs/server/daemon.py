@@ -10,7 +10,6 @@ import contextlib
 import errno
 import functools
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -311,11 +310,11 @@ def preload() -> None:
     # (gc.freeze: never scanned again) keeps the first collection from scanning them all at once.
     gc.disable()
     try:
-        from . import operations  # noqa: F401 - first: it loads the shim, which must precede pyfuse3
+        # Each of these imports compat (which loads the shim, which must precede pyfuse3) first.
+        # control: serve() opens a control channel for every mount, and its imports (json, live
+        # branch changes) were 3-15 ms of each resident server's worker, after the fork.
+        from . import control, operations  # noqa: F401
         from .compat import pyfuse3  # noqa: F401
-        # serve() opens a control channel for every mount: its imports (json, live branch changes)
-        # were 3-15 ms of each resident server's worker, after the fork, before the mount was ready.
-        importlib.import_module(f"{__package__}.control")
     finally:
         gc.freeze()
         gc.enable()
