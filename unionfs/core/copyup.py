@@ -174,10 +174,10 @@ class CopyUp:
         carries that xattr (a metadata-only copy, see `metacopy`).  *src_pfd* is used before the
         first await only.  The caller places the copy (`place`) or discards it."""
         started = time.perf_counter_ns()
-        if data is not None and not stat.S_ISREG(src_pfd.lstat(name).st_mode):
+        st = src_pfd.lstat(name)
+        if data is not None and not stat.S_ISREG(st.st_mode):
             os.close(data)
             data = None
-        st = src_pfd.lstat(name)
         work = self.work
         tmp = self._temp()
         size = 0
