@@ -39,6 +39,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mount_loop import remove_user  # noqa: E402
+
 BIN = Path(sys.executable).parent
 WARMUP = 3
 
@@ -132,15 +136,18 @@ def rows(d: dict[str, Path], env: dict[str, str], user: int | None, suffix: str,
 @contextlib.contextmanager
 def test_user() -> Iterator[int]:
     name = f"ufsperf{os.getpid() % 100000}"
+    with contextlib.suppress(KeyError):    # left by a run that was killed
+        remove_user(name, pwd.getpwnam(name).pw_uid)
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
     old = os.stat("/dev/fuse").st_mode & 0o7777
     os.chmod("/dev/fuse", 0o666)
+    uid = pwd.getpwnam(name).pw_uid
     try:
-        yield pwd.getpwnam(name).pw_uid
+        yield uid
     finally:
         os.chmod("/dev/fuse", old)
-        subprocess.run(["userdel", name], capture_output=True)
+        remove_user(name, uid)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,19 +138,53 @@ class UnprivUser:
     gid: int
 
 
+_user_serial = 0
+
+
 @contextlib.contextmanager
 def unprivileged_user(subids: bool = False) -> Iterator[UnprivUser]:
     """A user made for the test, deleted afterwards: a system user without a subuid range, or,
     with *subids*, a regular one that useradd gives /etc/subuid and /etc/subgid ranges."""
-    name = f"ufs{'sub' if subids else 'run'}{os.getpid() % 100000}"
+    global _user_serial
+    _user_serial += 1
+    name = f"ufs{'sub' if subids else 'run'}{os.getpid() % 100000}x{_user_serial}"
+    with contextlib.suppress(KeyError):    # left by a run that was killed: the name is ours
+        remove_user(name, pwd.getpwnam(name).pw_uid)
     kind = [] if subids else ["--system"]
     subprocess.run(["useradd", *kind, "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
     try:
-        pw = pwd.getpwnam(name)
         yield UnprivUser(name, pw.pw_uid, pw.pw_gid)
     finally:
-        subprocess.run(["userdel", name], capture_output=True)
+        remove_user(name, pw.pw_uid)
+
+
+def _processes_of(uid: int) -> list[int]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    out.append(int(entry.name))
+    return out
+
+
+def remove_user(name: str, uid: int) -> None:
+    """userdel *name* once its processes are gone. A resident server the test started for the user
+    outlives the test by its idle time, and userdel refuses a user with processes (exit 8); the user
+    then stays and the next test's useradd of the same name fails (exit 9)."""
+    for step in range(40):
+        left = _processes_of(uid)
+        if not left:
+            break
+        if step in (10, 25):
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM if step == 10 else signal.SIGKILL)
+        time.sleep(0.05)
+    if subprocess.run(["userdel", name], capture_output=True).returncode != 0:
+        subprocess.run(["userdel", "--force", name], capture_output=True)
 
 
 @contextlib.contextmanager
