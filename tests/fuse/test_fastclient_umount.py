@@ -55,7 +55,7 @@ def mount(area: Path, via_server: bool) -> int:
     env = dict(ENV, UNIONFS_SERVER="auto" if via_server else "off")
     r = run([PY_UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")], env=env)
     assert r.returncode == 0, r.stderr
-    return int(Path(f"/run/unionfs/{state_key(area / 'M')}.pid").read_text())
+    return int(Path(f"/run/unionfs/{state_key(area / 'M')}.pid").read_text().split()[0])
 
 
 @pytest.mark.parametrize("via_server", [True, False], ids=["worker", "daemon"])
@@ -82,7 +82,7 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
     r = run([PY_UNIONFS, "mount", f"{area}/A:{area}/B", str(spaced)], env=env)
     assert r.returncode == 0, r.stderr
     try:
-        daemon = int((root_server / f"{state_key(spaced)}.pid").read_text())
+        daemon = int((root_server / f"{state_key(spaced)}.pid").read_text().split()[0])
         r = run([str(alone), "umount", str(spaced)])
         assert (r.returncode, r.stderr) == (0, "")
         assert not util.is_mounted(spaced) and exited(daemon)
@@ -205,7 +205,7 @@ def test_user_umount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], 
     for _ in range(2):   # the first mount starts the user's server
         r = as_user(str(client / "unionfs"), "mount", f"{base}/A:{base}/B", f"{base}/M")
         assert r.returncode == 0, r.stderr
-        daemon = int((state / f"{state_key(base / 'M')}.pid").read_text())
+        daemon = int((state / f"{state_key(base / 'M')}.pid").read_text().split()[0])
         assert os.stat(f"/proc/{daemon}").st_uid == me.uid
         assert server_pid(state) is not None
         r = as_user(str(alone), "umount", f"{base}/M")

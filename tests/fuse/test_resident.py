@@ -54,7 +54,7 @@ def state_key(mountpoint: Path) -> str:
 
 
 def daemon_of(state: Path, mountpoint: Path) -> int:
-    return int((state / f"{state_key(mountpoint)}.pid").read_text())
+    return int((state / f"{state_key(mountpoint)}.pid").read_text().split()[0])
 
 
 def parent_of(pid: int) -> int:

@@ -291,6 +291,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         undo.pop_all()
         if on_ready is not None:
             on_ready()
+        if state is not None:
+            _sweep(state)
         # Serving allocates a node, its stat and its reply per name a cold listing shows: the
         # cyclic GC's default young generation (700 objects) ran every few dozen names, about a
         # sixth of a cold readdir's CPU; at 10,000 it runs a tenth as often and took a third to a half
@@ -455,6 +457,18 @@ def _detach_stdio() -> None:
         os.dup2(devnull, 2)
         root.handlers[:] = [logging.NullHandler()]
     os.close(devnull)
+
+
+def _sweep(state: StateDir) -> None:
+    """Now and then, once mounted (nobody waits for this daemon then), clear what daemons that are
+    gone left in the state directory."""
+    try:
+        removed = state.sweep_now_and_then()
+    except OSError as e:
+        log.debug("state directory not swept: %s", e)
+    else:
+        if removed:
+            log.debug("swept %d state files of daemons that are gone", len(removed))
 
 
 def _write_pidfile(state: StateDir, name: str) -> None:

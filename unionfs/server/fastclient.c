@@ -465,13 +465,60 @@ static int mount_type_at(const char *point, char *out, size_t size)
     return found;
 }
 
-/* statedir.StateDir.open(create=False) and read_pid: the daemon's pid from its pidfile, 0 when there
- * is none to be read, -1 when Python might read something this client does not */
-static long daemon_pid(const char *mp)
+/* statedir.PidRecord.parse: "PID START PIDNS", three fields of at most 19 ASCII digits between
+ * ASCII whitespace (as bytes.split() takes it), the pid in 1..2^31-1; 0 when text is no such record */
+static int parse_record(char *text, long *pid, unsigned long long *start, unsigned long long *pidns)
 {
-    char dir[PATH_MAX], name[32], text[65], *p, *end;
+    unsigned long long v[3];
+    char *p = text, *q;
+    int n = 0;
+    size_t len;
+
+    for (;;) {
+        p += strspn(p, " \t\n\r\v\f");
+        if (*p == '\0')
+            break;
+        len = strcspn(p, " \t\n\r\v\f");
+        if (n == 3 || len > 19 || strspn(p, "0123456789") < len)
+            return 0;
+        v[n++] = strtoull(p, &q, 10);
+        p += len;
+    }
+    if (n != 3 || v[0] == 0 || v[0] >= (1ULL << 31))
+        return 0;
+    *pid = (long)v[0], *start = v[1], *pidns = v[2];
+    return 1;
+}
+
+/* statedir.start_time: when process pid started (field 22 of /proc/PID/stat); ~0 (no time a pidfile
+ * can say) when it is gone */
+static unsigned long long start_time(long pid)
+{
+    char path[64], text[1024], *p;
+    ssize_t n;
+    int fd, i;
+
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ~0ULL;
+    n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return ~0ULL;
+    text[n] = '\0';
+    p = strrchr(text, ')');
+    for (i = 0; p != NULL && i < 20; i++)   /* to the 20th field after the name's ")" */
+        p = strchr(p + 1, ' ');
+    return p != NULL ? strtoull(p + 1, NULL, 10) : ~0ULL;
+}
+
+/* statedir.StateDir.open(create=False) and read_record: the record in the daemon's pidfile; 0 when
+ * there is none to be read, -1 when the state directory cannot be named */
+static int daemon_record(const char *mp, long *pid, unsigned long long *start, unsigned long long *pidns)
+{
+    char dir[PATH_MAX], name[32], text[65];
     struct stat before, after;
-    long pid;
     ssize_t n;
     int dfd, fd;
 
@@ -504,19 +551,34 @@ static long daemon_pid(const char *mp)
     if (n < 0)
         return -1;
     text[n] = '\0';
-    /* int(bytes.strip()): plain digits are a pid; a byte that is no digit, sign or underscore is
-     * Python's ValueError (no pid); the rest Python may read in its own way */
-    for (p = text; *p && strchr(" \t\n\r\v\f", *p); p++)
-        ;
-    for (end = p + strlen(p); end > p && strchr(" \t\n\r\v\f", end[-1]); end--)
-        ;
-    *end = '\0';
-    if (p == end || strspn(p, "0123456789+-_") < (size_t)(end - p))
-        return 0;
-    if (end - p > 9 || strspn(p, "0123456789") < (size_t)(end - p))
-        return -1;
-    pid = strtol(p, NULL, 10);
-    return pid > 0 ? pid : -1;
+    if (memchr(text, '\0', (size_t)n) != NULL)
+        return 0;   /* no digit, no whitespace: Python's parse says no record too */
+    return parse_record(text, pid, start, pidns);
+}
+
+/* statedir.StateDir.daemon, held: a pidfd of the daemon the pidfile names when it is a process of this
+ * PID namespace that started when the pidfile says (checked while the pidfd holds the pid, so that
+ * the pid cannot be another's by the time we wait); -1 when there is none to wait for, -2 when this
+ * client cannot tell (Python then does) */
+static int daemon_pidfd(const char *mp, long *pid)
+{
+    unsigned long long start, pidns;
+    struct stat ns;
+    int rc, pidfd;
+
+    rc = daemon_record(mp, pid, &start, &pidns);
+    if (rc <= 0)
+        return rc == 0 ? -1 : -2;
+    if (stat("/proc/self/ns/pid", &ns) != 0 || (unsigned long long)ns.st_ino != pidns)
+        return -1;   /* a pid of another PID namespace, or no /proc: nothing here to wait for */
+    pidfd = (int)syscall(SYS_pidfd_open, (pid_t)*pid, 0);
+    if (pidfd < 0)
+        return errno == ESRCH ? -1 : -2;   /* no pidfds: Python looks every 10 ms */
+    if (start_time(*pid) != start) {
+        close(pidfd);
+        return -1;   /* the pid is another process's now: the daemon is gone */
+    }
+    return pidfd;
 }
 
 /* fusermount3 -u MNT: its exit status, and the last line of what it said on stderr in msg; -1 when
@@ -603,8 +665,8 @@ static int wait_for_exit(int pidfd, double timeout)
 static int do_umount(const char *given)
 {
     char mp[PATH_MAX], kind[256], msg[4096];
-    long pid;
-    int pidfd = -1, rc;
+    long pid = 0;
+    int pidfd, rc;
 
     if (!plain(given) || realpath(given, mp) == NULL || !plain(mp)) {
         say("umount: %s: not a plain path, or it does not resolve", given);
@@ -622,17 +684,10 @@ static int do_umount(const char *given)
             fprintf(stderr, " is not a unionfs mount (it is %s)\n", kind);
         return 1;
     }
-    pid = daemon_pid(mp);
-    if (pid < 0) {
-        say("umount: the pidfile is not one this client reads");
+    pidfd = daemon_pidfd(mp, &pid);   /* taken before the unmount */
+    if (pidfd == -2) {
+        say("umount: cannot read the pidfile or take a pidfd: %s", strerror(errno));
         fallback();
-    }
-    if (pid > 0) {   /* taken before the unmount: the pid cannot be another's by the time we wait */
-        pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
-        if (pidfd < 0 && errno != ESRCH) {
-            say("umount: no pidfd: %s", strerror(errno));
-            fallback();   /* Python looks every 10 ms */
-        }
     }
     /* Root unmounts itself, as fusermount3 -u would (it adds nothing for root where /etc/mtab is the
        kernel's): fusermount3's exec is about 2 ms.  Any failure goes to fusermount3, whose words

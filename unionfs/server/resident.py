@@ -424,6 +424,8 @@ def _detach(ready_fd: int, msg: str) -> None:
     if state is not None:
         from .daemon import _setup_logging
 
+        if msg == "listening":   # the one server (it holds the lock)
+            _tidy(state)
         _setup_logging(False, state.open_log(LOG_NAME))
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.INFO)   # the server's log records every mount handed over
@@ -434,6 +436,17 @@ def _detach(ready_fd: int, msg: str) -> None:
     os.close(devnull)
     os.write(ready_fd, msg.encode())
     os.close(ready_fd)
+
+
+def _tidy(state: StateDir) -> None:
+    """At the server's start: its log, which has a line per mount, is kept under
+    `statedir.LOG_LIMIT` (the one before is ``server.log.1``), and what daemons that are gone left
+    in the state directory is cleared."""
+    try:
+        state.rotate(LOG_NAME)
+        state.sweep()
+    except OSError as e:
+        log.debug("state directory not tidied: %s", e)
 
 
 def _stop(signum: int, frame: object) -> None:

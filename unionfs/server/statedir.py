@@ -6,6 +6,15 @@ Anyone can make a name in /tmp first, so a state directory is used only when it 
 checked it is held open, and every state file is made relative to that fd with ``O_NOFOLLOW``: new
 files with ``O_EXCL``, and a pidfile that replaces an old one is written to a temp name and renamed
 into place.
+
+A pidfile is one line, ``PID START PIDNS``: the daemon's pid, its start time (``/proc/PID/stat``'s
+22nd field, clock ticks since boot) and the inode of its PID namespace.  A pid alone names the daemon
+only while it lives and only in its own PID namespace: a daemon killed with SIGKILL, or with the
+PID namespace it ran in, leaves a pidfile whose pid is another process's by the time it is read
+(pid 6 in a namespace is a kernel thread on the host).  A reader (`StateDir.daemon`, the C client's
+``daemon_pid``) takes the pid only when it is in the reader's PID namespace and the process of that
+pid started when the daemon did; anything else (an old bare pid too) names no daemon to wait for.
+What such daemons leave, `StateDir.sweep` removes.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import logging
 import math
 import os
 import select
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -28,6 +38,15 @@ STATE_MODE = 0o700
 CONTROL_SUFFIX = ".ctl"
 #: The largest control request or reply.
 CONTROL_MAX = 1 << 17
+#: How old a state file must be before a sweep may take it for one a gone daemon left: a daemon
+#: makes its log, its pidfile and its control socket within a second or so of each other.
+SWEEP_GRACE = 60.0
+#: How often the daemons sweep their state directory (the last time is ``.swept``'s mtime).
+SWEEP_EVERY = 600.0
+SWEPT = ".swept"
+#: The size past which a long-lived log (the resident server's) is renamed to ``NAME.1``.
+LOG_LIMIT = 1 << 20
+_KEY_SUFFIXES = (".pid", CONTROL_SUFFIX, ".log")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -41,9 +60,70 @@ def state_dir() -> str:
     return f"/tmp/unionfs-{os.getuid()}"
 
 
-def wait_for_exit(pid: int, timeout: float) -> bool:
+@dataclass(frozen=True)
+class PidRecord:
+    """What a pidfile says: a process and the PID namespace its pid is a number in."""
+
+    pid: int
+    start: int
+    pidns: int
+
+    def line(self) -> str:
+        return f"{self.pid} {self.start} {self.pidns}\n"
+
+    @classmethod
+    def parse(cls, data: bytes) -> PidRecord | None:
+        """The record in *data*: three fields of ASCII digits (at most 19 each: the C client reads
+        the same), the pid not 0; None for anything else (an old pidfile's bare pid too)."""
+        fields = data.split()
+        if len(fields) != 3 or not all(0 < len(f) <= 19 and f.isdigit() for f in fields):
+            return None
+        pid, start, pidns = (int(f) for f in fields)
+        return cls(pid, start, pidns) if 0 < pid < 1 << 31 else None
+
+    @classmethod
+    def of(cls, pid: int) -> PidRecord | None:
+        """The record of the live process *pid* of this PID namespace (None: gone, or no /proc)."""
+        start, pidns = start_time(pid), pid_namespace()
+        return None if start is None or pidns is None else cls(pid, start, pidns)
+
+    def alive(self, zombie: bool = True) -> bool:
+        """Whether this is a process of this PID namespace that has not been reaped (a zombie counts
+        unless not *zombie*: its pidfd says it exited, and it holds nothing)."""
+        if self.pidns != pid_namespace():
+            return False
+        found = _proc_stat(self.pid)
+        return found is not None and found[1] == self.start and (zombie or found[0] != b"Z")
+
+
+def start_time(pid: int) -> int | None:
+    """When process *pid* started (clock ticks since boot), as /proc tells it; None when gone."""
+    found = _proc_stat(pid)
+    return found[1] if found is not None else None
+
+
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """The state letter and the start time of process *pid*; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's PID namespace (None without /proc)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def wait_for_exit(pid: int, timeout: float, start: int | None = None) -> bool:
     """Whether the process *pid* (a daemon or server named by a pidfile or a socket's peer) has exited
-    within *timeout* seconds: gone, or a zombie its parent has not reaped yet.
+    within *timeout* seconds: gone, or a zombie its parent has not reaped yet.  With *start* (its
+    `start_time`), a process of that pid that started at another time is another: ours has exited.
 
     Woken by the kernel at the exit (a pidfd is readable from then on, zombie or not); where there
     are no pidfds, by looking every 10 ms."""
@@ -52,8 +132,10 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     except OSError:
-        return _poll_for_exit(pid, timeout)
+        return _poll_for_exit(pid, timeout, start)
     try:
+        if start is not None and start_time(pid) != start:   # checked while the pidfd holds the pid
+            return True
         waiter = select.poll()
         waiter.register(fd, select.POLLIN)
         return bool(waiter.poll(max(0, math.ceil(timeout * 1000))))
@@ -61,12 +143,14 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def _poll_for_exit(pid: int, timeout: float) -> bool:
+def _poll_for_exit(pid: int, timeout: float, start: int | None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return True
+        if start is not None and start_time(pid) != start:
             return True
         if _is_zombie(pid):
             return True
@@ -75,11 +159,8 @@ def _poll_for_exit(pid: int, timeout: float) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
+    found = _proc_stat(pid)
+    return found is None or found[0] == b"Z"
 
 
 def pid_name(mountpoint: str, resolved: bool = False) -> str:
@@ -94,6 +175,10 @@ def key_for(mountpoint: str, resolved: bool = False) -> str:
 
     real = mountpoint if resolved else os.path.realpath(mountpoint)
     return hashlib.sha1(os.fsencode(real)).hexdigest()[:16]
+
+
+def _is_key(stem: str) -> bool:
+    return len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
 
 
 def control_abstract(uid: int, key: str) -> str:
@@ -178,21 +263,26 @@ class StateDir:
                 os.rmdir(self.path)
 
     def write_pid(self, name: str, pid: int) -> None:
-        """Write *pid* to *name*: a new temp file renamed into place, never through a symlink."""
+        """Write the record of the live process *pid* to *name*: a new temp file renamed into place,
+        never through a symlink.  Raises `OSError` when there is no record to write (no /proc)."""
+        record = PidRecord.of(pid)
+        if record is None:
+            raise OSError(errno.ESRCH, f"no start time or PID namespace of pid {pid} in /proc")
         tmp = f".{name}.{pid}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=self.fd)  # left by a daemon that died with our pid
         fd = os.open(tmp, _NEW_FILE, 0o644, dir_fd=self.fd)
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(f"{pid}\n")
+                f.write(record.line())
             os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
 
-    def read_pid(self, name: str) -> int | None:
+    def read_record(self, name: str) -> PidRecord | None:
+        """What the pidfile *name* says, checked against nothing (see `daemon`)."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError:
@@ -200,16 +290,99 @@ class StateDir:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return None
-            try:
-                return int(f.read(64).strip())
-            except ValueError:
-                return None
+            return PidRecord.parse(f.read(64))
+
+    def daemon(self, name: str) -> PidRecord | None:
+        """The daemon the pidfile *name* names when it is a process of this PID namespace that has
+        not been reaped; None when there is none (no pidfile, or one its daemon left behind)."""
+        record = self.read_record(name)
+        return record if record is not None and record.alive() else None
 
     def remove_pid(self, name: str, pid: int) -> None:
-        """Remove *name* if it still holds *pid* (a later mount on the same point may own it now)."""
-        if self.read_pid(name) == pid:
+        """Remove *name* if it still names *pid* of this PID namespace (a later mount on the same
+        point may own it now)."""
+        record = self.read_record(name)
+        if record is not None and record.pid == pid and record.pidns == pid_namespace():
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self.fd)
+
+    def sweep(self) -> list[str]:
+        """Remove what daemons that are gone left (killed with SIGKILL, or with their PID namespace);
+        the names removed.
+
+        A mount's pidfile goes when the process it names is gone (in this PID namespace), or, when
+        its pid is no number here (another PID namespace, an old bare pid), when it is older than
+        `SWEEP_GRACE` and nothing listens on the mount's control socket; with it, a control socket
+        nothing listens on and an empty log, each older than `SWEEP_GRACE` (a daemon being set up
+        makes them shortly before its pidfile).  A log with something in it stays.
+        """
+        removed = []
+        now = time.time()
+        keys = {n[:-4] for n in os.listdir(self.fd) if n.endswith(_KEY_SUFFIXES) and _is_key(n[:-4])}
+        for key in sorted(keys):
+            pid, ctl, log_ = key + ".pid", key + CONTROL_SUFFIX, key + ".log"
+            found = {n: st for n in (pid, ctl, log_) if (st := self._lstat(n)) is not None}
+            stale = {n for n, st in found.items() if now - st.st_mtime > SWEEP_GRACE}
+            if ctl in stale and (not stat.S_ISSOCK(found[ctl].st_mode) or self._listening(ctl)):
+                stale.discard(ctl)
+            if pid in found:
+                record = self.read_record(pid)
+                if record is not None and record.pidns == pid_namespace():
+                    if record.alive(zombie=False):
+                        continue
+                elif pid not in stale or ctl not in stale and ctl in found:
+                    continue
+                stale.add(pid)
+            if log_ in stale and found[log_].st_size != 0:
+                stale.discard(log_)
+            for name in sorted(stale):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.fd)
+                    removed.append(name)
+        return removed
+
+    def sweep_now_and_then(self) -> list[str]:
+        """`sweep`, when the last was `SWEEP_EVERY` ago (or never was): what a daemon does once mounted."""
+        try:
+            last = os.stat(SWEPT, dir_fd=self.fd, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            last = 0.0
+        if 0 <= time.time() - last < SWEEP_EVERY:
+            return []
+        fd = os.open(SWEPT, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+        return self.sweep()
+
+    def _lstat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _listening(self, name: str) -> bool:
+        """Whether a process listens on the socket *name* (a daemon that is gone listens no more)."""
+        kind = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(f"/proc/self/fd/{self.fd}/{name}")
+            except BlockingIOError:
+                return True    # its backlog is full
+            except OSError:
+                return False
+        return True
+
+    def rotate(self, name: str, limit: int = LOG_LIMIT) -> bool:
+        """Rename the log *name* to *name*.1, replacing an older one, when it is a regular file of
+        ours of more than *limit* bytes; whether it was."""
+        st = self._lstat(name)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size <= limit:
+            return False
+        os.replace(name, name + ".1", src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        return True
 
     def open_log(self, name: str) -> LogFile:
         """Open *name* for appending: made new (O_EXCL), or an earlier log of ours, never a symlink."""
@@ -228,6 +401,8 @@ class StateDir:
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
             raise QuietError(f"refusing the log file {path}: not a regular file of ours")
+        with contextlib.suppress(OSError):
+            os.utime(fd)   # in use again: not for a `sweep` to take while its pidfile is not written yet
         return LogFile(fd, path, created=False, in_state_dir=True)
 
 

@@ -27,18 +27,18 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
         raise QuietError(f"{mountpoint!r} is not mounted")
     if kind != "fuse.unionfs":
         raise QuietError(f"{mountpoint!r} is not a unionfs mount (it is {kind})")
-    pid = None
+    daemon = None
     try:
         state = StateDir.open(create=False)
     except QuietError as e:
         log.debug("not waiting for the daemon: %s", e)
         state = None
     if state is not None:
-        pid = state.read_pid(statedir.pid_name(mp))
+        daemon = state.daemon(statedir.pid_name(mp))   # None: none, or a pidfile a dead one left
         state.close()
     proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True, errors="surrogateescape")
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         raise QuietError(err[-1] if err else f"fusermount3 -u {mp} failed")
-    if pid is not None and not statedir.wait_for_exit(pid, timeout):
-        raise QuietError(f"unmounted, but the daemon (pid {pid}) has not exited after {timeout:.0f}s")
+    if daemon is not None and not statedir.wait_for_exit(daemon.pid, timeout, daemon.start):
+        raise QuietError(f"unmounted, but the daemon (pid {daemon.pid}) has not exited after {timeout:.0f}s")
