@@ -225,3 +225,22 @@ def test_server_log_is_kept_under_a_mebibyte(tmp_path: Path) -> None:
     first, second = (int(n) for n in said(r.stdout, "log"))
     assert 0 < first < 10_000 and second > first, "the new log does not go on"
     assert r.stdout.split()[-1] == "1", "the mount is not in the new log"
+
+
+def test_server_log_is_renamed_while_the_server_runs(tmp_path: Path) -> None:
+    """A server that runs long: the mount that takes its log over 1 MiB is the last in server.log.1."""
+    a = area(tmp_path, "M")
+    s = STATE
+    script = f"""
+        head -c $((1048576 - 10)) /dev/zero | tr '\\0' x > {s}/server.log
+        export UNIONFS_SERVER=auto
+        $U server
+        for i in 1 2; do $U mount {a}/A:{a}/B {a}/M; $U umount {a}/M; done
+        $U server stop
+        echo old=$(grep -c " on {a}/M: " {s}/server.log.1) new=$(grep -c " on {a}/M: " {s}/server.log)
+        echo size=$(stat -c %s {s}/server.log)
+    """
+    r = in_private_state(script)
+    assert r.returncode == 0, r.stderr
+    assert (said(r.stdout, "old"), said(r.stdout, "new")) == (["1"], ["1"])
+    assert int(said(r.stdout, "size")[0]) < 10_000

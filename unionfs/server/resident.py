@@ -194,7 +194,30 @@ class Server:
         log.info("mount %d for pid %d (%s client) on %s: worker %d",
                  self.handed, pid, via, cfg.mountpoint, worker)
         _close(fds)
+        self.keep_log_small()
         return True
+
+    def keep_log_small(self) -> None:
+        """Once the state directory's server.log we write is over `statedir.LOG_LIMIT`, rename it
+        to server.log.1 (replacing the one before) and go on in a new one: one fstat a mount."""
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            stream = handler.stream
+            try:
+                ours = os.fstat(stream.fileno())
+                if ours.st_size <= statedir.LOG_LIMIT:
+                    continue
+                named = os.stat(LOG_NAME, dir_fd=self.state.fd, follow_symlinks=False)
+                if (named.st_dev, named.st_ino) != (ours.st_dev, ours.st_ino):
+                    continue   # not the state directory's log (a server in the foreground)
+                if not self.state.rotate(LOG_NAME):
+                    continue
+                new = self.state.open_log(LOG_NAME)
+            except (OSError, QuietError):
+                continue
+            handler.setStream(open(new.fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace"))
+            stream.close()
 
     def reap(self) -> None:
         """Collect every worker that has exited (the server has no other children)."""
