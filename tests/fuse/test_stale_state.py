@@ -146,6 +146,32 @@ def test_umount_still_waits_for_the_daemon(tmp_path: Path, client: Path) -> None
     assert key(a / "M") not in r.stdout and key(a / "N") not in r.stdout, "a daemon left its state files"
 
 
+@pytest.mark.parametrize("which", ["C", "Python"])
+def test_umount_in_a_pid_namespace_with_the_hosts_proc(tmp_path: Path, client: Path, which: str) -> None:
+    """``unshare --pid --fork`` keeps the host's /proc, where the daemon's pid (a small one) is another
+    process's: umount in that namespace still waits for the daemon (its pidfile is gone, and the
+    filesystem under its branches free, once umount has returned)."""
+    a = area(tmp_path, "M", "T")
+    umount = f"{client / 'unionfs'}" if which == "C" else f"UNIONFS_SERVER=off {UNIONFS}"
+    inner = tmp_path / "inner.sh"
+    inner.write_text(f"""
+        for i in 1 2 3; do
+            mount -t tmpfs -o size=1m tmpfs {a}/T
+            mkdir {a}/T/A {a}/T/B
+            $U mount {a}/T/A:{a}/T/B {a}/M
+            echo pid=$(cut -d" " -f1 {STATE}/{key(a / 'M')}.pid)
+            echo x > {a}/M/x
+            {umount} umount {a}/M
+            [ -e {STATE}/{key(a / 'M')}.pid ] && echo pidfile=left || echo pidfile=gone
+            umount {a}/T
+        done
+    """)
+    r = in_private_state(f"unshare --pid --fork sh -eu {inner}")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert all(int(pid) < 100 for pid in said(r.stdout, "pid"))
+    assert said(r.stdout, "pidfile") == ["gone"] * 3, "umount returned before the daemon exited"
+
+
 def listing(out: str) -> set[str]:
     return {ln for ln in out.split() if "=" not in ln}
 

@@ -498,6 +498,8 @@ static unsigned long long start_time(long pid)
     ssize_t n;
     int fd, i;
 
+    if (pid <= 0)
+        return ~0ULL;
     snprintf(path, sizeof path, "/proc/%ld/stat", pid);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -511,6 +513,31 @@ static unsigned long long start_time(long pid)
     for (i = 0; p != NULL && i < 20; i++)   /* to the 20th field after the name's ")" */
         p = strchr(p + 1, ' ');
     return p != NULL ? strtoull(p + 1, NULL, 10) : ~0ULL;
+}
+
+/* statedir._held: the pid /proc gives the process pidfd holds (its fdinfo's "Pid:": in /proc's own
+ * PID namespace, which may not be ours); 0 when it has exited or /proc does not show it */
+static long held_pid(int pidfd)
+{
+    char path[64], text[512], *p;
+    ssize_t n;
+    long pid;
+    int fd;
+
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", pidfd);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    text[n] = '\0';
+    p = strstr(text, "\nPid:");
+    if (p == NULL)
+        return 0;
+    pid = strtol(p + 5, NULL, 10);
+    return pid > 0 ? pid : 0;
 }
 
 /* statedir.StateDir.open(create=False) and read_record: the record in the daemon's pidfile; 0 when
@@ -574,9 +601,9 @@ static int daemon_pidfd(const char *mp, long *pid)
     pidfd = (int)syscall(SYS_pidfd_open, (pid_t)*pid, 0);
     if (pidfd < 0)
         return errno == ESRCH ? -1 : -2;   /* no pidfds: Python looks every 10 ms */
-    if (start_time(*pid) != start) {
+    if (start_time(held_pid(pidfd)) != start) {
         close(pidfd);
-        return -1;   /* the pid is another process's now: the daemon is gone */
+        return -1;   /* the pid is another process's now (the daemon is gone), or /proc cannot tell */
     }
     return pidfd;
 }

@@ -12,8 +12,9 @@ A pidfile is one line, ``PID START PIDNS``: the daemon's pid, its start time (``
 only while it lives and only in its own PID namespace: a daemon killed with SIGKILL, or with the
 PID namespace it ran in, leaves a pidfile whose pid is another process's by the time it is read
 (pid 6 in a namespace is a kernel thread on the host).  A reader (`StateDir.daemon`, the C client's
-``daemon_pid``) takes the pid only when it is in the reader's PID namespace and the process of that
-pid started when the daemon did; anything else (an old bare pid too) names no daemon to wait for.
+``daemon_pidfd``) takes the pid only when it is in the reader's PID namespace and the process of that
+pid (held by a pidfd, found in /proc through its fdinfo) started when the daemon did; anything else
+(an old bare pid too) names no daemon to wait for.
 What such daemons leave, `StateDir.sweep` removes.
 """
 from __future__ import annotations
@@ -83,33 +84,65 @@ class PidRecord:
 
     @classmethod
     def of(cls, pid: int) -> PidRecord | None:
-        """The record of the live process *pid* of this PID namespace (None: gone, or no /proc)."""
-        start, pidns = start_time(pid), pid_namespace()
-        return None if start is None or pidns is None else cls(pid, start, pidns)
+        """The record of the process *pid* of this PID namespace (None: gone, or no /proc); this
+        process's is read through /proc/self (in a PID namespace of its own, /proc may be the
+        host's, where its pid is another process's)."""
+        found = _proc_stat("self" if pid == os.getpid() else str(pid))
+        pidns = pid_namespace()
+        return None if found is None or pidns is None else cls(pid, found[1], pidns)
 
-    def alive(self, zombie: bool = True) -> bool:
-        """Whether this is a process of this PID namespace that has not been reaped (a zombie counts
-        unless not *zombie*: its pidfd says it exited, and it holds nothing)."""
+    def state(self) -> str:
+        """``running``; ``zombie`` (exited, not reaped: it holds nothing, and its pidfd says it
+        exited); ``gone``; or ``unknown``: a pid of another PID namespace, or of this one that /proc
+        (another namespace's) does not show.  The process is the one a pidfd holds, so a pid reused
+        while it is looked at is not taken for it."""
         if self.pidns != pid_namespace():
-            return False
-        found = _proc_stat(self.pid)
-        return found is not None and found[1] == self.start and (zombie or found[0] != b"Z")
+            return "unknown"
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return "gone"
+        except OSError:
+            held: tuple[bytes, int] | str = _proc_stat(str(self.pid)) or "gone"   # no pidfds
+        else:
+            try:
+                held = _held(fd)
+            finally:
+                os.close(fd)
+        if isinstance(held, str):
+            return held
+        if held[1] != self.start:
+            return "gone"
+        return "zombie" if held[0] == b"Z" else "running"
 
 
 def start_time(pid: int) -> int | None:
     """When process *pid* started (clock ticks since boot), as /proc tells it; None when gone."""
-    found = _proc_stat(pid)
+    found = _proc_stat(str(pid))
     return found[1] if found is not None else None
 
 
-def _proc_stat(pid: int) -> tuple[bytes, int] | None:
-    """The state letter and the start time of process *pid*; None when it is gone."""
+def _proc_stat(pid: str) -> tuple[bytes, int] | None:
+    """The state letter and the start time of process *pid* (or ``self``); None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _held(pidfd: int) -> tuple[bytes, int] | str:
+    """`_proc_stat` of the process *pidfd* holds, through the pid /proc gives it (its fdinfo), or
+    ``gone`` (it exited) or ``unknown`` (/proc does not show it: another PID namespace's /proc)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            pid = next((int(line.split()[1]) for line in f if line.startswith(b"Pid:")), 0)
+    except (OSError, IndexError, ValueError):
+        return "unknown"
+    if pid == 0:
+        return "unknown"
+    return "gone" if pid < 0 else _proc_stat(str(pid)) or "gone"
 
 
 def pid_namespace() -> int | None:
@@ -134,8 +167,10 @@ def wait_for_exit(pid: int, timeout: float, start: int | None = None) -> bool:
     except OSError:
         return _poll_for_exit(pid, timeout, start)
     try:
-        if start is not None and start_time(pid) != start:   # checked while the pidfd holds the pid
-            return True
+        if start is not None:   # checked while the pidfd holds the pid
+            held = _held(fd)
+            if held == "gone" or not isinstance(held, str) and held[1] != start:
+                return True
         waiter = select.poll()
         waiter.register(fd, select.POLLIN)
         return bool(waiter.poll(max(0, math.ceil(timeout * 1000))))
@@ -159,7 +194,7 @@ def _poll_for_exit(pid: int, timeout: float, start: int | None) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    found = _proc_stat(pid)
+    found = _proc_stat(str(pid))
     return found is None or found[0] == b"Z"
 
 
@@ -296,7 +331,7 @@ class StateDir:
         """The daemon the pidfile *name* names when it is a process of this PID namespace that has
         not been reaped; None when there is none (no pidfile, or one its daemon left behind)."""
         record = self.read_record(name)
-        return record if record is not None and record.alive() else None
+        return record if record is not None and record.state() in ("running", "zombie") else None
 
     def remove_pid(self, name: str, pid: int) -> None:
         """Remove *name* if it still names *pid* of this PID namespace (a later mount on the same
@@ -310,9 +345,9 @@ class StateDir:
         """Remove what daemons that are gone left (killed with SIGKILL, or with their PID namespace);
         the names removed.
 
-        A mount's pidfile goes when the process it names is gone (in this PID namespace), or, when
-        its pid is no number here (another PID namespace, an old bare pid), when it is older than
-        `SWEEP_GRACE` and nothing listens on the mount's control socket; with it, a control socket
+        A mount's pidfile goes when the process it names is gone or a zombie (`PidRecord.state`),
+        or, when that cannot be told (another PID namespace's pid, an old bare pid), when it is
+        older than `SWEEP_GRACE` and nothing listens on the mount's control socket; with it, a control socket
         nothing listens on and an empty log, each older than `SWEEP_GRACE` (a daemon being set up
         makes them shortly before its pidfile).  A log with something in it stays.
         """
@@ -327,10 +362,10 @@ class StateDir:
                 stale.discard(ctl)
             if pid in found:
                 record = self.read_record(pid)
-                if record is not None and record.pidns == pid_namespace():
-                    if record.alive(zombie=False):
-                        continue
-                elif pid not in stale or ctl not in stale and ctl in found:
+                state = record.state() if record is not None else "unknown"
+                if state == "running":
+                    continue
+                if state == "unknown" and (pid not in stale or ctl not in stale and ctl in found):
                     continue
                 stale.add(pid)
             if log_ in stale and found[log_].st_size != 0:
