@@ -341,11 +341,13 @@ def test_a_client_in_another_pid_namespace_mounts_on_its_own(root_server: Path, 
     assert r.returncode == 0, r.stderr
     server = server_pid(root_server)
     assert server is not None
-    script = f"{UNIONFS} mount {area}/A:{area}/B {area}/M && cat {area}/M/b"
+    # Unmounted inside: a daemon killed with its PID namespace would leave its state files behind.
+    script = f"{UNIONFS} mount {area}/A:{area}/B {area}/M && cat {area}/M/b && {UNIONFS} umount {area}/M"
     r = run(["unshare", "--pid", "--fork", "sh", "-c", script])
     assert r.returncode == 0 and r.stdout == "from B\n", r.stderr
     workers = [p for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), server)]
     assert workers == [], "a client in another PID namespace handed its mount to the server"
+    assert not list(root_server.glob(f"{state_key(area / 'M')}.*")), "the daemon left its state files"
 
 
 def _alive_child(pid: int, parent: int) -> bool:
