@@ -347,9 +347,9 @@ class StateDir:
 
         A mount's pidfile goes when the process it names is gone or a zombie (`PidRecord.state`),
         or, when that cannot be told (another PID namespace's pid, an old bare pid), when it is
-        older than `SWEEP_GRACE` and nothing listens on the mount's control socket; with it, a control socket
-        nothing listens on and an empty log, each older than `SWEEP_GRACE` (a daemon being set up
-        makes them shortly before its pidfile).  A log with something in it stays.
+        older than `SWEEP_GRACE` and nothing listens on the mount's control socket; with it, a
+        control socket nothing listens on and an empty log, each older than `SWEEP_GRACE` (a daemon
+        being set up makes them shortly before its pidfile).  A log with something in it stays.
         """
         removed = []
         now = time.time()
