@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import select
-import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -400,6 +399,8 @@ class StateDir:
 
     def _listening(self, name: str) -> bool:
         """Whether a process listens on the socket *name* (a daemon that is gone listens no more)."""
+        import socket  # (not on `unionfs umount`'s path)
+
         kind = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         with socket.socket(socket.AF_UNIX, kind) as s:
             try:
