@@ -176,11 +176,12 @@ def listing(out: str) -> set[str]:
     return {ln for ln in out.split() if "=" not in ln}
 
 
-def plant_and_sweep(a: Path, sweeper: str) -> subprocess.CompletedProcess[str]:
+def plant_and_sweep(a: Path, sweeper: str, swept: bool = True) -> subprocess.CompletedProcess[str]:
     """In a private state directory: what a daemon killed with SIGKILL leaves (on M), what one that
     died with its PID namespace leaves (on P), an old version's bare pidfile with a dead socket and
     an empty log (on Q), a log with warnings in it (on R), all an hour old; a live daemon's files
-    (on L), an hour old too; a bare pidfile just written (on Y); then *sweeper*, and the listing."""
+    (on L), an hour old too; a bare pidfile just written (on Y); then *sweeper*, and the listing
+    (once M's pidfile is gone, when *swept*: a daemon sweeps on a thread of its own)."""
     s = STATE
     q, r, y = key(a / "Q"), key(a / "R"), key(a / "Y")
     script = f"""
@@ -197,6 +198,7 @@ def plant_and_sweep(a: Path, sweeper: str) -> subprocess.CompletedProcess[str]:
         touch -d "1 hour ago" {s}/*
         echo 6 > {s}/{y}.pid
         {sweeper}
+        for i in $(seq {200 if swept else 0}); do [ -e {s}/{key(a / 'M')}.pid ] || break; sleep 0.05; done
         cat {a}/L/b >/dev/null
         ls -A {s}
     """
@@ -221,7 +223,7 @@ def test_what_gone_daemons_left_is_swept(tmp_path: Path, sweeper: str) -> None:
 
 def test_no_sweep_more_often_than_every_ten_minutes(tmp_path: Path) -> None:
     a = area(tmp_path, "M", "P", "L", "N")
-    r = plant_and_sweep(a, f"touch {STATE}/.swept; $U mount {a}/A:{a}/B {a}/N")
+    r = plant_and_sweep(a, f"touch {STATE}/.swept; $U mount {a}/A:{a}/B {a}/N; sleep 1", swept=False)
     assert r.returncode == 0, r.stderr
     assert f"{key(a / 'M')}.pid" in listing(r.stdout), "swept again within ten minutes"
 

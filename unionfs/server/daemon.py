@@ -292,7 +292,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if on_ready is not None:
             on_ready()
         if state is not None:
-            _sweep(state)
+            _sweep_aside(state)
         # Serving allocates a node, its stat and its reply per name a cold listing shows: the
         # cyclic GC's default young generation (700 objects) ran every few dozen names, about a
         # sixth of a cold readdir's CPU; at 10,000 it runs a tenth as often and took a third to a half
@@ -459,16 +459,28 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def _sweep(state: StateDir) -> None:
-    """Now and then, once mounted (nobody waits for this daemon then), clear what daemons that are
-    gone left in the state directory."""
+def _sweep_aside(state: StateDir) -> None:
+    """Now and then, once mounted, clear what daemons that are gone left in the state directory: on a
+    thread of its own, with an fd of its own, so that the mount's first requests do not wait."""
+    import threading
+
     try:
-        removed = state.sweep_now_and_then()
+        own = StateDir(state.path, os.dup(state.fd), created=False)
     except OSError as e:
         log.debug("state directory not swept: %s", e)
-    else:
-        if removed:
-            log.debug("swept %d state files of daemons that are gone", len(removed))
+        return
+
+    def sweep() -> None:
+        try:
+            removed = own.sweep_now_and_then()
+        except OSError as e:
+            log.debug("state directory not swept: %s", e)
+        else:
+            if removed:
+                log.debug("swept %d state files of daemons that are gone", len(removed))
+        finally:
+            own.close()
+    threading.Thread(target=sweep, name="sweep", daemon=True).start()
 
 
 def _write_pidfile(state: StateDir, name: str) -> None:
