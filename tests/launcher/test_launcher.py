@@ -29,6 +29,8 @@ from launcher_util import (
     world_readable_tempdir,
 )
 
+from unionfs.server.statedir import PidRecord
+
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the launcher tests run as root (CI does)"),
     pytest.mark.usefixtures("need_fuse"),
@@ -216,12 +218,15 @@ def test_sigkill_of_the_launcher_leaves_nothing(image: Image, upper: Path) -> No
         started = descendants_of(proc.pid)
         assert started, "the launcher has no children"
         mnt_ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
-        # the server's pidfile is private too: nothing on the host names it
+        # the server's pidfile is private too: nothing on the host names it (a pidfile a gone daemon
+        # left may name a pid reused since: only a record of the process that wrote it counts)
         host_pids = set()
         for f in Path("/run/unionfs").glob("*.pid"):
             with contextlib.suppress(OSError):  # other daemons come and go
-                host_pids.update(f.read_text().split()[:1])
-        assert not host_pids & {str(p) for p in started}
+                record = PidRecord.parse(f.read_bytes())
+                if record is not None and record.state() == "running":
+                    host_pids.add(record.pid)
+        assert not host_pids & set(started)
         proc.kill()
         proc.wait(timeout=10)
         assert wait_gone(started) == [], "a process outlived the launcher"
