@@ -320,60 +320,6 @@ def preload() -> None:
         gc.enable()
 
 
-def rehearse() -> None:
-    """Run once, on throwaways, what a resident server's worker runs before its mount is ready
-    (`serve_handed_over`, then `serve` up to the FUSE session), and trio: a spare worker does this
-    while it waits (`unionfs.server.resident`), so that the copy-on-write faults of a fresh fork
-    and the interpreter's first pass through that code are paid before a client waits.  Leaves
-    nothing behind: the files it makes in the state directory are removed, its fds closed, the
-    logging as it was."""
-    import trio
-
-    from unionfs.core.branches import stack_from_fds
-    from unionfs.core.config import Dialect
-
-    from . import control
-    from .operations import Operations
-
-    trio.run(trio.sleep, 0)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    state = StateDir.open(create=True)
-    name = f"rehearsal-{os.getpid()}"
-    try:
-        if state is not None:
-            log_ = state.open_log(name + ".log")
-            _setup_logging(False, log_)
-            log_.tidy()
-        _open_fds()
-        mountinfo.mount_at("/")
-        with _stderr_captured():
-            pass
-        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        layers = stack_from_fds([("/", fd, False)], None, None, False)
-        try:
-            ops = Operations.over(layers, Dialect.OVERLAY, readonly=True)
-            control.Control(ops, "overlay", "/")
-            if state is not None:
-                _write_pidfile(state, name + ".pid")
-                state.remove_pid(name + ".pid", os.getpid())
-                listener = control.listen(state, name)
-                if listener is not None:
-                    listener.close()
-                    control.forget(state, name)
-            ops.union.close()
-        finally:
-            layers.close()
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        if state is not None:
-            state.close()
-
-
 def _open_fds() -> set[int]:
     """The fds open in this process (not the one that listed them)."""
     found = set()

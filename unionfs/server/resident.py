@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import pickle
+import resource
 import signal
 import socket
 import sys
@@ -297,12 +298,17 @@ class Server:
         try:
             self._leave()
             comm = _set_comm(SPARE_NAMES[0])
-            from .daemon import rehearse
+            from .rehearsal import rehearse
 
+            niced = _lower_priority()
             try:
-                rehearse()
+                failed = rehearse()
+                if failed:
+                    log.debug("spare %d: rehearsal: %s failed", os.getpid(), ", ".join(failed))
             except Exception as e:  # noqa: BLE001 - a rehearsal only saves time: serve all the same
                 log.debug("spare %d: rehearsal: %s", os.getpid(), e)
+            if niced is not None:
+                os.setpriority(os.PRIO_PROCESS, 0, niced)   # raises if it cannot: never serve niced
             _set_comm(SPARE_NAMES[1])
             sock.send(SPARE_READY)
             data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS + 1)
@@ -333,6 +339,17 @@ class Server:
         os.close(self.lock_fd)
         self.lock_fd = -1
         self.state.close()
+
+
+def _lower_priority() -> int | None:
+    """Rehearse at the lowest priority where the priority can be had back afterwards (root; a
+    user whose RLIMIT_NICE allows it): the rehearsal then takes no CPU from the mounts being
+    served.  The priority it had; None when it is left as it was."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NICE)[0] < 20 - before:
+        return None
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    return before
 
 
 def _set_comm(name: str) -> str:
