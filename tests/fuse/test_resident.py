@@ -345,7 +345,7 @@ def test_a_client_in_another_pid_namespace_mounts_on_its_own(root_server: Path, 
     script = f"{UNIONFS} mount {area}/A:{area}/B {area}/M && cat {area}/M/b && {UNIONFS} umount {area}/M"
     r = run(["unshare", "--pid", "--fork", "sh", "-c", script])
     assert r.returncode == 0 and r.stdout == "from B\n", r.stderr
-    workers = [p for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), server)]
+    workers = [p for p in children(server) if comm(p) not in ("unionfs-spare", "unionfs-warming")]
     assert workers == [], "a client in another PID namespace handed its mount to the server"
     assert not list(root_server.glob(f"{state_key(area / 'M')}.*")), "the daemon left its state files"
 
@@ -355,3 +355,80 @@ def _alive_child(pid: int, parent: int) -> bool:
         return parent_of(pid) == parent
     except OSError:
         return False
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), pid)]
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def spares(server: int) -> list[int]:
+    """The server's spare workers, once ready: forked ahead of a mount, named so (after a rehearsal
+    of a mount's start, "unionfs-warming") until handed one."""
+    deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        found = [p for p in children(server) if comm(p) == "unionfs-spare"]
+        if found:
+            return found
+        time.sleep(0.01)
+    return []
+
+
+def test_the_next_mount_goes_to_the_spare_worker(root_server: Path, area: Path) -> None:
+    """The server keeps one worker forked ahead of the next mount: that worker serves it (the
+    pidfile names it), a new spare takes its place, and the spare goes with the server."""
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    waiting = spares(server)
+    assert len(waiting) == 1, "no spare worker (or more than one) after the server started"
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    daemon = assert_served_by(root_server, area / "M", server)
+    assert daemon == waiting[0], "the mount was not handed to the spare"
+    assert comm(daemon) != "unionfs-spare"
+    assert (area / "M" / "b").read_text() == "from B\n"
+    (area / "M" / "new").write_text("new\n")
+    assert (area / "A" / "new").read_text() == "new\n"
+    following = spares(server)
+    assert len(following) == 1 and following[0] != daemon
+    r = run([UNIONFS, "server", "stop"])
+    assert r.returncode == 0, r.stderr
+    assert wait_gone(following[0]), "the spare outlived its server"
+    assert (area / "M" / "b").read_text() == "from B\n", "stopping the server stopped a worker"
+    r = run([UNIONFS, "umount", str(area / "M")])
+    assert r.returncode == 0, r.stderr
+    assert wait_gone(daemon)
+
+
+def test_no_spare_when_asked_for_none(root_server: Path, area: Path) -> None:
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")], env=dict(ENV, UNIONFS_SPARE="0"))
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    daemon = assert_served_by(root_server, area / "M", server)
+    time.sleep(0.2)
+    assert children(server) == [daemon], "a spare was forked under UNIONFS_SPARE=0"
+    assert (area / "M" / "b").read_text() == "from B\n"
+
+
+def test_a_killed_spare_is_replaced(root_server: Path, area: Path) -> None:
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    (spare,) = spares(server)
+    os.kill(spare, signal.SIGKILL)
+    assert wait_gone(spare)
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    daemon = assert_served_by(root_server, area / "M", server)
+    assert daemon != spare
+    assert (area / "M" / "b").read_text() == "from B\n"

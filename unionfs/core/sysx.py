@@ -83,6 +83,7 @@ def remount(target: bytes, flags: int) -> None:
 
 
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 _umount2 = _libc.umount2
 _umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _umount2.restype = ctypes.c_int

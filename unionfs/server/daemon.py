@@ -13,11 +13,12 @@ import gc
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from unionfs.core import mountinfo
+from unionfs.core import mountinfo, sysx
 from unionfs.core.config import MountConfig
 from unionfs.core.errors import QuietError
 
@@ -149,7 +150,11 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
         os.setsid()
         _setup_logging(debug, log_)
         os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
-        code = serve(cfg, ready_fd, debug, on_ready=on_ready, **serve_args)
+        def at_exit() -> None:
+            if log_ is not None:
+                log_.tidy()
+
+        code = serve(cfg, ready_fd, debug, on_ready=on_ready, at_exit=at_exit, **serve_args)
     except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
         if not ready:  # once ready, the fd is closed (and its number may be another file's)
             protocol.report_error(ready_fd, e)
@@ -197,11 +202,15 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
 def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           on_ready: Callable[[], None] | None = None,
           opener: Callable[[list[tuple[str, bool]]], LayerStack] | None = None,
-          fuse_fd: int | None = None) -> int:
+          fuse_fd: int | None = None, at_exit: Callable[[], None] | None = None) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
     *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
-    then closed; see `protocol`).  Call `preload` first where the imports' time matters.  A
+    then closed; see `protocol`).  With *at_exit* (a daemon's), the process exits as soon as the
+    kernel has ended the session and what a user can see is cleaned up (the branches let go of,
+    the pidfile and control socket removed, then *at_exit* called): the rest of the unwinding
+    (trio's, the session's) frees only what the exit frees, and `unionfs umount` waits for the
+    exit.  Call `preload` first where the imports' time matters.  A
     resident server's worker gives *opener* (the branches it was handed open, by writability) and
     *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
     """
@@ -298,7 +307,21 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # sixth of a cold readdir's CPU; at 10,000 it runs a tenth as often and took a third to a half
         # as long in a direct walk of the perf tree.
         gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
-        trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener)
+
+        def exit_now() -> NoReturn:
+            if listener is not None:
+                control.forget(state, key)
+            if state is not None:
+                state.remove_pid(pidfile, os.getpid())
+            if at_exit is not None:
+                at_exit()
+            logging.shutdown()
+            os._exit(0)
+        seen: list[str] = []
+        signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
+                             exit_now if at_exit is not None else None, seen)
+        if signalled and fuse_fd is not None:
+            _unmount_handed_over(cfg.mountpoint, seen)
     return 0
 
 
@@ -355,9 +378,10 @@ def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
 READ_AHEAD_KB = 1024
 
 
-def _raise_read_ahead(mountpoint: str) -> None:
+def _raise_read_ahead(mountpoint: str, seen: list[str]) -> None:
     """Let the kernel read ahead 1 MiB on this mount (FUSE's default is 128 KiB): big sequential
-    reads then arrive as 1 MiB requests instead of 128 KiB ones.  Root only; best effort.
+    reads then arrive as 1 MiB requests instead of 128 KiB ones.  Root only; best effort.  The
+    mount's device goes to *seen* (see `_unmount_handed_over`).
 
     The mount's device comes from mountinfo: a stat of the mount point would wait for this thread.
     """
@@ -366,10 +390,28 @@ def _raise_read_ahead(mountpoint: str) -> None:
         if found is None or found[1] != "fuse.unionfs":
             return
         dev = found[0]
+        seen.append(dev)
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(f"{READ_AHEAD_KB}\n")
     except (OSError, ValueError) as e:
         log.debug("read-ahead left at the default: %s", e)
+
+
+def _unmount_handed_over(mountpoint: str, seen: list[str]) -> None:
+    """Unmount *mountpoint* after a signal ended the session of a mount a client made (a resident
+    server's worker): libfuse unmounts only what it mounted itself, and a daemon that mounted
+    itself unmounts on SIGTERM (as fuse-overlayfs does).  Only while the mount there is still the
+    one served (its device as seen after INIT): the point may have been unmounted and reused."""
+    found = _mount_at(mountpoint)
+    if found is None or found[1] != "fuse.unionfs" or found[0] not in seen:
+        return
+    try:
+        if os.geteuid() == 0:
+            sysx.umount2(os.fsencode(mountpoint), sysx.UMOUNT_NOFOLLOW)
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("cannot unmount %s after the signal: %s", mountpoint, e)
 
 
 @contextlib.contextmanager
@@ -402,14 +444,17 @@ def _close_session(pyfuse3: object) -> None:
 
 async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 release_branches: Callable[[], None], ctl: control.Control | None = None,
-                listener: socket.socket | None = None) -> None:
+                listener: socket.socket | None = None, exit_now: Callable[[], None] | None = None,
+                seen: list[str] | None = None) -> bool:
     """Serve until the session ends; then let go of the branches first, before the rest winds
-    down."""
+    down, or call *exit_now* when the kernel ended the session.  Whether a signal ended it; the
+    mount's device, once known, goes to *seen*."""
+    seen = [] if seen is None else seen
     import trio
 
     from . import compat
     initialised = trio.Event()
-    raise_read_ahead = functools.partial(_raise_read_ahead, mountpoint)
+    raise_read_ahead = functools.partial(_raise_read_ahead, mountpoint, seen)
 
     def on_init() -> None:
         # The kernel sets the read-ahead from our INIT reply, which goes out right after init():
@@ -423,10 +468,14 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
         await initialised.wait()
         raise_read_ahead()
 
+    signalled = False
+
     async def on_signals() -> None:
+        nonlocal signalled
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for sig in signals:
                 log.info("signal %d: unmounting", sig)
+                signalled = True
                 pyfuse3.terminate()  # type: ignore[attr-defined]
 
     async with trio.open_nursery() as nursery:
@@ -442,7 +491,10 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
             await pyfuse3.main()  # type: ignore[attr-defined]
         finally:
             release_branches()
+        if exit_now is not None and not signalled:
+            exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
         nursery.cancel_scope.cancel()
+    return signalled
 
 
 def _detach_stdio() -> None:

@@ -36,7 +36,7 @@ from pyfuse3 import FUSEError
 from unionfs.core.attrs import Stat
 from unionfs.core.branches import ACL_ACCESS, LayerStack
 from unionfs.core.caller import in_group_or_capable
-from unionfs.core.interfaces import BIG_IO, FREE_BIG
+from unionfs.core.interfaces import BIG_IO, FREE_BIG, Invalidator
 from unionfs.core.listings import DEFAULT_MAX_ENTRIES, Listed
 from unionfs.core.nodes import STATS_KEPT, Node
 from unionfs.core.sysx import fallocate
@@ -229,17 +229,18 @@ class Operations(pyfuse3.Operations):
              max_listed: int = DEFAULT_MAX_ENTRIES, timeout: float = 1.0, debug: bool = False,
              udba: str = NONE, max_watches: int = 0, metacopy: bool = False,
              redirect_dir: str = "off", passthrough: bool = False,
-             writeback: bool = False) -> Operations:
+             writeback: bool = False, invalidator: Invalidator | None = None) -> Operations:
         """The handlers of a new union of *stack*, whose long calls run on worker threads and whose
         changes the kernel's cache is told of; *udba* says how changes made directly in the branches
         are seen (see `unionfs.core.udba`): under ``reval`` the kernel caches nothing (zero
-        timeouts: it would not ask), under ``notify`` a `Watcher` keeps up to *max_watches* marks."""
+        timeouts: it would not ask), under ``notify`` a `Watcher` keeps up to *max_watches* marks.
+        *invalidator*: what tells the kernel's cache of changes (default: `KernelCache`)."""
         offload, snapshots = Offload(), Snapshots()
         watcher = Watcher(max_watches) if udba == NOTIFY else None
         if udba == REVAL:
             timeout = 0.0
         union = Union(stack, dialect, readonly=readonly, max_listed=max_listed,
-                      executor=offload, invalidator=KernelCache(), beside=snapshots,
+                      executor=offload, invalidator=invalidator or KernelCache(), beside=snapshots,
                       udba=udba, watches=watcher or NO_WATCHES, metacopy=metacopy,
                       redirect_dir=redirect_dir)
         ops = cls(union, offload, snapshots, timeout=timeout, debug=debug, passthrough=passthrough,

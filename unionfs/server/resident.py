@@ -9,8 +9,13 @@ pidfile and log in the state directory, until the kernel ends the session.
 
 The accept loop is plain blocking sockets: trio runs only in the workers, each started after the
 fork.  A worker keeps neither the listening socket nor the lock, and lives on when the server is
-stopped or killed.  The server reaps its workers, and exits by itself after ``--idle`` seconds
-without a mount handed over (default ten minutes).
+stopped or killed.  One worker is forked ahead of the next mount (the *spare*): it pays what a fresh
+fork pays first (its copy-on-write faults, trio's first run in the process) while nothing waits, and
+is handed the next mount over a socket pair; the server then forks the next spare.  A spare exits
+when the server does (its end of the pair closes).  ``UNIONFS_SPARE=0`` forks a worker per mount.
+
+The server reaps its workers, and exits by itself after ``--idle`` seconds without a mount handed
+over (default ten minutes).
 
 ``python -m unionfs.server.resident start`` is what a client runs when it finds no server: it
 returns once a server listens.
@@ -22,6 +27,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import pickle
+import resource
 import signal
 import socket
 import sys
@@ -55,6 +62,8 @@ DEFAULT_IDLE = 600.0
 CHECK_EVERY = 5.0       # seconds between checks that the socket is still ours
 CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mount is in between)
 ARGV_HELLO = b"argv1\0"  # a C client's first message (fastclient.c)
+SPARE_NAMES = ("unionfs-warming", "unionfs-spare")  # a spare's /proc/PID/comm: rehearsing, then ready
+SPARE_READY = b"warm"          # what a spare says once it has rehearsed
 
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
@@ -74,6 +83,8 @@ class Server:
         self.workers: set[int] = set()
         self.bound = (-1, -1)   # the socket file's (device, inode)
         self.handed = 0
+        self.spares = os.environ.get("UNIONFS_SPARE", "1") != "0"
+        self.spare: tuple[int, socket.socket] | None = None   # its pid, our end of its socket pair
 
     def serve_forever(self) -> None:
         """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
@@ -83,6 +94,7 @@ class Server:
         log.info("listening (pid %d, build %s)", os.getpid(), self.build)
         last = time.monotonic()
         while True:
+            self.fork_spare()
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
@@ -178,17 +190,19 @@ class Server:
         return self.start_worker(conn, pid, cfg, request[1], "C")
 
     def start_worker(self, conn: socket.socket, pid: int, cfg: MountConfig, fds: list[int], via: str) -> bool:
-        """Fork the worker that serves *cfg* on *fds* (the FUSE fd first) and answers *conn*, the
-        client (*via*: its language, for the log)."""
-        try:
-            worker = os.fork()
-        except OSError as e:
-            log.warning("cannot fork a worker: %s", e.strerror)
-            _send(conn, "refused: no worker")
-            _close(fds)
-            return True
-        if worker == 0:
-            self._worker(conn, cfg, fds)   # never returns
+        """Hand *cfg* and *fds* (the FUSE fd first) to the spare, or fork a worker, to serve them and
+        answer *conn*, the client (*via*: its language, for the log)."""
+        worker = self.hand_to_spare(conn, cfg, fds)
+        if worker is None:
+            try:
+                worker = os.fork()
+            except OSError as e:
+                log.warning("cannot fork a worker: %s", e.strerror)
+                _send(conn, "refused: no worker")
+                _close(fds)
+                return True
+            if worker == 0:
+                self._worker(conn, cfg, fds)   # never returns
         self.workers.add(worker)
         self.handed += 1
         log.info("mount %d for pid %d (%s client) on %s: worker %d",
@@ -219,6 +233,50 @@ class Server:
             handler.setStream(open(new.fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace"))
             stream.close()
 
+    def hand_to_spare(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int | None:
+        """The spare's pid once it has the mount (the client's socket and the fds go with it);
+        None when there is no spare, it is gone, or it is still warming up (it stays for the next
+        mount: a fresh fork serves this one as soon)."""
+        if self.spare is None:
+            return None
+        pid, ours = self.spare
+        try:
+            said = ours.recv(16, socket.MSG_DONTWAIT)   # read, not peeked: a close with unread
+            # data would reset the connection, and the spare's read of the mount with it
+        except BlockingIOError:
+            return None
+        except OSError:
+            said = b""
+        self.spare = None
+        try:
+            if said != SPARE_READY:
+                return None
+            socket.send_fds(ours, [pickle.dumps(cfg)], [conn.fileno(), *fds])
+        except OSError as e:
+            log.debug("spare %d: %s", pid, e.strerror)
+            return None
+        finally:
+            ours.close()
+        return pid
+
+    def fork_spare(self) -> None:
+        """Fork the worker for the next mount, unless one waits already."""
+        if self.spare is not None or not self.spares:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot fork a spare worker: %s", e.strerror)
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            ours.close()
+            self._spare(theirs)   # never returns
+        theirs.close()
+        self.spare = (pid, ours)
+
     def reap(self) -> None:
         """Collect every worker that has exited (the server has no other children)."""
         while True:
@@ -229,25 +287,73 @@ class Server:
             if not done:
                 return
             self.workers.discard(done)
+            if self.spare is not None and self.spare[0] == done:
+                self.spare[1].close()
+                self.spare = None
             log.debug("worker %d exited with %d", done, os.waitstatus_to_exitcode(status))
+
+    def _leave(self) -> None:
+        """What a worker does first: default signals, and none of the server's fds."""
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        self.listener.close()
+        os.close(self.lock_fd)
+        self.state.close()
+        if self.spare is not None:
+            self.spare[1].close()
 
     def _worker(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> None:
         """The forked worker: serve *cfg* on the FUSE fd ``fds[0]`` as a background daemon would."""
         code = 1
         try:
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            self.listener.close()
-            os.close(self.lock_fd)
-            self.state.close()
+            self._leave()
             code = _serve_worker(conn, cfg, fds)
         except BaseException as e:  # noqa: B036 - a forked worker reports, never raises past fork
             _send(conn, f"error: {e}")
         finally:
             os._exit(code)
 
+    def _spare(self, sock: socket.socket) -> None:
+        """The spare: warm up, wait for a mount (`hand_to_spare`), serve it as `_worker` does; exit
+        when the server closes its end first."""
+        code = 1
+        conn = None
+        try:
+            self._leave()
+            comm = _set_comm(SPARE_NAMES[0])
+            from .rehearsal import rehearse
+
+            niced = _lower_priority()
+            try:
+                failed = rehearse()
+                if failed:
+                    log.debug("spare %d: rehearsal: %s failed", os.getpid(), ", ".join(failed))
+            except Exception as e:  # noqa: BLE001 - a rehearsal only saves time: serve all the same
+                log.debug("spare %d: rehearsal: %s", os.getpid(), e)
+            if niced is not None:
+                os.setpriority(os.PRIO_PROCESS, 0, niced)   # raises if it cannot: never serve niced
+            _set_comm(SPARE_NAMES[1])
+            sock.send(SPARE_READY)
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS + 1)
+            sock.close()
+            if not data or not fds:
+                _close(fds)
+                code = 0
+                return
+            conn = socket.socket(fileno=fds[0])
+            _set_comm(comm)
+            code = _serve_worker(conn, pickle.loads(data), fds[1:])
+        except BaseException as e:  # noqa: B036 - a forked worker reports, never raises past fork
+            if conn is not None:
+                _send(conn, f"error: {e}")
+        finally:
+            os._exit(code)
+
     def close(self) -> None:
-        """Stop listening and let go of the lock (again: nothing)."""
+        """Stop listening and let go of the lock (again: nothing); the spare exits."""
+        if self.spare is not None:
+            self.spare[1].close()
+            self.spare = None
         if self.lock_fd < 0:
             return
         with contextlib.suppress(OSError):
@@ -256,6 +362,29 @@ class Server:
         os.close(self.lock_fd)
         self.lock_fd = -1
         self.state.close()
+
+
+def _lower_priority() -> int | None:
+    """Rehearse at the lowest priority where the priority can be had back afterwards (root; a
+    user whose RLIMIT_NICE allows it): the rehearsal then takes no CPU from the mounts being
+    served.  The priority it had; None when it is left as it was."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NICE)[0] < 20 - before:
+        return None
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    return before
+
+
+def _set_comm(name: str) -> str:
+    """Name this process in /proc/PID/comm (what ps shows); the name it had."""
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            old = f.read().decode(errors="replace").rstrip("\n")
+        with open("/proc/self/comm", "wb", buffering=0) as f:
+            f.write(name.encode()[:15])
+        return old
+    except OSError:
+        return name
 
 
 def _bin_dir() -> str:
