@@ -68,7 +68,7 @@ def test_sigterm_unmounts_a_users_mount_too(users: tuple[UnprivUser, UnprivUser]
     base, state = user_area
     r = as_user(me, "mount", f"{base}/A:{base}/B", f"{base}/M")
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    daemon = int((state / f"{state_key(base / 'M')}.pid").read_text())
+    daemon = int((state / f"{state_key(base / 'M')}.pid").read_text().split()[0])
     assert os.stat(f"/proc/{daemon}").st_uid == me.uid
     os.kill(daemon, signal.SIGTERM)
     assert wait_exited(daemon)
