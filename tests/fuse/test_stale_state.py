@@ -180,7 +180,8 @@ def plant_and_sweep(a: Path, sweeper: str, swept: bool = True) -> subprocess.Com
     """In a private state directory: what a daemon killed with SIGKILL leaves (on M), what one that
     died with its PID namespace leaves (on P), an old version's bare pidfile with a dead socket and
     an empty log (on Q), a log with warnings in it (on R), all an hour old; a live daemon's files
-    (on L), an hour old too; a bare pidfile just written (on Y); then *sweeper*, and the listing
+    (on L), an hour old too; a bare pidfile just written (on Y); a spare worker's throwaways, an
+    hour old and new (server/rehearsal.py); then *sweeper*, and the listing
     (once M's pidfile is gone, when *swept*: a daemon sweeps on a thread of its own)."""
     s = STATE
     q, r, y = key(a / "Q"), key(a / "R"), key(a / "Y")
@@ -194,9 +195,11 @@ def plant_and_sweep(a: Path, sweeper: str, swept: bool = True) -> subprocess.Com
         python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET).bind(sys.argv[1])' \\
             {s}/{q}.ctl
         echo "a warning" > {s}/{r}.log
+        mkdir {s}/rehearsal-killed; : > {s}/rehearsal-killed/f; : > {s}/rehearsal-99999.log
         $U mount {a}/A:{a}/B {a}/L
         touch -d "1 hour ago" {s}/*
         echo 6 > {s}/{y}.pid
+        : > {s}/rehearsal-fresh.log
         {sweeper}
         for i in $(seq {200 if swept else 0}); do [ -e {s}/{key(a / 'M')}.pid ] || break; sleep 0.05; done
         cat {a}/L/b >/dev/null
@@ -219,6 +222,8 @@ def test_what_gone_daemons_left_is_swept(tmp_path: Path, sweeper: str) -> None:
     assert {f"{live}.pid", f"{live}.ctl", f"{live}.log"} <= left, "a live daemon's files were taken"
     assert f"{key(a / 'R')}.log" in left, "a log with warnings in it was taken"
     assert f"{key(a / 'Y')}.pid" in left, "a pidfile just written was taken"
+    assert not {"rehearsal-killed", "rehearsal-99999.log"} & left, "a killed spare's throwaways are left"
+    assert "rehearsal-fresh.log" in left, "a spare's throwaway was taken while it may be in use"
 
 
 def test_no_sweep_more_often_than_every_ten_minutes(tmp_path: Path) -> None:

@@ -517,6 +517,8 @@ def _sweep_aside(state: StateDir) -> None:
     import threading
 
     try:
+        if not state.sweep_due():   # one stat: no thread for most mounts
+            return
         own = StateDir(state.path, os.dup(state.fd), created=False)
     except OSError as e:
         log.debug("state directory not swept: %s", e)

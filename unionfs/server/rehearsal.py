@@ -28,7 +28,7 @@ from unionfs.core.interfaces import NO_KERNEL_CACHE
 from unionfs.core.whiteout import Dialect
 
 from . import control, daemon
-from .statedir import StateDir
+from .statedir import REHEARSAL_PREFIX, StateDir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _start(state: StateDir | None) -> None:
 
     from .operations import Operations
 
-    name = f"rehearsal-{os.getpid()}"
+    name = f"{REHEARSAL_PREFIX}{os.getpid()}"
     if state is not None:
         log_ = state.open_log(name + ".log")
         try:
@@ -100,7 +100,7 @@ async def _requests(where: str) -> list[str]:
 
     from .operations import Operations
 
-    top = tempfile.mkdtemp(prefix="rehearsal-", dir=where)
+    top = tempfile.mkdtemp(prefix=REHEARSAL_PREFIX, dir=where)
     try:
         lower, upper, work = (os.path.join(top, d) for d in ("lower", "upper", "work"))
         for d in (lower, upper, work, os.path.join(lower, "d")):

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import select
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ CONTROL_MAX = 1 << 17
 #: How old a state file must be before a sweep may take it for one a gone daemon left: a daemon
 #: makes its log, its pidfile and its control socket within a second or so of each other.
 SWEEP_GRACE = 60.0
+REHEARSAL_PREFIX = "rehearsal-"   # what a spare worker makes and removes (server/rehearsal.py)
 #: How often the daemons sweep their state directory (the last time is ``.swept``'s mtime).
 SWEEP_EVERY = 600.0
 SWEPT = ".swept"
@@ -373,15 +375,29 @@ class StateDir:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self.fd)
                     removed.append(name)
+        for name in sorted(n for n in os.listdir(self.fd) if n.startswith(REHEARSAL_PREFIX)):
+            st = self._lstat(name)   # a spare worker's throwaways (server/rehearsal.py), left if killed
+            if st is None or now - st.st_mtime <= SWEEP_GRACE:
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=self.fd)
+                else:
+                    os.unlink(name, dir_fd=self.fd)
+                removed.append(name)
         return removed
 
-    def sweep_now_and_then(self) -> list[str]:
-        """`sweep`, when the last was `SWEEP_EVERY` ago (or never was): what a daemon does once mounted."""
+    def sweep_due(self) -> bool:
+        """Whether the last `sweep` was `SWEEP_EVERY` ago (or never was)."""
         try:
             last = os.stat(SWEPT, dir_fd=self.fd, follow_symlinks=False).st_mtime
         except FileNotFoundError:
             last = 0.0
-        if 0 <= time.time() - last < SWEEP_EVERY:
+        return not 0 <= time.time() - last < SWEEP_EVERY
+
+    def sweep_now_and_then(self) -> list[str]:
+        """`sweep`, when it is due (`sweep_due`): what a daemon does once mounted."""
+        if not self.sweep_due():
             return []
         fd = os.open(SWEPT, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
                      dir_fd=self.fd)
