@@ -16,7 +16,7 @@ import pytest
 import util
 from launcher_util import UnprivUser
 from test_fastclient_umount import exited, mount
-from test_resident import area, as_user, root_server, state_key, user_area, users
+from test_resident import area, mount_as, root_server, state_key, user_area, users
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 __all__ = ["area", "root_server", "user_area", "users"]   # fixtures used here
@@ -66,8 +66,7 @@ def test_sigterm_unmounts_a_users_mount_too(users: tuple[UnprivUser, UnprivUser]
     """A user's worker unmounts through fusermount3 when SIGTERM ends its session."""
     me, _ = users
     base, state = user_area
-    r = as_user(me, "mount", f"{base}/A:{base}/B", f"{base}/M")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    mount_as(me, base)
     daemon = int((state / f"{state_key(base / 'M')}.pid").read_text().split()[0])
     assert os.stat(f"/proc/{daemon}").st_uid == me.uid
     os.kill(daemon, signal.SIGTERM)

@@ -265,12 +265,17 @@ def user_area(users: tuple[UnprivUser, UnprivUser]) -> Iterator[tuple[Path, Path
             as_user(me, "server", "stop")
 
 
+def mount_as(user: UnprivUser, base: Path) -> None:
+    """``unionfs mount A:B M`` under *base*, as *user*: it works and says nothing."""
+    r = as_user(user, "mount", f"{base}/A:{base}/B", f"{base}/M")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_user_mount_goes_through_the_users_server(users: tuple[UnprivUser, UnprivUser],
                                                   user_area: tuple[Path, Path]) -> None:
     me, _ = users
     base, state = user_area
-    r = as_user(me, "mount", f"{base}/A:{base}/B", f"{base}/M")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    mount_as(me, base)
     server = server_pid(state)
     assert server is not None and os.stat(f"/proc/{server}").st_uid == me.uid
     daemon = assert_served_by(state, base / "M", server)
