@@ -11,7 +11,8 @@
   hardening daemons, the oracle's FUSE implementations) logged a warning, an error or a traceback, or
   when the union's code logged one in the test process itself (the handler tests) — unless the test
   declares it: ``@pytest.mark.daemon_log_ok("regex", ...)`` allows the lines matching any of them.
-- At the end of the session no mount may remain below pytest's temporary directory.
+- At the end of the session no mount may remain below pytest's temporary directory, and /dev/fuse has
+  the mode it had at the start (put back, with the tests after which it differed named).
 - ``UNIONFS_SERVER`` is ``off`` unless set: mounts take the normal path, not a resident server.
 """
 
@@ -83,8 +84,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.longrepr = failure
 
 
+def _fuse_mode() -> int | None:
+    try:
+        return os.stat("/dev/fuse").st_mode & 0o7777
+    except OSError:
+        return None
+
+
+FUSE_MODE_AT_START = _fuse_mode()
+fuse_mode_changed_by: list[str] = []   # the tests after which /dev/fuse's mode was not as before
+
+
+@pytest.fixture(autouse=True)
+def _dev_fuse_mode_kept(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Rootless tests set /dev/fuse to 0666 and must put it back: note a test after which the mode
+    differs (a module's fixture that sets it for all its tests sets it before this looks)."""
+    before = _fuse_mode()
+    yield
+    after = _fuse_mode()
+    if after != before:
+        fuse_mode_changed_by.append(f"{request.node.nodeid}: {before:o} -> {after:o}" if before is not None
+                                    and after is not None else request.node.nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     problems = []
+    if FUSE_MODE_AT_START is not None and _fuse_mode() != FUSE_MODE_AT_START:
+        os.chmod("/dev/fuse", FUSE_MODE_AT_START)   # as the machine had it (Debian's udev: 0666)
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"WARNING: /dev/fuse's mode was left changed (put back to "
+                          f"{FUSE_MODE_AT_START:o}); changed across: {fuse_mode_changed_by}", yellow=True)
     basetemp = session.config._tmp_path_factory.getbasetemp() if hasattr(  # type: ignore[attr-defined]
         session.config, "_tmp_path_factory") else None
     if basetemp is not None:
