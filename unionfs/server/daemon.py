@@ -186,8 +186,7 @@ def _log_name(mountpoint: str, resolved: bool = False) -> str:
 def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     handler: logging.Handler
     if log_file is not None:
-        stream = open(os.dup(log_file.fd), "a", buffering=1, encoding="utf-8", errors="backslashreplace")
-        handler = logging.StreamHandler(stream)
+        handler = logging.StreamHandler(log_file.text())
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -286,14 +285,15 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             log.warning("%s", line)
         stack.callback(_close_session, pyfuse3)
         stack.callback(release_branches)   # before the session is closed
+        visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
         if state is not None:
             _write_pidfile(state, pidfile)
-            stack.callback(state.remove_pid, pidfile, os.getpid())
+            visible.callback(state.remove_pid, pidfile, os.getpid())
         key = pidfile.removesuffix(".pid")
         listener = control.listen(state, key)
         if listener is not None:
-            stack.callback(control.forget, state, key)
-            stack.callback(listener.close)
+            visible.callback(control.forget, state, key)
+            visible.callback(listener.close)
         if ready_fd is not None:
             protocol.report_ready(ready_fd)
             _detach_stdio()
@@ -309,10 +309,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
         def exit_now() -> NoReturn:
-            if listener is not None:
-                control.forget(state, key)
-            if state is not None:
-                state.remove_pid(pidfile, os.getpid())
+            visible.close()
             if at_exit is not None:
                 at_exit()
             logging.shutdown()

@@ -230,7 +230,8 @@ class Server:
                 new = self.state.open_log(LOG_NAME)
             except (OSError, QuietError):
                 continue
-            handler.setStream(open(new.fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace"))
+            handler.setStream(new.text())
+            os.close(new.fd)
             stream.close()
 
     def hand_to_spare(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int | None:

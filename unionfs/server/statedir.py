@@ -29,6 +29,7 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
+from typing import TextIO
 
 from unionfs.core.errors import QuietError
 
@@ -354,7 +355,8 @@ class StateDir:
         """
         removed = []
         now = time.time()
-        keys = {n[:-4] for n in os.listdir(self.fd) if n.endswith(_KEY_SUFFIXES) and _is_key(n[:-4])}
+        names = os.listdir(self.fd)
+        keys = {n[:-4] for n in names if n.endswith(_KEY_SUFFIXES) and _is_key(n[:-4])}
         for key in sorted(keys):
             pid, ctl, log_ = key + ".pid", key + CONTROL_SUFFIX, key + ".log"
             found = {n: st for n in (pid, ctl, log_) if (st := self._lstat(n)) is not None}
@@ -375,7 +377,7 @@ class StateDir:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self.fd)
                     removed.append(name)
-        for name in sorted(n for n in os.listdir(self.fd) if n.startswith(REHEARSAL_PREFIX)):
+        for name in sorted(n for n in names if n.startswith(REHEARSAL_PREFIX)):
             st = self._lstat(name)   # a spare worker's throwaways (server/rehearsal.py), left if killed
             if st is None or now - st.st_mtime <= SWEEP_GRACE:
                 continue
@@ -467,6 +469,10 @@ class LogFile:
     path: str
     created: bool
     in_state_dir: bool = False
+
+    def text(self) -> TextIO:
+        """A line-buffered text stream appending to the log, on an fd of its own."""
+        return open(os.dup(self.fd), "a", buffering=1, encoding="utf-8", errors="backslashreplace")
 
     @classmethod
     def open_user(cls, path: str) -> LogFile:
