@@ -288,7 +288,8 @@ def print_profiles(directory: Path) -> None:
         if path.name == "summary.txt":
             continue
         report.append(f"{path.stem}:\n{profiling.summarise(profiling.read_stacks(path))}")
-    text = "\n\n".join(report)
+    text = "\n\n".join(report) or "no stacks recorded (the daemon's pid was not found, or py-spy is missing)"
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "summary.txt").write_text(text + "\n")
     print(f"\nunionfs daemon profile (py-spy):\n{text}")
 

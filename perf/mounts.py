@@ -173,7 +173,18 @@ def _daemon_pid(impl: str, process: subprocess.Popen[bytes] | None, mnt: Path) -
 
 
 def find_daemon_pid(mnt: Path) -> int | None:
-    """The pid of the unionfs daemon serving `mnt` (ours: its command line names our mount point)."""
+    """The pid of the unionfs daemon serving `mnt`: the one its pidfile names (a resident server's
+    worker, whose command line is the server's), else the one whose command line names `mnt`."""
+    from unionfs.server.statedir import StateDir, pid_name
+
+    state = StateDir.open(create=False)
+    if state is not None:
+        try:
+            record = state.daemon(pid_name(str(mnt)))
+        finally:
+            state.close()
+        if record is not None:
+            return record.pid
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
