@@ -89,3 +89,43 @@ def test_a_copy_up_on_a_worker_thread_finishes_while_requests_never_pause(tmp_pa
     assert (tmp_path / "upper" / "big").stat().st_size == BIG + 1
     with open(tmp_path / "upper" / "big", "rb") as f, open(tmp_path / "lower" / "big", "rb") as g:
         assert f.read(BIG) == g.read()
+
+
+def _daemon_of(mnt: Path) -> int:
+    """The pid of the daemon whose command line names *mnt* (a mount made with UNIONFS_SERVER=off)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if os.fsencode(mnt) in argv:
+                return int(entry.name)
+    raise AssertionError(f"no daemon names {mnt}")
+
+
+def _cpu_ns(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def test_the_server_stops_waiting_for_requests_without_sleeping_once_they_stop(tmp_path: Path,
+                                                                               need_fuse: None) -> None:
+    """Between requests that come one after the other the loop polls for the next one instead of
+    sleeping (SPIN_US): once they stop, an idle mount costs no CPU."""
+    upper, lower, mnt = (tmp_path / n for n in ("upper", "lower", "mnt"))
+    for d in (upper, lower, mnt):
+        d.mkdir()
+    for i in range(2000):
+        (lower / f"f{i}").touch()
+    env = dict(os.environ, UNIONFS_SERVER="off")
+    subprocess.run([UNIONFS, "mount", f"{upper}:{lower}", str(mnt)], check=True, timeout=60, env=env)
+    try:
+        pid = _daemon_of(mnt)
+        for i in range(2000):                 # one LOOKUP each, one after the other
+            assert os.lstat(mnt / f"f{i}").st_size == 0
+        time.sleep(0.2)
+        before = _cpu_ns(pid)
+        time.sleep(1.0)
+        assert _cpu_ns(pid) - before < 20_000_000, "an idle daemon used more than 2% of a CPU"
+    finally:
+        subprocess.run([UNIONFS, "umount", str(mnt)], check=True, timeout=60)

@@ -22,6 +22,9 @@ each to go away):
   costs the server); a stand-in for its ``_wait_fuse_readable`` asks the shim (poll(2)) first and only waits
   through trio when nothing is there, or after a run of requests, so other tasks get their turn.
   The shim makes a read that finds nothing return EINTR, so a read can never block the loop.
+  While requests come close together, the loop waits for the next one for up to `SPIN_US` by
+  polling in the shim, the GIL let go, before it sleeps in trio's epoll: waking a CPU that went
+  idle costs more than a request (docs/performance.md, "Waking up").
 - **importlib.metadata stand-in** (`_version_only`): pyfuse3 reads its ``__version__`` through
   importlib.metadata as it is imported, 12-19 ms of every server's start-up; a stand-in answers
   version() alone.
@@ -46,6 +49,7 @@ import logging
 import os
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
@@ -184,6 +188,13 @@ def release_on_session_end(devices: Sequence[int], keep: Sequence[int]) -> None:
 QUICK_RUN = 32
 """Requests served in a row without trio's wait (the loop then lets other tasks run once)."""
 
+SPIN_US = 50
+"""How long the quick loop waits for the next request without sleeping (UNIONFS_SPIN_US; 0: never)."""
+
+CLOSE_US = 500
+"""Requests that came within this long of the server's wait for them are close together: the loop
+spins for the next one (a caller that sends requests one after the other: a walk, an untar)."""
+
 
 _before_next_read: list[Callable[[], None]] = []
 
@@ -201,6 +212,15 @@ def before_next_read(fn: Callable[[], None]) -> bool:
 def _quick_in_place(pyfuse3: ModuleType) -> bool:
     """Whether pyfuse3's session loop waits through the stand-in (`quicken_session_loop`)."""
     return bool(getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False))
+
+
+def _spin_wanted() -> int:
+    # Spinning only helps when the caller can run on another CPU meanwhile.
+    try:
+        us = int(os.environ.get("UNIONFS_SPIN_US", SPIN_US))
+    except ValueError:
+        us = SPIN_US
+    return max(us, 0) if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 def _quick_wanted() -> bool:
@@ -221,6 +241,10 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     if fd < 0:
         return False
     waiting, exited = _shim.request_waiting, _shim.session_exited
+    spin_for_request = _shim.spin_for_request
+    spin = _spin_wanted()
+    close = False  # the last request came soon after the wait for it began
+    monotonic_ns = time.monotonic_ns
     wait_readable = trio.lowlevel.wait_readable
     run = 0
     in_wait = False
@@ -229,10 +253,14 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     async def _wait_fuse_readable() -> bool:
         # pyfuse3's _session_loop reads right after this returns True, with no await in between;
         # a request is waiting now, or the shim makes that read return EINTR.
-        nonlocal run, in_wait
+        nonlocal run, in_wait, close
         while _before_next_read:
             _before_next_read.pop(0)()
         if run < QUICK_RUN and waiting():
+            run += 1
+            return True
+        began = monotonic_ns()
+        if close and run < QUICK_RUN and spin_for_request(spin):
             run += 1
             return True
         run = 0
@@ -252,6 +280,7 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
         finally:
             in_wait = False
             turn.unpark()
+        close = spin > 0 and monotonic_ns() - began < CLOSE_US * 1000
         return True
 
     _wait_fuse_readable.quick = True  # type: ignore[attr-defined]
