@@ -32,8 +32,8 @@ def raw_calls(source: str) -> list[tuple[int, str]]:
         kws = {k.arg for k in node.keywords}
         if kws & {"dir_fd", "src_dir_fd", "dst_dir_fd"}:
             found.append((node.lineno, f"{name}(..., dir_fd=...)"))
-        elif name == "renameat2":
-            found.append((node.lineno, "renameat2(...)"))
+        elif name in ("renameat2", "listxattrat"):
+            found.append((node.lineno, f"{name}(...)"))
         elif name == "open" and "O_PATH" in ast.unparse(node):
             found.append((node.lineno, "open(..., O_PATH)"))
     return found
@@ -44,11 +44,12 @@ def test_the_check_finds_raw_calls() -> None:
               "os.stat(b'x', dir_fd=3, follow_symlinks=False)\n"
               "os.rename(b'a', b'b', src_dir_fd=3, dst_dir_fd=4)\n"
               "renameat2(3, b'a', 4, b'b', 2)\n"
+              "sysx.listxattrat(3, b'a', 0x100)\n"
               "os.open(b'x', os.O_PATH | os.O_NOFOLLOW, dir_fd=3)\n"
               "os.open(name, os.O_PATH)\n"
               "os.fstat(3)\n"
               "DirFd(3).lstat(b'x')\n")
-    assert [line for line, _ in raw_calls(sample)] == [2, 3, 4, 5, 6]
+    assert [line for line, _ in raw_calls(sample)] == [2, 3, 4, 5, 6, 7]
 
 
 def test_no_raw_dir_fd_call_in_the_core_outside_branches() -> None:
@@ -76,6 +77,8 @@ def test_dirfd_never_follows_a_symlink(tmp_path: Path) -> None:
         for call in (lambda: fd.open_dir(b"dlink"), lambda: fd.open_file(b"link", os.O_RDONLY)):
             with pytest.raises(OSError):
                 call()
+        os.setxattr(outside / "f", "user.target", b"1")
+        assert fd.listxattr(b"link") == []            # the link's own xattrs: none
         fd.chmod(b"link", 0o777)                     # a symlink is left alone
         fd.utime(b"link", (0, 0))                     # the link's times, not the target's
         assert os.stat(outside / "f").st_mode & 0o777 == 0o600
@@ -84,5 +87,28 @@ def test_dirfd_never_follows_a_symlink(tmp_path: Path) -> None:
         assert os.path.islink(branch / "hard")
         fd.unlink(b"link")
         assert (outside / "f").read_bytes() == b"secret"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("listxattrat", [True, False], ids=["listxattrat", "through-proc"])
+def test_dirfd_lists_the_xattrs_of_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listxattrat: bool) -> None:
+    """listxattr of a name in a branch: by listxattrat(2) where the kernel has it (6.13+), else
+    through an O_PATH fd; the same answer either way, and the real errno for a missing name."""
+    from unionfs.core import sysx
+
+    if not listxattrat:
+        monkeypatch.setattr(sysx, "_has_listxattrat", False)
+    (tmp_path / "f").write_bytes(b"")
+    os.setxattr(tmp_path / "f", "user.a", b"1")
+    os.setxattr(tmp_path / "f", "user." + "n" * 200, b"2")
+    for i in range(20):                           # past the first buffer's 1 KiB of names
+        os.setxattr(tmp_path / "f", f"user.{i:02d}" + "x" * 60, b"")
+    fd = DirFd(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        want = sorted(os.fsencode(n) for n in os.listxattr(tmp_path / "f"))
+        assert len(want) == 22 and sorted(fd.listxattr(b"f")) == want
+        with pytest.raises(FileNotFoundError):
+            fd.listxattr(b"missing")
     finally:
         os.close(fd)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .sysx import AT_SYMLINK_NOFOLLOW, fchmodat2, renameat2
+from .sysx import AT_SYMLINK_NOFOLLOW, fchmodat2, listxattrat, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,13 @@ class DirFd(int):
 
     def utime(self, name: bytes, ns: tuple[int, int]) -> None:
         os.utime(name, ns=ns, dir_fd=self, follow_symlinks=False)
+
+    def listxattr(self, name: bytes) -> list[bytes]:
+        """The xattr names of the object *name* itself (a symlink is not followed)."""
+        names = listxattrat(self, name, AT_SYMLINK_NOFOLLOW)
+        if names is None:
+            return [os.fsencode(n) for n in self.on_path(name, os.listxattr)]
+        return names
 
     def on_path(self, name: bytes, fn: Callable[[str], T]) -> T:
         """``fn(path)``, *path* naming exactly the object *name* (see `path_of`)."""

@@ -323,8 +323,12 @@ class Resolver:
         """The names of *node*'s real xattrs (as stored in the branch), cached on the node."""
         if node.xattrs is None:
             self.xattr_lists += 1
-            names = self.xattr_target(node, os.listxattr)
-            found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            if node.is_dir or not node.links:
+                names = self.xattr_target(node, os.listxattr)
+                found = frozenset(os.fsencode(n) for n in names)  # type: ignore[attr-defined]
+            else:
+                pfd, name = self.real_parent_fd(node)
+                found = frozenset(pfd.listxattr(name))
             # Most objects share a handful of name sets (none at all, or security.selinux): keep
             # one copy of each (a frozenset costs 216 bytes) while there are few distinct ones.
             shared = self._xattr_sets.get(found)

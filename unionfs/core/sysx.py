@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 AT_FDCWD = -100  # a dirfd meaning "relative to the working directory" (not in the os module)
@@ -43,6 +44,37 @@ def fchmodat2(dirfd: int, name: bytes, mode: int, flags: int) -> None:
     if _syscall(_SYS_FCHMODAT2, dirfd, name, mode, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fchmodat2: {os.strerror(err)}", os.fsdecode(name))
+
+_SYS_LISTXATTRAT = 465  # Linux 6.13+, x86-64 and the generic table alike
+_listxattrat = _libc["syscall"]    # a function object of its own: its argument types differ
+_listxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+                         ctypes.c_size_t]
+_listxattrat.restype = ctypes.c_long
+_has_listxattrat = True
+XATTR_LIST_MAX = 65536
+
+
+def listxattrat(dirfd: int, name: bytes, flags: int) -> list[bytes] | None:
+    """listxattrat(2) (Linux 6.13+): the xattr names of *name* in *dirfd* (with AT_SYMLINK_NOFOLLOW,
+    of a symlink itself), in one call instead of an O_PATH open and a listxattr through /proc;
+    None where the kernel has no such call."""
+    global _has_listxattrat
+    if not _has_listxattrat:
+        return None
+    size = 1024
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        got = _listxattrat(_SYS_LISTXATTRAT, dirfd, name, flags, buf, size)
+        if got >= 0:
+            return buf.raw[:got].split(b"\0")[:-1]
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _has_listxattrat = False
+            return None
+        if err != errno.ERANGE or size >= XATTR_LIST_MAX:
+            raise OSError(err, f"listxattrat: {os.strerror(err)}", os.fsdecode(name))
+        size = XATTR_LIST_MAX
+
 
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
