@@ -243,7 +243,8 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     waiting, exited = _shim.request_waiting, _shim.session_exited
     spin_for_request = _shim.spin_for_request
     spin = _spin_wanted()
-    close = False  # the last request came soon after the wait for it began
+    close = spin > 0  # the last request came soon after the wait for it began (a new mount's
+    # first requests come one after the other: the kernel's INIT, then its caller's first calls)
     monotonic_ns = time.monotonic_ns
     wait_readable = trio.lowlevel.wait_readable
     run = 0

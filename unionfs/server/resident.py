@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import pickle
@@ -331,6 +332,8 @@ class Server:
                     log.debug("spare %d: rehearsal: %s failed", os.getpid(), ", ".join(failed))
             except Exception as e:  # noqa: BLE001 - a rehearsal only saves time: serve all the same
                 log.debug("spare %d: rehearsal: %s", os.getpid(), e)
+            gc.collect()   # what the rehearsal left; then all that lives now is kept out of later
+            gc.freeze()    # collections, as the server does after its imports
             if niced is not None:
                 os.setpriority(os.PRIO_PROCESS, 0, niced)   # raises if it cannot: never serve niced
             _set_comm(SPARE_NAMES[1])
@@ -540,8 +543,6 @@ def _warm_up() -> None:
     also freezes what it loaded out of the garbage collector's scans, so that a worker's collections
     do not touch, and copy, the pages it shares with us), and run trio once (its first run sets up
     what later ones reuse)."""
-    import gc
-
     import trio
 
     from unionfs.core import union  # noqa: F401
