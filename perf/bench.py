@@ -37,7 +37,7 @@ from spec import FULL, QUICK, Layout
 from validate import check, check_layers_after
 
 PERF_DIR = Path(__file__).resolve().parent
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W10", "W9")
 LABELS = {
     "W1": "find+stat",
     "W2": "read big",
@@ -47,6 +47,7 @@ LABELS = {
     "W6": "ls",
     "W7": "",
     "W8": "",
+    "W10": "",
 }
 VARIANTS = {
     "W1": ["cold", "warm"],
@@ -57,8 +58,9 @@ VARIANTS = {
     "W6": ["cold", "warm"],
     "W7": ["untar"],
     "W8": ["cold", "warm"],
+    "W10": ["write 4k", "read 4k random", "write 1m"],
 }
-WRITES_NATIVE = {"W4", "W5", "W7"}
+WRITES_NATIVE = {"W4", "W5", "W7", "W10"}
 
 
 @dataclass
@@ -96,6 +98,9 @@ def cases_for(workload: str, layers: LayerSet) -> list[Case]:
         "W4": {"targets": [f.rel for f in layout.copyup_targets]},
         "W5": {"count": layout.sizes.create_files, "size": layout.sizes.create_size},
         "W7": {"tarball": str(layers.tarball)},
+        "W10": {"lower_file": str(layers.bottom / "big/read.bin"), "big_read": layout.sizes.big_read,
+                "small_writes": layout.sizes.small_writes, "random_reads": layout.sizes.random_reads,
+                "big_write": layout.sizes.big_write},
     }
     params = every_params.get(workload, {})
     return [Case(workload, layers.lowers, layers.upper_template, layers.native, params, label)]

@@ -191,6 +191,6 @@ def restore_native(layers: LayerSet) -> None:
     big = native / "big/copyup.bin"
     if big.stat().st_size != layers.layout.sizes.big_copyup:
         os.truncate(big, layers.layout.sizes.big_copyup)
-    for leftover in ("w5", "w7"):
+    for leftover in ("w5", "w7", "w10"):
         if (native / leftover).exists():
             shutil.rmtree(native / leftover)

@@ -48,6 +48,9 @@ class Sizes:
     branch_counts: tuple[int, ...] = (1, 8, 32, 128)
     branch_files: int = 2_000
     branch_dirs: int = 100
+    small_writes: int = 80 * MIB   # W10: written in 4 KiB writes to a new file
+    random_reads: int = 20_000     # W10: 4 KiB reads at random offsets of big/read.bin
+    big_write: int = 256 * MIB     # W10: written in 1 MiB writes to a new file
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -70,6 +73,9 @@ QUICK = Sizes(
     branch_counts=(1, 8, 32, 128),
     branch_files=200,
     branch_dirs=20,
+    small_writes=8 * MIB,
+    random_reads=2_000,
+    big_write=32 * MIB,
 )
 
 
@@ -102,6 +108,12 @@ def file_bytes(block: bytes, seed: int, size: int) -> bytes:
 def big_chunk(block: bytes, seed: int) -> bytes:
     """The 1 MiB chunk that a big file repeats; which rotation depends on `seed`."""
     return file_bytes(block, seed, MIB)
+
+
+def random_read_offsets(size: int, count: int) -> list[int]:
+    """W10's 4 KiB-aligned read offsets in a file of *size* bytes: the same for every implementation."""
+    rng = random.Random(10)
+    return [rng.randrange(size // (4 * KIB)) * 4 * KIB for _ in range(count)]
 
 
 def lognormal_sizes(rng: random.Random, count: int, median: int, cap: int) -> list[int]:

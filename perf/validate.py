@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layerset import LayerSet
-from spec import MIB, big_chunk, content_block
+from spec import MIB, big_chunk, content_block, random_read_offsets
 from worker import SAMPLE_LENGTH, sample_offsets
 
 Problem = str | None
@@ -71,7 +71,30 @@ def check(workload: str, variant: str, observed: Any, layers: LayerSet, params: 
         return compare_listing(observed, layout.expected_untar_listing())
     if workload == "W8":
         return compare_listing(observed, layout.expected_branch_listing(params["branches"]))
+    if workload == "W10":
+        return _check_small_io(variant, observed, params)
     return f"unknown workload {workload}"
+
+
+def _check_small_io(variant: str, observed: Any, params: dict[str, Any]) -> Problem:
+    block = content_block()
+    if variant in ("write 4k", "write 1m"):
+        size = params["small_writes" if variant == "write 4k" else "big_write"]
+        digest = hashlib.sha1()
+        for _ in range(size // MIB):
+            digest.update(block)
+        if observed["size"] != size:
+            return f"wrote {observed['size']} bytes, expected {size}"
+        return None if observed["sha1"] == digest.hexdigest() else "the written file's content differs"
+    offsets = random_read_offsets(params["big_read"], params["random_reads"])
+    if observed["bytes"] != 4096 * len(offsets):
+        return f"read {observed['bytes']} bytes, expected {4096 * len(offsets)}"
+    chunk = big_chunk(block, 1)
+    digest = hashlib.sha1()
+    for offset in offsets:
+        start = offset % MIB
+        digest.update(chunk[start : start + 4096])
+    return None if observed["sha1"] == digest.hexdigest() else "content differs from the lower file"
 
 
 def _check_copy_up(variant: str, observed: Any, layers: LayerSet) -> Problem:

@@ -138,6 +138,44 @@ def create_files(directory: Path, count: int, size: int) -> None:
             os.close(fd)
 
 
+def write_sequential(path: Path, total: int, chunk: int, block: bytes) -> None:
+    """Write *total* bytes to the new file *path*, *chunk* bytes per write(2): *block* repeated."""
+    data = memoryview(block)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for offset in range(0, total, chunk):
+            start = offset % len(block)
+            if os.write(fd, data[start : start + chunk]) != chunk:
+                raise RuntimeError(f"short write at {offset}")
+    finally:
+        os.close(fd)
+
+
+def read_random(path: Path, offsets: list[int], into: bytearray) -> int:
+    """4 KiB preads at *offsets* into *into*, with the kernel told the access is random (as fio
+    does): each one is a read request of its own, none read ahead."""
+    view = memoryview(into)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for i, offset in enumerate(offsets):
+            total += os.preadv(fd, [view[i * 4096 : (i + 1) * 4096]], offset)
+    finally:
+        os.close(fd)
+    return total
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha1()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(READ_BUFFER):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha1": digest.hexdigest()}
+
+
 def delete_files(directory: Path, count: int) -> None:
     for i in range(count):
         os.unlink(directory / f"n{i:05d}")
@@ -236,6 +274,28 @@ def w8_branches(root: Path, params: dict[str, Any]) -> Result:
     return {"times": {"cold": cold, "warm": warm}, "obs": {"cold": cold_obs, **warm_obs}}
 
 
+def w10_small_io(root: Path, params: dict[str, Any]) -> Result:
+    from spec import content_block, random_read_offsets
+
+    directory = root / "w10"
+    directory.mkdir()
+    block = content_block()
+    os.sync()
+    small, _ = timed(lambda: write_sequential(directory / "small", params["small_writes"], 4096, block))
+    big, _ = timed(lambda: write_sequential(directory / "big", params["big_write"], 1024 * 1024, block))
+    os.sync()
+    written = {"write 4k": file_digest(directory / "small"), "write 1m": file_digest(directory / "big")}
+    path, lower = root / "big/read.bin", Path(params["lower_file"])
+    offsets = random_read_offsets(params["big_read"], params["random_reads"])
+    into = bytearray(4096 * len(offsets))
+    drop_caches()
+    read_all(lower)  # the lower file in the page cache, the merged view's cache cold (as W2 lower-warm)
+    random_time, got = timed(lambda: read_random(path, offsets, into))
+    read = {"bytes": got, "sha1": hashlib.sha1(into).hexdigest()}
+    return {"times": {"write 4k": small, "write 1m": big, "read 4k random": random_time},
+            "obs": {**written, "read 4k random": read}}
+
+
 WORKLOADS: dict[str, Callable[[Path, dict[str, Any]], Result]] = {
     "W1": w1_find_stat,
     "W2": w2_big_read,
@@ -245,6 +305,7 @@ WORKLOADS: dict[str, Callable[[Path, dict[str, Any]], Result]] = {
     "W6": w6_ls,
     "W7": w7_untar,
     "W8": w8_branches,
+    "W10": w10_small_io,
 }
 
 
