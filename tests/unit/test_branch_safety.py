@@ -104,10 +104,12 @@ def test_dirfd_lists_the_xattrs_of_a_name(tmp_path: Path, monkeypatch: pytest.Mo
     os.setxattr(tmp_path / "f", "user." + "n" * 200, b"2")
     for i in range(20):                           # past the first buffer's 1 KiB of names
         os.setxattr(tmp_path / "f", f"user.{i:02d}" + "x" * 60, b"")
+    (tmp_path / "link").symlink_to(tmp_path / "f")
     fd = DirFd(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
     try:
         want = sorted(os.fsencode(n) for n in os.listxattr(tmp_path / "f"))
         assert len(want) == 22 and sorted(fd.listxattr(b"f")) == want
+        assert fd.listxattr(b"link") == []            # the link's own, not its target's
         with pytest.raises(FileNotFoundError):
             fd.listxattr(b"missing")
     finally:

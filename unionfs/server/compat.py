@@ -214,13 +214,17 @@ def _quick_in_place(pyfuse3: ModuleType) -> bool:
     return bool(getattr(getattr(pyfuse3, "_wait_fuse_readable", None), "quick", False))
 
 
+SPIN_US_MAX = 1000
+
+
 def _spin_wanted() -> int:
-    # Spinning only helps when the caller can run on another CPU meanwhile.
+    """`SPIN_US`, or UNIONFS_SPIN_US (in the serving process's environment: a resident server's),
+    at most `SPIN_US_MAX`; 0 with one CPU, where polling only keeps the caller from running."""
     try:
         us = int(os.environ.get("UNIONFS_SPIN_US", SPIN_US))
     except ValueError:
         us = SPIN_US
-    return max(us, 0) if len(os.sched_getaffinity(0)) > 1 else 0
+    return min(max(us, 0), SPIN_US_MAX) if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 def _quick_wanted() -> bool:
@@ -241,11 +245,12 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     if fd < 0:
         return False
     waiting, exited = _shim.request_waiting, _shim.session_exited
-    spin_for_request = _shim.spin_for_request
-    spin = _spin_wanted()
+    spin_for_request = getattr(_shim, "spin_for_request", None)   # (a shim built before it: none)
+    spin = _spin_wanted() if spin_for_request is not None else 0
     close = spin > 0  # the last request came soon after the wait for it began (a new mount's
     # first requests come one after the other: the kernel's INIT, then its caller's first calls)
-    monotonic_ns = time.monotonic_ns
+    serving: set[object] = set()   # session tasks that read a request and have not come back
+    monotonic_ns, current_task = time.monotonic_ns, trio.lowlevel.current_task
     wait_readable = trio.lowlevel.wait_readable
     run = 0
     in_wait = False
@@ -255,14 +260,19 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
         # pyfuse3's _session_loop reads right after this returns True, with no await in between;
         # a request is waiting now, or the shim makes that read return EINTR.
         nonlocal run, in_wait, close
+        task = current_task()
+        serving.discard(task)
         while _before_next_read:
             _before_next_read.pop(0)()
         if run < QUICK_RUN and waiting():
             run += 1
+            serving.add(task)
             return True
-        began = monotonic_ns()
-        if close and run < QUICK_RUN and spin_for_request(spin):
+        # Not while another task's request waits on something (a worker thread's big copy or
+        # fsync): its caller sends nothing meanwhile, and trio must see the thread finish.
+        if close and not serving and run < QUICK_RUN and spin_for_request(spin):
             run += 1
+            serving.add(task)
             return True
         run = 0
         # pyfuse3's own wait takes a trio lock (one more pass of trio's scheduler) so that one task
@@ -274,6 +284,7 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
             turn.unpark()
             return False
         in_wait = True
+        began = monotonic_ns()
         try:
             await wait_readable(fd)
         except trio.ClosedResourceError:
@@ -282,6 +293,7 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
             in_wait = False
             turn.unpark()
         close = spin > 0 and monotonic_ns() - began < CLOSE_US * 1000
+        serving.add(task)
         return True
 
     _wait_fuse_readable.quick = True  # type: ignore[attr-defined]

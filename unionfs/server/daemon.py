@@ -225,9 +225,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     raise_nofile_limit()
     # No collection while the mount starts (a young one took 0.3 ms of a 3 ms start): on again,
     # with the serving threshold, just before serving.
+    collecting = gc.isenabled()
     gc.disable()
     with contextlib.ExitStack() as stack:
-        stack.callback(gc.enable)
+        if collecting:
+            stack.callback(gc.enable)
         not_ours = _open_fds()   # the log's, inherited ones
         # A writable top is opened for writing even under -o ro (the kernel's mount is then
         # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
@@ -311,7 +313,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # sixth of a cold readdir's CPU; at 10,000 it runs a tenth as often and took a third to a half
         # as long in a direct walk of the perf tree.
         gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
-        gc.enable()
+        if collecting:
+            gc.enable()
 
         def exit_now() -> NoReturn:
             visible.close()
