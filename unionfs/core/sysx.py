@@ -58,7 +58,7 @@ def _probe_listxattrat() -> bool:
     # anything; only a success makes it the way.
     if os.uname().machine.startswith(("alpha", "mips")):
         return False
-    return _listxattrat(_SYS_LISTXATTRAT, AT_FDCWD, b"/", AT_SYMLINK_NOFOLLOW, None, 0) >= 0
+    return bool(_listxattrat(_SYS_LISTXATTRAT, AT_FDCWD, b"/", AT_SYMLINK_NOFOLLOW, None, 0) >= 0)
 
 
 _has_listxattrat = _probe_listxattrat()

@@ -245,8 +245,9 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     if fd < 0:
         return False
     waiting, exited = _shim.request_waiting, _shim.session_exited
-    spin_for_request = getattr(_shim, "spin_for_request", None)   # (a shim built before it: none)
-    spin = _spin_wanted() if spin_for_request is not None else 0
+    polls = hasattr(_shim, "spin_for_request")   # (not a shim built before it)
+    spin_for_request: Callable[[int], bool] = _shim.spin_for_request if polls else lambda us: False
+    spin = _spin_wanted() if polls else 0
     close = spin > 0  # the last request came soon after the wait for it began (a new mount's
     # first requests come one after the other: the kernel's INIT, then its caller's first calls)
     serving: set[object] = set()   # session tasks that read a request and have not come back
