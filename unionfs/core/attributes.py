@@ -43,6 +43,14 @@ class Attributes:
             raise err(missing_xattr_errno(name))
         return self.res.xattr_target(node, lambda p: os.getxattr(p, real))  # type: ignore[return-value]
 
+    def has_xattr(self, node: Node, name: bytes) -> bool | None:
+        """Whether *node* has the real xattr *name* (not a virtual one); None when that cannot be
+        told (a branch without xattrs, a node gone).  Cached on the node, as getxattr's list is."""
+        try:
+            return escape_xattr(name) in self.res.xattr_names(node)
+        except OSError:
+            return None
+
     def listxattr(self, node: Node) -> list[bytes]:
         shown = (unescape_xattr(n) for n in self.res.xattr_names(node))
         return [n for n in shown if n is not None]

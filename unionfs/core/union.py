@@ -83,6 +83,9 @@ class Union(Resolver):
     def getxattr(self, node: Node, name: bytes) -> bytes:
         return self.attrs.getxattr(node, name)
 
+    def has_xattr(self, node: Node, name: bytes) -> bool | None:
+        return self.attrs.has_xattr(node, name)
+
     def listxattr(self, node: Node) -> list[bytes]:
         return self.attrs.listxattr(node)
 

@@ -422,20 +422,114 @@ __attribute__((visibility("default"))) int fuse_reply_create(fuse_req_t req,
     return real(req, e, f);
 }
 
-/* Nodes without security.capability, as the server says (a few: its passed-through files). */
-#define MAX_NOCAPS 1024
-static uint64_t nocaps[MAX_NOCAPS];
-static int n_nocaps;
+/* Nodes without security.capability, as the server says: the kernel asks at every write(2) of a
+   file (FUSE has no SB_NOSEC) and a diff of a container's layer asks for every entry, and the answer
+   is nearly always "none".  An open-addressing set of node ids (0: an empty slot, NOCAP_GONE: a
+   removed one), doubled when half full, up to MAX_NOCAPS entries (past that, nothing is added: the
+   server answers). */
+#define MAX_NOCAPS (1 << 22)
+#define NOCAP_GONE UINT64_MAX
+static uint64_t *nocaps;   /* the slots */
+static size_t nocap_slots; /* a power of two, or 0 */
+static size_t nocap_used;  /* slots not empty: entries and removed ones */
+static size_t n_nocaps;    /* entries */
+
+static size_t nocap_hash(uint64_t ino)
+{
+    ino ^= ino >> 33;
+    ino *= 0xff51afd7ed558ccdULL;
+    ino ^= ino >> 33;
+    return (size_t)ino;
+}
+
+/* The slot of *ino*, or of the empty one where it would go (the first removed one on the way). */
+static size_t nocap_find(uint64_t ino)
+{
+    size_t mask = nocap_slots - 1, i = nocap_hash(ino) & mask, removed = SIZE_MAX;
+    while (nocaps[i] != 0) {
+        if (nocaps[i] == ino)
+            return i;
+        if (nocaps[i] == NOCAP_GONE && removed == SIZE_MAX)
+            removed = i;
+        i = (i + 1) & mask;
+    }
+    return removed != SIZE_MAX ? removed : i;
+}
+
+static int nocap_has(uint64_t ino)
+{
+    return n_nocaps > 0 && nocaps[nocap_find(ino)] == ino;
+}
+
+static void nocap_clear(void)
+{
+    free(nocaps);
+    nocaps = NULL;
+    nocap_slots = nocap_used = n_nocaps = 0;
+}
+
+static int nocap_grow(void)
+{
+    size_t slots = nocap_slots ? nocap_slots * 2 : 1024;
+    if (n_nocaps * 4 < nocap_slots)   /* mostly removed slots: rehash at the same size */
+        slots = nocap_slots;
+    uint64_t *old = nocaps;
+    size_t old_slots = nocap_slots;
+    nocaps = calloc(slots, sizeof *nocaps);
+    if (nocaps == NULL) {
+        nocaps = old;
+        return 0;
+    }
+    nocap_slots = slots;
+    nocap_used = 0;
+    for (size_t i = 0; i < old_slots; i++) {
+        if (old[i] != 0 && old[i] != NOCAP_GONE) {
+            nocaps[nocap_find(old[i])] = old[i];
+            nocap_used++;
+        }
+    }
+    free(old);
+    return 1;
+}
+
+/* 1 when *ino* is in the set afterwards, 0 when it could not be added. */
+static int nocap_add(uint64_t ino)
+{
+    if (ino == 0 || ino == NOCAP_GONE)
+        return 0;
+    if (nocap_slots > 0) {
+        size_t i = nocap_find(ino);
+        if (nocaps[i] == ino)
+            return 1;
+    }
+    if (n_nocaps >= MAX_NOCAPS)
+        return 0;
+    if ((nocap_used + 1) * 2 > nocap_slots && !nocap_grow())
+        return 0;
+    size_t i = nocap_find(ino);
+    if (nocaps[i] == 0)
+        nocap_used++;
+    nocaps[i] = ino;
+    n_nocaps++;
+    return 1;
+}
+
+static void nocap_del(uint64_t ino)
+{
+    if (n_nocaps == 0)
+        return;
+    size_t i = nocap_find(ino);
+    if (nocaps[i] == ino) {
+        nocaps[i] = NOCAP_GONE;
+        n_nocaps--;
+    }
+}
 
 static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
-    if (n_nocaps > 0 && strcmp(name, "security.capability") == 0) {
-        for (int i = 0; i < n_nocaps; i++) {
-            if (nocaps[i] == ino) {
-                fuse_reply_err(req, ENODATA);
-                return;
-            }
-        }
+    if (n_nocaps > 0 && strcmp(name, "security.capability") == 0 && nocap_has(ino)) {
+        fuse_reply_err(req, ENODATA);
+        return;
     }
     inner_getxattr(req, ino, name, size);
 }
@@ -558,6 +652,8 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
         seen_waiting = 0;
     }
     int res = real(se, buf);
+    if (res == -EAGAIN && guarded_reads && se == last_session)
+        res = -EINTR; /* the request that was waiting went (its caller was killed): wait again */
     pt_received(se, buf, res);
     received = 1;
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
@@ -591,7 +687,7 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
         shim_ops.readdirplus = shim_readdirplus;
         shim_ops.fsyncdir = shim_fsyncdir;
     }
-    n_nocaps = 0;
+    nocap_clear();
     killpriv = 0;
     if (shim_ops.getxattr != NULL) {
         inner_getxattr = shim_ops.getxattr;
@@ -770,19 +866,11 @@ static PyObject *py_no_capability(PyObject *self, PyObject *args)
     int none;
     if (!PyArg_ParseTuple(args, "Kp", &ino, &none))
         return NULL;
-    for (int i = 0; i < n_nocaps; i++) {
-        if (nocaps[i] == ino) {
-            if (!none)
-                nocaps[i] = nocaps[--n_nocaps];
-            Py_RETURN_TRUE;
-        }
-    }
-    if (!none)
+    if (!none) {
+        nocap_del(ino);
         Py_RETURN_TRUE;
-    if (n_nocaps == MAX_NOCAPS)
-        Py_RETURN_FALSE;
-    nocaps[n_nocaps++] = ino;
-    Py_RETURN_TRUE;
+    }
+    return PyBool_FromLong(nocap_add(ino));
 }
 
 /* The session loop asks trio whether /dev/fuse is readable before every read: a lock, a yield and
@@ -794,8 +882,14 @@ static PyObject *py_guard_reads(PyObject *self, PyObject *unused)
 {
     if (last_session == NULL || sessions == 0)
         return PyLong_FromLong(-1);
+    /* Non-blocking too: a request seen waiting can still go before the read (the kernel drops
+       one whose caller was killed), and a blocking read would then stall the loop. */
+    int fd = fuse_session_fd(last_session);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return PyLong_FromLong(-1);
     guarded_reads = 1;
-    return PyLong_FromLong(fuse_session_fd(last_session));
+    return PyLong_FromLong(fd);
 }
 
 static PyObject *py_request_waiting(PyObject *self, PyObject *unused)

@@ -216,6 +216,10 @@ class Operations(pyfuse3.Operations):
         self.dirs = {}
         self.stats = stats.Stats(len(union.stack.layers))
         self.enable_writeback_cache = writeback
+        # Whether the shim may answer security.capability for nodes the union knows have none (not
+        # while changes made directly in the branches are looked for), and whether it was asked.
+        self._caps_known = not union.udba.active
+        self._caps_asked = False
         self.passthrough = Passthrough(union, passthrough and not writeback)
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
         self._next_dh = 0
@@ -344,7 +348,7 @@ class Operations(pyfuse3.Operations):
         try:
             for inode, n in inode_list:
                 self.union.table.forget(inode, n)
-                if self.enable_writeback_cache:
+                if self._caps_asked or self.enable_writeback_cache:
                     compat.no_capability(inode, False)   # node ids are reused once forgotten
         except Exception:
             log.exception("forget failed")
@@ -390,6 +394,7 @@ class Operations(pyfuse3.Operations):
         timed = self._per_dir_timeouts
         # bound once: a cold listing makes a node and a reply per entry
         node_for, attr, reply = union.node_for, self._attr, pyfuse3.readdir_reply
+        caps, has_xattr, no_capability = self._caps_asked, union.has_xattr, compat.no_capability
         for i in range(start, len(entries)):
             name = entries[i]
             if i < 2:           # "." and ".."
@@ -415,6 +420,8 @@ class Operations(pyfuse3.Operations):
             a = attr(child, st)
             if timed:
                 self._timed(a, node, child)
+            if caps and has_xattr(child, CAPABILITY) is False:
+                no_capability(child.id, True)
             if not reply(token, name, a, gen | (i + 1)):
                 union.table.maybe_free(child)
                 return
@@ -539,14 +546,15 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        try:
-            return self.union.getxattr(self._node(inode), name)
-        except OSError as e:
-            # With the writeback cache every write(2) asks for security.capability: the shim
-            # answers it for the nodes that have none, until one is set or the node forgotten.
-            if e.errno == errno.ENODATA and name == CAPABILITY and self.enable_writeback_cache:
+        node = self._node(inode)
+        if name == CAPABILITY and self._caps_known:
+            # Asked at every write(2) (FUSE has no SB_NOSEC) and, by a diff of a container's
+            # layer, for every entry: the shim answers "none" itself for the nodes that have none,
+            # until one is set or the node forgotten; once asked, listings tell it of their entries.
+            self._caps_asked = True
+            if self.union.has_xattr(node, CAPABILITY) is False:
                 compat.no_capability(inode, True)
-            raise
+        return self.union.getxattr(node, name)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
