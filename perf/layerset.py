@@ -26,7 +26,7 @@ from pathlib import Path
 
 from spec import BASE_DIR, MIB, Layout, big_chunk, content_block, file_bytes
 
-FORMAT = 1
+FORMAT = 2  # 2: each MiB of a big file differs from the others
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,9 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def write_big(path: Path, size: int, seed: int, block: bytes) -> None:
-    chunk = big_chunk(block, seed)
     with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            n = min(remaining, MIB)
-            out.write(chunk[:n])
-            remaining -= n
+        for index in range((size + MIB - 1) // MIB):
+            out.write(big_chunk(block, seed, index)[: min(MIB, size - index * MIB)])
 
 
 def _build_main(root: Path, layout: Layout) -> None:

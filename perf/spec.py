@@ -105,9 +105,22 @@ def file_bytes(block: bytes, seed: int, size: int) -> bytes:
     return (data * (size // len(data) + 1))[:size]
 
 
-def big_chunk(block: bytes, seed: int) -> bytes:
-    """The 1 MiB chunk that a big file repeats; which rotation depends on `seed`."""
-    return file_bytes(block, seed, MIB)
+def big_chunk(block: bytes, seed: int, index: int = 0) -> bytes:
+    """MiB number *index* of the big file `seed` names: each MiB a rotation of its own, so that a read
+    at a wrong MiB of the right file gives other bytes."""
+    return file_bytes(block, seed * 100_003 + index, MIB)
+
+
+def big_bytes(block: bytes, seed: int, offset: int, length: int) -> bytes:
+    """*length* bytes at *offset* of the big file `seed` names (see `big_chunk`)."""
+    out = bytearray()
+    while length > 0:
+        index, start = divmod(offset, MIB)
+        piece = big_chunk(block, seed, index)[start : start + length]
+        out += piece
+        offset += len(piece)
+        length -= len(piece)
+    return bytes(out)
 
 
 def random_read_offsets(size: int, count: int) -> list[int]:

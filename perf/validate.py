@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layerset import LayerSet
-from spec import MIB, big_chunk, content_block, random_read_offsets
+from spec import MIB, big_bytes, big_chunk, content_block, random_read_offsets
 from worker import SAMPLE_LENGTH, sample_offsets
 
 Problem = str | None
@@ -33,12 +33,10 @@ def compare_listing(seen: dict[str, list[Any]], expected: dict[str, tuple[str, i
 
 
 def expected_sample(size: int) -> str:
-    chunk = big_chunk(content_block(), 1)
-    doubled = chunk + chunk
+    block = content_block()
     digest = hashlib.sha1()
     for offset in sample_offsets(size):
-        start = offset % MIB
-        digest.update(doubled[start : start + min(SAMPLE_LENGTH, size - offset)])
+        digest.update(big_bytes(block, 1, offset, min(SAMPLE_LENGTH, size - offset)))
     return digest.hexdigest()
 
 
@@ -77,23 +75,22 @@ def check(workload: str, variant: str, observed: Any, layers: LayerSet, params: 
 
 
 def _check_small_io(variant: str, observed: Any, params: dict[str, Any]) -> Problem:
-    block = content_block()
     if variant in ("write 4k", "write 1m"):
         size = params["small_writes" if variant == "write 4k" else "big_write"]
-        digest = hashlib.sha1()
-        for _ in range(size // MIB):
-            digest.update(block)
         if observed["size"] != size:
             return f"wrote {observed['size']} bytes, expected {size}"
-        return None if observed["sha1"] == digest.hexdigest() else "the written file's content differs"
+        return None if observed["sha1"] == _repeated_sha1(size) else "the written file's content differs"
+    block = content_block()
     offsets = random_read_offsets(params["big_read"], params["random_reads"])
     if observed["bytes"] != 4096 * len(offsets):
         return f"read {observed['bytes']} bytes, expected {4096 * len(offsets)}"
-    chunk = big_chunk(block, 1)
+    chunks: dict[int, bytes] = {}
     digest = hashlib.sha1()
-    for offset in offsets:
-        start = offset % MIB
-        digest.update(chunk[start : start + 4096])
+    for offset in offsets:          # 4 KiB-aligned: never across a MiB
+        index, start = divmod(offset, MIB)
+        if index not in chunks:
+            chunks[index] = big_chunk(block, 1, index)
+        digest.update(chunks[index][start : start + 4096])
     return None if observed["sha1"] == digest.hexdigest() else "content differs from the lower file"
 
 
@@ -123,9 +120,19 @@ def _check_create_delete(variant: str, observed: Any, params: dict[str, Any]) ->
 
 def check_layers_after(workload: str, upper: Path | None, layers: LayerSet) -> Problem:
     """After a union's write workload: the writes reached the upper layer and no lower layer changed."""
-    if upper is None or workload not in ("W4", "W7"):
+    if upper is None or workload not in ("W4", "W7", "W10"):
         return None
     layout = layers.layout
+    if workload == "W10":
+        if (layers.bottom / "w10").exists() or (layers.top / "w10").exists():
+            return "W10 wrote into a lower layer"
+        for name, size in (("small", layout.sizes.small_writes), ("big", layout.sizes.big_write)):
+            path = upper / "w10" / name
+            if not path.is_file() or path.stat().st_size != size:
+                return f"w10/{name} not found in the upper layer with its {size} bytes"
+            if _file_sha1(path) != _repeated_sha1(size):
+                return f"w10/{name} in the upper layer differs from what was written"
+        return None
     if workload == "W7":
         if (layers.bottom / "w7").exists() or (layers.top / "w7").exists():
             return "untar wrote into a lower layer"
@@ -142,3 +149,20 @@ def check_layers_after(workload: str, upper: Path | None, layers: LayerSet) -> P
     if not big.exists() or big.stat().st_size != layout.sizes.big_copyup + 1:
         return "big/copyup.bin was not copied up"
     return None
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _repeated_sha1(size: int) -> str:
+    """What W10 writes: the content block repeated (*size* a multiple of a MiB)."""
+    block = content_block()
+    digest = hashlib.sha1()
+    for _ in range(size // MIB):
+        digest.update(block)
+    return digest.hexdigest()
