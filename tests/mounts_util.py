@@ -7,6 +7,7 @@ conformance oracle and the benchmark); the names here are the ones the tests hav
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -102,3 +103,13 @@ def kill_daemons(marker: str) -> list[int]:
         except ProcessLookupError:
             pass
     return pids
+
+
+def requests_served(mnt: os.PathLike[str] | str, request: str) -> int:
+    """How many *request* requests (``getxattr``, ``lookup``...) the daemon of *mnt* has answered,
+    as ``unionfs stats --json`` says."""
+    r = subprocess.run([program("unionfs"), "stats", "--json", str(mnt)], capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 0, r.stderr
+    count: int = json.loads(r.stdout)["requests"].get(request, {}).get("count", 0)
+    return count

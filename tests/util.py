@@ -46,6 +46,7 @@ from mounts_util import (  # noqa: F401 - re-exported
     mounts,
     overlay_problem,
     program,
+    requests_served,
     umount,
     wait_daemons_gone,
     wait_for_mount,

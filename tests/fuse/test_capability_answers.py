@@ -7,7 +7,6 @@ removed through the mount is seen at once, and a file that has none says ENODATA
 from __future__ import annotations
 
 import errno
-import json
 import os
 import struct
 import subprocess
@@ -52,23 +51,16 @@ def cap_of(path: Path) -> bytes | None:
         return None
 
 
-def getxattrs(mnt: Path) -> int:
-    r = subprocess.run([UNIONFS, "stats", "--json", str(mnt)], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, r.stderr
-    count: int = json.loads(r.stdout)["requests"].get("getxattr", {}).get("count", 0)
-    return count
-
-
 def test_capabilities_are_answered_right_after_a_listing(tmp_path: Path, need_fuse: None) -> None:
     with mounted(tmp_path) as mnt:
         assert cap_of(mnt / "first" / "f") is None          # the first ask: listings now tell the shim
         assert sorted(os.listdir(mnt / "d")) == ["capable", "none", "other"]
-        before = getxattrs(mnt)
+        before = util.requests_served(mnt, "getxattr")
         assert cap_of(mnt / "d" / "none") is None
         assert cap_of(mnt / "d" / "other") is None
-        assert getxattrs(mnt) == before, "the shim answers for the files listed without one"
+        assert util.requests_served(mnt, "getxattr") == before, "the shim answers for the files listed without one"
         assert cap_of(mnt / "d" / "capable") == NET_RAW
-        assert getxattrs(mnt) > before
+        assert util.requests_served(mnt, "getxattr") > before
 
 
 def test_a_capability_set_or_removed_through_the_mount_is_seen_at_once(tmp_path: Path,

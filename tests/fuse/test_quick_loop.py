@@ -5,7 +5,6 @@ a worker thread finishing — while clients keep the loop busy without a pause."
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -60,20 +59,13 @@ def _hammer(path: str, stop: Any) -> None:
             assert os.getxattr(path, "user.k") == b"v"
 
 
-def _getxattrs(mnt: Path) -> int:
-    r = subprocess.run([UNIONFS, "stats", "--json", str(mnt)], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, r.stderr
-    count: int = json.loads(r.stdout)["requests"].get("getxattr", {}).get("count", 0)
-    return count
-
-
 def test_the_control_channel_answers_while_requests_never_pause(tmp_path: Path, need_fuse: None) -> None:
     with busy_mount(tmp_path) as mnt:
         counts = []
         for _ in range(4):
             time.sleep(0.3)
             started = time.monotonic()
-            counts.append(_getxattrs(mnt))
+            counts.append(util.requests_served(mnt, "getxattr"))
             assert time.monotonic() - started < 10
     assert counts == sorted(counts) and counts[-1] > counts[0] + 100, counts
 
@@ -81,11 +73,11 @@ def test_the_control_channel_answers_while_requests_never_pause(tmp_path: Path, 
 def test_a_copy_up_on_a_worker_thread_finishes_while_requests_never_pause(tmp_path: Path,
                                                                            need_fuse: None) -> None:
     with busy_mount(tmp_path) as mnt:
-        before = _getxattrs(mnt)
+        before = util.requests_served(mnt, "getxattr")
         with open(mnt / "big", "ab") as f:          # copies 64 MiB up, off the trio thread
             f.write(b"!")
         assert os.stat(mnt / "big").st_size == BIG + 1
-        assert _getxattrs(mnt) > before
+        assert util.requests_served(mnt, "getxattr") > before
     assert (tmp_path / "upper" / "big").stat().st_size == BIG + 1
     with open(tmp_path / "upper" / "big", "rb") as f, open(tmp_path / "lower" / "big", "rb") as g:
         assert f.read(BIG) == g.read()

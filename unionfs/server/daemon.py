@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from unionfs.core import mountinfo, sysx
@@ -475,30 +475,33 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
 
     signalled = False
 
-    async def on_signals() -> None:
+    async def on_signals(signals: AsyncIterator[int]) -> None:
         nonlocal signalled
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async for sig in signals:
-                log.info("signal %d: unmounting", sig)
-                signalled = True
-                pyfuse3.terminate()  # type: ignore[attr-defined]
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)
+            signalled = True
+            pyfuse3.terminate()  # type: ignore[attr-defined]
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signals)
-        nursery.start_soon(after_init)
-        if ctl is not None and listener is not None:
-            from . import control
-            nursery.start_soon(control.serve, ctl, listener)
+    # The handlers are in place before the session loop first runs, not once their task gets a
+    # turn: the loop may serve a run of requests first, and a signal meanwhile would kill the
+    # daemon and leave its mount behind.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_signals, signals)
+            nursery.start_soon(after_init)
+            if ctl is not None and listener is not None:
+                from . import control
+                nursery.start_soon(control.serve, ctl, listener)
 
-        if ops.watcher is not None:
-            nursery.start_soon(ops.watcher.run)
-        try:
-            await pyfuse3.main()  # type: ignore[attr-defined]
-        finally:
-            release_branches()
-        if exit_now is not None and not signalled:
-            exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
-        nursery.cancel_scope.cancel()
+            if ops.watcher is not None:
+                nursery.start_soon(ops.watcher.run)
+            try:
+                await pyfuse3.main()  # type: ignore[attr-defined]
+            finally:
+                release_branches()
+            if exit_now is not None and not signalled:
+                exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
+            nursery.cancel_scope.cancel()
     return signalled
 
 
