@@ -13,7 +13,7 @@ from typing import Any
 
 from layerset import LayerSet
 from spec import MIB, big_bytes, big_chunk, content_block, random_read_offsets
-from worker import SAMPLE_LENGTH, sample_offsets
+from worker import SAMPLE_LENGTH, file_digest, sample_offsets
 
 Problem = str | None
 
@@ -130,7 +130,7 @@ def check_layers_after(workload: str, upper: Path | None, layers: LayerSet) -> P
             path = upper / "w10" / name
             if not path.is_file() or path.stat().st_size != size:
                 return f"w10/{name} not found in the upper layer with its {size} bytes"
-            if _file_sha1(path) != _repeated_sha1(size):
+            if file_digest(path)["sha1"] != _repeated_sha1(size):
                 return f"w10/{name} in the upper layer differs from what was written"
         return None
     if workload == "W7":
@@ -149,14 +149,6 @@ def check_layers_after(workload: str, upper: Path | None, layers: LayerSet) -> P
     if not big.exists() or big.stat().st_size != layout.sizes.big_copyup + 1:
         return "big/copyup.bin was not copied up"
     return None
-
-
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _repeated_sha1(size: int) -> str:

@@ -83,19 +83,6 @@ def test_a_copy_up_on_a_worker_thread_finishes_while_requests_never_pause(tmp_pa
         assert f.read(BIG) == g.read()
 
 
-def _daemon_of(mnt: Path) -> int:
-    """The pid of the daemon whose command line names *mnt* (a mount made with UNIONFS_SERVER=off)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if os.fsencode(mnt) in argv:
-                return int(entry.name)
-    raise AssertionError(f"no daemon names {mnt}")
-
-
 def _cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
@@ -114,7 +101,7 @@ def test_the_server_stops_waiting_for_requests_without_sleeping_once_they_stop(t
     env = dict(os.environ, UNIONFS_SERVER="off")
     subprocess.run([UNIONFS, "mount", f"{upper}:{lower}", str(mnt)], check=True, timeout=60, env=env)
     try:
-        pid = _daemon_of(mnt)
+        [pid] = util.find_daemons(str(mnt))   # a mount made with UNIONFS_SERVER=off names it
         for i in range(2000):                 # one LOOKUP each, one after the other
             assert os.lstat(mnt / f"f{i}").st_size == 0
         time.sleep(0.2)
