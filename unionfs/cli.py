@@ -139,7 +139,7 @@ def mount(options: tuple[str, ...], foreground: bool, debug: bool, log_file: str
 @cli.command(context_settings=CONTEXT)
 @click.argument("mountpoint", type=click.Path())
 def umount(mountpoint: str) -> None:
-    """Unmount MOUNTPOINT and wait for its daemon to exit.
+    """Unmount MOUNTPOINT and wait for its daemon to let go of it.
 
     \b
     Example:

@@ -1,8 +1,8 @@
 """``unionfs umount MNT`` by the C client (unionfs/server/fastclient.c), without Python.
 
 What a user sees: the mount is gone and its daemon (a resident server's worker, or a daemon of the
-normal path) has exited when the command returns, its pidfile gone with it, so that the filesystem
-under the branches can be unmounted right after; a path that is not mounted, a mount of another
+normal path) holds nothing of it when the command returns (its pidfile, log and socket gone, every fd
+closed; its exit follows), so that the filesystem under the branches can be unmounted right after; a path that is not mounted, a mount of another
 kind, a busy mount: the same line on stderr and the same exit status as from the Python command; an
 unprivileged user unmounts the same way.  The client copied away from the Python command it falls
 back to (`alone`) shows which of these it answers by itself: a fallback there exits 127.
@@ -49,6 +49,31 @@ def exited(pid: int) -> bool:
         return True
 
 
+def let_go(pid: int) -> bool:
+    """Holds nothing of its mount, as `unionfs umount` waits for: exited, or on its way out with no
+    fd open but stdin, stdout and stderr on /dev/null."""
+    if exited(pid):
+        return True
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:   # gone meanwhile
+        return True
+    targets = []
+    for name in names:
+        try:
+            targets.append((name, os.readlink(f"/proc/{pid}/fd/{name}")))
+        except FileNotFoundError:   # closed meanwhile
+            pass
+    return all(name in ("0", "1", "2") and target == os.devnull for name, target in targets)
+
+
+def exits_soon(pid: int) -> bool:
+    deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    while not exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return exited(pid)
+
+
 def mount(area: Path, via_server: bool) -> int:
     """A union of A and B on M, served by a worker of the server or by a daemon of the normal path;
     the daemon's pid."""
@@ -65,16 +90,17 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
     r = run([str(alone), "umount", str(area / "M")])
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert not util.is_mounted(area / "M")
-    assert exited(daemon), "umount returned before the daemon exited"
+    assert let_go(daemon), "umount returned before the daemon let go of the mount"
     key = state_key(area / "M")
     assert not list(root_server.glob(f"{key}.*")), "the daemon's pidfile, log or socket is left"
+    assert exits_soon(daemon)
     assert (area / "A" / "new").read_text() == "new\n"
     # A relative path through a symlink, from another directory.
     daemon = mount(area, via_server)
     (area / "link").symlink_to("M")
     r = run([str(alone), "umount", "link"], cwd=area)
     assert (r.returncode, r.stderr) == (0, "")
-    assert not util.is_mounted(area / "M") and exited(daemon)
+    assert not util.is_mounted(area / "M") and let_go(daemon)
     # A mount point whose name mountinfo escapes.
     spaced = area / "a b\\c"
     spaced.mkdir()
@@ -85,7 +111,7 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
         daemon = int((root_server / f"{state_key(spaced)}.pid").read_text().split()[0])
         r = run([str(alone), "umount", str(spaced)])
         assert (r.returncode, r.stderr) == (0, "")
-        assert not util.is_mounted(spaced) and exited(daemon)
+        assert not util.is_mounted(spaced) and let_go(daemon)
     finally:
         if util.is_mounted(spaced):
             util.umount(spaced)
@@ -178,7 +204,34 @@ def test_busy_mount(root_server: Path, area: Path, client: Path, alone: Path, vi
         busy.wait()
     r = run([str(alone), "umount", str(area / "M")])
     assert (r.returncode, r.stderr) == (0, "")
-    assert exited(daemon) and not util.is_mounted(area / "M")
+    assert let_go(daemon) and not util.is_mounted(area / "M")
+
+
+def test_umount_waits_for_the_pidfile_lock(root_server: Path, area: Path, alone: Path) -> None:
+    """The client returns once the pidfile's lock is let go of, not before: here a stand-in holds a
+    pidfile of the same record locked for a second, as a daemon slow to let go would."""
+    daemon = mount(area, via_server=False)
+    pidfile = root_server / f"{state_key(area / 'M')}.pid"
+    stand_in = pidfile.with_name(pidfile.name + ".new")
+    stand_in.write_text(pidfile.read_text())
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.rename(sys.argv[1], sys.argv[2]); print('held', flush=True); time.sleep(1.0)",
+         str(stand_in), str(pidfile)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        r = run([str(alone), "umount", str(area / "M")])
+        waited = time.monotonic() - started
+        assert (r.returncode, r.stderr) == (0, "")
+        assert not util.is_mounted(area / "M")
+        assert waited >= 0.5 and holder.poll() is not None, f"returned after {waited:.2f} s, the lock still held"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert exits_soon(daemon)
+    pidfile.unlink(missing_ok=True)
 
 
 def test_a_pidfile_that_names_no_process(root_server: Path, area: Path, alone: Path) -> None:
@@ -189,9 +242,7 @@ def test_a_pidfile_that_names_no_process(root_server: Path, area: Path, alone: P
     r = run([str(alone), "umount", str(area / "M")])
     assert (r.returncode, r.stderr) == (0, "")
     assert not util.is_mounted(area / "M")
-    deadline = time.monotonic() + util.MOUNT_TIMEOUT
-    while not exited(daemon) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    exits_soon(daemon)
     pidfile.unlink(missing_ok=True)   # the daemon leaves a pidfile that is no longer its own
 
 
@@ -210,8 +261,9 @@ def test_user_umount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], 
         assert server_pid(state) is not None
         r = as_user(str(alone), "umount", f"{base}/M")
         assert (r.returncode, r.stderr) == (0, "")
-        assert not util.is_mounted(base / "M") and exited(daemon)
+        assert not util.is_mounted(base / "M") and let_go(daemon)
         assert not list(state.glob(f"{state_key(base / 'M')}.*"))
+        assert exits_soon(daemon)
     # Not mounted, and not a unionfs: the Python command's words.
     for path in (f"{base}/M", "/proc"):
         fast = as_user(str(client / "unionfs"), "umount", path)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_FD = (1 << 31) - 1   # os.closerange's end: past any fd
+
 FUSE_DEVICE = "/dev/fuse"
 GC_YOUNG = 10_000   # allocations between collections of the youngest generation while serving
 
@@ -230,6 +232,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     with contextlib.ExitStack() as stack:
         if collecting:
             stack.callback(gc.enable)
+        # The pidfile's fd, locked until the daemon has let go of all it held (statedir.write_pid):
+        # closed last of all, or by exit_now just before the exit.
+        held: list[int] = []
+        stack.callback(_close_all, held)
         not_ours = _open_fds()   # the log's, inherited ones
         # A writable top is opened for writing even under -o ro (the kernel's mount is then
         # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
@@ -293,8 +299,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         stack.callback(release_branches)   # before the session is closed
         visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
         if state is not None:
-            _write_pidfile(state, pidfile)
+            fd = _write_pidfile(state, pidfile)
             visible.callback(state.remove_pid, pidfile, os.getpid())
+            if fd is not None:
+                held.append(fd)
+                not_ours.add(fd)   # not the shim's to let go of with the branches
+                _release_at_session_end(layers, not_ours)
         key = pidfile.removesuffix(".pid")
         listener = control.listen(state, key)
         if listener is not None:
@@ -321,6 +331,15 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             if at_exit is not None:
                 at_exit()
             logging.shutdown()
+            # Every fd goes before the pidfile's lock does (the FUSE device's too: the kernel keeps
+            # a passthrough file's backing file until it is closed), so that `unionfs umount`, which
+            # waits for the lock, returns with nothing of the mount held; the exit's own teardown
+            # (about a millisecond for a worker's memory) then runs while the client goes on.
+            first = held[0] if held else -1
+            os.closerange(3, first if first >= 0 else MAX_FD)
+            if first >= 0:
+                os.closerange(first + 1, MAX_FD)
+            _close_all(held)
             os._exit(0)
         seen: list[str] = []
         signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
@@ -545,9 +564,17 @@ def _sweep_aside(state: StateDir) -> None:
     threading.Thread(target=sweep, name="sweep", daemon=True).start()
 
 
-def _write_pidfile(state: StateDir, name: str) -> None:
-    """Best effort: `unionfs umount` uses it to wait for the daemon."""
+def _write_pidfile(state: StateDir, name: str) -> int | None:
+    """Best effort: `unionfs umount` uses it to wait for the daemon.  The pidfile's fd, held locked
+    (see `statedir.StateDir.write_pid`); None when there is none."""
     try:
-        state.write_pid(name, os.getpid())
+        return state.write_pid(name, os.getpid(), hold=True)
     except OSError as e:
         log.debug("no pidfile: %s", e)
+        return None
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())

@@ -18,7 +18,8 @@
  * `unionfs umount MNT` is done here too, as unionfs/server/unmount.py does it (the interpreter's
  * start and that module's imports were nearly all of an unmount's time): the same checks of the
  * mount table, the same state directory and pidfile, `fusermount3 -u` for the unmount itself, and
- * the same wait for the daemon to exit, with the same one-line errors.  What it cannot say exactly
+ * the same one-line errors; it waits for the daemon's lock on its pidfile (held until the daemon
+ * has closed every fd of the mount) rather than for its exit, which Python waits for.  What it cannot say exactly
  * as Python would (a path or a message that is not plain ASCII, a pidfile Python might read
  * otherwise) it leaves to the Python command.
  *
@@ -36,6 +37,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -541,8 +544,11 @@ static long held_pid(int pidfd)
 }
 
 /* statedir.StateDir.open(create=False) and read_record: the record in the daemon's pidfile; 0 when
- * there is none to be read, -1 when the state directory cannot be named */
-static int daemon_record(const char *mp, long *pid, unsigned long long *start, unsigned long long *pidns)
+ * there is none to be read, -1 when the state directory cannot be named.  The pidfile's fd goes to
+ * *held when its daemon holds it locked (statedir.StateDir.write_pid: until it has let go of the
+ * mount), else -1. */
+static int daemon_record(const char *mp, long *pid, unsigned long long *start, unsigned long long *pidns,
+                         int *held)
 {
     char dir[PATH_MAX], name[32], text[65];
     struct stat before, after;
@@ -574,7 +580,10 @@ static int daemon_record(const char *mp, long *pid, unsigned long long *start, u
         return 0;
     }
     n = read(fd, text, 64);
-    close(fd);
+    if (n >= 0 && flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK)
+        *held = fd;
+    else
+        close(fd);   /* unlocked (a daemon of an older build, or one that let go already) */
     if (n < 0)
         return -1;
     text[n] = '\0';
@@ -587,13 +596,13 @@ static int daemon_record(const char *mp, long *pid, unsigned long long *start, u
  * PID namespace that started when the pidfile says (checked while the pidfd holds the pid, so that
  * the pid cannot be another's by the time we wait); -1 when there is none to wait for, -2 when this
  * client cannot tell (Python then does) */
-static int daemon_pidfd(const char *mp, long *pid)
+static int daemon_pidfd(const char *mp, long *pid, int *held)
 {
     unsigned long long start, pidns;
     struct stat ns;
     int rc, pidfd;
 
-    rc = daemon_record(mp, pid, &start, &pidns);
+    rc = daemon_record(mp, pid, &start, &pidns, held);
     if (rc <= 0)
         return rc == 0 ? -1 : -2;
     if (stat("/proc/self/ns/pid", &ns) != 0 || (unsigned long long)ns.st_ino != pidns)
@@ -688,12 +697,33 @@ static int wait_for_exit(int pidfd, double timeout)
     return 0;
 }
 
+static void on_alarm(int sig)
+{
+    (void)sig;   /* only to interrupt flock() */
+}
+
+/* Whether the daemon let go of the pidfile's lock (held: our fd of it) within timeout seconds */
+static int wait_released(int held, unsigned timeout)
+{
+    struct sigaction sa;
+    int rc;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;   /* no SA_RESTART: a blocked flock() returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    alarm(timeout);
+    rc = flock(held, LOCK_SH);
+    alarm(0);
+    return rc == 0;
+}
+
 /* unmount.umount, and the CLI's "Error: ..." and exit status 1 */
 static int do_umount(const char *given)
 {
     char mp[PATH_MAX], kind[256], msg[4096];
     long pid = 0;
-    int pidfd, rc;
+    int pidfd, rc, held = -1;
 
     if (!plain(given) || realpath(given, mp) == NULL || !plain(mp)) {
         say("umount: %s: not a plain path, or it does not resolve", given);
@@ -711,7 +741,7 @@ static int do_umount(const char *given)
             fprintf(stderr, " is not a unionfs mount (it is %s)\n", kind);
         return 1;
     }
-    pidfd = daemon_pidfd(mp, &pid);   /* taken before the unmount */
+    pidfd = daemon_pidfd(mp, &pid, &held);   /* taken before the unmount */
     if (pidfd == -2) {
         say("umount: cannot read the pidfile or take a pidfd: %s", strerror(errno));
         fallback();
@@ -735,7 +765,9 @@ static int do_umount(const char *given)
             fprintf(stderr, "Error: fusermount3 -u %s failed\n", mp);
         return 1;
     }
-    if (pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
+    /* A daemon that holds its pidfile locked lets go of it once it holds nothing of the mount: its
+       exit, a millisecond more, is not waited for.  Any other daemon is waited for until it exits. */
+    if (held >= 0 ? !wait_released(held, 60) : pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
         fprintf(stderr, "Error: unmounted, but the daemon (pid %ld) has not exited after 60s\n", pid);
         return 1;
     }

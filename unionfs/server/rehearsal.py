@@ -81,8 +81,10 @@ def _start(state: StateDir | None) -> None:
         ops = Operations.over(layers, Dialect.OVERLAY, readonly=True, invalidator=NO_KERNEL_CACHE)
         control.Control(ops, "overlay", "/")
         if state is not None:
-            daemon._write_pidfile(state, name + ".pid")
+            held = daemon._write_pidfile(state, name + ".pid")
             state.remove_pid(name + ".pid", os.getpid())
+            if held is not None:
+                os.close(held)
             listener = control.listen(state, name)
             if listener is not None:
                 listener.close()

@@ -14,13 +14,16 @@ PID namespace it ran in, leaves a pidfile whose pid is another process's by the 
 (pid 6 in a namespace is a kernel thread on the host).  A reader (`StateDir.daemon`, the C client's
 ``daemon_pidfd``) takes the pid only when it is in the reader's PID namespace and the process of that
 pid (held by a pidfd, found in /proc through its fdinfo) started when the daemon did; anything else
-(an old bare pid too) names no daemon to wait for.
+(an old bare pid too) names no daemon to wait for.  A daemon holds its pidfile locked (``flock``)
+from before it is in place until it has let go of the mount (branches, FUSE device, state files);
+the C client's `unionfs umount` waits for that lock rather than for the process's exit.
 What such daemons leave, `StateDir.sweep` removes.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -299,9 +302,13 @@ class StateDir:
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)
 
-    def write_pid(self, name: str, pid: int) -> None:
+    def write_pid(self, name: str, pid: int, hold: bool = False) -> int | None:
         """Write the record of the live process *pid* to *name*: a new temp file renamed into place,
-        never through a symlink.  Raises `OSError` when there is no record to write (no /proc)."""
+        never through a symlink.  With *hold*, the file is locked (``flock``, exclusive) before it
+        is renamed into place and its fd returned, to be closed once the daemon has let go of all it
+        held: a reader that finds the pidfile locked can wait for that (the C client's `unionfs
+        umount` does).
+        Raises `OSError` when there is no record to write (no /proc)."""
         record = PidRecord.of(pid)
         if record is None:
             raise OSError(errno.ESRCH, f"no start time or PID namespace of pid {pid} in /proc")
@@ -310,13 +317,19 @@ class StateDir:
             os.unlink(tmp, dir_fd=self.fd)  # left by a daemon that died with our pid
         fd = os.open(tmp, _NEW_FILE, 0o644, dir_fd=self.fd)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(record.line())
+            os.write(fd, record.line().encode())
+            if hold:
+                fcntl.flock(fd, fcntl.LOCK_EX)
             os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
+            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
+        if hold:
+            return fd
+        os.close(fd)
+        return None
 
     def read_record(self, name: str) -> PidRecord | None:
         """What the pidfile *name* says, checked against nothing (see `daemon`)."""
