@@ -373,44 +373,56 @@ def comm(pid: int) -> str:
         return ""
 
 
-def spares(server: int) -> list[int]:
-    """The server's spare workers, once ready: forked ahead of a mount, named so (after a rehearsal
-    of a mount's start, "unionfs-warming") until handed one."""
+def spares(server: int, count: int = 2) -> list[int]:
+    """The server's spare workers once *count* are ready (or what is there when the time runs out):
+    forked ahead of a mount, named so (after a rehearsal of a mount's start, "unionfs-warming")
+    until handed one."""
     deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    found: list[int] = []
     while time.monotonic() < deadline:
         found = [p for p in children(server) if comm(p) == "unionfs-spare"]
-        if found:
+        if len(found) >= count:
             return found
         time.sleep(0.01)
-    return []
+    return found
 
 
 def test_the_next_mount_goes_to_the_spare_worker(root_server: Path, area: Path) -> None:
-    """The server keeps one worker forked ahead of the next mount: that worker serves it (the
-    pidfile names it), a new spare takes its place, and the spare goes with the server."""
+    """The server keeps two workers forked ahead of the next mounts: one of them serves the next
+    mount (the pidfile names it), a new spare takes its place, and the spares go with the server."""
     r = run([UNIONFS, "server"])
     assert r.returncode == 0, r.stderr
     server = server_pid(root_server)
     assert server is not None
     waiting = spares(server)
-    assert len(waiting) == 1, "no spare worker (or more than one) after the server started"
+    assert len(waiting) == 2, f"{len(waiting)} spare workers after the server started, not 2"
     r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0 and r.stderr == "", r.stderr
     daemon = assert_served_by(root_server, area / "M", server)
-    assert daemon == waiting[0], "the mount was not handed to the spare"
+    assert daemon in waiting, "the mount was not handed to a spare"
     assert comm(daemon) != "unionfs-spare"
     assert (area / "M" / "b").read_text() == "from B\n"
     (area / "M" / "new").write_text("new\n")
     assert (area / "A" / "new").read_text() == "new\n"
     following = spares(server)
-    assert len(following) == 1 and following[0] != daemon
+    assert len(following) == 2 and daemon not in following and set(waiting) - {daemon} < set(following)
     r = run([UNIONFS, "server", "stop"])
     assert r.returncode == 0, r.stderr
-    assert wait_gone(following[0]), "the spare outlived its server"
+    assert all(wait_gone(spare) for spare in following), "a spare outlived its server"
     assert (area / "M" / "b").read_text() == "from B\n", "stopping the server stopped a worker"
     r = run([UNIONFS, "umount", str(area / "M")])
     assert r.returncode == 0, r.stderr
     assert wait_gone(daemon)
+
+
+def test_as_many_spares_as_asked_for(root_server: Path, area: Path) -> None:
+    r = run([UNIONFS, "server"], env=dict(ENV, UNIONFS_SPARE="1"))
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    assert len(spares(server, 1)) == 1
+    time.sleep(0.2)
+    assert len(children(server)) == 1, "more than the one spare asked for"
 
 
 def test_no_spare_when_asked_for_none(root_server: Path, area: Path) -> None:
@@ -429,11 +441,13 @@ def test_a_killed_spare_is_replaced(root_server: Path, area: Path) -> None:
     assert r.returncode == 0, r.stderr
     server = server_pid(root_server)
     assert server is not None
-    (spare,) = spares(server)
-    os.kill(spare, signal.SIGKILL)
-    assert wait_gone(spare)
+    killed = spares(server)
+    assert killed
+    for spare in killed:
+        os.kill(spare, signal.SIGKILL)
+    assert all(wait_gone(spare) for spare in killed)
     r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0 and r.stderr == "", r.stderr
     daemon = assert_served_by(root_server, area / "M", server)
-    assert daemon != spare
+    assert daemon not in killed
     assert (area / "M" / "b").read_text() == "from B\n"

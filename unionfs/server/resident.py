@@ -9,10 +9,12 @@ pidfile and log in the state directory, until the kernel ends the session.
 
 The accept loop is plain blocking sockets: trio runs only in the workers, each started after the
 fork.  A worker keeps neither the listening socket nor the lock, and lives on when the server is
-stopped or killed.  One worker is forked ahead of the next mount (the *spare*): it pays what a fresh
-fork pays first (its copy-on-write faults, trio's first run in the process) while nothing waits, and
-is handed the next mount over a socket pair; the server then forks the next spare.  A spare exits
-when the server does (its end of the pair closes).  ``UNIONFS_SPARE=0`` forks a worker per mount.
+stopped or killed.  Two workers are forked ahead of the next mounts (the *spares*): each pays what a
+fresh fork pays first (its copy-on-write faults, trio's first run in the process) while nothing
+waits, and is handed a mount over a socket pair; the server then forks the next spare.  Two, so that
+a mount that follows the last one closely (a mount loop, a podman build's steps) finds one warm while
+the other still rehearses.  A spare exits when the server does (its end of the pair closes).
+``UNIONFS_SPARE=N`` keeps N (0: a worker forked per mount; at most 4).
 
 The server reaps its workers, and exits by itself after ``--idle`` seconds without a mount handed
 over (default ten minutes).
@@ -65,6 +67,7 @@ CLIENT_TIMEOUT = 30.0   # seconds a client may take between its messages (its mo
 ARGV_HELLO = b"argv1\0"  # a C client's first message (fastclient.c)
 SPARE_NAMES = ("unionfs-warming", "unionfs-spare")  # a spare's /proc/PID/comm: rehearsing, then ready
 SPARE_READY = b"warm"          # what a spare says once it has rehearsed
+MAX_SPARES = 4
 
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
@@ -84,8 +87,8 @@ class Server:
         self.workers: set[int] = set()
         self.bound = (-1, -1)   # the socket file's (device, inode)
         self.handed = 0
-        self.spares = os.environ.get("UNIONFS_SPARE", "1") != "0"
-        self.spare: tuple[int, socket.socket] | None = None   # its pid, our end of its socket pair
+        self.max_spares = _spares_wanted()
+        self.spares: list[tuple[int, socket.socket]] = []   # their pids, our ends of their socket pairs
 
     def serve_forever(self) -> None:
         """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
@@ -95,7 +98,7 @@ class Server:
         log.info("listening (pid %d, build %s)", os.getpid(), self.build)
         last = time.monotonic()
         while True:
-            self.fork_spare()
+            self.fork_spares()
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
@@ -236,35 +239,40 @@ class Server:
             stream.close()
 
     def hand_to_spare(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int | None:
-        """The spare's pid once it has the mount (the client's socket and the fds go with it);
-        None when there is no spare, it is gone, or it is still warming up (it stays for the next
-        mount: a fresh fork serves this one as soon)."""
-        if self.spare is None:
-            return None
-        pid, ours = self.spare
-        try:
-            said = ours.recv(16, socket.MSG_DONTWAIT)   # read, not peeked: a close with unread
-            # data would reset the connection, and the spare's read of the mount with it
-        except BlockingIOError:
-            return None
-        except OSError:
-            said = b""
-        self.spare = None
-        try:
-            if said != SPARE_READY:
-                return None
-            socket.send_fds(ours, [pickle.dumps(cfg)], [conn.fileno(), *fds])
-        except OSError as e:
-            log.debug("spare %d: %s", pid, e.strerror)
-            return None
-        finally:
-            ours.close()
-        return pid
+        """The pid of the spare that has the mount now, the first forked of those that are warm (the
+        client's socket and the fds go with it); None when none is (a spare still warming up stays
+        for a later mount: a fresh fork serves this one as soon)."""
+        for spare in list(self.spares):
+            pid, ours = spare
+            try:
+                said = ours.recv(16, socket.MSG_DONTWAIT)   # read, not peeked: a close with unread
+                # data would reset the connection, and the spare's read of the mount with it
+            except BlockingIOError:
+                continue
+            except OSError:
+                said = b""
+            with contextlib.suppress(ValueError):   # (reaped meanwhile)
+                self.spares.remove(spare)
+            try:
+                if said != SPARE_READY:
+                    continue
+                socket.send_fds(ours, [pickle.dumps(cfg)], [conn.fileno(), *fds])
+            except OSError as e:
+                log.debug("spare %d: %s", pid, e.strerror)
+                continue
+            finally:
+                ours.close()
+            return pid
+        return None
 
-    def fork_spare(self) -> None:
-        """Fork the worker for the next mount, unless one waits already."""
-        if self.spare is not None or not self.spares:
-            return
+    def fork_spares(self) -> None:
+        """Fork workers for the next mounts until `max_spares` wait."""
+        while len(self.spares) < self.max_spares:
+            if not self.fork_spare():
+                return
+
+    def fork_spare(self) -> bool:
+        """Fork a worker for a next mount; whether one was forked."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             pid = os.fork()
@@ -272,12 +280,13 @@ class Server:
             log.warning("cannot fork a spare worker: %s", e.strerror)
             ours.close()
             theirs.close()
-            return
+            return False
         if pid == 0:
             ours.close()
             self._spare(theirs)   # never returns
         theirs.close()
-        self.spare = (pid, ours)
+        self.spares.append((pid, ours))
+        return True
 
     def reap(self) -> None:
         """Collect every worker that has exited (the server has no other children)."""
@@ -289,9 +298,9 @@ class Server:
             if not done:
                 return
             self.workers.discard(done)
-            if self.spare is not None and self.spare[0] == done:
-                self.spare[1].close()
-                self.spare = None
+            for spare in [s for s in self.spares if s[0] == done]:
+                self.spares.remove(spare)
+                spare[1].close()
             log.debug("worker %d exited with %d", done, os.waitstatus_to_exitcode(status))
 
     def _leave(self) -> None:
@@ -301,8 +310,8 @@ class Server:
         self.listener.close()
         os.close(self.lock_fd)
         self.state.close()
-        if self.spare is not None:
-            self.spare[1].close()
+        for _, ours in self.spares:
+            ours.close()
 
     def _worker(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> None:
         """The forked worker: serve *cfg* on the FUSE fd ``fds[0]`` as a background daemon would."""
@@ -354,10 +363,10 @@ class Server:
             os._exit(code)
 
     def close(self) -> None:
-        """Stop listening and let go of the lock (again: nothing); the spare exits."""
-        if self.spare is not None:
-            self.spare[1].close()
-            self.spare = None
+        """Stop listening and let go of the lock (again: nothing); the spares exit."""
+        spares, self.spares = self.spares, []
+        for _, ours in spares:
+            ours.close()
         if self.lock_fd < 0:
             return
         with contextlib.suppress(OSError):
@@ -366,6 +375,14 @@ class Server:
         os.close(self.lock_fd)
         self.lock_fd = -1
         self.state.close()
+
+
+def _spares_wanted() -> int:
+    """``UNIONFS_SPARE``: how many spares to keep (2 unless set; 0 to 4)."""
+    try:
+        return min(max(int(os.environ.get("UNIONFS_SPARE", "2")), 0), MAX_SPARES)
+    except ValueError:
+        return 2
 
 
 def _lower_priority() -> int | None:
