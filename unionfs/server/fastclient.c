@@ -23,7 +23,8 @@
  * as Python would (a path or a message that is not plain ASCII, a pidfile Python might read
  * otherwise) it leaves to the Python command.
  *
- * Built by scripts/setup.sh: cc -O2 -o .venv/bin/unionfs-fastclient unionfs/server/fastclient.c
+ * Built by scripts/setup.sh: cc -O2 -static (or without -static where there is no libc.a) -o
+ *   .venv/bin/unionfs-fastclient unionfs/server/fastclient.c
  * UNIONFS_DEBUG_CLIENT=1 says on stderr why a mount took the Python path.
  */
 #define _GNU_SOURCE
