@@ -371,12 +371,11 @@ def preload() -> None:
 
 def _open_fds() -> set[int]:
     """The fds open in this process (not the one that listed them)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            os.fstat(int(name))
-            found.add(int(name))
-    return found
+    listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return {int(name) for name in os.listdir(listing)} - {listing}
+    finally:
+        os.close(listing)
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
