@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,17 @@ from launcher_util import (
     python_for,
     world_readable_tempdir,
 )
-from test_resident import ENV, area, assert_served_by, root_server, run, server_pid, user_area, users
+from test_resident import (
+    ENV,
+    area,
+    assert_served_by,
+    root_server,
+    run,
+    server_pid,
+    user_area,
+    users,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 
@@ -81,6 +92,30 @@ def test_mounts_are_handed_over_by_the_c_client(root_server: Path, area: Path, c
     assert entry[0] == "mine" and {"ro", "noexec", "nosuid", "nodev"} <= set(entry[3].split(","))
     with pytest.raises(OSError):
         (area / "M" / "x").write_text("x")
+
+
+def test_a_server_of_another_build_gives_way(root_server: Path, area: Path, client: Path) -> None:
+    """The installed code changed after the server started (an upgrade, an edit): the server gives
+    way when the C client comes, and the mount is made all the same, once, by a server of the code
+    now installed; what the client mounted before it was refused is not left behind."""
+    import unionfs.server.fastmount as fastmount
+
+    r = run([str(client / "unionfs"), "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0, r.stderr
+    old = server_pid(root_server)
+    assert old is not None
+    util.umount(area / "M")
+    module = Path(fastmount.__file__)
+    st = module.stat()
+    os.utime(module, ns=(st.st_atime_ns, time.time_ns()))   # as an edit in place would
+    r = run([str(client / "unionfs"), "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert wait_gone(old), "the server of the old build is still there"
+    new = server_pid(root_server)
+    assert new not in (None, old)
+    assert (area / "M" / "b").read_text() == "from B\n"
+    mounted = [ln for ln in open("/proc/self/mounts") if ln.split()[1] == str(area / "M")]
+    assert len(mounted) == 1, mounted
 
 
 def test_overlay_and_mount8_through_the_c_client(root_server: Path, area: Path, client: Path) -> None:
