@@ -373,9 +373,14 @@ def _open_fds() -> set[int]:
     """The fds open in this process (not the one that listed them)."""
     listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return {int(name) for name in os.listdir(listing)} - {listing}
+        names = os.listdir(listing)
+        # listdir reads through a dup of *listing*, closed by now but listed: it had the lowest
+        # free number, which the next dup gets again (with no other thread opening fds meanwhile)
+        dup = os.dup(listing)
+        os.close(dup)
     finally:
         os.close(listing)
+    return {int(name) for name in names} - {listing, dup}
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
