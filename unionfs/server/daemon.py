@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_FD = (1 << 31) - 1   # os.closerange's end: past any fd
-
 FUSE_DEVICE = "/dev/fuse"
 GC_YOUNG = 10_000   # allocations between collections of the youngest generation while serving
 
@@ -335,10 +333,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             # a passthrough file's backing file until it is closed), so that `unionfs umount`, which
             # waits for the lock, returns with nothing of the mount held; the exit's own teardown
             # (about a millisecond for a worker's memory) then runs while the client goes on.
-            first = held[0] if held else -1
-            os.closerange(3, first if first >= 0 else MAX_FD)
-            if first >= 0:
-                os.closerange(first + 1, MAX_FD)
+            # Up to the highest fd open, not to the highest possible one: where close_range(2) is
+            # missing (Linux before 5.9, a seccomp filter) os.closerange closes each number.
+            top = max(_open_fds(), default=2) + 1
+            first = held[0] if held else top
+            os.closerange(3, first)
+            os.closerange(first + 1, top)
             _close_all(held)
             os._exit(0)
         seen: list[str] = []
