@@ -46,7 +46,7 @@ def test_umount_of_a_daemon_without_close_range(root_server: Path, area: Path, a
     try:
         assert (area / "M" / "b").read_text() == "from B\n"
         started = time.monotonic()
-        r = run([str(alone), "umount", str(area / "M")])   # (a TimeoutExpired after 60 s before the fix)
+        r = run([str(alone), "umount", str(area / "M")])   # a TimeoutExpired at 60 s, when it waits that long
         waited = time.monotonic() - started
         assert (r.returncode, r.stderr) == (0, ""), f"after {waited:.1f} s"
         assert waited < 10, f"umount took {waited:.1f} s"

@@ -209,7 +209,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     kernel has ended the session and what a user can see is cleaned up (the branches let go of,
     the pidfile and control socket removed, then *at_exit* called): the rest of the unwinding
     (trio's, the session's) frees only what the exit frees, and `unionfs umount` waits for the
-    exit.  Call `preload` first where the imports' time matters.  A
+    exit (the C client for the pidfile's lock, let go of once every other fd is closed, just before
+    the exit).  Call `preload` first where the imports' time matters.  A
     resident server's worker gives *opener* (the branches it was handed open, by writability) and
     *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
     """
