@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_FD = (1 << 31) - 1   # os.closerange's end: past any fd
-
 FUSE_DEVICE = "/dev/fuse"
 GC_YOUNG = 10_000   # allocations between collections of the youngest generation while serving
 
@@ -211,7 +209,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     kernel has ended the session and what a user can see is cleaned up (the branches let go of,
     the pidfile and control socket removed, then *at_exit* called): the rest of the unwinding
     (trio's, the session's) frees only what the exit frees, and `unionfs umount` waits for the
-    exit.  Call `preload` first where the imports' time matters.  A
+    exit (the C client for the pidfile's lock, let go of once every other fd is closed, just before
+    the exit).  Call `preload` first where the imports' time matters.  A
     resident server's worker gives *opener* (the branches it was handed open, by writability) and
     *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
     """
@@ -335,10 +334,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             # a passthrough file's backing file until it is closed), so that `unionfs umount`, which
             # waits for the lock, returns with nothing of the mount held; the exit's own teardown
             # (about a millisecond for a worker's memory) then runs while the client goes on.
-            first = held[0] if held else -1
-            os.closerange(3, first if first >= 0 else MAX_FD)
-            if first >= 0:
-                os.closerange(first + 1, MAX_FD)
+            # Up to the highest fd open, not to the highest possible one: where close_range(2) is
+            # missing (Linux before 5.9, a seccomp filter) os.closerange closes each number.
+            top = max(_open_fds(), default=2) + 1
+            first = held[0] if held else top
+            os.closerange(3, first)
+            os.closerange(first + 1, top)
             _close_all(held)
             os._exit(0)
         seen: list[str] = []
@@ -373,9 +374,14 @@ def _open_fds() -> set[int]:
     """The fds open in this process (not the one that listed them)."""
     listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return {int(name) for name in os.listdir(listing)} - {listing}
+        names = os.listdir(listing)
+        # listdir reads through a dup of *listing*, closed by now but listed: it had the lowest
+        # free number, which the next dup gets again (with no other thread opening fds meanwhile)
+        dup = os.dup(listing)
+        os.close(dup)
     finally:
         os.close(listing)
+    return {int(name) for name in names} - {listing, dup}
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
