@@ -2,9 +2,9 @@
 
 What a user sees: the mount is gone and its daemon (a resident server's worker, or a daemon of the
 normal path) holds nothing of it when the command returns (its pidfile, log and socket gone, every fd
-closed; its exit follows), so that the filesystem under the branches can be unmounted right after; a path that is not mounted, a mount of another
-kind, a busy mount: the same line on stderr and the same exit status as from the Python command; an
-unprivileged user unmounts the same way.  The client copied away from the Python command it falls
+closed; its exit follows), so that the filesystem under the branches can be unmounted right after; a
+path that is not mounted, a mount of another kind, a busy mount: the same line on stderr and the
+same exit status as from the Python command; an unprivileged user unmounts the same way.  The client copied away from the Python command it falls
 back to (`alone`) shows which of these it answers by itself: a fallback there exits 127.
 """
 

@@ -450,4 +450,6 @@ def test_a_killed_spare_is_replaced(root_server: Path, area: Path) -> None:
     assert r.returncode == 0 and r.stderr == "", r.stderr
     daemon = assert_served_by(root_server, area / "M", server)
     assert daemon not in killed
+    replaced = spares(server)
+    assert len(replaced) == 2 and not set(replaced) & set(killed), "the killed spares were not replaced"
     assert (area / "M" / "b").read_text() == "from B\n"

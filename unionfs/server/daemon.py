@@ -371,17 +371,14 @@ def preload() -> None:
 
 
 def _open_fds() -> set[int]:
-    """The fds open in this process (not the one that listed them)."""
-    listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        names = os.listdir(listing)
-        # listdir reads through a dup of *listing*, closed by now but listed: it had the lowest
-        # free number, which the next dup gets again (with no other thread opening fds meanwhile)
-        dup = os.dup(listing)
-        os.close(dup)
-    finally:
-        os.close(listing)
-    return {int(name) for name in names} - {listing, dup}
+    """The fds open in this process (not the one that listed them, closed by the time each listed
+    number is looked at: one F_GETFD each, cheaper than a stat)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.get_inheritable(int(name))
+            found.add(int(name))
+    return found
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:

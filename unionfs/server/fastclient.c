@@ -19,9 +19,9 @@
  * start and that module's imports were nearly all of an unmount's time): the same checks of the
  * mount table, the same state directory and pidfile, `fusermount3 -u` for the unmount itself, and
  * the same one-line errors; it waits for the daemon's lock on its pidfile (held until the daemon
- * has closed every fd of the mount) rather than for its exit, which Python waits for.  What it cannot say exactly
- * as Python would (a path or a message that is not plain ASCII, a pidfile Python might read
- * otherwise) it leaves to the Python command.
+ * has closed every fd of the mount) rather than for its exit, which Python waits for.  What it
+ * cannot say exactly as Python would (a path or a message that is not plain ASCII, a pidfile Python
+ * might read otherwise) it leaves to the Python command.
  *
  * Built by scripts/setup.sh: cc -O2 -static (or without -static where there is no libc.a) -o
  *   .venv/bin/unionfs-fastclient unionfs/server/fastclient.c
@@ -32,13 +32,13 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <signal.h>
 #include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
@@ -597,7 +597,7 @@ static int daemon_record(const char *mp, long *pid, unsigned long long *start, u
  * PID namespace that started when the pidfile says (checked while the pidfd holds the pid, so that
  * the pid cannot be another's by the time we wait); -1 when there is none to wait for, -2 when this
  * client cannot tell (Python then does) */
-static int daemon_pidfd(const char *mp, long *pid, int *held)
+static int record_pidfd(const char *mp, long *pid, int *held)
 {
     unsigned long long start, pidns;
     struct stat ns;
@@ -614,6 +614,19 @@ static int daemon_pidfd(const char *mp, long *pid, int *held)
     if (start_time(held_pid(pidfd)) != start) {
         close(pidfd);
         return -1;   /* the pid is another process's now (the daemon is gone), or /proc cannot tell */
+    }
+    return pidfd;
+}
+
+/* record_pidfd, and the pidfile's fd in *held while its daemon (the one named, as Python would
+ * wait for it) holds it locked */
+static int daemon_pidfd(const char *mp, long *pid, int *held)
+{
+    int pidfd = record_pidfd(mp, pid, held);
+
+    if (pidfd == -1 && *held >= 0) {   /* nothing here to wait for, nor for its lock */
+        close(*held);
+        *held = -1;
     }
     return pidfd;
 }
@@ -768,7 +781,11 @@ static int do_umount(const char *given)
     }
     /* A daemon that holds its pidfile locked lets go of it once it holds nothing of the mount: its
        exit, a millisecond more, is not waited for.  Any other daemon is waited for until it exits. */
-    if (held >= 0 ? !wait_released(held, 60) : pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
+    if (held >= 0 && !wait_released(held, 60)) {
+        fprintf(stderr, "Error: unmounted, but the daemon (pid %ld) has not let go of it after 60s\n", pid);
+        return 1;
+    }
+    if (held < 0 && pidfd >= 0 && !wait_for_exit(pidfd, 60.0)) {
         fprintf(stderr, "Error: unmounted, but the daemon (pid %ld) has not exited after 60s\n", pid);
         return 1;
     }

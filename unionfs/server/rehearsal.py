@@ -82,9 +82,11 @@ def _start(state: StateDir | None) -> None:
         control.Control(ops, "overlay", "/")
         if state is not None:
             held = daemon._write_pidfile(state, name + ".pid")
-            state.remove_pid(name + ".pid", os.getpid())
-            if held is not None:
-                os.close(held)
+            try:
+                state.remove_pid(name + ".pid", os.getpid())
+            finally:
+                if held is not None:
+                    os.close(held)
             listener = control.listen(state, name)
             if listener is not None:
                 listener.close()
