@@ -273,7 +273,11 @@ class NodeTable:
         return self._fallback
 
     def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
-        ino = self.ino_of(st.st_dev, st.st_ino)
+        idx = self.stack.fsindex.get(st.st_dev)     # ino_of's common answer inline
+        if idx == 0:
+            ino = st.st_ino
+        else:
+            ino = self.ino_of(st.st_dev, st.st_ino)
         nodes = self.nodes
         # _number_for's common answer inline: a cold readdir makes one node per entry
         node_id = ino if ROOT_ID < ino < FALLBACK_BASE and ino not in nodes else self._number_for(ino)
@@ -281,6 +285,19 @@ class NodeTable:
         node.kind = stat.S_IFMT(st.st_mode)
         nodes[node_id] = node
         self.by_key[key] = node
+        return node
+
+    def new_child(self, parent: Node, name: bytes, layer: int, key: Key, st: os.stat_result) -> Node:
+        """A new non-directory node known by *name* in *parent*: `new` and its first `add_link`
+        in one (a cold listing makes one per entry)."""
+        node = self.new(False, layer, key, st)
+        node.links = ((parent, name),)
+        parent.refs += 1
+        children = parent.children
+        old = children.get(name)
+        if old is not None:
+            self.drop_link(old, parent, name)
+        children[name] = node
         return node
 
     def rekey(self, node: Node, key: Key) -> None:
@@ -343,9 +360,10 @@ class NodeTable:
                 del self.by_key[n.key]
             if n.stamp is not None and self.on_free is not None:
                 self.on_free(n)
-            self.close_dirs(n, keep=0)
-            self.listings.forget(n)
-            n.listing = None
+            if n.is_dir:    # only a directory has branch directories, a listing and snapshots
+                self.close_dirs(n, keep=0)
+                self.listings.forget(n)
+                n.listing = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]

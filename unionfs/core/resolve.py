@@ -155,6 +155,10 @@ class Resolver:
             return self._read_again(parent, name, fresh)
         key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = table.by_key.get(key)
+        if node is None and not e.is_dir:
+            # the common case of a cold listing: a file not known under any name
+            node = table.new_child(parent, name, e.layer, key, st)
+            return node, table.remember(node, st)
         if node is None or node.is_dir != e.is_dir:
             if e.is_dir and self.redirects.active:
                 return self._new_dir_following_redirects(parent, name, e, key, st, fresh)
