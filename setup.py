@@ -1,4 +1,5 @@
-"""Builds unionfs' one native piece, the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c).
+"""Builds unionfs' native pieces: the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c), and
+the core's packed lstat (unionfs/core/_statpack.c; the core falls back to os.stat without it).
 
 Everything else is declared in pyproject.toml.
 """
@@ -28,6 +29,8 @@ setup(
             extra_compile_args=[f for f in cflags if not f.startswith("-I")] + ["-Wall", "-Wextra"],
             libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
             library_dirs=[f[2:] for f in libs if f.startswith("-L")],
-        )
+        ),
+        Extension("unionfs.core._statpack", sources=["unionfs/core/_statpack.c"],
+                  extra_compile_args=["-Wall", "-Wextra"]),
     ]
 )

@@ -178,11 +178,12 @@ class NodeTable:
         if self.on_next_request is not None:
             self.on_next_request()
 
-    def remember(self, node: Node, st: os.stat_result) -> Stat:
+    def remember(self, node: Node, st: os.stat_result | Stat) -> Stat:
         """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten.
         Not that of a node whose real file changes outside the union (`Node.outside`)."""
+        packed = st if isinstance(st, Stat) else Stat.of(st)
         if node.outside:
-            return Stat.of(st)
+            return packed
         recent = self._stats
         if len(recent) >= STATS_KEPT:
             # Full: forget them all at once (cheaper per stat than keeping an order).
@@ -192,10 +193,10 @@ class NodeTable:
                 if old is not None:
                     old.st = None
             recent.clear()
-        cached = node.st = Stat.of(st)
+        node.st = packed
         recent.append(node.id)
         self.stat_reads += 1
-        return cached
+        return packed
 
     def stats_kept(self) -> int:
         """How many nodes have had their stat cached since the cache was last emptied."""
@@ -272,25 +273,25 @@ class NodeTable:
         self._fallback += 1
         return self._fallback
 
-    def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
-        idx = self.stack.fsindex.get(st.st_dev)     # ino_of's common answer inline
-        if idx == 0:
-            ino = st.st_ino
-        else:
-            ino = self.ino_of(st.st_dev, st.st_ino)
+    def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result | Stat) -> Node:
+        return self._new(is_dir, layer, key, st.st_dev, st.st_ino, st.st_mode)
+
+    def _new(self, is_dir: bool, layer: int, key: Key, dev: int, real_ino: int, mode: int) -> Node:
+        # ino_of's and _number_for's common answers inline: a cold readdir makes one node per entry
+        ino = real_ino if self.stack.fsindex.get(dev) == 0 else self.ino_of(dev, real_ino)
         nodes = self.nodes
-        # _number_for's common answer inline: a cold readdir makes one node per entry
         node_id = ino if ROOT_ID < ino < FALLBACK_BASE and ino not in nodes else self._number_for(ino)
         node = Node(node_id, is_dir, layer, key, ino)
-        node.kind = stat.S_IFMT(st.st_mode)
+        node.kind = stat.S_IFMT(mode)
         nodes[node_id] = node
         self.by_key[key] = node
         return node
 
-    def new_child(self, parent: Node, name: bytes, layer: int, key: Key, st: os.stat_result) -> Node:
-        """A new non-directory node known by *name* in *parent*: `new` and its first `add_link`
-        in one (a cold listing makes one per entry)."""
-        node = self.new(False, layer, key, st)
+    def new_child(self, parent: Node, name: bytes, layer: int, key: Key, dev: int, ino: int, mode: int
+                  ) -> Node:
+        """A new non-directory node known by *name* in *parent*, of the real object (*dev*, *ino*)
+        of type *mode*: `new` and its first `add_link` in one (a cold listing makes one per entry)."""
+        node = self._new(False, layer, key, dev, ino, mode)
         node.links = ((parent, name),)
         parent.refs += 1
         children = parent.children
