@@ -345,8 +345,10 @@ class NodeTable:
         node = self.nodes.get(node_id)
         if node is None:
             return
-        node.nlookup = max(0, node.nlookup - n)
-        self.maybe_free(node)
+        left = node.nlookup - n
+        node.nlookup = left if left > 0 else 0
+        if left <= 0 and not node.refs and not node.handles:     # maybe_free's first test, inline
+            self.maybe_free(node)
 
     def maybe_free(self, node: Node) -> None:
         todo = [node]
@@ -369,7 +371,8 @@ class NodeTable:
                 if parent.children.get(name) is n:
                     del parent.children[name]
                 parent.refs -= 1
-                todo.append(parent)
+                if not parent.refs:     # (a parent other children still name stays)
+                    todo.append(parent)
             n.links = ()
 
     def close(self) -> None:
