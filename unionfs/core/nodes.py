@@ -274,9 +274,10 @@ class NodeTable:
         return self._fallback
 
     def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result | Stat) -> Node:
-        return self._new(is_dir, layer, key, st.st_dev, st.st_ino, st.st_mode)
+        return self.new_of(is_dir, layer, key, st.st_dev, st.st_ino, st.st_mode)
 
-    def _new(self, is_dir: bool, layer: int, key: Key, dev: int, real_ino: int, mode: int) -> Node:
+    def new_of(self, is_dir: bool, layer: int, key: Key, dev: int, real_ino: int, mode: int) -> Node:
+        """`new` for the real object (*dev*, *real_ino*) of type *mode*."""
         # ino_of's and _number_for's common answers inline: a cold readdir makes one node per entry
         ino = real_ino if self.stack.fsindex.get(dev) == 0 else self.ino_of(dev, real_ino)
         nodes = self.nodes
@@ -291,7 +292,7 @@ class NodeTable:
                   ) -> Node:
         """A new non-directory node known by *name* in *parent*, of the real object (*dev*, *ino*)
         of type *mode*: `new` and its first `add_link` in one (a cold listing makes one per entry)."""
-        node = self._new(False, layer, key, dev, ino, mode)
+        node = self.new_of(False, layer, key, dev, ino, mode)
         node.links = ((parent, name),)
         parent.refs += 1
         children = parent.children

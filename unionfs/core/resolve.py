@@ -166,7 +166,7 @@ class Resolver:
                                      e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
                 return self._read_again(parent, name, fresh)
-            node = table.new(e.is_dir, e.layer, key, st)
+            node = table.new_of(e.is_dir, e.layer, key, dev, ino, mode)
             if e.is_dir:
                 table.set_dirs(node, dirfds)
         elif self.revalidate and e.is_dir and tuple(bd.layer for bd in node.dirs) != e.dir_layers:
