@@ -25,12 +25,13 @@ setup(
         Extension(
             "unionfs.server._fuse_shim",
             sources=["unionfs/server/_fuse_shim.c"],
+            depends=["unionfs/core/packed_stat.h"],
             include_dirs=[f[2:] for f in cflags if f.startswith("-I")],
             extra_compile_args=[f for f in cflags if not f.startswith("-I")] + ["-Wall", "-Wextra"],
             libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
             library_dirs=[f[2:] for f in libs if f.startswith("-L")],
         ),
         Extension("unionfs.core._statpack", sources=["unionfs/core/_statpack.c"],
-                  extra_compile_args=["-Wall", "-Wextra"]),
+                  depends=["unionfs/core/packed_stat.h"], extra_compile_args=["-Wall", "-Wextra"]),
     ]
 )

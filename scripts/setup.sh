@@ -42,7 +42,7 @@ shim=$(ls unionfs/server/_fuse_shim.*.so 2>/dev/null | head -n1 || true)
 # The checkout goes on sys.path through a plain .pth line (editable_mode=compat): the default
 # editable finder is imported by every interpreter start, ~10 ms of each `unionfs run` launch.
 if [ -z "$shim" ] || [ unionfs/server/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$shim" ] ||
-   [ unionfs/core/_statpack.c -nt "$shim" ] ||
+   [ unionfs/core/_statpack.c -nt "$shim" ] || [ unionfs/core/packed_stat.h -nt "$shim" ] ||
    [ pyproject.toml -nt .venv/bin/unionfs ] ||
    compgen -G '.venv/lib/python3*/site-packages/__editable___unionfs_*_finder.py' >/dev/null ||
    ! .venv/bin/python -c 'import unionfs.server._fuse_shim, unionfs.core._statpack, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm, httpx' 2>/dev/null; then

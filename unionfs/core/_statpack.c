@@ -12,22 +12,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "packed_stat.h"
+
 #include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
-
-/* unionfs.core.attrs._LAYOUT, "=QQIQqqIqqqIII" (84 bytes) */
-struct packed_stat {
-    uint64_t dev, ino;
-    uint32_t nlink;
-    uint64_t rdev;
-    int64_t size, blocks;
-    uint32_t blksize;
-    int64_t atime, mtime, ctime;
-    uint32_t mode, uid, gid;
-} __attribute__((packed));
 
 static int64_t ns_of(const struct timespec *ts)
 {

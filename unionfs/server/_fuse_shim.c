@@ -84,6 +84,7 @@
 #include <unistd.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include "../core/packed_stat.h"
 #include <linux/fuse.h>
 #include <string.h>
 #include <poll.h>
@@ -964,17 +965,6 @@ static PyObject *py_dont_mask(PyObject *self, PyObject *unused)
 
 static PyTypeObject *entry_type;    /* pyfuse3.EntryAttributes, once attr_layout() was told */
 static Py_ssize_t entry_offset = -1; /* where its fuse_entry_param starts inside the object */
-
-/* The union's packed stat (unionfs.core.attrs: "=QQIQqqIqqqIII", 84 bytes). */
-struct packed_stat {
-    uint64_t dev, ino;
-    uint32_t nlink;
-    uint64_t rdev;
-    int64_t size, blocks;
-    uint32_t blksize;
-    int64_t atime, mtime, ctime;
-    uint32_t mode, uid, gid;
-} __attribute__((packed));
 
 static void set_time(struct timespec *ts, int64_t ns)
 {
