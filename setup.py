@@ -1,5 +1,6 @@
 """Builds unionfs' native pieces: the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c), and
-the core's packed lstat (unionfs/core/_statpack.c; the core falls back to os.stat without it).
+the core's per-name loops of a cold listing (unionfs/core/_native.c; the core does the same in Python
+without it).
 
 Everything else is declared in pyproject.toml.
 """
@@ -31,7 +32,7 @@ setup(
             libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
             library_dirs=[f[2:] for f in libs if f.startswith("-L")],
         ),
-        Extension("unionfs.core._statpack", sources=["unionfs/core/_statpack.c"],
+        Extension("unionfs.core._native", sources=["unionfs/core/_native.c"],
                   depends=["unionfs/core/packed_stat.h"], extra_compile_args=["-Wall", "-Wextra"]),
     ]
 )

@@ -1,5 +1,5 @@
 """`DirFd.lstat_packed`: the stat a cold listing takes of each entry, packed in C straight from
-fstatat (unionfs/core/_statpack.c), must be exactly `Stat.of(lstat)` with the (st_dev, st_ino,
+fstatat (unionfs/core/_native.c), must be exactly `Stat.of(lstat)` with the (st_dev, st_ino,
 st_mode) beside it, never follow a symlink, and fail as os.stat does; the pure Python fallback (the
 C helper not built) must answer the same."""
 
@@ -22,7 +22,7 @@ Impl = Callable[[type[Stat], int, bytes], tuple[Stat, int, int, int]]
 
 def _impls() -> list[Impl]:
     try:
-        from unionfs.core._statpack import lstat_at
+        from unionfs.core._native import lstat_at
     except ImportError:
         return [branches._lstat_packed_py]
     return [lstat_at, branches._lstat_packed_py]

@@ -427,7 +427,7 @@ def _lstat_packed_py(cls: type[Stat], dirfd: int, name: bytes) -> tuple[Stat, in
 
 
 try:
-    from ._statpack import lstat_at as _lstat_packed
+    from ._native import lstat_at as _lstat_packed
 except ImportError:     # not built: the same answer through os.stat
     _lstat_packed = _lstat_packed_py
 

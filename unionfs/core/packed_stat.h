@@ -1,5 +1,5 @@
 /* The union's packed stat, unionfs.core.attrs.Stat: struct.Struct("=QQIQqqIqqqIII"), 84 bytes.
-   Written by unionfs/core/_statpack.c, read by unionfs/server/_fuse_shim.c; attrs.py's layout must
+   Written by unionfs/core/_native.c, read by unionfs/server/_fuse_shim.c; attrs.py's layout must
    stay the same (tests/unit/test_lstat_packed.py and tests/ops/test_reply_attributes.py compare). */
 #ifndef UNIONFS_PACKED_STAT_H
 #define UNIONFS_PACKED_STAT_H

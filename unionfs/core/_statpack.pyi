@@ -1,3 +1,0 @@
-from unionfs.core.attrs import Stat
-
-def lstat_at(cls: type[Stat], dirfd: int, name: bytes, /) -> tuple[Stat, int, int, int]: ...
