@@ -13,7 +13,7 @@ on PYTHONPATH, this venv's interpreter), in rounds interleaved with this one's.
     sudo .venv/bin/python perf/listing_cpu.py --vs /tmp/base --listings 12 --rounds 2
 
 ``/tmp/base`` may be ``git archive main | tar -x -C /tmp/base`` with this checkout's built
-``unionfs/server/_fuse_shim.*.so`` copied beside its source (and ``_statpack`` if it has one).
+``unionfs/server/_fuse_shim.*.so`` copied beside its source (and ``unionfs/core/_native.*.so`` if it has one).
 """
 
 from __future__ import annotations
