@@ -1,4 +1,6 @@
-"""Builds unionfs' one native piece, the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c).
+"""Builds unionfs' native pieces: the libfuse shim in front of pyfuse3 (unionfs/server/_fuse_shim.c), and
+the core's per-name loops of a cold listing (unionfs/core/_native.c; the core does the same in Python
+without it).
 
 Everything else is declared in pyproject.toml.
 """
@@ -24,10 +26,13 @@ setup(
         Extension(
             "unionfs.server._fuse_shim",
             sources=["unionfs/server/_fuse_shim.c"],
+            depends=["unionfs/core/packed_stat.h"],
             include_dirs=[f[2:] for f in cflags if f.startswith("-I")],
             extra_compile_args=[f for f in cflags if not f.startswith("-I")] + ["-Wall", "-Wextra"],
             libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
             library_dirs=[f[2:] for f in libs if f.startswith("-L")],
-        )
+        ),
+        Extension("unionfs.core._native", sources=["unionfs/core/_native.c"],
+                  depends=["unionfs/core/packed_stat.h"], extra_compile_args=["-Wall", "-Wextra"]),
     ]
 )

@@ -35,15 +35,17 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
 fi
-# The libfuse shim is compiled in place by the editable install: build it again when its source
-# changed; install again when pyproject.toml did (the console scripts' entry points).
+# The libfuse shim and the core's C loops are compiled in place by the editable install: build
+# them again when their source changed; install again when pyproject.toml did (the console
+# scripts' entry points).
 shim=$(ls unionfs/server/_fuse_shim.*.so 2>/dev/null | head -n1 || true)
 # The checkout goes on sys.path through a plain .pth line (editable_mode=compat): the default
 # editable finder is imported by every interpreter start, ~10 ms of each `unionfs run` launch.
 if [ -z "$shim" ] || [ unionfs/server/_fuse_shim.c -nt "$shim" ] || [ setup.py -nt "$shim" ] ||
+   [ unionfs/core/_native.c -nt "$shim" ] || [ unionfs/core/packed_stat.h -nt "$shim" ] ||
    [ pyproject.toml -nt .venv/bin/unionfs ] ||
    compgen -G '.venv/lib/python3*/site-packages/__editable___unionfs_*_finder.py' >/dev/null ||
-   ! .venv/bin/python -c 'import unionfs.server._fuse_shim, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm, httpx' 2>/dev/null; then
+   ! .venv/bin/python -c 'import unionfs.server._fuse_shim, unionfs.core._native, pyfuse3, pytest_trio, hypothesis, zstandard, tqdm, httpx' 2>/dev/null; then
     # pip's and setuptools' chatter (the compat-mode notice among it) is shown only on failure.
     log=$(mktemp)
     if ! { .venv/bin/pip install -q --upgrade pip &&

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .attrs import Stat
 from .sysx import AT_SYMLINK_NOFOLLOW, fchmodat2, listxattrat, renameat2
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class DirFd(int):
 
     def lstat(self, name: bytes) -> os.stat_result:
         return os.stat(name, dir_fd=self, follow_symlinks=False)
+
+    def lstat_packed(self, name: bytes) -> tuple[Stat, int, int, int]:
+        """*name*'s stat as the union keeps it, and its (st_dev, st_ino, st_mode): `lstat` without
+        the os.stat_result between (about half the cost, where the C helper is built)."""
+        return _lstat_packed(Stat, self, name)
 
     def exists(self, name: bytes) -> bool:
         try:
@@ -413,6 +419,17 @@ def listdir(fd: int) -> list[bytes]:
     """The names in the directory open as *fd*, as bytes."""
     with os.scandir(fd) as it:
         return [os.fsencode(e.name) for e in it]
+
+
+def _lstat_packed_py(cls: type[Stat], dirfd: int, name: bytes) -> tuple[Stat, int, int, int]:
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    return cls.of(st), st.st_dev, st.st_ino, st.st_mode
+
+
+try:
+    from ._native import lstat_at as _lstat_packed
+except ImportError:     # not built: the same answer through os.stat
+    _lstat_packed = _lstat_packed_py
 
 
 def lstat_at(dirfd: int, name: bytes) -> os.stat_result:

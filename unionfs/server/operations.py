@@ -222,6 +222,9 @@ class Operations(pyfuse3.Operations):
         self._caps_asked = False
         self.passthrough = Passthrough(union, passthrough and not writeback)
         self._replies: dict[int, tuple[Stat, pyfuse3.EntryAttributes]] = {}
+        # The shim fills a reply's attributes in one call (not under -o metacopy, whose st_blocks
+        # may be another object's)
+        self._build_in_c = None if union.metacopy else compat.attr_builder()
         self._next_dh = 0
         self.on_init: Callable[[], None] = lambda: None
         self.watcher = None
@@ -282,6 +285,11 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _build_attr(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
+        build = self._build_in_c
+        if build is not None:
+            # -1: the object's own link count (what union.nlink answers for all but merged directories)
+            return build(st, node.id, node.ino, self.union.nlink(node, -1) if node.is_dir else -1,
+                         self.timeout)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         if node.ino != node.id:

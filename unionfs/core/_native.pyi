@@ -1,0 +1,6 @@
+from unionfs.core.attrs import Stat
+
+def lstat_at(cls: type[Stat], dirfd: int, name: bytes, /) -> tuple[Stat, int, int, int]: ...
+def scan_dir(
+    fd: int, wh_prefix: bytes, wh_meta_prefix: bytes, wh_opq: bytes, /
+) -> tuple[list[tuple[bytes, bool]], set[bytes], bool]: ...
