@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSE_DEVICE = "/dev/fuse"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_WAIT = 1.0   # seconds a stop signal may wait for INIT to be answered
+_stopped: list[int] = []   # stop signals that came before the session loop's handlers took over
 GC_YOUNG = 10_000   # allocations between collections of the youngest generation while serving
 
 
@@ -183,6 +186,28 @@ def _log_name(mountpoint: str, resolved: bool = False) -> str:
 
 
 
+def hold_stop_signals() -> dict[int, Any]:
+    """From now until the session loop's own handlers take over (`_main`): a stop signal (SIGTERM,
+    SIGINT, SIGHUP) is remembered rather than fatal, and ends the session as soon as it is served,
+    which then unmounts as for any signal.  Before, a SIGTERM right after the mount was ready could
+    kill the daemon first and leave its mount behind.  The handlers there were; nothing outside the
+    main thread."""
+    before: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):   # (not the main thread)
+        for sig in STOP_SIGNALS:
+            before[sig] = signal.signal(sig, _remember_stop)
+    return before
+
+
+def _remember_stop(sig: int, _frame: object) -> None:
+    _stopped.append(sig)
+
+
+def _restore_handlers(before: dict[int, Any]) -> None:
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
     handler: logging.Handler
     if log_file is not None:
@@ -231,6 +256,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     with contextlib.ExitStack() as stack:
         if collecting:
             stack.callback(gc.enable)
+        stack.callback(_stopped.clear)   # (one that came too late to end this session)
+        stack.callback(_restore_handlers, hold_stop_signals())
         # The pidfile's fd, locked until the daemon has let go of all it held (statedir.write_pid):
         # closed last of all, or by exit_now just before the exit.
         held: list[int] = []
@@ -496,19 +523,30 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
 
     signalled = False
 
-    async def on_signals(signals: AsyncIterator[int]) -> None:
+    async def stop(sig: int) -> None:
         nonlocal signalled
+        log.info("signal %d: unmounting", sig)
+        signalled = True
+        # A worker unmounts its mount after the session only while the mount there is the one it
+        # served, as seen after INIT (`_unmount_handed_over`): a signal that comes right after the
+        # mount was ready lets the session loop answer INIT first (the kernel sent it at the mount).
+        with trio.move_on_after(STOP_WAIT):
+            while not seen:
+                await trio.sleep(0.001)
+        pyfuse3.terminate()  # type: ignore[attr-defined]
+
+    async def on_signals(signals: AsyncIterator[int]) -> None:
         async for sig in signals:
-            log.info("signal %d: unmounting", sig)
-            signalled = True
-            pyfuse3.terminate()  # type: ignore[attr-defined]
+            await stop(sig)
 
     # The handlers are in place before the session loop first runs, not once their task gets a
     # turn: the loop may serve a run of requests first, and a signal meanwhile would kill the
     # daemon and leave its mount behind.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signals, signals)
+            if _stopped:   # before the receiver was there (`hold_stop_signals`)
+                nursery.start_soon(stop, _stopped.pop(0))
             nursery.start_soon(after_init)
             if ctl is not None and listener is not None:
                 from . import control

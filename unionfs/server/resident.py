@@ -467,7 +467,9 @@ def plan(pid: int, uid: int, prog: str, args: list[str], fds: list[int]) -> tupl
 def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
     from unionfs.core.branches import LayerStack, stack_from_fds
 
-    from .daemon import serve_handed_over
+    from .daemon import hold_stop_signals, serve_handed_over
+
+    hold_stop_signals()   # the mount is there already: from here a SIGTERM must unmount it
 
     fuse_fd, given = fds[0], fds[1:]
     work_root = given[len(cfg.branches)] if cfg.workdir is not None else None
