@@ -9,26 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import util
 from launcher_util import UnprivUser
-from test_fastclient_umount import exited, mount
+from test_fastclient_umount import mount, wait_exited
 from test_resident import area, mount_as, root_server, state_key, user_area, users
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 __all__ = ["area", "root_server", "user_area", "users"]   # fixtures used here
-
-
-def wait_exited(pid: int) -> bool:
-    deadline = time.monotonic() + util.MOUNT_TIMEOUT
-    while time.monotonic() < deadline:
-        if exited(pid):
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def state_files(area: Path) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import util
-from test_fastclient_umount import PY_UNIONFS, alone, exited, exits_soon, let_go
+from test_fastclient_umount import PY_UNIONFS, alone, exited, let_go, wait_exited
 from test_resident import ENV, area, root_server, run, state_key
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
@@ -51,7 +51,7 @@ def test_umount_of_a_daemon_without_close_range(root_server: Path, area: Path, a
         assert (r.returncode, r.stderr) == (0, ""), f"after {waited:.1f} s"
         assert waited < 10, f"umount took {waited:.1f} s"
         assert not util.is_mounted(area / "M") and let_go(daemon)
-        assert exits_soon(daemon)
+        assert wait_exited(daemon)
     finally:
         if not exited(daemon):
             os.kill(daemon, signal.SIGKILL)

@@ -67,11 +67,14 @@ def let_go(pid: int) -> bool:
     return all(name in ("0", "1", "2") and target == os.devnull for name, target in targets)
 
 
-def exits_soon(pid: int) -> bool:
+def wait_exited(pid: int) -> bool:
+    """Whether *pid* has `exited` within the mount timeout."""
     deadline = time.monotonic() + util.MOUNT_TIMEOUT
-    while not exited(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return exited(pid)
+    while time.monotonic() < deadline:
+        if exited(pid):
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def mount(area: Path, via_server: bool) -> int:
@@ -93,7 +96,7 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
     assert let_go(daemon), "umount returned before the daemon let go of the mount"
     key = state_key(area / "M")
     assert not list(root_server.glob(f"{key}.*")), "the daemon's pidfile, log or socket is left"
-    assert exits_soon(daemon)
+    assert wait_exited(daemon)
     assert (area / "A" / "new").read_text() == "new\n"
     # A relative path through a symlink, from another directory.
     daemon = mount(area, via_server)
@@ -230,7 +233,7 @@ def test_umount_waits_for_the_pidfile_lock(root_server: Path, area: Path, alone:
     finally:
         holder.kill()
         holder.wait()
-    assert exits_soon(daemon)
+    assert wait_exited(daemon)
     pidfile.unlink(missing_ok=True)
 
 
@@ -242,7 +245,7 @@ def test_a_pidfile_that_names_no_process(root_server: Path, area: Path, alone: P
     r = run([str(alone), "umount", str(area / "M")])
     assert (r.returncode, r.stderr) == (0, "")
     assert not util.is_mounted(area / "M")
-    exits_soon(daemon)
+    wait_exited(daemon)
     pidfile.unlink(missing_ok=True)   # the daemon leaves a pidfile that is no longer its own
 
 
@@ -263,7 +266,7 @@ def test_user_umount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], 
         assert (r.returncode, r.stderr) == (0, "")
         assert not util.is_mounted(base / "M") and let_go(daemon)
         assert not list(state.glob(f"{state_key(base / 'M')}.*"))
-        assert exits_soon(daemon)
+        assert wait_exited(daemon)
     # Not mounted, and not a unionfs: the Python command's words.
     for path in (f"{base}/M", "/proc"):
         fast = as_user(str(client / "unionfs"), "umount", path)
