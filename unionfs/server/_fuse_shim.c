@@ -710,7 +710,18 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op, siz
     if (shim_ops.lseek == NULL)
         shim_ops.lseek = shim_lseek;
     sessions++;
+    /* What the last session left (a resident server's worker serves one mount after another in
+       one process; a new session may even get the freed one's address). */
     guarded_reads = 0;
+    seen_waiting = 0;
+    received = 0;
+    released = 0;
+    dont_mask = 0;
+    io_session = NULL;
+    passthrough = passthrough_offered = 0;
+    init_unique = 0;
+    pending = 0;
+    n_backing = 0;
     last_session = real(args, &shim_ops, sizeof shim_ops, userdata);
     return last_session;
 }

@@ -54,6 +54,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,9 @@ def _quick_wanted() -> bool:
     return os.environ.get("UNIONFS_QUICK_LOOP", "1") != "0"
 
 
+_pyfuse3_wait: Any = None   # pyfuse3's own _wait_fuse_readable, once replaced
+
+
 def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     """Put the stand-in for pyfuse3's ``_wait_fuse_readable`` in place, for the session made by
     ``pyfuse3.init`` (call it after that, before ``pyfuse3.main``).  False (nothing changed) without
@@ -241,10 +245,18 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     original = getattr(pyfuse3, "_wait_fuse_readable", None)
     if not _quick_wanted():
         return False
-    if _shim is None or original is None or _quick_in_place(pyfuse3):
+    if _shim is None or original is None:
         return _quick_in_place(pyfuse3)
+    # Made anew for each session (a resident server's worker serves one after another): the fd,
+    # the guarded reads and the loop's state are the session's.
+    global _pyfuse3_wait
+    _before_next_read.clear()
+    if not _quick_in_place(pyfuse3):
+        _pyfuse3_wait = original
     fd = _shim.guard_reads()
     if fd < 0:
+        if _pyfuse3_wait is not None:   # not the last session's stand-in
+            pyfuse3._wait_fuse_readable = _pyfuse3_wait  # type: ignore[attr-defined]
         return False
     waiting, exited = _shim.request_waiting, _shim.session_exited
     polls = hasattr(_shim, "spin_for_request")   # (not a shim built before it)

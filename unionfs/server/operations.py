@@ -22,7 +22,9 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter_ns
@@ -112,6 +114,44 @@ def _handler(fn: F) -> F:
 _FORGET, _FALLOCATE, _LSEEK = stats.slot("forget"), stats.slot("fallocate"), stats.slot("lseek")
 
 
+class _EntryInvalidations:
+    """``pyfuse3.invalidate_entry`` on a thread of its own, in order: a handler must not wait for
+    it (the kernel may hold the directory's lock for the very request being answered).  pyfuse3's
+    ``invalidate_entry_async`` does the same, but its thread, once stopped at the end of a session,
+    never starts again, and a resident server's worker serves one session after another.  Started
+    at the first invalidation of a session, stopped at its end (`stop`), as pyfuse3's is: no thread
+    waits beside the session loop while nothing is invalidated."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[int, bytes] | None] | None = None
+
+    def put(self, parent_id: int, name: bytes) -> None:
+        if self.queue is None:
+            self.queue = queue.SimpleQueue()
+            threading.Thread(target=self._run, args=(self.queue,), name="invalidate-entry",
+                             daemon=True).start()
+        self.queue.put((parent_id, name))
+
+    def stop(self) -> None:
+        """The session ended: the thread sends what it has and exits."""
+        if self.queue is not None:
+            self.queue.put(None)
+            self.queue = None
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[tuple[int, bytes] | None]) -> None:
+        while (item := q.get()) is not None:
+            try:
+                pyfuse3.invalidate_entry(*item)
+            except FileNotFoundError:
+                pass   # the kernel did not have it
+            except Exception:  # noqa: BLE001 - a stale cache entry is not worth a thread
+                log.debug("invalidate_entry(%d, %r) failed", *item, exc_info=True)
+
+
+entry_invalidations = _EntryInvalidations()
+
+
 class KernelCache:
     """The union's `Invalidator`: drops what the kernel cached of a node or a name, through pyfuse3."""
 
@@ -124,10 +164,7 @@ class KernelCache:
 
     @staticmethod
     def invalidate_entry(parent_id: int, name: bytes) -> None:
-        try:
-            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
-        except Exception:  # noqa: BLE001 - a stale cache entry is not worth failing a request over
-            log.debug("invalidate_entry(%d, %r) failed", parent_id, name, exc_info=True)
+        entry_invalidations.put(parent_id, name)
 
 
 class Snapshots:
