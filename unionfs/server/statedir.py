@@ -158,6 +158,20 @@ def pid_namespace() -> int | None:
         return None
 
 
+def wait_released(fd: int, timeout: float) -> bool:
+    """Whether the daemon holding the pidfile open as *fd* locked (`StateDir.locked_pidfile`) has
+    let go of the lock within *timeout* seconds: it had let go of everything else before."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+
 def wait_for_exit(pid: int, timeout: float, start: int | None = None) -> bool:
     """Whether the process *pid* (a daemon or server named by a pidfile or a socket's peer) has exited
     within *timeout* seconds: gone, or a zombie its parent has not reaped yet.  With *start* (its
@@ -347,6 +361,22 @@ class StateDir:
         not been reaped; None when there is none (no pidfile, or one its daemon left behind)."""
         record = self.read_record(name)
         return record if record is not None and record.state() in ("running", "zombie") else None
+
+    def locked_pidfile(self, name: str) -> int | None:
+        """An fd of the pidfile *name* while its daemon holds it locked (`write_pid`), for
+        `wait_released`; None when it is not locked (an older daemon's) or not there."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
 
     def remove_pid(self, name: str, pid: int) -> None:
         """Remove *name* if it still names *pid* of this PID namespace (a later mount on the same
