@@ -1,7 +1,8 @@
 """How a daemon ends (unionfs/server/daemon.py): once the kernel has ended its session (umount(8),
 fusermount3 -u, or `unionfs umount`), it cleans up what a user can see (the branches let go of,
 the AUFS work dir inside the top branch, its pidfile, control socket and empty log) and exits at
-once; on SIGTERM it still unmounts first.  For a daemon of the normal path and a resident server's
+once (a resident server's worker goes back to the server instead, to serve another mount); on
+SIGTERM it still unmounts first, and exits.  For a daemon of the normal path and a resident server's
 worker alike."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import util
 from launcher_util import UnprivUser
-from test_fastclient_umount import mount, wait_exited
+from test_fastclient_umount import mount, wait_done, wait_exited
 from test_resident import area, mount_as, root_server, state_key, user_area, users
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
@@ -34,7 +35,7 @@ def test_a_daemon_whose_mount_is_gone_cleans_up_and_exits(root_server: Path, are
     (area / "M" / "new").write_text("kept\n")
     assert state_files(area), "no pidfile to begin with"
     subprocess.run([*how, str(area / "M")], check=True)
-    assert wait_exited(daemon), "the daemon outlived its mount"
+    assert (wait_done if via_server else wait_exited)(daemon), "the daemon outlived its mount"
     assert (area / "A" / "new").read_text() == "kept\n"
     assert not (area / "A" / ".wh..wh.unionfs.work").exists(), "the AUFS work dir was left behind"
     assert state_files(area) == [], "the daemon left its state files"

@@ -2,7 +2,8 @@
 
 What a user sees: the mount is gone and its daemon (a resident server's worker, or a daemon of the
 normal path) holds nothing of it when the command returns (its pidfile, log and socket gone, every fd
-closed; its exit follows), so that the filesystem under the branches can be unmounted right after; a
+of the mount closed; then the daemon exits, or the worker goes back to the server to serve another
+mount), so that the filesystem under the branches can be unmounted right after; a
 path that is not mounted, a mount of another kind, a busy mount: the same line on stderr and the
 same exit status as from the Python command; an unprivileged user unmounts the same way.  The client copied away from the Python command it falls
 back to (`alone`) shows which of these it answers by itself: a fallback there exits 127.
@@ -15,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,9 @@ def exited(pid: int) -> bool:
 
 
 def let_go(pid: int) -> bool:
-    """Holds nothing of its mount, as `unionfs umount` waits for: exited, or on its way out with no
-    fd open but stdin, stdout and stderr on /dev/null."""
+    """Holds nothing of its mount, as `unionfs umount` waits for: exited, or no fd open on the FUSE
+    device or on any file or directory but /dev/null and the resident server's log (a worker that
+    goes back to the server keeps its socket pair to it, and the log it inherited)."""
     if exited(pid):
         return True
     try:
@@ -61,20 +63,39 @@ def let_go(pid: int) -> bool:
     targets = []
     for name in names:
         try:
-            targets.append((name, os.readlink(f"/proc/{pid}/fd/{name}")))
+            targets.append(os.readlink(f"/proc/{pid}/fd/{name}"))
         except FileNotFoundError:   # closed meanwhile
             pass
-    return all(name in ("0", "1", "2") and target == os.devnull for name, target in targets)
+    return all(t == os.devnull or t.startswith(("socket:[", "pipe:[")) or os.path.basename(t) == "server.log"
+               for t in targets)
 
 
-def wait_exited(pid: int) -> bool:
-    """Whether *pid* has `exited` within the mount timeout."""
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def done(pid: int) -> bool:
+    """Its mount ended, the daemon is done with it: `exited`, or (a resident server's worker) back
+    with the server as a spare, holding nothing of the mount."""
+    return exited(pid) or (comm(pid) == "unionfs-spare" and let_go(pid))
+
+
+def wait_exited(pid: int, until: Callable[[int], bool] = exited) -> bool:
+    """Whether *pid* has `exited` (or is what *until* says) within the mount timeout."""
     deadline = time.monotonic() + util.MOUNT_TIMEOUT
     while time.monotonic() < deadline:
-        if exited(pid):
+        if until(pid):
             return True
         time.sleep(0.005)
     return False
+
+
+def wait_done(pid: int) -> bool:
+    """Whether *pid* is `done` with its mount within the mount timeout."""
+    return wait_exited(pid, done)
 
 
 def mount(area: Path, via_server: bool) -> int:
@@ -96,7 +117,7 @@ def test_umount_without_python(root_server: Path, area: Path, alone: Path, via_s
     assert let_go(daemon), "umount returned before the daemon let go of the mount"
     key = state_key(area / "M")
     assert not list(root_server.glob(f"{key}.*")), "the daemon's pidfile, log or socket is left"
-    assert wait_exited(daemon)
+    assert wait_done(daemon) if via_server else wait_exited(daemon)
     assert (area / "A" / "new").read_text() == "new\n"
     # A relative path through a symlink, from another directory.
     daemon = mount(area, via_server)
@@ -266,7 +287,7 @@ def test_user_umount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], 
         assert (r.returncode, r.stderr) == (0, "")
         assert not util.is_mounted(base / "M") and let_go(daemon)
         assert not list(state.glob(f"{state_key(base / 'M')}.*"))
-        assert wait_exited(daemon)
+        assert wait_done(daemon)
     # Not mounted, and not a unionfs: the Python command's words.
     for path in (f"{base}/M", "/proc"):
         fast = as_user(str(client / "unionfs"), "umount", path)

@@ -389,7 +389,10 @@ def spares(server: int, count: int = 2) -> list[int]:
 
 def test_the_next_mount_goes_to_the_spare_worker(root_server: Path, area: Path) -> None:
     """The server keeps two workers forked ahead of the next mounts: one of them serves the next
-    mount (the pidfile names it), a new spare takes its place, and the spares go with the server."""
+    mount (the pidfile names it) while the other waits, and no third is forked, as the first comes
+    back to the server once its mount has ended and serves the mount after (first, as its memory is
+    its own already).  The spares go with the server; a worker serving a mount stays until the
+    mount ends, and then exits."""
     r = run([UNIONFS, "server"])
     assert r.returncode == 0, r.stderr
     server = server_pid(root_server)
@@ -404,12 +407,85 @@ def test_the_next_mount_goes_to_the_spare_worker(root_server: Path, area: Path) 
     assert (area / "M" / "b").read_text() == "from B\n"
     (area / "M" / "new").write_text("new\n")
     assert (area / "A" / "new").read_text() == "new\n"
-    following = spares(server)
-    assert len(following) == 2 and daemon not in following and set(waiting) - {daemon} < set(following)
+    other = [p for p in waiting if p != daemon]
+    time.sleep(0.2)
+    assert sorted(children(server)) == sorted([daemon, *other]), "a spare was forked while the worker serves"
+    r = run([UNIONFS, "umount", str(area / "M")])
+    assert r.returncode == 0, r.stderr
+    assert sorted(spares(server)) == sorted(waiting), "the worker did not come back as a spare"
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert assert_served_by(root_server, area / "M", server) == daemon, "the worker back was not first"
+    assert (area / "M" / "new").read_text() == "new\n" and (area / "M" / "b").read_text() == "from B\n"
     r = run([UNIONFS, "server", "stop"])
     assert r.returncode == 0, r.stderr
-    assert all(wait_gone(spare) for spare in following), "a spare outlived its server"
+    assert all(wait_gone(spare) for spare in other), "a spare outlived its server"
     assert (area / "M" / "b").read_text() == "from B\n", "stopping the server stopped a worker"
+    r = run([UNIONFS, "umount", str(area / "M")])
+    assert r.returncode == 0, r.stderr
+    assert wait_gone(daemon), "a worker whose server is gone outlived its mount"
+
+
+def _direct_change_seen(top: Path, mnt: Path) -> None:
+    """``-o udba=notify``: a name looked up in vain, then made directly in a branch, shows in the
+    mount, which the kernel sees only once the daemon has invalidated the negative entry it had
+    cached (a thread of the daemon sends that)."""
+    upper, lower = top / "A", top / "B"
+    for d in (upper, lower, mnt):
+        d.mkdir(parents=True)
+    (lower / "b").write_text("from B\n")
+    r = run([UNIONFS, "mount", "-o", "udba=notify", f"{upper}:{lower}", str(mnt)])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    try:
+        assert (mnt / "b").read_text() == "from B\n"
+        assert not (mnt / "z").exists()
+        (lower / "z").write_text("made below\n")
+        deadline = time.monotonic() + 2
+        while not (mnt / "z").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (mnt / "z").read_text() == "made below\n", "the name made below is not seen: not invalidated"
+    finally:
+        r = run([UNIONFS, "umount", str(mnt)])
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_worker_back_from_a_mount_serves_the_next_as_new(root_server: Path, area: Path) -> None:
+    """The mount a worker serves after another sees only its own branches, and the daemon's
+    notices to the kernel (invalidated names) still reach it, as they did in the first."""
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    spares(server)
+    _direct_change_seen(area / "one", area / "M1")
+    served = daemon_of_last(root_server)
+    assert spares(server).count(served) == 1, "the worker did not come back"
+    _direct_change_seen(area / "two", area / "M2")
+    assert daemon_of_last(root_server) == served, "the second mount had another worker"
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0, r.stderr
+    assert daemon_of(root_server, area / "M") == served
+    assert os.listdir(area / "M") == ["b"]
+
+
+def daemon_of_last(state: Path) -> int:
+    """The worker that served the last mount, as the server's log says."""
+    lines = [ln for ln in (state / "server.log").read_text().splitlines() if ": worker " in ln]
+    return int(lines[-1].rsplit(" ", 1)[1])
+
+
+def test_a_worker_serves_one_mount_when_asked(root_server: Path, area: Path) -> None:
+    """``UNIONFS_REUSE=1``: the worker exits with its mount, and a spare is forked in its place."""
+    r = run([UNIONFS, "server"], env=dict(ENV, UNIONFS_REUSE="1"))
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    waiting = spares(server)
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    daemon = assert_served_by(root_server, area / "M", server)
+    following = spares(server)
+    assert len(following) == 2 and daemon not in following and set(waiting) - {daemon} < set(following)
     r = run([UNIONFS, "umount", str(area / "M")])
     assert r.returncode == 0, r.stderr
     assert wait_gone(daemon)

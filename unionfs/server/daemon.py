@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_WAIT = 1.0   # seconds a stop signal may wait for INIT to be answered
+last_end = ""     # how `serve` last ended: "kernel" (unmounted), "signal", "" (an error, or serving)
 _stopped: list[int] = []   # stop signals that came before the session loop's handlers took over
 GC_YOUNG = 10_000   # allocations between collections of the youngest generation while serving
 
@@ -141,7 +142,9 @@ def mount(cfg: MountConfig, foreground: bool = False, debug: bool = False,
 
 def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, **serve_args: Any) -> int:
     """A background daemon's life, in the child forked for it: its exit status.  What goes wrong
-    before the mount is ready goes to *ready_fd* as one "error: ..." line."""
+    before the mount is ready goes to *ready_fd* as one "error: ..." line.  With ``reuse=True``
+    (a resident server's worker that may serve another mount next) it returns once the session
+    has ended, its log closed, rather than exiting."""
     code = 1
     ready = False
 
@@ -150,7 +153,8 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
         ready = True
 
     try:
-        os.setsid()
+        if os.getsid(0) != os.getpid():   # (a worker's second mount: its own session already)
+            os.setsid()
         _setup_logging(debug, log_)
         os.chdir("/")   # the directory it was started from must not stay busy (paths are absolute)
         def at_exit() -> None:
@@ -164,21 +168,28 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
     finally:
         if log_ is not None:
             log_.tidy() if ready else log_.discard()
+            if serve_args.get("reuse"):
+                root = logging.getLogger()
+                for handler in root.handlers:
+                    handler.close()
+                root.handlers[:] = []
+                os.close(log_.fd)
     return code
 
 
 def serve_handed_over(cfg: MountConfig, ready_fd: int, opener: Callable[[list[tuple[str, bool]]], LayerStack],
-                      fuse_fd: int) -> int:
+                      fuse_fd: int, reuse: bool = False) -> int:
     """A resident server's worker (`unionfs.server.resident`): serve the FUSE fd *fuse_fd* a client
     mounted (on *cfg.mountpoint*, a real path), on the branches *opener* gives, as a background
-    daemon with its log beside its pidfile; its exit status."""
+    daemon with its log beside its pidfile; its exit status.  With *reuse*, return once the kernel
+    has ended the session and all of the mount is let go of (`serve`), rather than exit."""
     state = StateDir.open(create=True)
     try:
         log_ = state.open_log(_log_name(cfg.mountpoint, resolved=True)) if state else None
     finally:
         if state is not None:
             state.close()
-    return _daemon(cfg, ready_fd, False, log_, opener=opener, fuse_fd=fuse_fd)
+    return _daemon(cfg, ready_fd, False, log_, opener=opener, fuse_fd=fuse_fd, reuse=reuse)
 
 
 def _log_name(mountpoint: str, resolved: bool = False) -> str:
@@ -226,7 +237,8 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
 def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           on_ready: Callable[[], None] | None = None,
           opener: Callable[[list[tuple[str, bool]]], LayerStack] | None = None,
-          fuse_fd: int | None = None, at_exit: Callable[[], None] | None = None) -> int:
+          fuse_fd: int | None = None, at_exit: Callable[[], None] | None = None,
+          reuse: bool = False) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
     *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
@@ -238,7 +250,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     the exit).  Call `preload` first where the imports' time matters.  A
     resident server's worker gives *opener* (the branches it was handed open, by writability) and
     *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
+    With *reuse* as well, the process does not exit when the kernel ends the session: everything
+    unwinds in order (the pidfile's lock still last) and `last_end` says "kernel".
     """
+    global last_end
+    last_end = ""
     import trio
 
     from unionfs.core.branches import open_stack, raise_nofile_limit
@@ -371,7 +387,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             os._exit(0)
         seen: list[str] = []
         signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
-                             exit_now if at_exit is not None else None, seen)
+                             exit_now if at_exit is not None and not reuse else None, seen)
+        last_end = "signal" if signalled else "kernel"
         if signalled and fuse_fd is not None:
             _unmount_handed_over(cfg.mountpoint, seen)
     return 0
@@ -558,6 +575,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 await pyfuse3.main()  # type: ignore[attr-defined]
             finally:
                 release_branches()
+                from .operations import entry_invalidations
+                entry_invalidations.stop()
             if exit_now is not None and not signalled:
                 exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
             nursery.cancel_scope.cancel()

@@ -11,10 +11,14 @@ The accept loop is plain blocking sockets: trio runs only in the workers, each s
 fork.  A worker keeps neither the listening socket nor the lock, and lives on when the server is
 stopped or killed.  Two workers are forked ahead of the next mounts (the *spares*): each pays what a
 fresh fork pays first (its copy-on-write faults, trio's first run in the process) while nothing
-waits, and is handed a mount over a socket pair; the server then forks the next spare.  Two, so that
-a mount that follows the last one closely (a mount loop, a podman build's steps) finds one warm while
-the other still rehearses.  A spare exits when the server does (its end of the pair closes).
-``UNIONFS_SPARE=N`` keeps N (0: a worker forked per mount; at most 4).
+waits, and is handed a mount over a socket pair.  When that mount ends, the worker lets go of all of
+it (`daemon.serve` unwinds: the pidfile's lock last, which `unionfs umount` waits for) and says so
+on the pair: it is a spare again, the first in line, for up to ``UNIONFS_REUSE`` mounts in all
+(default 50; 1: it exits with its mount).  One that finds anything of its mount still open, or whose
+mount a signal ended, exits instead.  So a mount loop or a podman build's steps fork nothing: the
+server forks a spare only while fewer than two are idle or serving (but one at least is idle).
+A spare exits when the server does (its end of the pair closes); a worker serving a mount then
+exits when the mount ends.  ``UNIONFS_SPARE=N`` keeps N (0: a worker forked per mount; at most 4).
 
 The server reaps its workers, and exits by itself after ``--idle`` seconds without a mount handed
 over (default ten minutes).
@@ -68,6 +72,7 @@ ARGV_HELLO = b"argv1\0"  # a C client's first message (fastclient.c)
 SPARE_NAMES = ("unionfs-warming", "unionfs-spare")  # a spare's /proc/PID/comm: rehearsing, then ready
 SPARE_READY = b"warm"          # what a spare says once it has rehearsed
 MAX_SPARES = 4
+DEFAULT_REUSE = 50   # mounts a worker serves in turn before it exits (UNIONFS_REUSE)
 
 
 def config_from(fields: dict[str, Any]) -> MountConfig:
@@ -89,6 +94,9 @@ class Server:
         self.handed = 0
         self.max_spares = _spares_wanted()
         self.spares: list[tuple[int, socket.socket]] = []   # their pids, our ends of their socket pairs
+        self.busy: dict[int, socket.socket] = {}   # spares serving a mount, to come back for another
+        self.reuse = _reuses_wanted()
+        self.returned: set[int] = set()   # spares back from a mount: their "warm" read already
 
     def serve_forever(self) -> None:
         """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
@@ -248,35 +256,67 @@ class Server:
             stream.close()
 
     def hand_to_spare(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int | None:
-        """The pid of the spare that has the mount now, the first forked of those that are warm (the
+        """The pid of the spare that has the mount now, the first of those that are warm (the
         client's socket and the fds go with it); None when none is (a spare still warming up stays
-        for a later mount: a fresh fork serves this one as soon)."""
+        for a later mount: a fresh fork serves this one as soon).  A worker back from its last
+        mount comes first: its memory is its own already."""
+        self.collect_returned()
         for spare in list(self.spares):
             pid, ours = spare
             try:
-                said = ours.recv(16, socket.MSG_DONTWAIT)   # read, not peeked: a close with unread
-                # data would reset the connection, and the spare's read of the mount with it
+                # Read, not peeked: a close with unread data would reset the connection, and the
+                # spare's read of the mount with it.  A worker back from a mount said it already.
+                said = SPARE_READY if pid in self.returned else ours.recv(16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
             except OSError:
                 said = b""
+            self.returned.discard(pid)
             with contextlib.suppress(ValueError):   # (reaped meanwhile)
                 self.spares.remove(spare)
             try:
                 if said != SPARE_READY:
+                    ours.close()
                     continue
                 socket.send_fds(ours, [pickle.dumps(cfg)], [conn.fileno(), *fds])
             except OSError as e:
                 log.debug("spare %d: %s", pid, e.strerror)
+                ours.close()
                 continue
-            finally:
+            if self.reuse > 1:
+                self.busy[pid] = ours
+            else:
                 ours.close()
             return pid
         return None
 
+    def collect_returned(self) -> None:
+        """Take back as spares, first in line, the workers whose mount has ended and that said so
+        (`_spare`); forget those that exited.  Spares beyond `max_spares` are let go (they exit)."""
+        for pid, ours in list(self.busy.items()):
+            try:
+                said = ours.recv(16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                said = b""
+            del self.busy[pid]
+            if said == SPARE_READY:
+                self.spares.insert(0, (pid, ours))
+                self.returned.add(pid)
+            else:
+                ours.close()
+        while len(self.spares) > max(self.max_spares, 1):
+            pid, ours = self.spares.pop()
+            self.returned.discard(pid)
+            ours.close()
+
     def fork_spares(self) -> None:
-        """Fork workers for the next mounts until `max_spares` wait."""
-        while len(self.spares) < self.max_spares:
+        """Fork workers for the next mounts until `max_spares` wait, counting those serving a mount
+        that will come back to serve another (a mount loop then forks nothing): but one at least."""
+        self.collect_returned()
+        while len(self.spares) < self.max_spares and (
+                not self.spares or len(self.spares) + len(self.busy) < self.max_spares):
             if not self.fork_spare():
                 return
 
@@ -310,6 +350,10 @@ class Server:
             for spare in [s for s in self.spares if s[0] == done]:
                 self.spares.remove(spare)
                 spare[1].close()
+            self.returned.discard(done)
+            ours = self.busy.pop(done, None)
+            if ours is not None:
+                ours.close()
             log.debug("worker %d exited with %d", done, os.waitstatus_to_exitcode(status))
 
     def _leave(self) -> None:
@@ -320,6 +364,8 @@ class Server:
         os.close(self.lock_fd)
         self.state.close()
         for _, ours in self.spares:
+            ours.close()
+        for ours in self.busy.values():
             ours.close()
 
     def _worker(self, conn: socket.socket, cfg: MountConfig, fds: list[int]) -> None:
@@ -334,8 +380,9 @@ class Server:
             os._exit(code)
 
     def _spare(self, sock: socket.socket) -> None:
-        """The spare: warm up, wait for a mount (`hand_to_spare`), serve it as `_worker` does; exit
-        when the server closes its end first."""
+        """The spare: warm up, wait for a mount (`hand_to_spare`), serve it as `_worker` does; then
+        say so and wait for the next, up to `reuse` mounts in all.  Exit when the server closes its
+        end first, after a mount a signal ended, or when the mount left anything open."""
         code = 1
         conn = None
         try:
@@ -354,17 +401,31 @@ class Server:
             gc.freeze()    # collections, as the server does after its imports
             if niced is not None:
                 os.setpriority(os.PRIO_PROCESS, 0, niced)   # raises if it cannot: never serve niced
-            _set_comm(SPARE_NAMES[1])
-            sock.send(SPARE_READY)
-            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS + 1)
-            sock.close()
-            if not data or not fds:
-                _close(fds)
-                code = 0
-                return
-            conn = socket.socket(fileno=fds[0])
-            _set_comm(comm)
-            code = _serve_worker(conn, pickle.loads(data), fds[1:])
+            root = logging.getLogger()
+            handlers, level = root.handlers[:], root.level
+            from . import daemon
+
+            for served in range(self.reuse):
+                _set_comm(SPARE_NAMES[1])
+                before = daemon._open_fds()
+                sock.send(SPARE_READY)
+                data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS + 1)
+                if not data or not fds:
+                    _close(fds)
+                    code = 0
+                    return
+                conn = socket.socket(fileno=fds[0])
+                _set_comm(comm)
+                code = _serve_worker(conn, pickle.loads(data), fds[1:], reuse=served + 1 < self.reuse)
+                conn = None
+                if code != 0 or daemon.last_end != "kernel" or served + 1 == self.reuse:
+                    return
+                root.handlers[:], root.level = handlers, level
+                gc.collect()
+                left = daemon._open_fds() - before
+                if left:
+                    log.debug("worker %d: fds %s left open by its mount: exiting", os.getpid(), sorted(left))
+                    return
         except BaseException as e:  # noqa: B036 - a forked worker reports, never raises past fork
             if conn is not None:
                 _send(conn, f"error: {e}")
@@ -375,6 +436,9 @@ class Server:
         """Stop listening and let go of the lock (again: nothing); the spares exit."""
         spares, self.spares = self.spares, []
         for _, ours in spares:
+            ours.close()
+        busy, self.busy = self.busy, {}
+        for ours in busy.values():
             ours.close()
         if self.lock_fd < 0:
             return
@@ -392,6 +456,15 @@ def _spares_wanted() -> int:
         return min(max(int(os.environ.get("UNIONFS_SPARE", "2")), 0), MAX_SPARES)
     except ValueError:
         return 2
+
+
+def _reuses_wanted() -> int:
+    """``UNIONFS_REUSE``: how many mounts a spare serves, one after another, before it exits (1: one
+    mount, the process exits with it)."""
+    try:
+        return min(max(int(os.environ.get("UNIONFS_REUSE", str(DEFAULT_REUSE))), 1), 10_000)
+    except ValueError:
+        return DEFAULT_REUSE
 
 
 def _lower_priority() -> int | None:
@@ -464,7 +537,7 @@ def plan(pid: int, uid: int, prog: str, args: list[str], fds: list[int]) -> tupl
     return config_from(fields), b"\0".join(os.fsencode(w) for w in words)
 
 
-def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
+def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int], reuse: bool = False) -> int:
     from unionfs.core.branches import LayerStack, stack_from_fds
 
     from .daemon import hold_stop_signals, serve_handed_over
@@ -486,7 +559,7 @@ def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int]) -> int:
     conn.settimeout(None)   # blocking again: the reply is written to a plain fd
     reply = os.dup(conn.fileno())
     conn.close()
-    return serve_handed_over(cfg, reply, opener, fuse_fd)
+    return serve_handed_over(cfg, reply, opener, fuse_fd, reuse=reuse)
 
 
 def _receive(conn: socket.socket, pid: int) -> tuple[bytes, list[int]] | None:
