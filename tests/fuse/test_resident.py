@@ -426,10 +426,10 @@ def test_the_next_mount_goes_to_the_spare_worker(root_server: Path, area: Path) 
     assert wait_gone(daemon), "a worker whose server is gone outlived its mount"
 
 
-def _direct_change_seen(top: Path, mnt: Path) -> None:
+def _direct_change_seen(top: Path, mnt: Path) -> int:
     """``-o udba=notify``: a name looked up in vain, then made directly in a branch, shows in the
     mount, which the kernel sees only once the daemon has invalidated the negative entry it had
-    cached (a thread of the daemon sends that)."""
+    cached (a thread of the daemon sends that).  The daemon's pid."""
     upper, lower = top / "A", top / "B"
     for d in (upper, lower, mnt):
         d.mkdir(parents=True)
@@ -437,6 +437,7 @@ def _direct_change_seen(top: Path, mnt: Path) -> None:
     r = run([UNIONFS, "mount", "-o", "udba=notify", f"{upper}:{lower}", str(mnt)])
     assert r.returncode == 0 and r.stderr == "", r.stderr
     try:
+        daemon = daemon_of(ROOT_STATE, mnt)
         assert (mnt / "b").read_text() == "from B\n"
         assert not (mnt / "z").exists()
         (lower / "z").write_text("made below\n")
@@ -447,6 +448,7 @@ def _direct_change_seen(top: Path, mnt: Path) -> None:
     finally:
         r = run([UNIONFS, "umount", str(mnt)])
         assert r.returncode == 0, r.stderr
+    return daemon
 
 
 def test_a_worker_back_from_a_mount_serves_the_next_as_new(root_server: Path, area: Path) -> None:
@@ -457,21 +459,13 @@ def test_a_worker_back_from_a_mount_serves_the_next_as_new(root_server: Path, ar
     server = server_pid(root_server)
     assert server is not None
     spares(server)
-    _direct_change_seen(area / "one", area / "M1")
-    served = daemon_of_last(root_server)
+    served = _direct_change_seen(area / "one", area / "M1")
     assert spares(server).count(served) == 1, "the worker did not come back"
-    _direct_change_seen(area / "two", area / "M2")
-    assert daemon_of_last(root_server) == served, "the second mount had another worker"
+    assert _direct_change_seen(area / "two", area / "M2") == served, "the second mount had another worker"
     r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0, r.stderr
     assert daemon_of(root_server, area / "M") == served
     assert os.listdir(area / "M") == ["b"]
-
-
-def daemon_of_last(state: Path) -> int:
-    """The worker that served the last mount, as the server's log says."""
-    lines = [ln for ln in (state / "server.log").read_text().splitlines() if ": worker " in ln]
-    return int(lines[-1].rsplit(" ", 1)[1])
 
 
 def test_a_worker_serves_one_mount_when_asked(root_server: Path, area: Path) -> None:

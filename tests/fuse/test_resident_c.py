@@ -60,11 +60,17 @@ def client() -> Iterator[Path]:
         yield links
 
 
-def handed_by(state: Path, mountpoint: Path) -> str:
-    """Which client ("C" or "Python") handed the last mount on *mountpoint* to the server."""
-    lines = [ln for ln in (state / "server.log").read_text().splitlines() if f" on {mountpoint}: " in ln]
-    assert lines, "the server has no record of the mount"
-    return lines[-1].split(" client) ")[0].rsplit("(", 1)[1]
+def handed_by(state: Path, mountpoint: Path, nth: int) -> str:
+    """Which client ("C" or "Python") handed the *nth* mount on *mountpoint* to the server (the
+    server logs it once the worker has it, which may be after the worker answered the client)."""
+    deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    while True:
+        lines = [ln for ln in (state / "server.log").read_text().splitlines() if f" on {mountpoint}: " in ln]
+        if len(lines) >= nth or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert len(lines) >= nth, f"the server has no record of mount {nth}"
+    return lines[nth - 1].split(" client) ")[0].rsplit("(", 1)[1]
 
 
 def test_mounts_are_handed_over_by_the_c_client(root_server: Path, area: Path, client: Path) -> None:
@@ -72,12 +78,12 @@ def test_mounts_are_handed_over_by_the_c_client(root_server: Path, area: Path, c
     r = run([str(client / "unionfs"), "mount", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0 and r.stderr == "", r.stderr
     server = server_pid(root_server)
-    assert server is not None and handed_by(root_server, area / "M") == "Python"
+    assert server is not None and handed_by(root_server, area / "M", 1) == "Python"
     util.umount(area / "M")
     # Now the C client hands the mount over itself: relative paths, in its working directory.
     r = run([str(client / "unionfs"), "mount", "A=rw:B", "M"], cwd=area)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert handed_by(root_server, area / "M") == "C"
+    assert handed_by(root_server, area / "M", 2) == "C"
     assert_served_by(root_server, area / "M", server)
     assert (area / "M" / "b").read_text() == "from B\n"
     (area / "M" / "new").write_text("new\n")
@@ -87,7 +93,7 @@ def test_mounts_are_handed_over_by_the_c_client(root_server: Path, area: Path, c
     # Options: read-only, an fsname, mount flags.
     r = run([str(client / "unionfs"), "mount", "-o", "ro,fsname=mine,noexec", f"{area}/A:{area}/B", str(area / "M")])
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert handed_by(root_server, area / "M") == "C"
+    assert handed_by(root_server, area / "M", 3) == "C"
     entry = [ln.split() for ln in open("/proc/self/mounts") if ln.split()[1] == str(area / "M")][-1]
     assert entry[0] == "mine" and {"ro", "noexec", "nosuid", "nodev"} <= set(entry[3].split(","))
     with pytest.raises(OSError):
@@ -125,7 +131,7 @@ def test_overlay_and_mount8_through_the_c_client(root_server: Path, area: Path, 
     r = run([overlay, "-o", opts, "-o", "squash_to_root", str(area / "M")])
     # (the note the Python path prints: tests/fuse/test_resident.py)
     assert r.returncode == 0 and r.stderr == "unionfs-overlay: ignoring unsupported option squash_to_root\n", r.stderr
-    assert handed_by(root_server, area / "M") == "C"
+    assert handed_by(root_server, area / "M", 1) == "C"
     assert (area / "M" / "b").read_text() == "from B\n"
     os.unlink(area / "M" / "b")
     assert os.listdir(area / "M") == [] and (area / "B" / "b").exists()
@@ -133,7 +139,7 @@ def test_overlay_and_mount8_through_the_c_client(root_server: Path, area: Path, 
     # mount(8): mount.fuse3 runs PROGRAM SOURCE MOUNTPOINT -o OPTIONS.
     r = run(["mount", "-t", "fuse", f"{overlay}#overlay", "-o", opts, str(area / "M")])
     assert r.returncode == 0, r.stderr
-    assert handed_by(root_server, area / "M") == "C"
+    assert handed_by(root_server, area / "M", 2) == "C"
     assert_served_by(root_server, area / "M", server_pid(root_server))
     assert os.listdir(area / "M") == []
 
@@ -189,12 +195,11 @@ def test_python_path_when_off_or_elsewhere(root_server: Path, area: Path, client
     script = f"{unionfs} mount {area}/A:{area}/B {area}/M && cat {area}/M/b"
     r = run(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script])
     assert r.returncode == 0 and r.stdout == "from B\n", r.stderr
-    log = (root_server / "server.log").read_text()
-    assert "(Python client) on " + str(area / "M") in log.splitlines()[-1]
+    assert handed_by(root_server, area / "M", 1) == "Python"
     # A path from the caller's HOME: the Python command expands it.
     r = run([unionfs, "mount", f"~/A:{area}/B", str(area / "M")], env=dict(ENV, HOME=str(area)))
     assert r.returncode == 0, r.stderr
-    assert handed_by(root_server, area / "M") == "Python"
+    assert handed_by(root_server, area / "M", 2) == "Python"
     assert (area / "M" / "b").read_text() == "from B\n"
 
 
@@ -233,11 +238,11 @@ def test_user_mount_through_the_c_client(users: tuple[UnprivUser, UnprivUser], u
     def as_user(*args: str) -> subprocess.CompletedProcess[str]:
         return command_as(me, *args)
 
-    for via in ("Python", "C"):   # the first starts the user's server
+    for nth, via in enumerate(("Python", "C"), 1):   # the first starts the user's server
         r = as_user(str(client / "unionfs"), "mount", "-o", "suid", f"{base}/A:{base}/B", f"{base}/M")
         assert r.returncode == 0, r.stderr
         assert r.stderr == "unionfs: -o suid ignored: fusermount3 mounts nosuid,nodev for users other than root\n"
-        assert handed_by(state, base / "M") == via
+        assert handed_by(state, base / "M", nth) == via
         server = server_pid(state)
         assert server is not None and os.stat(f"/proc/{server}").st_uid == me.uid
         daemon = assert_served_by(state, base / "M", server)
