@@ -53,7 +53,8 @@ def exited(pid: int) -> bool:
 def let_go(pid: int) -> bool:
     """Holds nothing of its mount, as `unionfs umount` waits for: exited, or no fd open on the FUSE
     device or on any file or directory but /dev/null and the resident server's log (a worker that
-    goes back to the server keeps its socket pair to it, and the log it inherited)."""
+    goes back to the server keeps its socket pair to it and the log it inherited, and unwinds its
+    event loop after it has let go of the mount)."""
     if exited(pid):
         return True
     try:
@@ -66,8 +67,8 @@ def let_go(pid: int) -> bool:
             targets.append(os.readlink(f"/proc/{pid}/fd/{name}"))
         except FileNotFoundError:   # closed meanwhile
             pass
-    return all(t == os.devnull or t.startswith(("socket:[", "pipe:[")) or os.path.basename(t) == "server.log"
-               for t in targets)
+    return all(t == os.devnull or t.startswith(("socket:[", "pipe:[", "anon_inode:"))
+               or os.path.basename(t) == "server.log" for t in targets)
 
 
 def comm(pid: int) -> str:

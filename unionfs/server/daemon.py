@@ -160,21 +160,30 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
         def at_exit() -> None:
             if log_ is not None:
                 log_.tidy()
+            if serve_args.get("reuse"):
+                _close_log(log_)
 
         code = serve(cfg, ready_fd, debug, on_ready=on_ready, at_exit=at_exit, **serve_args)
     except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
         if not ready:  # once ready, the fd is closed (and its number may be another file's)
             protocol.report_error(ready_fd, e)
     finally:
-        if log_ is not None:
+        if log_ is not None and log_.fd >= 0:
             log_.tidy() if ready else log_.discard()
             if serve_args.get("reuse"):
-                root = logging.getLogger()
-                for handler in root.handlers:
-                    handler.close()
-                root.handlers[:] = []
-                os.close(log_.fd)
+                _close_log(log_)
     return code
+
+
+def _close_log(log_: LogFile | None) -> None:
+    """A worker to be reused is done with its mount's log: no handler writes to it any more."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:] = []
+    if log_ is not None and log_.fd >= 0:
+        os.close(log_.fd)
+        log_.fd = -1
 
 
 def serve_handed_over(cfg: MountConfig, ready_fd: int, opener: Callable[[list[tuple[str, bool]]], LayerStack],
@@ -337,7 +346,13 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         compat.quicken_session_loop(pyfuse3)
         for line in notes:
             log.warning("%s", line)
-        stack.callback(_close_session, pyfuse3)
+        session_open = [True]
+
+        def close_session() -> None:
+            if session_open:
+                session_open.clear()
+                _close_session(pyfuse3)
+        stack.callback(close_session)
         stack.callback(release_branches)   # before the session is closed
         visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
         if state is not None:
@@ -385,9 +400,24 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             os.closerange(first + 1, top)
             _close_all(held)
             os._exit(0)
+        def let_go() -> None:
+            # A worker to be reused, once the kernel has ended the session and its tasks are done:
+            # all of the mount goes now (a state directory or a bound socket on the filesystem under
+            # the branches would keep it busy), the lock last, as at the quick exit; the rest unwinds
+            # afterwards.
+            visible.close()
+            if at_exit is not None:
+                at_exit()
+            release_branches()
+            close_session()
+            if state is not None:
+                state.close()
+            _close_all(held)
         seen: list[str] = []
+        quick = at_exit is not None
         signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
-                             exit_now if at_exit is not None and not reuse else None, seen)
+                             exit_now if quick and not reuse else None, seen,
+                             let_go if quick and reuse else None)
         last_end = "signal" if signalled else "kernel"
         if signalled and fuse_fd is not None:
             _unmount_handed_over(cfg.mountpoint, seen)
@@ -515,10 +545,10 @@ def _close_session(pyfuse3: object) -> None:
 async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 release_branches: Callable[[], None], ctl: control.Control | None = None,
                 listener: socket.socket | None = None, exit_now: Callable[[], None] | None = None,
-                seen: list[str] | None = None) -> bool:
+                seen: list[str] | None = None, let_go: Callable[[], None] | None = None) -> bool:
     """Serve until the session ends; then let go of the branches first, before the rest winds
-    down, or call *exit_now* when the kernel ended the session.  Whether a signal ended it; the
-    mount's device, once known, goes to *seen*."""
+    down, or call *exit_now* when the kernel ended the session (*let_go*: once the tasks are
+    done).  Whether a signal ended it; the mount's device, once known, goes to *seen*."""
     seen = [] if seen is None else seen
     import trio
 
@@ -580,6 +610,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
             if exit_now is not None and not signalled:
                 exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
             nursery.cancel_scope.cancel()
+    if let_go is not None and not signalled:
+        let_go()   # no task waits on the mount's fds now
     return signalled
 
 
