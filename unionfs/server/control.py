@@ -119,11 +119,15 @@ def forget(state: StateDir | None, key: str) -> None:
 
 
 async def serve(ctl: Control, listener: socket.socket) -> None:
-    """Answer connections until cancelled."""
+    """Answer connections until cancelled, or until the listener is closed (announced with
+    ``trio.lowlevel.notify_closing``: the mount's end)."""
     sock = trio.socket.from_stdlib_socket(listener)
     async with trio.open_nursery() as nursery:
         while True:
-            conn, _ = await sock.accept()
+            try:
+                conn, _ = await sock.accept()
+            except trio.ClosedResourceError:
+                return
             nursery.start_soon(_answer, ctl, conn)
 
 

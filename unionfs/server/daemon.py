@@ -401,10 +401,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             _close_all(held)
             os._exit(0)
         def let_go() -> None:
-            # A worker to be reused, once the kernel has ended the session and its tasks are done:
-            # all of the mount goes now (a state directory or a bound socket on the filesystem under
-            # the branches would keep it busy), the lock last, as at the quick exit; the rest unwinds
-            # afterwards.
+            # A worker to be reused, once the kernel has ended the session: all of the mount goes
+            # now (a state directory or a bound socket on the filesystem under the branches would
+            # keep it busy), the lock last, as at the quick exit; trio's tasks and the rest unwind
+            # afterwards.  The control task is told its listener is closing first (it then ends).
+            if listener is not None:
+                trio.lowlevel.notify_closing(listener)
             visible.close()
             if at_exit is not None:
                 at_exit()
@@ -547,8 +549,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 listener: socket.socket | None = None, exit_now: Callable[[], None] | None = None,
                 seen: list[str] | None = None, let_go: Callable[[], None] | None = None) -> bool:
     """Serve until the session ends; then let go of the branches first, before the rest winds
-    down, or call *exit_now* when the kernel ended the session (*let_go*: once the tasks are
-    done).  Whether a signal ended it; the mount's device, once known, goes to *seen*."""
+    down, or call *exit_now* (or *let_go*, which returns) when the kernel ended the session.
+    Whether a signal ended it; the mount's device, once known, goes to *seen*."""
     seen = [] if seen is None else seen
     import trio
 
@@ -609,9 +611,9 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 entry_invalidations.stop()
             if exit_now is not None and not signalled:
                 exit_now()   # the kernel ended the session: the mount is gone, nothing else is owed
+            if let_go is not None and not signalled:
+                let_go()
             nursery.cancel_scope.cancel()
-    if let_go is not None and not signalled:
-        let_go()   # no task waits on the mount's fds now
     return signalled
 
 
