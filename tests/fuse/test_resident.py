@@ -483,6 +483,39 @@ def test_a_worker_back_from_a_mount_serves_the_next_as_new(root_server: Path, ar
     assert os.listdir(area / "M") == ["b"]
 
 
+def test_a_client_that_goes_after_its_plan(root_server: Path, area: Path) -> None:
+    """A C client is handed to a warm spare once answered its plan, and sends the spare its fds
+    after mounting; one that goes instead (its open or mount failed: it runs the Python command)
+    costs that spare, which exits leaving nothing behind, and the next mount is served."""
+    r = run([UNIONFS, "server"])
+    assert r.returncode == 0, r.stderr
+    server = server_pid(root_server)
+    assert server is not None
+    waiting = spares(server)
+    bindir = os.path.realpath(os.path.dirname(sys.executable))   # the build, as the C client names it
+    args = [b"argv1", os.fsencode(bindir), b"unionfs", b"mount", os.fsencode(f"{area}/A:{area}/B"),
+            os.fsencode(area / "M")]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(root_server / "server.sock"))
+        cwd = os.open(area, os.O_PATH | os.O_DIRECTORY)
+        try:
+            socket.send_fds(s, [b"\0".join(args)], [cwd])
+        finally:
+            os.close(cwd)
+        assert s.recv(65536).startswith(b"plan\0")
+    deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    while all(comm(p) == "unionfs-spare" for p in waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gone = [p for p in waiting if comm(p) != "unionfs-spare"]
+    assert len(gone) == 1 and wait_gone(gone[0]), "the spare that had the client did not end"
+    assert not util.is_mounted(area / "M")
+    assert not list(root_server.glob(f"{state_key(area / 'M')}.*")), "a pidfile, log or socket is left"
+    r = run([UNIONFS, "mount", f"{area}/A:{area}/B", str(area / "M")])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert_served_by(root_server, area / "M", server)
+    assert (area / "M" / "b").read_text() == "from B\n"
+
+
 def test_a_worker_serves_one_mount_when_asked(root_server: Path, area: Path) -> None:
     """``UNIONFS_REUSE=1``: the worker exits with its mount, and a spare is forked in its place."""
     r = run([UNIONFS, "server"], env=dict(ENV, UNIONFS_REUSE="1"))

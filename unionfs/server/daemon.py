@@ -187,7 +187,7 @@ def _close_log(log_: LogFile | None) -> None:
 
 
 def serve_handed_over(cfg: MountConfig, ready_fd: int, opener: Callable[[list[tuple[str, bool]]], LayerStack],
-                      fuse_fd: int, reuse: bool = False) -> int:
+                      fuse_fd: int | Callable[[], int], reuse: bool = False) -> int:
     """A resident server's worker (`unionfs.server.resident`): serve the FUSE fd *fuse_fd* a client
     mounted (on *cfg.mountpoint*, a real path), on the branches *opener* gives, as a background
     daemon with its log beside its pidfile; its exit status.  With *reuse*, return once the kernel
@@ -246,7 +246,7 @@ def _setup_logging(debug: bool, log_file: LogFile | None) -> None:
 def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           on_ready: Callable[[], None] | None = None,
           opener: Callable[[list[tuple[str, bool]]], LayerStack] | None = None,
-          fuse_fd: int | None = None, at_exit: Callable[[], None] | None = None,
+          fuse_fd: int | Callable[[], int] | None = None, at_exit: Callable[[], None] | None = None,
           reuse: bool = False) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
@@ -258,7 +258,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     exit (the C client for the pidfile's lock, let go of once every other fd is closed, just before
     the exit).  Call `preload` first where the imports' time matters.  A
     resident server's worker gives *opener* (the branches it was handed open, by writability) and
-    *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N``.
+    *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N`` (or
+    what gives it, once *opener* has been called: a worker handed its client before the client
+    mounted receives the fds then).
     With *reuse* as well, the process does not exit when the kernel ends the session: everything
     unwinds in order (the pidfile's lock still last) and `last_end` says "kernel".
     """
@@ -337,7 +339,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         ctl.after_change = functools.partial(_release_at_session_end, layers, not_ours)
         with _stderr_captured() as said:
             try:
-                where = cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
+                fd = fuse_fd() if callable(fuse_fd) else fuse_fd
+                where = cfg.mountpoint if fd is None else f"/dev/fd/{fd}"
                 pyfuse3.init(ops, where, fuse_options(cfg))
             except RuntimeError as e:
                 why = said()[-1:] or [str(e)]  # libfuse and fusermount3 say why on stderr

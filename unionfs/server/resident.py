@@ -200,6 +200,12 @@ class Server:
         # what it mounted and runs the Python command, which starts a server of its own.
         if build_id() != self.build:
             return self.give_way(conn, pid)
+        # A warm spare takes the client now and gets ready while the client mounts; it receives
+        # the fds itself.
+        spare = self.hand_to_spare(conn, cfg, [])
+        if spare is not None:
+            self.handed_over(spare, pid, cfg, "C")
+            return True
         request = _receive(conn, pid)
         if request is None:
             return True
@@ -224,13 +230,16 @@ class Server:
                 return True
             if worker == 0:
                 self._worker(conn, cfg, fds)   # never returns
+        _close(fds)
+        self.handed_over(worker, pid, cfg, via)
+        return True
+
+    def handed_over(self, worker: int, pid: int, cfg: MountConfig, via: str) -> None:
         self.workers.add(worker)
         self.handed += 1
         log.info("mount %d for pid %d (%s client) on %s: worker %d",
                  self.handed, pid, via, cfg.mountpoint, worker)
-        _close(fds)
         self.keep_log_small()
-        return True
 
     def keep_log_small(self) -> None:
         """Once the state directory's server.log we write is over `statedir.LOG_LIMIT`, rename it
@@ -538,28 +547,56 @@ def plan(pid: int, uid: int, prog: str, args: list[str], fds: list[int]) -> tupl
 
 
 def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int], reuse: bool = False) -> int:
+    """Serve *cfg* on the FUSE fd and branch fds *fds* from the client *conn*; with no *fds*, the
+    client sends them here itself once it has mounted (`Server.take_argv`), and everything that
+    does not need them (the state directory, the log, the session's set-up) is done meanwhile."""
     from unionfs.core.branches import LayerStack, stack_from_fds
 
     from .daemon import hold_stop_signals, serve_handed_over
 
-    hold_stop_signals()   # the mount is there already: from here a SIGTERM must unmount it
+    hold_stop_signals()   # the mount is there (or about to be): from here a SIGTERM must unmount it
 
-    fuse_fd, given = fds[0], fds[1:]
-    work_root = given[len(cfg.branches)] if cfg.workdir is not None else None
+    received = list(fds)
+    expected = 1 + len(cfg.branches) + (cfg.workdir is not None)
+
+    def fds_now() -> list[int]:
+        """The client's fds: the FUSE device's first (received now if they were not handed over)."""
+        if not received:
+            try:
+                conn.settimeout(CLIENT_TIMEOUT)
+                data, got, _, _ = socket.recv_fds(conn, 64, MAX_FDS)
+            except OSError as e:
+                raise QuietError(f"no mount from the client: {e.strerror or e}") from None
+            finally:
+                conn.close()
+            if data != b"fds" or len(got) != expected:
+                _close(got)
+                raise QuietError(f"bad request: {len(got)} fds")
+            received.extend(got)
+        return received
+
+    given: list[int] = []
 
     def opener(branches: list[tuple[str, bool]]) -> LayerStack:
         """The stack over copies of the fds given: a retry read-only gets fresh ones."""
+        if not given:
+            given.extend(fds_now()[1:])
+        work_root = given[len(cfg.branches)] if cfg.workdir is not None else None
         opened = [(path, os.dup(fd), w) for (path, w), fd in zip(branches, given, strict=False)]
         work = os.dup(work_root) if work_root is not None else None
         stack = stack_from_fds(opened, work, cfg.workdir, cfg.style == "aufs")
         _close(given)
-        given.clear()
+        given[:] = [-1]   # (closed: not received again)
         return stack
 
     conn.settimeout(None)   # blocking again: the reply is written to a plain fd
     reply = os.dup(conn.fileno())
-    conn.close()
-    return serve_handed_over(cfg, reply, opener, fuse_fd, reuse=reuse)
+    if received:
+        conn.close()
+    try:
+        return serve_handed_over(cfg, reply, opener, lambda: fds_now()[0], reuse=reuse)
+    finally:
+        conn.close()
 
 
 def _receive(conn: socket.socket, pid: int) -> tuple[bytes, list[int]] | None:
