@@ -290,6 +290,29 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         held: list[int] = []
         stack.callback(_close_all, held)
         not_ours = _open_fds()   # the log's, inherited ones
+        # The pidfile and the control socket come first: a worker handed its client before the
+        # client mounted (`unionfs.server.resident`) makes them while the client mounts.  Nothing
+        # here touches the mount point path: once mounted, a stat of it from this thread would wait
+        # for a reply only this thread can give.
+        pidfile = _pid_name(cfg.mountpoint, resolved=fuse_fd is not None)   # mounted already: not looked at
+        state = StateDir.open(create=True)
+        undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
+        if state is not None:
+            stack.callback(state.close)
+            undo.callback(state.discard)
+            not_ours.add(state.fd)
+        visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
+        if state is not None:
+            fd = _write_pidfile(state, pidfile)
+            visible.callback(state.remove_pid, pidfile, os.getpid())
+            if fd is not None:
+                held.append(fd)
+                not_ours.add(fd)   # not the shim's to let go of with the branches
+        key = pidfile.removesuffix(".pid")
+        listener = control.listen(state, key)
+        if listener is not None:
+            visible.callback(control.forget, state, key)
+            visible.callback(listener.close)
         # A writable top is opened for writing even under -o ro (the kernel's mount is then
         # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
         # an upper on a read-only filesystem is served read-only.
@@ -324,17 +347,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
 
         def release_branches() -> None:
             branches.close()
-        # Everything that touches the mount point path happens before the mount: once mounted,
-        # a stat of it from this thread would wait for a reply only this thread can give.
-        pidfile = _pid_name(cfg.mountpoint, resolved=fuse_fd is not None)   # mounted already: not looked at
         ctl = control.Control(ops, cfg.style, cfg.mountpoint if fuse_fd is not None
                               else os.path.realpath(cfg.mountpoint))
-        state = StateDir.open(create=True)
-        undo = stack.enter_context(contextlib.ExitStack())  # what a mount that fails must not leave
-        if state is not None:
-            stack.callback(state.close)
-            undo.callback(state.discard)
-            not_ours.add(state.fd)
         _release_at_session_end(layers, not_ours)
         ctl.after_change = functools.partial(_release_at_session_end, layers, not_ours)
         with _stderr_captured() as said:
@@ -357,19 +371,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
                 _close_session(pyfuse3)
         stack.callback(close_session)
         stack.callback(release_branches)   # before the session is closed
-        visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
-        if state is not None:
-            fd = _write_pidfile(state, pidfile)
-            visible.callback(state.remove_pid, pidfile, os.getpid())
-            if fd is not None:
-                held.append(fd)
-                not_ours.add(fd)   # not the shim's to let go of with the branches
-                _release_at_session_end(layers, not_ours)
-        key = pidfile.removesuffix(".pid")
-        listener = control.listen(state, key)
-        if listener is not None:
-            visible.callback(control.forget, state, key)
-            visible.callback(listener.close)
         if ready_fd is not None:
             protocol.report_ready(ready_fd)
             _detach_stdio()
