@@ -952,6 +952,44 @@ static PyObject *py_spin_for_request(PyObject *self, PyObject *arg)
     return PyBool_FromLong(found);
 }
 
+/* Read the session's first request, the kernel's INIT (queued by the mount itself), and answer it
+   here, through the shim as the session loop would, before any event loop runs: a mount is usable
+   as soon as this returns.  Only for a session whose mount exists already (a resident server's
+   worker).  False when no request came within the time given, or the read failed. */
+static PyObject *py_answer_init(PyObject *self, PyObject *arg)
+{
+    long ms = PyLong_AsLong(arg);
+    if (ms == -1 && PyErr_Occurred())
+        return NULL;
+    if (last_session == NULL)
+        Py_RETURN_FALSE;
+    struct fuse_session *se = last_session;
+    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    struct fuse_buf buf;
+    int res;
+    memset(&buf, 0, sizeof buf);
+    Py_BEGIN_ALLOW_THREADS
+    res = poll(&p, 1, (int)ms);
+    if (res > 0 && (p.revents & POLLIN)) {
+        seen_waiting = 1;
+        res = fuse_session_receive_buf(se, &buf);
+    } else {
+        res = -1;
+    }
+    Py_END_ALLOW_THREADS
+    if (res <= 0) {
+        free(buf.mem);
+        Py_RETURN_FALSE;
+    }
+    const struct fuse_in_header *in = buf.mem;
+    int init = (size_t)res >= sizeof *in && !(buf.flags & FUSE_BUF_IS_FD) && in->opcode == FUSE_INIT;
+    fuse_session_process_buf(se, &buf); /* (the GIL held: pyfuse3's INIT handler is Python) */
+    free(buf.mem);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(init);
+}
+
 static PyObject *py_session_exited(PyObject *self, PyObject *unused)
 {
     return PyBool_FromLong(last_session == NULL || fuse_session_exited(last_session));
@@ -1092,6 +1130,9 @@ static PyMethodDef methods[] = {
     {"request_waiting", py_request_waiting, METH_NOARGS,
      "Whether a request waits to be read (or the session ended): the next read then needs no "
      "second look (after guard_reads(); False before)."},
+    {"answer_init", py_answer_init, METH_O,
+     "answer_init(ms) -> bool: read the session's INIT request (waiting up to ms) and answer it now; "
+     "whether it was INIT."},
     {"session_exited", py_session_exited, METH_NOARGS,
      "Whether the session made through the shim last has ended (or there is none)."},
     {"sessions", py_sessions, METH_NOARGS,

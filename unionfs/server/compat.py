@@ -202,6 +202,13 @@ spins for the next one (a caller that sends requests one after the other: a walk
 _before_next_read: list[Callable[[], None]] = []
 
 
+def answer_init(timeout_ms: int = 1000) -> bool:
+    """Answer the session's INIT request now, before the session loop runs (the mount exists
+    already: a resident server's worker); whether it was answered (False without the shim)."""
+    answer = getattr(_shim, "answer_init", None)
+    return bool(answer is not None and answer(timeout_ms))
+
+
 def before_next_read(fn: Callable[[], None]) -> bool:
     """Have the quick session loop call *fn* before it reads the next request, that is once the
     reply to the request being served has gone out (the INIT reply: the kernel sets the mount's

@@ -363,6 +363,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         compat.quicken_session_loop(pyfuse3)
         for line in notes:
             log.warning("%s", line)
+        # A mount made already (a resident server's worker) has its INIT request waiting: answered
+        # here, it is usable once the client has our answer, not only once trio and the session
+        # loop have started (about half a millisecond).
+        init_done = fuse_fd is not None and compat.answer_init()
         session_open = [True]
 
         def close_session() -> None:
@@ -374,6 +378,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if ready_fd is not None:
             protocol.report_ready(ready_fd)
             _detach_stdio()
+        seen: list[str] = []
+        if init_done:
+            _raise_read_ahead(cfg.mountpoint, seen)   # before any other request is read
         undo.pop_all()
         if on_ready is not None:
             on_ready()
@@ -419,11 +426,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             if state is not None:
                 state.close()
             _close_all(held)
-        seen: list[str] = []
         quick = at_exit is not None
         signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
                              exit_now if quick and not reuse else None, seen,
-                             let_go if quick and reuse else None)
+                             let_go if quick and reuse else None, init_done)
         last_end = "signal" if signalled else "kernel"
         if signalled and fuse_fd is not None:
             _unmount_handed_over(cfg.mountpoint, seen)
@@ -551,7 +557,8 @@ def _close_session(pyfuse3: object) -> None:
 async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
                 release_branches: Callable[[], None], ctl: control.Control | None = None,
                 listener: socket.socket | None = None, exit_now: Callable[[], None] | None = None,
-                seen: list[str] | None = None, let_go: Callable[[], None] | None = None) -> bool:
+                seen: list[str] | None = None, let_go: Callable[[], None] | None = None,
+                init_done: bool = False) -> bool:
     """Serve until the session ends; then let go of the branches first, before the rest winds
     down, or call *exit_now* (or *let_go*, which returns) when the kernel ended the session.
     Whether a signal ended it; the mount's device, once known, goes to *seen*."""
@@ -568,7 +575,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
         if not compat.before_next_read(raise_read_ahead):
             initialised.set()
 
-    ops.on_init = on_init
+    if not init_done:   # (else answered before the loop, the read-ahead raised: `serve`)
+        ops.on_init = on_init
 
     async def after_init() -> None:
         await initialised.wait()
@@ -600,7 +608,8 @@ async def _main(pyfuse3: object, ops: Operations, mountpoint: str,
             nursery.start_soon(on_signals, signals)
             if _stopped:   # before the receiver was there (`hold_stop_signals`)
                 nursery.start_soon(stop, _stopped.pop(0))
-            nursery.start_soon(after_init)
+            if not init_done:
+                nursery.start_soon(after_init)
             if ctl is not None and listener is not None:
                 from . import control
                 nursery.start_soon(control.serve, ctl, listener)
