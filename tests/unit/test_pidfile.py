@@ -45,6 +45,26 @@ def test_a_daemon_names_itself(state: StateDir) -> None:
     assert not Path(state.path, "k.pid").exists()
 
 
+def test_a_held_pidfile_is_removed_only_while_it_is_that_file(state: StateDir) -> None:
+    """A worker that serves mount after mount at one point removes the pidfile it holds, not the
+    one a later mount there wrote (same pid, same record: told apart by the file itself)."""
+    held = state.write_pid("k.pid", os.getpid(), hold=True)
+    assert held is not None
+    try:
+        state.write_pid("k.pid", os.getpid())   # a later mount's, replacing it
+        state.remove_pid("k.pid", os.getpid(), held)
+        assert Path(state.path, "k.pid").exists(), "removed another mount's pidfile"
+    finally:
+        os.close(held)
+    held = state.write_pid("k.pid", os.getpid(), hold=True)
+    assert held is not None
+    try:
+        state.remove_pid("k.pid", os.getpid(), held)
+        assert not Path(state.path, "k.pid").exists()
+    finally:
+        os.close(held)
+
+
 @pytest.mark.parametrize("forged", ["bare pid", "another start", "another pid namespace", "no such pid"])
 def test_a_pidfile_that_names_no_daemon(state: StateDir, stranger: int, forged: str) -> None:
     record = PidRecord.of(stranger)

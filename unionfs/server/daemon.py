@@ -304,7 +304,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         visible = stack.enter_context(contextlib.ExitStack())   # what a user sees of the daemon
         if state is not None:
             fd = _write_pidfile(state, pidfile)
-            visible.callback(state.remove_pid, pidfile, os.getpid())
+            visible.callback(state.remove_pid, pidfile, os.getpid(), fd)
             if fd is not None:
                 held.append(fd)
                 not_ours.add(fd)   # not the shim's to let go of with the branches

@@ -378,9 +378,15 @@ class StateDir:
         os.close(fd)
         return None
 
-    def remove_pid(self, name: str, pid: int) -> None:
+    def remove_pid(self, name: str, pid: int, held: int | None = None) -> None:
         """Remove *name* if it still names *pid* of this PID namespace (a later mount on the same
-        point may own it now)."""
+        point may own it now): with *held*, the fd `write_pid` returned, if it is still that file."""
+        if held is not None:
+            with contextlib.suppress(OSError):
+                named, ours = os.stat(name, dir_fd=self.fd, follow_symlinks=False), os.fstat(held)
+                if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(name, dir_fd=self.fd)
+            return
         record = self.read_record(name)
         if record is not None and record.pid == pid and record.pidns == pid_namespace():
             with contextlib.suppress(OSError):
