@@ -62,30 +62,24 @@ def parent_of(pid: int) -> int:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
 
 
-def wait_gone(pid: int) -> bool:
+def wait_gone(pid: int, or_spare: bool = False) -> bool:
+    """Whether *pid* is gone within the mount timeout (with *or_spare*, or back with its server as
+    a spare: a worker done with its mount, `unionfs.server.resident`)."""
     deadline = time.monotonic() + util.MOUNT_TIMEOUT
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return True
+        if or_spare and comm(pid) == "unionfs-spare":
             return True
         time.sleep(0.01)
     return False
 
 
 def wait_done(pid: int) -> bool:
-    """A worker whose mount has ended is done with it within the mount timeout: gone, or back with
-    its server as a spare (`unionfs.server.resident`)."""
-    deadline = time.monotonic() + util.MOUNT_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if comm(pid) == "unionfs-spare":
-            return True
-        time.sleep(0.01)
-    return False
+    """A worker whose mount has ended is done with it within the mount timeout."""
+    return wait_gone(pid, or_spare=True)
 
 
 @pytest.fixture
