@@ -96,7 +96,6 @@ class Server:
         self.spares: list[tuple[int, socket.socket]] = []   # their pids, our ends of their socket pairs
         self.busy: dict[int, socket.socket] = {}   # spares serving a mount, to come back for another
         self.reuse = _reuses_wanted()
-        self.returned: set[int] = set()   # spares back from a mount: their "warm" read already
 
     def serve_forever(self) -> None:
         """Accept until stopped (SIGTERM, SIGINT), idle for ``idle`` seconds, asked to give way to
@@ -155,7 +154,7 @@ class Server:
         data, fds = request
         try:
             cfg = config_from(ast.literal_eval(data.decode()))
-            if len(fds) != 1 + len(cfg.branches) + (cfg.workdir is not None):
+            if len(fds) != _fd_count(cfg):
                 raise ValueError(f"{len(fds)} fds")
         except (ValueError, KeyError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
             log.warning("pid %d: bad request: %s", pid, e)
@@ -209,7 +208,7 @@ class Server:
         request = _receive(conn, pid)
         if request is None:
             return True
-        if request[0] != b"fds" or len(request[1]) != 1 + len(cfg.branches) + (cfg.workdir is not None):
+        if request[0] != b"fds" or len(request[1]) != _fd_count(cfg):
             log.warning("pid %d: bad request: %d fds", pid, len(request[1]))
             _send(conn, "refused: bad request")
             _close(request[1])
@@ -273,14 +272,12 @@ class Server:
         for spare in list(self.spares):
             pid, ours = spare
             try:
-                # Read, not peeked: a close with unread data would reset the connection, and the
-                # spare's read of the mount with it.  A worker back from a mount said it already.
-                said = SPARE_READY if pid in self.returned else ours.recv(16, socket.MSG_DONTWAIT)
+                said = ours.recv(16, socket.MSG_DONTWAIT)   # read, not peeked: a close with unread
+                # data would reset the connection, and the spare's read of the mount with it
             except BlockingIOError:
                 continue
             except OSError:
                 said = b""
-            self.returned.discard(pid)
             with contextlib.suppress(ValueError):   # (reaped meanwhile)
                 self.spares.remove(spare)
             try:
@@ -301,10 +298,11 @@ class Server:
 
     def collect_returned(self) -> None:
         """Take back as spares, first in line, the workers whose mount has ended and that said so
-        (`_spare`); forget those that exited.  Spares beyond `max_spares` are let go (they exit)."""
+        (`_spare`: peeked, `hand_to_spare` reads it); forget those that exited.  Spares beyond
+        `max_spares` are let go (they exit)."""
         for pid, ours in list(self.busy.items()):
             try:
-                said = ours.recv(16, socket.MSG_DONTWAIT)
+                said = ours.recv(16, socket.MSG_DONTWAIT | socket.MSG_PEEK)
             except BlockingIOError:
                 continue
             except OSError:
@@ -312,13 +310,10 @@ class Server:
             del self.busy[pid]
             if said == SPARE_READY:
                 self.spares.insert(0, (pid, ours))
-                self.returned.add(pid)
             else:
                 ours.close()
         while len(self.spares) > max(self.max_spares, 1):
-            pid, ours = self.spares.pop()
-            self.returned.discard(pid)
-            ours.close()
+            self.spares.pop()[1].close()
 
     def fork_spares(self) -> None:
         """Fork workers for the next mounts until `max_spares` wait, counting those serving a mount
@@ -359,7 +354,6 @@ class Server:
             for spare in [s for s in self.spares if s[0] == done]:
                 self.spares.remove(spare)
                 spare[1].close()
-            self.returned.discard(done)
             ours = self.busy.pop(done, None)
             if ours is not None:
                 ours.close()
@@ -557,7 +551,6 @@ def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int], reuse: 
     hold_stop_signals()   # the mount is there (or about to be): from here a SIGTERM must unmount it
 
     received = list(fds)
-    expected = 1 + len(cfg.branches) + (cfg.workdir is not None)
 
     def fds_now() -> list[int]:
         """The client's fds: the FUSE device's first (received now if they were not handed over)."""
@@ -569,24 +562,21 @@ def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int], reuse: 
                 raise QuietError(f"no mount from the client: {e.strerror or e}") from None
             finally:
                 conn.close()
-            if data != b"fds" or len(got) != expected:
+            if data != b"fds" or len(got) != _fd_count(cfg):
                 _close(got)
                 raise QuietError(f"bad request: {len(got)} fds")
             received.extend(got)
         return received
 
-    given: list[int] = []
-
     def opener(branches: list[tuple[str, bool]]) -> LayerStack:
         """The stack over copies of the fds given: a retry read-only gets fresh ones."""
-        if not given:
-            given.extend(fds_now()[1:])
+        given = fds_now()[1:]
         work_root = given[len(cfg.branches)] if cfg.workdir is not None else None
         opened = [(path, os.dup(fd), w) for (path, w), fd in zip(branches, given, strict=False)]
         work = os.dup(work_root) if work_root is not None else None
         stack = stack_from_fds(opened, work, cfg.workdir, cfg.style == "aufs")
         _close(given)
-        given[:] = [-1]   # (closed: not received again)
+        del received[1:]   # closed (the FUSE device's stays)
         return stack
 
     conn.settimeout(None)   # blocking again: the reply is written to a plain fd
@@ -597,6 +587,11 @@ def _serve_worker(conn: socket.socket, cfg: MountConfig, fds: list[int], reuse: 
         return serve_handed_over(cfg, reply, opener, lambda: fds_now()[0], reuse=reuse)
     finally:
         conn.close()
+
+
+def _fd_count(cfg: MountConfig) -> int:
+    """How many fds a client hands over for *cfg*: the FUSE device's, each branch's, the work dir's."""
+    return 1 + len(cfg.branches) + (cfg.workdir is not None)
 
 
 def _receive(conn: socket.socket, pid: int) -> tuple[bytes, list[int]] | None:

@@ -162,14 +162,21 @@ def wait_released(fd: int, timeout: float) -> bool:
     """Whether the daemon holding the pidfile open as *fd* locked (`StateDir.locked_pidfile`) has
     let go of the lock within *timeout* seconds: it had let go of everything else before."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
+    while _held_elsewhere(fd):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _held_elsewhere(fd: int) -> bool:
+    """Whether another open file holds *fd*'s file locked (``flock``, exclusive): a shared lock is
+    tried without waiting (had, it lasts until *fd* is closed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    return False
 
 
 def wait_for_exit(pid: int, timeout: float, start: int | None = None) -> bool:
@@ -369,12 +376,9 @@ class StateDir:
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return fd
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            if _held_elsewhere(fd):
+                return fd
         os.close(fd)
         return None
 
