@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import util
 from launcher_util import PYTHON, UnprivUser, python_for, world_readable_tempdir
-from test_resident import ENV, area, root_server, run, server_pid, state_key, user_area, users
+from test_resident import ENV, area, comm, root_server, run, server_pid, state_key, user_area, users
 from test_resident_c import SOURCE, client, command_as
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
@@ -69,13 +69,6 @@ def let_go(pid: int) -> bool:
             pass
     return all(t == os.devnull or t.startswith(("socket:[", "pipe:[", "anon_inode:"))
                or os.path.basename(t) == "server.log" for t in targets)
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def done(pid: int) -> bool:
