@@ -111,10 +111,26 @@ def listen(state: StateDir | None, key: str) -> socket.socket | None:
     return sock
 
 
-def forget(state: StateDir | None, key: str) -> None:
-    """Remove the socket file at exit."""
+def bound(state: StateDir | None, key: str) -> tuple[str, int, int] | None:
+    """The socket file `listen` made in *state*: its name, st_dev and st_ino; None when there is none."""
+    if state is None:
+        return None
+    try:
+        st = os.stat(key + SUFFIX, dir_fd=state.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return key + SUFFIX, st.st_dev, st.st_ino
+
+
+def forget(state: StateDir | None, key: str, made: tuple[str, int, int] | None = None) -> None:
+    """Remove the socket file at exit: with *made* (`bound`), only while it is still that file (a
+    later mount on the same point may have made its own)."""
     if state is not None and state.fd >= 0:
         with contextlib.suppress(OSError):
+            if made is not None:
+                st = os.stat(key + SUFFIX, dir_fd=state.fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) != made[1:]:
+                    return
             os.unlink(key + SUFFIX, dir_fd=state.fd)
 
 

@@ -15,8 +15,12 @@ PID namespace it ran in, leaves a pidfile whose pid is another process's by the 
 ``daemon_pidfd``) takes the pid only when it is in the reader's PID namespace and the process of that
 pid (held by a pidfd, found in /proc through its fdinfo) started when the daemon did; anything else
 (an old bare pid too) names no daemon to wait for.  A daemon holds its pidfile locked (``flock``)
-from before it is in place until it has let go of the mount (branches, FUSE device, state files);
-the C client's `unionfs umount` waits for that lock rather than for the process's exit.
+from before it is in place until it has let go of the mount (branches, FUSE device, pidfile and
+control socket); the C client's `unionfs umount` waits for that lock rather than for the process's
+exit.  A log is held in use (``flock``, shared) by each daemon writing to it: the one that tidies
+an empty log away at its end does it only while no other holds it (a later mount on the same point
+may have opened it before this one's end was done), and one that opens a log a tidy has just
+removed opens it anew.
 What such daemons leave, `StateDir.sweep` removes.
 """
 from __future__ import annotations
@@ -55,6 +59,7 @@ LOG_LIMIT = 1 << 20
 _KEY_SUFFIXES = (".pid", CONTROL_SUFFIX, ".log")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OLD_LOG = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def state_dir() -> str:
@@ -492,18 +497,23 @@ class StateDir:
         return True
 
     def open_log(self, name: str) -> LogFile:
-        """Open *name* for appending: made new (O_EXCL), or an earlier log of ours, never a symlink."""
+        """Open *name* for appending: made new (O_EXCL), or an earlier log of ours, never a symlink;
+        held in use (see the module's text)."""
         path = os.path.join(self.path, name)
-        try:
+        for _ in range(_LOG_TRIES):
             try:
-                fd = os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd)
-                return LogFile(fd, path, created=True, in_state_dir=True)
-            except FileExistsError:
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=self.fd)
-        except OSError as e:
-            why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-            raise QuietError(f"refusing the log file {path}: {why}") from None
+                try:
+                    fd = os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd)
+                    _hold_in_use(fd)
+                    return LogFile(fd, path, created=True, in_state_dir=True)
+                except FileExistsError:
+                    fd = os.open(name, _OLD_LOG, dir_fd=self.fd)
+            except OSError as e:
+                why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+                raise QuietError(f"refusing the log file {path}: {why}") from None
+            if _hold_in_use(fd):
+                break
+            os.close(fd)   # an empty log another daemon tidied away just now: made anew
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
@@ -511,6 +521,30 @@ class StateDir:
         with contextlib.suppress(OSError):
             os.utime(fd)   # in use again: not for a `sweep` to take while its pidfile is not written yet
         return LogFile(fd, path, created=False, in_state_dir=True)
+
+
+_LOG_TRIES = 3
+_LOG_WAIT = 1.0   # seconds: a tidy holds a log exclusively for two system calls
+
+
+def _hold_in_use(fd: int) -> bool:
+    """Hold the log *fd* in use (``flock``, shared), waiting out a tidy that holds it for a moment;
+    whether it is still linked (False: that tidy removed it).  Where locks fail: True, unheld."""
+    deadline = time.monotonic() + _LOG_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0002)
+        except OSError:
+            break
+    try:
+        return os.fstat(fd).st_nlink > 0
+    except OSError:
+        return True
 
 
 @dataclass
@@ -531,13 +565,19 @@ class LogFile:
     def open_user(cls, path: str) -> LogFile:
         """The log the user named with --log-file (a path the user gives is followed like any other)."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        try:
+        for _ in range(_LOG_TRIES):
             try:
-                return cls(os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), path, created=True)
-            except FileExistsError:
-                fd = os.open(path, flags | os.O_NONBLOCK)
-        except OSError as e:
-            raise QuietError(f"log file {path!r}: {e.strerror}") from None
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                    _hold_in_use(fd)
+                    return cls(fd, path, created=True)
+                except FileExistsError:
+                    fd = os.open(path, flags | os.O_NONBLOCK)
+            except OSError as e:
+                raise QuietError(f"log file {path!r}: {e.strerror}") from None
+            if _hold_in_use(fd):
+                break
+            os.close(fd)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
             raise QuietError(f"log file {path!r}: Is a directory")
@@ -545,9 +585,25 @@ class LogFile:
 
     def tidy(self) -> None:
         """At exit: an empty log goes, when it is ours to remove (the default log, or one this
-        mount made)."""
+        mount made).  Lines logged after the shim removed it empty at the session's end (see
+        `unionfs.server.daemon._let_go_at_session_end`) are appended to the log of its name."""
         if self.created or self.in_state_dir:
             self._unlink(only_if_empty=True)
+        if self.in_state_dir:
+            self._salvage()
+
+    def _salvage(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.fstat(self.fd)
+            if st.st_nlink != 0 or st.st_size == 0:
+                return
+            with open(f"/proc/self/fd/{self.fd}", "rb") as f:
+                lines = f.read()
+            fd = os.open(self.path, _OLD_LOG | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, lines)
+            finally:
+                os.close(fd)
 
     def discard(self) -> None:
         """After a failed mount: a default log this mount made goes, whatever it holds (the error
@@ -559,6 +615,9 @@ class LogFile:
 
     def _unlink(self, only_if_empty: bool) -> None:
         with contextlib.suppress(OSError):
+            # Only while no other daemon holds it in use (the lock, shared till now, is given up
+            # whether or not the exclusive one is had: this is the log's end for this daemon).
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             ours = os.fstat(self.fd)
             named = os.stat(self.path, follow_symlinks=False)
             if only_if_empty and ours.st_size != 0:
