@@ -50,11 +50,12 @@ def exited(pid: int) -> bool:
         return True
 
 
-def let_go(pid: int) -> bool:
-    """Holds nothing of its mount, as `unionfs umount` waits for: exited, or no fd open on the FUSE
-    device or on any file or directory but /dev/null and the resident server's log (a worker that
-    goes back to the server keeps its socket pair to it and the log it inherited, and unwinds its
-    event loop after it has let go of the mount)."""
+def let_go(pid: int, strictly: bool = False) -> bool:
+    """Holds nothing of its mount that a user could meet, as `unionfs umount` waits for: exited,
+    or no fd open on any file or directory but /dev/null and the resident server's log (a worker
+    that goes back to the server keeps its socket pair to it and the log it inherited); until it
+    has unwound (not *strictly*), the FUSE device of the ended session and its state directory's
+    fds too (its pidfile and log there are removed by then, or the log kept with what it says)."""
     if exited(pid):
         return True
     try:
@@ -67,14 +68,26 @@ def let_go(pid: int) -> bool:
             targets.append(os.readlink(f"/proc/{pid}/fd/{name}"))
         except FileNotFoundError:   # closed meanwhile
             pass
+    state = state_of(pid)
     return all(t == os.devnull or t.startswith(("socket:[", "pipe:[", "anon_inode:"))
-               or os.path.basename(t) == "server.log" for t in targets)
+               or os.path.basename(t) == "server.log"
+               or (not strictly and (t == "/dev/fuse" or t == state or t.startswith(state + "/")))
+               for t in targets)
+
+
+def state_of(pid: int) -> str:
+    """The state directory of the user of *pid* (as the tests run: no XDG_RUNTIME_DIR)."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return "/run/unionfs"
+    return "/run/unionfs" if uid == 0 else f"/tmp/unionfs-{uid}"
 
 
 def done(pid: int) -> bool:
     """Its mount ended, the daemon is done with it: `exited`, or (a resident server's worker) back
     with the server as a spare, holding nothing of the mount."""
-    return exited(pid) or (comm(pid) == "unionfs-spare" and let_go(pid))
+    return exited(pid) or (comm(pid) == "unionfs-spare" and let_go(pid, strictly=True))
 
 
 def wait_exited(pid: int, until: Callable[[int], bool] = exited) -> bool:

@@ -90,6 +90,8 @@
 #include <poll.h>
 #include <sched.h>
 #include <time.h>
+#include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 
@@ -552,48 +554,160 @@ static Py_ssize_t n_keep_fds;
 static int released;
 
 /* 1: an fd on a branch's filesystem to let go of now; 2: the same, but the last reference to an
-   unlinked file (closing it may free many blocks: done last, at ordinary priority); 0: keep it. */
+   unlinked file (closing it may free many blocks: done last, at ordinary priority); 3: an fd on a
+   branch's filesystem that stays (one in keep_fds, or not a file or directory); 0: any other. */
 static int releasable(int fd)
 {
     struct stat st;
-    if (fd <= 2 || fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+    if (fd <= 2 || fstat(fd, &st) != 0)
         return 0;
+    int on_branch = 0;
+    for (int i = 0; i < n_release_devs && !on_branch; i++)
+        on_branch = release_devs[i] == st.st_dev;
+    if (!on_branch)
+        return 0;
+    if (!(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+        return 3;
     for (Py_ssize_t i = 0; i < n_keep_fds; i++)
         if (keep_fds[i] == fd)
-            return 0;
-    for (int i = 0; i < n_release_devs; i++)
-        if (release_devs[i] == st.st_dev)
-            return S_ISREG(st.st_mode) && st.st_nlink == 0 ? 2 : 1;
+            return 3;
+    return S_ISREG(st.st_mode) && st.st_nlink == 0 ? 2 : 1;
+}
+
+/* The mount of fd, or of path from the root when fd is -1 (statx's mount id); 0 when unknown. */
+static uint64_t mount_id(int fd)
+{
+#ifdef STATX_MNT_ID
+    struct statx stx;
+    if (statx(fd < 0 ? AT_FDCWD : fd, fd < 0 ? "/" : "", fd < 0 ? 0 : AT_EMPTY_PATH, STATX_MNT_ID,
+              &stx) == 0 && (stx.stx_mask & STATX_MNT_ID))
+        return stx.stx_mnt_id;
+#endif
+    (void)fd;
     return 0;
 }
 
-/* Point the releasable fds of one kind at *sink*. */
-static void release_pass(int sink, int kind)
+/* Whether an fd that stays on a branch's filesystem keeps a mount busy that its user could mean to
+   unmount next: any but the root's (a state directory in /run where /run is no mount of its own,
+   the resident server's log there: they stay, and the root mount is never unmounted anyway). */
+static int keeps_busy(int fd)
+{
+    static uint64_t root;
+    if (root == 0)
+        root = mount_id(-1);
+    uint64_t id = mount_id(fd);
+    return id == 0 || root == 0 || id != root;
+}
+
+/* Point the releasable fds of one kind at *sink*; how many fds on a branch's filesystem stay,
+   keeping busy a mount other than the root's. */
+static int release_pass(int sink, int kind)
 {
     DIR *d = opendir("/proc/self/fd");
     if (d == NULL)
-        return;
+        return -1;
+    int staying = 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         int fd = atoi(e->d_name);
-        if (fd != sink && fd != dirfd(d) && releasable(fd) == kind)
+        if (fd == sink || fd == dirfd(d))
+            continue;
+        int kind_of = releasable(fd);
+        if (kind_of == kind)
             dup3(sink, fd, O_CLOEXEC);
+        else if (kind_of == 3 && kind == 1 && keeps_busy(fd))
+            staying++;
     }
     closedir(d);
+    return staying;
 }
 
 /* The sink is an unconnected socket of our own, never a shared file such as /dev/null: a request
    still being served after a forced abort may fchmod, fchown or fsetxattr what it takes for a
    branch fd, and on the socket that changes nothing but the socket (reads, writes, xattrs and
    *at() calls fail). */
-static void release_branch_fds(void)
+static int release_branch_fds(void)
 {
     int sink = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sink < 0)
-        return;
-    release_pass(sink, 1);
+        return -1;
+    int staying = release_pass(sink, 1);
     release_pass(sink, 2);
     close(sink);
+    return staying;
+}
+
+/* Letting go of the pidfile's lock at the session's end (py_let_go_at_session_end): its fd, the
+   state directory's, and the names there to remove first, each only while it is still the file
+   this mount made (a later mount on the same point may have made its own); a name with an fd (the
+   log) only while that file is empty and no other daemon holds it (flock, shared: statedir.py). */
+#define MAX_NAMES 4
+#define NO_NICE (-100)
+static int unlock_fd = -1;
+static int names_dir_fd = -1;
+static int n_names;
+static char *names[MAX_NAMES];
+static dev_t name_devs[MAX_NAMES];
+static ino_t name_inos[MAX_NAMES];
+static int name_fds[MAX_NAMES];
+static int work_parent_fd = -1; /* an AUFS-style work dir's parent (the top branch) ... */
+static char *work_name;          /* ... and its name there, removed first */
+static int let_go_early; /* done: the lock was let go of when the session ended */
+static int work_dropped; /* done: drop_work_dir */
+static int nice_after = NO_NICE; /* the priority to unwind at (setpriority) */
+
+static void forget_names(void)
+{
+    for (int i = 0; i < n_names; i++)
+        PyMem_RawFree(names[i]);
+    n_names = 0;
+    unlock_fd = names_dir_fd = work_parent_fd = -1;
+    PyMem_RawFree(work_name);
+    work_name = NULL;
+}
+
+/* Before the branches are let go of, when the pidfile's lock is to go at the session's end: the
+   AUFS-style work dir goes from the top branch (as LayerStack.drop_work does, if it is empty), and
+   the top branch's fd, kept for it, is let go of with the others. */
+static void drop_work_dir(void)
+{
+    if (work_parent_fd < 0)
+        return;
+    unlinkat(work_parent_fd, work_name, AT_REMOVEDIR);
+    for (Py_ssize_t i = 0; i < n_keep_fds; i++)
+        if (keep_fds[i] == work_parent_fd)
+            keep_fds[i] = -1;
+    work_dropped = 1;
+}
+
+/* The kernel ended the session and nothing on a branch's filesystem is held any more: what a user
+   sees of the mount goes (its pidfile, its control socket), then the pidfile's lock, which
+   `unionfs umount` waits for.  The log, the trio loop and the rest unwind afterwards. */
+static void let_go_of_mount(void)
+{
+    for (int i = 0; i < n_names; i++) {
+        struct stat st;
+        int fd = name_fds[i];
+        if (fd >= 0) {
+            if (fstat(fd, &st) != 0 || st.st_size != 0)
+                continue;
+            if (flock(fd, LOCK_EX | LOCK_NB) != 0) {   /* another daemon's log too: it stays */
+                flock(fd, LOCK_SH | LOCK_NB);
+                continue;
+            }
+        }
+        if (fstatat(names_dir_fd, names[i], &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            st.st_dev == name_devs[i] && st.st_ino == name_inos[i])
+            unlinkat(names_dir_fd, names[i], 0);
+    }
+    flock(unlock_fd, LOCK_UN);
+    let_go_early = 1;
+    /* What follows (the log, trio's unwinding, a reused worker's checks: about a millisecond of
+       CPU) waits for whoever unmounted: at normal priority it took the CPU from the `unionfs
+       umount` just woken, or from its caller, for up to a scheduler slice. */
+    if (nice_after != NO_NICE)
+        setpriority(PRIO_PROCESS, 0, nice_after);
+    forget_names();
 }
 
 /* The backing files still registered: the kernel holds them open until /dev/fuse is closed, which
@@ -659,6 +773,7 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
             return -EINTR;
         seen_waiting = 0;
     }
+    int exited_before = fuse_session_exited(se);
     int res = real(se, buf);
     if (res == -EAGAIN && guarded_reads && se == last_session)
         res = -EINTR; /* the request that was waiting went (its caller was killed): wait again */
@@ -667,7 +782,15 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
         released = 1;
         close_backing_files(se);
-        release_branch_fds();
+        int kernel_ended = !exited_before && res == 0;
+        if (kernel_ended && unlock_fd >= 0)
+            drop_work_dir();
+        int staying = release_branch_fds();
+        /* Only when the kernel ended it (libfuse: the read failed with ENODEV; the session was not
+           ended by pyfuse3.terminate, after which a signalled worker unmounts), and only when every
+           fd on the branches' filesystems went (a state directory there: the lock goes last). */
+        if (kernel_ended && staying == 0 && unlock_fd >= 0)
+            let_go_of_mount();
     }
     return res;
 }
@@ -814,6 +937,69 @@ static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_let_go_at_session_end(PyObject *self, PyObject *args)
+{
+    int lock_fd, dir_fd, nice = NO_NICE, work_fd = -1;
+    const char *work = NULL;
+    PyObject *given;
+    if (!PyArg_ParseTuple(args, "iiO|iiy", &lock_fd, &dir_fd, &given, &nice, &work_fd, &work))
+        return NULL;
+    forget_names();
+    let_go_early = work_dropped = 0;
+    nice_after = nice;
+    if (lock_fd < 0)
+        Py_RETURN_NONE;
+    PyObject *list = PySequence_Fast(given, "names must be a sequence");
+    if (list == NULL)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(list) > MAX_NAMES) {
+        Py_DECREF(list);
+        PyErr_SetString(PyExc_ValueError, "more names than the shim keeps");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(list); i++) {
+        const char *name;
+        unsigned long long dev, ino;
+        int fd = -1;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(list, i), "yKK|i", &name, &dev, &ino, &fd))
+            break;
+        size_t len = strlen(name) + 1;
+        names[n_names] = PyMem_RawMalloc(len);
+        if (names[n_names] == NULL) {
+            PyErr_NoMemory();
+            break;
+        }
+        memcpy(names[n_names], name, len);
+        name_devs[n_names] = (dev_t)dev;
+        name_inos[n_names] = (ino_t)ino;
+        name_fds[n_names] = fd;
+        n_names++;
+    }
+    Py_DECREF(list);
+    if (PyErr_Occurred()) {
+        forget_names();
+        return NULL;
+    }
+    if (work_fd >= 0 && work != NULL) {
+        size_t len = strlen(work) + 1;
+        work_name = PyMem_RawMalloc(len);
+        if (work_name == NULL) {
+            forget_names();
+            return PyErr_NoMemory();
+        }
+        memcpy(work_name, work, len);
+        work_parent_fd = work_fd;
+    }
+    unlock_fd = lock_fd;
+    names_dir_fd = dir_fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_let_go_early(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(ii)", let_go_early, work_dropped);
 }
 
 static PyObject *py_passthrough(PyObject *self, PyObject *unused)
@@ -1104,6 +1290,18 @@ static PyMethodDef methods[] = {
     {"reply_err", py_reply_err, METH_VARARGS,
      "reply_err(req, errno): answer a fallocate request the callback took (returned None for); "
      "once per request, from the thread that runs the FUSE loop."},
+    {"let_go_at_session_end", py_let_go_at_session_end, METH_VARARGS,
+     "let_go_at_session_end(lock_fd, dir_fd, names[, nice]): when the kernel ends the session and "
+     "the branches were let go of with nothing on their filesystems left, remove each (name, dev, "
+     "ino[, fd]) of names from dir_fd that is still that file (with fd, a log: only while empty "
+     "and not held by another, flock), unlock lock_fd (flock), then set this "
+     "process's priority to nice (setpriority; -100: leave it); lock_fd -1: none of it.  With "
+     "work_fd and work: first remove the directory work (an AUFS-style work dir, if empty) from "
+     "work_fd, and let go of work_fd with the branches even when it is one release_on_session_end "
+     "keeps."},
+    {"let_go_early", py_let_go_early, METH_NOARGS,
+     "let_go_early() -> (let go, work dir removed): what the last session's end did "
+     "(let_go_at_session_end)."},
     {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
      "release_on_session_end(devices, keep): when the session loop finds the session ended, point "
      "every fd on those filesystems (st_dev), but 0-2 and those in keep, at a private sink."},

@@ -188,6 +188,33 @@ def release_on_session_end(devices: Sequence[int], keep: Sequence[int]) -> None:
         _shim.release_on_session_end(devices, keep)
 
 
+def let_go_at_session_end(lock_fd: int, dir_fd: int, names: Sequence[tuple[str, int, int, int]],
+                          nice: int | None = None, work: tuple[int, bytes] | None = None) -> bool:
+    """Have the shim let go of a mount the moment the kernel ends its session, once the branches
+    are let go of (`release_on_session_end`) and nothing on their filesystems is left: remove each
+    of *names* (name, st_dev, st_ino, fd) from the directory *dir_fd* while it is still that file
+    (with an fd other than -1, a log: only while it is empty and no other daemon holds it),
+    unlock the pidfile *lock_fd* (``flock``), which `unionfs umount` waits for, and then go on at
+    priority *nice* (None: as it is).  *work* (an fd and a name: an AUFS-style work dir in the top
+    branch) is removed first, if empty, and the fd let go of with the branches.  *lock_fd* -1: none
+    of it (the session's end leaves it all to the daemon).  Whether the shim can."""
+    if _shim is None or not hasattr(_shim, "let_go_at_session_end"):
+        return False
+    given = [(os.fsencode(name), dev, ino, fd) for name, dev, ino, fd in names]
+    work_fd, work_name = work if work is not None else (-1, b"")
+    _shim.let_go_at_session_end(lock_fd, dir_fd, given, -100 if nice is None else nice, work_fd, work_name)
+    return lock_fd >= 0
+
+
+def let_go_early() -> tuple[bool, bool]:
+    """What the last session's end did in the shim (`let_go_at_session_end`): whether it let go of
+    the mount, and whether it removed the work dir (the top branch's fd is then no longer one)."""
+    if _shim is None or not hasattr(_shim, "let_go_early"):
+        return False, False
+    done, dropped = _shim.let_go_early()
+    return bool(done), bool(dropped)
+
+
 QUICK_RUN = 32
 """Requests served in a row without trio's wait (the loop then lets other tasks run once)."""
 
@@ -592,5 +619,6 @@ _SHOWN_INO_OFFSET = _find_shown_ino_offset(pyfuse3.EntryAttributes)
 __all__ = ["VERIFIED", "AttrBuilder", "attr_builder", "backing_close", "backing_open", "configure_session",
            "libfuse_version",
            "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
-           "before_next_read", "quicken_session_loop", "release_on_session_end", "reply_err", "report",
+           "before_next_read", "let_go_at_session_end", "let_go_early", "quicken_session_loop",
+           "release_on_session_end", "reply_err", "report",
            "set_shown_ino"]

@@ -163,7 +163,7 @@ def _daemon(cfg: MountConfig, ready_fd: int, debug: bool, log_: LogFile | None, 
             if serve_args.get("reuse"):
                 _close_log(log_)
 
-        code = serve(cfg, ready_fd, debug, on_ready=on_ready, at_exit=at_exit, **serve_args)
+        code = serve(cfg, ready_fd, debug, on_ready=on_ready, at_exit=at_exit, log_file=log_, **serve_args)
     except BaseException as e:  # noqa: B036 - the daemon must report, never raise past fork
         if not ready:  # once ready, the fd is closed (and its number may be another file's)
             protocol.report_error(ready_fd, e)
@@ -247,7 +247,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
           on_ready: Callable[[], None] | None = None,
           opener: Callable[[list[tuple[str, bool]]], LayerStack] | None = None,
           fuse_fd: int | Callable[[], int] | None = None, at_exit: Callable[[], None] | None = None,
-          reuse: bool = False) -> int:
+          reuse: bool = False, log_file: LogFile | None = None) -> int:
     """Open the branches, mount, serve until unmounted or signalled; always clean up.
 
     *on_ready* is called once the mount is ready (after the answer went to *ready_fd*, which is
@@ -263,6 +263,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     mounted receives the fds then).
     With *reuse* as well, the process does not exit when the kernel ends the session: everything
     unwinds in order (the pidfile's lock still last) and `last_end` says "kernel".
+    *log_file*: the daemon's log (with *at_exit*: tidied away by the shim when the session ends, if
+    it is the state directory's and empty; see `_let_go_at_session_end`).
     """
     global last_end
     last_end = ""
@@ -310,8 +312,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
                 not_ours.add(fd)   # not the shim's to let go of with the branches
         key = pidfile.removesuffix(".pid")
         listener = control.listen(state, key)
+        made = control.bound(state, key) if listener is not None else None
         if listener is not None:
-            visible.callback(control.forget, state, key)
+            visible.callback(control.forget, state, key, made)
             visible.callback(listener.close)
         # A writable top is opened for writing even under -o ro (the kernel's mount is then
         # read-only), so that `mount -o remount,rw` needs nothing from the daemon, as on overlayfs;
@@ -346,11 +349,19 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         ops.use_shim()
 
         def release_branches() -> None:
+            if compat.let_go_early()[1]:   # the shim removed the work dir, and let go of its parent's fd
+                layers.remove_work = None
             branches.close()
         ctl = control.Control(ops, cfg.style, cfg.mountpoint if fuse_fd is not None
                               else os.path.realpath(cfg.mountpoint))
-        _release_at_session_end(layers, not_ours)
-        ctl.after_change = functools.partial(_release_at_session_end, layers, not_ours)
+        quick = at_exit is not None
+
+        def at_session_end() -> None:   # (again after a live change of branches)
+            _release_at_session_end(layers, not_ours)
+            _let_go_at_session_end(state if quick else None, held, pidfile, made, log_file, layers,
+                                   UNWIND_NICE if not reuse else unwind_nice)
+        at_session_end()
+        ctl.after_change = at_session_end
         with _stderr_captured() as said:
             try:
                 fd = fuse_fd() if callable(fuse_fd) else fuse_fd
@@ -426,7 +437,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             if state is not None:
                 state.close()
             _close_all(held)
-        quick = at_exit is not None
         signalled = trio.run(_main, pyfuse3, ops, cfg.mountpoint, release_branches, ctl, listener,
                              exit_now if quick and not reuse else None, seen,
                              let_go if quick and reuse else None, init_done)
@@ -434,6 +444,15 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         if signalled and fuse_fd is not None:
             _unmount_handed_over(cfg.mountpoint, seen)
     return 0
+
+
+UNWIND_NICE = 19
+#: The priority a daemon to be reused (a resident server's worker) unwinds at once the shim has let
+#: go of its mount: the spare sets it when it can have its own priority back afterwards
+#: (`unionfs.server.resident`); None: unchanged.  A daemon that exits unwinds at UNWIND_NICE.  About
+#: a millisecond of CPU that would otherwise keep the `unionfs umount` just woken, or its caller,
+#: waiting for up to a scheduler slice on a busy CPU.
+unwind_nice: int | None = None
 
 
 def preload() -> None:
@@ -484,7 +503,38 @@ def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:
     try:
         compat.release_on_session_end(sorted(devs), sorted(keep))
     except ValueError as e:   # more filesystems than the shim keeps: released when serving ends
+        compat.let_go_at_session_end(-1, -1, [])
         log.debug("branches not released by the shim: %s", e)
+
+
+def _let_go_at_session_end(state: StateDir | None, held: list[int], pidfile: str,
+                           ctl: tuple[str, int, int] | None, log_file: LogFile | None, layers: LayerStack,
+                           nice: int | None) -> None:
+    """A daemon that lets go of its mount in order at the session's end (`serve`'s *at_exit*) has the
+    shim do the part `unionfs umount` waits for right there: its pidfile, control socket and empty
+    log go and the pidfile's lock with them, while this thread is still in the session loop, about
+    half a millisecond sooner (the rest of the unwinding follows, at priority *nice*: see
+    `unwind_nice`; a line logged meanwhile is kept, `LogFile.tidy`); an AUFS-style work dir is
+    removed from the top branch first.  Not when the state directory is on a branch's filesystem
+    (a mount other than the root's): the shim then sees an fd there left and leaves the rest to the
+    daemon.  Every other daemon: nothing (the shim forgets an earlier session's)."""
+    from . import compat
+
+    if state is None or not held:
+        compat.let_go_at_session_end(-1, -1, [])
+        return
+    st = os.fstat(held[0])
+    names = [(pidfile, st.st_dev, st.st_ino, -1)]
+    if ctl is not None:
+        names.append((*ctl, -1))
+    if log_file is not None and log_file.in_state_dir and log_file.fd >= 0 and \
+            os.path.dirname(log_file.path) == state.path:
+        st = os.fstat(log_file.fd)
+        names.append((os.path.basename(log_file.path), st.st_dev, st.st_ino, log_file.fd))
+    work = None
+    if layers.remove_work is not None and layers.layers:
+        work = (int(layers.layers[0].fd), layers.remove_work)
+    compat.let_go_at_session_end(held[0], state.fd, names, nice, work)
 
 
 READ_AHEAD_KB = 1024

@@ -408,7 +408,12 @@ class Server:
             handlers, level = root.handlers[:], root.level
             from . import daemon
 
+            serving = os.getpriority(os.PRIO_PROCESS, 0)
+            if niced is not None:   # its priority can be had back: a mount's end unwinds at the lowest
+                daemon.unwind_nice = daemon.UNWIND_NICE
             for served in range(self.reuse):
+                if niced is not None:
+                    os.setpriority(os.PRIO_PROCESS, 0, serving)   # raises if it cannot: never serve niced
                 _set_comm(SPARE_NAMES[1])
                 before = daemon._open_fds()
                 sock.send(SPARE_READY)
