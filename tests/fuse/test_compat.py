@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -244,3 +245,16 @@ def test_the_report_lists_what_is_bypassed(monkeypatch: pytest.MonkeyPatch,
 def test_libfuse_version_is_the_loaded_librarys() -> None:
     version = compat.libfuse_version()
     assert version.startswith("3."), version
+
+
+def test_a_reply_the_kernel_no_longer_waits_for_is_not_logged_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """pyfuse3 logs an error when the kernel refuses a reply with ENOENT (its request was
+    interrupted, or the unmount ended the connection): not one for the daemon's log, as libfuse
+    does not count it either.  Any other refused reply still is."""
+    assert compat is not None   # (its import installs the filter)
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    with caplog.at_level(logging.ERROR):
+        pyfuse3_log.error("fuse_release(): fuse_reply_* failed with %s", os.strerror(errno.ENOENT))
+        pyfuse3_log.error("fuse_write(): fuse_reply_* failed with %s", os.strerror(errno.EINVAL))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fuse_write(): fuse_reply_* failed with {os.strerror(errno.EINVAL)}"]

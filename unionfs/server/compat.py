@@ -58,6 +58,21 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+class _AnsweredTooLate(logging.Filter):
+    """pyfuse3 logs an error when the kernel refuses a reply with ENOENT: a request no longer
+    waited for (its caller was interrupted, or the unmount ended the connection, a RELEASE queued
+    just before it say).  libfuse does not count that as an error; neither do we."""
+
+    GONE = os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.endswith("fuse_reply_* failed with %s")
+                    and isinstance(record.args, tuple) and record.args[:1] == (self.GONE,))
+
+
+logging.getLogger("pyfuse3").addFilter(_AnsweredTooLate())
+
 VERIFIED = {"pyfuse3": ("3.5",), "libfuse": ("3.14",)}
 
 SHIM = "libfuse shim"
