@@ -655,6 +655,7 @@ static char *work_name;          /* ... and its name there, removed first */
 static int let_go_early; /* done: the lock was let go of when the session ended */
 static int work_dropped; /* done: drop_work_dir */
 static int nice_after = NO_NICE; /* the priority to unwind at (setpriority) */
+static long pause_us;            /* or else a pause first (microseconds) */
 
 static void forget_names(void)
 {
@@ -705,8 +706,15 @@ static void let_go_of_mount(void)
     /* What follows (the log, trio's unwinding, a reused worker's checks: about a millisecond of
        CPU) waits for whoever unmounted: at normal priority it took the CPU from the `unionfs
        umount` just woken, or from its caller, for up to a scheduler slice. */
-    if (nice_after != NO_NICE)
+    if (nice_after != NO_NICE) {
         setpriority(PRIO_PROCESS, 0, nice_after);
+    } else if (pause_us > 0) {
+        /* Where the priority could not be had back (a user's worker, RLIMIT_NICE 0): off the CPU
+           for a moment, so that the unmounter runs first, and the unwinding, woken, may go to an
+           idle CPU. */
+        struct timespec t = {.tv_sec = pause_us / 1000000, .tv_nsec = (pause_us % 1000000) * 1000};
+        nanosleep(&t, NULL);
+    }
     forget_names();
 }
 
@@ -942,13 +950,15 @@ static PyObject *py_release_on_session_end(PyObject *self, PyObject *args)
 static PyObject *py_let_go_at_session_end(PyObject *self, PyObject *args)
 {
     int lock_fd, dir_fd, nice = NO_NICE, work_fd = -1;
+    long pause = 0;
     const char *work = NULL;
     PyObject *given;
-    if (!PyArg_ParseTuple(args, "iiO|iiy", &lock_fd, &dir_fd, &given, &nice, &work_fd, &work))
+    if (!PyArg_ParseTuple(args, "iiO|iiyl", &lock_fd, &dir_fd, &given, &nice, &work_fd, &work, &pause))
         return NULL;
     forget_names();
     let_go_early = work_dropped = 0;
     nice_after = nice;
+    pause_us = pause > 0 && pause < 1000000 ? pause : 0;
     if (lock_fd < 0)
         Py_RETURN_NONE;
     PyObject *list = PySequence_Fast(given, "names must be a sequence");
@@ -1291,11 +1301,13 @@ static PyMethodDef methods[] = {
      "reply_err(req, errno): answer a fallocate request the callback took (returned None for); "
      "once per request, from the thread that runs the FUSE loop."},
     {"let_go_at_session_end", py_let_go_at_session_end, METH_VARARGS,
-     "let_go_at_session_end(lock_fd, dir_fd, names[, nice]): when the kernel ends the session and "
+     "let_go_at_session_end(lock_fd, dir_fd, names[, nice, work_fd, work, pause_us]): when the "
+     "kernel ends the session and "
      "the branches were let go of with nothing on their filesystems left, remove each (name, dev, "
      "ino[, fd]) of names from dir_fd that is still that file (with fd, a log: only while empty "
      "and not held by another, flock), unlock lock_fd (flock), then set this "
-     "process's priority to nice (setpriority; -100: leave it); lock_fd -1: none of it.  With "
+     "process's priority to nice (setpriority; -100: leave it, and sleep pause_us instead); "
+     "lock_fd -1: none of it.  With "
      "work_fd and work: first remove the directory work (an AUFS-style work dir, if empty) from "
      "work_fd, and let go of work_fd with the branches even when it is one release_on_session_end "
      "keeps."},

@@ -204,20 +204,23 @@ def release_on_session_end(devices: Sequence[int], keep: Sequence[int]) -> None:
 
 
 def let_go_at_session_end(lock_fd: int, dir_fd: int, names: Sequence[tuple[str, int, int, int]],
-                          nice: int | None = None, work: tuple[int, bytes] | None = None) -> bool:
-    """Have the shim let go of a mount the moment the kernel ends its session, once the branches
-    are let go of (`release_on_session_end`) and nothing on their filesystems is left: remove each
-    of *names* (name, st_dev, st_ino, fd) from the directory *dir_fd* while it is still that file
-    (with an fd other than -1, a log: only while it is empty and no other daemon holds it),
-    unlock the pidfile *lock_fd* (``flock``), which `unionfs umount` waits for, and then go on at
-    priority *nice* (None: as it is).  *work* (an fd and a name: an AUFS-style work dir in the top
-    branch) is removed first, if empty, and the fd let go of with the branches.  *lock_fd* -1: none
-    of it (the session's end leaves it all to the daemon).  Whether the shim can."""
+                          nice: int | None = None, work: tuple[int, bytes] | None = None,
+                          pause_us: int = 0) -> bool:
+    """Have the shim let go of a mount the moment the kernel ends its session, once the branches are
+    let go of (`release_on_session_end`) and nothing on their filesystems is left: remove each of
+    *names* (name, st_dev, st_ino, fd) from the directory *dir_fd* while it is still that file (with
+    an fd other than -1, a log: only while it is empty and no other daemon holds it), unlock the
+    pidfile *lock_fd* (``flock``), which `unionfs umount` waits for, and then go on at priority
+    *nice* (None: as it is, after a pause of *pause_us* microseconds). *work* (an fd and a name: an
+    AUFS-style work dir in the top branch) is removed first, if empty, and the fd let go of with the
+    branches. *lock_fd* -1: none of it (the session's end leaves it all to the daemon). Whether the
+    shim can."""
     if _shim is None or not hasattr(_shim, "let_go_at_session_end"):
         return False
     given = [(os.fsencode(name), dev, ino, fd) for name, dev, ino, fd in names]
     work_fd, work_name = work if work is not None else (-1, b"")
-    _shim.let_go_at_session_end(lock_fd, dir_fd, given, -100 if nice is None else nice, work_fd, work_name)
+    _shim.let_go_at_session_end(lock_fd, dir_fd, given, -100 if nice is None else nice, work_fd, work_name,
+                                pause_us)
     return lock_fd >= 0
 
 
