@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import struct
@@ -368,8 +369,10 @@ def quicken_session_loop(pyfuse3: ModuleType) -> bool:
     return True
 
 
+@functools.cache
 def libfuse_version() -> str:
-    """The version of the libfuse pyfuse3 runs on, as libfuse says (``fuse_pkgversion()``)."""
+    """The version of the libfuse pyfuse3 runs on, as libfuse says (``fuse_pkgversion()``): asked
+    once per process (a reused worker's start-up report comes with each mount's INIT)."""
     try:
         lib = ctypes.CDLL("libfuse3.so.3", mode=os.RTLD_NOW | os.RTLD_NOLOAD)
         pkgversion = lib.fuse_pkgversion

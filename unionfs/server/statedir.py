@@ -97,9 +97,15 @@ class PidRecord:
         """The record of the process *pid* of this PID namespace (None: gone, or no /proc); this
         process's is read through /proc/self (in a PID namespace of its own, /proc may be the
         host's, where its pid is another process's)."""
-        found = _proc_stat("self" if pid == os.getpid() else str(pid))
+        own = pid == os.getpid()
+        if own and _own_record is not None and _own_record.pid == pid:
+            return _own_record   # (a reused worker writes a pidfile per mount: same process, same record)
+        found = _proc_stat("self" if own else str(pid))
         pidns = pid_namespace()
-        return None if found is None or pidns is None else cls(pid, found[1], pidns)
+        record = None if found is None or pidns is None else cls(pid, found[1], pidns)
+        if own and record is not None:
+            _keep_own(record)
+        return record
 
     def state(self) -> str:
         """``running``; ``zombie`` (exited, not reaped: it holds nothing, and its pidfd says it
@@ -124,6 +130,14 @@ class PidRecord:
         if held[1] != self.start:
             return "gone"
         return "zombie" if held[0] == b"Z" else "running"
+
+
+_own_record: PidRecord | None = None   # this process's (its start time and PID namespace never change)
+
+
+def _keep_own(record: PidRecord) -> None:
+    global _own_record
+    _own_record = record
 
 
 def start_time(pid: int) -> int | None:
