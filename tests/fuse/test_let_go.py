@@ -17,12 +17,14 @@ import ctypes
 import fcntl
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import util
 from test_fastclient_umount import alone, done, wait_exited
-from test_resident import ENV, area, root_server, run, state_key
+from test_resident import ENV, area, root_server, run, server_pid, state_key
 from test_stale_state import STATE, UNIONFS, in_private_state
 
 from unionfs import branchctl
@@ -35,6 +37,52 @@ __all__ = ["alone", "area", "root_server"]   # fixtures used here
 def nice_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         return int(f.read().rsplit(b")", 1)[1].split()[16])
+
+
+def let_go_of(held: int) -> bool:
+    """Whether the pidfile open as *held* is let go of (its lock) within the mount timeout; closes it."""
+    deadline = time.monotonic() + util.MOUNT_TIMEOUT
+    try:
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.001)
+    finally:
+        os.close(held)
+
+
+#: Run in the test's mount namespace: unmount $1 as `unionfs umount` does (umount2, then the
+#: pidfile $2's lock) and say what the daemon still has open under $3 the moment the lock is free.
+UNMOUNT_AND_LOOK = """
+import ctypes, fcntl, os, sys, time
+mnt, pidfile, under = sys.argv[1:]
+pid = int(open(pidfile).read().split()[0])
+held = os.open(pidfile, os.O_RDONLY)
+assert ctypes.CDLL(None, use_errno=True).umount2(mnt.encode(), 0) == 0
+deadline = time.monotonic() + 30
+while True:
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        break
+    except BlockingIOError:
+        assert time.monotonic() < deadline, "the lock was never let go of"
+left = []
+try:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target == under or target.startswith(under + "/"):
+            left.append(target)
+except FileNotFoundError:
+    pass
+print("left=" + (",".join(left) or "nothing"))
+"""
 
 
 def mount(area: Path, state: Path) -> int:
@@ -53,6 +101,8 @@ def test_the_same_point_mounted_again_before_the_last_daemon_is_done(root_server
     r = run([str(alone), "umount", str(area / "M")])
     assert (r.returncode, r.stderr) == (0, "")
     worker = mount(area, root_server)
+    server = server_pid(root_server)
+    assert server is not None
     for i in range(4):
         (area / "M" / f"f{i}").write_text(f"{i}\n")
         held = os.open(root_server / f"{k}.pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -68,13 +118,12 @@ def test_the_same_point_mounted_again_before_the_last_daemon_is_done(root_server
             assert following != worker
         finally:
             os.kill(worker, signal.SIGCONT)
-        fcntl.flock(held, fcntl.LOCK_SH)
-        os.close(held)
+        assert let_go_of(held), "the worker did not let go of its mount"
         assert wait_exited(worker, done), "the worker did not end its mount"
         assert sorted(p.name for p in root_server.glob(f"{k}.*")) == [f"{k}.ctl", f"{k}.log", f"{k}.pid"]
         assert int((root_server / f"{k}.pid").read_text().split()[0]) == following
         assert branchctl.list_branches(str(area / "M"))["branches"][0]["path"] == f"{area}/A"
-        assert nice_of(following) == 0, "a worker serves its mount at the lowest priority"
+        assert nice_of(following) == nice_of(server), "a worker serves its mount at the lowest priority"
         worker = following
     assert (area / "M" / "f3").read_text() == "3\n"
     r = run([str(alone), "umount", str(area / "M")])
@@ -82,23 +131,49 @@ def test_the_same_point_mounted_again_before_the_last_daemon_is_done(root_server
     assert sorted(p.name for p in root_server.glob(f"{k}.*")) == []
 
 
-def test_state_directory_on_a_branch_filesystem() -> None:
-    """The state directory (a tmpfs of the test's own) holds the branches too: right after each
-    umount, that tmpfs can be unmounted, so the daemon held nothing there any more."""
+def test_state_directory_on_a_branch_filesystem(tmp_path: Path) -> None:
+    """The state directory (a tmpfs of the test's own) holds the branches too: the moment the
+    lock is let go of, the daemon holds nothing there any more, and the tmpfs can be unmounted."""
+    look = tmp_path / "look.py"
+    look.write_text(UNMOUNT_AND_LOOK)
     r = in_private_state(f"""
+        M=/tmp/lg-M-$$
         for i in 1 2 3; do
             mount -t tmpfs -o mode=0700 tmpfs {STATE}
-            mkdir -p {STATE}/br/A {STATE}/br/B /tmp/lg-M-$$
+            mkdir -p {STATE}/br/A {STATE}/br/B $M
             echo b > {STATE}/br/B/b
-            $U mount {STATE}/br/A:{STATE}/br/B /tmp/lg-M-$$
-            echo x > /tmp/lg-M-$$/x
-            $U umount /tmp/lg-M-$$
+            $U mount {STATE}/br/A:{STATE}/br/B $M
+            echo x > $M/x
+            {sys.executable} {look} $M {STATE}/$({sys.executable} -c 'import hashlib,os,sys; print(hashlib.sha1(os.fsencode(os.path.realpath(sys.argv[1]))).hexdigest()[:16])' $M).pid {STATE}
             umount {STATE} && echo freed=yes || echo freed=no
         done
-        rmdir /tmp/lg-M-$$
+        rmdir $M
     """)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert r.stdout.split() == ["freed=yes"] * 3, r.stdout
+    assert r.stdout.split() == ["left=nothing", "freed=yes"] * 3, r.stdout
+
+
+def test_a_filesystem_mounted_inside_a_branch(tmp_path: Path) -> None:
+    """The union's fds on a filesystem mounted inside a branch (a directory it listed, a file it
+    read) are let go of with the branches': that filesystem can be unmounted right after."""
+    look = tmp_path / "look.py"
+    look.write_text(UNMOUNT_AND_LOOK)
+    a = tmp_path
+    for name in ("A", "B", "M"):
+        (a / name).mkdir()
+    r = in_private_state(f"""
+        for i in 1 2 3; do
+            mkdir -p {a}/B/sub
+            mount -t tmpfs tmpfs {a}/B/sub
+            mkdir {a}/B/sub/d && echo f > {a}/B/sub/d/f
+            $U mount {a}/A:{a}/B {a}/M
+            ls {a}/M/sub/d >/dev/null && cat {a}/M/sub/d/f >/dev/null
+            {sys.executable} {look} {a}/M {STATE}/$({sys.executable} -c 'import hashlib,os,sys; print(hashlib.sha1(os.fsencode(os.path.realpath(sys.argv[1]))).hexdigest()[:16])' {a}/M).pid {a}/B/sub
+            umount {a}/B/sub && echo freed=yes || echo freed=no
+        done
+    """)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.split() == ["left=nothing", "freed=yes"] * 3, r.stdout
 
 
 def test_log_lines_after_the_end_are_kept(tmp_path: Path) -> None:

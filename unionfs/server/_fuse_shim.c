@@ -553,24 +553,23 @@ static int *keep_fds; /* fds on them that are not the union's (its log, its stat
 static Py_ssize_t n_keep_fds;
 static int released;
 
-/* 1: an fd on a branch's filesystem to let go of now; 2: the same, but the last reference to an
-   unlinked file (closing it may free many blocks: done last, at ordinary priority); 3: an fd on a
-   branch's filesystem that stays (one in keep_fds, or not a file or directory); 0: any other. */
+/* 1: a file or directory to let go of now (on a branch's filesystem, or on one mounted inside a
+   branch: anything of the union's; the daemon's own files are in keep_fds); 2: the same, but the
+   last reference to an unlinked file (closing it may free many blocks: done last, at ordinary
+   priority); 3: an fd on a branch's filesystem that stays (one in keep_fds, or not a file or
+   directory); 0: any other. */
 static int releasable(int fd)
 {
     struct stat st;
     if (fd <= 2 || fstat(fd, &st) != 0)
         return 0;
-    int on_branch = 0;
+    int on_branch = 0, kept = 0;
     for (int i = 0; i < n_release_devs && !on_branch; i++)
         on_branch = release_devs[i] == st.st_dev;
-    if (!on_branch)
-        return 0;
-    if (!(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
-        return 3;
-    for (Py_ssize_t i = 0; i < n_keep_fds; i++)
-        if (keep_fds[i] == fd)
-            return 3;
+    for (Py_ssize_t i = 0; i < n_keep_fds && !kept; i++)
+        kept = keep_fds[i] == fd;
+    if (kept || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+        return on_branch ? 3 : 0;
     return S_ISREG(st.st_mode) && st.st_nlink == 0 ? 2 : 1;
 }
 
@@ -654,6 +653,7 @@ static int work_parent_fd = -1; /* an AUFS-style work dir's parent (the top bran
 static char *work_name;          /* ... and its name there, removed first */
 static int let_go_early; /* done: the lock was let go of when the session ended */
 static int work_dropped; /* done: drop_work_dir */
+static int ended_by_kernel; /* the session's end came from the kernel (an unmount, an abort) */
 static int nice_after = NO_NICE; /* the priority to unwind at (setpriority) */
 static long pause_us;            /* or else a pause first (microseconds) */
 
@@ -689,10 +689,12 @@ static void let_go_of_mount(void)
     for (int i = 0; i < n_names; i++) {
         struct stat st;
         int fd = name_fds[i];
-        if (fd >= 0) {
-            if (fstat(fd, &st) != 0 || st.st_size != 0)
-                continue;
+        if (fd >= 0) {   /* held exclusively first: no other daemon writes a line meanwhile */
             if (flock(fd, LOCK_EX | LOCK_NB) != 0) {   /* another daemon's log too: it stays */
+                flock(fd, LOCK_SH | LOCK_NB);
+                continue;
+            }
+            if (fstat(fd, &st) != 0 || st.st_size != 0) {
                 flock(fd, LOCK_SH | LOCK_NB);
                 continue;
             }
@@ -791,6 +793,7 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
         released = 1;
         close_backing_files(se);
         int kernel_ended = !exited_before && res == 0;
+        ended_by_kernel = kernel_ended;
         if (kernel_ended && unlock_fd >= 0)
             drop_work_dir();
         int staying = release_branch_fds();
@@ -956,7 +959,7 @@ static PyObject *py_let_go_at_session_end(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iiO|iiyl", &lock_fd, &dir_fd, &given, &nice, &work_fd, &work, &pause))
         return NULL;
     forget_names();
-    let_go_early = work_dropped = 0;
+    let_go_early = work_dropped = ended_by_kernel = 0;
     nice_after = nice;
     pause_us = pause > 0 && pause < 1000000 ? pause : 0;
     if (lock_fd < 0)
@@ -1009,7 +1012,7 @@ static PyObject *py_let_go_at_session_end(PyObject *self, PyObject *args)
 
 static PyObject *py_let_go_early(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("(ii)", let_go_early, work_dropped);
+    return Py_BuildValue("(iii)", let_go_early, work_dropped, ended_by_kernel);
 }
 
 static PyObject *py_passthrough(PyObject *self, PyObject *unused)
@@ -1312,8 +1315,8 @@ static PyMethodDef methods[] = {
      "work_fd, and let go of work_fd with the branches even when it is one release_on_session_end "
      "keeps."},
     {"let_go_early", py_let_go_early, METH_NOARGS,
-     "let_go_early() -> (let go, work dir removed): what the last session's end did "
-     "(let_go_at_session_end)."},
+     "let_go_early() -> (let go, work dir removed, ended by the kernel): what the last session's "
+     "end did (let_go_at_session_end)."},
     {"release_on_session_end", py_release_on_session_end, METH_VARARGS,
      "release_on_session_end(devices, keep): when the session loop finds the session ended, point "
      "every fd on those filesystems (st_dev), but 0-2 and those in keep, at a private sink."},

@@ -225,13 +225,19 @@ def let_go_at_session_end(lock_fd: int, dir_fd: int, names: Sequence[tuple[str, 
     return lock_fd >= 0
 
 
-def let_go_early() -> tuple[bool, bool]:
+def let_go_early() -> tuple[bool, bool, bool]:
     """What the last session's end did in the shim (`let_go_at_session_end`): whether it let go of
-    the mount, and whether it removed the work dir (the top branch's fd is then no longer one)."""
+    the mount, whether it removed the work dir (the top branch's fd is then no longer one), and
+    whether the kernel ended the session (the mount is gone, even if a signal came meanwhile)."""
     if _shim is None or not hasattr(_shim, "let_go_early"):
-        return False, False
-    done, dropped = _shim.let_go_early()
-    return bool(done), bool(dropped)
+        return False, False, False
+    done, dropped, by_kernel = _shim.let_go_early()
+    return bool(done), bool(dropped), bool(by_kernel)
+
+
+def session_exited() -> bool:
+    """Whether the session made through the shim last has ended (False without the shim)."""
+    return _shim is not None and _shim.session_exited()
 
 
 QUICK_RUN = 32
@@ -641,5 +647,5 @@ __all__ = ["VERIFIED", "AttrBuilder", "attr_builder", "backing_close", "backing_
            "libfuse_version",
            "no_capability", "pass_through", "passthrough_asked", "passthrough_offered", "problems", "pyfuse3",
            "before_next_read", "let_go_at_session_end", "let_go_early", "quicken_session_loop",
-           "release_on_session_end", "reply_err", "report",
+           "release_on_session_end", "reply_err", "report", "session_exited",
            "set_shown_ino"]

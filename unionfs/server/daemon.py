@@ -254,15 +254,16 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
     then closed; see `protocol`).  With *at_exit* (a daemon's), the process exits as soon as the
     kernel has ended the session and what a user can see is cleaned up (the branches let go of,
     the pidfile and control socket removed, then *at_exit* called): the rest of the unwinding
-    (trio's, the session's) frees only what the exit frees, and `unionfs umount` waits for the
-    exit (the C client for the pidfile's lock, let go of once every other fd is closed, just before
-    the exit).  Call `preload` first where the imports' time matters.  A
-    resident server's worker gives *opener* (the branches it was handed open, by writability) and
-    *fuse_fd*, a /dev/fuse fd its client mounted already: libfuse serves it as ``/dev/fd/N`` (or
-    what gives it, once *opener* has been called: a worker handed its client before the client
-    mounted receives the fds then).
+    (trio's, the session's) frees only what the exit frees.  `unionfs umount` waits for the
+    pidfile's lock, which the shim lets go of as the session ends (`_let_go_at_session_end`), or
+    else the daemon just before its exit, once every other fd is closed.  Call `preload` first
+    where the imports' time matters.  A resident server's worker gives *opener* (the branches it
+    was handed open, by writability) and *fuse_fd*, a /dev/fuse fd its client mounted already:
+    libfuse serves it as ``/dev/fd/N`` (or what gives it, once *opener* has been called: a worker
+    handed its client before the client mounted receives the fds then).
     With *reuse* as well, the process does not exit when the kernel ends the session: everything
-    unwinds in order (the pidfile's lock still last) and `last_end` says "kernel".
+    unwinds in order (the pidfile's lock last, where the shim has not let go of it already) and
+    `last_end` says "kernel".
     *log_file*: the daemon's log (with *at_exit*: tidied away by the shim when the session ends, if
     it is the state directory's and empty; see `_let_go_at_session_end`).
     """
@@ -291,7 +292,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         # closed last of all, or by exit_now just before the exit.
         held: list[int] = []
         stack.callback(_close_all, held)
-        not_ours = _open_fds()   # the log's, inherited ones
+        inherited = _files_open()   # the log's, inherited ones (see `_still_open`)
+        not_ours: set[int] = set()
         # The pidfile and the control socket come first: a worker handed its client before the
         # client mounted (`unionfs.server.resident`) makes them while the client mounts.  Nothing
         # here touches the mount point path: once mounted, a stat of it from this thread would wait
@@ -355,13 +357,20 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         ctl = control.Control(ops, cfg.style, cfg.mountpoint if fuse_fd is not None
                               else os.path.realpath(cfg.mountpoint))
         quick = at_exit is not None
+        # A worker handed its fds with the mount closed them once it had its own (`opener`): a
+        # number among them may be a branch's fd by now, not one of ours to keep.
+        not_ours |= _still_open(inherited)
 
-        def at_session_end() -> None:   # (again after a live change of branches)
+        def at_session_end() -> None:
             _release_at_session_end(layers, not_ours)
             _let_go_at_session_end(state if quick else None, held, pidfile, made, log_file, layers,
                                    UNWIND_NICE if not reuse else unwind_nice)
+
+        def after_change() -> None:   # a live change of branches
+            if not compat.session_exited():   # (else too late: the shim may have let go already)
+                at_session_end()
         at_session_end()
-        ctl.after_change = at_session_end
+        ctl.after_change = after_change
         with _stderr_captured() as said:
             try:
                 fd = fuse_fd() if callable(fuse_fd) else fuse_fd
@@ -410,10 +419,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
             if at_exit is not None:
                 at_exit()
             logging.shutdown()
-            # Every fd goes before the pidfile's lock does (the FUSE device's too: the kernel keeps
-            # a passthrough file's backing file until it is closed), so that `unionfs umount`, which
-            # waits for the lock, returns with nothing of the mount held; the exit's own teardown
-            # (about a millisecond for a worker's memory) then runs while the client goes on.
+            # Where the shim has not let go of the lock at the session's end already
+            # (`_let_go_at_session_end`), every fd goes before it does (the FUSE device's too: the
+            # kernel keeps a passthrough file's backing file until it is closed), so that `unionfs
+            # umount`, which waits for the lock, returns with nothing of the mount held; the exit's
+            # own teardown (about a millisecond for a worker's memory) then runs while it goes on.
             # Up to the highest fd open, not to the highest possible one: where close_range(2) is
             # missing (Linux before 5.9, a seccomp filter) os.closerange closes each number.
             top = max(_open_fds(), default=2) + 1
@@ -425,8 +435,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
         def let_go() -> None:
             # A worker to be reused, once the kernel has ended the session: all of the mount goes
             # now (a state directory or a bound socket on the filesystem under the branches would
-            # keep it busy), the lock last, as at the quick exit; trio's tasks and the rest unwind
-            # afterwards.  The control task is told its listener is closing first (it then ends).
+            # keep it busy), the lock last, as at the quick exit, where the shim has not let go of
+            # it already; trio's tasks and the rest unwind afterwards.  The control task is told
+            # its listener is closing first (it then ends).
             if listener is not None:
                 trio.lowlevel.notify_closing(listener)
             visible.close()
@@ -441,7 +452,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, debug: bool = False,
                              exit_now if quick and not reuse else None, seen,
                              let_go if quick and reuse else None, init_done)
         last_end = "signal" if signalled else "kernel"
-        if signalled and fuse_fd is not None:
+        # (a signal while the kernel was ending the session: the mount is gone, and a later mount
+        # on the same point may have the same device number)
+        if signalled and fuse_fd is not None and not compat.let_go_early()[2]:
             _unmount_handed_over(cfg.mountpoint, seen)
     return 0
 
@@ -489,6 +502,27 @@ def _open_fds() -> set[int]:
             os.get_inheritable(int(name))
             found.add(int(name))
     return found
+
+
+def _files_open() -> dict[int, tuple[int, int]]:
+    """The fds open in this process, each with the file it is (st_dev, st_ino)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            st = os.fstat(int(name))
+            found[int(name)] = (st.st_dev, st.st_ino)
+    return found
+
+
+def _still_open(before: dict[int, tuple[int, int]]) -> set[int]:
+    """Those of *before* (`_files_open`) that are still the same files."""
+    still = set()
+    for fd, ident in before.items():
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ident:
+                still.add(fd)
+    return still
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:

@@ -12,7 +12,8 @@ fork.  A worker keeps neither the listening socket nor the lock, and lives on wh
 stopped or killed.  Two workers are forked ahead of the next mounts (the *spares*): each pays what a
 fresh fork pays first (its copy-on-write faults, trio's first run in the process) while nothing
 waits, and is handed a mount over a socket pair.  When that mount ends, the worker lets go of all of
-it (`daemon.serve` unwinds: the pidfile's lock last, which `unionfs umount` waits for) and says so
+it (the shim lets go of the branches, the state files and the pidfile's lock, which `unionfs umount`
+waits for, as the session ends; then `daemon.serve` unwinds) and says so
 on the pair: it is a spare again, the first in line, for up to ``UNIONFS_REUSE`` mounts in all
 (default 50; 1: it exits with its mount).  One that finds anything of its mount still open, or whose
 mount a signal ended, exits instead.  So a mount loop or a podman build's steps fork nothing: the
@@ -412,8 +413,8 @@ class Server:
             if niced is not None:   # its priority can be had back: a mount's end unwinds at the lowest
                 daemon.unwind_nice = daemon.UNWIND_NICE
             for served in range(self.reuse):
-                if niced is not None:
-                    os.setpriority(os.PRIO_PROCESS, 0, serving)   # raises if it cannot: never serve niced
+                if niced is not None:   # (its last mount's end unwound at the lowest priority)
+                    _set_priority(serving)   # raises if it cannot: never serve niced
                 _set_comm(SPARE_NAMES[1])
                 before = daemon._open_fds()
                 sock.send(SPARE_READY)
@@ -487,6 +488,15 @@ def _lower_priority() -> int | None:
 
 
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
+
+
+def _set_priority(value: int) -> None:
+    """Every thread of this process at priority *value* (a nice value is a thread's: one started
+    while the process unwound at the lowest, a trio worker thread say, would keep it)."""
+    os.setpriority(os.PRIO_PROCESS, 0, value)
+    for name in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):   # ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, int(name), value)
 
 
 def _set_comm(name: str) -> str:

@@ -15,7 +15,7 @@ PID namespace it ran in, leaves a pidfile whose pid is another process's by the 
 ``daemon_pidfd``) takes the pid only when it is in the reader's PID namespace and the process of that
 pid (held by a pidfd, found in /proc through its fdinfo) started when the daemon did; anything else
 (an old bare pid too) names no daemon to wait for.  A daemon holds its pidfile locked (``flock``)
-from before it is in place until it has let go of the mount (branches, FUSE device, pidfile and
+from before it is in place until it has let go of the mount (the union's files and directories, pidfile and
 control socket); the C client's `unionfs umount` waits for that lock rather than for the process's
 exit.  A log is held in use (``flock``, shared) by each daemon writing to it: the one that tidies
 an empty log away at its end does it only while no other holds it (a later mount on the same point
@@ -528,6 +528,8 @@ class StateDir:
             if _hold_in_use(fd):
                 break
             os.close(fd)   # an empty log another daemon tidied away just now: made anew
+        else:
+            raise QuietError(f"refusing the log file {path}: removed each time it was opened")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
@@ -592,6 +594,8 @@ class LogFile:
             if _hold_in_use(fd):
                 break
             os.close(fd)
+        else:
+            raise QuietError(f"log file {path!r}: removed each time it was opened")
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
             raise QuietError(f"log file {path!r}: Is a directory")
@@ -628,13 +632,24 @@ class LogFile:
             self.tidy()
 
     def _unlink(self, only_if_empty: bool) -> None:
-        with contextlib.suppress(OSError):
-            # Only while no other daemon holds it in use (the lock, shared till now, is given up
-            # whether or not the exclusive one is had: this is the log's end for this daemon).
+        # Only while no other daemon holds it in use; held in use again (shared) when it stays.
+        try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:   # (the failed attempt may have given up the shared lock)
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except OSError:
+            pass   # no locks here (or none on this fd): as before there were any
+        try:
             ours = os.fstat(self.fd)
             named = os.stat(self.path, follow_symlinks=False)
             if only_if_empty and ours.st_size != 0:
                 return
             if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
                 os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
