@@ -744,6 +744,14 @@ static struct fuse_session *last_session; /* the session made through the shim l
 static int guarded_reads;                 /* its reads only happen when a request waits */
 static int seen_waiting;                  /* request_waiting() said so, and no read came since */
 
+/* Whether the kernel has ended the connection (an unmount, an abort): the device then polls as an
+   error, whatever libfuse made of the read that found it so. */
+static int connection_gone(struct fuse_session *se)
+{
+    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLERR | POLLHUP)) != 0;
+}
+
 static int request_waiting(struct fuse_session *se)
 {
     struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
@@ -792,14 +800,16 @@ __attribute__((visibility("default"))) int fuse_session_receive_buf(struct fuse_
     if (n_release_devs > 0 && !released && fuse_session_exited(se)) {
         released = 1;
         close_backing_files(se);
-        int kernel_ended = !exited_before && res == 0;
+        int kernel_ended = !exited_before && (res == 0 || res == -ENODEV) && connection_gone(se);
         ended_by_kernel = kernel_ended;
         if (kernel_ended && unlock_fd >= 0)
             drop_work_dir();
         int staying = release_branch_fds();
-        /* Only when the kernel ended it (libfuse: the read failed with ENODEV; the session was not
-           ended by pyfuse3.terminate, after which a signalled worker unmounts), and only when every
-           fd on the branches' filesystems went (a state directory there: the lock goes last). */
+        /* Only when the kernel ended it (libfuse 3.14 returns 0 for a read that failed with ENODEV,
+           and the device polls as an error; the session was not ended by pyfuse3.terminate, after
+           which a signalled worker unmounts), and only when no fd that stays keeps a branch's
+           filesystem busy (a state directory there, mounted other than as the root: the daemon
+           lets go of the lock last). */
         if (kernel_ended && staying == 0 && unlock_fd >= 0)
             let_go_of_mount();
     }
