@@ -25,7 +25,7 @@ import pytest
 import util
 from test_fastclient_umount import alone, done, wait_exited
 from test_resident import ENV, area, root_server, run, server_pid, state_key
-from test_stale_state import STATE, UNIONFS, in_private_state
+from test_stale_state import STATE, UNIONFS, in_private_state, key
 
 from unionfs import branchctl
 
@@ -136,18 +136,18 @@ def test_state_directory_on_a_branch_filesystem(tmp_path: Path) -> None:
     lock is let go of, the daemon holds nothing there any more, and the tmpfs can be unmounted."""
     look = tmp_path / "look.py"
     look.write_text(UNMOUNT_AND_LOOK)
+    m = tmp_path / "M"
+    m.mkdir()
     r = in_private_state(f"""
-        M=/tmp/lg-M-$$
         for i in 1 2 3; do
             mount -t tmpfs -o mode=0700 tmpfs {STATE}
-            mkdir -p {STATE}/br/A {STATE}/br/B $M
+            mkdir -p {STATE}/br/A {STATE}/br/B
             echo b > {STATE}/br/B/b
-            $U mount {STATE}/br/A:{STATE}/br/B $M
-            echo x > $M/x
-            {sys.executable} {look} $M {STATE}/$({sys.executable} -c 'import hashlib,os,sys; print(hashlib.sha1(os.fsencode(os.path.realpath(sys.argv[1]))).hexdigest()[:16])' $M).pid {STATE}
+            $U mount {STATE}/br/A:{STATE}/br/B {m}
+            echo x > {m}/x
+            {sys.executable} {look} {m} {STATE}/{key(m)}.pid {STATE}
             umount {STATE} && echo freed=yes || echo freed=no
         done
-        rmdir $M
     """)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.split() == ["left=nothing", "freed=yes"] * 3, r.stdout
@@ -168,7 +168,7 @@ def test_a_filesystem_mounted_inside_a_branch(tmp_path: Path) -> None:
             mkdir {a}/B/sub/d && echo f > {a}/B/sub/d/f
             $U mount {a}/A:{a}/B {a}/M
             ls {a}/M/sub/d >/dev/null && cat {a}/M/sub/d/f >/dev/null
-            {sys.executable} {look} {a}/M {STATE}/$({sys.executable} -c 'import hashlib,os,sys; print(hashlib.sha1(os.fsencode(os.path.realpath(sys.argv[1]))).hexdigest()[:16])' {a}/M).pid {a}/B/sub
+            {sys.executable} {look} {a}/M {STATE}/{key(a / "M")}.pid {a}/B/sub
             umount {a}/B/sub && echo freed=yes || echo freed=no
         done
     """)

@@ -126,11 +126,10 @@ def forget(state: StateDir | None, key: str, made: tuple[str, int, int] | None =
     """Remove the socket file at exit: with *made* (`bound`), only while it is still that file (a
     later mount on the same point may have made its own)."""
     if state is not None and state.fd >= 0:
+        if made is not None:
+            state.remove_if(key + SUFFIX, made[1:])
+            return
         with contextlib.suppress(OSError):
-            if made is not None:
-                st = os.stat(key + SUFFIX, dir_fd=state.fd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) != made[1:]:
-                    return
             os.unlink(key + SUFFIX, dir_fd=state.fd)
 
 

@@ -504,25 +504,24 @@ def _open_fds() -> set[int]:
     return found
 
 
+def _file_of(fd: int) -> tuple[int, int] | None:
+    """The file *fd* is (st_dev, st_ino); None when it is not open (any more)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _files_open() -> dict[int, tuple[int, int]]:
-    """The fds open in this process, each with the file it is (st_dev, st_ino)."""
-    found = {}
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            st = os.fstat(int(name))
-            found[int(name)] = (st.st_dev, st.st_ino)
-    return found
+    """The fds open in this process, each with the file it is (not the one that listed them)."""
+    found = {int(name): _file_of(int(name)) for name in os.listdir("/proc/self/fd")}
+    return {fd: ident for fd, ident in found.items() if ident is not None}
 
 
 def _still_open(before: dict[int, tuple[int, int]]) -> set[int]:
     """Those of *before* (`_files_open`) that are still the same files."""
-    still = set()
-    for fd, ident in before.items():
-        with contextlib.suppress(OSError):
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == ident:
-                still.add(fd)
-    return still
+    return {fd for fd, ident in before.items() if _file_of(fd) == ident}
 
 
 def _release_at_session_end(layers: LayerStack, not_ours: set[int]) -> None:

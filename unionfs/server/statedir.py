@@ -35,6 +35,7 @@ import select
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -97,6 +98,7 @@ class PidRecord:
         """The record of the process *pid* of this PID namespace (None: gone, or no /proc); this
         process's is read through /proc/self (in a PID namespace of its own, /proc may be the
         host's, where its pid is another process's)."""
+        global _own_record
         own = pid == os.getpid()
         if own and _own_record is not None and _own_record.pid == pid:
             return _own_record   # (a reused worker writes a pidfile per mount: same process, same record)
@@ -104,7 +106,7 @@ class PidRecord:
         pidns = pid_namespace()
         record = None if found is None or pidns is None else cls(pid, found[1], pidns)
         if own and record is not None:
-            _keep_own(record)
+            _own_record = record
         return record
 
     def state(self) -> str:
@@ -133,11 +135,6 @@ class PidRecord:
 
 
 _own_record: PidRecord | None = None   # this process's (its start time and PID namespace never change)
-
-
-def _keep_own(record: PidRecord) -> None:
-    global _own_record
-    _own_record = record
 
 
 def start_time(pid: int) -> int | None:
@@ -406,13 +403,20 @@ class StateDir:
         point may own it now): with *held*, the fd `write_pid` returned, if it is still that file."""
         if held is not None:
             with contextlib.suppress(OSError):
-                named, ours = os.stat(name, dir_fd=self.fd, follow_symlinks=False), os.fstat(held)
-                if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(name, dir_fd=self.fd)
+                ours = os.fstat(held)
+                self.remove_if(name, (ours.st_dev, ours.st_ino))
             return
         record = self.read_record(name)
         if record is not None and record.pid == pid and record.pidns == pid_namespace():
             with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self.fd)
+
+    def remove_if(self, name: str, ident: tuple[int, int]) -> None:
+        """Remove *name* while it is still the file *ident* (st_dev, st_ino): a later mount on the
+        same point may have made its own by now."""
+        with contextlib.suppress(OSError):
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == ident:
                 os.unlink(name, dir_fd=self.fd)
 
     def sweep(self) -> list[str]:
@@ -514,22 +518,14 @@ class StateDir:
         """Open *name* for appending: made new (O_EXCL), or an earlier log of ours, never a symlink;
         held in use (see the module's text)."""
         path = os.path.join(self.path, name)
-        for _ in range(_LOG_TRIES):
-            try:
-                try:
-                    fd = os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd)
-                    _hold_in_use(fd)
-                    return LogFile(fd, path, created=True, in_state_dir=True)
-                except FileExistsError:
-                    fd = os.open(name, _OLD_LOG, dir_fd=self.fd)
-            except OSError as e:
-                why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-                raise QuietError(f"refusing the log file {path}: {why}") from None
-            if _hold_in_use(fd):
-                break
-            os.close(fd)   # an empty log another daemon tidied away just now: made anew
-        else:
-            raise QuietError(f"refusing the log file {path}: removed each time it was opened")
+        try:
+            fd, created = _open_in_use(lambda: os.open(name, _NEW_FILE | os.O_APPEND, 0o600, dir_fd=self.fd),
+                                       lambda: os.open(name, _OLD_LOG, dir_fd=self.fd))
+        except OSError as e:
+            why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+            raise QuietError(f"refusing the log file {path}: {why}") from None
+        if created:
+            return LogFile(fd, path, created=True, in_state_dir=True)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
@@ -541,6 +537,24 @@ class StateDir:
 
 _LOG_TRIES = 3
 _LOG_WAIT = 1.0   # seconds: a tidy holds a log exclusively for two system calls
+
+
+def _open_in_use(new: Callable[[], int], old: Callable[[], int]) -> tuple[int, bool]:
+    """A log opened and held in use (`_hold_in_use`): made by *new* (O_EXCL; FileExistsError when
+    there is one), else the one there opened by *old*, made anew when a tidy removed it meanwhile.
+    The fd, and whether it was made.  OSError as *new* and *old* raise it; one of ENOENT when the
+    log was removed at each of `_LOG_TRIES` tries."""
+    for _ in range(_LOG_TRIES):
+        try:
+            fd = new()
+            _hold_in_use(fd)
+            return fd, True
+        except FileExistsError:
+            fd = old()
+        if _hold_in_use(fd):
+            return fd, False
+        os.close(fd)   # an empty log another daemon tidied away just now: made anew
+    raise OSError(errno.ENOENT, "removed each time it was opened")
 
 
 def _hold_in_use(fd: int) -> bool:
@@ -581,21 +595,13 @@ class LogFile:
     def open_user(cls, path: str) -> LogFile:
         """The log the user named with --log-file (a path the user gives is followed like any other)."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        for _ in range(_LOG_TRIES):
-            try:
-                try:
-                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-                    _hold_in_use(fd)
-                    return cls(fd, path, created=True)
-                except FileExistsError:
-                    fd = os.open(path, flags | os.O_NONBLOCK)
-            except OSError as e:
-                raise QuietError(f"log file {path!r}: {e.strerror}") from None
-            if _hold_in_use(fd):
-                break
-            os.close(fd)
-        else:
-            raise QuietError(f"log file {path!r}: removed each time it was opened")
+        try:
+            fd, created = _open_in_use(lambda: os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644),
+                                       lambda: os.open(path, flags | os.O_NONBLOCK))
+        except OSError as e:
+            raise QuietError(f"log file {path!r}: {e.strerror}") from None
+        if created:
+            return cls(fd, path, created=True)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
             raise QuietError(f"log file {path!r}: Is a directory")
